@@ -1,0 +1,112 @@
+"""The one configuration object shared by the Python API and the CLI, plus numba flags."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+
+from .errors import ConfigError
+
+# numba settings in one place: kernels are cached on disk so a second run compiles nothing.
+NUMBA_CACHE = True
+NUMBA_FASTMATH = False  # fastmath would reorder NaN comparisons, which the kernels rely on
+
+METHODS = ("magnitude", "random", "l1", "wanda", "obd", "sparsegpt")
+SCOPES = ("layer", "global")
+FORMATS = ("dense", "sparse", "compact")
+ALLOCATIONS = ("uniform", "global", "erk", "owl", "sensitivity")
+DEFAULT_MIN_SIZE = 4096
+
+
+@dataclass(frozen=True)
+class Pattern:
+    """A sparsity pattern: unstructured (n == m == 0) or N kept of every M along the reduction axis."""
+
+    n: int = 0
+    m: int = 0
+
+    @property
+    def is_nm(self) -> bool:
+        return self.m > 0
+
+    @property
+    def sparsity(self) -> float:
+        """The sparsity an N:M pattern implies (0 for unstructured, which has none of its own)."""
+        return 1.0 - self.n / self.m if self.is_nm else 0.0
+
+    def __str__(self) -> str:
+        return f"{self.n}:{self.m}" if self.is_nm else "unstructured"
+
+    @classmethod
+    def parse(cls, text: str | Pattern) -> Pattern:
+        if isinstance(text, Pattern):
+            return text
+        text = str(text).strip().lower()
+        if text == "unstructured":
+            return cls()
+        match = re.fullmatch(r"(\d+):(\d+)", text)
+        if not match:
+            raise ConfigError(f"pattern must be 'unstructured' or N:M such as 2:4, got {text!r}")
+        n, m = int(match.group(1)), int(match.group(2))
+        if not 0 < n < m:
+            raise ConfigError(f"pattern {text}: need 0 < N < M (N kept of every M weights)")
+        if m > 256:
+            raise ConfigError(f"pattern {text}: M must be at most 256")
+        return cls(n, m)
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    """Everything that decides what `prune` does. Validated on construction."""
+
+    sparsity: float = 0.5
+    pattern: Pattern = field(default_factory=Pattern)
+    method: str = "magnitude"
+    scope: str = "layer"
+    format: str = "dense"
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    min_size: int = DEFAULT_MIN_SIZE
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "pattern", Pattern.parse(self.pattern))
+        object.__setattr__(self, "include", _as_tuple(self.include))
+        object.__setattr__(self, "exclude", _as_tuple(self.exclude))
+        try:
+            sparsity = float(self.sparsity)
+        except (TypeError, ValueError):
+            raise ConfigError(f"sparsity must be a number, got {self.sparsity!r}") from None
+        if not 0.0 <= sparsity < 1.0 or sparsity != sparsity:
+            raise ConfigError(f"sparsity must be in [0, 1), got {self.sparsity}")
+        object.__setattr__(self, "sparsity", sparsity)
+        for name, value, allowed in (
+            ("method", self.method, METHODS),
+            ("scope", self.scope, SCOPES),
+            ("format", self.format, FORMATS),
+        ):
+            if value not in allowed:
+                raise ConfigError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
+        if self.method not in ("magnitude", "random"):
+            raise ConfigError(f"method {self.method!r} is not available in this version")
+        if self.format != "dense":
+            raise ConfigError(f"format {self.format!r} is not available in this version")
+        if int(self.min_size) < 0:
+            raise ConfigError(f"--min-size must be >= 0, got {self.min_size}")
+        for regex in self.include + self.exclude:
+            try:
+                re.compile(regex)
+            except re.error as exc:
+                raise ConfigError(f"bad regular expression {regex!r}: {exc}") from None
+
+    def replace(self, **changes) -> PruneConfig:
+        return dataclasses.replace(self, **changes)
+
+
+def _as_tuple(value) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        return (value,)
+    return tuple(value)
