@@ -17,6 +17,7 @@ SCOPES = ("layer", "global")
 FORMATS = ("dense", "sparse", "compact")
 ALLOCATIONS = ("uniform", "global", "erk", "owl", "sensitivity")
 DEFAULT_MIN_SIZE = 4096
+DEFAULT_SPARSITY = 0.5
 
 
 @dataclass(frozen=True)
@@ -60,7 +61,7 @@ class Pattern:
 class PruneConfig:
     """Everything that decides what `prune` does. Validated on construction."""
 
-    sparsity: float = 0.5
+    sparsity: float | None = None  # None: 0.5, or what an N:M pattern implies
     pattern: Pattern = field(default_factory=Pattern)
     method: str = "magnitude"
     scope: str = "layer"
@@ -74,13 +75,14 @@ class PruneConfig:
         object.__setattr__(self, "pattern", Pattern.parse(self.pattern))
         object.__setattr__(self, "include", _as_tuple(self.include))
         object.__setattr__(self, "exclude", _as_tuple(self.exclude))
-        try:
-            sparsity = float(self.sparsity)
-        except (TypeError, ValueError):
-            raise ConfigError(f"sparsity must be a number, got {self.sparsity!r}") from None
-        if not 0.0 <= sparsity < 1.0 or sparsity != sparsity:
-            raise ConfigError(f"sparsity must be in [0, 1), got {self.sparsity}")
-        object.__setattr__(self, "sparsity", sparsity)
+        if self.sparsity is not None:
+            try:
+                sparsity = float(self.sparsity)
+            except (TypeError, ValueError):
+                raise ConfigError(f"sparsity must be a number, got {self.sparsity!r}") from None
+            if not 0.0 <= sparsity < 1.0:
+                raise ConfigError(f"sparsity must be in [0, 1), got {self.sparsity}")
+            object.__setattr__(self, "sparsity", sparsity)
         for name, value, allowed in (
             ("method", self.method, METHODS),
             ("scope", self.scope, SCOPES),
@@ -99,6 +101,21 @@ class PruneConfig:
                 re.compile(regex)
             except re.error as exc:
                 raise ConfigError(f"bad regular expression {regex!r}: {exc}") from None
+
+    @property
+    def target_sparsity(self) -> float:
+        """The sparsity to reach: the N:M pattern's own, else the requested one (0.5 default)."""
+        if self.pattern.is_nm:
+            return self.pattern.sparsity
+        return DEFAULT_SPARSITY if self.sparsity is None else self.sparsity
+
+    def describe(self) -> dict:
+        """The settings as plain JSON values, for the report."""
+        values = dataclasses.asdict(self)
+        values["pattern"] = str(self.pattern)
+        values["sparsity"] = self.target_sparsity
+        values["include"], values["exclude"] = list(self.include), list(self.exclude)
+        return values
 
     def replace(self, **changes) -> PruneConfig:
         return dataclasses.replace(self, **changes)

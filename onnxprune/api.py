@@ -1,0 +1,136 @@
+"""The Python entry points: `prune(...)` and the `PrunePass` object for toolchains."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+
+from .config import PruneConfig
+from .io import (
+    LoadedModel,
+    check_output_path,
+    load_model,
+    model_file_bytes,
+    model_from_proto,
+    save_model,
+)
+from .report import Report, summarize
+
+log = logging.getLogger(__name__)
+
+ModelLike = str | os.PathLike | onnx.ModelProto
+
+
+def prune(model: ModelLike, output: str | os.PathLike | None = None, *,
+          config: PruneConfig | None = None, base_dir: str | os.PathLike | None = None,
+          inplace: bool = False, **options) -> tuple[onnx.ModelProto, Report]:
+    """Prune a model given as a path or a ModelProto; optionally write it to `output`.
+
+    Options are PruneConfig fields (sparsity, pattern, method, scope, format, include,
+    exclude, min_size, seed); `config` may be given instead. A ModelProto argument is
+    copied first unless `inplace=True`. Returns the pruned model and the report.
+    """
+    from .pruning import prune_loaded
+
+    config = config.replace(**options) if config is not None else PruneConfig(**options)
+    input_path = None if isinstance(model, onnx.ModelProto) else Path(model)
+    if output is not None:
+        output = check_output_path(output, input_path)
+    loaded = _load(model, base_dir, inplace)
+    file_bytes_before = _file_bytes(input_path) if input_path else loaded.proto.ByteSize()
+    targets, skipped = prune_loaded(loaded, config)
+    if output is not None:
+        save_model(loaded, output)
+        file_bytes = _file_bytes(Path(output))
+    else:
+        file_bytes = loaded.proto.ByteSize()
+    report = Report(model=str(input_path) if input_path else "<ModelProto>", targets=targets,
+                    skipped=skipped, summary=summarize(targets, file_bytes, file_bytes_before),
+                    output=str(output) if output is not None else None,
+                    config=config.describe())
+    return loaded.proto, report
+
+
+def inspect(model: ModelLike, *, config: PruneConfig | None = None,
+            base_dir: str | os.PathLike | None = None) -> Report:
+    """Report the targets (with their current sparsity) and skipped tensors; changes nothing."""
+    from . import kernels
+    from .io import read_array
+    from .pruning import selection_of, skip_report, target_report
+    from .targets import discover_targets
+
+    config = config or PruneConfig()
+    input_path = None if isinstance(model, onnx.ModelProto) else Path(model)
+    loaded = _load(model, base_dir, inplace=True)
+    targets, skipped = discover_targets(loaded.proto, selection_of(config))
+    reports = []
+    for target in targets:
+        weights = read_array(target.tensor, loaded.base_dir)
+        reports.append(target_report(target, weights, kernels.count_zeros(weights), "dense",
+                                     "unstructured"))
+    file_bytes = _file_bytes(input_path) if input_path else loaded.proto.ByteSize()
+    return Report(model=str(input_path) if input_path else "<ModelProto>", targets=reports,
+                  skipped=[skip_report(s) for s in skipped],
+                  summary=summarize(reports, file_bytes))
+
+
+@dataclass
+class PassResult:
+    """What a pass returns: the model (same kind as given), the report, whether it changed."""
+
+    model: object
+    report: Report
+    modified: bool
+
+
+class PrunePass:
+    """Pruning as a toolchain pass: settings in the constructor, `pass_(model) -> PassResult`.
+
+    Accepts an `onnx.ModelProto` or an `onnx_graphsurgeon.Graph` and returns the same kind.
+    The input is not mutated unless `inplace=True` (ModelProto only).
+    """
+
+    def __init__(self, config: PruneConfig | None = None, *, inplace: bool = False,
+                 base_dir: str | os.PathLike | None = None, **options):
+        self.config = config.replace(**options) if config is not None else \
+            PruneConfig(**options)
+        self.inplace = inplace
+        self.base_dir = base_dir
+
+    def __call__(self, model) -> PassResult:
+        if isinstance(model, onnx.ModelProto):
+            pruned, report = prune(model, config=self.config, base_dir=self.base_dir,
+                                   inplace=self.inplace)
+            return PassResult(pruned, report, _modified(report))
+        import onnx_graphsurgeon as gs
+
+        if isinstance(model, gs.Graph):
+            proto = gs.export_onnx(model)
+            pruned, report = prune(proto, config=self.config, base_dir=self.base_dir,
+                                   inplace=True)
+            return PassResult(gs.import_onnx(pruned), report, _modified(report))
+        raise TypeError(f"PrunePass takes an onnx.ModelProto or onnx_graphsurgeon.Graph, "
+                        f"not {type(model).__name__}")
+
+
+def _modified(report: Report) -> bool:
+    return any(t.zeros != t.zeros_before for t in report.targets)
+
+
+def _load(model: ModelLike, base_dir, inplace: bool) -> LoadedModel:
+    if isinstance(model, onnx.ModelProto):
+        if not inplace:
+            copy = onnx.ModelProto()
+            copy.CopyFrom(model)
+            model = copy
+        return model_from_proto(model, base_dir or ".")
+    return load_model(model)
+
+
+def _file_bytes(path: Path) -> int:
+    """Size of a model file plus the external data files it references."""
+    return model_file_bytes(path)

@@ -1,0 +1,265 @@
+"""The `onnxprune` command line: argparse subcommands mapped onto the Python API.
+
+Heavy modules (onnx, onnxruntime, numba) are imported inside the commands so that
+`onnxprune --help` answers at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+log = logging.getLogger("onnxprune")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a usage error as one line (and exit 2) instead of a usage dump."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _add_selection_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("target selection")
+    group.add_argument("--include", action="append", default=[], metavar="REGEX",
+                       help="only tensors whose name matches (repeatable); also admits "
+                            "embeddings")
+    group.add_argument("--exclude", action="append", default=[], metavar="REGEX",
+                       help="skip tensors whose name matches (repeatable)")
+    group.add_argument("--min-size", type=int, default=4096, metavar="N",
+                       help="skip tensors with fewer than N elements [4096]")
+    group.add_argument("--pattern", default="unstructured", metavar="P",
+                       help="'unstructured' or N:M such as 2:4 [unstructured]")
+
+
+def _add_check_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("validation inputs and tolerances")
+    group.add_argument("--data", metavar="NPZ",
+                       help="inputs: an .npz keyed by graph input names, or a folder of .npz")
+    group.add_argument("--samples", type=int, default=None, metavar="N",
+                       help="number of samples (synthetic inputs: default 4)")
+    group.add_argument("--dim", action="append", default=[], metavar="NAME=VALUE",
+                       help="value for a dynamic dimension of synthetic inputs (repeatable)")
+    group.add_argument("--atol", type=float, default=None,
+                       help="fail if the max abs diff exceeds this")
+    group.add_argument("--rtol", type=float, default=None,
+                       help="fail if the relative L2 error exceeds this")
+    group.add_argument("--min-cosine", type=float, default=None,
+                       help="fail if the cosine similarity is below this")
+    group.add_argument("--min-top1", type=float, default=None,
+                       help="fail if the top-1 agreement is below this")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="onnxprune",
+                     description="Prune the weights of ONNX models and check them in onnxruntime.")
+    parser.add_argument("--version", action="version", version="onnxprune 0.1.0")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    inspect = commands.add_parser("inspect", help="list prunable targets and skipped tensors",
+                                  description="List every prunable target (op, shape, reduction "
+                                              "axis, sparsity, 2:4, bytes) and every skipped "
+                                              "tensor with the reason.")
+    inspect.add_argument("model")
+    inspect.add_argument("--json", action="store_true", help="print the JSON report only")
+    _add_selection_options(inspect)
+    _add_logging_options(inspect)
+
+    prune = commands.add_parser("prune", help="prune a model and write the result",
+                                description="Prune MODEL and write OUT atomically.")
+    prune.add_argument("model")
+    prune.add_argument("-o", "--output", required=True, metavar="OUT")
+    prune.add_argument("--sparsity", type=float, default=None, metavar="F",
+                       help="fraction of weights set to zero, 0 <= F < 1 [0.5]; N:M patterns "
+                            "set their own")
+    prune.add_argument("--method", default="magnitude", help="magnitude | random [magnitude]")
+    prune.add_argument("--scope", default="layer", help="layer | global [layer]")
+    prune.add_argument("--format", default="dense", help="dense [dense]")
+    prune.add_argument("--seed", type=int, default=0, help="randomness (random method, "
+                                                           "synthetic inputs) [0]")
+    prune.add_argument("--report", metavar="PATH", help="write the JSON report there")
+    prune.add_argument("--validate", action="store_true",
+                       help="run input and output in onnxruntime and compare; exit 1 if a "
+                            "tolerance fails")
+    _add_selection_options(prune)
+    _add_check_options(prune)
+    _add_logging_options(prune)
+
+    validate = commands.add_parser("validate", help="compare two models in onnxruntime",
+                                   description="Run REFERENCE and CANDIDATE on the same inputs "
+                                               "and report max abs diff, relative L2, cosine "
+                                               "and top-1 agreement; exit 1 if a tolerance "
+                                               "fails.")
+    validate.add_argument("reference")
+    validate.add_argument("candidate")
+    validate.add_argument("--json", action="store_true", help="print the JSON result only")
+    validate.add_argument("--seed", type=int, default=0, help="seed of synthetic inputs [0]")
+    _add_check_options(validate)
+    _add_logging_options(validate)
+    return parser
+
+
+def _add_logging_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging")
+    parser.add_argument("-q", "--quiet", action="store_true", help="less logging")
+
+
+def _setup_logging(args: argparse.Namespace) -> None:
+    level = logging.WARNING
+    if getattr(args, "verbose", 0):
+        level = logging.INFO if args.verbose == 1 else logging.DEBUG
+    if getattr(args, "quiet", False):
+        level = logging.ERROR
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+    root = logging.getLogger("onnxprune")
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    root.propagate = False
+
+
+def _config_from(args: argparse.Namespace, **extra):
+    from .config import PruneConfig
+
+    return PruneConfig(include=tuple(args.include), exclude=tuple(args.exclude),
+                       min_size=args.min_size, pattern=args.pattern, **extra)
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from .api import inspect
+    from .report import format_skipped, format_targets
+
+    report = inspect(args.model, config=_config_from(args))
+    if args.json:
+        print(report.to_json())
+        return 0
+    s = report.summary
+    print(f"{args.model}: {len(report.targets)} targets, {s.params:,} params, "
+          f"{s.sparsity:.2%} zeros, file {s.file_bytes:,} bytes")
+    if report.targets:
+        print(format_targets(report))
+    print(format_skipped(report))
+    return 0
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    from .api import prune
+    from .io import check_output_path
+    from .report import format_summary
+
+    config = _config_from(args, sparsity=args.sparsity, method=args.method, scope=args.scope,
+                          format=args.format, seed=args.seed)
+    if config.pattern.is_nm and args.sparsity is not None \
+            and abs(args.sparsity - config.pattern.sparsity) > 1e-9:
+        log.warning("--sparsity %s is ignored: pattern %s gives %.4g", args.sparsity,
+                    config.pattern, config.pattern.sparsity)
+    if config.pattern.is_nm and config.scope == "global":
+        log.warning("--scope global has no effect with an N:M pattern")
+    if args.report:
+        check_output_path(args.report, args.model)
+    feeds_source = _feeds_source(args) if args.validate else None
+    _, report = prune(args.model, args.output, config=config)
+    print(format_summary(report))
+    status = 0
+    if args.validate:
+        result = _compare(args.model, args.output, args, feeds_source)
+        report.validation = result.to_dict()
+        from .validate import format_result
+
+        print(format_result(result))
+        status = 0 if result.passed else 1
+    if args.report:
+        _write_text_atomically(Path(args.report), report.to_json() + "\n")
+    return status
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from .validate import format_result
+
+    result = _compare(args.reference, args.candidate, args, _feeds_source(args))
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2))
+    else:
+        print(format_result(result))
+    return 0 if result.passed else 1
+
+
+def _feeds_source(args: argparse.Namespace) -> dict:
+    """Parse the input-related options up front so bad values fail before any work."""
+    from .errors import ConfigError
+    from .inputs import parse_dim_overrides
+
+    if args.samples is not None and args.samples < 1:
+        raise ConfigError(f"--samples must be at least 1, got {args.samples}")
+    return {"data": args.data, "samples": args.samples, "dims": parse_dim_overrides(args.dim),
+            "seed": getattr(args, "seed", 0)}
+
+
+def _compare(reference: str, candidate: str, args: argparse.Namespace, source: dict):
+    from .inputs import load_npz_inputs, synthetic_inputs
+    from .io import load_model
+    from .validate import compare_models
+
+    model = load_model(reference).proto
+    load_model(candidate)
+    if source["data"]:
+        feeds = load_npz_inputs(source["data"], model, source["samples"])
+    else:
+        feeds = synthetic_inputs(model, samples=source["samples"] or 4, seed=source["seed"],
+                                 dims=source["dims"])
+    del model
+    return compare_models(reference, candidate, feeds, atol=args.atol, rtol_l2=args.rtol,
+                          min_cosine=args.min_cosine, min_top1=args.min_top1)
+
+
+def _write_text_atomically(path: Path, text: str) -> None:
+    import os
+    import tempfile
+
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp",
+                               dir=path.parent if str(path.parent) else ".")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+COMMANDS = {"inspect": cmd_inspect, "prune": cmd_prune, "validate": cmd_validate}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help()
+        return 2
+    _setup_logging(args)
+    from .errors import OnnxPruneError, ValidationFailed
+
+    try:
+        return COMMANDS[args.command](args)
+    except (OnnxPruneError, ValidationFailed) as exc:
+        print(f"onnxprune: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("onnxprune: interrupted", file=sys.stderr)
+        return 130
+    except MemoryError:
+        print("onnxprune: error: out of memory", file=sys.stderr)
+        return 2
+    except Exception as exc:  # a bug, not a user error: one line, traceback with -v
+        if getattr(args, "verbose", 0):
+            raise
+        print(f"onnxprune: internal error: {type(exc).__name__}: {exc} "
+              "(run with -v for the traceback)", file=sys.stderr)
+        return 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())

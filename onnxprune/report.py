@@ -1,0 +1,140 @@
+"""The pruning / inspection report: dataclasses, their JSON form, and the human tables."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass
+class TargetReport:
+    name: str
+    op_type: str
+    shape: list[int]
+    dtype: str
+    axis: int
+    numel: int
+    zeros: int
+    sparsity: float
+    pattern: str
+    format: str
+    source: str
+    bytes: int
+    is_2_4: bool
+    zeros_before: int | None = None
+    consumers: list[str] = field(default_factory=list)
+
+
+@dataclass
+class SkipReport:
+    name: str
+    reason: str
+    shape: list[int] = field(default_factory=list)
+    dtype: str = ""
+    source: str = ""
+
+
+@dataclass
+class Summary:
+    params: int
+    zeros: int
+    sparsity: float
+    file_bytes: int
+    dense_bytes: int
+    zeros_before: int | None = None
+    file_bytes_before: int | None = None
+
+
+@dataclass
+class Report:
+    model: str
+    targets: list[TargetReport]
+    skipped: list[SkipReport]
+    summary: Summary
+    output: str | None = None
+    config: dict | None = None
+    validation: dict | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+
+def summarize(targets: list[TargetReport], file_bytes: int,
+              file_bytes_before: int | None = None) -> Summary:
+    params = sum(t.numel for t in targets)
+    zeros = sum(t.zeros for t in targets)
+    before = None
+    if targets and all(t.zeros_before is not None for t in targets):
+        before = sum(t.zeros_before for t in targets)
+    return Summary(params=params, zeros=zeros, sparsity=zeros / params if params else 0.0,
+                   file_bytes=file_bytes, dense_bytes=sum(t.bytes for t in targets),
+                   zeros_before=before, file_bytes_before=file_bytes_before)
+
+
+def _human_bytes(n: int | None) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def _table(rows: list[list[str]], right: set[int]) -> str:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = []
+    for r, row in enumerate(rows):
+        cells = [cell.rjust(w) if i in right else cell.ljust(w)
+                 for i, (cell, w) in enumerate(zip(row, widths, strict=True))]
+        lines.append("  ".join(cells).rstrip())
+        if r == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def format_targets(report: Report, max_name: int = 48) -> str:
+    """Per-target table: name, op, shape, axis, sparsity, 2:4, bytes, source."""
+    rows = [["name", "op", "shape", "dtype", "axis", "sparsity", "2:4", "bytes", "source"]]
+    for t in report.targets:
+        name = t.name if len(t.name) <= max_name else "…" + t.name[-(max_name - 1):]
+        rows.append([name, t.op_type, "x".join(map(str, t.shape)), t.dtype, str(t.axis),
+                     f"{t.sparsity:.2%}", "yes" if t.is_2_4 else "no", _human_bytes(t.bytes),
+                     t.source])
+    return _table(rows, right={4, 5, 7})
+
+
+def format_skipped(report: Report, limit: int = 40) -> str:
+    """Skipped tensors with reasons; long lists are cut, with a count per reason."""
+    counts: dict[str, int] = {}
+    for s in report.skipped:
+        key = s.reason.split(" (")[0]
+        counts[key] = counts.get(key, 0) + 1
+    lines = [f"skipped {len(report.skipped)} tensors: "
+             + ", ".join(f"{n} {reason}" for reason, n in sorted(counts.items(),
+                                                                  key=lambda kv: -kv[1]))]
+    interesting = [s for s in report.skipped if s.reason != "integer tensor"]
+    for s in interesting[:limit]:
+        shape = "x".join(map(str, s.shape)) or "scalar"
+        lines.append(f"  {s.name} [{shape} {s.dtype}]: {s.reason}")
+    if len(interesting) > limit:
+        lines.append(f"  ... {len(interesting) - limit} more (see --json)")
+    return "\n".join(lines)
+
+
+def format_summary(report: Report) -> str:
+    """Before/after summary: params, zeros, sparsity, bytes."""
+    s = report.summary
+    rows = [["", "before", "after"]]
+    before_zeros = s.zeros_before
+    rows.append(["targets", str(len(report.targets)), str(len(report.targets))])
+    rows.append(["params", f"{s.params:,}", f"{s.params:,}"])
+    rows.append(["zeros", "-" if before_zeros is None else f"{before_zeros:,}", f"{s.zeros:,}"])
+    before_sparsity = "-" if before_zeros is None or not s.params else \
+        f"{before_zeros / s.params:.2%}"
+    rows.append(["sparsity", before_sparsity, f"{s.sparsity:.2%}"])
+    rows.append(["file bytes", _human_bytes(s.file_bytes_before), _human_bytes(s.file_bytes)])
+    return _table(rows, right={1, 2})
