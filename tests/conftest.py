@@ -1,0 +1,187 @@
+"""Shared test fixtures: the demo models in ``models/`` and real pretrained exports.
+
+The real models come from two PyPI wheels that ship ONNX files, installed without their
+dependencies (which pull torch and opencv)::
+
+    pip install --no-deps silero-vad==6.2.3 rapidocr-onnxruntime==1.4.4
+
+They are found through ``importlib.metadata`` and never imported. A test that needs one calls
+``real_model(name)``, which skips the test when the wheel is not installed.
+
+Test modules import the plain helpers directly (pytest puts ``tests/`` on ``sys.path``)::
+
+    from conftest import REAL_MODELS, example_feeds, real_model
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+from collections.abc import Callable
+from pathlib import Path, PurePosixPath
+from typing import NamedTuple
+
+import numpy as np
+import onnx
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+MODELS_DIR = REPO_ROOT / "models"
+MAKE_MODELS = REPO_ROOT / "tools" / "make_models.py"
+DEMO_MODEL_NAMES = ("mlp.onnx", "cnn.onnx", "transformer.onnx")
+
+# Weights each demo model is built to offer as pruning targets, with the reduction axis in
+# the layout the tensor is stored in (for N:M groups). All have >= 4096 elements and a
+# reduction axis that is a multiple of 8.
+DEMO_TARGETS: dict[str, dict[str, int]] = {
+    "mlp.onnx": {
+        "fc1.weight": 0,  # MatMul input B [K, N]
+        "fc2.weight": 1,  # Gemm transB=1, [N, K]
+        "fc3.weight": 0,  # Gemm transB=0, [K, N]
+    },
+    "cnn.onnx": {
+        "conv2.weight": 1,  # grouped Conv (group=2), [64, 16, 3, 3]
+        "conv4.weight": 1,  # 1x1 Conv, held by a Constant node
+        "fc.weight_kn": 0,  # stored [K, N], Transpose, then Gemm transB=1
+    },
+    "transformer.onnx": {
+        "attn.q_proj.weight": 0,
+        "attn.k_proj.weight": 0,
+        "attn.v_proj.weight": 0,
+        "attn.o_proj.weight": 0,
+        "ffn.fc1.weight": 0,
+        "ffn.fc2.weight": 0,
+        "lm_head.weight": 0,
+    },
+}
+
+# Float tensors the demo models hold on purpose for a pruner to leave alone, with why. Biases
+# and norm parameters (all 1-D, at most 512 elements) are skipped too and not listed here.
+DEMO_SKIPS: dict[str, dict[str, str]] = {
+    "mlp.onnx": {},
+    "cnn.onnx": {
+        "conv1.weight": "864 elements, below the default min-size of 4096",
+        "conv3.weight": "depthwise Conv: 576 elements and an input-channel axis of size 1",
+    },
+    "transformer.onnx": {
+        "embed_tokens.weight": "embedding table read by Gather, no reduction axis",
+        "embed_positions.weight": "position table read by Slice, no reduction axis",
+    },
+}
+
+# Dynamic dimensions of the demo models by name, and the exclusive upper bound of the values
+# of their integer inputs (the transformer's vocabulary).
+DEMO_DIM_VALUES = {"batch": 2, "seq": 16}
+DEMO_INT_BOUNDS = {"input_ids": 512}
+
+Feeds = dict[str, np.ndarray]
+
+
+def _silero_feeds(rng: np.random.Generator) -> Feeds:
+    # One 512-sample chunk at 16 kHz, the chunk size silero-vad v5+ requires at that rate.
+    return {
+        "input": (0.1 * rng.standard_normal((1, 512))).astype(np.float32),
+        "state": np.zeros((2, 1, 128), dtype=np.float32),
+        "sr": np.array(16000, dtype=np.int64),
+    }
+
+
+def _ppocr_image_feeds(height: int, width: int) -> Callable[[np.random.Generator], Feeds]:
+    def make(rng: np.random.Generator) -> Feeds:
+        # PaddleOCR normalises pixels to [-1, 1].
+        image = rng.uniform(-1.0, 1.0, (1, 3, height, width)).astype(np.float32)
+        return {"x": image}
+
+    return make
+
+
+class RealModel(NamedTuple):
+    """A pretrained ONNX export shipped inside a PyPI wheel."""
+
+    dist: str
+    relpath: str
+    make_feeds: Callable[[np.random.Generator], Feeds]
+
+
+REAL_MODELS: dict[str, RealModel] = {
+    # Weights in Constant nodes inside the two branches of an If (16 kHz / 8 kHz).
+    "silero_vad": RealModel("silero-vad", "silero_vad/data/silero_vad.onnx", _silero_feeds),
+    # PaddlePaddle exports: weights in Constant nodes at the top level.
+    "ppocr_cls": RealModel(
+        "rapidocr-onnxruntime",
+        "rapidocr_onnxruntime/models/ch_ppocr_mobile_v2.0_cls_infer.onnx",
+        _ppocr_image_feeds(48, 192),
+    ),
+    "ppocr_rec": RealModel(
+        "rapidocr-onnxruntime",
+        "rapidocr_onnxruntime/models/ch_PP-OCRv4_rec_infer.onnx",
+        _ppocr_image_feeds(48, 320),
+    ),
+}
+REAL_MODEL_VERSIONS = {"silero-vad": "6.2.3", "rapidocr-onnxruntime": "1.4.4"}
+
+
+def real_model(name: str) -> Path:
+    """Path of the real model ``name`` (a key of ``REAL_MODELS``); skip the test if absent."""
+    if name not in REAL_MODELS:
+        raise KeyError(f"unknown real model {name!r}; known: {', '.join(sorted(REAL_MODELS))}")
+    dist, relpath, _ = REAL_MODELS[name]
+    install = f"pip install --no-deps {dist}=={REAL_MODEL_VERSIONS[dist]}"
+    try:
+        path = Path(importlib.metadata.distribution(dist).locate_file(relpath))
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip(f"real model {name} needs the {dist} wheel: {install}")
+    if not path.is_file():
+        pytest.skip(f"real model {name}: {relpath} not found in the installed {dist}; {install}")
+    return path
+
+
+def example_feeds(model_path: str | Path, seed: int = 0) -> Feeds:
+    """Valid, seeded inputs for a demo model, a real model, or any model with simple inputs.
+
+    A real model is recognised by its file name (keep the name when saving a pruned copy).
+    Otherwise the inputs are read from the graph: dynamic dimensions take the values in
+    ``DEMO_DIM_VALUES`` (1 when unknown), floats are standard normal, integers lie in
+    ``[0, DEMO_INT_BOUNDS[name])`` (all 0 when unknown), booleans are random.
+    """
+    path = Path(model_path)
+    rng = np.random.default_rng(seed)
+    for real in REAL_MODELS.values():
+        if path.name == PurePosixPath(real.relpath).name:
+            return real.make_feeds(rng)
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    initializer_names = {tensor.name for tensor in graph.initializer}
+    feeds = {}
+    for value in graph.input:
+        if value.name in initializer_names:  # IR < 4 lists initializers as inputs too
+            continue
+        tensor_type = value.type.tensor_type
+        shape = tuple(
+            dim.dim_value if dim.HasField("dim_value") else DEMO_DIM_VALUES.get(dim.dim_param, 1)
+            for dim in tensor_type.shape.dim
+        )
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type)
+        if np.issubdtype(dtype, np.floating):
+            feeds[value.name] = rng.standard_normal(shape).astype(dtype)
+        elif np.issubdtype(dtype, np.integer):
+            feeds[value.name] = rng.integers(0, DEMO_INT_BOUNDS.get(value.name, 1), shape, dtype)
+        elif dtype == np.bool_:
+            feeds[value.name] = rng.random(shape) < 0.5
+        else:
+            raise TypeError(f"example_feeds: no rule for input {value.name!r} of type {dtype}")
+    return feeds
+
+
+@pytest.fixture(scope="session")
+def models_dir() -> Path:
+    """The repository's ``models/`` folder with the demo models."""
+    missing = [name for name in DEMO_MODEL_NAMES if not (MODELS_DIR / name).is_file()]
+    if missing:
+        pytest.fail(f"demo models missing from {MODELS_DIR}: {missing}; run python {MAKE_MODELS}")
+    return MODELS_DIR
+
+
+@pytest.fixture(scope="session")
+def demo_model_paths(models_dir: Path) -> list[Path]:
+    """Paths of the three demo models: mlp, cnn, transformer."""
+    return [models_dir / name for name in DEMO_MODEL_NAMES]
