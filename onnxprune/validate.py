@@ -1,0 +1,465 @@
+"""Run a reference and a candidate model in onnxruntime on the same feeds and compare them.
+
+Every output is compared over all samples: the largest absolute difference, the relative L2
+error ‖a−b‖/‖a‖, the cosine similarity and, for outputs that look like class scores, how
+often the argmax over the last axis agrees. The overall figures are the worst over outputs,
+so a tolerance on them is a tolerance on every output. A missing or extra output, a shape
+that differs, or NaN/Inf in the candidate where the reference is finite fails the
+comparison whatever the tolerances; otherwise it passes unless a given tolerance fails.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import helper
+
+from .errors import CalibrationError, ConfigError, ModelLoadError
+from .inputs import Feed, load_npz_inputs, synthetic_inputs
+from .io import load_model
+
+log = logging.getLogger(__name__)
+
+ModelSource = str | os.PathLike | onnx.ModelProto | ort.InferenceSession
+
+DEFAULT_SYNTHETIC_SAMPLES = 4  # the CLI help promises 4
+# Element types numpy cannot hand to onnxruntime directly; they travel as OrtValues.
+_ORTVALUE_ONLY_TYPES = ("bfloat16", "float8", "int4", "uint4", "float4")
+_ORT_QUIET = 3  # onnxruntime log severity: errors only
+
+
+def make_session(model: str | os.PathLike | onnx.ModelProto, *,
+                 intra_op_threads: int | None = None) -> ort.InferenceSession:
+    """An onnxruntime CPU session with quiet logging.
+
+    Pass a path for models with external data or over 2 GiB; a ModelProto is serialized.
+    Any load failure becomes a one-line `ModelLoadError`.
+    """
+    options = ort.SessionOptions()
+    options.log_severity_level = _ORT_QUIET
+    if intra_op_threads is not None:
+        options.intra_op_num_threads = intra_op_threads
+    if isinstance(model, onnx.ModelProto):
+        label = f"model {model.graph.name!r}" if model.graph.name else "model"
+        try:
+            source: str | bytes = model.SerializeToString()
+        except ValueError:  # protobuf refuses messages of 2 GiB or more
+            raise ModelLoadError(f"{label} is over 2 GiB in memory; save it with external "
+                                 "data and pass its path") from None
+    else:
+        path = Path(model)
+        label = str(path)
+        if path.is_dir():
+            raise ModelLoadError(f"{path}: is a directory, not an ONNX file")
+        if not path.is_file():
+            raise ModelLoadError(f"{path}: no such file")
+        source = str(path)
+    try:
+        return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises its own unrelated exception types
+        raise ModelLoadError(f"{label}: onnxruntime cannot load it ({_first_line(exc)})") from None
+
+
+@dataclass
+class OutputComparison:
+    """How one output of the candidate compares with the reference over all samples."""
+
+    name: str
+    shape: list[int] | None
+    dtype: str
+    max_abs_diff: float | None = None
+    rel_l2: float | None = None
+    cosine: float | None = None
+    top1_agreement: float | None = None
+    new_nonfinite: int = 0
+    failed: list[str] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return not self.failed
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "shape": self.shape, "dtype": self.dtype,
+                "max_abs_diff": _json_float(self.max_abs_diff),
+                "rel_l2": _json_float(self.rel_l2), "cosine": _json_float(self.cosine),
+                "top1_agreement": _json_float(self.top1_agreement),
+                "new_nonfinite": self.new_nonfinite, "passed": self.passed,
+                "failed": list(self.failed)}
+
+
+@dataclass
+class ValidationResult:
+    """The comparison of every output; overall figures are the worst over outputs."""
+
+    outputs: list[OutputComparison]
+    samples: int
+    tolerances: dict[str, float]
+    failed: list[str]
+
+    @property
+    def passed(self) -> bool:
+        return not self.failed
+
+    @property
+    def max_abs_diff(self) -> float | None:
+        return _worst([o.max_abs_diff for o in self.outputs], max)
+
+    @property
+    def rel_l2(self) -> float | None:
+        return _worst([o.rel_l2 for o in self.outputs], max)
+
+    @property
+    def cosine(self) -> float | None:
+        return _worst([o.cosine for o in self.outputs], min)
+
+    @property
+    def top1_agreement(self) -> float | None:
+        return _worst([o.top1_agreement for o in self.outputs], min)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready; a value that is not finite (rel_l2 of an all-zero reference) is null."""
+        return {"passed": self.passed,
+                "max_abs_diff": _json_float(self.max_abs_diff),
+                "rel_l2": _json_float(self.rel_l2),
+                "cosine": _json_float(self.cosine),
+                "top1_agreement": _json_float(self.top1_agreement),
+                "samples": self.samples,
+                "tolerances": dict(self.tolerances),
+                "failed": list(self.failed),
+                "outputs": [o.to_dict() for o in self.outputs]}
+
+
+def validate_models(reference: str | os.PathLike | onnx.ModelProto,
+                    candidate: str | os.PathLike | onnx.ModelProto, *,
+                    data: str | os.PathLike | None = None, samples: int | None = None,
+                    seed: int = 0, dims: dict[str, int] | None = None,
+                    atol: float | None = None, rtol_l2: float | None = None,
+                    min_cosine: float | None = None,
+                    min_top1: float | None = None) -> ValidationResult:
+    """Feeds from `data` (an `.npz` or a folder of them) or synthetic ones, then compare.
+
+    Synthetic feeds follow the reference's inputs: `samples` of them (default 4), random by
+    `seed`, dynamic dimensions from `dims`. With `data`, `samples` caps how many are used.
+    """
+    if isinstance(reference, onnx.ModelProto):
+        proto = reference
+    else:  # the graph alone describes the inputs; onnxruntime reads the weights itself
+        proto = load_model(reference).proto
+    if data is not None:
+        if dims:
+            log.warning("dimension overrides apply to synthetic inputs only; ignored with data")
+        feeds = load_npz_inputs(data, proto, samples)
+    else:
+        count = DEFAULT_SYNTHETIC_SAMPLES if samples is None else samples
+        feeds = synthetic_inputs(proto, count, seed, dims)
+    return compare_models(reference, candidate, feeds, atol=atol, rtol_l2=rtol_l2,
+                          min_cosine=min_cosine, min_top1=min_top1)
+
+
+def compare_models(reference: ModelSource, candidate: ModelSource, feeds: Sequence[Feed], *,
+                   atol: float | None = None, rtol_l2: float | None = None,
+                   min_cosine: float | None = None,
+                   min_top1: float | None = None) -> ValidationResult:
+    """Run both models on every feed and compare all outputs by name.
+
+    The reference failing on a feed is a `CalibrationError` (the inputs are wrong); the
+    candidate failing, or its outputs not matching by name or shape, fails the result.
+    """
+    tolerances = _check_tolerances(atol=atol, rtol_l2=rtol_l2, min_cosine=min_cosine,
+                                   min_top1=min_top1)
+    if not feeds:
+        raise CalibrationError("no input samples to compare the models on")
+    reference_session = _as_session(reference)
+    candidate_session = _as_session(candidate)
+    reference_names = [o.name for o in reference_session.get_outputs()]
+    candidate_names = [o.name for o in candidate_session.get_outputs()]
+    failed = [f"outputs: candidate lacks output {name!r}"
+              for name in reference_names if name not in candidate_names]
+    failed += [f"outputs: candidate has extra output {name!r}"
+               for name in candidate_names if name not in reference_names]
+    stats = {name: _OutputStats(name) for name in reference_names if name in candidate_names}
+
+    compared = 0
+    for index, feed in enumerate(feeds):
+        try:
+            reference_values = _run(reference_session, feed)
+        except Exception as exc:  # onnxruntime raises its own unrelated exception types
+            raise CalibrationError(f"the reference model cannot run on sample {index}: "
+                                   f"{_first_line(exc)}") from None
+        try:
+            candidate_values = _run(candidate_session, feed)
+        except Exception as exc:  # a broken candidate is a failed validation, not a crash
+            failed.append(f"run: the candidate model fails on sample {index}: "
+                          f"{_first_line(exc)}")
+            break
+        for name, output_stats in stats.items():
+            output_stats.add(reference_values[name], candidate_values[name], index)
+        compared += 1
+
+    outputs = [output_stats.result(tolerances) for output_stats in stats.values()]
+    for output in outputs:
+        failed.extend(output.failed)
+    return ValidationResult(outputs, compared, tolerances, failed)
+
+
+def format_result(result: ValidationResult) -> str:
+    """A short table: one row per output, an overall row, then PASSED or what failed."""
+    header = ["output", "shape", "max_abs_diff", "rel_l2", "cosine", "top1"]
+    rows = [[o.name, _shape_text(o.shape), _num(o.max_abs_diff), _num(o.rel_l2),
+             _cos(o.cosine), _frac(o.top1_agreement)] for o in result.outputs]
+    samples = f"{result.samples} sample{'' if result.samples == 1 else 's'}"
+    rows.append(["overall", samples, _num(result.max_abs_diff), _num(result.rel_l2),
+                 _cos(result.cosine), _frac(result.top1_agreement)])
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(width) if i < 2 else cell.rjust(width)
+                       for i, (cell, width) in enumerate(zip(row, widths, strict=True))).rstrip()
+             for row in [header, *rows]]
+    lines.insert(1, "  ".join("-" * width for width in widths))
+    limits = ", ".join(f"{name}={value:g}" for name, value in result.tolerances.items())
+    if result.passed:
+        lines.append("PASSED" + (f" ({limits})" if limits else " (no tolerance given)"))
+    else:
+        lines.append("FAILED" + (f" ({limits})" if limits else ""))
+        lines.extend(f"  - {reason}" for reason in result.failed)
+    return "\n".join(lines)
+
+
+class _OutputStats:
+    """Running sums for one output, so samples need not be kept."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.shape: tuple[int, ...] | None = None
+        self.dtype = ""
+        self.class_scores = False
+        self.numeric = True
+        self.compared = 0  # samples whose values were compared
+        self.max_abs = 0.0
+        self.diff_sq = self.reference_sq = self.candidate_sq = self.dot = 0.0
+        self.top1_hits = self.top1_rows = 0
+        self.new_nonfinite = 0
+        self.unequal = 0  # non-numeric outputs (strings): samples that differ
+        self.shape_error: str | None = None
+
+    def add(self, reference: Any, candidate: Any, index: int) -> None:
+        reference, candidate = _to_array(reference), _to_array(candidate)
+        if self.shape is None:
+            self.shape = reference.shape
+            self.dtype = str(reference.dtype)
+            self.numeric = _is_numeric(reference.dtype)
+            self.class_scores = (_is_float(reference.dtype) and reference.ndim >= 2
+                                 and reference.shape[-1] >= 2)
+        if reference.shape != candidate.shape:
+            if self.shape_error is None:
+                self.shape_error = (f"shape: output {self.name!r} is {list(candidate.shape)} in "
+                                    f"the candidate, {list(reference.shape)} in the reference "
+                                    f"(sample {index})")
+            return
+        self.compared += 1
+        if not (self.numeric and _is_numeric(candidate.dtype)):
+            self.unequal += int(not np.array_equal(reference, candidate))
+            return
+        a = reference.astype(np.float64).ravel()
+        b = candidate.astype(np.float64).ravel()
+        finite_a, finite_b = np.isfinite(a), np.isfinite(b)
+        self.new_nonfinite += int(np.count_nonzero(finite_a & ~finite_b))
+        both = finite_a & finite_b
+        if not both.all():  # positions non-finite in either model are left out of the sums
+            a, b = a[both], b[both]
+        diff = a - b
+        if diff.size:
+            self.max_abs = max(self.max_abs, float(np.abs(diff).max()))
+        self.diff_sq += float(diff @ diff)
+        self.reference_sq += float(a @ a)
+        self.candidate_sq += float(b @ b)
+        self.dot += float(a @ b)
+        if self.class_scores:
+            last = reference.shape[-1]
+            reference_top = np.argmax(reference.reshape(-1, last), axis=-1)
+            candidate_top = np.argmax(candidate.reshape(-1, last), axis=-1)
+            self.top1_hits += int(np.count_nonzero(reference_top == candidate_top))
+            self.top1_rows += reference_top.size
+
+    def result(self, tolerances: dict[str, float]) -> OutputComparison:
+        output = OutputComparison(self.name, None if self.shape is None else list(self.shape),
+                                  self.dtype, new_nonfinite=self.new_nonfinite)
+        if self.shape_error:
+            output.failed.append(self.shape_error)
+        if self.new_nonfinite:
+            output.failed.append(f"nan: output {self.name!r} has {self.new_nonfinite} NaN/Inf "
+                                 "values where the reference is finite")
+        if self.compared == 0:
+            return output
+        if not self.numeric:
+            if self.unequal:
+                output.failed.append(f"values: output {self.name!r} differs in {self.unequal} "
+                                     f"of {self.compared} samples")
+            return output
+        output.max_abs_diff = self.max_abs
+        output.rel_l2 = _ratio(math.sqrt(self.diff_sq), math.sqrt(self.reference_sq))
+        output.cosine = _cosine(self.dot, self.reference_sq, self.candidate_sq)
+        if self.top1_rows:
+            output.top1_agreement = self.top1_hits / self.top1_rows
+        output.failed.extend(_tolerance_failures(output, tolerances))
+        return output
+
+
+def _tolerance_failures(output: OutputComparison, tolerances: dict[str, float]) -> list[str]:
+    failures = []
+    name = output.name
+    if "atol" in tolerances and output.max_abs_diff > tolerances["atol"]:
+        failures.append(f"atol: output {name!r} max_abs_diff {output.max_abs_diff:.4g} > "
+                        f"{tolerances['atol']:g}")
+    if "rtol_l2" in tolerances and not output.rel_l2 <= tolerances["rtol_l2"]:
+        failures.append(f"rtol_l2: output {name!r} rel_l2 {output.rel_l2:.4g} > "
+                        f"{tolerances['rtol_l2']:g}")
+    if "min_cosine" in tolerances and output.cosine < tolerances["min_cosine"]:
+        failures.append(f"min_cosine: output {name!r} cosine {output.cosine:.6f} < "
+                        f"{tolerances['min_cosine']:g}")
+    if ("min_top1" in tolerances and output.top1_agreement is not None
+            and output.top1_agreement < tolerances["min_top1"]):
+        failures.append(f"min_top1: output {name!r} top1_agreement "
+                        f"{output.top1_agreement:.4f} < {tolerances['min_top1']:g}")
+    return failures
+
+
+def _check_tolerances(**given: float | None) -> dict[str, float]:
+    tolerances = {}
+    for name, value in given.items():
+        if value is None:
+            continue
+        try:
+            value = float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{name} must be a number, got {value!r}") from None
+        low, high = {"min_cosine": (-1.0, 1.0), "min_top1": (0.0, 1.0)}.get(name, (0.0, math.inf))
+        if not low <= value <= high:
+            raise ConfigError(f"{name} must lie in [{low:g}, {high:g}], got {value:g}")
+        tolerances[name] = value
+    return tolerances
+
+
+def _as_session(model: ModelSource) -> ort.InferenceSession:
+    return model if isinstance(model, ort.InferenceSession) else make_session(model)
+
+
+def _run(session: ort.InferenceSession, feed: Feed) -> dict[str, Any]:
+    names = [o.name for o in session.get_outputs()]
+    needs_ortvalues = any(arr.dtype.kind == "V" for arr in feed.values()) or any(
+        kind in o.type for o in session.get_outputs() for kind in _ORTVALUE_ONLY_TYPES)
+    if not needs_ortvalues:
+        return dict(zip(names, session.run(names, feed), strict=True))
+    values = session.run_with_ort_values(names, {k: _to_ortvalue(v) for k, v in feed.items()})
+    return {name: _ortvalue_to_numpy(value) for name, value in zip(names, values, strict=True)}
+
+
+def _to_ortvalue(array: np.ndarray) -> ort.OrtValue:
+    array = np.ascontiguousarray(array)
+    if array.dtype.kind != "V":
+        return ort.OrtValue.ortvalue_from_numpy(array)
+    # ml_dtypes arrays (bfloat16, float8): hand over the bits with the ONNX element type.
+    element_type = helper.np_dtype_to_tensor_dtype(array.dtype)
+    bits = array.view(f"u{array.dtype.itemsize}")
+    return ort.OrtValue.ortvalue_from_numpy_with_onnx_type(bits, onnx_element_type=element_type)
+
+
+def _ortvalue_to_numpy(value: ort.OrtValue) -> np.ndarray:
+    if not value.is_tensor():
+        return value.numpy()
+    try:
+        return value.numpy()
+    except RuntimeError:  # bfloat16 / float8 have no numpy type in onnxruntime: copy the bits
+        dtype = np.dtype(helper.tensor_dtype_to_np_dtype(value.element_type()))
+        shape = tuple(value.shape())
+        nbytes = value.tensor_size_in_bytes()
+        if nbytes == 0:
+            return np.zeros(shape, dtype)
+        buffer = (ctypes.c_char * nbytes).from_address(value.data_ptr())
+        return np.frombuffer(buffer, dtype=np.uint8).copy().view(dtype).reshape(shape)
+
+
+def _to_array(value: Any) -> np.ndarray:
+    """An output as one array: sequences are flattened, maps (ZipMap) become rows by key."""
+    if isinstance(value, np.ndarray):
+        return value
+    if isinstance(value, dict):
+        return np.asarray([value[key] for key in sorted(value)])
+    if isinstance(value, list):
+        if value and all(isinstance(item, dict) for item in value):
+            return np.asarray([[item[key] for key in sorted(item)] for item in value])
+        if not value:
+            return np.zeros(0, np.float32)
+        return np.concatenate([np.ravel(np.asarray(item)) for item in value])
+    return np.asarray(value)
+
+
+def _is_float(dtype: np.dtype) -> bool:
+    if dtype.kind == "f":
+        return True
+    if dtype.kind != "V":
+        return False
+    try:
+        ml_dtypes.finfo(dtype)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+def _is_numeric(dtype: np.dtype) -> bool:
+    return dtype.kind in "biu" or _is_float(dtype)
+
+
+def _ratio(numerator: float, denominator: float) -> float:
+    if denominator > 0:
+        return numerator / denominator
+    return 0.0 if numerator == 0 else math.inf
+
+
+def _cosine(dot: float, norm_sq_a: float, norm_sq_b: float) -> float:
+    if norm_sq_a == 0 and norm_sq_b == 0:
+        return 1.0
+    if norm_sq_a == 0 or norm_sq_b == 0:
+        return 0.0
+    return max(-1.0, min(1.0, dot / math.sqrt(norm_sq_a * norm_sq_b)))
+
+
+def _worst(values: list[float | None], pick) -> float | None:
+    present = [v for v in values if v is not None]
+    return pick(present) if present else None
+
+
+def _json_float(value: float | None) -> float | None:
+    return value if value is None or math.isfinite(value) else None
+
+
+def _shape_text(shape: list[int] | None) -> str:
+    return "-" if shape is None else "[" + ", ".join(map(str, shape)) + "]"
+
+
+def _num(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3e}"
+
+
+def _cos(value: float | None) -> str:
+    return "-" if value is None else f"{value:.6f}"
+
+
+def _frac(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    text = lines[0] if lines else type(exc).__name__
+    return text if len(text) <= 300 else text[:297] + "..."

@@ -1,0 +1,303 @@
+"""Graph inputs, synthetic feeds, `.npz` feeds and `--dim` parsing."""
+
+from __future__ import annotations
+
+import ml_dtypes
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from onnxprune.errors import CalibrationError, ConfigError
+from onnxprune.inputs import (
+    graph_inputs,
+    load_npz_inputs,
+    parse_dim_overrides,
+    synthetic_inputs,
+)
+
+VOCAB = 7
+
+
+def _model(nodes, inputs, outputs, initializers=(), opset=17) -> onnx.ModelProto:
+    graph = helper.make_graph(nodes, "g", inputs, outputs, list(initializers))
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 8
+    return model
+
+
+@pytest.fixture(scope="module")
+def two_input_model() -> onnx.ModelProto:
+    """x: float32 [batch, 4]; mask: int64 [batch, seq]; y = x @ W."""
+    weight = np.arange(12, dtype=np.float32).reshape(4, 3)
+    return _model(
+        [helper.make_node("MatMul", ["x", "W"], ["y"]),
+         helper.make_node("Cast", ["mask"], ["mask_f"], to=TensorProto.FLOAT),
+         helper.make_node("ReduceSum", ["mask_f"], ["total"], keepdims=0)],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4]),
+         helper.make_tensor_value_info("mask", TensorProto.INT64, ["batch", "seq"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 3]),
+         helper.make_tensor_value_info("total", TensorProto.FLOAT, [])],
+        [numpy_helper.from_array(weight, "W")])
+
+
+@pytest.fixture(scope="module")
+def token_model() -> onnx.ModelProto:
+    """ids int64 [batch, seq] -> Cast -> Gather(table [VOCAB, 4]); ORT rejects ids >= VOCAB."""
+    table = np.arange(VOCAB * 4, dtype=np.float32).reshape(VOCAB, 4)
+    return _model(
+        [helper.make_node("Cast", ["ids"], ["ids32"], to=TensorProto.INT32),
+         helper.make_node("Gather", ["table", "ids32"], ["emb"], axis=0)],
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, ["batch", "seq"])],
+        [helper.make_tensor_value_info("emb", TensorProto.FLOAT, ["batch", "seq", 4])],
+        [numpy_helper.from_array(table, "table")])
+
+
+def _one_line_error(excinfo) -> str:
+    message = str(excinfo.value)
+    assert "\n" not in message and message
+    return message
+
+
+# --- graph_inputs ---------------------------------------------------------------------------
+
+def test_graph_inputs_skips_initializers_listed_as_inputs():
+    weight = numpy_helper.from_array(np.ones((4, 3), np.float32), "W")
+    model = _model(
+        [helper.make_node("MatMul", ["x", "W"], ["y"])],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT16, ["N", 4]),
+         helper.make_tensor_value_info("W", TensorProto.FLOAT, [4, 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT16, None)],
+        [weight])
+    model.graph.input[0].type.tensor_type.shape.dim[0].Clear()  # an unnamed dimension
+    (spec,) = graph_inputs(model)
+    assert spec.name == "x"
+    assert spec.dtype == np.float16
+    assert spec.shape == (None, 4)
+
+
+def test_graph_inputs_named_and_unknown_rank():
+    model = _model(
+        [helper.make_node("Identity", ["a"], ["b"])],
+        [helper.make_tensor_value_info("a", TensorProto.INT32, None)],
+        [helper.make_tensor_value_info("b", TensorProto.INT32, None)])
+    (spec,) = graph_inputs(model)
+    assert spec.shape is None and spec.rank is None and spec.dtype == np.int32
+
+
+# --- synthetic_inputs -----------------------------------------------------------------------
+
+def test_synthetic_inputs_deterministic_per_seed(two_input_model):
+    first = synthetic_inputs(two_input_model, samples=3, seed=5)
+    again = synthetic_inputs(two_input_model, samples=3, seed=5)
+    other = synthetic_inputs(two_input_model, samples=3, seed=6)
+    assert len(first) == 3
+    for a, b in zip(first, again, strict=True):
+        np.testing.assert_array_equal(a["x"], b["x"])
+        np.testing.assert_array_equal(a["mask"], b["mask"])
+    assert not np.array_equal(first[0]["x"], other[0]["x"])
+    assert not np.array_equal(first[0]["x"], first[1]["x"])  # samples differ from each other
+
+
+def test_synthetic_inputs_default_dims_types_and_ranges(two_input_model):
+    (feed,) = synthetic_inputs(two_input_model)
+    assert feed["x"].shape == (1, 4) and feed["x"].dtype == np.float32
+    assert feed["mask"].shape == (1, 16) and feed["mask"].dtype == np.int64
+    assert feed["mask"].min() >= 0 and feed["mask"].max() < 100
+    large = synthetic_inputs(two_input_model, samples=1, dims={"batch": 4000})[0]["x"]
+    assert abs(large.mean()) < 0.1 and 0.9 < large.std() < 1.1  # standard normal
+
+
+def test_synthetic_inputs_honour_dims(two_input_model):
+    (feed,) = synthetic_inputs(two_input_model, dims={"batch": 3, "seq": 5})
+    assert feed["x"].shape == (3, 4)
+    assert feed["mask"].shape == (3, 5)
+
+
+def test_synthetic_inputs_reject_unknown_dim_name(two_input_model):
+    with pytest.raises(ConfigError) as excinfo:
+        synthetic_inputs(two_input_model, dims={"sequence": 5})
+    message = _one_line_error(excinfo)
+    assert "sequence" in message and "batch" in message and "seq" in message
+
+
+def test_synthetic_inputs_unnamed_dims_and_odd_dtypes():
+    inputs = [helper.make_tensor_value_info("h", TensorProto.FLOAT16, [None, None, 2]),
+              helper.make_tensor_value_info("b", TensorProto.BFLOAT16, [3]),
+              helper.make_tensor_value_info("d", TensorProto.DOUBLE, [2]),
+              helper.make_tensor_value_info("flag", TensorProto.BOOL, [50]),
+              helper.make_tensor_value_info("sr", TensorProto.INT64, []),
+              helper.make_tensor_value_info("u", TensorProto.UINT8, [50])]
+    nodes = [helper.make_node("Identity", [i.name], [i.name + "_out"]) for i in inputs]
+    outputs = [helper.make_tensor_value_info(i.name + "_out", i.type.tensor_type.elem_type, None)
+               for i in inputs]
+    model = _model(nodes, inputs, outputs)
+    (feed,) = synthetic_inputs(model, seed=1)
+    assert feed["h"].shape == (1, 16, 2) and feed["h"].dtype == np.float16
+    assert feed["b"].dtype == ml_dtypes.bfloat16 and np.isfinite(feed["b"].astype(np.float32)).all()
+    assert feed["d"].dtype == np.float64
+    assert feed["flag"].dtype == np.bool_ and 0 < feed["flag"].sum() < 50
+    assert feed["sr"].shape == () and feed["sr"].dtype == np.int64 and 0 <= feed["sr"] < 100
+    assert feed["u"].dtype == np.uint8 and feed["u"].max() < 100
+
+
+def test_synthetic_token_ids_stay_inside_the_gather_table(token_model):
+    feeds = synthetic_inputs(token_model, samples=4, dims={"seq": 200})
+    ids = np.stack([feed["ids"] for feed in feeds])
+    assert ids.min() >= 0 and ids.max() == VOCAB - 1  # 800 draws cover all 7 rows
+    session = ort.InferenceSession(token_model.SerializeToString(),
+                                   providers=["CPUExecutionProvider"])
+    for feed in feeds:  # out-of-range ids would make onnxruntime raise
+        (emb,) = session.run(None, feed)
+        assert emb.shape == (1, 200, 4)
+
+
+def test_synthetic_inputs_reject_zero_samples(two_input_model):
+    with pytest.raises(ConfigError):
+        synthetic_inputs(two_input_model, samples=0)
+
+
+def test_synthetic_inputs_need_a_shape():
+    model = _model([helper.make_node("Identity", ["a"], ["b"])],
+                   [helper.make_tensor_value_info("a", TensorProto.FLOAT, None)],
+                   [helper.make_tensor_value_info("b", TensorProto.FLOAT, None)])
+    with pytest.raises(CalibrationError) as excinfo:
+        synthetic_inputs(model)
+    assert "'a'" in _one_line_error(excinfo)
+
+
+# --- parse_dim_overrides --------------------------------------------------------------------
+
+def test_parse_dim_overrides():
+    assert parse_dim_overrides(["batch=2", "seq=32"]) == {"batch": 2, "seq": 32}
+    assert parse_dim_overrides(["batch=2,seq=32"]) == {"batch": 2, "seq": 32}
+    assert parse_dim_overrides([]) == {}
+
+
+@pytest.mark.parametrize("bad", ["batch", "=3", "batch=x", "batch=0", "batch=-1", "batch=1.5"])
+def test_parse_dim_overrides_rejects_bad_syntax(bad):
+    with pytest.raises(ConfigError) as excinfo:
+        parse_dim_overrides([bad])
+    _one_line_error(excinfo)
+
+
+def test_parse_dim_overrides_rejects_conflicting_repeats():
+    assert parse_dim_overrides(["seq=4", "seq=4"]) == {"seq": 4}
+    with pytest.raises(ConfigError):
+        parse_dim_overrides(["seq=4", "seq=8"])
+
+
+# --- load_npz_inputs ------------------------------------------------------------------------
+
+def _x(*shape) -> np.ndarray:
+    return np.arange(np.prod(shape), dtype=np.float32).reshape(shape)
+
+
+def _mask(*shape) -> np.ndarray:
+    return np.ones(shape, np.int64)
+
+
+def test_npz_stacked_samples(tmp_path, two_input_model):
+    path = tmp_path / "calib.npz"
+    np.savez(path, x=_x(5, 2, 4), mask=_mask(5, 2, 3))
+    feeds = load_npz_inputs(path, two_input_model)
+    assert len(feeds) == 5
+    np.testing.assert_array_equal(feeds[3]["x"], _x(5, 2, 4)[3])
+    assert feeds[0]["mask"].shape == (2, 3)
+    assert len(load_npz_inputs(path, two_input_model, samples=2)) == 2
+
+
+def test_npz_single_batch_is_one_sample(tmp_path, two_input_model):
+    path = tmp_path / "calib.npz"
+    np.savez(path, x=_x(6, 4), mask=_mask(6, 3))
+    (feed,) = load_npz_inputs(path, two_input_model)
+    np.testing.assert_array_equal(feed["x"], _x(6, 4))
+    assert feed["mask"].shape == (6, 3)
+
+
+def test_npz_folder_one_sample_per_file_in_name_order(tmp_path, two_input_model):
+    for i in range(3):
+        np.savez(tmp_path / f"sample_{i}.npz", x=_x(1, 4) + i, mask=_mask(1, 2))
+    (tmp_path / "notes.txt").write_text("ignored")
+    feeds = load_npz_inputs(tmp_path, two_input_model)
+    assert [float(feed["x"][0, 0]) for feed in feeds] == [0.0, 1.0, 2.0]
+    assert len(load_npz_inputs(tmp_path, two_input_model, samples=2)) == 2
+
+
+def test_npz_lossless_casts(tmp_path, two_input_model):
+    path = tmp_path / "calib.npz"
+    np.savez(path, x=_x(1, 4).astype(np.float64), mask=_mask(1, 2).astype(np.int32))
+    (feed,) = load_npz_inputs(path, two_input_model)
+    assert feed["x"].dtype == np.float32 and feed["mask"].dtype == np.int64
+
+
+def test_npz_bfloat16_round_trip(tmp_path):
+    model = _model([helper.make_node("Identity", ["a"], ["b"])],
+                   [helper.make_tensor_value_info("a", TensorProto.BFLOAT16, [2])],
+                   [helper.make_tensor_value_info("b", TensorProto.BFLOAT16, [2])])
+    path = tmp_path / "bf16.npz"
+    np.savez(path, a=np.array([1.5, -2.0], ml_dtypes.bfloat16))  # stored as raw |V2
+    (feed,) = load_npz_inputs(path, model)
+    assert feed["a"].dtype == ml_dtypes.bfloat16
+    assert feed["a"].astype(np.float32).tolist() == [1.5, -2.0]
+
+
+def _write(tmp_path, **arrays):
+    path = tmp_path / "calib.npz"
+    np.savez(path, **arrays)
+    return path
+
+
+@pytest.mark.parametrize("arrays, expected", [
+    ({"x": _x(1, 4)}, ["missing", "'mask'"]),
+    ({"x": _x(1, 4), "mask": _mask(1, 2), "extra": _x(1)}, ["unknown", "'extra'"]),
+    ({"x": _x(1, 4).astype(np.float16), "mask": _mask(1, 2)}, ["'x'", "float16", "float32"]),
+    ({"x": _x(1, 4), "mask": _mask(1, 2).astype(np.float32)}, ["'mask'", "int64"]),
+    ({"x": _x(4), "mask": _mask(1, 2)}, ["'x'", "rank 2"]),
+    ({"x": _x(1, 1, 1, 4), "mask": _mask(1, 2)}, ["'x'", "rank 2"]),
+    ({"x": _x(1, 5), "mask": _mask(1, 2)}, ["'x'", "[1, 5]", "[batch, 4]"]),
+    ({"x": _x(3, 1, 4), "mask": _mask(2, 1, 2)}, ["different numbers of samples"]),
+    ({"x": _x(0, 1, 4), "mask": _mask(0, 1, 2)}, ["no samples"]),
+])
+def test_npz_errors(tmp_path, two_input_model, arrays, expected):
+    path = _write(tmp_path, **arrays)
+    with pytest.raises(CalibrationError) as excinfo:
+        load_npz_inputs(path, two_input_model)
+    message = _one_line_error(excinfo)
+    for fragment in expected:
+        assert fragment in message
+
+
+def test_npz_missing_file(tmp_path, two_input_model):
+    with pytest.raises(CalibrationError) as excinfo:
+        load_npz_inputs(tmp_path / "absent.npz", two_input_model)
+    assert "absent.npz" in _one_line_error(excinfo)
+
+
+def test_npz_not_an_archive(tmp_path, two_input_model):
+    text = tmp_path / "calib.npz"
+    text.write_text("not numpy at all\n" * 10)
+    with pytest.raises(CalibrationError) as excinfo:
+        load_npz_inputs(text, two_input_model)
+    assert "not a readable .npz" in _one_line_error(excinfo)
+    single = tmp_path / "single.npy"
+    np.save(single, _x(1, 4))
+    with pytest.raises(CalibrationError) as excinfo:
+        load_npz_inputs(single, two_input_model)
+    assert "not an .npz" in _one_line_error(excinfo)
+
+
+def test_npz_empty_folder(tmp_path, two_input_model):
+    with pytest.raises(CalibrationError) as excinfo:
+        load_npz_inputs(tmp_path, two_input_model)
+    assert "no .npz" in _one_line_error(excinfo)
+
+
+def test_npz_error_in_folder_names_the_file(tmp_path, two_input_model):
+    np.savez(tmp_path / "a.npz", x=_x(1, 4), mask=_mask(1, 2))
+    np.savez(tmp_path / "b.npz", x=_x(1, 4))
+    with pytest.raises(CalibrationError) as excinfo:
+        load_npz_inputs(tmp_path, two_input_model)
+    message = _one_line_error(excinfo)
+    assert "b.npz" in message and "'mask'" in message

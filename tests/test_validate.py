@@ -1,0 +1,251 @@
+"""onnxruntime comparison of a reference and a candidate model."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from onnxprune.errors import CalibrationError, ConfigError, ModelLoadError
+from onnxprune.inputs import synthetic_inputs
+from onnxprune.validate import (
+    ValidationResult,
+    compare_models,
+    format_result,
+    make_session,
+    validate_models,
+)
+
+RNG = np.random.default_rng(0)
+WEIGHT = RNG.standard_normal((8, 5)).astype(np.float32)
+
+
+def _linear(weight: np.ndarray = WEIGHT, output: str = "logits",
+            input_name: str = "x") -> onnx.ModelProto:
+    """logits [batch, N] = x [batch, K] @ weight [K, N]."""
+    k, n = weight.shape
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", [input_name, "W"], [output])], "linear",
+        [helper.make_tensor_value_info(input_name, TensorProto.FLOAT, ["batch", k])],
+        [helper.make_tensor_value_info(output, TensorProto.FLOAT, ["batch", n])],
+        [numpy_helper.from_array(weight, "W")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def _parse(text: str) -> onnx.ModelProto:
+    return onnx.parser.parse_model(text)
+
+
+def _feeds(count: int = 4, batch: int = 6) -> list[dict[str, np.ndarray]]:
+    return synthetic_inputs(_linear(), samples=count, seed=3, dims={"batch": batch})
+
+
+def test_identical_models_agree_exactly():
+    result = compare_models(_linear(), _linear(), _feeds(), atol=0.0, rtol_l2=0.0,
+                            min_cosine=1.0, min_top1=1.0)
+    assert result.passed and result.failed == []
+    assert result.samples == 4
+    assert result.max_abs_diff == 0.0
+    assert result.rel_l2 == 0.0
+    assert result.cosine == pytest.approx(1.0, abs=1e-12)
+    assert result.top1_agreement == 1.0
+    data = result.to_dict()
+    for key in ("max_abs_diff", "rel_l2", "cosine", "top1_agreement", "passed", "outputs",
+                "samples", "failed"):
+        assert key in data
+    assert data["outputs"][0]["name"] == "logits"
+    assert data["outputs"][0]["shape"] == [6, 5]
+    json.dumps(data, allow_nan=False)
+
+
+def test_perturbed_candidate_metrics_match_numpy():
+    perturbed = WEIGHT + RNG.standard_normal(WEIGHT.shape).astype(np.float32) * 0.3
+    feeds = _feeds()
+    result = compare_models(_linear(), _linear(perturbed), feeds)
+    reference = np.stack([feed["x"] @ WEIGHT for feed in feeds]).astype(np.float64)
+    candidate = np.stack([feed["x"] @ perturbed for feed in feeds]).astype(np.float64)
+    diff = reference - candidate
+    assert result.passed  # no tolerance given
+    assert result.max_abs_diff == pytest.approx(np.abs(diff).max(), rel=1e-5)
+    assert result.rel_l2 == pytest.approx(np.linalg.norm(diff) / np.linalg.norm(reference),
+                                          rel=1e-5)
+    cosine = (reference.ravel() @ candidate.ravel()) / (
+        np.linalg.norm(reference) * np.linalg.norm(candidate))
+    assert result.cosine == pytest.approx(cosine, rel=1e-6)
+    top1 = np.mean(reference.argmax(-1) == candidate.argmax(-1))
+    assert result.top1_agreement == pytest.approx(top1)
+    assert 0 < result.rel_l2 < 1 and result.cosine < 1
+
+
+@pytest.mark.parametrize("tolerance, check", [
+    ({"atol": 1e-4}, "atol"),
+    ({"rtol_l2": 1e-4}, "rtol_l2"),
+    ({"min_cosine": 0.999999}, "min_cosine"),
+    ({"min_top1": 1.0}, "min_top1"),
+])
+def test_perturbed_candidate_fails_the_named_check(tolerance, check):
+    perturbed = WEIGHT.copy()
+    perturbed[:, 0] += 3.0  # class 0 now wins most rows
+    result = compare_models(_linear(), _linear(perturbed), _feeds(), **tolerance)
+    assert not result.passed
+    assert len(result.failed) == 1
+    assert result.failed[0].startswith(check + ":") and "'logits'" in result.failed[0]
+    assert result.to_dict()["passed"] is False
+    assert "FAILED" in format_result(result) and check in format_result(result)
+
+
+def test_loose_tolerances_pass():
+    perturbed = WEIGHT * 1.001
+    result = compare_models(_linear(), _linear(perturbed), _feeds(), atol=0.1, rtol_l2=0.01,
+                            min_cosine=0.999, min_top1=0.9)
+    assert result.passed, result.failed
+    assert 0 < result.max_abs_diff < 0.1
+    assert result.rel_l2 == pytest.approx(0.001, rel=1e-2)
+
+
+def test_nan_in_candidate_fails_without_tolerance():
+    broken = WEIGHT.copy()
+    broken[0, 0] = np.nan
+    result = compare_models(_linear(), _linear(broken), _feeds(count=2, batch=3))
+    assert not result.passed
+    assert result.outputs[0].new_nonfinite == 2 * 3 * 1  # column 0 of every row
+    assert any(reason.startswith("nan:") for reason in result.failed)
+    json.dumps(result.to_dict(), allow_nan=False)
+
+
+def test_nan_in_both_models_is_not_a_failure():
+    with_nan = WEIGHT.copy()
+    with_nan[0, 0] = np.nan
+    result = compare_models(_linear(with_nan), _linear(with_nan), _feeds(), atol=0.0)
+    assert result.passed, result.failed
+    assert result.max_abs_diff == 0.0
+
+
+def test_output_name_mismatch_is_a_failure_not_a_crash():
+    result = compare_models(_linear(), _linear(output="scores"), _feeds())
+    assert not result.passed
+    assert "outputs: candidate lacks output 'logits'" in result.failed
+    assert "outputs: candidate has extra output 'scores'" in result.failed
+    assert result.outputs == []
+
+
+def test_output_shape_mismatch_is_a_failure():
+    wider = RNG.standard_normal((8, 6)).astype(np.float32)
+    result = compare_models(_linear(), _linear(wider), _feeds())
+    assert not result.passed
+    assert result.failed[0].startswith("shape:") and "[6, 6]" in result.failed[0]
+
+
+def test_candidate_that_cannot_run_fails():
+    result = compare_models(_linear(), _linear(input_name="other"), _feeds())
+    assert not result.passed
+    assert result.samples == 0
+    assert result.failed[0].startswith("run:")
+
+
+def test_reference_that_cannot_run_is_a_calibration_error():
+    bad_feeds = [{"x": np.zeros((2, 3), np.float32)}]  # needs [batch, 8]
+    with pytest.raises(CalibrationError) as excinfo:
+        compare_models(_linear(), _linear(), bad_feeds)
+    assert "\n" not in str(excinfo.value) and "sample 0" in str(excinfo.value)
+
+
+def test_zero_outputs_and_non_class_outputs():
+    model = _parse("""
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[N, 3] x) => (float[N, 3] zero, float[N] total, int64[N] count) {
+            zero = Sub(x, x)
+            total = ReduceSum<keepdims = 0>(x, axes)
+            axes = Constant<value = int64[1] {1}>()
+            shape = Shape(x)
+            count = Slice(shape, start, end)
+            start = Constant<value = int64[1] {0}>()
+            end = Constant<value = int64[1] {1}>()
+        }
+    """)
+    feeds = synthetic_inputs(model, samples=2, dims={"N": 3})
+    result = compare_models(model, model, feeds, min_top1=1.0)
+    by_name = {output.name: output for output in result.outputs}
+    assert by_name["zero"].rel_l2 == 0.0 and by_name["zero"].cosine == 1.0
+    assert by_name["zero"].top1_agreement == 1.0  # float, rank 2, last dim 3
+    assert by_name["total"].top1_agreement is None  # rank 1: not class scores
+    assert by_name["count"].top1_agreement is None and by_name["count"].max_abs_diff == 0.0
+    assert result.passed
+
+
+def test_bfloat16_outputs_compare():
+    model = _parse("""
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[2, 4] x) => (bfloat16[2, 4] y) { y = Cast<to = 16>(x) }
+    """)
+    feeds = synthetic_inputs(model, samples=2)
+    result = compare_models(model, model, feeds, atol=0.0)
+    assert result.passed and result.outputs[0].dtype == "bfloat16"
+    assert result.cosine == pytest.approx(1.0)
+
+
+def test_make_session_errors_are_one_line(tmp_path):
+    with pytest.raises(ModelLoadError) as excinfo:
+        make_session(tmp_path / "absent.onnx")
+    assert "absent.onnx" in str(excinfo.value)
+    garbage = tmp_path / "garbage.onnx"
+    garbage.write_bytes(b"\x00not onnx\xff" * 20)
+    with pytest.raises(ModelLoadError) as excinfo:
+        make_session(garbage)
+    assert "\n" not in str(excinfo.value) and "garbage.onnx" in str(excinfo.value)
+    with pytest.raises(ModelLoadError):
+        make_session(_parse("""
+            <ir_version: 8, opset_import: ["" : 17]>
+            g (float[2] x) => (float[2] y) { y = NoSuchOp(x) }
+        """))
+
+
+def test_make_session_loads_external_data(tmp_path):
+    model = _linear(np.ones((256, 4), np.float32))
+    path = tmp_path / "ext.onnx"
+    onnx.save(model, str(path), save_as_external_data=True, location="ext.onnx.data",
+              size_threshold=0)
+    assert (tmp_path / "ext.onnx.data").exists()
+    session = make_session(path)
+    (out,) = session.run(None, {"x": np.ones((1, 256), np.float32)})
+    np.testing.assert_array_equal(out, np.full((1, 4), 256.0, np.float32))
+
+
+def test_bad_tolerances_and_no_feeds():
+    with pytest.raises(ConfigError):
+        compare_models(_linear(), _linear(), _feeds(), atol=-1.0)
+    with pytest.raises(ConfigError):
+        compare_models(_linear(), _linear(), _feeds(), min_cosine=2.0)
+    with pytest.raises(CalibrationError):
+        compare_models(_linear(), _linear(), [])
+
+
+def test_validate_models_with_paths_and_npz(tmp_path):
+    reference, candidate = tmp_path / "ref.onnx", tmp_path / "cand.onnx"
+    onnx.save(_linear(), str(reference))
+    onnx.save(_linear(WEIGHT * 2), str(candidate))
+    data = tmp_path / "calib.npz"
+    x = RNG.standard_normal((3, 2, 8)).astype(np.float32)  # 3 samples of [2, 8]
+    np.savez(data, x=x)
+    result = validate_models(reference, candidate, data=data, rtol_l2=0.5)
+    assert isinstance(result, ValidationResult)
+    assert result.samples == 3 and result.outputs[0].shape == [2, 5]
+    assert result.rel_l2 == pytest.approx(1.0, rel=1e-5)  # 2W: ||a - 2a|| / ||a||
+    assert result.cosine == pytest.approx(1.0, abs=1e-6)
+    assert not result.passed and result.failed[0].startswith("rtol_l2:")
+    synthetic = validate_models(reference, reference, samples=2, dims={"batch": 7})
+    assert synthetic.samples == 2 and synthetic.outputs[0].shape == [7, 5] and synthetic.passed
+
+
+def test_format_result_lists_outputs_and_verdict():
+    text = format_result(compare_models(_linear(), _linear(), _feeds(), atol=0.0))
+    lines = text.splitlines()
+    assert lines[0].split() == ["output", "shape", "max_abs_diff", "rel_l2", "cosine", "top1"]
+    assert lines[2].startswith("logits") and "[6, 5]" in lines[2]
+    assert lines[3].startswith("overall") and "4 samples" in lines[3]
+    assert lines[-1] == "PASSED (atol=0)"
