@@ -199,20 +199,12 @@ def _feeds_source(args: argparse.Namespace) -> dict:
 
 
 def _compare(reference: str, candidate: str, args: argparse.Namespace, source: dict):
-    from .inputs import load_npz_inputs, synthetic_inputs
-    from .io import load_model
-    from .validate import compare_models
+    from .validate import validate_models
 
-    model = load_model(reference).proto
-    load_model(candidate)
-    if source["data"]:
-        feeds = load_npz_inputs(source["data"], model, source["samples"])
-    else:
-        feeds = synthetic_inputs(model, samples=source["samples"] or 4, seed=source["seed"],
-                                 dims=source["dims"])
-    del model
-    return compare_models(reference, candidate, feeds, atol=args.atol, rtol_l2=args.rtol,
-                          min_cosine=args.min_cosine, min_top1=args.min_top1)
+    return validate_models(reference, candidate, data=source["data"], samples=source["samples"],
+                           seed=source["seed"], dims=source["dims"], atol=args.atol,
+                           rtol_l2=args.rtol, min_cosine=args.min_cosine,
+                           min_top1=args.min_top1)
 
 
 def _write_text_atomically(path: Path, text: str) -> None:

@@ -22,7 +22,7 @@ DEFAULT_SPARSITY = 0.5
 
 @dataclass(frozen=True)
 class Pattern:
-    """A sparsity pattern: unstructured (n == m == 0) or N kept of every M along the reduction axis."""
+    """Unstructured (n == m == 0), or N kept of every M weights along the reduction axis."""
 
     n: int = 0
     m: int = 0

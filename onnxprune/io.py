@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import tempfile
+import secrets
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -122,11 +122,19 @@ def _check_external(tensor: TensorProto, base_dir: Path) -> None:
     location = info.get("location")
     if not location:
         raise ModelLoadError(f"tensor {tensor.name!r}: external data without a location")
+    if Path(location).is_absolute() or ".." in Path(location).parts:
+        # the same rule as onnx.load: a model may only read data from beside itself
+        raise ModelLoadError(f"tensor {tensor.name!r}: external data location {location!r} "
+                             "points outside the model's directory")
     file = base_dir / location
     if not file.is_file():
         raise ModelLoadError(f"tensor {tensor.name!r}: external data file {file} is missing")
-    offset = int(info.get("offset", 0))
-    length = int(info.get("length", tensor_nbytes(tensor)))
+    try:
+        offset = int(info.get("offset", 0))
+        length = int(info.get("length", tensor_nbytes(tensor)))
+    except ValueError:
+        raise ModelLoadError(f"tensor {tensor.name!r}: external data offset or length is not "
+                             "a number") from None
     if offset + length > file.stat().st_size:
         raise ModelLoadError(f"tensor {tensor.name!r}: external data file {file} is truncated")
 
@@ -158,7 +166,10 @@ def read_array(tensor: TensorProto, base_dir: Path, writable: bool = False) -> n
 
 def write_array(tensor: TensorProto, array: np.ndarray) -> None:
     """Store `array` inline as the tensor's raw data (same dtype and shape as before)."""
-    dtype = FLOAT_TYPES[tensor.data_type]
+    dtype = FLOAT_TYPES.get(tensor.data_type)
+    if dtype is None:
+        raise ValueError(f"{tensor.name}: only float tensors are written, not "
+                         f"{TensorProto.DataType.Name(tensor.data_type)}")
     if array.dtype != dtype or tuple(array.shape) != tuple(tensor.dims):
         raise ValueError(f"{tensor.name}: writing {array.dtype}{array.shape} over "
                          f"{dtype}{tuple(tensor.dims)}")
@@ -193,10 +204,15 @@ def check_output_path(output: str | os.PathLike, input_path: str | os.PathLike |
     directory = output.parent if str(output.parent) else Path(".")
     if not directory.is_dir():
         raise OutputPathError(f"output directory {directory} does not exist")
-    if not os.access(directory, os.W_OK | os.X_OK):
-        raise OutputPathError(f"output directory {directory} is not writable")
     if output.is_dir():
         raise OutputPathError(f"output {output} is a directory")
+    # access() says yes to root even on read-only mounts: try to create a file instead
+    try:
+        probe = _temp_path(directory, output.name)
+    except OSError as exc:
+        raise OutputPathError(f"output directory {directory} is not writable "
+                              f"({exc.strerror or exc})") from None
+    probe.unlink()
     return output
 
 
@@ -212,16 +228,20 @@ def save_model(loaded: LoadedModel, output: str | os.PathLike,
     if external is None:
         external = loaded.uses_external_data or total > PROTOBUF_LIMIT
     directory = output.parent if str(output.parent) else Path(".")
+    data_name = output.name + ".data"
+    if external:
+        _check_not_own_data(proto, loaded.base_dir, [output, directory / data_name])
     temps: list[Path] = []
     try:
         if external:
-            data_name = output.name + ".data"
             data_tmp = _temp_path(directory, data_name)
             temps.append(data_tmp)
             with _tensors_moved_to_file(proto, loaded.base_dir, data_tmp, data_name):
                 model_tmp = _write_proto(proto, directory, output.name)
             temps.append(model_tmp)
             os.replace(data_tmp, directory / data_name)
+            # from here the data file is in place: remove it too if the model cannot follow
+            temps[0] = directory / data_name
         else:
             if any(uses_external_data(t) for t in iter_all_tensors(proto.graph)):
                 raise OutputPathError("model still references external data; save it with "
@@ -229,18 +249,48 @@ def save_model(loaded: LoadedModel, output: str | os.PathLike,
             model_tmp = _write_proto(proto, directory, output.name)
             temps.append(model_tmp)
         os.replace(model_tmp, output)
-    except BaseException:
+    except BaseException as exc:
         for tmp in temps:
             with contextlib.suppress(OSError):
                 tmp.unlink()
+        if isinstance(exc, OSError):
+            raise OutputPathError(f"cannot write {output}: {exc.strerror or exc}") from None
         raise
     return output
 
 
+def _check_not_own_data(proto: onnx.ModelProto, base_dir: Path, paths: list[Path]) -> None:
+    """Refuse to write over an external data file the model itself reads from.
+
+    Renaming the new data file over it would leave the input model (and this proto) pointing
+    at bytes laid out for another model.
+    """
+    sources = set()
+    for tensor in iter_all_tensors(proto.graph):
+        if uses_external_data(tensor):
+            location = _external_info(tensor).get("location")
+            if location:
+                sources.add((base_dir / location).resolve())
+    for path in paths:
+        if path.resolve() in sources:
+            raise OutputPathError(f"output {path} is an external data file the model reads "
+                                  "from; choose another output name or directory")
+
+
 def _temp_path(directory: Path, name: str) -> Path:
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
-    os.close(fd)
-    return Path(tmp)
+    """A new empty file beside the output, created with the mode a plain open() would give.
+
+    (mkstemp creates files 0600, and a rename would carry that mode onto the output.)
+    """
+    for _ in range(100):
+        tmp = directory / f".{name}.{secrets.token_hex(4)}.tmp"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileExistsError:
+            continue
+        os.close(fd)
+        return tmp
+    raise FileExistsError(f"no free temporary name in {directory}")
 
 
 def _write_proto(proto: onnx.ModelProto, directory: Path, name: str) -> Path:
@@ -264,10 +314,10 @@ def _tensors_moved_to_file(proto: onnx.ModelProto, base_dir: Path, data_path: Pa
                            data_name: str):
     """Stream every large tensor's bytes into `data_path` and point the tensor at it.
 
-    On exit each tensor is put back as it was; inline bytes are read back from the data
-    file, so at most one tensor's bytes are held in memory at a time.
+    On exit, also after an error, each tensor is put back exactly as it was.
     """
-    moved: list[tuple[TensorProto, TensorProto, bool, int, int]] = []
+    # (tensor, its fields without raw_data, its raw_data or None)
+    moved: list[tuple[TensorProto, TensorProto, bytes | None]] = []
     try:
         with open(data_path, "wb") as fh:
             offset = 0
@@ -277,27 +327,30 @@ def _tensors_moved_to_file(proto: onnx.ModelProto, base_dir: Path, data_path: Pa
                 if tensor_nbytes(tensor) < EXTERNAL_THRESHOLD and not uses_external_data(tensor):
                     continue
                 raw = _tensor_bytes(tensor, base_dir)
-                had_raw = tensor.HasField("raw_data")
+                # The inline bytes are kept here, not read back from the data file: a write
+                # that fails half-way must not lose them. Clearing the field first keeps one
+                # copy of each tensor in memory. Registered before anything can fail.
+                kept = raw if tensor.HasField("raw_data") else None
                 tensor.ClearField("raw_data")
                 original = TensorProto()
                 original.CopyFrom(tensor)  # cheap now: the bytes are out of it
+                moved.append((tensor, original, kept))
                 padding = (-offset) % EXTERNAL_ALIGNMENT
                 fh.write(b"\0" * padding)
                 offset += padding
                 fh.write(raw)
-                moved.append((tensor, original, had_raw, offset, len(raw)))
                 _point_to_external(tensor, data_name, offset, len(raw))
                 offset += len(raw)
-                del raw
+                del raw, kept
             fh.flush()
             os.fsync(fh.fileno())
         yield
     finally:
-        for tensor, original, had_raw, offset, length in moved:
+        while moved:
+            tensor, original, kept = moved.pop()
             tensor.CopyFrom(original)
-            if had_raw:
-                tensor.raw_data = np.fromfile(data_path, dtype=np.uint8, count=length,
-                                              offset=offset).tobytes()
+            if kept is not None:
+                tensor.raw_data = kept
 
 
 def _tensor_bytes(tensor: TensorProto, base_dir: Path):

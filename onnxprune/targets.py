@@ -53,6 +53,9 @@ class WeightTarget:
     consumers: tuple[Consumer, ...]
     group: int = 1
     tensor: TensorProto = field(repr=False, compare=False, default=None)
+    # the graph that stores the tensor and its name there (for rewriting the storage)
+    graph: onnx.GraphProto = field(repr=False, compare=False, default=None)
+    tensor_name: str = ""
 
     @property
     def numel(self) -> int:
@@ -66,13 +69,20 @@ class WeightTarget:
     def reduction_length(self) -> int:
         return self.shape[self.reduction_axis]
 
+    @property
+    def matrix_rows(self) -> int:
+        """Rows of `to_matrix`: the product of every axis but the reduction axis."""
+        others = [d for i, d in enumerate(self.shape) if i != self.reduction_axis]
+        return int(np.prod(others, dtype=np.int64))
+
     def to_matrix(self, array: np.ndarray) -> np.ndarray:
         """[rows, reduction] view: the reduction axis last, every other axis folded into rows.
 
         Conv [O, I, kh, kw] becomes [O*kh*kw, I], so N:M groups run along input channels.
         """
         moved = np.moveaxis(array, self.reduction_axis, -1)
-        return moved.reshape(-1, self.shape[self.reduction_axis])
+        # rows spelled out: reshape(-1, 0) is ambiguous for a tensor with a zero dimension
+        return moved.reshape(self.matrix_rows, self.reduction_length)
 
     def from_matrix(self, matrix: np.ndarray) -> np.ndarray:
         """Inverse of `to_matrix`, returned C-contiguous in the stored layout."""
@@ -122,10 +132,13 @@ class _Use:
 class _Scope:
     """One graph (main or a subgraph) with the names it defines and who consumes them."""
 
-    def __init__(self, graph: onnx.GraphProto, parent: _Scope | None, label: str):
+    def __init__(self, graph: onnx.GraphProto, parent: _Scope | None, label: str,
+                 path: str = ""):
         self.graph = graph
         self.parent = parent
         self.label = label
+        # "Loop_0.body/If_3.then_branch": tells apart sibling branches of one node
+        self.path = path
         self.defined: set[str] = {i.name for i in graph.input}
         self.defined.update(t.name for t in graph.initializer)
         self.defined.update(t.name for t in graph.sparse_initializer if t.values.name)
@@ -152,8 +165,8 @@ def _build_scopes(graph: onnx.GraphProto) -> tuple[list[_Scope], list[_Stored]]:
     scopes: list[_Scope] = []
     stored: list[_Stored] = []
 
-    def walk(graph: onnx.GraphProto, parent: _Scope | None, label: str) -> None:
-        scope = _Scope(graph, parent, label)
+    def walk(graph: onnx.GraphProto, parent: _Scope | None, label: str, path: str) -> None:
+        scope = _Scope(graph, parent, label, path)
         scopes.append(scope)
         source = "initializer" if parent is None else f"subgraph:{label}"
         for tensor in graph.initializer:
@@ -170,18 +183,20 @@ def _build_scopes(graph: onnx.GraphProto) -> tuple[list[_Scope], list[_Stored]]:
                 owner = scope.owner_of(name)
                 if owner is not None:
                     owner.consumers.setdefault(name, []).append((node, slot, scope))
+            node_label = _node_label(node, index)
+            node_path = f"{scope.path}/{node_label}" if scope.path else node_label
             for attr in node.attribute:
                 if attr.type == onnx.AttributeProto.GRAPH:
-                    walk(attr.g, scope, _node_label(node, index))
+                    walk(attr.g, scope, node_label, f"{node_path}.{attr.name}")
                 elif attr.type == onnx.AttributeProto.GRAPHS:
-                    for sub in attr.graphs:
-                        walk(sub, scope, _node_label(node, index))
+                    for position, sub in enumerate(attr.graphs):
+                        walk(sub, scope, node_label, f"{node_path}.{attr.name}[{position}]")
         for out in graph.output:
             owner = scope.owner_of(out.name)
             if owner is not None:
                 owner.escaping.add(out.name)
 
-    walk(graph, None, "")
+    walk(graph, None, "", "")
     return scopes, stored
 
 
@@ -273,14 +288,13 @@ def discover_targets(model: onnx.ModelProto, selection: Selection | None = None
     scopes, stored = _build_scopes(model.graph)
     targets: list[WeightTarget] = []
     skipped: list[SkippedTensor] = []
-    taken_names: set[str] = set()
+    names = _unique_names(stored)
 
-    for item in stored:
+    for item, name in zip(stored, names, strict=True):
         tensor = item.tensor
         shape = tuple(int(d) for d in tensor.dims)
         dtype = FLOAT_TYPES.get(tensor.data_type)
         dtype_name = str(dtype) if dtype is not None else _type_name(tensor.data_type)
-        name = _unique_name(item, taken_names)
 
         def skip(reason: str, name=name, shape=shape, dtype_name=dtype_name, item=item) -> None:
             skipped.append(SkippedTensor(name, reason, shape, dtype_name, item.source))
@@ -327,16 +341,20 @@ def discover_targets(model: onnx.ModelProto, selection: Selection | None = None
         group = int(_attr(first, "group", 1)) if first.op_type in ("Conv", "ConvTranspose") else 1
         if selection.pattern.is_nm:
             m = selection.pattern.m
+            # ConvTranspose keeps all groups on its reduction axis; a group of M must not
+            # straddle two of them (Conv's axis is already one group's channels)
             per_group = shape[axis] // group if first.op_type == "ConvTranspose" else shape[axis]
             if shape[axis] % m or per_group % m:
-                skip(f"reduction axis length {shape[axis]} is not a multiple of {m}"
+                length = (f"{shape[axis]} ({per_group} per group of {group})"
+                          if per_group != shape[axis] else f"{shape[axis]}")
+                skip(f"reduction axis length {length} is not a multiple of {m}"
                      f" (pattern {selection.pattern})")
                 continue
         consumers = tuple(Consumer(use.node.name or use.node.op_type, use.node.op_type, use.slot)
                           for _, _, use in verdicts)
-        taken_names.add(name)
         targets.append(WeightTarget(name, first.op_type, shape, dtype_name, axis, item.source,
-                                    consumers, group, tensor))
+                                    consumers, group, tensor, item.scope.graph,
+                                    item.tensor_name))
     return targets, skipped
 
 
@@ -353,10 +371,30 @@ def _skip_reason(verdicts: Sequence, named: bool) -> str | None:
     return reasons[0]
 
 
-def _unique_name(item: _Stored, taken: set[str]) -> str:
-    if item.tensor_name not in taken:
-        return item.tensor_name
-    return f"{item.scope.label}/{item.tensor_name}"
+def _unique_names(stored: Sequence[_Stored]) -> list[str]:
+    """A name per stored tensor, unique over the model and independent of the selection.
+
+    A tensor name stored once is used as it is. Sibling subgraphs (the two branches of an If)
+    may reuse a name; then every occurrence outside the main graph is qualified by its
+    subgraph path, e.g. ``If_1.then_branch/W``. Names computed up front, not as targets are
+    taken, so --include/--exclude and saved masks see the same names whatever is selected.
+    """
+    counts: dict[str, int] = {}
+    for item in stored:
+        counts[item.tensor_name] = counts.get(item.tensor_name, 0) + 1
+    names: list[str] = []
+    seen: set[str] = set()
+    for item in stored:
+        name = item.tensor_name
+        if counts[name] > 1 and item.scope.path:
+            name = f"{item.scope.path}/{name}"
+        unique, suffix = name, 1
+        while unique in seen:  # only for models that already break single assignment
+            suffix += 1
+            unique = f"{name}#{suffix}"
+        seen.add(unique)
+        names.append(unique)
+    return names
 
 
 def _is_integer(data_type: int) -> bool:
