@@ -29,9 +29,9 @@ def _path(case):
     return MODELS_DIR / name if kind == "demo" else real_model(name)
 
 
-def _weights_by_name(path, pattern=Pattern()):
+def _weights_by_name(path, pattern: Pattern | None = None):
     loaded = load_model(path)
-    targets, _ = discover_targets(loaded.proto, Selection(pattern=pattern))
+    targets, _ = discover_targets(loaded.proto, Selection(pattern=pattern or Pattern()))
     return {t.name: (t, np.array(read_array(t.tensor, loaded.base_dir))) for t in targets}
 
 
