@@ -27,12 +27,13 @@ ModelLike = str | os.PathLike | onnx.ModelProto
 
 def prune(model: ModelLike, output: str | os.PathLike | None = None, *,
           config: PruneConfig | None = None, base_dir: str | os.PathLike | None = None,
-          inplace: bool = False, **options) -> tuple[onnx.ModelProto, Report]:
+          inplace: bool = False, progress=None, **options) -> tuple[onnx.ModelProto, Report]:
     """Prune a model given as a path or a ModelProto; optionally write it to `output`.
 
     Options are PruneConfig fields (sparsity, pattern, method, scope, format, include,
     exclude, min_size, seed); `config` may be given instead. A ModelProto argument is
-    copied first unless `inplace=True`. Returns the pruned model and the report.
+    copied first unless `inplace=True`. `progress(target)` is called after each target.
+    Returns the pruned model and the report.
     """
     from .pruning import prune_loaded
 
@@ -42,7 +43,7 @@ def prune(model: ModelLike, output: str | os.PathLike | None = None, *,
         output = check_output_path(output, input_path)
     loaded = _load(model, base_dir, inplace)
     file_bytes_before = _file_bytes(input_path) if input_path else loaded.proto.ByteSize()
-    targets, skipped = prune_loaded(loaded, config)
+    targets, skipped = prune_loaded(loaded, config, progress)
     if output is not None:
         save_model(loaded, output)
         file_bytes = _file_bytes(Path(output))

@@ -7,6 +7,7 @@ Heavy modules (onnx, onnxruntime, numba) are imported inside the commands so tha
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
@@ -161,7 +162,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
     if args.report:
         check_output_path(args.report, args.model)
     feeds_source = _feeds_source(args) if args.validate else None
-    _, report = prune(args.model, args.output, config=config)
+    with _progress_bar(args, "prune") as progress:
+        _, report = prune(args.model, args.output, config=config, progress=progress)
     print(format_summary(report))
     status = 0
     if args.validate:
@@ -205,6 +207,18 @@ def _compare(reference: str, candidate: str, args: argparse.Namespace, source: d
                            seed=source["seed"], dims=source["dims"], atol=args.atol,
                            rtol_l2=args.rtol, min_cosine=args.min_cosine,
                            min_top1=args.min_top1)
+
+
+@contextlib.contextmanager
+def _progress_bar(args: argparse.Namespace, label: str):
+    """A per-target progress callback: a tqdm bar on an interactive stderr, else None."""
+    if args.quiet or not sys.stderr.isatty():
+        yield None
+        return
+    from tqdm import tqdm
+
+    with tqdm(desc=label, unit="target", file=sys.stderr, leave=False) as bar:
+        yield lambda target: (bar.set_postfix_str(target.name[-40:]), bar.update())
 
 
 def _write_text_atomically(path: Path, text: str) -> None:

@@ -60,6 +60,7 @@ def prune_loaded(loaded: LoadedModel, config: PruneConfig,
         zeros = kernels.apply_mask(weights, keep)
         del keep
         write_array(target.tensor, weights)
+        log.info("%s: %d of %d zero (%s)", target.name, zeros, target.numel, pattern)
         reports.append(target_report(target, weights, zeros, "dense", str(pattern), zeros_before))
         if progress:
             progress(target)
