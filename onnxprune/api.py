@@ -33,7 +33,9 @@ def prune(model: ModelLike, output: str | os.PathLike | None = None, *,
     Options are PruneConfig fields (sparsity, pattern, method, scope, format, include,
     exclude, min_size, seed); `config` may be given instead. A ModelProto argument is
     copied first unless `inplace=True`. `progress(target)` is called after each target.
-    Returns the pruned model and the report.
+    Returns the pruned model and the report. A model path with an `output` is streamed
+    from file to file, one target in memory at a time; the model returned then carries no
+    tensor values: its large tensors reference their bytes in the written files.
     """
     from .pruning import prune_loaded
 
@@ -41,19 +43,27 @@ def prune(model: ModelLike, output: str | os.PathLike | None = None, *,
     input_path = None if isinstance(model, onnx.ModelProto) else Path(model)
     if output is not None:
         output = check_output_path(output, input_path)
-    loaded = _load(model, base_dir, inplace)
-    file_bytes_before = _file_bytes(input_path) if input_path else loaded.proto.ByteSize()
-    targets, skipped = prune_loaded(loaded, config, progress)
-    if output is not None:
-        save_model(loaded, output)
+    if output is not None and input_path is not None:
+        from .streaming import prune_file
+
+        proto, targets, skipped = prune_file(input_path, output, config, progress)
+        file_bytes_before = _file_bytes(input_path)
         file_bytes = _file_bytes(Path(output))
     else:
-        file_bytes = loaded.proto.ByteSize()
+        loaded = _load(model, base_dir, inplace)
+        file_bytes_before = _file_bytes(input_path) if input_path else loaded.proto.ByteSize()
+        targets, skipped = prune_loaded(loaded, config, progress)
+        if output is not None:
+            save_model(loaded, output)
+            file_bytes = _file_bytes(Path(output))
+        else:
+            file_bytes = loaded.proto.ByteSize()
+        proto = loaded.proto
     report = Report(model=str(input_path) if input_path else "<ModelProto>", targets=targets,
                     skipped=skipped, summary=summarize(targets, file_bytes, file_bytes_before),
                     output=str(output) if output is not None else None,
                     config=config.describe())
-    return loaded.proto, report
+    return proto, report
 
 
 def inspect(model: ModelLike, *, config: PruneConfig | None = None,

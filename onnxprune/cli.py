@@ -76,18 +76,39 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--sparsity", type=float, default=None, metavar="F",
                        help="fraction of weights set to zero, 0 <= F < 1 [0.5]; N:M patterns "
                             "set their own")
-    prune.add_argument("--method", default="magnitude", help="magnitude | random [magnitude]")
+    prune.add_argument("--method", default="magnitude",
+                       help="magnitude | random | wanda | obd | sparsegpt [magnitude]")
     prune.add_argument("--scope", default="layer", help="layer | global [layer]")
-    prune.add_argument("--format", default="dense", help="dense [dense]")
+    prune.add_argument("--format", default="dense",
+                       help="dense (zeros in place) | sparse (ONNX sparse_initializer where "
+                            "smaller) | compact (smallest form onnxruntime loads and folds at "
+                            "session start) [dense]")
     prune.add_argument("--seed", type=int, default=0, help="randomness (random method, "
                                                            "synthetic inputs) [0]")
     prune.add_argument("--report", metavar="PATH", help="write the JSON report there")
+    calib = prune.add_argument_group("calibration (wanda, obd, sparsegpt)")
+    calib.add_argument("--calib", metavar="PATH",
+                       help=".npz keyed by graph input name, or a folder of .npz (one sample "
+                            "each); without it synthetic inputs are used, with a warning")
+    calib.add_argument("--calib-samples", type=int, metavar="N",
+                       help="use at most N calibration samples")
+    calib.add_argument("--calib-mode", choices=("sequential", "one-pass"),
+                       help="sequential (default for sparsegpt): each layer calibrated on the "
+                            "already pruned model; one-pass: all on the dense model (faster)")
     prune.add_argument("--validate", action="store_true",
                        help="run input and output in onnxruntime and compare; exit 1 if a "
                             "tolerance fails")
     _add_selection_options(prune)
     _add_check_options(prune)
     _add_logging_options(prune)
+
+    densify = commands.add_parser("densify", help="turn sparse and compact tensors dense",
+                                  description="Write MODEL with every sparse tensor and every "
+                                              "onnxprune compact tensor turned back into a "
+                                              "plain dense tensor, bit-exact.")
+    densify.add_argument("model")
+    densify.add_argument("-o", "--output", required=True, metavar="OUT")
+    _add_logging_options(densify)
 
     validate = commands.add_parser("validate", help="compare two models in onnxruntime",
                                    description="Run REFERENCE and CANDIDATE on the same inputs "
@@ -152,7 +173,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from .report import format_summary
 
     config = _config_from(args, sparsity=args.sparsity, method=args.method, scope=args.scope,
-                          format=args.format, seed=args.seed)
+                          format=args.format, seed=args.seed, calib=args.calib,
+                          calib_samples=args.calib_samples, calib_mode=args.calib_mode)
     if config.pattern.is_nm and args.sparsity is not None \
             and abs(args.sparsity - config.pattern.sparsity) > 1e-9:
         log.warning("--sparsity %s is ignored: pattern %s gives %.4g", args.sparsity,
@@ -176,6 +198,19 @@ def cmd_prune(args: argparse.Namespace) -> int:
     if args.report:
         _write_text_atomically(Path(args.report), report.to_json() + "\n")
     return status
+
+
+def cmd_densify(args: argparse.Namespace) -> int:
+    from .formats import densify_model
+    from .io import check_output_path, load_model, model_file_bytes, save_model
+
+    output = check_output_path(args.output, args.model)
+    loaded = load_model(args.model)
+    count = densify_model(loaded.proto, loaded.base_dir)
+    save_model(loaded, output)
+    print(f"{args.model}: {count} sparse/compact tensor(s) made dense; wrote {output} "
+          f"({model_file_bytes(output):,} bytes)")
+    return 0
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -236,7 +271,8 @@ def _write_text_atomically(path: Path, text: str) -> None:
         raise
 
 
-COMMANDS = {"inspect": cmd_inspect, "prune": cmd_prune, "validate": cmd_validate}
+COMMANDS = {"inspect": cmd_inspect, "prune": cmd_prune, "densify": cmd_densify,
+            "validate": cmd_validate}
 
 
 def main(argv: list[str] | None = None) -> int:

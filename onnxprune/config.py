@@ -16,6 +16,8 @@ METHODS = ("magnitude", "random", "l1", "wanda", "obd", "sparsegpt")
 SCOPES = ("layer", "global")
 FORMATS = ("dense", "sparse", "compact")
 ALLOCATIONS = ("uniform", "global", "erk", "owl", "sensitivity")
+CALIB_METHODS = ("wanda", "obd", "sparsegpt")
+CALIB_MODES = ("sequential", "one-pass")
 DEFAULT_MIN_SIZE = 4096
 DEFAULT_SPARSITY = 0.5
 
@@ -70,6 +72,9 @@ class PruneConfig:
     exclude: tuple[str, ...] = ()
     min_size: int = DEFAULT_MIN_SIZE
     seed: int = 0
+    calib: str | None = None  # .npz or folder of .npz; None: synthetic inputs, with a warning
+    calib_samples: int | None = None
+    calib_mode: str | None = None  # None: sequential for sparsegpt, one-pass for wanda/obd
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "pattern", Pattern.parse(self.pattern))
@@ -90,10 +95,15 @@ class PruneConfig:
         ):
             if value not in allowed:
                 raise ConfigError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
-        if self.method not in ("magnitude", "random"):
-            raise ConfigError(f"method {self.method!r} is not available in this version")
-        if self.format != "dense":
-            raise ConfigError(f"format {self.format!r} is not available in this version")
+        if self.method == "l1":
+            raise ConfigError("method 'l1' is not available in this version")
+        if self.calib_samples is not None and int(self.calib_samples) < 1:
+            raise ConfigError(f"--calib-samples must be >= 1, got {self.calib_samples}")
+        if self.calib_mode is not None and self.calib_mode not in CALIB_MODES:
+            raise ConfigError(f"calib mode must be one of {', '.join(CALIB_MODES)}; "
+                              f"got {self.calib_mode!r}")
+        if self.method in CALIB_METHODS and self.scope == "global":
+            raise ConfigError(f"--scope global is not available with --method {self.method}")
         if int(self.min_size) < 0:
             raise ConfigError(f"--min-size must be >= 0, got {self.min_size}")
         for regex in self.include + self.exclude:
@@ -115,6 +125,7 @@ class PruneConfig:
         values["pattern"] = str(self.pattern)
         values["sparsity"] = self.target_sparsity
         values["include"], values["exclude"] = list(self.include), list(self.exclude)
+        values["calib"] = None if self.calib is None else str(self.calib)
         return values
 
     def replace(self, **changes) -> PruneConfig:

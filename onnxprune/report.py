@@ -23,6 +23,11 @@ class TargetReport:
     is_2_4: bool
     zeros_before: int | None = None
     consumers: list[str] = field(default_factory=list)
+    format_reason: str | None = None  # why a tensor stayed dense under --format sparse/compact
+    format_bytes: dict | None = None  # inspect: bytes per format and the entropy bound
+    method: str | None = None  # calibrated methods: what was used (magnitude when it fell back)
+    reconstruction_error: float | None = None  # ||WX - W'X||^2 / ||WX||^2 on calibration data
+    calibration_tokens: int | None = None
 
 
 @dataclass
@@ -98,13 +103,18 @@ def _table(rows: list[list[str]], right: set[int]) -> str:
 
 def format_targets(report: Report, max_name: int = 48) -> str:
     """Per-target table: name, op, shape, axis, sparsity, 2:4, bytes, source."""
-    rows = [["name", "op", "shape", "dtype", "axis", "sparsity", "2:4", "bytes", "source"]]
+    rows = [["name", "op", "shape", "dtype", "axis", "sparsity", "2:4", "format", "bytes",
+             "dense", "sparse", "compact", "entropy", "source"]]
     for t in report.targets:
         name = t.name if len(t.name) <= max_name else "…" + t.name[-(max_name - 1):]
+        sizes = t.format_bytes or {}
         rows.append([name, t.op_type, "x".join(map(str, t.shape)), t.dtype, str(t.axis),
-                     f"{t.sparsity:.2%}", "yes" if t.is_2_4 else "no", _human_bytes(t.bytes),
-                     t.source])
-    return _table(rows, right={4, 5, 7})
+                     f"{t.sparsity:.2%}", "yes" if t.is_2_4 else "no", t.format,
+                     _human_bytes(t.bytes)]
+                    + [_human_bytes(sizes.get(k)) for k in ("dense", "sparse", "compact",
+                                                            "entropy_bound")]
+                    + [t.source])
+    return _table(rows, right={4, 5, 8, 9, 10, 11, 12})
 
 
 def format_skipped(report: Report, limit: int = 40) -> str:

@@ -193,12 +193,12 @@ def compare_models(reference: ModelSource, candidate: ModelSource, feeds: Sequen
     compared = 0
     for index, feed in enumerate(feeds):
         try:
-            reference_values = _run(reference_session, feed)
+            reference_values = run_session(reference_session, feed)
         except Exception as exc:  # onnxruntime raises its own unrelated exception types
             raise CalibrationError(f"the reference model cannot run on sample {index}: "
                                    f"{_first_line(exc)}") from None
         try:
-            candidate_values = _run(candidate_session, feed)
+            candidate_values = run_session(candidate_session, feed)
         except Exception as exc:  # a broken candidate is a failed validation, not a crash
             failed.append(f"run: the candidate model fails on sample {index}: "
                           f"{_first_line(exc)}")
@@ -354,7 +354,7 @@ def _as_session(model: ModelSource) -> ort.InferenceSession:
     return model if isinstance(model, ort.InferenceSession) else make_session(model)
 
 
-def _run(session: ort.InferenceSession, feed: Feed) -> dict[str, Any]:
+def run_session(session: ort.InferenceSession, feed: Feed) -> dict[str, Any]:
     names = [o.name for o in session.get_outputs()]
     needs_ortvalues = any(arr.dtype.kind == "V" for arr in feed.values()) or any(
         kind in o.type for o in session.get_outputs() for kind in _ORTVALUE_ONLY_TYPES)

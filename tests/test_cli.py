@@ -23,8 +23,13 @@ MLP = MODELS_DIR / "mlp.onnx"
 
 def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     """Run the CLI in a fresh interpreter, as a user would."""
-    return subprocess.run([sys.executable, "-m", "onnxprune.cli", *map(str, args)],
-                          capture_output=True, text=True, cwd=cwd, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "onnxprune.cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=300,
+    )
 
 
 def _digest(path: Path) -> str:
@@ -48,9 +53,11 @@ def model_copy(tmp_path) -> Path:
 
 
 def test_help_does_not_import_numba_or_onnx():
-    code = ("import sys\nfrom onnxprune.cli import main\n"
-            "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
-            "print(sorted(m for m in ('numba', 'onnx', 'onnxruntime') if m in sys.modules))")
+    code = (
+        "import sys\nfrom onnxprune.cli import main\n"
+        "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+        "print(sorted(m for m in ('numba', 'onnx', 'onnxruntime') if m in sys.modules))"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0
     assert result.stdout.strip().splitlines()[-1] == "[]"
@@ -63,8 +70,21 @@ def test_inspect_json(capsys):
     assert {"model", "targets", "skipped", "summary"} <= set(report)
     names = {t["name"] for t in report["targets"]}
     assert names == {"fc1.weight", "fc2.weight", "fc3.weight"}
-    required = {"name", "op_type", "shape", "dtype", "axis", "numel", "zeros", "sparsity",
-                "pattern", "format", "source", "is_2_4", "bytes"}
+    required = {
+        "name",
+        "op_type",
+        "shape",
+        "dtype",
+        "axis",
+        "numel",
+        "zeros",
+        "sparsity",
+        "pattern",
+        "format",
+        "source",
+        "is_2_4",
+        "bytes",
+    }
     for target in report["targets"]:
         assert required <= set(target)
         assert target["sparsity"] == 0.0 and target["source"] == "initializer"
@@ -81,8 +101,9 @@ def test_inspect_table(capsys):
 def test_prune_report_and_inspect_agree(tmp_path, model_copy, capsys):
     out = tmp_path / "out.onnx"
     report_path = tmp_path / "report.json"
-    code = main(["prune", str(model_copy), "-o", str(out), "--pattern", "2:4",
-                 "--report", str(report_path)])
+    code = main(
+        ["prune", str(model_copy), "-o", str(out), "--pattern", "2:4", "--report", str(report_path)]
+    )
     assert code == 0
     summary = capsys.readouterr().out
     assert "sparsity" in summary and "50.00%" in summary
@@ -97,13 +118,41 @@ def test_prune_report_and_inspect_agree(tmp_path, model_copy, capsys):
 
 def test_prune_validate_passes_and_fails_on_tolerance(tmp_path, model_copy, capsys):
     out = tmp_path / "out.onnx"
-    assert main(["prune", str(model_copy), "-o", str(out), "--sparsity", "0.3",
-                 "--validate", "--min-cosine", "0.5"]) == 0
+    assert (
+        main(
+            [
+                "prune",
+                str(model_copy),
+                "-o",
+                str(out),
+                "--sparsity",
+                "0.3",
+                "--validate",
+                "--min-cosine",
+                "0.5",
+            ]
+        )
+        == 0
+    )
     text = capsys.readouterr().out
     assert "cosine" in text
     out2 = tmp_path / "out2.onnx"
-    assert main(["prune", str(model_copy), "-o", str(out2), "--sparsity", "0.9",
-                 "--validate", "--atol", "1e-9"]) == 1
+    assert (
+        main(
+            [
+                "prune",
+                str(model_copy),
+                "-o",
+                str(out2),
+                "--sparsity",
+                "0.9",
+                "--validate",
+                "--atol",
+                "1e-9",
+            ]
+        )
+        == 1
+    )
     assert out2.exists()  # the model is written; only the check failed
 
 
@@ -120,11 +169,25 @@ def test_validate_with_npz_and_dims(tmp_path, capsys):
     assert main(["validate", str(MLP), str(MLP), "--data", str(data), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["samples"] == 3
     transformer = MODELS_DIR / "transformer.onnx"
-    assert main(["validate", str(transformer), str(transformer), "--dim", "seq=8",
-                 "--dim", "batch=1", "--json"]) == 0
+    assert (
+        main(
+            [
+                "validate",
+                str(transformer),
+                str(transformer),
+                "--dim",
+                "seq=8",
+                "--dim",
+                "batch=1",
+                "--json",
+            ]
+        )
+        == 0
+    )
 
 
 # --- bad input: one line on stderr, exit 2, input untouched, no output left behind -------
+
 
 def _bad_model_cases(tmp_path: Path) -> dict[str, Path]:
     garbage = tmp_path / "garbage.onnx"
@@ -136,22 +199,28 @@ def _bad_model_cases(tmp_path: Path) -> dict[str, Path]:
     external_dir = tmp_path / "external"
     external_dir.mkdir()
     external = external_dir / "mlp.onnx"
-    onnx.save(onnx.load(str(MLP)), str(external), save_as_external_data=True,
-              location="mlp.onnx.data")
+    onnx.save(
+        onnx.load(str(MLP)), str(external), save_as_external_data=True, location="mlp.onnx.data"
+    )
     (external_dir / "mlp.onnx.data").unlink()
-    return {"garbage": garbage, "truncated": truncated, "empty": empty,
-            "missing external data": external, "missing": tmp_path / "nope.onnx"}
+    return {
+        "garbage": garbage,
+        "truncated": truncated,
+        "empty": empty,
+        "missing external data": external,
+        "missing": tmp_path / "nope.onnx",
+    }
 
 
-@pytest.mark.parametrize("case", ["garbage", "truncated", "empty", "missing external data",
-                                  "missing"])
+@pytest.mark.parametrize(
+    "case", ["garbage", "truncated", "empty", "missing external data", "missing"]
+)
 def test_bad_model_file(case, tmp_path):
     path = _bad_model_cases(tmp_path)[case]
     digest = _digest(path) if path.exists() else None
     out = tmp_path / "out" / "x.onnx"
     out.parent.mkdir()
-    for args in (["prune", path, "-o", out], ["inspect", path],
-                 ["validate", path, MLP]):
+    for args in (["prune", path, "-o", out], ["inspect", path], ["validate", path, MLP]):
         result = run_cli(*args)
         _assert_user_error(result)
         assert str(path.name) in result.stderr
@@ -160,12 +229,22 @@ def test_bad_model_file(case, tmp_path):
         assert _digest(path) == digest
 
 
-@pytest.mark.parametrize("args", [
-    ["--sparsity", "1.0"], ["--sparsity", "-0.1"], ["--sparsity", "1.5"],
-    ["--sparsity", "nan"], ["--pattern", "5:4"], ["--pattern", "0:4"], ["--pattern", "2-4"],
-    ["--method", "nope"], ["--scope", "everywhere"], ["--min-size", "-1"],
-    ["--include", "("],
-])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--sparsity", "1.0"],
+        ["--sparsity", "-0.1"],
+        ["--sparsity", "1.5"],
+        ["--sparsity", "nan"],
+        ["--pattern", "5:4"],
+        ["--pattern", "0:4"],
+        ["--pattern", "2-4"],
+        ["--method", "nope"],
+        ["--scope", "everywhere"],
+        ["--min-size", "-1"],
+        ["--include", "("],
+    ],
+)
 def test_bad_options(args, tmp_path, model_copy):
     digest = _digest(model_copy)
     out = tmp_path / "out.onnx"

@@ -32,14 +32,21 @@ def two_input_model() -> onnx.ModelProto:
     """x: float32 [batch, 4]; mask: int64 [batch, seq]; y = x @ W."""
     weight = np.arange(12, dtype=np.float32).reshape(4, 3)
     return _model(
-        [helper.make_node("MatMul", ["x", "W"], ["y"]),
-         helper.make_node("Cast", ["mask"], ["mask_f"], to=TensorProto.FLOAT),
-         helper.make_node("ReduceSum", ["mask_f"], ["total"], keepdims=0)],
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4]),
-         helper.make_tensor_value_info("mask", TensorProto.INT64, ["batch", "seq"])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 3]),
-         helper.make_tensor_value_info("total", TensorProto.FLOAT, [])],
-        [numpy_helper.from_array(weight, "W")])
+        [
+            helper.make_node("MatMul", ["x", "W"], ["y"]),
+            helper.make_node("Cast", ["mask"], ["mask_f"], to=TensorProto.FLOAT),
+            helper.make_node("ReduceSum", ["mask_f"], ["total"], keepdims=0),
+        ],
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4]),
+            helper.make_tensor_value_info("mask", TensorProto.INT64, ["batch", "seq"]),
+        ],
+        [
+            helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 3]),
+            helper.make_tensor_value_info("total", TensorProto.FLOAT, []),
+        ],
+        [numpy_helper.from_array(weight, "W")],
+    )
 
 
 @pytest.fixture(scope="module")
@@ -47,11 +54,14 @@ def token_model() -> onnx.ModelProto:
     """ids int64 [batch, seq] -> Cast -> Gather(table [VOCAB, 4]); ORT rejects ids >= VOCAB."""
     table = np.arange(VOCAB * 4, dtype=np.float32).reshape(VOCAB, 4)
     return _model(
-        [helper.make_node("Cast", ["ids"], ["ids32"], to=TensorProto.INT32),
-         helper.make_node("Gather", ["table", "ids32"], ["emb"], axis=0)],
+        [
+            helper.make_node("Cast", ["ids"], ["ids32"], to=TensorProto.INT32),
+            helper.make_node("Gather", ["table", "ids32"], ["emb"], axis=0),
+        ],
         [helper.make_tensor_value_info("ids", TensorProto.INT64, ["batch", "seq"])],
         [helper.make_tensor_value_info("emb", TensorProto.FLOAT, ["batch", "seq", 4])],
-        [numpy_helper.from_array(table, "table")])
+        [numpy_helper.from_array(table, "table")],
+    )
 
 
 def _one_line_error(excinfo) -> str:
@@ -62,14 +72,18 @@ def _one_line_error(excinfo) -> str:
 
 # --- graph_inputs ---------------------------------------------------------------------------
 
+
 def test_graph_inputs_skips_initializers_listed_as_inputs():
     weight = numpy_helper.from_array(np.ones((4, 3), np.float32), "W")
     model = _model(
         [helper.make_node("MatMul", ["x", "W"], ["y"])],
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT16, ["N", 4]),
-         helper.make_tensor_value_info("W", TensorProto.FLOAT, [4, 3])],
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT16, ["N", 4]),
+            helper.make_tensor_value_info("W", TensorProto.FLOAT, [4, 3]),
+        ],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT16, None)],
-        [weight])
+        [weight],
+    )
     model.graph.input[0].type.tensor_type.shape.dim[0].Clear()  # an unnamed dimension
     (spec,) = graph_inputs(model)
     assert spec.name == "x"
@@ -81,12 +95,14 @@ def test_graph_inputs_named_and_unknown_rank():
     model = _model(
         [helper.make_node("Identity", ["a"], ["b"])],
         [helper.make_tensor_value_info("a", TensorProto.INT32, None)],
-        [helper.make_tensor_value_info("b", TensorProto.INT32, None)])
+        [helper.make_tensor_value_info("b", TensorProto.INT32, None)],
+    )
     (spec,) = graph_inputs(model)
     assert spec.shape is None and spec.rank is None and spec.dtype == np.int32
 
 
 # --- synthetic_inputs -----------------------------------------------------------------------
+
 
 def test_synthetic_inputs_deterministic_per_seed(two_input_model):
     first = synthetic_inputs(two_input_model, samples=3, seed=5)
@@ -123,15 +139,19 @@ def test_synthetic_inputs_reject_unknown_dim_name(two_input_model):
 
 
 def test_synthetic_inputs_unnamed_dims_and_odd_dtypes():
-    inputs = [helper.make_tensor_value_info("h", TensorProto.FLOAT16, [None, None, 2]),
-              helper.make_tensor_value_info("b", TensorProto.BFLOAT16, [3]),
-              helper.make_tensor_value_info("d", TensorProto.DOUBLE, [2]),
-              helper.make_tensor_value_info("flag", TensorProto.BOOL, [50]),
-              helper.make_tensor_value_info("sr", TensorProto.INT64, []),
-              helper.make_tensor_value_info("u", TensorProto.UINT8, [50])]
+    inputs = [
+        helper.make_tensor_value_info("h", TensorProto.FLOAT16, [None, None, 2]),
+        helper.make_tensor_value_info("b", TensorProto.BFLOAT16, [3]),
+        helper.make_tensor_value_info("d", TensorProto.DOUBLE, [2]),
+        helper.make_tensor_value_info("flag", TensorProto.BOOL, [50]),
+        helper.make_tensor_value_info("sr", TensorProto.INT64, []),
+        helper.make_tensor_value_info("u", TensorProto.UINT8, [50]),
+    ]
     nodes = [helper.make_node("Identity", [i.name], [i.name + "_out"]) for i in inputs]
-    outputs = [helper.make_tensor_value_info(i.name + "_out", i.type.tensor_type.elem_type, None)
-               for i in inputs]
+    outputs = [
+        helper.make_tensor_value_info(i.name + "_out", i.type.tensor_type.elem_type, None)
+        for i in inputs
+    ]
     model = _model(nodes, inputs, outputs)
     (feed,) = synthetic_inputs(model, seed=1)
     assert feed["h"].shape == (1, 16, 2) and feed["h"].dtype == np.float16
@@ -146,8 +166,9 @@ def test_synthetic_token_ids_stay_inside_the_gather_table(token_model):
     feeds = synthetic_inputs(token_model, samples=4, dims={"seq": 200})
     ids = np.stack([feed["ids"] for feed in feeds])
     assert ids.min() >= 0 and ids.max() == VOCAB - 1  # 800 draws cover all 7 rows
-    session = ort.InferenceSession(token_model.SerializeToString(),
-                                   providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(
+        token_model.SerializeToString(), providers=["CPUExecutionProvider"]
+    )
     for feed in feeds:  # out-of-range ids would make onnxruntime raise
         (emb,) = session.run(None, feed)
         assert emb.shape == (1, 200, 4)
@@ -159,15 +180,18 @@ def test_synthetic_inputs_reject_zero_samples(two_input_model):
 
 
 def test_synthetic_inputs_need_a_shape():
-    model = _model([helper.make_node("Identity", ["a"], ["b"])],
-                   [helper.make_tensor_value_info("a", TensorProto.FLOAT, None)],
-                   [helper.make_tensor_value_info("b", TensorProto.FLOAT, None)])
+    model = _model(
+        [helper.make_node("Identity", ["a"], ["b"])],
+        [helper.make_tensor_value_info("a", TensorProto.FLOAT, None)],
+        [helper.make_tensor_value_info("b", TensorProto.FLOAT, None)],
+    )
     with pytest.raises(CalibrationError) as excinfo:
         synthetic_inputs(model)
     assert "'a'" in _one_line_error(excinfo)
 
 
 # --- parse_dim_overrides --------------------------------------------------------------------
+
 
 def test_parse_dim_overrides():
     assert parse_dim_overrides(["batch=2", "seq=32"]) == {"batch": 2, "seq": 32}
@@ -189,6 +213,7 @@ def test_parse_dim_overrides_rejects_conflicting_repeats():
 
 
 # --- load_npz_inputs ------------------------------------------------------------------------
+
 
 def _x(*shape) -> np.ndarray:
     return np.arange(np.prod(shape), dtype=np.float32).reshape(shape)
@@ -233,9 +258,11 @@ def test_npz_lossless_casts(tmp_path, two_input_model):
 
 
 def test_npz_bfloat16_round_trip(tmp_path):
-    model = _model([helper.make_node("Identity", ["a"], ["b"])],
-                   [helper.make_tensor_value_info("a", TensorProto.BFLOAT16, [2])],
-                   [helper.make_tensor_value_info("b", TensorProto.BFLOAT16, [2])])
+    model = _model(
+        [helper.make_node("Identity", ["a"], ["b"])],
+        [helper.make_tensor_value_info("a", TensorProto.BFLOAT16, [2])],
+        [helper.make_tensor_value_info("b", TensorProto.BFLOAT16, [2])],
+    )
     path = tmp_path / "bf16.npz"
     np.savez(path, a=np.array([1.5, -2.0], ml_dtypes.bfloat16))  # stored as raw |V2
     (feed,) = load_npz_inputs(path, model)
@@ -249,17 +276,20 @@ def _write(tmp_path, **arrays):
     return path
 
 
-@pytest.mark.parametrize("arrays, expected", [
-    ({"x": _x(1, 4)}, ["missing", "'mask'"]),
-    ({"x": _x(1, 4), "mask": _mask(1, 2), "extra": _x(1)}, ["unknown", "'extra'"]),
-    ({"x": _x(1, 4).astype(np.float16), "mask": _mask(1, 2)}, ["'x'", "float16", "float32"]),
-    ({"x": _x(1, 4), "mask": _mask(1, 2).astype(np.float32)}, ["'mask'", "int64"]),
-    ({"x": _x(4), "mask": _mask(1, 2)}, ["'x'", "rank 2"]),
-    ({"x": _x(1, 1, 1, 4), "mask": _mask(1, 2)}, ["'x'", "rank 2"]),
-    ({"x": _x(1, 5), "mask": _mask(1, 2)}, ["'x'", "[1, 5]", "[batch, 4]"]),
-    ({"x": _x(3, 1, 4), "mask": _mask(2, 1, 2)}, ["different numbers of samples"]),
-    ({"x": _x(0, 1, 4), "mask": _mask(0, 1, 2)}, ["no samples"]),
-])
+@pytest.mark.parametrize(
+    "arrays, expected",
+    [
+        ({"x": _x(1, 4)}, ["missing", "'mask'"]),
+        ({"x": _x(1, 4), "mask": _mask(1, 2), "extra": _x(1)}, ["unknown", "'extra'"]),
+        ({"x": _x(1, 4).astype(np.float16), "mask": _mask(1, 2)}, ["'x'", "float16", "float32"]),
+        ({"x": _x(1, 4), "mask": _mask(1, 2).astype(np.float32)}, ["'mask'", "int64"]),
+        ({"x": _x(4), "mask": _mask(1, 2)}, ["'x'", "rank 2"]),
+        ({"x": _x(1, 1, 1, 4), "mask": _mask(1, 2)}, ["'x'", "rank 2"]),
+        ({"x": _x(1, 5), "mask": _mask(1, 2)}, ["'x'", "[1, 5]", "[batch, 4]"]),
+        ({"x": _x(3, 1, 4), "mask": _mask(2, 1, 2)}, ["different numbers of samples"]),
+        ({"x": _x(0, 1, 4), "mask": _mask(0, 1, 2)}, ["no samples"]),
+    ],
+)
 def test_npz_errors(tmp_path, two_input_model, arrays, expected):
     path = _write(tmp_path, **arrays)
     with pytest.raises(CalibrationError) as excinfo:

@@ -50,44 +50,77 @@ def make_model() -> onnx.ModelProto:
     """
     arrays = _arrays()
     scale = helper.make_function(
-        "local", "Scale", ["X"], ["Y"],
-        [helper.make_node("Constant", [], ["two"], value_float=2.0),
-         helper.make_node("Mul", ["X", "two"], ["Y"])],
-        [helper.make_opsetid("", 17)], doc_string="doubles its input")
+        "local",
+        "Scale",
+        ["X"],
+        ["Y"],
+        [
+            helper.make_node("Constant", [], ["two"], value_float=2.0),
+            helper.make_node("Mul", ["X", "two"], ["Y"]),
+        ],
+        [helper.make_opsetid("", 17)],
+        doc_string="doubles its input",
+    )
     then_branch = helper.make_graph(
-        [helper.make_node("MatMul", ["h5", "Wt"], ["yt"])], "then", [], [vi("yt", F, [2, 16])],
-        [numpy_helper.from_array(arrays["Wt"], "Wt")])
+        [helper.make_node("MatMul", ["h5", "Wt"], ["yt"])],
+        "then",
+        [],
+        [vi("yt", F, [2, 16])],
+        [numpy_helper.from_array(arrays["Wt"], "Wt")],
+    )
     else_branch = helper.make_graph(
-        [helper.make_node("Identity", ["h5"], ["ye"])], "else", [], [vi("ye", F, [2, 16])])
+        [helper.make_node("Identity", ["h5"], ["ye"])], "else", [], [vi("ye", F, [2, 16])]
+    )
     nodes = [
         helper.make_node("MatMul", ["x", "W1"], ["h1"], name="fc1", doc_string="first layer"),
         helper.make_node("Add", ["h1", "b1"], ["h2"], name="bias1"),
         helper.make_node("Scale", ["h2"], ["h3"], domain="local", name="scale"),
         helper.make_node("Gemm", ["h3", "W2"], ["h4"], transB=1, name="fc2"),
-        helper.make_node("Constant", [], ["Wc"], name="const_wc",
-                         value=numpy_helper.from_array(arrays["Wc"], "Wc")),
+        helper.make_node(
+            "Constant",
+            [],
+            ["Wc"],
+            name="const_wc",
+            value=numpy_helper.from_array(arrays["Wc"], "Wc"),
+        ),
         helper.make_node("MatMul", ["h4", "Wc"], ["h5"], name="fc3"),
-        helper.make_node("If", ["c"], ["y"], then_branch=then_branch, else_branch=else_branch,
-                         name="branch"),
+        helper.make_node(
+            "If", ["c"], ["y"], then_branch=then_branch, else_branch=else_branch, name="branch"
+        ),
     ]
     w2 = helper.make_tensor("W2", F, [16, 32], arrays["W2"].ravel().tolist())  # float_data
     graph = helper.make_graph(
-        nodes, "rich", [vi("x", F, [2, 64]), vi("c", TensorProto.BOOL, [])],
+        nodes,
+        "rich",
+        [vi("x", F, [2, 64]), vi("c", TensorProto.BOOL, [])],
         [vi("y", F, [2, 16])],
-        [numpy_helper.from_array(arrays["W1"], "W1"), numpy_helper.from_array(arrays["b1"], "b1"),
-         w2], doc_string="graph doc")
+        [
+            numpy_helper.from_array(arrays["W1"], "W1"),
+            numpy_helper.from_array(arrays["b1"], "b1"),
+            w2,
+        ],
+        doc_string="graph doc",
+    )
     model = helper.make_model(
-        graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("local", 1)],
-        functions=[scale], producer_name="onnxprune-tests", producer_version="9.9",
-        doc_string="model doc", domain="org.example", model_version=7)
+        graph,
+        opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("local", 1)],
+        functions=[scale],
+        producer_name="onnxprune-tests",
+        producer_version="9.9",
+        doc_string="model doc",
+        domain="org.example",
+        model_version=7,
+    )
     model.ir_version = 8
     helper.set_model_props(model, {"author": "tests", "purpose": "io"})
     onnx.checker.check_model(model, full_check=True)
     return model
 
 
-FEEDS = {"x": np.random.default_rng(1).standard_normal((2, 64)).astype(np.float32),
-         "c": np.array(True)}
+FEEDS = {
+    "x": np.random.default_rng(1).standard_normal((2, 64)).astype(np.float32),
+    "c": np.array(True),
+}
 
 
 def run(path: Path) -> list[np.ndarray]:
@@ -112,8 +145,14 @@ def inline_path(tmp_path: Path) -> Path:
 def external_path(tmp_path: Path) -> Path:
     path = tmp_path / "ext" / "model.onnx"
     path.parent.mkdir()
-    onnx.save(make_model(), str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-              location="weights.bin", size_threshold=1024)
+    onnx.save(
+        make_model(),
+        str(path),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location="weights.bin",
+        size_threshold=1024,
+    )
     return path
 
 
@@ -133,6 +172,7 @@ def one_line_error(exc_info: pytest.ExceptionInfo) -> str:
 
 # --- loading -----------------------------------------------------------------------------------
 
+
 def test_load_inline(inline_path: Path) -> None:
     loaded = load_model(inline_path)
     assert not loaded.uses_external_data
@@ -143,11 +183,14 @@ def test_load_inline(inline_path: Path) -> None:
         np.testing.assert_array_equal(read_array(tensors[name], loaded.base_dir), array)
 
 
-@pytest.mark.parametrize(("content", "problem"), [
-    (b"this is not an onnx model\n" * 20, "not a valid ONNX model"),
-    (b"", "no graph"),
-    (bytes(range(256)) * 4, "not a valid ONNX model"),
-])
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [
+        (b"this is not an onnx model\n" * 20, "not a valid ONNX model"),
+        (b"", "no graph"),
+        (bytes(range(256)) * 4, "not a valid ONNX model"),
+    ],
+)
 def test_load_rejects_garbage(tmp_path: Path, content: bytes, problem: str) -> None:
     path = tmp_path / "bad.onnx"
     path.write_bytes(content)
@@ -194,13 +237,17 @@ def test_load_rejects_truncated_external_data(external_path: Path) -> None:
     assert "weights.bin" in message and "truncated" in message
 
 
-@pytest.mark.parametrize(("key", "value", "problem"), [
-    ("location", "../weights.bin", "outside"),
-    ("location", "/etc/passwd", "outside"),
-    ("offset", "twelve", "not a number"),
-])
-def test_load_rejects_bad_external_entries(external_path: Path, key: str, value: str,
-                                           problem: str) -> None:
+@pytest.mark.parametrize(
+    ("key", "value", "problem"),
+    [
+        ("location", "../weights.bin", "outside"),
+        ("location", "/etc/passwd", "outside"),
+        ("offset", "twelve", "not a number"),
+    ],
+)
+def test_load_rejects_bad_external_entries(
+    external_path: Path, key: str, value: str, problem: str
+) -> None:
     proto = onnx.load(str(external_path), load_external_data=False)
     entry = next(e for e in proto.graph.initializer[0].external_data if e.key == key)
     entry.value = value
@@ -221,6 +268,7 @@ def test_load_rejects_inline_tensor_with_wrong_byte_count(tmp_path: Path) -> Non
 
 
 # --- external data -----------------------------------------------------------------------------
+
 
 def test_external_data_is_memory_mapped_not_read(external_path: Path) -> None:
     loaded = load_model(external_path)
@@ -255,8 +303,12 @@ def test_save_external_model_elsewhere(external_path: Path, tmp_path: Path) -> N
     assert files_in(out_dir) == ["pruned.onnx", "pruned.onnx.data"]
     assert loaded.proto.SerializeToString() == before
     saved = onnx.load(str(out), load_external_data=False)
-    locations = {e.value for t in iter_all_tensors(saved.graph) for e in t.external_data
-                 if e.key == "location"}
+    locations = {
+        e.value
+        for t in iter_all_tensors(saved.graph)
+        for e in t.external_data
+        if e.key == "location"
+    }
     assert locations == {"pruned.onnx.data"}
     for tensor in iter_all_tensors(saved.graph):
         if tensor.data_location == TensorProto.EXTERNAL:
@@ -265,10 +317,12 @@ def test_save_external_model_elsewhere(external_path: Path, tmp_path: Path) -> N
     assert_same_outputs(external_path, out)
     # the original files are untouched and still load
     np.testing.assert_array_equal(
-        read_array(tensors_by_name(load_model(external_path).proto)["W1"],
-                   external_path.parent), _arrays()["W1"])
-    assert model_file_bytes(out) == out.stat().st_size + (out_dir / "pruned.onnx.data").stat(
-        ).st_size
+        read_array(tensors_by_name(load_model(external_path).proto)["W1"], external_path.parent),
+        _arrays()["W1"],
+    )
+    assert (
+        model_file_bytes(out) == out.stat().st_size + (out_dir / "pruned.onnx.data").stat().st_size
+    )
 
 
 def test_save_inline_model_is_byte_identical(inline_path: Path, tmp_path: Path) -> None:
@@ -291,7 +345,11 @@ def test_save_inline_model_as_external_keeps_the_proto(inline_path: Path, tmp_pa
     saved = tensors_by_name(onnx.load(str(out), load_external_data=False))
     assert saved["b1"].HasField("raw_data")  # small tensors stay inline
     assert {n for n, t in saved.items() if t.data_location == TensorProto.EXTERNAL} == {
-        "W1", "W2", "Wc", "Wt"}
+        "W1",
+        "W2",
+        "Wc",
+        "Wt",
+    }
     assert_same_outputs(inline_path, out)
     reloaded = load_model(out)
     for name, array in _arrays().items():
@@ -299,8 +357,9 @@ def test_save_inline_model_as_external_keeps_the_proto(inline_path: Path, tmp_pa
         np.testing.assert_array_equal(read_array(tensor, reloaded.base_dir), array)
 
 
-def test_large_model_is_written_with_external_data(monkeypatch: pytest.MonkeyPatch,
-                                                   tmp_path: Path) -> None:
+def test_large_model_is_written_with_external_data(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     monkeypatch.setattr(io_module, "PROTOBUF_LIMIT", 4096)
     proto = make_model()
     before = proto.SerializeToString()
@@ -311,7 +370,8 @@ def test_large_model_is_written_with_external_data(monkeypatch: pytest.MonkeyPat
     assert files_in(tmp_path) == ["big.onnx", "big.onnx.data"]
     assert proto.SerializeToString() == before
     assert onnx.load(str(out), load_external_data=False).graph.initializer[0].data_location == (
-        TensorProto.EXTERNAL)
+        TensorProto.EXTERNAL
+    )
     original = tmp_path / "original.onnx"
     onnx.save(make_model(), str(original))
     assert_same_outputs(original, out)
@@ -326,9 +386,9 @@ def test_model_level_fields_survive(external_path: Path, tmp_path: Path) -> None
     assert saved.ir_version == 8
     assert [(o.domain, o.version) for o in saved.opset_import] == [("", 17), ("local", 1)]
     assert [f.SerializeToString() for f in saved.functions] == [
-        f.SerializeToString() for f in original.functions]
-    assert {p.key: p.value for p in saved.metadata_props} == {"author": "tests",
-                                                              "purpose": "io"}
+        f.SerializeToString() for f in original.functions
+    ]
+    assert {p.key: p.value for p in saved.metadata_props} == {"author": "tests", "purpose": "io"}
     assert (saved.producer_name, saved.producer_version) == ("onnxprune-tests", "9.9")
     assert (saved.doc_string, saved.graph.doc_string) == ("model doc", "graph doc")
     assert (saved.domain, saved.model_version) == ("org.example", 7)
@@ -352,7 +412,8 @@ def test_untouched_parts_are_unchanged_after_a_write(inline_path: Path, tmp_path
     original = onnx.load(str(inline_path))
     saved = onnx.load(str(out))
     assert [n.SerializeToString() for n in saved.graph.node] == [
-        n.SerializeToString() for n in original.graph.node]
+        n.SerializeToString() for n in original.graph.node
+    ]
     assert saved.graph.initializer[1:] == original.graph.initializer[1:]
     assert saved.functions == original.functions
     assert saved.metadata_props == original.metadata_props
@@ -370,8 +431,13 @@ def test_saved_file_has_ordinary_permissions(inline_path: Path, tmp_path: Path) 
 
 def test_save_refuses_to_overwrite_the_models_own_data(tmp_path: Path) -> None:
     path = tmp_path / "model.onnx"
-    onnx.save(make_model(), str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-              location="other.onnx.data")
+    onnx.save(
+        make_model(),
+        str(path),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location="other.onnx.data",
+    )
     loaded = load_model(path)
     before = {name: (tmp_path / name).read_bytes() for name in files_in(tmp_path)}
     with pytest.raises(OutputPathError) as info:
@@ -386,15 +452,18 @@ def test_save_refuses_to_overwrite_the_models_own_data(tmp_path: Path) -> None:
 
 # --- atomic saves ------------------------------------------------------------------------------
 
+
 def _failing(exc: BaseException):
     def fail(*args, **kwargs):
         raise exc
+
     return fail
 
 
 @pytest.mark.parametrize("external", [False, True])
-def test_failed_write_leaves_nothing(monkeypatch: pytest.MonkeyPatch, inline_path: Path,
-                                     tmp_path: Path, external: bool) -> None:
+def test_failed_write_leaves_nothing(
+    monkeypatch: pytest.MonkeyPatch, inline_path: Path, tmp_path: Path, external: bool
+) -> None:
     out_dir = tmp_path / "out"
     out_dir.mkdir()
     (out_dir / "model.onnx").write_bytes(b"previous output")
@@ -409,9 +478,9 @@ def test_failed_write_leaves_nothing(monkeypatch: pytest.MonkeyPatch, inline_pat
     assert loaded.proto.SerializeToString() == before
 
 
-def test_failed_rename_of_the_model_removes_its_data_file(monkeypatch: pytest.MonkeyPatch,
-                                                          inline_path: Path,
-                                                          tmp_path: Path) -> None:
+def test_failed_rename_of_the_model_removes_its_data_file(
+    monkeypatch: pytest.MonkeyPatch, inline_path: Path, tmp_path: Path
+) -> None:
     real_replace = os.replace
     calls = []
 
@@ -453,14 +522,15 @@ class _DiskFullFile:
         self._file.close()
 
 
-def test_disk_full_while_moving_tensors_keeps_the_proto(monkeypatch: pytest.MonkeyPatch,
-                                                        inline_path: Path,
-                                                        tmp_path: Path) -> None:
+def test_disk_full_while_moving_tensors_keeps_the_proto(
+    monkeypatch: pytest.MonkeyPatch, inline_path: Path, tmp_path: Path
+) -> None:
     loaded = load_model(inline_path)
     before = loaded.proto.SerializeToString()
     # W1 (8 KiB, raw) and W2 (2 KiB, float_data) fit; Wc (1 KiB, raw) does not
-    monkeypatch.setattr(io_module, "open",
-                        lambda path, mode="r": _DiskFullFile(path, mode, 10500), raising=False)
+    monkeypatch.setattr(
+        io_module, "open", lambda path, mode="r": _DiskFullFile(path, mode, 10500), raising=False
+    )
     with pytest.raises((OutputPathError, OSError)):
         save_model(loaded, tmp_path / "full.onnx", external=True)
     monkeypatch.undo()
@@ -473,14 +543,16 @@ def test_disk_full_while_moving_tensors_keeps_the_proto(monkeypatch: pytest.Monk
 
 # --- output paths ------------------------------------------------------------------------------
 
+
 def test_check_output_path_accepts_a_new_file(inline_path: Path, tmp_path: Path) -> None:
     out = tmp_path / "new.onnx"
     assert check_output_path(out, inline_path) == out
     assert files_in(tmp_path) == ["in"]  # the writability probe is gone
 
 
-def test_check_output_path_rejects_the_input(monkeypatch: pytest.MonkeyPatch,
-                                             inline_path: Path, tmp_path: Path) -> None:
+def test_check_output_path_rejects_the_input(
+    monkeypatch: pytest.MonkeyPatch, inline_path: Path, tmp_path: Path
+) -> None:
     with pytest.raises(OutputPathError) as info:
         check_output_path(inline_path, inline_path)
     assert "input" in one_line_error(info)
@@ -525,6 +597,7 @@ def test_check_output_path_rejects_unwritable_directory(tmp_path: Path) -> None:
 
 # --- tensors -----------------------------------------------------------------------------------
 
+
 def test_write_array_checks_dtype_and_shape() -> None:
     tensor = numpy_helper.from_array(np.ones((4, 8), np.float32), "W")
     with pytest.raises(ValueError, match="float64"):
@@ -559,16 +632,16 @@ def test_write_array_replaces_float_data() -> None:
 def test_read_array_writable_is_an_independent_copy(external_path: Path, storage: str) -> None:
     loaded = load_model(external_path)
     tensors = tensors_by_name(loaded.proto)
-    tensor = {"raw": tensors["b1"], "float_data": tensors["W2"], "external": tensors["W1"]}[
-        storage]
+    tensor = {"raw": tensors["b1"], "float_data": tensors["W2"], "external": tensors["W1"]}[storage]
     name = tensor.name
     copy = read_array(tensor, loaded.base_dir, writable=True)
     assert type(copy) is np.ndarray and copy.flags.writeable
     copy[...] = 0.0
     np.testing.assert_array_equal(read_array(tensor, loaded.base_dir), _arrays()[name])
     np.testing.assert_array_equal(
-        read_array(tensors_by_name(load_model(external_path).proto)[name],
-                   external_path.parent), _arrays()[name])
+        read_array(tensors_by_name(load_model(external_path).proto)[name], external_path.parent),
+        _arrays()[name],
+    )
 
 
 def test_read_array_is_read_only_by_default(inline_path: Path) -> None:
@@ -580,16 +653,20 @@ def test_read_array_is_read_only_by_default(inline_path: Path) -> None:
 
 @pytest.mark.parametrize("dtype", [np.float16, np.float64, "bfloat16"])
 def test_read_array_other_float_types(dtype) -> None:
-    dtype = np.dtype(helper.tensor_dtype_to_np_dtype(TensorProto.BFLOAT16)) if (
-        dtype == "bfloat16") else np.dtype(dtype)
+    dtype = (
+        np.dtype(helper.tensor_dtype_to_np_dtype(TensorProto.BFLOAT16))
+        if (dtype == "bfloat16")
+        else np.dtype(dtype)
+    )
     values = np.arange(6, dtype=np.float32).reshape(2, 3).astype(dtype)
     tensor = numpy_helper.from_array(values, "t")
     read = read_array(tensor, Path("."))
     assert read.dtype == dtype
     np.testing.assert_array_equal(read.astype(np.float32), values.astype(np.float32))
     write_array(tensor, (values.astype(np.float32) * 2).astype(dtype))
-    np.testing.assert_array_equal(numpy_helper.to_array(tensor).astype(np.float32),
-                                  values.astype(np.float32) * 2)
+    np.testing.assert_array_equal(
+        numpy_helper.to_array(tensor).astype(np.float32), values.astype(np.float32) * 2
+    )
 
 
 def test_iter_all_tensors_reaches_constants_and_subgraphs() -> None:

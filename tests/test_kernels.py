@@ -339,9 +339,9 @@ def test_nm_keep_mask_matches_naive(data, pattern, rows, groups):
 @pytest.mark.parametrize("pattern", [(2, 4), (1, 4), (4, 8), (100, 128)])
 def test_nm_keep_mask_many_blocks_with_ties(pattern):
     n, m = pattern
-    # 20 480 groups whatever m: enough for one block per thread.
+    # 21 525 groups whatever m: a block per thread, and an odd number in one of them.
     rng = np.random.default_rng(m)
-    scores = rng.integers(0, 3, (20, 1024 * m)).astype(np.float32)
+    scores = rng.integers(0, 3, (21, 1025 * m)).astype(np.float32)
     scores[:, ::5] = -0.0
     scores[::3, ::11] = np.nan
     keep = kernels.nm_keep_mask(scores, n, m)

@@ -19,8 +19,9 @@ from onnxprune.io import load_model, read_array
 from onnxprune.patterns import prune_count
 from onnxprune.targets import Selection, discover_targets
 
-MODEL_CASES = [pytest.param(("demo", name), id=name.removesuffix(".onnx"))
-               for name in DEMO_MODEL_NAMES]
+MODEL_CASES = [
+    pytest.param(("demo", name), id=name.removesuffix(".onnx")) for name in DEMO_MODEL_NAMES
+]
 MODEL_CASES += [pytest.param(("real", name), id=name) for name in sorted(REAL_MODELS)]
 
 
@@ -92,10 +93,16 @@ def test_global_scope_exact_total(case, tmp_path):
     total = sum(t.numel for t, _ in before.values())
     zeros = sum(int(np.count_nonzero(w == 0)) for _, w in after.values())
     assert zeros == prune_count(total, 0.5) == report.summary.zeros
-    kept_min = min(np.abs(before[n][1][w != 0].astype(np.float64)).min()
-                   for n, (_, w) in after.items() if np.any(w != 0))
-    removed_max = max(np.abs(before[n][1][w == 0].astype(np.float64)).max()
-                      for n, (_, w) in after.items() if np.any(w == 0))
+    kept_min = min(
+        np.abs(before[n][1][w != 0].astype(np.float64)).min()
+        for n, (_, w) in after.items()
+        if np.any(w != 0)
+    )
+    removed_max = max(
+        np.abs(before[n][1][w == 0].astype(np.float64)).max()
+        for n, (_, w) in after.items()
+        if np.any(w == 0)
+    )
     assert kept_min >= removed_max  # one threshold over the whole model
     for name, (_, pruned) in after.items():
         _check_kept_bit_identical(before[name][1], pruned)
@@ -188,7 +195,8 @@ def test_pass_on_model_proto_and_graphsurgeon_graph():
     pruned = {t.name: t for t in discover_targets(exported, Selection())[0]}
     assert pruned and all(
         np.count_nonzero(onnx.numpy_helper.to_array(t.tensor)) * 2 == t.numel
-        for t in pruned.values())
+        for t in pruned.values()
+    )
     # the graph we passed in still has its dense weights
     original = gs.export_onnx(graph)
     dense = discover_targets(original, Selection())[0]
@@ -204,10 +212,12 @@ def test_weight_dtypes(dtype, tmp_path):
     rng = np.random.default_rng(0)
     weight = rng.standard_normal((64, 96)).astype(np_dtype)
     graph = onnx.helper.make_graph(
-        [onnx.helper.make_node("MatMul", ["x", "W"], ["y"])], "g",
+        [onnx.helper.make_node("MatMul", ["x", "W"], ["y"])],
+        "g",
         [onnx.helper.make_tensor_value_info("x", onnx_type, [2, 64])],
         [onnx.helper.make_tensor_value_info("y", onnx_type, [2, 96])],
-        [onnx.numpy_helper.from_array(weight, "W")])
+        [onnx.numpy_helper.from_array(weight, "W")],
+    )
     model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
     pruned, report = onnxprune.prune(model, sparsity=0.25)
     stored = onnx.numpy_helper.to_array(pruned.graph.initializer[0])

@@ -46,8 +46,9 @@ def build(graph_text: str, **weights: np.ndarray) -> onnx.ModelProto:
     return model
 
 
-def discover(model: onnx.ModelProto, selection: Selection = ALL
-             ) -> tuple[dict[str, WeightTarget], dict[str, SkippedTensor]]:
+def discover(
+    model: onnx.ModelProto, selection: Selection = ALL
+) -> tuple[dict[str, WeightTarget], dict[str, SkippedTensor]]:
     targets, skipped = discover_targets(model, selection)
     by_name = {t.name: t for t in targets}
     skipped_by_name = {s.name: s for s in skipped}
@@ -60,78 +61,258 @@ def discover(model: onnx.ModelProto, selection: Selection = ALL
 
 # (id, graph text, weights, name of the weight, stored reduction axis, op_type, group)
 LAYOUTS = [
-    ("matmul_b", "g (float[2,8] x) => (float[2,16] y) { y = MatMul(x, W) }",
-     {"W": (8, 16)}, "W", 0, "MatMul", 1),
-    ("matmul_b_batched", "g (float[3,2,8] x) => (float[3,2,16] y) { y = MatMul(x, W) }",
-     {"W": (3, 8, 16)}, "W", 1, "MatMul", 1),
-    ("matmul_a", "g (float[8,2] x) => (float[16,2] y) { y = MatMul(W, x) }",
-     {"W": (16, 8)}, "W", 1, "MatMul", 1),
-    ("matmul_a_batched", "g (float[3,8,2] x) => (float[3,16,2] y) { y = MatMul(W, x) }",
-     {"W": (3, 16, 8)}, "W", 2, "MatMul", 1),
-    ("gemm_b", "g (float[2,8] x) => (float[2,16] y) { y = Gemm(x, W) }",
-     {"W": (8, 16)}, "W", 0, "Gemm", 1),
-    ("gemm_b_transposed", "g (float[2,8] x) => (float[2,16] y) { y = Gemm<transB=1>(x, W) }",
-     {"W": (16, 8)}, "W", 1, "Gemm", 1),
-    ("gemm_a", "g (float[8,2] x) => (float[16,2] y) { y = Gemm(W, x) }",
-     {"W": (16, 8)}, "W", 1, "Gemm", 1),
-    ("gemm_a_transposed", "g (float[8,2] x) => (float[16,2] y) { y = Gemm<transA=1>(W, x) }",
-     {"W": (8, 16)}, "W", 0, "Gemm", 1),
-    ("conv_grouped",
-     "g (float[1,8,5,5] x) => (float[1,16,3,3] y) { y = Conv<group=2>(x, W) }",
-     {"W": (16, 4, 3, 3)}, "W", 1, "Conv", 2),
-    ("conv_depthwise",
-     "g (float[1,8,5,5] x) => (float[1,8,3,3] y) { y = Conv<group=8>(x, W) }",
-     {"W": (8, 1, 3, 3)}, "W", 1, "Conv", 8),
-    ("conv1d", "g (float[1,8,10] x) => (float[1,16,8] y) { y = Conv(x, W) }",
-     {"W": (16, 8, 3)}, "W", 1, "Conv", 1),
-    ("conv_transpose",
-     "g (float[1,8,5,5] x) => (float[1,4,7,7] y) { y = ConvTranspose(x, W) }",
-     {"W": (8, 4, 3, 3)}, "W", 0, "ConvTranspose", 1),
-    ("conv_transpose_grouped",
-     "g (float[1,8,5,5] x) => (float[1,4,7,7] y) { y = ConvTranspose<group=2>(x, W) }",
-     {"W": (8, 2, 3, 3)}, "W", 0, "ConvTranspose", 2),
-    ("lstm_w", "g (float[5,1,8] x) => (float[5,1,1,4] y) "
-     "{ y = LSTM<hidden_size=4>(x, W, R, B) }",
-     {"W": (1, 16, 8), "R": (1, 16, 4), "B": (1, 32)}, "W", 2, "LSTM", 1),
-    ("lstm_r", "g (float[5,1,8] x) => (float[5,1,1,4] y) "
-     "{ y = LSTM<hidden_size=4>(x, W, R, B) }",
-     {"W": (1, 16, 8), "R": (1, 16, 4), "B": (1, 32)}, "R", 2, "LSTM", 1),
-    ("gru_w", "g (float[5,1,8] x) => (float[5,1,1,4] y) { y = GRU<hidden_size=4>(x, W, R, B) }",
-     {"W": (1, 12, 8), "R": (1, 12, 4), "B": (1, 24)}, "W", 2, "GRU", 1),
-    ("gru_r", "g (float[5,1,8] x) => (float[5,1,1,4] y) { y = GRU<hidden_size=4>(x, W, R, B) }",
-     {"W": (1, 12, 8), "R": (1, 12, 4), "B": (1, 24)}, "R", 2, "GRU", 1),
-    ("rnn_w", "g (float[5,1,8] x) => (float[5,1,1,4] y) { y = RNN<hidden_size=4>(x, W, R, B) }",
-     {"W": (1, 4, 8), "R": (1, 4, 4), "B": (1, 8)}, "W", 2, "RNN", 1),
-    ("rnn_r", "g (float[5,1,8] x) => (float[5,1,1,4] y) { y = RNN<hidden_size=4>(x, W, R, B) }",
-     {"W": (1, 4, 8), "R": (1, 4, 4), "B": (1, 8)}, "R", 2, "RNN", 1),
+    (
+        "matmul_b",
+        "g (float[2,8] x) => (float[2,16] y) { y = MatMul(x, W) }",
+        {"W": (8, 16)},
+        "W",
+        0,
+        "MatMul",
+        1,
+    ),
+    (
+        "matmul_b_batched",
+        "g (float[3,2,8] x) => (float[3,2,16] y) { y = MatMul(x, W) }",
+        {"W": (3, 8, 16)},
+        "W",
+        1,
+        "MatMul",
+        1,
+    ),
+    (
+        "matmul_a",
+        "g (float[8,2] x) => (float[16,2] y) { y = MatMul(W, x) }",
+        {"W": (16, 8)},
+        "W",
+        1,
+        "MatMul",
+        1,
+    ),
+    (
+        "matmul_a_batched",
+        "g (float[3,8,2] x) => (float[3,16,2] y) { y = MatMul(W, x) }",
+        {"W": (3, 16, 8)},
+        "W",
+        2,
+        "MatMul",
+        1,
+    ),
+    (
+        "gemm_b",
+        "g (float[2,8] x) => (float[2,16] y) { y = Gemm(x, W) }",
+        {"W": (8, 16)},
+        "W",
+        0,
+        "Gemm",
+        1,
+    ),
+    (
+        "gemm_b_transposed",
+        "g (float[2,8] x) => (float[2,16] y) { y = Gemm<transB=1>(x, W) }",
+        {"W": (16, 8)},
+        "W",
+        1,
+        "Gemm",
+        1,
+    ),
+    (
+        "gemm_a",
+        "g (float[8,2] x) => (float[16,2] y) { y = Gemm(W, x) }",
+        {"W": (16, 8)},
+        "W",
+        1,
+        "Gemm",
+        1,
+    ),
+    (
+        "gemm_a_transposed",
+        "g (float[8,2] x) => (float[16,2] y) { y = Gemm<transA=1>(W, x) }",
+        {"W": (8, 16)},
+        "W",
+        0,
+        "Gemm",
+        1,
+    ),
+    (
+        "conv_grouped",
+        "g (float[1,8,5,5] x) => (float[1,16,3,3] y) { y = Conv<group=2>(x, W) }",
+        {"W": (16, 4, 3, 3)},
+        "W",
+        1,
+        "Conv",
+        2,
+    ),
+    (
+        "conv_depthwise",
+        "g (float[1,8,5,5] x) => (float[1,8,3,3] y) { y = Conv<group=8>(x, W) }",
+        {"W": (8, 1, 3, 3)},
+        "W",
+        1,
+        "Conv",
+        8,
+    ),
+    (
+        "conv1d",
+        "g (float[1,8,10] x) => (float[1,16,8] y) { y = Conv(x, W) }",
+        {"W": (16, 8, 3)},
+        "W",
+        1,
+        "Conv",
+        1,
+    ),
+    (
+        "conv_transpose",
+        "g (float[1,8,5,5] x) => (float[1,4,7,7] y) { y = ConvTranspose(x, W) }",
+        {"W": (8, 4, 3, 3)},
+        "W",
+        0,
+        "ConvTranspose",
+        1,
+    ),
+    (
+        "conv_transpose_grouped",
+        "g (float[1,8,5,5] x) => (float[1,4,7,7] y) { y = ConvTranspose<group=2>(x, W) }",
+        {"W": (8, 2, 3, 3)},
+        "W",
+        0,
+        "ConvTranspose",
+        2,
+    ),
+    (
+        "lstm_w",
+        "g (float[5,1,8] x) => (float[5,1,1,4] y) { y = LSTM<hidden_size=4>(x, W, R, B) }",
+        {"W": (1, 16, 8), "R": (1, 16, 4), "B": (1, 32)},
+        "W",
+        2,
+        "LSTM",
+        1,
+    ),
+    (
+        "lstm_r",
+        "g (float[5,1,8] x) => (float[5,1,1,4] y) { y = LSTM<hidden_size=4>(x, W, R, B) }",
+        {"W": (1, 16, 8), "R": (1, 16, 4), "B": (1, 32)},
+        "R",
+        2,
+        "LSTM",
+        1,
+    ),
+    (
+        "gru_w",
+        "g (float[5,1,8] x) => (float[5,1,1,4] y) { y = GRU<hidden_size=4>(x, W, R, B) }",
+        {"W": (1, 12, 8), "R": (1, 12, 4), "B": (1, 24)},
+        "W",
+        2,
+        "GRU",
+        1,
+    ),
+    (
+        "gru_r",
+        "g (float[5,1,8] x) => (float[5,1,1,4] y) { y = GRU<hidden_size=4>(x, W, R, B) }",
+        {"W": (1, 12, 8), "R": (1, 12, 4), "B": (1, 24)},
+        "R",
+        2,
+        "GRU",
+        1,
+    ),
+    (
+        "rnn_w",
+        "g (float[5,1,8] x) => (float[5,1,1,4] y) { y = RNN<hidden_size=4>(x, W, R, B) }",
+        {"W": (1, 4, 8), "R": (1, 4, 4), "B": (1, 8)},
+        "W",
+        2,
+        "RNN",
+        1,
+    ),
+    (
+        "rnn_r",
+        "g (float[5,1,8] x) => (float[5,1,1,4] y) { y = RNN<hidden_size=4>(x, W, R, B) }",
+        {"W": (1, 4, 8), "R": (1, 4, 4), "B": (1, 8)},
+        "R",
+        2,
+        "RNN",
+        1,
+    ),
     # stored [N, K], transposed to [K, N] for MatMul B: K is stored axis 1
-    ("transpose", "g (float[2,8] x) => (float[2,16] y) "
-     "{ t = Transpose<perm=[1,0]>(W)\n y = MatMul(x, t) }",
-     {"W": (16, 8)}, "W", 1, "MatMul", 1),
+    (
+        "transpose",
+        "g (float[2,8] x) => (float[2,16] y) { t = Transpose<perm=[1,0]>(W)\n y = MatMul(x, t) }",
+        {"W": (16, 8)},
+        "W",
+        1,
+        "MatMul",
+        1,
+    ),
     # stored [8, 3, 16] -> [3, 8, 16]: MatMul B axis 1 is stored axis perm[1] = 0
-    ("transpose_3d", "g (float[3,2,8] x) => (float[3,2,16] y) "
-     "{ t = Transpose<perm=[1,0,2]>(W)\n y = MatMul(x, t) }",
-     {"W": (8, 3, 16)}, "W", 0, "MatMul", 1),
+    (
+        "transpose_3d",
+        "g (float[3,2,8] x) => (float[3,2,16] y) "
+        "{ t = Transpose<perm=[1,0,2]>(W)\n y = MatMul(x, t) }",
+        {"W": (8, 3, 16)},
+        "W",
+        0,
+        "MatMul",
+        1,
+    ),
     # stored [16, 8, 3] -> [3, 16, 8] -> [3, 8, 16]: K = 8 is stored axis 1
-    ("two_transposes", "g (float[3,2,8] x) => (float[3,2,16] y) "
-     "{ a = Transpose<perm=[2,0,1]>(W)\n b = Transpose<perm=[0,2,1]>(a)\n y = MatMul(x, b) }",
-     {"W": (16, 8, 3)}, "W", 1, "MatMul", 1),
+    (
+        "two_transposes",
+        "g (float[3,2,8] x) => (float[3,2,16] y) "
+        "{ a = Transpose<perm=[2,0,1]>(W)\n b = Transpose<perm=[0,2,1]>(a)\n y = MatMul(x, b) }",
+        {"W": (16, 8, 3)},
+        "W",
+        1,
+        "MatMul",
+        1,
+    ),
     # no perm: reverse the axes
-    ("transpose_no_perm", "g (float[2,8] x) => (float[2,16] y) "
-     "{ t = Transpose(W)\n y = MatMul(x, t) }",
-     {"W": (16, 8)}, "W", 1, "MatMul", 1),
+    (
+        "transpose_no_perm",
+        "g (float[2,8] x) => (float[2,16] y) { t = Transpose(W)\n y = MatMul(x, t) }",
+        {"W": (16, 8)},
+        "W",
+        1,
+        "MatMul",
+        1,
+    ),
     # stored [6, 4, 2] -> [2, 4, 6], MatMul input A reduces its last axis: stored axis 0
-    ("transpose_no_perm_3d", "g (float[2,6,3] x) => (float[2,4,3] y) "
-     "{ t = Transpose(W)\n y = MatMul(t, x) }",
-     {"W": (6, 4, 2)}, "W", 0, "MatMul", 1),
-    ("cast", "g (float[2,8] x) => (float[2,16] y) { c = Cast<to=1>(W)\n y = MatMul(x, c) }",
-     {"W": (8, 16, "float16")}, "W", 0, "MatMul", 1),
-    ("identity", "g (float[2,8] x) => (float[2,16] y) { i = Identity(W)\n y = MatMul(x, i) }",
-     {"W": (8, 16)}, "W", 0, "MatMul", 1),
-    ("cast_transpose_identity", "g (float[2,8] x) => (float[2,16] y) "
-     "{ c = Cast<to=1>(W)\n t = Transpose<perm=[1,0]>(c)\n i = Identity(t)\n"
-     " y = Gemm<transB=1>(x, i) }",
-     {"W": (8, 16, "double")}, "W", 0, "Gemm", 1),
+    (
+        "transpose_no_perm_3d",
+        "g (float[2,6,3] x) => (float[2,4,3] y) { t = Transpose(W)\n y = MatMul(t, x) }",
+        {"W": (6, 4, 2)},
+        "W",
+        0,
+        "MatMul",
+        1,
+    ),
+    (
+        "cast",
+        "g (float[2,8] x) => (float[2,16] y) { c = Cast<to=1>(W)\n y = MatMul(x, c) }",
+        {"W": (8, 16, "float16")},
+        "W",
+        0,
+        "MatMul",
+        1,
+    ),
+    (
+        "identity",
+        "g (float[2,8] x) => (float[2,16] y) { i = Identity(W)\n y = MatMul(x, i) }",
+        {"W": (8, 16)},
+        "W",
+        0,
+        "MatMul",
+        1,
+    ),
+    (
+        "cast_transpose_identity",
+        "g (float[2,8] x) => (float[2,16] y) "
+        "{ c = Cast<to=1>(W)\n t = Transpose<perm=[1,0]>(c)\n i = Identity(t)\n"
+        " y = Gemm<transB=1>(x, i) }",
+        {"W": (8, 16, "double")},
+        "W",
+        0,
+        "Gemm",
+        1,
+    ),
 ]
 
 
@@ -144,8 +325,11 @@ def _layout_model(graph_text: str, weights: dict) -> onnx.ModelProto:
     return build(graph_text, **arrays)
 
 
-@pytest.mark.parametrize(("graph_text", "weights", "name", "axis", "op_type", "group"),
-                         [case[1:] for case in LAYOUTS], ids=[case[0] for case in LAYOUTS])
+@pytest.mark.parametrize(
+    ("graph_text", "weights", "name", "axis", "op_type", "group"),
+    [case[1:] for case in LAYOUTS],
+    ids=[case[0] for case in LAYOUTS],
+)
 def test_reduction_axis(graph_text, weights, name, axis, op_type, group) -> None:
     model = _layout_model(graph_text, weights)
     targets, _ = discover(model)
@@ -158,10 +342,14 @@ def test_reduction_axis(graph_text, weights, name, axis, op_type, group) -> None
     assert [c.op_type for c in target.consumers] == [op_type]
 
 
-@pytest.mark.parametrize(("graph_text", "weights", "name", "axis", "op_type", "group"),
-                         [case[1:] for case in LAYOUTS], ids=[case[0] for case in LAYOUTS])
-def test_matrix_round_trip_is_bit_identical(graph_text, weights, name, axis, op_type,
-                                            group) -> None:
+@pytest.mark.parametrize(
+    ("graph_text", "weights", "name", "axis", "op_type", "group"),
+    [case[1:] for case in LAYOUTS],
+    ids=[case[0] for case in LAYOUTS],
+)
+def test_matrix_round_trip_is_bit_identical(
+    graph_text, weights, name, axis, op_type, group
+) -> None:
     targets, _ = discover(_layout_model(graph_text, weights))
     target = targets[name]
     dtype = np.dtype(target.dtype)
@@ -175,12 +363,14 @@ def test_matrix_round_trip_is_bit_identical(graph_text, weights, name, axis, op_
     # column j holds exactly the weights at index j of the reduction axis
     for j in (0, target.shape[axis] - 1):
         assert sorted(matrix[:, j].view(f"u{dtype.itemsize}")) == sorted(
-            np.take(array, j, axis=axis).ravel().view(f"u{dtype.itemsize}"))
+            np.take(array, j, axis=axis).ravel().view(f"u{dtype.itemsize}")
+        )
 
 
 def test_conv_matrix_has_input_channel_columns() -> None:
-    model = build("g (float[1,6,7,7] x) => (float[1,10,5,5] y) { y = Conv(x, W) }",
-                  W=normal((10, 6, 3, 3)))
+    model = build(
+        "g (float[1,6,7,7] x) => (float[1,10,5,5] y) { y = Conv(x, W) }", W=normal((10, 6, 3, 3))
+    )
     target = discover(model)[0]["W"]
     weights = read_array(model.graph.initializer[0], Path("."))
     matrix = target.to_matrix(weights)
@@ -190,8 +380,9 @@ def test_conv_matrix_has_input_channel_columns() -> None:
 
 
 def test_zero_size_tensor_round_trip() -> None:
-    model = build("g (float[2,0] x) => (float[2,4] y) { y = MatMul(x, W) }",
-                  W=np.zeros((0, 4), np.float32))
+    model = build(
+        "g (float[2,0] x) => (float[2,4] y) { y = MatMul(x, W) }", W=np.zeros((0, 4), np.float32)
+    )
     target = discover(model, Selection(min_size=0))[0]["W"]
     matrix = target.to_matrix(np.zeros((0, 4), np.float32))
     assert matrix.shape == (4, 0)
@@ -200,20 +391,43 @@ def test_zero_size_tensor_round_trip() -> None:
 
 # --- biases and other non-weights next to the weights above ------------------------------------
 
-@pytest.mark.parametrize(("graph_text", "weights", "bias"), [
-    ("g (float[2,8] x) => (float[2,16] y) { y = Gemm(x, W, C) }",
-     {"W": (8, 16), "C": (16,)}, "C"),
-    ("g (float[1,8,5,5] x) => (float[1,16,3,3] y) { y = Conv(x, W, C) }",
-     {"W": (16, 8, 3, 3), "C": (16,)}, "C"),
-    ("g (float[5,1,8] x) => (float[5,1,1,4] y) { y = LSTM<hidden_size=4>(x, W, R, B) }",
-     {"W": (1, 16, 8), "R": (1, 16, 4), "B": (1, 32)}, "B"),
-    ("g (float[5,1,8] x) => (float[5,1,1,4] y) { y = GRU<hidden_size=4>(x, W, R, B) }",
-     {"W": (1, 12, 8), "R": (1, 12, 4), "B": (1, 24)}, "B"),
-    ("g (float[5,1,8] x) => (float[5,1,1,4] y) { y = RNN<hidden_size=4>(x, W, R, B) }",
-     {"W": (1, 4, 8), "R": (1, 4, 4), "B": (1, 8)}, "B"),
-    ("g (float[2,8] x) => (float[2,16] y) { h = MatMul(x, W)\n y = Add(h, C) }",
-     {"W": (8, 16), "C": (16,)}, "C"),
-], ids=["gemm_c", "conv_bias", "lstm_b", "gru_b", "rnn_b", "add"])
+
+@pytest.mark.parametrize(
+    ("graph_text", "weights", "bias"),
+    [
+        (
+            "g (float[2,8] x) => (float[2,16] y) { y = Gemm(x, W, C) }",
+            {"W": (8, 16), "C": (16,)},
+            "C",
+        ),
+        (
+            "g (float[1,8,5,5] x) => (float[1,16,3,3] y) { y = Conv(x, W, C) }",
+            {"W": (16, 8, 3, 3), "C": (16,)},
+            "C",
+        ),
+        (
+            "g (float[5,1,8] x) => (float[5,1,1,4] y) { y = LSTM<hidden_size=4>(x, W, R, B) }",
+            {"W": (1, 16, 8), "R": (1, 16, 4), "B": (1, 32)},
+            "B",
+        ),
+        (
+            "g (float[5,1,8] x) => (float[5,1,1,4] y) { y = GRU<hidden_size=4>(x, W, R, B) }",
+            {"W": (1, 12, 8), "R": (1, 12, 4), "B": (1, 24)},
+            "B",
+        ),
+        (
+            "g (float[5,1,8] x) => (float[5,1,1,4] y) { y = RNN<hidden_size=4>(x, W, R, B) }",
+            {"W": (1, 4, 8), "R": (1, 4, 4), "B": (1, 8)},
+            "B",
+        ),
+        (
+            "g (float[2,8] x) => (float[2,16] y) { h = MatMul(x, W)\n y = Add(h, C) }",
+            {"W": (8, 16), "C": (16,)},
+            "C",
+        ),
+    ],
+    ids=["gemm_c", "conv_bias", "lstm_b", "gru_b", "rnn_b", "add"],
+)
 def test_biases_are_skipped(graph_text, weights, bias) -> None:
     targets, skipped = discover(_layout_model(graph_text, weights))
     assert skipped[bias].reason == "bias"
@@ -221,8 +435,10 @@ def test_biases_are_skipped(graph_text, weights, bias) -> None:
 
 
 def test_depthwise_conv_is_unstructured_only() -> None:
-    model = build("g (float[1,64,5,5] x) => (float[1,64,3,3] y) { y = Conv<group=64>(x, W) }",
-                  W=normal((64, 1, 3, 3)))
+    model = build(
+        "g (float[1,64,5,5] x) => (float[1,64,3,3] y) { y = Conv<group=64>(x, W) }",
+        W=normal((64, 1, 3, 3)),
+    )
     targets, _ = discover(model, Selection(min_size=576))
     assert targets["W"].reduction_axis == 1 and targets["W"].reduction_length == 1
     _, skipped = discover(model, Selection(min_size=577))
@@ -234,8 +450,10 @@ def test_depthwise_conv_is_unstructured_only() -> None:
 
 def test_nm_needs_whole_groups_along_conv_transpose_input_channels() -> None:
     # ConvTranspose [Cin=8, Cout/g, k, k] with group=2: 4 input channels per group
-    model = build("g (float[1,8,5,5] x) => (float[1,4,7,7] y) "
-                  "{ y = ConvTranspose<group=2>(x, W) }", W=normal((8, 2, 3, 3)))
+    model = build(
+        "g (float[1,8,5,5] x) => (float[1,4,7,7] y) { y = ConvTranspose<group=2>(x, W) }",
+        W=normal((8, 2, 3, 3)),
+    )
     targets, _ = discover(model, Selection(min_size=1, pattern=Pattern(2, 4)))
     assert targets["W"].reduction_axis == 0
     _, skipped = discover(model, Selection(min_size=1, pattern=Pattern(4, 8)))
@@ -245,8 +463,7 @@ def test_nm_needs_whole_groups_along_conv_transpose_input_channels() -> None:
 
 def test_nm_axis_length_check_uses_the_reduction_axis() -> None:
     # [K=12, N=16]: 16 is a multiple of 8 but K, the reduction axis, is not
-    model = build("g (float[2,12] x) => (float[2,16] y) { y = MatMul(x, W) }",
-                  W=normal((12, 16)))
+    model = build("g (float[2,12] x) => (float[2,16] y) { y = MatMul(x, W) }", W=normal((12, 16)))
     targets, _ = discover(model, Selection(min_size=1, pattern=Pattern(2, 4)))
     assert "W" in targets
     _, skipped = discover(model, Selection(min_size=1, pattern=Pattern(4, 8)))
@@ -255,20 +472,28 @@ def test_nm_axis_length_check_uses_the_reduction_axis() -> None:
 
 # --- shared weights ----------------------------------------------------------------------------
 
+
 def test_shared_weight_with_agreeing_consumers_is_one_target() -> None:
-    model = build("g (float[2,8] x) => (float[2,16] y, float[2,16] z) "
-                  "{ y = MatMul(x, W)\n z = Gemm(x, W) }", W=normal((8, 16)))
+    model = build(
+        "g (float[2,8] x) => (float[2,16] y, float[2,16] z) { y = MatMul(x, W)\n z = Gemm(x, W) }",
+        W=normal((8, 16)),
+    )
     targets, _ = discover(model)
     assert list(targets) == ["W"]
     assert targets["W"].reduction_axis == 0
     assert sorted((c.op_type, c.slot) for c in targets["W"].consumers) == [
-        ("Gemm", 1), ("MatMul", 1)]
+        ("Gemm", 1),
+        ("MatMul", 1),
+    ]
 
 
 def test_shared_weight_with_disagreeing_consumers_is_skipped() -> None:
     # square W: MatMul reads it as [K, N] (axis 0), Gemm transB=1 as [N, K] (axis 1)
-    model = build("g (float[2,8] x) => (float[2,8] y, float[2,8] z) "
-                  "{ y = MatMul(x, W)\n z = Gemm<transB=1>(x, W) }", W=normal((8, 8)))
+    model = build(
+        "g (float[2,8] x) => (float[2,8] y, float[2,8] z) "
+        "{ y = MatMul(x, W)\n z = Gemm<transB=1>(x, W) }",
+        W=normal((8, 8)),
+    )
     targets, skipped = discover(model)
     assert not targets
     assert "disagree" in skipped["W"].reason
@@ -277,9 +502,11 @@ def test_shared_weight_with_disagreeing_consumers_is_skipped() -> None:
 
 def test_transpose_reconciles_two_consumers() -> None:
     # the same [8, 8] weight, once straight and once through Transpose into Gemm transB=1
-    model = build("g (float[2,8] x) => (float[2,8] y, float[2,8] z) "
-                  "{ y = MatMul(x, W)\n t = Transpose(W)\n z = Gemm<transB=1>(x, t) }",
-                  W=normal((8, 8)))
+    model = build(
+        "g (float[2,8] x) => (float[2,8] y, float[2,8] z) "
+        "{ y = MatMul(x, W)\n t = Transpose(W)\n z = Gemm<transB=1>(x, t) }",
+        W=normal((8, 8)),
+    )
     targets, _ = discover(model)
     assert targets["W"].reduction_axis == 0
     assert len(targets["W"].consumers) == 2
@@ -287,8 +514,7 @@ def test_transpose_reconciles_two_consumers() -> None:
 
 # --- embeddings and selection ------------------------------------------------------------------
 
-EMBEDDING = ("g (int64[2,3] ids) => (float[2,3,16] y) "
-             "{ e = Gather(embed, ids)\n y = MatMul(e, fc) }")
+EMBEDDING = "g (int64[2,3] ids) => (float[2,3,16] y) { e = Gather(embed, ids)\n y = MatMul(e, fc) }"
 
 
 def _embedding_model() -> onnx.ModelProto:
@@ -316,17 +542,20 @@ def test_exclude_removes_a_target() -> None:
     assert skipped["fc"].reason == "excluded by --exclude"
     assert "embedding" in skipped["embed"].reason
     # exclude beats include
-    targets, skipped = discover(_embedding_model(),
-                                Selection(include=(".",), exclude=("^fc",), min_size=1))
+    targets, skipped = discover(
+        _embedding_model(), Selection(include=(".",), exclude=("^fc",), min_size=1)
+    )
     assert list(targets) == ["embed"]
     assert skipped["fc"].reason == "excluded by --exclude"
 
 
 def test_tied_embedding_and_lm_head_agree() -> None:
     # the table [V, D] is read by Gather (axis D) and, transposed, as MatMul B [D, V]
-    model = build("g (int64[2,3] ids) => (float[2,3,32] y) "
-                  "{ e = Gather(embed, ids)\n t = Transpose(embed)\n y = MatMul(e, t) }",
-                  embed=normal((32, 8)))
+    model = build(
+        "g (int64[2,3] ids) => (float[2,3,32] y) "
+        "{ e = Gather(embed, ids)\n t = Transpose(embed)\n y = MatMul(e, t) }",
+        embed=normal((32, 8)),
+    )
     _, skipped = discover(model)
     assert "--include" in skipped["embed"].reason
     targets, _ = discover(model, Selection(include=("embed",), min_size=1))
@@ -335,6 +564,7 @@ def test_tied_embedding_and_lm_head_agree() -> None:
 
 
 # --- what is not a weight ----------------------------------------------------------------------
+
 
 def _mixed_model() -> onnx.ModelProto:
     return build(
@@ -352,9 +582,16 @@ def _mixed_model() -> onnx.ModelProto:
         "  z = Add(z4, z3)\n"
         "  G = Identity(Gonly)\n"
         "}",
-        W=normal((8, 16)), b=normal((16,)), scale=normal((16,)), shift=normal((16,)),
-        shape=np.array([2, 4, 4], np.int64), small=normal((8, 16)), W2=normal((8, 16)),
-        W3=normal((8, 16)), unused=normal((8, 16)), Gonly=normal((3,)),
+        W=normal((8, 16)),
+        b=normal((16,)),
+        scale=normal((16,)),
+        shift=normal((16,)),
+        shape=np.array([2, 4, 4], np.int64),
+        small=normal((8, 16)),
+        W2=normal((8, 16)),
+        W3=normal((8, 16)),
+        unused=normal((8, 16)),
+        Gonly=normal((3,)),
     )
 
 
@@ -384,10 +621,15 @@ def test_below_min_size() -> None:
 
 
 def test_batch_normalization_parameters_are_skipped() -> None:
-    model = build("g (float[1,8,5,5] x) => (float[1,16,3,3] y) "
-                  "{ c = Conv(x, W)\n y = BatchNormalization(c, s, b, m, v) }",
-                  W=normal((16, 8, 3, 3)), s=normal((16,)), b=normal((16,)),
-                  m=normal((16,)), v=np.ones(16, np.float32))
+    model = build(
+        "g (float[1,8,5,5] x) => (float[1,16,3,3] y) "
+        "{ c = Conv(x, W)\n y = BatchNormalization(c, s, b, m, v) }",
+        W=normal((16, 8, 3, 3)),
+        s=normal((16,)),
+        b=normal((16,)),
+        m=normal((16,)),
+        v=np.ones(16, np.float32),
+    )
     targets, skipped = discover(model)
     assert list(targets) == ["W"]
     assert {skipped[n].reason for n in "sbmv"} == {"normalization parameter"}
@@ -399,13 +641,20 @@ def test_unknown_consumer_is_named_in_the_reason() -> None:
     assert skipped["W"].reason == "not a weight input (consumed by Mul)"
 
 
-@pytest.mark.parametrize(("type_text", "dtype"), [
-    ("float", "float32"), ("float16", "float16"), ("bfloat16", "bfloat16"), ("double", "float64"),
-])
+@pytest.mark.parametrize(
+    ("type_text", "dtype"),
+    [
+        ("float", "float32"),
+        ("float16", "float16"),
+        ("bfloat16", "bfloat16"),
+        ("double", "float64"),
+    ],
+)
 def test_float_dtypes_are_targets(type_text: str, dtype: str) -> None:
     array = normal((8, 16)).astype(np.dtype(dtype))
-    model = build(f"g ({type_text}[2,8] x) => ({type_text}[2,16] y) {{ y = MatMul(x, W) }}",
-                  W=array)
+    model = build(
+        f"g ({type_text}[2,8] x) => ({type_text}[2,16] y) {{ y = MatMul(x, W) }}", W=array
+    )
     target = discover(model)[0]["W"]
     assert target.dtype == dtype
     stored = read_array(target.tensor, Path("."))
@@ -422,8 +671,9 @@ F = TensorProto.FLOAT
 
 
 def _const(name: str, array: np.ndarray) -> onnx.NodeProto:
-    return helper.make_node("Constant", [], [name], value=numpy_helper.from_array(array, name),
-                            name=f"const_{name}")
+    return helper.make_node(
+        "Constant", [], [name], value=numpy_helper.from_array(array, name), name=f"const_{name}"
+    )
 
 
 def _model(nodes, inputs, outputs, initializers=(), opset: int = 17) -> onnx.ModelProto:
@@ -435,8 +685,11 @@ def _model(nodes, inputs, outputs, initializers=(), opset: int = 17) -> onnx.Mod
 
 
 def test_constant_node_weight() -> None:
-    model = _model([_const("W", normal((8, 16))), helper.make_node("MatMul", ["x", "W"], ["y"])],
-                   [vi("x", F, [2, 8])], [vi("y", F, [2, 16])])
+    model = _model(
+        [_const("W", normal((8, 16))), helper.make_node("MatMul", ["x", "W"], ["y"])],
+        [vi("x", F, [2, 8])],
+        [vi("y", F, [2, 16])],
+    )
     target = discover(model)[0]["W"]
     assert target.source == "constant_node"
     assert target.reduction_axis == 0
@@ -450,10 +703,15 @@ def test_constant_node_weight() -> None:
 def _if_model(then_nodes, else_nodes, then_init=(), else_init=(), main_init=(), main_nodes=()):
     then_g = helper.make_graph(then_nodes, "then", [], [vi("yt", F, [2, 16])], list(then_init))
     else_g = helper.make_graph(else_nodes, "else", [], [vi("ye", F, [2, 16])], list(else_init))
-    node = helper.make_node("If", ["c"], ["y"], then_branch=then_g, else_branch=else_g,
-                            name="branch")
-    return _model([*main_nodes, node], [vi("x", F, [2, 8]), vi("c", TensorProto.BOOL, [])],
-                  [vi("y", F, [2, 16])], main_init)
+    node = helper.make_node(
+        "If", ["c"], ["y"], then_branch=then_g, else_branch=else_g, name="branch"
+    )
+    return _model(
+        [*main_nodes, node],
+        [vi("x", F, [2, 8]), vi("c", TensorProto.BOOL, [])],
+        [vi("y", F, [2, 16])],
+        main_init,
+    )
 
 
 def test_weights_inside_if_branches() -> None:
@@ -474,8 +732,10 @@ def test_outer_scope_initializer_takes_its_axis_from_the_inner_consumer() -> Non
     # Transpose + MatMul in the other; both reduce stored axis 1 (MatMul alone would say 0)
     model = _if_model(
         [helper.make_node("Gemm", ["x", "W"], ["yt"], transB=1)],
-        [helper.make_node("Transpose", ["W"], ["Wt"]),
-         helper.make_node("MatMul", ["x", "Wt"], ["ye"])],
+        [
+            helper.make_node("Transpose", ["W"], ["Wt"]),
+            helper.make_node("MatMul", ["x", "Wt"], ["ye"]),
+        ],
         main_init=[numpy_helper.from_array(normal((16, 8)), "W")],
     )
     targets, _ = discover(model)
@@ -513,8 +773,10 @@ def test_branch_that_returns_an_outer_weight_makes_it_an_output() -> None:
     model = _if_model(
         [helper.make_node("MatMul", ["x", "W"], ["yt"])],
         [helper.make_node("Identity", ["W2"], ["ye"])],
-        main_init=[numpy_helper.from_array(normal((8, 16)), "W"),
-                   numpy_helper.from_array(normal((2, 16)), "W2")],
+        main_init=[
+            numpy_helper.from_array(normal((8, 16)), "W"),
+            numpy_helper.from_array(normal((2, 16)), "W2"),
+        ],
     )
     targets, skipped = discover(model)
     assert "W" in targets
@@ -525,23 +787,42 @@ def _loop_model() -> onnx.ModelProto:
     """Loop body -> If -> (Constant weight, initializer weight): two levels of nesting."""
     inner_then = helper.make_graph(
         [_const("Wc", normal((8, 16))), helper.make_node("MatMul", ["x", "Wc"], ["it"])],
-        "inner_then", [], [vi("it", F, [2, 16])])
+        "inner_then",
+        [],
+        [vi("it", F, [2, 16])],
+    )
     inner_else = helper.make_graph(
         [helper.make_node("Gemm", ["x", "Wi"], ["ie"], transB=1)],
-        "inner_else", [], [vi("ie", F, [2, 16])],
-        [numpy_helper.from_array(normal((16, 8), seed=2), "Wi")])
+        "inner_else",
+        [],
+        [vi("ie", F, [2, 16])],
+        [numpy_helper.from_array(normal((16, 8), seed=2), "Wi")],
+    )
     body = helper.make_graph(
-        [helper.make_node("If", ["cond_in"], ["r"], then_branch=inner_then,
-                          else_branch=inner_else, name="inner_if"),
-         helper.make_node("MatMul", ["x", "Wb"], ["rb"], name="body_mm"),
-         helper.make_node("Add", ["r", "rb"], ["out"]),
-         helper.make_node("Identity", ["cond_in"], ["cond_out"])],
-        "body", [vi("i", TensorProto.INT64, []), vi("cond_in", TensorProto.BOOL, [])],
+        [
+            helper.make_node(
+                "If",
+                ["cond_in"],
+                ["r"],
+                then_branch=inner_then,
+                else_branch=inner_else,
+                name="inner_if",
+            ),
+            helper.make_node("MatMul", ["x", "Wb"], ["rb"], name="body_mm"),
+            helper.make_node("Add", ["r", "rb"], ["out"]),
+            helper.make_node("Identity", ["cond_in"], ["cond_out"]),
+        ],
+        "body",
+        [vi("i", TensorProto.INT64, []), vi("cond_in", TensorProto.BOOL, [])],
         [vi("cond_out", TensorProto.BOOL, []), vi("out", F, [2, 16])],
-        [numpy_helper.from_array(normal((8, 16), seed=3), "Wb")])
+        [numpy_helper.from_array(normal((8, 16), seed=3), "Wb")],
+    )
     loop = helper.make_node("Loop", ["n", "c"], ["y"], body=body, name="loop")
-    return _model([loop], [vi("x", F, [2, 8]), vi("c", TensorProto.BOOL, []),
-                           vi("n", TensorProto.INT64, [])], [vi("y", F, [3, 2, 16])])
+    return _model(
+        [loop],
+        [vi("x", F, [2, 8]), vi("c", TensorProto.BOOL, []), vi("n", TensorProto.INT64, [])],
+        [vi("y", F, [3, 2, 16])],
+    )
 
 
 def test_weights_nested_two_levels() -> None:
@@ -581,8 +862,7 @@ def test_names_do_not_depend_on_the_selection() -> None:
     assert set(skipped) == {"W"}
     assert set(targets) == all_names - {"W"}
     branch = sorted(all_names - {"W"})[0]
-    targets, skipped = discover(_same_name_model(),
-                                Selection(include=(f"^{branch}$",), min_size=1))
+    targets, skipped = discover(_same_name_model(), Selection(include=(f"^{branch}$",), min_size=1))
     assert list(targets) == [branch]
 
 
@@ -599,19 +879,21 @@ def test_round_trip_of_stored_values_everywhere() -> None:
 
 # --- demo and real models ----------------------------------------------------------------------
 
+
 def _conv_input_channels(model: onnx.ModelProto) -> dict[str, list[tuple[int, int]]]:
     """weight name -> [(channels of the Conv's data input, group)] where shapes are known."""
     inferred = onnx.shape_inference.infer_shapes(model)
     found: dict[str, list[tuple[int, int]]] = {}
 
     def walk(graph: onnx.GraphProto) -> None:
-        shapes = {v.name: v.type.tensor_type.shape
-                  for v in [*graph.value_info, *graph.input, *graph.output]}
+        shapes = {
+            v.name: v.type.tensor_type.shape
+            for v in [*graph.value_info, *graph.input, *graph.output]
+        }
         for node in graph.node:
             if node.op_type == "Conv" and len(node.input) > 1:
                 shape = shapes.get(node.input[0])
-                if shape is not None and len(shape.dim) > 1 and shape.dim[1].HasField(
-                        "dim_value"):
+                if shape is not None and len(shape.dim) > 1 and shape.dim[1].HasField("dim_value"):
                     group = next((a.i for a in node.attribute if a.name == "group"), 1)
                     found.setdefault(node.input[1], []).append((shape.dim[1].dim_value, group))
             for attr in node.attribute:
@@ -642,7 +924,8 @@ def test_demo_models(models_dir: Path, model_name: str) -> None:
     targets, skipped = discover_targets(model)
     found = {t.name: t for t in targets}
     assert {name: found[name].reduction_axis for name in DEMO_TARGETS[model_name]} == (
-        DEMO_TARGETS[model_name])
+        DEMO_TARGETS[model_name]
+    )
     skipped_names = {s.name for s in skipped}
     assert set(DEMO_SKIPS[model_name]) <= skipped_names
     for target in targets:
@@ -679,7 +962,8 @@ def test_silero_vad_weights_in_if_subgraphs() -> None:
         values = read_array(target.tensor, Path("."))
         assert target.from_matrix(target.to_matrix(values)).tobytes() == values.tobytes()
     assert len({t.name for t in targets} | {s.name for s in skipped}) == (
-        len(targets) + len(skipped))
+        len(targets) + len(skipped)
+    )
 
 
 @pytest.mark.parametrize("name", ["ppocr_cls", "ppocr_rec"])

@@ -23,15 +23,18 @@ RNG = np.random.default_rng(0)
 WEIGHT = RNG.standard_normal((8, 5)).astype(np.float32)
 
 
-def _linear(weight: np.ndarray = WEIGHT, output: str = "logits",
-            input_name: str = "x") -> onnx.ModelProto:
+def _linear(
+    weight: np.ndarray = WEIGHT, output: str = "logits", input_name: str = "x"
+) -> onnx.ModelProto:
     """logits [batch, N] = x [batch, K] @ weight [K, N]."""
     k, n = weight.shape
     graph = helper.make_graph(
-        [helper.make_node("MatMul", [input_name, "W"], [output])], "linear",
+        [helper.make_node("MatMul", [input_name, "W"], [output])],
+        "linear",
         [helper.make_tensor_value_info(input_name, TensorProto.FLOAT, ["batch", k])],
         [helper.make_tensor_value_info(output, TensorProto.FLOAT, ["batch", n])],
-        [numpy_helper.from_array(weight, "W")])
+        [numpy_helper.from_array(weight, "W")],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     return model
@@ -46,8 +49,9 @@ def _feeds(count: int = 4, batch: int = 6) -> list[dict[str, np.ndarray]]:
 
 
 def test_identical_models_agree_exactly():
-    result = compare_models(_linear(), _linear(), _feeds(), atol=0.0, rtol_l2=0.0,
-                            min_cosine=1.0, min_top1=1.0)
+    result = compare_models(
+        _linear(), _linear(), _feeds(), atol=0.0, rtol_l2=0.0, min_cosine=1.0, min_top1=1.0
+    )
     assert result.passed and result.failed == []
     assert result.samples == 4
     assert result.max_abs_diff == 0.0
@@ -55,8 +59,16 @@ def test_identical_models_agree_exactly():
     assert result.cosine == pytest.approx(1.0, abs=1e-12)
     assert result.top1_agreement == 1.0
     data = result.to_dict()
-    for key in ("max_abs_diff", "rel_l2", "cosine", "top1_agreement", "passed", "outputs",
-                "samples", "failed"):
+    for key in (
+        "max_abs_diff",
+        "rel_l2",
+        "cosine",
+        "top1_agreement",
+        "passed",
+        "outputs",
+        "samples",
+        "failed",
+    ):
         assert key in data
     assert data["outputs"][0]["name"] == "logits"
     assert data["outputs"][0]["shape"] == [6, 5]
@@ -72,22 +84,27 @@ def test_perturbed_candidate_metrics_match_numpy():
     diff = reference - candidate
     assert result.passed  # no tolerance given
     assert result.max_abs_diff == pytest.approx(np.abs(diff).max(), rel=1e-5)
-    assert result.rel_l2 == pytest.approx(np.linalg.norm(diff) / np.linalg.norm(reference),
-                                          rel=1e-5)
+    assert result.rel_l2 == pytest.approx(
+        np.linalg.norm(diff) / np.linalg.norm(reference), rel=1e-5
+    )
     cosine = (reference.ravel() @ candidate.ravel()) / (
-        np.linalg.norm(reference) * np.linalg.norm(candidate))
+        np.linalg.norm(reference) * np.linalg.norm(candidate)
+    )
     assert result.cosine == pytest.approx(cosine, rel=1e-6)
     top1 = np.mean(reference.argmax(-1) == candidate.argmax(-1))
     assert result.top1_agreement == pytest.approx(top1)
     assert 0 < result.rel_l2 < 1 and result.cosine < 1
 
 
-@pytest.mark.parametrize("tolerance, check", [
-    ({"atol": 1e-4}, "atol"),
-    ({"rtol_l2": 1e-4}, "rtol_l2"),
-    ({"min_cosine": 0.999999}, "min_cosine"),
-    ({"min_top1": 1.0}, "min_top1"),
-])
+@pytest.mark.parametrize(
+    "tolerance, check",
+    [
+        ({"atol": 1e-4}, "atol"),
+        ({"rtol_l2": 1e-4}, "rtol_l2"),
+        ({"min_cosine": 0.999999}, "min_cosine"),
+        ({"min_top1": 1.0}, "min_top1"),
+    ],
+)
 def test_perturbed_candidate_fails_the_named_check(tolerance, check):
     perturbed = WEIGHT.copy()
     perturbed[:, 0] += 3.0  # class 0 now wins most rows
@@ -101,8 +118,15 @@ def test_perturbed_candidate_fails_the_named_check(tolerance, check):
 
 def test_loose_tolerances_pass():
     perturbed = WEIGHT * 1.001
-    result = compare_models(_linear(), _linear(perturbed), _feeds(), atol=0.1, rtol_l2=0.01,
-                            min_cosine=0.999, min_top1=0.9)
+    result = compare_models(
+        _linear(),
+        _linear(perturbed),
+        _feeds(),
+        atol=0.1,
+        rtol_l2=0.01,
+        min_cosine=0.999,
+        min_top1=0.9,
+    )
     assert result.passed, result.failed
     assert 0 < result.max_abs_diff < 0.1
     assert result.rel_l2 == pytest.approx(0.001, rel=1e-2)
@@ -199,17 +223,20 @@ def test_make_session_errors_are_one_line(tmp_path):
         make_session(garbage)
     assert "\n" not in str(excinfo.value) and "garbage.onnx" in str(excinfo.value)
     with pytest.raises(ModelLoadError):
-        make_session(_parse("""
+        make_session(
+            _parse("""
             <ir_version: 8, opset_import: ["" : 17]>
             g (float[2] x) => (float[2] y) { y = NoSuchOp(x) }
-        """))
+        """)
+        )
 
 
 def test_make_session_loads_external_data(tmp_path):
     model = _linear(np.ones((256, 4), np.float32))
     path = tmp_path / "ext.onnx"
-    onnx.save(model, str(path), save_as_external_data=True, location="ext.onnx.data",
-              size_threshold=0)
+    onnx.save(
+        model, str(path), save_as_external_data=True, location="ext.onnx.data", size_threshold=0
+    )
     assert (tmp_path / "ext.onnx.data").exists()
     session = make_session(path)
     (out,) = session.run(None, {"x": np.ones((1, 256), np.float32)})

@@ -11,9 +11,10 @@ from __future__ import annotations
 import ml_dtypes
 import numpy as np
 
+BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
 SUPPORTED_WEIGHT_DTYPES = (
     np.dtype(np.float16),
-    np.dtype(ml_dtypes.bfloat16),
+    BFLOAT16,
     np.dtype(np.float32),
     np.dtype(np.float64),
 )

@@ -7,7 +7,7 @@ from numba import njit, prange
 
 from ..config import NUMBA_CACHE, NUMBA_FASTMATH
 from .blocks import block_range, parallel_blocks
-from .integer_views import check_float_weights
+from .integer_views import BFLOAT16, check_float_weights
 
 __all__ = ["magnitude_scores", "random_scores"]
 
@@ -27,7 +27,7 @@ def magnitude_scores(weights: np.ndarray) -> np.ndarray:
             _abs_float32_kernel(
                 source.reshape(-1).view(np.uint32), scores.reshape(-1).view(np.uint32), n_blocks
             )
-    elif weights.dtype.itemsize == 2 and weights.dtype != np.float16:
+    elif weights.dtype == BFLOAT16:
         # bfloat16 is the top half of a float32: widening is a shift, exact.
         source = np.ascontiguousarray(weights)
         scores = np.empty(weights.shape, np.float32)

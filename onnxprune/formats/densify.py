@@ -1,0 +1,229 @@
+"""Find sparse and compact tensors in a model, and turn them back into dense ones.
+
+Compact tensors are found by the JSON description on the node that produces them (its
+doc_string starts with ``onnxprune:compact``); their rebuild nodes and payload are the
+nodes and initializers named under the description's prefix. They are rebuilt in numpy
+from the payload, independently of the ONNX rebuild graph. Sparse tensors are any
+`sparse_initializer` entry and any Constant node with a `sparse_value`, whoever wrote them.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+from ..io import read_array, tensor_nbytes
+from .compact import decode_chunk, parse_meta
+from .graphs import (
+    COMPACT_MARK,
+    FLOAT_DATA_TYPES,
+    make_tensor,
+    remove_metadata_format,
+    walk_graphs,
+)
+from .sparse import (
+    constant_sparse_value,
+    set_constant_attribute,
+    sparse_to_dense,
+    stored_sparse_bytes,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StoredInfo:
+    """One tensor stored sparse or compact: what it is and how to get its dense values."""
+
+    name: str  # the tensor's name in its graph
+    format: str  # sparse, compact-gaps, compact-bitmask, compact-nm, compact-zeros
+    bytes: int  # payload bytes it takes in the model (values, positions, indices)
+    dense_bytes: int  # bytes the same tensor takes dense
+    nnz: int  # stored non-zero bit patterns (a stored -0.0 counts)
+    shape: tuple[int, ...]
+    dtype: str
+    source: str  # initializer, constant_node or subgraph:<node>
+    _load: Callable[[], np.ndarray] = field(repr=False, compare=False)
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def sparsity(self) -> float:
+        return 1.0 - self.nnz / self.numel if self.numel else 0.0
+
+    def dense(self) -> np.ndarray:
+        """The dense array, bit-identical to what the stored form rebuilds."""
+        return self._load()
+
+
+@dataclass
+class _Found:
+    info: StoredInfo
+    graph: onnx.GraphProto
+    kind: str  # sparse_initializer | sparse_constant | compact
+    meta: dict | None = None
+
+
+def stored_formats(model: onnx.ModelProto, base_dir: str | os.PathLike = "."
+                   ) -> dict[str, StoredInfo]:
+    """Every sparse or compact tensor of the model, by tensor name.
+
+    A name that repeats in another graph is keyed `<owning node>/<name>`, as in discovery.
+    """
+    found: dict[str, StoredInfo] = {}
+    for item in _find(model, Path(base_dir)):
+        key = item.info.name
+        if key in found:
+            key = f"{item.info.source.removeprefix('subgraph:')}/{key}"
+        found[key] = item.info
+    return found
+
+
+def densify_model(model: onnx.ModelProto, base_dir: str | os.PathLike = ".") -> int:
+    """Turn every sparse and compact tensor into a plain dense one, in place, bit-exact.
+
+    Initializers become initializers again and Constant nodes Constant nodes with a
+    `value`. Returns how many tensors were turned dense.
+    """
+    items = _find(model, Path(base_dir))
+    for graph, _ in walk_graphs(model.graph):
+        mine = [item for item in items if item.graph is graph]
+        if mine:
+            _densify_graph(graph, mine)
+    if items:
+        remove_metadata_format(model)
+    return len(items)
+
+
+def _find(model: onnx.ModelProto, base_dir: Path) -> list[_Found]:
+    found: list[_Found] = []
+    for graph, label in walk_graphs(model.graph):
+        in_subgraph = graph is not model.graph
+        source = f"subgraph:{label}" if in_subgraph else "initializer"
+        initializers = None
+        for sparse in graph.sparse_initializer:
+            found.append(_Found(_sparse_info(sparse, source, base_dir), graph,
+                                "sparse_initializer"))
+        for node in graph.node:
+            sparse = constant_sparse_value(node)
+            if sparse is not None:
+                info = _sparse_info(sparse, source if in_subgraph else "constant_node",
+                                    base_dir, node.output[0])
+                found.append(_Found(info, graph, "sparse_constant"))
+                continue
+            meta = parse_meta(node.doc_string) if node.doc_string else None
+            if meta is None:
+                continue
+            if initializers is None:
+                initializers = {t.name: t for t in graph.initializer}
+            node_source = source if in_subgraph or meta["stored_as"] == "initializer" \
+                else "constant_node"
+            found.append(_Found(_compact_info(meta, initializers, node_source, base_dir),
+                                graph, "compact", meta))
+    return found
+
+
+def _sparse_info(sparse: onnx.SparseTensorProto, source: str, base_dir: Path,
+                 name: str | None = None) -> StoredInfo:
+    dtype = FLOAT_DATA_TYPES.get(sparse.values.data_type)
+    dtype_name = str(dtype) if dtype is not None else \
+        TensorProto.DataType.Name(sparse.values.data_type).lower()
+    shape = tuple(int(d) for d in sparse.dims)
+    nnz = math.prod(sparse.values.dims)
+    itemsize = tensor_nbytes(sparse.values) // nnz if nnz else \
+        (dtype.itemsize if dtype is not None else 0)
+    return StoredInfo(name or sparse.values.name, "sparse", stored_sparse_bytes(sparse),
+                      math.prod(shape) * itemsize, nnz, shape, dtype_name, source,
+                      lambda: sparse_to_dense(sparse, base_dir))
+
+
+def _compact_info(meta: dict, initializers: dict[str, TensorProto], source: str,
+                  base_dir: Path) -> StoredInfo:
+    dtype = FLOAT_DATA_TYPES[meta["data_type"]]
+    stem = meta["prefix"] + "/"
+    stored = sum(tensor_nbytes(t) for name, t in initializers.items() if name.startswith(stem))
+
+    def load() -> np.ndarray:
+        def read(name: str) -> np.ndarray:
+            if name not in initializers:
+                raise ValueError(f"compact tensor {meta['tensor']!r}: payload {name!r} is "
+                                 "missing from the graph")
+            return read_array(initializers[name], base_dir)
+
+        chunks = [decode_chunk(meta, number, chunk, dtype, read)
+                  for number, chunk in enumerate(meta["chunks"])]
+        dense = chunks[0] if len(chunks) == 1 else np.concatenate(chunks, axis=0)
+        return dense.reshape(meta["shape"])
+
+    shape = tuple(meta["shape"])
+    nnz = sum(chunk.get("nnz", 0) for chunk in meta["chunks"])
+    return StoredInfo(meta["tensor"], meta["format"], stored, math.prod(shape) * dtype.itemsize,
+                      nnz, shape, str(dtype), source, load)
+
+
+def _is_rebuild_node(node: onnx.NodeProto, stem: str) -> bool:
+    return node.name == stem + "rebuild" or any(o.startswith(stem) for o in node.output)
+
+
+def _densify_graph(graph: onnx.GraphProto, items: list[_Found]) -> None:
+    # Dense values first: decoding reads the payload that is removed below.
+    dense = {id(item): item.info.dense() for item in items}
+    for item in items:
+        if item.kind == "sparse_constant":
+            node = next(n for n in graph.node if constant_sparse_value(n) is not None
+                        and n.output[0] == item.info.name)
+            set_constant_attribute(node, helper.make_attribute(
+                "value", make_tensor(item.info.name, dense[id(item)], doc="")))
+
+    if graph.sparse_initializer:
+        for item in items:
+            if item.kind == "sparse_initializer":
+                graph.initializer.append(make_tensor(item.info.name, dense[id(item)], doc=""))
+        del graph.sparse_initializer[:]
+
+    compact = [item for item in items if item.kind == "compact"]
+    if not compact:
+        return
+    stems = {item.meta["prefix"] + "/": item for item in compact}
+    # A Constant goes back where its rebuild began, which is where the Constant was.
+    owners: list[_Found | None] = []
+    first_node: dict[int, int] = {}
+    for index, node in enumerate(graph.node):
+        owner = next((item for stem, item in stems.items() if _is_rebuild_node(node, stem)),
+                     None)
+        owners.append(owner)
+        if owner is not None:
+            first_node.setdefault(id(owner), index)
+    for index in reversed(range(len(graph.node))):
+        owner = owners[index]
+        if owner is None:
+            continue
+        if owner.meta["stored_as"] == "constant" and first_node[id(owner)] == index:
+            name = owner.info.name
+            graph.node[index].CopyFrom(helper.make_node(
+                "Constant", [], [name], name=owner.meta.get("node_name", ""),
+                value=make_tensor(name, dense[id(owner)], doc="")))
+        else:
+            del graph.node[index]
+    prefixes = tuple(stems)
+    for index in reversed(range(len(graph.initializer))):
+        if graph.initializer[index].name.startswith(prefixes):
+            del graph.initializer[index]
+    names = {item.info.name for item in compact}
+    for index in reversed(range(len(graph.value_info))):
+        info = graph.value_info[index]
+        if info.name in names and info.doc_string == COMPACT_MARK:
+            del graph.value_info[index]
+    for item in compact:
+        if item.meta["stored_as"] == "initializer":
+            graph.initializer.append(make_tensor(item.info.name, dense[id(item)], doc=""))

@@ -1,0 +1,266 @@
+"""Write one pruned target back into its graph as dense, sparse or compact storage.
+
+Where each kind of stored weight goes (decided here, tested in tests/test_formats.py):
+
+- An initializer becomes a `sparse_initializer` of the same graph, or is removed and
+  rebuilt by nodes placed at the start of the graph, writing the same name.
+- A Constant node gets a `sparse_value` instead of its `value`, or is replaced in place by
+  its rebuild nodes (payload as initializers of the same graph); densify puts the Constant
+  back, with its name.
+- Weights inside If/Loop/Scan bodies are handled the same way inside their subgraph;
+  onnxruntime folds rebuilds in subgraphs too.
+- What a weight passes through on its way to the consumer (Cast, Transpose, ...) is left
+  as it is: only the stored tensor changes.
+- Stays dense, with the reason in `StoreResult.reason`: a tensor also listed as a graph
+  input (an initializer callers may override: replacing it would change the model's
+  interface), an empty or scalar tensor, compact in a model below ai.onnx opset 11 (the
+  rebuild ops), a sparse_initializer below IR version 6 or a sparse Constant below opset
+  11, any form not smaller than dense, and compact for a tensor of 1 GiB or more dense
+  (onnxruntime would not fold its rebuild; logged as a warning).
+
+Limits of the formats themselves (ONNX and onnxruntime, not this code): ONNX shape
+inference types sparse initializers as sparse tensors, so `onnx.checker` with
+`full_check=True` fails on models whose dense ops read them (the plain checker passes, and
+onnxruntime densifies them at load); `onnx.load` does not load external data of sparse
+tensors, so check such models with `load_external_data=False`. Compact tensors pass the
+full check and carry a value_info with their type and shape; they are folded at graph
+optimization level BASIC or higher (the default is ALL) and recomputed at every run when
+optimizations are disabled.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+from ..config import FORMATS, Pattern
+from ..io import write_array
+from ..targets import WeightTarget
+from .compact import (
+    FOLD_CAP_BYTES,
+    MIN_OPSET,
+    Plan,
+    TensorBuilder,
+    chunk_rows,
+    encode_chunk,
+    meta_doc,
+    nm_plan,
+    plan_meta,
+    unstructured_plans,
+)
+from .graphs import (
+    COMPACT_MARK,
+    FLOAT_DATA_TYPES,
+    REBUILD_PREFIX,
+    add_metadata_format,
+    bits_of,
+    constant_node_index,
+    default_opset,
+    initializer_index,
+    names_in_graph,
+)
+from .sparse import make_sparse, set_constant_attribute, sparse_bytes
+
+log = logging.getLogger(__name__)
+
+DenseWriter = Callable[[TensorProto, np.ndarray], None]
+
+
+@dataclass(frozen=True)
+class StoreResult:
+    """What `store` did with one target.
+
+    `format` is what was actually written: dense, sparse, compact-gaps, compact-bitmask,
+    compact-nm or compact-zeros; `bytes` the bytes the tensor now takes in the model;
+    `reason` says why it stayed dense when another format was asked for (else None).
+    """
+
+    format: str
+    bytes: int
+    reason: str | None = None
+
+
+def store(target: WeightTarget, weights: np.ndarray, fmt: str, pattern: Pattern | None = None,
+          *, model: onnx.ModelProto | None = None, write_dense: DenseWriter = write_array,
+          forms: tuple[str, ...] | None = None) -> StoreResult:
+    """Replace the dense storage of one target by `fmt`, where that is smaller.
+
+    `weights` are the target's values in its stored shape and dtype. `dense` writes them
+    back in place. `sparse` makes an ONNX sparse tensor (sparse_initializer, or a Constant's
+    sparse_value), `compact` the smallest self-decompressing form; either stays dense, with
+    the reason, where it would not be smaller or cannot be used. `pattern` lets N:M
+    targets use the packed N:M form. `model`, when given, is checked for the opset and IR
+    version the format needs and gets a metadata entry naming the formats used.
+    `write_dense(tensor, weights)` writes a tensor that is (or stays) dense: by default
+    into the proto (`io.write_array`); a streaming writer passes its own (`ModelWriter.put`).
+    `forms` (tests and benchmarks) forces one of the given compact forms (zeros, gaps,
+    bitmask, nm) even where it is not the smallest or not smaller than dense.
+    """
+    if fmt not in FORMATS:
+        raise ValueError(f"format must be one of {', '.join(FORMATS)}; got {fmt!r}")
+    weights = np.ascontiguousarray(weights)
+    dtype = FLOAT_DATA_TYPES.get(target.tensor.data_type)
+    if dtype is None or weights.dtype != dtype or weights.shape != tuple(target.tensor.dims):
+        raise ValueError(f"{target.name}: weights {weights.dtype}{weights.shape} do not match "
+                         f"the stored tensor {dtype}{tuple(target.tensor.dims)}")
+    if fmt != "dense":
+        reason = _blocker(target, weights, fmt, model)
+        if reason is None:
+            result = (_store_sparse(target, weights, model) if fmt == "sparse" else
+                      _store_compact(target, weights, pattern or Pattern(), model, forms))
+            if isinstance(result, StoreResult):
+                return result
+            reason = result
+        log.info("%s: stays dense: %s", target.name, reason)
+        write_dense(target.tensor, weights)
+        return StoreResult("dense", weights.nbytes, reason)
+    write_dense(target.tensor, weights)
+    return StoreResult("dense", weights.nbytes)
+
+
+def _location(target: WeightTarget) -> tuple[str, int] | None:
+    """("initializer", index in graph.initializer) or ("constant", index in graph.node)."""
+    index = initializer_index(target.graph, target.tensor_name)
+    if index is not None:
+        return "initializer", index
+    index = constant_node_index(target.graph, target.tensor_name)
+    if index is not None:
+        return "constant", index
+    return None
+
+
+def _blocker(target: WeightTarget, weights: np.ndarray, fmt: str,
+             model: onnx.ModelProto | None) -> str | None:
+    """Why `fmt` cannot be used for this target at all, or None."""
+    if weights.ndim == 0 or weights.size == 0:
+        return "empty or scalar tensor"
+    location = _location(target) if target.graph is not None else None
+    if location is None:
+        return "its storage was not found in its graph"
+    if any(i.name == target.tensor_name for i in target.graph.input):
+        return "also a graph input (an initializer callers may override)"
+    kind = location[0]
+    opset = default_opset(model) if model is not None else None
+    if fmt == "compact":
+        if model is not None and (opset is None or opset < MIN_OPSET):
+            return f"compact storage needs ai.onnx opset >= {MIN_OPSET}; the model has {opset}"
+        if weights.nbytes >= FOLD_CAP_BYTES:
+            reason = (f"{weights.nbytes:,} bytes dense reach onnxruntime's constant-folding "
+                      f"limit ({FOLD_CAP_BYTES:,} bytes per node output)")
+            log.warning("%s: stays dense: %s; a compact form would be rebuilt at every "
+                        "inference", target.name, reason)
+            return reason
+    if fmt == "sparse" and model is not None:
+        if kind == "initializer" and model.ir_version < 6:
+            return f"sparse_initializer needs IR version >= 6; the model has {model.ir_version}"
+        if kind == "constant" and (opset is None or opset < 11):
+            return f"Constant sparse_value needs ai.onnx opset >= 11; the model has {opset}"
+    return None
+
+
+def _store_sparse(target: WeightTarget, weights: np.ndarray,
+                  model: onnx.ModelProto | None) -> StoreResult | str:
+    nnz = int(np.count_nonzero(bits_of(weights)))
+    size = sparse_bytes(nnz, weights.dtype.itemsize)
+    if size >= weights.nbytes:
+        return (f"sparse ({size:,} bytes with int64 indices) is not smaller than dense "
+                f"({weights.nbytes:,} bytes) at {1 - nnz / weights.size:.1%} sparsity")
+    graph = target.graph
+    kind, index = _location(target)
+    sparse = make_sparse(target.tensor_name, weights)
+    if kind == "initializer":
+        del graph.initializer[index]
+        graph.sparse_initializer.append(sparse)
+    else:
+        set_constant_attribute(graph.node[index], helper.make_attribute("sparse_value", sparse))
+    add_metadata_format(model, "sparse")
+    return StoreResult("sparse", size)
+
+
+def _store_compact(target: WeightTarget, weights: np.ndarray, pattern: Pattern,
+                   model: onnx.ModelProto | None,
+                   forms: tuple[str, ...] | None = None) -> StoreResult | str:
+    axis = target.reduction_axis
+    m = pattern.m if pattern.is_nm else 0
+    rows = chunk_rows(weights.shape, axis, m)
+    chunks = [weights[start:stop] for start, stop in rows]
+    plans: list[Plan] = unstructured_plans(chunks)
+    if pattern.is_nm:
+        plan = nm_plan(chunks, axis, pattern.n, pattern.m)
+        if plan is not None:
+            plans.append(plan)
+    if forms is not None:
+        plans = [p for p in plans if p.kind in forms] or plans
+    best = min(plans, key=lambda p: p.bytes)
+    if forms is None and best.bytes >= weights.nbytes:
+        nnz = int(np.count_nonzero(bits_of(weights)))
+        return (f"compact ({best.bytes:,} bytes as {best.format}) is not smaller than dense "
+                f"({weights.nbytes:,} bytes) at {1 - nnz / weights.size:.1%} sparsity")
+
+    graph = target.graph
+    kind, index = _location(target)
+    label = target.source.removeprefix("subgraph:") if target.source.startswith("subgraph:") \
+        else ""
+    prefix = _unique_prefix(graph, REBUILD_PREFIX + (f"{label}/" if label else ""))
+    opset = default_opset(model) if model is not None else None
+    builder = TensorBuilder(prefix, best, target.tensor.data_type, axis, opset)
+    chunk_metas, outputs = [], []
+    for number, ((start, stop), chunk) in enumerate(zip(rows, chunks, strict=True)):
+        payload = encode_chunk(chunk, best, axis)
+        output = target.tensor_name if len(chunks) == 1 else f"{prefix}/c{number}/dense"
+        builder.chunk(number, payload, output)
+        chunk_meta = {"kind": payload.kind, "rows": [start, stop], "nnz": payload.params["nnz"]}
+        if "layout" in payload.params:
+            chunk_meta["layout"] = payload.params["layout"]
+        chunk_metas.append(chunk_meta)
+        outputs.append(output)
+    if len(chunks) > 1:
+        builder.op("Concat", outputs, target.tensor_name, axis=0)
+
+    meta = {"version": 1, "tensor": target.tensor_name, "prefix": prefix,
+            "format": best.format, "data_type": target.tensor.data_type,
+            "shape": list(weights.shape), "stored_as": kind, **plan_meta(best, axis),
+            "chunks": chunk_metas}
+    if kind == "constant":
+        meta["node_name"] = graph.node[index].name
+    final = builder.nodes[-1]
+    final.name = f"{prefix}/rebuild"
+    final.doc_string = meta_doc(meta)
+    value_info = helper.make_tensor_value_info(target.tensor_name, target.tensor.data_type,
+                                               weights.shape)
+    value_info.doc_string = COMPACT_MARK
+
+    if kind == "initializer":
+        del graph.initializer[index]
+        position = 0
+    else:
+        del graph.node[index]
+        position = index
+    for offset, node in enumerate(builder.nodes):
+        graph.node.insert(position + offset, node)
+    graph.initializer.extend(builder.initializers)
+    if not any(v.name == target.tensor_name for v in graph.value_info):
+        graph.value_info.append(value_info)
+    add_metadata_format(model, "compact")
+    size = sum(t.ByteSize() for t in builder.initializers) + \
+        sum(n.ByteSize() for n in builder.nodes) + value_info.ByteSize()
+    return StoreResult(best.format, size)
+
+
+def _unique_prefix(graph: onnx.GraphProto, stem: str) -> str:
+    """`stem` + `c<k>` with the smallest k that no name in the graph starts with."""
+    taken = set()
+    for name in names_in_graph(graph):
+        if name.startswith(stem + "c"):
+            head = name[len(stem) + 1:].split("/", 1)[0]
+            if head.isdigit():
+                taken.add(int(head))
+    number = 0
+    while number in taken:
+        number += 1
+    return f"{stem}c{number}"
