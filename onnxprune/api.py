@@ -9,7 +9,7 @@ from pathlib import Path
 
 import onnx
 
-from .config import PruneConfig
+from .config import CALIB_METHODS, PruneConfig
 from .io import (
     LoadedModel,
     check_output_path,
@@ -43,7 +43,8 @@ def prune(model: ModelLike, output: str | os.PathLike | None = None, *,
     input_path = None if isinstance(model, onnx.ModelProto) else Path(model)
     if output is not None:
         output = check_output_path(output, input_path)
-    if output is not None and input_path is not None:
+    # calibration builds onnxruntime sessions from the proto: keep that on the in-memory path
+    if output is not None and input_path is not None and config.method not in CALIB_METHODS:
         from .streaming import prune_file
 
         proto, targets, skipped = prune_file(input_path, output, config, progress)
@@ -69,7 +70,7 @@ def prune(model: ModelLike, output: str | os.PathLike | None = None, *,
 def inspect(model: ModelLike, *, config: PruneConfig | None = None,
             base_dir: str | os.PathLike | None = None) -> Report:
     """Report the targets (with their current sparsity) and skipped tensors; changes nothing."""
-    from . import kernels
+    from . import formats, kernels
     from .io import read_array
     from .pruning import selection_of, skip_report, target_report
     from .targets import discover_targets
@@ -77,12 +78,27 @@ def inspect(model: ModelLike, *, config: PruneConfig | None = None,
     config = config or PruneConfig()
     input_path = None if isinstance(model, onnx.ModelProto) else Path(model)
     loaded = _load(model, base_dir, inplace=True)
+    stored = formats.stored_formats(loaded.proto, loaded.base_dir)
+    if stored:  # discover on a dense copy; the caller's model is never changed
+        dense = onnx.ModelProto()
+        dense.CopyFrom(loaded.proto)
+        formats.densify_model(dense, loaded.base_dir)
+        loaded = model_from_proto(dense, loaded.base_dir)
     targets, skipped = discover_targets(loaded.proto, selection_of(config))
     reports = []
     for target in targets:
         weights = read_array(target.tensor, loaded.base_dir)
-        reports.append(target_report(target, weights, kernels.count_zeros(weights), "dense",
-                                     "unstructured"))
+        info = stored.get(target.name) or stored.get(target.tensor_name)
+        report = target_report(target, weights, kernels.count_zeros(weights),
+                               info.format if info else "dense", str(config.pattern))
+        if info:
+            report.bytes = info.bytes
+        sizes = formats.format_bytes_table(weights, pattern=config.pattern,
+                                           reduction_axis=target.reduction_axis)
+        report.format_bytes = {key: sizes[key] for key in ("dense", "sparse", "compact",
+                                                           "compact_format")}
+        report.format_bytes["entropy_bound"] = round(sizes["entropy_bound"])
+        reports.append(report)
     file_bytes = _file_bytes(input_path) if input_path else loaded.proto.ByteSize()
     return Report(model=str(input_path) if input_path else "<ModelProto>", targets=reports,
                   skipped=[skip_report(s) for s in skipped],

@@ -129,6 +129,18 @@ def _add_logging_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-q", "--quiet", action="store_true", help="less logging")
 
 
+@contextlib.contextmanager
+def _logging_to_stderr(args: argparse.Namespace):
+    """Log to stderr for one command; put the logger back after (main() may run in-process)."""
+    root = logging.getLogger("onnxprune")
+    saved = (root.handlers[:], root.level, root.propagate)
+    _setup_logging(args)
+    try:
+        yield
+    finally:
+        root.handlers[:], root.level, root.propagate = saved[0], saved[1], saved[2]
+
+
 def _setup_logging(args: argparse.Namespace) -> None:
     level = logging.WARNING
     if getattr(args, "verbose", 0):
@@ -281,11 +293,11 @@ def main(argv: list[str] | None = None) -> int:
     if not args.command:
         parser.print_help()
         return 2
-    _setup_logging(args)
     from .errors import OnnxPruneError, ValidationFailed
 
     try:
-        return COMMANDS[args.command](args)
+        with _logging_to_stderr(args):
+            return COMMANDS[args.command](args)
     except (OnnxPruneError, ValidationFailed) as exc:
         print(f"onnxprune: error: {exc}", file=sys.stderr)
         return exc.exit_code

@@ -14,9 +14,9 @@ from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
 
-from . import kernels
+from . import formats, kernels
 from .allocation import GlobalThreshold, ScoreThreshold
-from .config import Pattern, PruneConfig
+from .config import CALIB_METHODS, Pattern, PruneConfig
 from .errors import NothingToPruneError
 from .io import LoadedModel, iter_chunks, read_array, write_array
 from .report import SkipReport, TargetReport
@@ -25,7 +25,8 @@ from .targets import Selection, SkippedTensor, WeightTarget, discover_targets
 log = logging.getLogger(__name__)
 
 Progress = Callable[[WeightTarget], None]
-Store = Callable[[WeightTarget, np.ndarray], None]
+# where pruned weights go; returns how they were stored (None: dense, as they are)
+Store = Callable[[WeightTarget, np.ndarray], "formats.StoreResult | None"]
 
 # Weights per chunk of scores and masks (8 MiB of float32 scores): few enough kernel calls
 # that their parallel start-up stays small (1 Mi-element chunks were ~15 % slower), little
@@ -47,12 +48,17 @@ def prune_loaded(loaded: LoadedModel, config: PruneConfig,
     `store(target, weights)` receives each target's pruned weights (stored shape and dtype)
     and owns them from then on; by default they are written into `loaded.proto`.
     """
+    # a sparse or compact input is pruned from its dense values
+    if formats.densify_model(loaded.proto, loaded.base_dir):
+        log.info("stored sparse/compact tensors turned dense before pruning")
     targets, skipped = discover_targets(loaded.proto, selection_of(config))
     if not targets:
         raise NothingToPruneError(
             f"nothing to prune: no tensor qualified as a target ({len(skipped)} skipped; "
             "run `onnxprune inspect` to see why, or lower --min-size)")
-    store = store or _store_in_proto
+    store = store or store_in_proto(loaded, config)
+    if config.method in CALIB_METHODS:
+        return _prune_calibrated(loaded, targets, skipped, config, progress, store)
     pattern = config.pattern
     global_threshold = None
     if config.scope == "global" and not pattern.is_nm:
@@ -72,9 +78,10 @@ def prune_loaded(loaded: LoadedModel, config: PruneConfig,
             zeros = _prune_unstructured(target, weights, config, global_threshold)
         # the mask just applied is itself 2:4 (or finer): no need to audit the weights
         known_2_4 = _implies_2_4(pattern) and target.reduction_length % 4 == 0
-        reports.append(target_report(target, weights, zeros, "dense", str(pattern),
-                                     zeros_before, is_2_4=True if known_2_4 else None))
-        store(target, weights)
+        report = target_report(target, weights, zeros, "dense", str(pattern),
+                               zeros_before, is_2_4=True if known_2_4 else None)
+        _record_storage(report, store(target, weights))
+        reports.append(report)
         del weights  # before the next target is read: one target in memory at a time
         log.info("%s: %d of %d zero (%s)", target.name, zeros, target.numel, pattern)
         if progress:
@@ -82,8 +89,47 @@ def prune_loaded(loaded: LoadedModel, config: PruneConfig,
     return reports, [skip_report(s) for s in skipped]
 
 
-def _store_in_proto(target: WeightTarget, weights: np.ndarray) -> None:
-    write_array(target.tensor, weights)
+def store_in_proto(loaded: LoadedModel, config: PruneConfig, write_dense=write_array) -> Store:
+    """A store writing each target into the proto in the configured format."""
+    def store(target: WeightTarget, weights: np.ndarray):
+        if config.format == "dense":
+            write_dense(target.tensor, weights)
+            return None
+        return formats.store(target, weights, config.format, config.pattern,
+                             model=loaded.proto, write_dense=write_dense)
+    return store
+
+
+def _record_storage(report: TargetReport, result) -> None:
+    if result is not None:
+        report.format, report.bytes, report.format_reason = (result.format, result.bytes,
+                                                             result.reason)
+
+
+def _prune_calibrated(loaded: LoadedModel, targets: list[WeightTarget],
+                      skipped: list[SkippedTensor], config: PruneConfig,
+                      progress: Progress | None, store: Store
+                      ) -> tuple[list[TargetReport], list[SkipReport]]:
+    """wanda / obd / sparsegpt: statistics of each target's input from calibration data."""
+    from .calib import load_calibration
+    from .calibrated import prune_with_calibration
+
+    feeds = load_calibration(config.calib, loaded.proto, config.calib_samples, config.seed)
+    results = prune_with_calibration(
+        loaded, targets, feeds, method=config.method, pattern=config.pattern,
+        sparsity=config.target_sparsity, calib_mode=config.calib_mode, progress=progress)
+    reports = []
+    for target in targets:
+        result = results[target.name]  # already written into loaded.proto
+        weights = result.weights
+        report = target_report(target, weights, result.zeros, "dense", str(config.pattern),
+                               result.zeros_before)
+        report.method = result.method
+        report.reconstruction_error = result.reconstruction_error
+        report.calibration_tokens = result.tokens
+        _record_storage(report, store(target, np.array(weights)))
+        reports.append(report)
+    return reports, [skip_report(s) for s in skipped]
 
 
 def _prune_unstructured(target: WeightTarget, weights: np.ndarray, config: PruneConfig,

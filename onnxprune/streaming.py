@@ -17,9 +17,8 @@ import onnx
 
 from .config import PruneConfig
 from .io import ModelWriter, load_model
-from .pruning import Progress, prune_loaded
+from .pruning import Progress, prune_loaded, store_in_proto
 from .report import SkipReport, TargetReport
-from .targets import WeightTarget
 
 
 def prune_file(model: str | os.PathLike, output: str | os.PathLike, config: PruneConfig,
@@ -33,9 +32,8 @@ def prune_file(model: str | os.PathLike, output: str | os.PathLike, config: Prun
     """
     loaded = load_model(model, lazy=True)
     with ModelWriter(loaded, output, external) as writer:
-        def store(target: WeightTarget, weights) -> None:
-            writer.put(target.tensor, weights)
-
+        store = store_in_proto(loaded, config,
+                               write_dense=writer.put)
         targets, skipped = prune_loaded(loaded, config, progress, store)
         writer.commit()
     return load_model(Path(output), lazy=True).proto, targets, skipped

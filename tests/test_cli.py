@@ -301,3 +301,88 @@ def test_bad_npz(tmp_path):
     np.savez(bad, wrong_name=np.zeros((1, 256), np.float32))
     result = run_cli("validate", MLP, MLP, "--data", bad)
     _assert_user_error(result)
+
+
+@pytest.mark.parametrize("fmt", ["sparse", "compact"])
+def test_prune_format_then_densify_round_trip(fmt, tmp_path, model_copy, capsys):
+    dense, stored, back = (tmp_path / f"{n}.onnx" for n in ("dense", "stored", "back"))
+    assert main(["prune", str(model_copy), "-o", str(dense), "--sparsity", "0.9", "-q"]) == 0
+    assert (
+        main(
+            [
+                "prune",
+                str(model_copy),
+                "-o",
+                str(stored),
+                "--sparsity",
+                "0.9",
+                "--format",
+                fmt,
+                "--report",
+                str(tmp_path / "r.json"),
+                "-q",
+            ]
+        )
+        == 0
+    )
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert all(t["format"].startswith(fmt) for t in report["targets"])
+    assert stored.stat().st_size < dense.stat().st_size / 2
+    capsys.readouterr()
+    assert main(["validate", str(dense), str(stored), "--atol", "0", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["max_abs_diff"] == 0
+    assert main(["inspect", str(stored), "--json"]) == 0
+    inspected = json.loads(capsys.readouterr().out)
+    zeros = {t["name"]: t["zeros"] for t in inspected["targets"]}
+    assert zeros == {t["name"]: t["zeros"] for t in report["targets"]}
+    assert all(t["format"].startswith(fmt) for t in inspected["targets"])
+    assert main(["densify", str(stored), "-o", str(back)]) == 0
+    capsys.readouterr()
+    original = {
+        t.name: onnx.numpy_helper.to_array(t) for t in onnx.load(str(dense)).graph.initializer
+    }
+    restored = {
+        t.name: onnx.numpy_helper.to_array(t) for t in onnx.load(str(back)).graph.initializer
+    }
+    assert original.keys() == restored.keys()
+    for name, array in original.items():
+        assert array.tobytes() == restored[name].tobytes()
+
+
+def test_prune_sparsegpt_with_npz_calibration(tmp_path, model_copy, capsys):
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, x=np.random.default_rng(1).standard_normal((8, 4, 256)).astype(np.float32))
+    out = tmp_path / "sg.onnx"
+    report_path = tmp_path / "r.json"
+    assert (
+        main(
+            [
+                "prune",
+                str(model_copy),
+                "-o",
+                str(out),
+                "--method",
+                "sparsegpt",
+                "--pattern",
+                "2:4",
+                "--calib",
+                str(calib),
+                "--report",
+                str(report_path),
+                "-q",
+            ]
+        )
+        == 0
+    )
+    report = json.loads(report_path.read_text())
+    for target in report["targets"]:
+        assert target["method"] == "sparsegpt" and target["is_2_4"]
+        assert target["zeros"] == target["numel"] // 2
+        assert 0 <= target["reconstruction_error"] < 1
+    missing = tmp_path / "bad.npz"
+    np.savez(missing, y=np.zeros((2, 256), np.float32))
+    result = run_cli(
+        "prune", model_copy, "-o", tmp_path / "x.onnx", "--method", "wanda", "--calib", missing
+    )
+    _assert_user_error(result)
+    assert not (tmp_path / "x.onnx").exists()
