@@ -30,11 +30,3 @@ def nm_keep_mask(target: WeightTarget, scores: np.ndarray, pattern: Pattern) -> 
     matrix = np.ascontiguousarray(target.to_matrix(scores))
     keep = kernels.nm_keep_mask(matrix, pattern.n, pattern.m)
     return target.from_matrix(keep)
-
-
-def is_nm(target: WeightTarget, weights: np.ndarray, n: int, m: int) -> bool:
-    """Whether every group of m along the reduction axis has at most n non-zeros."""
-    if target.reduction_length % m:
-        return False
-    matrix = np.ascontiguousarray(target.to_matrix(weights))
-    return kernels.nm_violations(matrix, n, m) == 0

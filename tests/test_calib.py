@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 
 import naive_calib as naive
@@ -28,18 +27,6 @@ from onnxprune.config import Pattern
 from onnxprune.errors import CalibrationError
 from onnxprune.io import load_model, model_from_proto, read_array, write_array
 from onnxprune.targets import Selection, discover_targets
-
-
-@contextlib.contextmanager
-def _logs(caplog):
-    """Capture onnxprune's warnings even after the CLI stopped them propagating to root."""
-    logger = logging.getLogger("onnxprune")
-    logger.addHandler(caplog.handler)
-    try:
-        with caplog.at_level(logging.WARNING, logger="onnxprune"):
-            yield
-    finally:
-        logger.removeHandler(caplog.handler)
 
 RNG = np.random.default_rng(1234)
 
@@ -90,7 +77,7 @@ def _mlp_model() -> onnx.ModelProto:
 
 
 def test_load_calibration_synthetic_fallback_warns(caplog):
-    with _logs(caplog):
+    with caplog.at_level(logging.WARNING, logger="onnxprune"):
         feeds = load_calibration(None, _mlp_model(), samples=3, seed=5)
     assert len(feeds) == 3 and feeds[0]["x"].shape == (1, 8)
     assert "synthetic" in caplog.text
@@ -401,7 +388,7 @@ def test_subgraph_weights_fall_back_to_magnitude(caplog):
     loaded = load_model(path)
     targets, _ = discover_targets(loaded.proto)
     feeds = [REAL_MODELS["silero_vad"].make_feeds(np.random.default_rng(0))]
-    with _logs(caplog):
+    with caplog.at_level(logging.WARNING, logger="onnxprune"):
         results = prune_with_calibration(
             loaded, targets, feeds, method="sparsegpt", pattern="unstructured"
         )

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 
 import naive_calib as naive
@@ -21,19 +20,6 @@ from onnxprune.kernels.stats import obs_sweep_block
 from onnxprune.patterns import prune_count
 from onnxprune.sparsegpt import inverse_cholesky_upper, sparsegpt_prune
 from onnxprune.targets import Selection, discover_targets
-
-
-@contextlib.contextmanager
-def _logs(caplog):
-    """Capture onnxprune's warnings even after the CLI stopped them propagating to root."""
-    logger = logging.getLogger("onnxprune")
-    logger.addHandler(caplog.handler)
-    try:
-        with caplog.at_level(logging.WARNING, logger="onnxprune"):
-            yield
-    finally:
-        logger.removeHandler(caplog.handler)
-
 
 
 def _problem(rows, cols, tokens=400, seed=0, dead=()):
@@ -76,7 +62,7 @@ def test_inverse_cholesky_matches_explicit_inverse():
 
 def test_not_positive_definite_raises_damping(caplog):
     hessian = np.diag([1.0, 1.0, -0.5])
-    with _logs(caplog):
+    with caplog.at_level(logging.WARNING, logger="onnxprune"):
         upper = inverse_cholesky_upper(hessian, 0.01)
     assert np.isfinite(upper).all() and "damping raised" in caplog.text
     # rank-deficient but PSD (fewer tokens than inputs): plain damping suffices
