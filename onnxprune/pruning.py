@@ -9,7 +9,6 @@ proto by default, or straight to the output file (`streaming.prune_file`).
 from __future__ import annotations
 
 import logging
-import zlib
 from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
@@ -20,6 +19,7 @@ from .config import CALIB_METHODS, Pattern, PruneConfig
 from .errors import NothingToPruneError
 from .io import LoadedModel, iter_chunks, read_array, write_array
 from .report import SkipReport, TargetReport
+from .scoring import put_zeros_first, random_generator
 from .targets import Selection, SkippedTensor, WeightTarget, discover_targets
 
 log = logging.getLogger(__name__)
@@ -220,14 +220,14 @@ def score_chunks(method: str, target: WeightTarget, pieces: Iterable[np.ndarray]
         raise ValueError(f"no scorer for method {method!r}")
     buffer = np.empty(0, np.float32)
     # one generator run through the pieces gives the same stream as one call for all
-    generator = np.random.default_rng((seed << 32) + zlib.crc32(target.name.encode()))
+    generator = random_generator(target, seed)
     for piece in pieces:
         if buffer.size < piece.size:
             buffer = np.empty(piece.size, np.float32)
         scores = buffer[:piece.size]
         if method == "random":
             generator.random(piece.size, dtype=np.float32, out=scores)
-            scores[kernels.magnitude_scores(piece).reshape(-1) == 0] = -1.0  # as scoring does
+            put_zeros_first(scores, piece)
         elif piece.dtype == np.float32:
             # |w| as kernels.magnitude_scores computes it (the sign bit cleared), written
             # into the reused buffer instead of a new array per chunk
