@@ -48,15 +48,15 @@ def prune(model: ModelLike, output: str | os.PathLike | None = None, *,
         from .streaming import prune_file
 
         proto, targets, skipped = prune_file(input_path, output, config, progress)
-        file_bytes_before = _file_bytes(input_path)
-        file_bytes = _file_bytes(Path(output))
+        file_bytes_before = model_file_bytes(input_path)
+        file_bytes = model_file_bytes(Path(output))
     else:
         loaded = _load(model, base_dir, inplace)
-        file_bytes_before = _file_bytes(input_path) if input_path else loaded.proto.ByteSize()
+        file_bytes_before = model_file_bytes(input_path) if input_path else loaded.proto.ByteSize()
         targets, skipped = prune_loaded(loaded, config, progress)
         if output is not None:
             save_model(loaded, output)
-            file_bytes = _file_bytes(Path(output))
+            file_bytes = model_file_bytes(Path(output))
         else:
             file_bytes = loaded.proto.ByteSize()
         proto = loaded.proto
@@ -99,7 +99,7 @@ def inspect(model: ModelLike, *, config: PruneConfig | None = None,
                                                            "compact_format")}
         report.format_bytes["entropy_bound"] = round(sizes["entropy_bound"])
         reports.append(report)
-    file_bytes = _file_bytes(input_path) if input_path else loaded.proto.ByteSize()
+    file_bytes = model_file_bytes(input_path) if input_path else loaded.proto.ByteSize()
     return Report(model=str(input_path) if input_path else "<ModelProto>", targets=reports,
                   skipped=[skip_report(s) for s in skipped],
                   summary=summarize(reports, file_bytes))
@@ -156,8 +156,3 @@ def _load(model: ModelLike, base_dir, inplace: bool) -> LoadedModel:
             model = copy
         return model_from_proto(model, base_dir or ".")
     return load_model(model)
-
-
-def _file_bytes(path: Path) -> int:
-    """Size of a model file plus the external data files it references."""
-    return model_file_bytes(path)
