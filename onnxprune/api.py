@@ -51,7 +51,8 @@ def prune(model: ModelLike, output: str | os.PathLike | None = None, *,
         file_bytes_before = model_file_bytes(input_path)
         file_bytes = model_file_bytes(Path(output))
     else:
-        loaded = _load(model, base_dir, inplace)
+        # with an output file the proto need not hold the tensors: read them lazily
+        loaded = _load(model, base_dir, inplace, lazy=output is not None)
         file_bytes_before = model_file_bytes(input_path) if input_path else loaded.proto.ByteSize()
         targets, skipped = prune_loaded(loaded, config, progress)
         if output is not None:
@@ -148,11 +149,11 @@ def _modified(report: Report) -> bool:
     return any(t.zeros != t.zeros_before for t in report.targets)
 
 
-def _load(model: ModelLike, base_dir, inplace: bool) -> LoadedModel:
+def _load(model: ModelLike, base_dir, inplace: bool, lazy: bool = False) -> LoadedModel:
     if isinstance(model, onnx.ModelProto):
         if not inplace:
             copy = onnx.ModelProto()
             copy.CopyFrom(model)
             model = copy
         return model_from_proto(model, base_dir or ".")
-    return load_model(model)
+    return load_model(model, lazy=lazy)

@@ -575,7 +575,8 @@ class ActivationCapture:
         options.log_severity_level = _ORT_QUIET
         # idle onnxruntime threads must not spin while numpy sums the statistics
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        if self.loaded.uses_external_data:
+        # external data, or a lazy load's references into the model file itself
+        if self.loaded.uses_external_data or self.loaded.lazy:
             options.add_session_config_entry(
                 "session.model_external_initializers_file_folder_path",
                 str(Path(self.loaded.base_dir).resolve()))

@@ -365,6 +365,28 @@ def test_external_data_model_is_calibrated_in_place(tmp_path, models_dir):
     assert all(r.zeros >= r.weights.size // 2 for r in results.values())
 
 
+def test_file_to_file_calibration_reads_lazily_and_matches_in_memory(tmp_path, models_dir):
+    """prune(path, output) loads lazily (tensors stay in the file); same weights as a proto."""
+    from onnxprune import api
+
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, input_ids=RNG.integers(0, 512, (4, 1, 16), dtype=np.int64))
+    source = models_dir / "transformer.onnx"
+    options = dict(method="sparsegpt", pattern="2:4", calib=str(calib))
+    _, report = api.prune(source, output=tmp_path / "file.onnx", **options)
+    in_memory, _ = api.prune(onnx.load(str(source)), **options)
+    assert {t.method for t in report.targets} == {"sparsegpt"}
+    original = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(source)).graph.initializer}
+    written = {t.name: numpy_helper.to_array(t)
+               for t in onnx.load(str(tmp_path / "file.onnx")).graph.initializer}
+    expected = {t.name: numpy_helper.to_array(t) for t in in_memory.graph.initializer}
+    assert written.keys() == expected.keys()
+    for name, array in expected.items():
+        assert written[name].tobytes() == array.tobytes(), name
+    changed = [name for name in expected if expected[name].tobytes() != original[name].tobytes()]
+    assert len(changed) == len(report.targets) >= 4
+
+
 # ------------------------------------------------------------------ real exports
 
 
