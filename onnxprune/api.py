@@ -27,12 +27,14 @@ ModelLike = str | os.PathLike | onnx.ModelProto
 
 def prune(model: ModelLike, output: str | os.PathLike | None = None, *,
           config: PruneConfig | None = None, base_dir: str | os.PathLike | None = None,
-          inplace: bool = False, progress=None, **options) -> tuple[onnx.ModelProto, Report]:
+          inplace: bool = False, progress=None, durable: bool = False,
+          **options) -> tuple[onnx.ModelProto, Report]:
     """Prune a model given as a path or a ModelProto; optionally write it to `output`.
 
     Options are PruneConfig fields (sparsity, pattern, method, scope, format, include,
     exclude, min_size, seed); `config` may be given instead. A ModelProto argument is
     copied first unless `inplace=True`. `progress(target)` is called after each target.
+    `output` is written atomically; `durable=True` also fsyncs it before the rename.
     Returns the pruned model and the report. A model path with an `output` is streamed
     from file to file, one target in memory at a time; the model returned then carries no
     tensor values: its large tensors reference their bytes in the written files.
@@ -47,7 +49,8 @@ def prune(model: ModelLike, output: str | os.PathLike | None = None, *,
     if output is not None and input_path is not None and config.method not in CALIB_METHODS:
         from .streaming import prune_file
 
-        proto, targets, skipped = prune_file(input_path, output, config, progress)
+        proto, targets, skipped = prune_file(input_path, output, config, progress,
+                                             durable=durable)
         file_bytes_before = model_file_bytes(input_path)
         file_bytes = model_file_bytes(Path(output))
     else:
@@ -56,7 +59,7 @@ def prune(model: ModelLike, output: str | os.PathLike | None = None, *,
         file_bytes_before = model_file_bytes(input_path) if input_path else loaded.proto.ByteSize()
         targets, skipped = prune_loaded(loaded, config, progress)
         if output is not None:
-            save_model(loaded, output)
+            save_model(loaded, output, durable=durable)
             file_bytes = model_file_bytes(Path(output))
         else:
             file_bytes = loaded.proto.ByteSize()

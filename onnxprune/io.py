@@ -326,12 +326,13 @@ def check_output_path(output: str | os.PathLike, input_path: str | os.PathLike |
 
 
 def save_model(loaded: LoadedModel, output: str | os.PathLike,
-               external: bool | None = None) -> Path:
+               external: bool | None = None, durable: bool = False) -> Path:
     """Write atomically. External data is used when asked, when the input had it, or > 2 GiB.
 
-    The proto is not modified; tensor data is streamed, never serialized all at once.
+    The proto is not modified; tensor data is streamed, never serialized all at once. With
+    `durable` the files are fsynced before they are renamed into place (see `ModelWriter`).
     """
-    with ModelWriter(loaded, output, external) as writer:
+    with ModelWriter(loaded, output, external, durable) as writer:
         return writer.commit()
 
 
@@ -349,15 +350,19 @@ class ModelWriter:
 
     `commit` writes every other tensor, copied from the proto or the files it references,
     and the rest of the model, and renames the files into place. Leaving the `with` block
-    without a commit (an error) removes the temporary files.
+    without a commit (an error) removes the temporary files. Renaming makes the output
+    atomic for readers and for a failed run; `durable` also fsyncs the files before the
+    rename, so that a power loss cannot leave a renamed but unwritten file (slower: the
+    run then waits for the disk, ~0.5 s per 400 MB here).
 
     Layout of the data file: tensors given with `put` in that order, then the others in
     `iter_all_tensors` order, each at a multiple of `EXTERNAL_ALIGNMENT`.
     """
 
     def __init__(self, loaded: LoadedModel, output: str | os.PathLike,
-                 external: bool | None = None):
+                 external: bool | None = None, durable: bool = False):
         self.loaded = loaded
+        self.durable = durable
         self.output = Path(output)
         self.directory = self.output.parent if str(self.output.parent) else Path(".")
         graph = loaded.proto.graph
@@ -434,7 +439,7 @@ class ModelWriter:
                                       "save it with external data")
             if self._data is not None:
                 self._data.flush()
-                os.fsync(self._data.fileno())
+                self._sync(self._data)
                 self._data.close()
                 self._data = None
             model_tmp = self._write_model(plan, pieces)
@@ -491,7 +496,7 @@ class ModelWriter:
                     _emit(fh, pieces)  # steps over the values already in place
                     fh.truncate()
                     fh.flush()
-                    os.fsync(fh.fileno())
+                    self._sync(fh)
                 return model_tmp
             # the graph changed since the layout was made: write the model anew, taking the
             # values already written from the first file (removed at the end)
@@ -505,8 +510,12 @@ class ModelWriter:
         with self._open_temp(self.output.name, "wb") as fh:
             _emit(fh, pieces)
             fh.flush()
-            os.fsync(fh.fileno())
+            self._sync(fh)
         return self._temps[-1]
+
+    def _sync(self, fh) -> None:
+        if self.durable:
+            os.fsync(fh.fileno())
 
     def _append(self, payload: _Payload) -> _Placed:
         """Write the payload at the next aligned offset of the data file."""

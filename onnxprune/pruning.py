@@ -228,13 +228,8 @@ def score_chunks(method: str, target: WeightTarget, pieces: Iterable[np.ndarray]
         if method == "random":
             generator.random(piece.size, dtype=np.float32, out=scores)
             put_zeros_first(scores, piece)
-        elif piece.dtype == np.float32:
-            # |w| as kernels.magnitude_scores computes it (the sign bit cleared), written
-            # into the reused buffer instead of a new array per chunk
-            np.bitwise_and(piece.view(np.uint32), np.uint32(0x7FFFFFFF),
-                           out=scores.view(np.uint32))
         else:
-            scores[...] = kernels.magnitude_scores(piece)
+            kernels.magnitude_scores(piece, out=scores)
         yield scores
 
 

@@ -22,16 +22,18 @@ from .report import SkipReport, TargetReport
 
 
 def prune_file(model: str | os.PathLike, output: str | os.PathLike, config: PruneConfig,
-               progress: Progress | None = None, external: bool | None = None
+               progress: Progress | None = None, external: bool | None = None,
+               durable: bool = False
                ) -> tuple[onnx.ModelProto, list[TargetReport], list[SkipReport]]:
     """Prune the model at `model` into `output` (atomically), streaming tensor data.
 
     The output has external data when the input has, or when `external` says so. Returns
     the written model's proto, loaded lazily: its large tensors are external references into
     the written files (relative to the output's directory), not values in memory.
+    `durable`: fsync the output before renaming it into place (`io.ModelWriter`).
     """
     loaded = load_model(model, lazy=True)
-    with ModelWriter(loaded, output, external) as writer:
+    with ModelWriter(loaded, output, external, durable) as writer:
         store = store_in_proto(loaded, config,
                                write_dense=writer.put)
         targets, skipped = prune_loaded(loaded, config, progress, store)

@@ -386,3 +386,17 @@ def test_prune_sparsegpt_with_npz_calibration(tmp_path, model_copy, capsys):
     )
     _assert_user_error(result)
     assert not (tmp_path / "x.onnx").exists()
+
+
+@pytest.mark.parametrize("command", ["prune", "densify"])
+def test_fsync_only_when_asked(tmp_path, model_copy, monkeypatch, command):
+    import onnxprune.io as io_module
+
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(io_module.os, "fsync", lambda fd: synced.append(fd) or real_fsync(fd))
+    for flag, expected in (([], False), (["--fsync"], True)):
+        synced.clear()
+        out = tmp_path / f"out{len(flag)}.onnx"
+        assert main([command, str(model_copy), "-o", str(out), "-q", *flag]) == 0
+        assert out.is_file() and bool(synced) == expected

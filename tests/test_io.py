@@ -471,7 +471,7 @@ def test_failed_write_leaves_nothing(
     before = loaded.proto.SerializeToString()
     monkeypatch.setattr(io_module.os, "fsync", _failing(OSError(errno.ENOSPC, "No space")))
     with pytest.raises((OutputPathError, OSError)):
-        save_model(loaded, out_dir / "model.onnx", external=external)
+        save_model(loaded, out_dir / "model.onnx", external=external, durable=True)
     monkeypatch.undo()
     assert files_in(out_dir) == ["model.onnx"]
     assert (out_dir / "model.onnx").read_bytes() == b"previous output"

@@ -101,12 +101,23 @@ def test_key_order_puts_minus_zero_below_zero_and_nan_on_top():
 def test_magnitude_scores_match_abs_for_every_dtype(dtype):
     weights = weights_with_zeros(dtype, (37, 23))
     for layout in (weights, weights.T, weights[:, ::3]):
-        scores = kernels.magnitude_scores(layout)
         expected = naive.magnitude_scores(layout)
-        assert scores.dtype == np.float32 and scores.flags.c_contiguous
         nan = np.isnan(expected)
-        assert np.array_equal(np.isnan(scores), nan)
-        assert same_bits(scores[~nan], expected[~nan])
+        buffer = np.full(layout.shape, 7.0, np.float32)
+        for scores in (kernels.magnitude_scores(layout),
+                       kernels.magnitude_scores(layout, out=buffer)):
+            assert scores.dtype == np.float32 and scores.flags.c_contiguous
+            assert np.array_equal(np.isnan(scores), nan)
+            assert same_bits(scores[~nan], expected[~nan])
+        assert kernels.magnitude_scores(layout, out=buffer) is buffer
+
+
+def test_magnitude_scores_rejects_a_wrong_out_buffer():
+    weights = np.ones((4, 6), np.float32)
+    for out in (np.empty((4, 5), np.float32), np.empty((4, 6), np.float64),
+                np.empty((6, 4), np.float32).T):
+        with pytest.raises(ValueError):
+            kernels.magnitude_scores(weights, out=out)
 
 
 def test_magnitude_scores_of_bfloat16_widen_exactly():

@@ -12,17 +12,23 @@ from .integer_views import BFLOAT16, check_float_weights
 __all__ = ["magnitude_scores", "random_scores"]
 
 
-def magnitude_scores(weights: np.ndarray) -> np.ndarray:
+def magnitude_scores(weights: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     """float32 ``|weights|``, same shape, C-contiguous; NaN stays NaN.
 
     ``weights`` may be float16, bfloat16, float32 or float64, in any memory layout.
     float16 and bfloat16 convert exactly; float64 rounds to nearest float32 (and values
-    beyond float32's range become inf).
+    beyond float32's range become inf). ``out``: a C-contiguous float32 array of the same
+    shape to write into (a reused buffer), returned.
     """
     check_float_weights(weights, "weights")
+    if out is not None and (not isinstance(out, np.ndarray) or out.dtype != np.float32
+                            or out.shape != weights.shape or not out.flags.c_contiguous
+                            or not out.flags.writeable):
+        raise ValueError(f"out must be a writable C-contiguous float32 array of shape "
+                         f"{weights.shape}")
+    scores = np.empty(weights.shape, np.float32) if out is None else out
     if weights.dtype == np.float32:
         source = np.ascontiguousarray(weights)
-        scores = np.empty(weights.shape, np.float32)
         with parallel_blocks(source.size) as n_blocks:
             _abs_float32_kernel(
                 source.reshape(-1).view(np.uint32), scores.reshape(-1).view(np.uint32), n_blocks
@@ -30,7 +36,6 @@ def magnitude_scores(weights: np.ndarray) -> np.ndarray:
     elif weights.dtype == BFLOAT16:
         # bfloat16 is the top half of a float32: widening is a shift, exact.
         source = np.ascontiguousarray(weights)
-        scores = np.empty(weights.shape, np.float32)
         with parallel_blocks(source.size) as n_blocks:
             _abs_bfloat16_kernel(
                 source.reshape(-1).view(np.uint16), scores.reshape(-1).view(np.uint32), n_blocks
@@ -38,7 +43,7 @@ def magnitude_scores(weights: np.ndarray) -> np.ndarray:
     else:
         # float16 and float64: numpy's conversion (hardware F16C, correctly rounded
         # float64), then the sign bit is cleared in place.
-        scores = np.array(weights, dtype=np.float32, order="C", copy=True)
+        np.copyto(scores, weights, casting="same_kind")
         flat = scores.reshape(-1).view(np.uint32)
         with parallel_blocks(flat.size) as n_blocks:
             _abs_float32_kernel(flat, flat, n_blocks)
