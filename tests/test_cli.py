@@ -400,3 +400,18 @@ def test_fsync_only_when_asked(tmp_path, model_copy, monkeypatch, command):
         out = tmp_path / f"out{len(flag)}.onnx"
         assert main([command, str(model_copy), "-o", str(out), "-q", *flag]) == 0
         assert out.is_file() and bool(synced) == expected
+
+
+def test_prune_skips_numbas_scipy_blas_probe_and_sparsegpt_still_imports_scipy(tmp_path):
+    """The CLI keeps numba from importing scipy.linalg (0.3 s) just to probe for BLAS."""
+    result = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "onnxprune", "prune", str(MLP),
+         "-o", str(tmp_path / "m.onnx"), "-q"],
+        capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    imported = {line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines()
+                if line.startswith("import time:")}
+    assert "numba.np.arraymath" in imported and "scipy.linalg" not in imported
+    result = run_cli("prune", MLP, "-o", tmp_path / "s.onnx", "--method", "sparsegpt",
+                     "--pattern", "2:4", "-q")
+    assert result.returncode == 0, result.stderr
