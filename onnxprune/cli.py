@@ -172,24 +172,6 @@ def _config_from(args: argparse.Namespace, **extra):
                        min_size=args.min_size, pattern=args.pattern, **extra)
 
 
-def cmd_inspect(args: argparse.Namespace) -> int:
-    _import_numba_without_blas_probe()
-    from .api import inspect
-    from .report import format_skipped, format_targets
-
-    report = inspect(args.model, config=_config_from(args))
-    if args.json:
-        print(report.to_json())
-        return 0
-    s = report.summary
-    print(f"{args.model}: {len(report.targets)} targets, {s.params:,} params, "
-          f"{s.sparsity:.2%} zeros, file {s.file_bytes:,} bytes")
-    if report.targets:
-        print(format_targets(report))
-    print(format_skipped(report))
-    return 0
-
-
 def _import_numba_without_blas_probe() -> None:
     """Import numba's array maths with its BLAS probe made to fail.
 
@@ -209,6 +191,24 @@ def _import_numba_without_blas_probe() -> None:
         pass  # numba missing or broken: the kernels report it when they are needed
     finally:
         del sys.modules[probe]
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    _import_numba_without_blas_probe()
+    from .api import inspect
+    from .report import format_skipped, format_targets
+
+    report = inspect(args.model, config=_config_from(args))
+    if args.json:
+        print(report.to_json())
+        return 0
+    s = report.summary
+    print(f"{args.model}: {len(report.targets)} targets, {s.params:,} params, "
+          f"{s.sparsity:.2%} zeros, file {s.file_bytes:,} bytes")
+    if report.targets:
+        print(format_targets(report))
+    print(format_skipped(report))
+    return 0
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
@@ -303,7 +303,6 @@ def _progress_bar(args: argparse.Namespace, label: str):
 
 
 def _write_text_atomically(path: Path, text: str) -> None:
-    import os
     import tempfile
 
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp",

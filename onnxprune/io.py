@@ -561,7 +561,8 @@ class ModelWriter:
 
 
 def _start_writeback(fh, offset: int, length: int) -> None:
-    """Have the kernel start writing these bytes to disk now, not at the final fsync.
+    """Have the kernel start writing these bytes to disk now, while the next tensor is
+    computed, rather than at a final fsync or whenever the page cache fills.
 
     (POSIX_FADV_DONTNEED starts writeback of dirty pages in the range without waiting, and
     drops them from the page cache once clean: the output is not read again.)
