@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..config import Pattern
-from .compact import FOLD_CAP_BYTES, chunk_rows, nm_plan, unstructured_plans
+from .compact import FOLD_CAP_BYTES, choose_plan, chunk_rows, nm_plan, unstructured_plans
 from .densify import StoredInfo, densify_model, stored_formats
 from .entropy import binary_entropy, entropy_bound_bytes
 from .folding import unfolded_rebuild_nodes
@@ -70,6 +70,6 @@ def format_bytes_table(array: np.ndarray, dtype: np.dtype | str | None = None,
         plan = nm_plan(chunks, axis, pattern.n, pattern.m)
         if plan is not None:
             plans.append(plan)
-    best = min(plans, key=lambda p: p.bytes)
+    best = choose_plan(plans)
     table["compact"], table["compact_format"] = best.bytes, best.format
     return table

@@ -46,6 +46,7 @@ from .compact import (
     MIN_OPSET,
     Plan,
     TensorBuilder,
+    choose_plan,
     chunk_rows,
     encode_chunk,
     meta_doc,
@@ -196,7 +197,7 @@ def _store_compact(target: WeightTarget, weights: np.ndarray, pattern: Pattern,
             plans.append(plan)
     if forms is not None:
         plans = [p for p in plans if p.kind in forms] or plans
-    best = min(plans, key=lambda p: p.bytes)
+    best = choose_plan(plans)
     if forms is None and best.bytes >= weights.nbytes:
         nnz = int(np.count_nonzero(bits_of(weights)))
         return (f"compact ({best.bytes:,} bytes as {best.format}) is not smaller than dense "
