@@ -530,3 +530,29 @@ def test_densify_leaves_a_dense_model_alone():
     before = model.SerializeToString()
     assert formats.densify_model(model) == 0
     assert model.SerializeToString() == before
+
+
+def test_prune_warns_when_compact_tensors_are_slow_to_start(monkeypatch, caplog):
+    """Bitmask and N:M rebuilds write several times the tensor at session start; gap codes
+    of sparse tensors do not, and tiny tensors are not worth a warning."""
+    from onnxprune import api
+
+    rng = np.random.default_rng(0)
+    weight = random_weights((256, 128), np.float32, rng)
+    monkeypatch.setattr(api, "SLOW_START_PARAMS", weight.size)
+    messages = {}
+    for sparsity in (0.5, 0.97):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="onnxprune.api"):
+            _, report = api.prune(matmul_model(weight), sparsity=sparsity, format="compact")
+        messages[sparsity] = [r.getMessage() for r in caplog.records]
+        assert report.targets[0].format == ("compact-bitmask" if sparsity == 0.5
+                                            else "compact-gaps")
+    assert len(messages[0.5]) == 1 and "rebuilt by onnxruntime at session start" in \
+        messages[0.5][0] and "32,768 parameters" in messages[0.5][0]
+    assert messages[0.97] == []
+    monkeypatch.setattr(api, "SLOW_START_PARAMS", weight.size + 1)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="onnxprune.api"):
+        api.prune(matmul_model(weight), sparsity=0.5, format="compact")
+    assert caplog.records == []
