@@ -11,11 +11,13 @@ Measured on onnxruntime 1.32, and what they decided here:
   execution"): every op of the rebuild has a static output shape.
 - onnxruntime keeps every folded intermediate alive until its folding pass ends, so peak
   memory at session creation is the model plus all rebuild intermediates (3-9x the dense
-  tensor, see tools/bench_formats.py), and each full-size intermediate costs ~1-3 ns per
-  byte (allocation, page faults, a copy into an initializer). Rebuilds therefore use as
-  few full-size ops as possible. Splitting a tensor into small chunks joined by a Concat
-  was measured too: fewer page faults, but one more full copy and more retained memory,
-  so tensors are split only where an intermediate would pass the folding limit.
+  tensor, see tools/bench_formats.py), and each byte a folded node writes is fresh memory:
+  two page faults per 4 KiB (perf stat), ~1 ns per byte in a VM, whatever the op computes.
+  Session creation follows that peak. Rebuilds therefore use as few full-size ops as
+  possible, and int32 intermediates only where an index needs them. Splitting a tensor
+  into chunks of 64-4096 rows joined by a Concat was measured too: no faster (the chunks'
+  intermediates stay alive as well) and one more full copy, so tensors are split only
+  where an intermediate would pass the folding limit.
 - Gather of single elements costs ~35 ns each, ScatterElements ~17 ns, GatherElements
   ~2 ns, a row lookup in a 256-row table ~3 ns per produced element, CumSum ~7 ns. So
   values are moved by ScatterElements when few (gap codes, high sparsity) and by
