@@ -303,9 +303,7 @@ def _encode_gaps(chunk: np.ndarray, bits: np.ndarray, width: int) -> Payload:
     del positions
     low = gaps & ((1 << width) - 1)
     high = gaps - low
-    exception_index = np.flatnonzero(high)
-    if exception_index.size == 0 or exception_index[0] != 0:
-        exception_index = np.concatenate([[0], exception_index])
+    exception_index = _first_always(np.flatnonzero(high))
     exception_value = high[exception_index].astype(np.int32)
     exception_value[0] -= 1  # the cumulative sum of (gap + 1) is one past each position
     arrays = {"values": values, "exception_index": exception_index.astype(np.int32),
@@ -324,9 +322,7 @@ def _encode_aligned_gaps(chunk: np.ndarray, bits: np.ndarray, width: int) -> Pay
     values = chunk.reshape(-1)[positions]
     steps = np.diff(positions, prepend=-1)  # gap + 1
     steps[0] = positions[0]  # the cumulative sum then lands on the positions themselves
-    exception_index = np.flatnonzero(steps >= (1 << width))
-    if exception_index.size == 0 or exception_index[0] != 0:
-        exception_index = np.concatenate([[0], exception_index])
+    exception_index = _first_always(np.flatnonzero(steps >= (1 << width)))
     exception_value = steps[exception_index].astype(np.int32)
     codes = steps.astype(np.uint8 if width == 8 else np.uint16)
     codes[exception_index] = 0
@@ -334,6 +330,13 @@ def _encode_aligned_gaps(chunk: np.ndarray, bits: np.ndarray, width: int) -> Pay
               "exception_index": exception_index.astype(np.int32),
               "exception_value": exception_value}
     return Payload("gaps", tuple(chunk.shape), arrays, {"nnz": int(values.size)})
+
+
+def _first_always(exception_index: np.ndarray) -> np.ndarray:
+    """Exception indices with 0 among them: the first code always starts the positions."""
+    if exception_index.size == 0 or exception_index[0] != 0:
+        return np.concatenate([[0], exception_index])
+    return exception_index
 
 
 def _pack(codes: np.ndarray, part: int) -> np.ndarray:
@@ -523,7 +526,7 @@ class TensorBuilder:
             steps = self.op("ScatterElements", [
                 self.op("Cast", [names["codes"]], to=TensorProto.INT32),
                 names["exception_index"], names["exception_value"]])
-            self._scatter(nnz, steps, names["values"], payload, shape, output)
+            self._scatter(steps, names["values"], payload, shape, output)
             return
         total = self.op("ScatterElements", [
             self.op("ConstantOfShape", [self.const(np.array([nnz], np.int64))],
@@ -536,9 +539,9 @@ class TensorBuilder:
             total = self.op("Add", [total, self.unpack(names[f"plane{index}"], table, nnz,
                                                        stored)])
             shift += part
-        self._scatter(nnz, total, names["values"], payload, shape, output)
+        self._scatter(total, names["values"], payload, shape, output)
 
-    def _scatter(self, nnz: int, steps: str, values: str, payload: Payload, shape: str,
+    def _scatter(self, steps: str, values: str, payload: Payload, shape: str,
                  output: str) -> None:
         """Values into zeros at the cumulative sums of `steps` (gap + 1 each)."""
         positions = self.op("CumSum", [steps, self.const(np.int32(0))])
