@@ -44,8 +44,9 @@ def format_bytes_table(array: np.ndarray, dtype: np.dtype | str | None = None,
     """Bytes of one tensor in each format beside the entropy bound.
 
     Returns ``{"numel", "nnz", "sparsity", "dense", "sparse", "compact", "compact_format",
-    "entropy_bound"}``: `sparse` with int64 indices, `compact` the smallest compact form
-    (even where it is not smaller than dense; `store` would then keep it dense). `pattern`
+    "entropy_bound"}``: `sparse` with int64 indices, `compact` the compact form `store` would
+    choose (the smallest, or one within `compact.LOAD_SLACK` of it that rebuilds with fewer
+    bytes written; reported even where it is not smaller than dense, which `store` keeps). `pattern`
     (an N:M pattern, along `reduction_axis`) lets the packed N:M form compete. `dtype`, if
     given, must be the array's dtype (it is accepted for symmetry with the report).
     """
