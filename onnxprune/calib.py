@@ -37,7 +37,6 @@ import math
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import onnx
@@ -47,6 +46,8 @@ from onnx import helper
 from .errors import CalibrationError
 from .inputs import Feed, load_npz_inputs, synthetic_inputs
 from .io import LoadedModel
+from .runtime import create_session, session_options
+from .runtime import first_line as _first_line
 from .targets import PASS_THROUGH_OPS, WeightTarget
 
 log = logging.getLogger(__name__)
@@ -56,7 +57,6 @@ DEFAULT_SYNTHETIC_SAMPLES = 16
 # added into float64.
 CHUNK_ROWS = 2048
 CHUNK_ELEMENTS = 1 << 22  # and at most this many floats per chunk (im2col of large inputs)
-_ORT_QUIET = 3
 _RANDOM_OPS = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike",
                "Multinomial", "Bernoulli", "Dropout"}
 
@@ -571,19 +571,15 @@ class ActivationCapture:
         model = helper.make_model(graph, opset_imports=list(proto.opset_import))
         model.ir_version = proto.ir_version
         model.functions.extend(proto.functions)
-        options = ort.SessionOptions()
-        options.log_severity_level = _ORT_QUIET
-        # idle onnxruntime threads must not spin while numpy sums the statistics
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        # external data, or a lazy load's references into the model file itself
-        if self.loaded.uses_external_data or self.loaded.lazy:
-            options.add_session_config_entry(
-                "session.model_external_initializers_file_folder_path",
-                str(Path(self.loaded.base_dir).resolve()))
+        # idle onnxruntime threads must not spin while numpy sums the statistics;
+        # tensors may be external data, or a lazy load's references into the model file
+        folder = (self.loaded.base_dir
+                  if self.loaded.uses_external_data or self.loaded.lazy else None)
+        options = session_options(spinning=False, data_folder=folder)
         try:
             data = model.SerializeToString()
             del model, graph
-            return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+            return create_session(data, options)
         except Exception as exc:  # onnxruntime raises its own unrelated types
             raise CalibrationError(f"onnxruntime cannot run calibration stage {stage.number} "
                                    f"({_first_line(exc)})") from None
@@ -656,9 +652,3 @@ def _attr(node: onnx.NodeProto, name: str, default):
 
 def _text(value) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
-    text = lines[0] if lines else type(exc).__name__
-    return text if len(text) <= 300 else text[:297] + "..."

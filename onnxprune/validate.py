@@ -16,7 +16,6 @@ import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import ml_dtypes
@@ -25,9 +24,11 @@ import onnx
 import onnxruntime as ort
 from onnx import helper
 
-from .errors import CalibrationError, ConfigError, ModelLoadError
+from .errors import CalibrationError, ConfigError
 from .inputs import Feed, load_npz_inputs, synthetic_inputs
 from .io import load_model
+from .runtime import first_line as _first_line
+from .runtime import make_session
 
 log = logging.getLogger(__name__)
 
@@ -36,39 +37,6 @@ ModelSource = str | os.PathLike | onnx.ModelProto | ort.InferenceSession
 DEFAULT_SYNTHETIC_SAMPLES = 4  # the CLI help promises 4
 # Element types numpy cannot hand to onnxruntime directly; they travel as OrtValues.
 _ORTVALUE_ONLY_TYPES = ("bfloat16", "float8", "int4", "uint4", "float4")
-_ORT_QUIET = 3  # onnxruntime log severity: errors only
-
-
-def make_session(model: str | os.PathLike | onnx.ModelProto, *,
-                 intra_op_threads: int | None = None) -> ort.InferenceSession:
-    """An onnxruntime CPU session with quiet logging.
-
-    Pass a path for models with external data or over 2 GiB; a ModelProto is serialized.
-    Any load failure becomes a one-line `ModelLoadError`.
-    """
-    options = ort.SessionOptions()
-    options.log_severity_level = _ORT_QUIET
-    if intra_op_threads is not None:
-        options.intra_op_num_threads = intra_op_threads
-    if isinstance(model, onnx.ModelProto):
-        label = f"model {model.graph.name!r}" if model.graph.name else "model"
-        try:
-            source: str | bytes = model.SerializeToString()
-        except ValueError:  # protobuf refuses messages of 2 GiB or more
-            raise ModelLoadError(f"{label} is over 2 GiB in memory; save it with external "
-                                 "data and pass its path") from None
-    else:
-        path = Path(model)
-        label = str(path)
-        if path.is_dir():
-            raise ModelLoadError(f"{path}: is a directory, not an ONNX file")
-        if not path.is_file():
-            raise ModelLoadError(f"{path}: no such file")
-        source = str(path)
-    try:
-        return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
-    except Exception as exc:  # onnxruntime raises its own unrelated exception types
-        raise ModelLoadError(f"{label}: onnxruntime cannot load it ({_first_line(exc)})") from None
 
 
 @dataclass
@@ -457,9 +425,3 @@ def _cos(value: float | None) -> str:
 
 def _frac(value: float | None) -> str:
     return "-" if value is None else f"{value:.4f}"
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
-    text = lines[0] if lines else type(exc).__name__
-    return text if len(text) <= 300 else text[:297] + "..."

@@ -21,6 +21,8 @@ def unfolded_rebuild_nodes(model: str | os.PathLike | onnx.ModelProto,
     """
     import onnxruntime as ort
 
+    from ..runtime import create_session
+
     options = session_options or ort.SessionOptions()
     if session_options is None:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
@@ -31,7 +33,7 @@ def unfolded_rebuild_nodes(model: str | os.PathLike | onnx.ModelProto,
         # keep big folded tensors out of the protobuf (2 GiB limit)
         options.add_session_config_entry(
             "session.optimized_model_external_initializers_file_name", "optimized.data")
-        ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+        create_session(source, options)
         folded = onnx.load(str(optimized), load_external_data=False)
     return [node.name or node.output[0] for graph in _graphs(folded.graph)
             for node in graph.node
