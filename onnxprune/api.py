@@ -4,20 +4,24 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import onnx
 
-from .config import CALIB_METHODS, PruneConfig
+from .config import PruneConfig
 from .io import (
     LoadedModel,
+    ModelWriter,
     check_output_path,
     load_model,
     model_file_bytes,
     model_from_proto,
     save_model,
 )
+from .masks import MaskSet
 from .report import Report, summarize
 
 log = logging.getLogger(__name__)
@@ -28,48 +32,70 @@ ModelLike = str | os.PathLike | onnx.ModelProto
 def prune(model: ModelLike, output: str | os.PathLike | None = None, *,
           config: PruneConfig | None = None, base_dir: str | os.PathLike | None = None,
           inplace: bool = False, progress=None, durable: bool = False,
+          masks: Mapping[str, np.ndarray] | str | os.PathLike | None = None,
+          fixed_masks: bool = True, return_masks: bool = False,
           **options) -> tuple[onnx.ModelProto, Report]:
     """Prune a model given as a path or a ModelProto; optionally write it to `output`.
 
-    Options are PruneConfig fields (sparsity, pattern, method, scope, format, include,
-    exclude, min_size, seed); `config` may be given instead. A ModelProto argument is
-    copied first unless `inplace=True`. `progress(target)` is called after each target.
-    `output` is written atomically; `durable=True` also fsyncs it before the rename.
-    Returns the pruned model and the report. A model path with an `output` is streamed
-    from file to file, one target in memory at a time; the model returned then carries no
-    tensor values: its large tensors reference their bytes in the written files.
+    Options are PruneConfig fields (sparsity, pattern, method, scope, allocation, format,
+    include, exclude, min_size, seed, calib, ...); `config` may be given instead. A
+    ModelProto argument is copied first unless `inplace=True`. `progress(target)` is called
+    after each target. `output` is written atomically; `durable=True` also fsyncs it before
+    the rename. A model path with an `output` is streamed from file to file, one target in
+    memory at a time; the model returned then carries no tensor values: its large tensors
+    reference their bytes in the written files.
+
+    `masks`: keep-masks by target name (or a path saved by `MaskSet.save`); with
+    `fixed_masks` (default) exactly those positions are pruned, otherwise they are an
+    existing mask the new one never revives. `return_masks`: the report's `masks` holds the
+    keep-masks of the result (a `MaskSet`, True = non-zero).
     """
-    from .pruning import prune_loaded
+    from .pipeline import Sink, run
 
     config = config.replace(**options) if config is not None else PruneConfig(**options)
+    if masks is not None and not isinstance(masks, Mapping):
+        masks = MaskSet.load(masks)
     input_path = None if isinstance(model, onnx.ModelProto) else Path(model)
     if output is not None:
         output = check_output_path(output, input_path)
-    # calibration builds onnxruntime sessions from the proto: keep that on the in-memory path
-    if output is not None and input_path is not None and config.method not in CALIB_METHODS:
-        from .streaming import prune_file
-
-        proto, targets, skipped = prune_file(input_path, output, config, progress,
-                                             durable=durable)
+    loop = dict(masks=masks, fixed_masks=fixed_masks, want_masks=return_masks,
+                progress=progress)
+    if output is not None and input_path is not None and _streams(config):
+        loaded = load_model(input_path, lazy=True)
+        with ModelWriter(loaded, output, None, durable) as writer:
+            result = run(loaded, config, sink=Sink(loaded, config.format, writer.put), **loop)
+            writer.commit()
+        proto = load_model(Path(output), lazy=True).proto
         file_bytes_before = model_file_bytes(input_path)
         file_bytes = model_file_bytes(Path(output))
     else:
         # with an output file the proto need not hold the tensors: read them lazily
         loaded = _load(model, base_dir, inplace, lazy=output is not None)
         file_bytes_before = model_file_bytes(input_path) if input_path else loaded.proto.ByteSize()
-        targets, skipped = prune_loaded(loaded, config, progress)
+        result = run(loaded, config, **loop)
         if output is not None:
             save_model(loaded, output, durable=durable)
             file_bytes = model_file_bytes(Path(output))
         else:
             file_bytes = loaded.proto.ByteSize()
         proto = loaded.proto
-    report = Report(model=str(input_path) if input_path else "<ModelProto>", targets=targets,
-                    skipped=skipped, summary=summarize(targets, file_bytes, file_bytes_before),
+    report = Report(model=str(input_path) if input_path else "<ModelProto>",
+                    targets=result.targets, skipped=result.skipped,
+                    summary=summarize(result.targets, file_bytes, file_bytes_before),
                     output=str(output) if output is not None else None,
                     config=config.describe())
+    report.masks = result.masks if return_masks else None
     _warn_about_session_start(report)
     return proto, report
+
+
+def _streams(config: PruneConfig) -> bool:
+    """Whether the run can stream file to file: calibration stages build onnxruntime sessions
+    from the proto, which must then hold the pruned weights of earlier stages."""
+    from .methods import Needs
+    from .registry import METHODS
+
+    return METHODS.get(config.method).needs == Needs.NOTHING and not config.measure_error
 
 
 # Compact forms whose rebuild writes several times the tensor at session start (measured by
@@ -94,7 +120,7 @@ def inspect(model: ModelLike, *, config: PruneConfig | None = None,
     """Report the targets (with their current sparsity) and skipped tensors; changes nothing."""
     from . import formats, kernels
     from .io import read_array
-    from .pruning import selection_of, skip_report, target_report
+    from .pipeline import selection_of, skip_report, target_report
     from .targets import discover_targets
 
     config = config or PruneConfig()

@@ -12,11 +12,8 @@ from .errors import ConfigError
 NUMBA_CACHE = True
 NUMBA_FASTMATH = False  # fastmath would reorder NaN comparisons, which the kernels rely on
 
-METHODS = ("magnitude", "random", "l1", "wanda", "obd", "sparsegpt")
+# methods, allocations and formats are registered parts: see registry.py
 SCOPES = ("layer", "global")
-FORMATS = ("dense", "sparse", "compact")
-ALLOCATIONS = ("uniform", "global", "erk", "owl", "sensitivity")
-CALIB_METHODS = ("wanda", "obd", "sparsegpt")
 CALIB_MODES = ("sequential", "one-pass")
 DEFAULT_MIN_SIZE = 4096
 DEFAULT_SPARSITY = 0.5
@@ -66,15 +63,19 @@ class PruneConfig:
     sparsity: float | None = None  # None: 0.5, or what an N:M pattern implies
     pattern: Pattern = field(default_factory=Pattern)
     method: str = "magnitude"
-    scope: str = "layer"
+    scope: str = "layer"  # "global" is short for allocation="global"
     format: str = "dense"
+    allocation: str | None = None  # None: "global" with scope="global", else "uniform"
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
     min_size: int = DEFAULT_MIN_SIZE
     seed: int = 0
     calib: str | None = None  # .npz or folder of .npz; None: synthetic inputs, with a warning
     calib_samples: int | None = None
-    calib_mode: str | None = None  # None: sequential for sparsegpt, one-pass for wanda/obd
+    calib_mode: str | None = None  # None: the method's default (sparsegpt: sequential)
+    # gather calibration statistics for every target, to report each one's reconstruction
+    # error even where the method needs none (magnitude, random)
+    measure_error: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "pattern", Pattern.parse(self.pattern))
@@ -88,21 +89,25 @@ class PruneConfig:
             if not 0.0 <= sparsity < 1.0:
                 raise ConfigError(f"sparsity must be in [0, 1), got {self.sparsity}")
             object.__setattr__(self, "sparsity", sparsity)
-        for name, value, allowed in (
-            ("method", self.method, METHODS),
-            ("scope", self.scope, SCOPES),
-            ("format", self.format, FORMATS),
-        ):
-            if value not in allowed:
-                raise ConfigError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
-        if self.method == "l1":
-            raise ConfigError("method 'l1' is not available in this version")
+        from .registry import ALLOCATIONS, FORMATS, METHODS
+
+        if self.scope not in SCOPES:
+            raise ConfigError(f"scope must be one of {', '.join(SCOPES)}; got {self.scope!r}")
+        if self.allocation is None:
+            object.__setattr__(self, "allocation",
+                               "global" if self.scope == "global" else "uniform")
+        elif self.scope == "global" and self.allocation != "global":
+            raise ConfigError(f"--scope global contradicts --allocation {self.allocation}")
+        method = METHODS.get(self.method)
+        ALLOCATIONS.get(self.allocation)
+        FORMATS.get(self.format)
         if self.calib_samples is not None and int(self.calib_samples) < 1:
             raise ConfigError(f"--calib-samples must be >= 1, got {self.calib_samples}")
         if self.calib_mode is not None and self.calib_mode not in CALIB_MODES:
             raise ConfigError(f"calib mode must be one of {', '.join(CALIB_MODES)}; "
                               f"got {self.calib_mode!r}")
-        if self.method in CALIB_METHODS and self.scope == "global":
+        if self.allocation == "global" and not method.streams_scores \
+                and not self.pattern.is_nm:
             raise ConfigError(f"--scope global is not available with --method {self.method}")
         if int(self.min_size) < 0:
             raise ConfigError(f"--min-size must be >= 0, got {self.min_size}")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 
 @dataclass
@@ -28,6 +28,11 @@ class TargetReport:
     method: str | None = None  # calibrated methods: what was used (magnitude when it fell back)
     reconstruction_error: float | None = None  # ||WX - W'X||^2 / ||WX||^2 on calibration data
     calibration_tokens: int | None = None
+    requested_sparsity: float | None = None  # what the plan asked of this target
+    set_by: str | None = None  # the allocation, override or mask file that decided it
+    meets_plan: bool | None = None  # the pattern check after pruning (PrunePass.ensures)
+    note: str | None = None  # why the planned method was not used (calibration impossible)
+    seconds: float | None = None  # time spent on this target (reading to storing)
 
 
 @dataclass
@@ -59,9 +64,12 @@ class Report:
     output: str | None = None
     config: dict | None = None
     validation: dict | None = None
+    masks: object | None = field(default=None, repr=False)  # MaskSet, not serialized
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        values = asdict(replace(self, masks=None))  # asdict would deep-copy the masks
+        values.pop("masks")
+        return values
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)

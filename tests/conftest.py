@@ -172,6 +172,41 @@ def example_feeds(model_path: str | Path, seed: int = 0) -> Feeds:
     return feeds
 
 
+class CalibratedResult(NamedTuple):
+    """One target after a calibrated prune: its report and its new weights."""
+
+    report: object  # onnxprune.report.TargetReport
+    weights: np.ndarray
+
+    def __getattr__(self, name: str):
+        return getattr(self.report, name)
+
+    @property
+    def tokens(self) -> int:
+        return self.report.calibration_tokens
+
+
+def calibrated_prune(loaded, targets, feeds, *, method: str, pattern="unstructured",
+                     sparsity: float = 0.5, calib_mode: str | None = None
+                     ) -> dict[str, CalibratedResult]:
+    """Prune exactly `targets` of `loaded` (in place) through the pipeline with in-memory
+    calibration feeds; results by target name."""
+    import re
+
+    from onnxprune.config import PruneConfig
+    from onnxprune.io import read_array
+    from onnxprune.pipeline import run
+
+    config = PruneConfig(method=method, pattern=pattern, sparsity=sparsity,
+                         calib_mode=calib_mode, min_size=0, measure_error=True,
+                         include=tuple(f"^{re.escape(t.name)}$" for t in targets))
+    result = run(loaded, config, feeds=feeds)
+    tensors = {t.name: t.tensor for t in targets}  # written in place by the pipeline
+    return {report.name: CalibratedResult(report, read_array(tensors[report.name],
+                                                             loaded.base_dir))
+            for report in result.targets}
+
+
 @pytest.fixture(scope="session")
 def models_dir() -> Path:
     """The repository's ``models/`` folder with the demo models."""

@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from conftest import REAL_MODELS, real_model
+from conftest import REAL_MODELS, calibrated_prune, real_model
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxprune.calib import (
@@ -22,7 +22,6 @@ from onnxprune.calib import (
     load_calibration,
     target_view,
 )
-from onnxprune.calibrated import prune_with_calibration
 from onnxprune.config import Pattern
 from onnxprune.errors import CalibrationError
 from onnxprune.io import load_model, model_from_proto, read_array, write_array
@@ -358,7 +357,7 @@ def test_external_data_model_is_calibrated_in_place(tmp_path, models_dir):
     assert loaded.uses_external_data
     targets, _ = discover_targets(loaded.proto)
     feeds = [{"x": RNG.standard_normal((8, 256)).astype(np.float32)} for _ in range(2)]
-    results = prune_with_calibration(
+    results = calibrated_prune(
         loaded, targets, feeds, method="sparsegpt", pattern="unstructured", sparsity=0.5
     )
     assert all(r.method == "sparsegpt" for r in results.values())
@@ -397,7 +396,7 @@ def test_paddle_cnn_with_constant_node_weights(caplog):
     assert any(t.source == "constant_node" for t in targets)
     rng = np.random.default_rng(0)
     feeds = [REAL_MODELS["ppocr_cls"].make_feeds(rng) for _ in range(2)]
-    results = prune_with_calibration(loaded, targets, feeds, method="wanda", pattern="2:4")
+    results = calibrated_prune(loaded, targets, feeds, method="wanda", pattern="2:4")
     assert all(r.method == "wanda" and r.reconstruction_error is not None for r in results.values())
     session = ort.InferenceSession(
         loaded.proto.SerializeToString(), providers=["CPUExecutionProvider"]
@@ -411,7 +410,7 @@ def test_subgraph_weights_fall_back_to_magnitude(caplog):
     targets, _ = discover_targets(loaded.proto)
     feeds = [REAL_MODELS["silero_vad"].make_feeds(np.random.default_rng(0))]
     with caplog.at_level(logging.WARNING, logger="onnxprune"):
-        results = prune_with_calibration(
+        results = calibrated_prune(
             loaded, targets, feeds, method="sparsegpt", pattern="unstructured"
         )
     assert all(r.method == "magnitude" and "subgraph" in r.note for r in results.values())
@@ -447,7 +446,7 @@ def test_torch_dynamo_export_is_calibrated(tmp_path):
     assert {"MatMul", "Gemm"} & {t.op_type for t in targets}
     feeds = [{"x": RNG.standard_normal((1, 16, 64)).astype(np.float32)} for _ in range(4)]
     reference = _run(loaded.proto, feeds[0], [loaded.proto.graph.output[0].name])[0]
-    results = prune_with_calibration(loaded, targets, feeds, method="sparsegpt", pattern="2:4")
+    results = calibrated_prune(loaded, targets, feeds, method="sparsegpt", pattern="2:4")
     assert all(r.method == "sparsegpt" for r in results.values())
     pruned = _run(loaded.proto, feeds[0], [loaded.proto.graph.output[0].name])[0]
     assert np.isfinite(pruned).all() and not np.allclose(pruned, reference)

@@ -5,16 +5,18 @@ from __future__ import annotations
 import naive_calib as naive
 import numpy as np
 import pytest
+from conftest import calibrated_prune
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxprune import kernels
 from onnxprune.calib import load_calibration
-from onnxprune.calibrated import prune_with_calibration
 from onnxprune.config import Pattern
-from onnxprune.importance import obd_scores, per_row_keep_mask, wanda_scores
-from onnxprune.io import load_model, model_from_proto
+from onnxprune.io import load_model
 from onnxprune.kernels.stats import row_keep_mask
-from onnxprune.patterns import prune_count
+from onnxprune.masking import prune_count
+from onnxprune.masking import row_keep_mask as per_row_keep_mask
+from onnxprune.methods.obd import obd_scores
+from onnxprune.methods.wanda import wanda_scores
 from onnxprune.targets import Selection, discover_targets
 
 RNG = np.random.default_rng(77)
@@ -103,7 +105,7 @@ def _errors(path, calib, method, pattern):
     pattern = Pattern.parse(pattern)
     targets, _ = discover_targets(loaded.proto, Selection(min_size=1, pattern=pattern))
     feeds = load_calibration(calib, loaded.proto, samples=None, seed=0)
-    results = prune_with_calibration(loaded, targets, feeds, method=method, pattern=pattern,
+    results = calibrated_prune(loaded, targets, feeds, method=method, pattern=pattern,
                                      sparsity=0.5)
     return targets, results
 
@@ -149,15 +151,3 @@ def test_error_is_measured_on_the_layer_output(structured):
                     dense.base_dir)
     assert results["w1"].reconstruction_error == pytest.approx(
         naive.output_error(w1.T, results["w1"].weights.T, x), rel=1e-4)
-
-
-def test_no_error_without_hessian(structured):
-    path, calib = structured
-    loaded = load_model(path)
-    targets, _ = discover_targets(loaded.proto, Selection(min_size=1))
-    feeds = load_calibration(calib, loaded.proto, samples=2, seed=0)
-    results = prune_with_calibration(loaded, targets, feeds, method="obd",
-                                     pattern="unstructured", measure_error=False)
-    assert all(r.reconstruction_error is None and r.tokens > 0 for r in results.values())
-    demo = model_from_proto(loaded.proto)
-    assert demo.proto is loaded.proto

@@ -9,16 +9,16 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from conftest import calibrated_prune
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxprune import kernels
 from onnxprune.calib import load_calibration
-from onnxprune.calibrated import prune_with_calibration
 from onnxprune.config import Pattern
 from onnxprune.io import load_model, model_from_proto
 from onnxprune.kernels.stats import obs_sweep_block
-from onnxprune.patterns import prune_count
-from onnxprune.sparsegpt import inverse_cholesky_upper, sparsegpt_prune
+from onnxprune.masking import prune_count
+from onnxprune.methods.sparsegpt import inverse_cholesky_upper, sparsegpt_prune
 from onnxprune.targets import Selection, discover_targets
 
 
@@ -133,7 +133,7 @@ def test_float16_weights_written_back_in_their_dtype():
     loaded = model_from_proto(model)
     targets, _ = discover_targets(model, Selection(min_size=1))
     feeds = [{"x": rng.standard_normal((16, 64)).astype(np.float32)} for _ in range(4)]
-    result = prune_with_calibration(loaded, targets, feeds, method="sparsegpt", pattern="2:4")[
+    result = calibrated_prune(loaded, targets, feeds, method="sparsegpt", pattern="2:4")[
         "w16"
     ]
     assert result.weights.dtype == np.float16
@@ -147,7 +147,7 @@ def test_grouped_conv_nm_runs_along_input_channels(models_dir):
     loaded = load_model(models_dir / "cnn.onnx")
     targets, _ = discover_targets(loaded.proto, Selection(pattern=Pattern(2, 4)))
     feeds = load_calibration(None, loaded.proto, samples=2, seed=0)
-    results = prune_with_calibration(loaded, targets, feeds, method="sparsegpt", pattern="2:4")
+    results = calibrated_prune(loaded, targets, feeds, method="sparsegpt", pattern="2:4")
     for target in targets:
         weights = results[target.name].weights
         matrix = np.ascontiguousarray(target.to_matrix(weights), dtype=np.float32)

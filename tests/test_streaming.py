@@ -19,7 +19,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import onnxprune
 import onnxprune.io as io_module
-import onnxprune.pruning as pruning_module
+import onnxprune.masking as masking_module
 from onnxprune.config import PruneConfig
 from onnxprune.errors import OutputPathError
 from onnxprune.io import (
@@ -31,7 +31,8 @@ from onnxprune.io import (
     save_model,
     uses_external_data,
 )
-from onnxprune.scoring import score
+from onnxprune.methods import Job
+from onnxprune.registry import METHODS
 from onnxprune.targets import Selection, discover_targets
 
 F = TensorProto.FLOAT
@@ -97,7 +98,7 @@ def make_model() -> onnx.ModelProto:
 @pytest.fixture(autouse=True)
 def tiny_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
     """Chunks and copies of a few thousand elements, lifts and splits from 256 bytes."""
-    monkeypatch.setattr(pruning_module, "CHUNK_ELEMENTS", 4096)
+    monkeypatch.setattr(masking_module, "CHUNK_ELEMENTS", 4096)
     monkeypatch.setattr(io_module, "COPY_CHUNK_BYTES", 1000)
     monkeypatch.setattr(io_module, "LAZY_MIN_BYTES", 256)
     monkeypatch.setattr(io_module, "SPLIT_MIN_BYTES", 256)
@@ -243,11 +244,11 @@ def test_chunked_scores_equal_whole_target_scores(external_path: Path, method: s
     targets, _ = discover_targets(loaded.proto, Selection(min_size=1))
     for target in targets:
         weights = read_array(target.tensor, loaded.base_dir)
-        whole = score(method, target, weights, seed=5).reshape(-1)
+        whole = METHODS.get(method).scores(Job(target, weights, plan=None, seed=5)).reshape(-1)
         for size in (333, 4096, weights.size):
             pieces = iter_chunks(target.tensor, loaded.base_dir, size)
-            chunked = np.concatenate([np.array(s) for s in pruning_module.score_chunks(
-                method, target, pieces, seed=5)])
+            chunked = np.concatenate([np.array(s) for s in METHODS.get(method).score_chunks(
+                target, pieces, seed=5)])
             assert bits(chunked) == bits(whole), (target.name, size)
 
 
@@ -257,7 +258,7 @@ def test_chunk_size_does_not_change_the_result(external_path: Path, tmp_path: Pa
                                                name: str) -> None:
     results = []
     for chunk in (401, 1 << 30):
-        monkeypatch.setattr(pruning_module, "CHUNK_ELEMENTS", chunk)
+        monkeypatch.setattr(masking_module, "CHUNK_ELEMENTS", chunk)
         out = tmp_path / f"c{chunk}" / "m.onnx"
         out.parent.mkdir()
         onnxprune.prune(external_path, out, **CONFIGS[name])

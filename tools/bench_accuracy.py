@@ -278,18 +278,16 @@ def main() -> None:
 
 
 def _run_one(label, path, output, tok, tasks, reference, feeds, method, pattern) -> None:
-    from onnxprune.calibrated import prune_with_calibration
-    from onnxprune.config import Pattern
+    from onnxprune.config import PruneConfig
     from onnxprune.io import load_model
-    from onnxprune.targets import Selection, discover_targets
+    from onnxprune.pipeline import run
 
     loaded = load_model(path)
-    targets, _ = discover_targets(loaded.proto, Selection(pattern=Pattern.parse(pattern)))
+    config = PruneConfig(method=method, pattern=pattern, sparsity=0.5, measure_error=True)
     started = time.perf_counter()
-    results = prune_with_calibration(loaded, targets, feeds, method=method, pattern=pattern,
-                                     sparsity=0.5)
+    result = run(loaded, config, feeds=feeds)
     seconds = time.perf_counter() - started
-    errors = [r.reconstruction_error for r in results.values()]
+    errors = [t.reconstruction_error for t in result.targets]
     scores, _ = evaluate(Embedder(loaded.proto, output, tok), tasks, reference)
     _print_row((label, method, pattern, scores, seconds, float(np.mean(errors))))
 

@@ -217,14 +217,18 @@ def bench_torch(model: Path, repeat: int, rows: list) -> None:
         return
     from onnxprune.config import PruneConfig
     from onnxprune.io import load_model, read_array
-    from onnxprune.pruning import prune_loaded
+    from onnxprune.pipeline import run
+
+    class Discard:  # the weights go nowhere: only the pruning is timed
+        def put(self, target, weights, plan):
+            return None
 
     config = PruneConfig(sparsity=0.5, scope="global")
     loaded = load_model(model, lazy=True)
-    prune_loaded(loaded, config, store=lambda target, weights: None)  # numba warm-up
+    run(loaded, config, sink=Discard())  # numba warm-up
 
     def ours() -> None:
-        prune_loaded(load_model(model, lazy=True), config, store=lambda target, weights: None)
+        run(load_model(model, lazy=True), config, sink=Discard())
 
     arrays = [read_array(t, loaded.base_dir, writable=True) for t in loaded.proto.graph.initializer]
 

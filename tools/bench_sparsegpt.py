@@ -38,7 +38,7 @@ def peak_rss_mb() -> float:
 
 def bench_layer(size: int, tokens: int) -> dict:
     from onnxprune.calib import CHUNK_ROWS, ActivationStats, relative_output_error
-    from onnxprune.sparsegpt import sparsegpt_prune
+    from onnxprune.methods.sparsegpt import sparsegpt_prune
 
     rng = np.random.default_rng(0)
     scale = np.exp(rng.normal(0, 1, size)).astype(np.float32)
@@ -174,9 +174,9 @@ def build_lm(path: Path, *, layers=30, hidden=576, heads=9, kv_heads=3, intermed
 def bench_lm(samples: int, seq: int, workdir: Path) -> dict:
     import logging
 
-    from onnxprune.calibrated import prune_with_calibration
+    from onnxprune.config import PruneConfig
     from onnxprune.io import load_model, save_model
-    from onnxprune.targets import discover_targets
+    from onnxprune.pipeline import run
 
     path = workdir / "synthetic_lm.onnx"
     model_bytes = sum(p.stat().st_size for p in workdir.glob("synthetic_lm.onnx*"))
@@ -187,15 +187,13 @@ def bench_lm(samples: int, seq: int, workdir: Path) -> dict:
              for _ in range(samples)]
     started = time.perf_counter()
     loaded = load_model(path, lazy=True)  # as `onnxprune prune MODEL -o OUT` loads it
-    targets, _ = discover_targets(loaded.proto)
-    results = prune_with_calibration(loaded, targets, feeds, method="sparsegpt",
-                                     pattern="unstructured", sparsity=0.5)
+    targets = run(loaded, PruneConfig(method="sparsegpt", sparsity=0.5), feeds=feeds).targets
     pruned_at = time.perf_counter()
     peak_before_save = peak_rss_mb()
     save_model(loaded, workdir / "pruned.onnx")
     total = time.perf_counter() - started
-    errors = [r.reconstruction_error for r in results.values()]
-    zeros = sum(r.zeros for r in results.values())
+    errors = [t.reconstruction_error for t in targets]
+    zeros = sum(t.zeros for t in targets)
     numel = sum(t.numel for t in targets)
     layout = "external data" if Path(str(path) + ".data").exists() else "inline"
     return {"case": f"synthetic LM (SmolLM-135M shapes, {layout})",
@@ -203,7 +201,7 @@ def bench_lm(samples: int, seq: int, workdir: Path) -> dict:
             "targets": len(targets), "pruned_params": numel, "sparsity": round(zeros / numel, 4),
             "calibration": f"{samples} x {seq} = {samples * seq} tokens",
             "prune_s": round(pruned_at - started, 1), "with_save_s": round(total, 1),
-            "layer_work_s": round(sum(r.seconds for r in results.values()), 1),
+            "layer_work_s": round(sum(t.seconds for t in targets), 1),
             "median_error": round(float(np.median(errors)), 4),
             "peak_rss_before_save_mb": round(peak_before_save),
             "peak_rss_mb": round(peak_rss_mb()),

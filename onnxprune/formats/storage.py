@@ -38,7 +38,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from ..config import FORMATS, Pattern
+from ..config import Pattern
 from ..io import write_array
 from ..targets import WeightTarget
 from .compact import (
@@ -70,6 +70,7 @@ from .sparse import make_sparse, set_constant_attribute, sparse_bytes
 log = logging.getLogger(__name__)
 
 DenseWriter = Callable[[TensorProto, np.ndarray], None]
+FORMATS = ("dense", "sparse", "compact")  # what `store` writes
 
 
 @dataclass(frozen=True)

@@ -36,7 +36,8 @@ def obs_sweep_block(
     With ``group_m > 0`` the mask is chosen here instead, as the sweep reaches each group of
     ``group_m`` columns: the ``group_m - keep_n`` weights of smallest w² / U[j, j]² (on the
     weights as updated so far) are marked in ``prune``; ties prune the lower column. NaN
-    saliencies count as the smallest.
+    saliencies count as the smallest. Weights already marked in ``prune`` stay marked and
+    go first (a mask from an earlier step is never undone).
     """
     for name, array, dtype in (
         ("block", block, np.float32),
@@ -73,12 +74,14 @@ def _obs_sweep_kernel(block, hinv, prune, errors, keep_n, group_m):
                     d = hinv[i + j, i + j]
                     s = block[r, i + j] * block[r, i + j] / (d * d)
                     saliency[j] = -1.0 if np.isnan(s) else s
+                    if prune[r, i + j]:  # marked by the caller: pruned before, goes first
+                        saliency[j] = -2.0
                 for j in range(group_m):
                     rank = 0  # how many of the group go before j in pruning order
                     for t in range(group_m):
                         if saliency[t] < saliency[j] or (saliency[t] == saliency[j] and t < j):
                             rank += 1
-                    prune[r, i + j] = rank < n_prune
+                    prune[r, i + j] = prune[r, i + j] or rank < n_prune
             if prune[r, i]:
                 error = block[r, i] / hinv[i, i]
                 block[r, i] = 0.0

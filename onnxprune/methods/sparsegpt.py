@@ -29,8 +29,9 @@ import math
 import numpy as np
 from scipy.linalg import blas, lapack
 
-from .kernels.stats import obs_sweep_block
-from .patterns import prune_count
+from ..kernels.stats import obs_sweep_block
+from ..masking import prune_count
+from .base import Job, Method, Needs
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,8 @@ MAX_DAMP_INCREASES = 10
 def sparsegpt_prune(weights: np.ndarray, hessian: np.ndarray, *, sparsity: float = 0.5,
                     keep_n: int = 0, group_m: int = 0, block_size: int = DEFAULT_BLOCK_SIZE,
                     damp: float = DEFAULT_DAMP, already_counted: int = 0,
-                    upper: np.ndarray | None = None) -> np.ndarray:
+                    upper: np.ndarray | None = None, pruned: np.ndarray | None = None,
+                    fixed: bool = False) -> np.ndarray:
     """The pruned and updated weights (float32 [rows, cols], F-order, pruned positions 0).
 
     ``weights`` is [rows, cols] (any float dtype, not modified), ``hessian`` the [cols, cols]
@@ -53,6 +55,10 @@ def sparsegpt_prune(weights: np.ndarray, hessian: np.ndarray, *, sparsity: float
     add up to an exact count over the whole tensor. ``upper`` may pass a float32
     ``inverse_cholesky_upper(hessian, damp, dead_inputs(hessian))`` computed before, for
     layers that share one input (q, k and v projections).
+
+    ``pruned`` [rows, cols] marks weights an earlier step removed: they are pruned first and
+    never kept (the budget may then be exceeded). With ``fixed`` it is the exact mask: those
+    weights and no others are pruned, and only the reconstruction runs.
 
     The work happens in Fortran order: a block of columns is contiguous, and so are the
     columns after it, which the lazy update rewrites in place with one GEMM.
@@ -77,17 +83,22 @@ def sparsegpt_prune(weights: np.ndarray, hessian: np.ndarray, *, sparsity: float
         stop = min(cols, start + block_size)
         block = np.ascontiguousarray(weights[:, start:stop])
         hinv = np.ascontiguousarray(upper[start:stop, start:stop])
-        prune = np.zeros(block.shape, dtype=bool)
-        if not group_m:
+        prune = (np.zeros(block.shape, dtype=bool) if pruned is None
+                 else np.ascontiguousarray(pruned[:, start:stop]))
+        if fixed:
+            pass  # the given mask is the mask
+        elif not group_m:
             budget = (prune_count(already_counted + rows * stop, sparsity)
                       - prune_count(already_counted + rows * start, sparsity))
             if budget:
                 saliency = block * block / (np.diagonal(hinv) ** 2)[np.newaxis, :]
                 np.nan_to_num(saliency, copy=False, nan=-1.0)
+                saliency[prune] = -np.inf  # pruned before: first to go
                 flat = np.argpartition(saliency.ravel(), budget - 1)[:budget]
                 prune.ravel()[flat] = True
         errors = np.empty_like(block)
-        obs_sweep_block(block, hinv, prune, errors, keep_n, group_m)
+        obs_sweep_block(block, hinv, prune, errors, 0 if fixed else keep_n,
+                        0 if fixed else group_m)
         weights[:, start:stop] = block
         if stop < cols and errors.any():
             later = weights[:, stop:]  # F-contiguous view: sgemm updates it in place
@@ -142,3 +153,34 @@ def inverse_cholesky_upper(hessian: np.ndarray, damp: float = DEFAULT_DAMP,
         level = level * 10.0 if level > 0 else 1e-8 * mean_diagonal
     raise np.linalg.LinAlgError("Hessian stays singular after raising the damping "
                                 f"{MAX_DAMP_INCREASES} times")
+
+
+class SparseGPT(Method):
+    name = "sparsegpt"
+    description = "OBS pruning with weight reconstruction, layer by layer (calibrated)"
+    needs = Needs.HESSIAN
+    reconstructs = True
+    default_calib_mode = "sequential"
+
+    def __init__(self, block_size: int = DEFAULT_BLOCK_SIZE, damp: float = DEFAULT_DAMP):
+        self.block_size = block_size
+        self.damp = damp
+
+    def reconstruct(self, job: Job) -> np.ndarray:
+        view, plan = job.view, job.plan
+        obs = view.to_obs(job.weights)
+        pruned = None if job.keep is None else ~view.to_obs(job.keep).astype(bool)
+        updated = np.empty_like(obs)
+        per_group = obs.shape[1] * obs.shape[2]
+        factors = job.shared  # targets reading the same input share H⁻¹'s factor
+        for group in range(obs.shape[0]):
+            hessian = job.stats.hessian[group]
+            if group not in factors:
+                factors[group] = inverse_cholesky_upper(
+                    hessian, self.damp, dead_inputs(hessian)).astype(np.float32, order="F")
+            updated[group] = sparsegpt_prune(
+                obs[group], hessian, sparsity=plan.sparsity, keep_n=plan.pattern.n,
+                group_m=plan.pattern.m, block_size=self.block_size, damp=self.damp,
+                already_counted=group * per_group, upper=factors[group],
+                pruned=None if pruned is None else pruned[group], fixed=job.fixed)
+        return np.ascontiguousarray(view.from_obs(updated).astype(job.weights.dtype))

@@ -1,0 +1,354 @@
+"""THE prune loop, for every method, pattern, allocation and format, in memory or file to file.
+
+    plan (allocation) -> per target: read -> gather (nothing, ‖X_j‖², XᵀX) -> method (scores,
+    or reconstructed weights) -> pattern (keep-mask, never reviving a masked weight) ->
+    apply (kept values bit-identical unless the method reconstructs) -> check -> sink -> report
+
+Targets whose method needs no calibration statistics go first, in target order, one in
+memory at a time; those of magnitude/random are masked chunk by chunk. Calibrated targets
+follow stage by stage (`calib.ActivationCapture`): in sequential mode a stage's targets are
+captured on the model already pruned up to the previous stage, as SparseGPT does block by
+block. Where the pruned weights go is the sink's business: into the proto, or straight to
+the output file (`io.ModelWriter.put`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import formats, kernels, masking
+from .allocation import AllocationContext
+from .config import PruneConfig
+from .errors import ConfigError, NothingToPruneError
+from .inputs import Feed
+from .io import LoadedModel, iter_chunks, read_array, write_array
+from .masking import (
+    audit_2_4,
+    implies_2_4,
+    layer_keep_mask,
+    mask_scores,
+    nm_keep_mask,
+    pattern_kind,
+    prune_count,
+    prune_streamed,
+    row_keep_mask,
+)
+from .masks import MaskSet
+from .methods import Job, Method, Needs
+from .plan import PrunePlan, TargetPlan
+from .registry import ALLOCATIONS, FORMATS, METHODS
+from .report import SkipReport, TargetReport
+from .targets import Selection, SkippedTensor, WeightTarget, discover_targets
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[WeightTarget], None]
+DenseWriter = Callable[[object, np.ndarray], None]
+CALIB_MODES = ("sequential", "one-pass")
+
+
+@dataclass
+class PruneResult:
+    """What one run of the loop did: per-target reports, skipped tensors, the plan, and the
+    keep-masks (True = non-zero after pruning) when they were asked for."""
+
+    targets: list[TargetReport]
+    skipped: list[SkipReport]
+    plan: PrunePlan
+    masks: MaskSet = field(default_factory=MaskSet)
+
+
+class Sink:
+    """Where pruned weights go: into the proto, or through `write_dense` (a file writer)."""
+
+    def __init__(self, loaded: LoadedModel, format_name: str,
+                 write_dense: DenseWriter = write_array):
+        self.loaded = loaded
+        self.format = FORMATS.get(format_name)
+        self.write_dense = write_dense
+
+    def put(self, target: WeightTarget, weights: np.ndarray, plan: TargetPlan):
+        return self.format.store(target, weights, plan.pattern, self.loaded.proto,
+                                 self.write_dense)
+
+
+def selection_of(config: PruneConfig) -> Selection:
+    return Selection(config.include, config.exclude, config.min_size, config.pattern)
+
+
+def run(loaded: LoadedModel, config: PruneConfig, *, sink: Sink | None = None,
+        masks: Mapping[str, np.ndarray] | None = None, fixed_masks: bool = False,
+        want_masks: bool = False, progress: Progress | None = None,
+        feeds: Sequence[Feed] | None = None) -> PruneResult:
+    """Prune every target of `loaded` as `config` plans it.
+
+    `masks` (keep-masks by target name, stored shape) are honoured: a weight they remove is
+    never kept; with `fixed_masks` they are applied exactly (the method only reconstructs,
+    if it does). `want_masks` returns the keep-masks of the result. `feeds`: calibration
+    samples already in memory, used instead of `config.calib`.
+    """
+    if formats.densify_model(loaded.proto, loaded.base_dir):
+        log.info("stored sparse/compact tensors turned dense before pruning")
+    targets, skipped = discover_targets(loaded.proto, selection_of(config))
+    if not targets:
+        raise NothingToPruneError(
+            f"nothing to prune: no tensor qualified as a target ({len(skipped)} skipped; "
+            "run `onnxprune inspect` to see why, or lower --min-size)")
+    masks = _checked_masks(masks or {}, targets)
+    plan = make_plan(loaded, targets, config)
+    loop = _Loop(loaded, config, plan, sink or Sink(loaded, config.format), masks,
+                 fixed_masks, want_masks, progress, feeds)
+    reports = loop.run(targets)
+    return PruneResult([reports[t.name] for t in targets], [skip_report(s) for s in skipped],
+                       plan, loop.masks_out)
+
+
+def make_plan(loaded: LoadedModel, targets: list[WeightTarget], config: PruneConfig
+              ) -> PrunePlan:
+    """The allocation's plan for `targets`; stored scores are streamed from `loaded`."""
+    method = METHODS.get(config.method)
+
+    def score_chunks(target: WeightTarget):
+        pieces = iter_chunks(target.tensor, loaded.base_dir, masking.CHUNK_ELEMENTS)
+        return method.score_chunks(target, pieces, config.seed)
+
+    plan = ALLOCATIONS.get(config.allocation).plan(targets, config,
+                                                   AllocationContext(score_chunks))
+    missing = [t.name for t in targets if t.name not in plan]
+    if missing:
+        raise ConfigError(f"allocation {config.allocation!r} planned no entry for "
+                          f"{len(missing)} target(s), e.g. {missing[0]}")
+    return plan
+
+
+class _Loop:
+    """One pass over the targets: everything `run` needs while it goes."""
+
+    def __init__(self, loaded: LoadedModel, config: PruneConfig, plan: PrunePlan, sink: Sink,
+                 masks: Mapping[str, np.ndarray], fixed_masks: bool, want_masks: bool,
+                 progress: Progress | None, feeds: Sequence[Feed] | None):
+        self.loaded = loaded
+        self.config = config
+        self.plan = plan
+        self.sink = sink
+        self.masks = masks
+        self.fixed_masks = fixed_masks
+        self.want_masks = want_masks
+        self.progress = progress
+        self.feeds = feeds
+        self.masks_out = MaskSet()
+        self.reports: dict[str, TargetReport] = {}
+
+    def run(self, targets: list[WeightTarget]) -> dict[str, TargetReport]:
+        methods = {t.name: METHODS.get(self.plan[t.name].method) for t in targets}
+        calibrated = [t for t in targets if methods[t.name].needs > Needs.NOTHING
+                      or self.config.measure_error]
+        if self.config.calib is not None and not calibrated:
+            log.warning("--calib is ignored: method %s uses no calibration data",
+                        self.config.method)
+        if not calibrated:
+            for target in targets:
+                self._prune(target, methods[target.name])
+            return self.reports
+        self._prune_calibrated(targets, calibrated, methods)
+        return self.reports
+
+    # ------------------------------------------------------------------ calibration
+
+    def _prune_calibrated(self, targets: list[WeightTarget], calibrated: list[WeightTarget],
+                          methods: dict[str, Method]) -> None:
+        from .calib import ActivationCapture, GraphIndex, load_calibration, target_view
+
+        config = self.config
+        index = GraphIndex(self.loaded.proto)
+        views = []
+        for target in targets:
+            view = target_view(target, index) if target in calibrated else None
+            if isinstance(view, str):
+                log.warning("%s: cannot calibrate (%s); pruned by magnitude", target.name,
+                            view)
+                self._prune(target, METHODS.get("magnitude"), note=view)
+            elif view is None:
+                self._prune(target, methods[target.name])
+            else:
+                views.append(view)
+        if not views:
+            return
+        mode = config.calib_mode or max(
+            (methods[v.target.name].default_calib_mode for v in views),
+            key=lambda m: m == "sequential")
+        feeds = self.feeds if self.feeds is not None else load_calibration(
+            config.calib, self.loaded.proto, config.calib_samples, config.seed)
+        # XᵀX is gathered for every calibrated target: the report gives each one's
+        # reconstruction error, which needs it
+        capture = ActivationCapture(self.loaded, index, views, feeds,
+                                    sequential=mode == "sequential", hessian=True)
+        log.info("%d calibrated targets in %d stage(s) over %d samples (%s)", len(views),
+                 capture.levels, len(feeds), mode)
+        for stage in capture.stages():
+            shared: dict = {}  # targets reading the same input share what methods cache
+            for view in stage.views:
+                stats = capture.stats_of(view)
+                capture.release(view)
+                target = view.target
+                if stats.tokens == 0:
+                    note = "no calibration tokens reached this layer"
+                    log.warning("%s: %s; pruned by magnitude", target.name, note)
+                    self._prune(target, METHODS.get("magnitude"), note=note)
+                    continue
+                if stats.nonfinite:
+                    log.warning("%s: %d calibration tokens had NaN/Inf inputs and were left "
+                                "out", target.name, stats.nonfinite)
+                self._prune(target, methods[target.name], view, stats,
+                            shared.setdefault(view.inputs, {}))
+
+    # ------------------------------------------------------------------ one target
+
+    def _prune(self, target: WeightTarget, method: Method, view=None, stats=None,
+               shared: dict | None = None, note: str = "") -> None:
+        started = time.perf_counter()
+        plan = self.plan[target.name]
+        if method.name != plan.method:
+            plan = TargetPlan(plan.name, plan.sparsity, plan.pattern, method.name, plan.count,
+                              plan.set_by)
+        weights = read_array(target.tensor, self.loaded.base_dir, writable=True)
+        zeros_before = kernels.count_zeros(weights)
+        keep = self.masks.get(target.name)
+        fixed = keep is not None and self.fixed_masks
+        original = None
+        if stats is not None:  # the calibration matrices before pruning, for the error
+            original = view.to_obs(weights)
+            if np.shares_memory(original, weights):  # weights are masked in place below
+                original = original.copy()
+        job = Job(target, weights, plan, self.config.seed, view, stats, keep, fixed,
+                  {} if shared is None else shared)
+        planned = (int(np.count_nonzero(~keep)) if fixed
+                   else _planned_count(target, plan, method, view))
+        if method.reconstructs:
+            if view is None:
+                raise ConfigError(f"{target.name}: method {method.name} needs calibration "
+                                  "statistics")
+            weights = method.reconstruct(job)
+            zeros = kernels.count_zeros(weights)
+        elif fixed:
+            zeros = kernels.apply_mask(weights, keep)
+        elif method.streams_scores and keep is None:
+            zeros = prune_streamed(target, weights, plan.pattern, plan.prune_count(target.numel),
+                                   lambda pieces: method.score_chunks(target, pieces,
+                                                                      self.config.seed))
+        else:
+            zeros = kernels.apply_mask(weights, self._keep_mask(job, method))
+        error = None
+        if original is not None and stats.hessian is not None:
+            error = _relative_error(original, view.to_obs(weights), stats.hessian)
+        del original
+        meets = pattern_kind(plan.pattern).holds(target, weights, plan.pattern, zeros, planned)
+        known_2_4 = meets and implies_2_4(plan.pattern) and target.reduction_length % 4 == 0
+        report = target_report(target, weights, zeros, "dense", str(plan.pattern),
+                               zeros_before, is_2_4=True if known_2_4 else None)
+        report.requested_sparsity = plan.sparsity
+        report.set_by = "masks" if fixed else plan.set_by
+        report.meets_plan = bool(meets)
+        if stats is not None or note:
+            report.method = method.name
+            report.reconstruction_error = error
+            report.calibration_tokens = stats.tokens if stats is not None else 0
+        if note:
+            report.note = note
+        if self.want_masks:
+            self.masks_out.add_packed(target.name, np.packbits(weights.reshape(-1) != 0),
+                                      target.shape)
+        stored = self.sink.put(target, weights, plan)
+        if stored is not None:
+            report.format, report.bytes, report.format_reason = (stored.format, stored.bytes,
+                                                                 stored.reason)
+        del weights  # before the next target is read: one target in memory at a time
+        report.seconds = round(time.perf_counter() - started, 4)
+        self.reports[target.name] = report
+        log.info("%s %s: %d of %d zero (%s), error %s, %.2f s", method.name, target.name, zeros,
+                 target.numel, plan.pattern, "-" if error is None else f"{error:.4g}",
+                 time.perf_counter() - started)
+        if self.progress:
+            self.progress(target)
+
+    def _keep_mask(self, job: Job, method: Method) -> np.ndarray:
+        """Scores -> keep-mask by the plan's pattern, and-ed with any existing mask."""
+        target, plan = job.target, job.plan
+        scores = mask_scores(np.asarray(method.scores(job), dtype=np.float32), job.keep)
+        if plan.pattern.is_nm:
+            keep = nm_keep_mask(target, scores, plan.pattern)
+        elif method.compare == "row":
+            if job.view is not None:
+                keep = job.view.from_obs(row_keep_mask(job.view.to_obs(scores), plan.sparsity))
+            else:
+                keep = target.from_matrix(row_keep_mask(target.to_matrix(scores),
+                                                        plan.sparsity))
+        else:
+            keep = layer_keep_mask(scores, plan.prune_count(target.numel))
+        if job.keep is not None:
+            keep &= job.keep
+        return keep
+
+
+def _planned_count(target: WeightTarget, plan: TargetPlan, method: Method, view) -> int:
+    """The fewest zeros the plan asks for (N:M is checked group by group instead)."""
+    if method.compare == "row" and not plan.pattern.is_nm:
+        features = view.features if view is not None else target.reduction_length
+        return target.numel // features * prune_count(features, plan.sparsity)
+    return plan.prune_count(target.numel)
+
+
+def _relative_error(original: np.ndarray, pruned: np.ndarray, hessians: np.ndarray) -> float:
+    """‖ΔW Xᵀ‖² / ‖W Xᵀ‖² summed over the groups of the calibration matrices."""
+    from .calib import relative_output_error
+
+    lost = total = 0.0
+    for group in range(original.shape[0]):
+        part_lost, part_total = relative_output_error(original[group], pruned[group],
+                                                      hessians[group])
+        lost += part_lost
+        total += part_total
+    return lost / total if total > 0 else 0.0
+
+
+def _checked_masks(masks: Mapping[str, np.ndarray], targets: list[WeightTarget]
+                   ) -> dict[str, np.ndarray]:
+    """Keep-masks by target name as boolean arrays of the stored shapes; exit-2 errors."""
+    by_name = {t.name: t for t in targets}
+    checked = {}
+    for name, mask in masks.items():
+        target = by_name.get(name)
+        if target is None:
+            raise ConfigError(f"mask for {name!r}: no such target in this model "
+                              f"({len(targets)} targets; see `onnxprune inspect`)")
+        mask = np.asarray(mask)
+        if tuple(mask.shape) != tuple(target.shape):
+            raise ConfigError(f"mask for {name!r} has shape {list(mask.shape)}, the target "
+                              f"has {list(target.shape)}")
+        checked[name] = np.ascontiguousarray(mask, dtype=bool)
+    return checked
+
+
+def target_report(target: WeightTarget, weights: np.ndarray, zeros: int, fmt: str,
+                  pattern: str, zeros_before: int | None = None,
+                  is_2_4: bool | None = None) -> TargetReport:
+    """The report of one target; `is_2_4` is audited from the weights unless given."""
+    if is_2_4 is None:
+        is_2_4 = audit_2_4(target, weights)
+    return TargetReport(
+        name=target.name, op_type=target.op_type, shape=list(target.shape), dtype=target.dtype,
+        axis=target.reduction_axis, numel=target.numel, zeros=int(zeros),
+        sparsity=zeros / target.numel if target.numel else 0.0, pattern=pattern, format=fmt,
+        source=target.source, bytes=target.nbytes, is_2_4=is_2_4,
+        zeros_before=zeros_before,
+        consumers=[f"{c.node}:{c.slot}" for c in target.consumers])
+
+
+def skip_report(skipped: SkippedTensor) -> SkipReport:
+    return SkipReport(skipped.name, skipped.reason, list(skipped.shape), skipped.dtype,
+                      skipped.source)
