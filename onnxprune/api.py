@@ -158,38 +158,85 @@ class PassResult:
     """What a pass returns: the model (same kind as given), the report, whether it changed."""
 
     model: object
-    report: Report
+    report: Report | None
     modified: bool
 
 
-class PrunePass:
-    """Pruning as a toolchain pass: settings in the constructor, `pass_(model) -> PassResult`.
+class PassError(Exception):
+    """A pass was called on a model it cannot take, or broke its own promise."""
 
-    Accepts an `onnx.ModelProto` or an `onnx_graphsurgeon.Graph` and returns the same kind.
-    The input is not mutated unless `inplace=True` (ModelProto only).
+
+class PrunePass:
+    """Pruning as a toolchain pass, after the onnx_ir pass contract.
+
+    Settings go in the constructor; `pass_(model)` runs `requires(model)`, then
+    `call(model) -> PassResult(model, report, modified)`, then `ensures(result)`: every target
+    meets its planned pattern (an exact count for unstructured plans, at most N of every M
+    along the reduction axis for N:M). Accepts an `onnx.ModelProto` or an
+    `onnx_graphsurgeon.Graph` and returns the same kind. The input is not mutated unless
+    `inplace=True` (ModelProto only). Passes compose with `Sequential`.
     """
 
     def __init__(self, config: PruneConfig | None = None, *, inplace: bool = False,
-                 base_dir: str | os.PathLike | None = None, **options):
+                 base_dir: str | os.PathLike | None = None, masks=None,
+                 **options):
         self.config = config.replace(**options) if config is not None else \
             PruneConfig(**options)
         self.inplace = inplace
         self.base_dir = base_dir
+        self.masks = masks
 
     def __call__(self, model) -> PassResult:
+        self.requires(model)
+        result = self.call(model)
+        self.ensures(result)
+        return result
+
+    def requires(self, model) -> None:
+        """The model must be a ModelProto (or graphsurgeon Graph) with a main graph."""
         if isinstance(model, onnx.ModelProto):
-            pruned, report = prune(model, config=self.config, base_dir=self.base_dir,
-                                   inplace=self.inplace)
+            if not model.HasField("graph"):
+                raise PassError("PrunePass needs a model with a graph")
+            return
+        if type(model).__name__ == "Graph" and type(model).__module__.startswith(
+                "onnx_graphsurgeon"):
+            return
+        raise PassError(f"PrunePass takes an onnx.ModelProto or onnx_graphsurgeon.Graph, "
+                        f"not {type(model).__name__}")
+
+    def call(self, model) -> PassResult:
+        options = dict(config=self.config, base_dir=self.base_dir, masks=self.masks,
+                       fixed_masks=False)
+        if isinstance(model, onnx.ModelProto):
+            pruned, report = prune(model, inplace=self.inplace, **options)
             return PassResult(pruned, report, _modified(report))
         import onnx_graphsurgeon as gs
 
-        if isinstance(model, gs.Graph):
-            proto = gs.export_onnx(model)
-            pruned, report = prune(proto, config=self.config, base_dir=self.base_dir,
-                                   inplace=True)
-            return PassResult(gs.import_onnx(pruned), report, _modified(report))
-        raise TypeError(f"PrunePass takes an onnx.ModelProto or onnx_graphsurgeon.Graph, "
-                        f"not {type(model).__name__}")
+        pruned, report = prune(gs.export_onnx(model), inplace=True, **options)
+        return PassResult(gs.import_onnx(pruned), report, _modified(report))
+
+    def ensures(self, result: PassResult) -> None:
+        """Every target meets its planned pattern (checked on the pruned weights)."""
+        failed = [t.name for t in result.report.targets if t.meets_plan is False]
+        if failed:
+            raise PassError(f"{len(failed)} target(s) miss their planned pattern, e.g. "
+                            f"{failed[0]}")
+
+
+class Sequential:
+    """Passes run one after the other; modified if any of them modified the model."""
+
+    def __init__(self, *passes):
+        self.passes = passes
+
+    def __call__(self, model) -> PassResult:
+        modified = False
+        report = None
+        for pass_ in self.passes:
+            result = pass_(model)
+            model, report = result.model, result.report
+            modified = modified or result.modified
+        return PassResult(model, report, modified)
 
 
 def _modified(report: Report) -> bool:

@@ -62,7 +62,14 @@ def _add_fsync_option(parser: argparse.ArgumentParser) -> None:
                              "a failed run from leaving a partial file)")
 
 
+def _choices_help(registry, default: str) -> str:
+    """`a | b | c [default]` from a registry's names (no part is imported)."""
+    return f"{' | '.join(registry.names())} [{default}]"
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from .registry import ALLOCATIONS, FORMATS, METHODS
+
     parser = _Parser(prog="onnxprune",
                      description="Prune the weights of ONNX models and check them in onnxruntime.")
     parser.add_argument("--version", action="version", version="onnxprune 0.1.0")
@@ -84,18 +91,27 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--sparsity", type=float, default=None, metavar="F",
                        help="fraction of weights set to zero, 0 <= F < 1 [0.5]; N:M patterns "
                             "set their own")
-    prune.add_argument("--method", default="magnitude",
-                       help="magnitude | random | wanda | obd | sparsegpt [magnitude]")
-    prune.add_argument("--scope", default="layer", help="layer | global [layer]")
-    prune.add_argument("--format", default="dense",
-                       help="dense (zeros in place) | sparse (ONNX sparse_initializer where "
-                            "smaller) | compact (smallest form onnxruntime loads and folds at "
-                            "session start) [dense]")
+    prune.add_argument("--method", default="magnitude", metavar="M",
+                       help=_choices_help(METHODS, "magnitude"))
+    prune.add_argument("--scope", default="layer", choices=("layer", "global"),
+                       help="layer, or global: short for --allocation global [layer]")
+    prune.add_argument("--allocation", default=None, metavar="A",
+                       help=_choices_help(ALLOCATIONS, "uniform"))
+    prune.add_argument("--format", default="dense", metavar="F",
+                       help=_choices_help(FORMATS, "dense"))
     prune.add_argument("--seed", type=int, default=0, help="randomness (random method, "
                                                            "synthetic inputs) [0]")
     prune.add_argument("--report", metavar="PATH", help="write the JSON report there")
+    masks = prune.add_argument_group("masks")
+    masks.add_argument("--save-masks", metavar="NPZ",
+                       help="write the keep-masks of the result (bit-packed, by target name)")
+    masks.add_argument("--apply-masks", metavar="NPZ",
+                       help="prune exactly the positions these saved masks remove (the method "
+                            "only reconstructs, if it does; targets not in the file are "
+                            "pruned as planned)")
     _add_fsync_option(prune)
-    calib = prune.add_argument_group("calibration (wanda, obd, sparsegpt)")
+    calib = prune.add_argument_group("calibration (methods that use it: "
+                                     "wanda, obd, sparsegpt and plug-ins)")
     calib.add_argument("--calib", metavar="PATH",
                        help=".npz keyed by graph input name, or a folder of .npz (one sample "
                             "each); without it synthetic inputs are used, with a warning")
@@ -104,6 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
     calib.add_argument("--calib-mode", choices=("sequential", "one-pass"),
                        help="sequential (default for sparsegpt): each layer calibrated on the "
                             "already pruned model; one-pass: all on the dense model (faster)")
+    calib.add_argument("--measure-error", action="store_true",
+                       help="calibrate every target to report its reconstruction error, "
+                            "also for methods that need no calibration")
     prune.add_argument("--validate", action="store_true",
                        help="run input and output in onnxruntime and compare; exit 1 if a "
                             "tolerance fails")
@@ -214,24 +233,30 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def cmd_prune(args: argparse.Namespace) -> int:
     _import_numba_without_blas_probe()
     from .api import prune
-    from .io import check_output_path
+    from .masks import MaskSet
     from .report import format_summary
 
     config = _config_from(args, sparsity=args.sparsity, method=args.method, scope=args.scope,
-                          format=args.format, seed=args.seed, calib=args.calib,
-                          calib_samples=args.calib_samples, calib_mode=args.calib_mode)
+                          allocation=args.allocation, format=args.format, seed=args.seed,
+                          calib=args.calib, calib_samples=args.calib_samples,
+                          calib_mode=args.calib_mode, measure_error=args.measure_error)
     if config.pattern.is_nm and args.sparsity is not None \
             and abs(args.sparsity - config.pattern.sparsity) > 1e-9:
         log.warning("--sparsity %s is ignored: pattern %s gives %.4g", args.sparsity,
                     config.pattern, config.pattern.sparsity)
     if config.pattern.is_nm and config.scope == "global":
         log.warning("--scope global has no effect with an N:M pattern")
-    if args.report:
-        check_output_path(args.report, args.model)
+    for option in ("report", "save_masks"):
+        if getattr(args, option):
+            _check_side_output(getattr(args, option), "--" + option.replace("_", "-"), args)
+    masks = MaskSet.load(args.apply_masks) if args.apply_masks else None
     feeds_source = _feeds_source(args) if args.validate else None
     with _progress_bar(args, "prune") as progress:
         _, report = prune(args.model, args.output, config=config, progress=progress,
-                          durable=args.fsync)
+                          durable=args.fsync, masks=masks,
+                          return_masks=bool(args.save_masks))
+    if args.save_masks:
+        report.masks.save(args.save_masks)
     print(format_summary(report))
     status = 0
     if args.validate:
@@ -244,6 +269,16 @@ def cmd_prune(args: argparse.Namespace) -> int:
     if args.report:
         _write_text_atomically(Path(args.report), report.to_json() + "\n")
     return status
+
+
+def _check_side_output(path: str, option: str, args: argparse.Namespace) -> None:
+    """A report or mask file must not overwrite the model or the pruned output."""
+    from .errors import OutputPathError
+    from .io import check_output_path
+
+    check_output_path(path, args.model)
+    if Path(path).resolve() == Path(args.output).resolve():
+        raise OutputPathError(f"{option} {path} is the output model's path")
 
 
 def cmd_densify(args: argparse.Namespace) -> int:

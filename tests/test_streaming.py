@@ -139,6 +139,10 @@ def bits(array: np.ndarray) -> bytes:
     return np.ascontiguousarray(array).tobytes()
 
 
+def _timeless(target_report) -> dict:
+    return {k: v for k, v in target_report.__dict__.items() if k != "seconds"}
+
+
 def in_memory_prune(path: Path, out: Path, options: dict):
     """The reference: the whole model in memory, pruned in the proto, then written."""
     loaded = load_model(path)
@@ -158,7 +162,8 @@ def test_external_streaming_equals_in_memory(external_path: Path, tmp_path: Path
     reference = tmp_path / "reference.onnx"
     _, report = onnxprune.prune(external_path, streamed, **options)
     reference_report = in_memory_prune(external_path, reference, options)
-    assert [t.__dict__ for t in report.targets] == [t.__dict__ for t in reference_report.targets]
+    assert [_timeless(t) for t in report.targets] == [_timeless(t)
+                                                      for t in reference_report.targets]
     assert sum(t.zeros for t in report.targets) > sum(t.zeros_before for t in report.targets)
     got, want = values_by_name(streamed), values_by_name(reference)
     assert got.keys() == want.keys() == values_by_name(external_path).keys()

@@ -1,0 +1,232 @@
+"""The one prune loop: plans, masks as data, registered parts, the pass contract."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from conftest import example_feeds
+from onnx import helper, numpy_helper
+
+import onnxprune
+from onnxprune.cli import main
+from onnxprune.masking import nm_holds, prune_count
+from onnxprune.masks import MaskSet
+from onnxprune.registry import METHODS
+from onnxprune.targets import discover_targets
+
+METHOD_NAMES = ("magnitude", "random", "wanda", "obd", "sparsegpt")
+
+
+def _weights(path: Path) -> dict[str, np.ndarray]:
+    model = onnx.load(str(path))
+    targets, _ = discover_targets(model)
+    return {t.name: numpy_helper.to_array(t.tensor) for t in targets}
+
+
+def _calib(path: Path, tmp_path: Path, samples: int = 4) -> Path:
+    feeds = [example_feeds(path, seed) for seed in range(samples)]
+    file = tmp_path / f"{path.stem}-calib.npz"
+    np.savez(file, **{name: np.stack([f[name] for f in feeds]) for name in feeds[0]})
+    return file
+
+
+@pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
+@pytest.mark.parametrize("model_name", ["mlp.onnx", "cnn.onnx", "transformer.onnx"])
+def test_saved_masks_reproduce_zero_positions_with_any_method(models_dir, tmp_path, model_name,
+                                                               pattern):
+    path = models_dir / model_name
+    calib = _calib(path, tmp_path)
+    first, masks_file = tmp_path / "first.onnx", tmp_path / "masks.npz"
+    assert main(["prune", str(path), "-o", str(first), "--method", "wanda", "--calib",
+                 str(calib), "--pattern", pattern, "--save-masks", str(masks_file), "-q"]) == 0
+    masks = MaskSet.load(masks_file)
+    pruned = _weights(first)
+    assert set(masks) == set(pruned)
+    for name, weights in pruned.items():
+        np.testing.assert_array_equal(masks[name], weights != 0)
+    dense = _weights(path)
+    for method in METHOD_NAMES:
+        out = tmp_path / f"{method}.onnx"
+        assert main(["prune", str(path), "-o", str(out), "--method", method, "--calib",
+                     str(calib), "--apply-masks", str(masks_file), "-q"]) == 0
+        for name, weights in _weights(out).items():
+            np.testing.assert_array_equal(weights == 0, ~masks[name], err_msg=(method, name))
+            if method != "sparsegpt":  # no reconstruction: kept values bit-identical
+                keep = masks[name]
+                assert weights[keep].tobytes() == dense[name][keep].tobytes()
+
+
+@pytest.mark.parametrize("method", METHOD_NAMES)
+def test_an_existing_mask_is_never_revived(models_dir, tmp_path, method):
+    path = models_dir / "cnn.onnx"
+    _, light = onnxprune.prune(str(path), sparsity=0.3, method="random", return_masks=True)
+    model, report = onnxprune.prune(str(path), sparsity=0.6, method=method, masks=light.masks,
+                                    fixed_masks=False, return_masks=True,
+                                    calib=_calib(path, tmp_path))
+    for target in report.targets:
+        old, new = light.masks[target.name], report.masks[target.name]
+        assert not (new & ~old).any(), target.name  # nothing pruned before is kept now
+        assert target.meets_plan and target.sparsity >= 0.59  # wanda rounds per row
+
+
+def test_unknown_mask_name_and_wrong_shape_are_exit_2(models_dir, tmp_path, capsys):
+    path = models_dir / "mlp.onnx"
+    weights = _weights(path)
+    bad_name = tmp_path / "name.npz"
+    MaskSet.from_arrays({"no.such.weight": np.ones(4, bool)}).save(bad_name)
+    name = next(iter(weights))
+    bad_shape = tmp_path / "shape.npz"
+    MaskSet.from_arrays({name: np.ones((3, 3), bool)}).save(bad_shape)
+    for file, words in ((bad_name, "no such target"), (bad_shape, "has shape")):
+        out = tmp_path / "out.onnx"
+        assert main(["prune", str(path), "-o", str(out), "--apply-masks", str(file)]) == 2
+        err = capsys.readouterr().err
+        assert words in err and err.count("\n") == 1 and not out.exists()
+
+
+def test_masks_file_is_bit_packed_with_shapes(models_dir, tmp_path):
+    path = models_dir / "transformer.onnx"
+    _, report = onnxprune.prune(str(path), sparsity=0.5, return_masks=True)
+    file = report.masks.save(tmp_path / "m.npz")
+    with np.load(file) as npz:
+        index = json.loads(npz["__onnxprune_masks__"].tobytes())
+        for target in report.targets:
+            packed = npz[target.name]
+            assert packed.dtype == np.uint8 and packed.size == (target.numel + 7) // 8
+            assert index["shapes"][target.name] == target.shape
+
+
+def test_float64_kept_values_are_bit_identical_for_calibrated_methods(tmp_path):
+    rng = np.random.default_rng(3)
+    w1 = rng.standard_normal((64, 96))
+    w2 = rng.standard_normal((96, 32)) * np.pi
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w1"], ["h"]), helper.make_node("Relu", ["h"], ["r"]),
+         helper.make_node("MatMul", ["r", "w2"], ["y"])], "f64",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.DOUBLE, [8, 64])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.DOUBLE, [8, 32])],
+        [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    path = tmp_path / "f64.onnx"
+    onnx.save(model, str(path))
+    calib = tmp_path / "c.npz"
+    np.savez(calib, x=rng.standard_normal((4, 8, 64)))
+    for method in ("wanda", "obd"):
+        out = tmp_path / f"{method}.onnx"
+        onnxprune.prune(str(path), str(out), method=method, calib=str(calib), min_size=0)
+        for name, before in (("w1", w1), ("w2", w2)):
+            after = numpy_helper.to_array(next(t for t in onnx.load(str(out)).graph.initializer
+                                               if t.name == name))
+            kept = after != 0
+            assert kept.mean() == pytest.approx(0.5, abs=0.01)
+            assert after[kept].tobytes() == before[kept].tobytes(), (method, name)
+
+
+def test_report_shows_requested_and_achieved_per_target(models_dir, tmp_path):
+    report_file = tmp_path / "r.json"
+    assert main(["prune", str(models_dir / "mlp.onnx"), "-o", str(tmp_path / "o.onnx"),
+                 "--allocation", "global", "--sparsity", "0.7", "--report",
+                 str(report_file), "-q"]) == 0
+    report = json.loads(report_file.read_text())
+    targets = report["targets"]
+    assert {t["set_by"] for t in targets} == {"global"}
+    assert sum(t["zeros"] for t in targets) == prune_count(sum(t["numel"] for t in targets), 0.7)
+    for t in targets:  # the global plan is an exact count per target, met exactly
+        assert t["requested_sparsity"] == pytest.approx(t["sparsity"])
+        assert t["meets_plan"] is True
+    assert report["config"]["allocation"] == "global"
+
+
+def test_global_allocation_equals_one_threshold_over_all_targets(models_dir):
+    path = models_dir / "transformer.onnx"
+    dense = _weights(path)
+    model, report = onnxprune.prune(str(path), sparsity=0.6, scope="global")
+    everything = np.concatenate([np.abs(w).ravel() for w in dense.values()])
+    threshold = np.sort(everything)[prune_count(everything.size, 0.6) - 1]
+    for target in report.targets:
+        pruned = numpy_helper.to_array(next(t for t in model.graph.initializer
+                                            if t.name == target.name))
+        below = np.abs(dense[target.name]) < threshold
+        assert (pruned[below] == 0).all()
+        assert (pruned[np.abs(dense[target.name]) > threshold] != 0).all()
+
+
+def test_prune_pass_contract_and_sequence(models_dir):
+    model = onnx.load(str(models_dir / "mlp.onnx"))
+    first = onnxprune.PrunePass(sparsity=0.5)
+    second = onnxprune.PrunePass(pattern="2:4")
+    result = onnxprune.Sequential(first, second)(model)
+    assert result.modified
+    for target in discover_targets(result.model)[0]:
+        assert nm_holds(target, numpy_helper.to_array(target.tensor), 2, 4)
+    with pytest.raises(Exception, match="takes an onnx.ModelProto"):
+        first("not a model")
+    again = onnxprune.PrunePass(sparsity=0.0)(model)
+    assert not again.modified
+
+
+def test_ensures_catches_a_method_that_breaks_the_pattern(models_dir):
+    class Cheat(METHODS.get("magnitude").__class__):
+        name = "cheat-revive"
+        reconstructs = True
+        needs = METHODS.get("sparsegpt").needs
+
+        def reconstruct(self, job):  # returns the dense weights: pattern not met
+            return job.weights.copy()
+
+    METHODS.register(Cheat())
+    try:
+        with pytest.raises(onnxprune.api.PassError, match="miss their planned pattern"):
+            onnxprune.PrunePass(pattern="2:4", method="cheat-revive")(
+                onnx.load(str(models_dir / "mlp.onnx")))
+    finally:
+        METHODS.unregister("cheat-revive")
+
+
+PLUGIN = textwrap.dedent('''
+    import numpy as np
+    from onnxprune.methods import Method
+
+
+    class Smallest(Method):
+        """Prunes the largest weights: a toy that shows a plug-in runs from the CLI."""
+
+        name = "toy-largest"
+        description = "-|W| (a toy)"
+
+        def scores(self, job):
+            return -np.abs(job.weights.astype(np.float32))
+''')
+
+
+def test_a_method_from_an_entry_point_runs_from_the_cli(models_dir, tmp_path):
+    site = tmp_path / "site"
+    (site / "toy_plugin-0.1.dist-info").mkdir(parents=True)
+    (site / "toy_plugin.py").write_text(PLUGIN)
+    (site / "toy_plugin-0.1.dist-info" / "METADATA").write_text(
+        "Metadata-Version: 2.1\nName: toy-plugin\nVersion: 0.1\n")
+    (site / "toy_plugin-0.1.dist-info" / "entry_points.txt").write_text(
+        "[onnxprune.methods]\ntoy-largest = toy_plugin:Smallest\n")
+    out = tmp_path / "out.onnx"
+    env = {**os.environ, "PYTHONPATH": str(site)}
+    help_text = subprocess.run([sys.executable, "-m", "onnxprune", "prune", "--help"],
+                               capture_output=True, text=True, env=env, check=True).stdout
+    assert "toy-largest" in re.sub(r"-\s+", "-", help_text)  # argparse wraps at hyphens
+    run = subprocess.run([sys.executable, "-m", "onnxprune", "prune",
+                          str(models_dir / "mlp.onnx"), "-o", str(out), "--method",
+                          "toy-largest"], capture_output=True, text=True, env=env)
+    assert run.returncode == 0, run.stderr
+    dense = _weights(models_dir / "mlp.onnx")
+    for name, weights in _weights(out).items():
+        kept = np.abs(dense[name][weights != 0])
+        pruned = np.abs(dense[name][weights == 0])
+        assert kept.max() <= pruned.min()  # the largest went
