@@ -7,8 +7,10 @@ import json
 import numpy as np
 import onnx
 import pytest
+from conftest import MODELS_DIR
 from onnx import TensorProto, helper, numpy_helper
 
+from onnxprune.cli import main
 from onnxprune.errors import CalibrationError, ConfigError, ModelLoadError
 from onnxprune.inputs import synthetic_inputs
 from onnxprune.validate import (
@@ -373,3 +375,92 @@ def test_format_result_lists_outputs_and_verdict():
     assert lines[2].startswith("logits") and "[6, 5]" in lines[2]
     assert lines[3].startswith("overall") and "4 samples" in lines[3]
     assert lines[-1] == "PASSED (atol=0)"
+
+
+# --- the command line: verdicts, exit codes, checks before pruning ----------------------------
+
+TRANSFORMER = MODELS_DIR / "transformer.onnx"
+MLP = MODELS_DIR / "mlp.onnx"
+
+
+def _last_line(text: str) -> str:
+    return text.strip().splitlines()[-1]
+
+
+def test_readme_first_command_is_not_checked_and_warns(tmp_path, capfd):
+    out = tmp_path / "transformer-2of4.onnx"
+    status = main(["prune", str(TRANSFORMER), "-o", str(out), "--pattern", "2:4", "--validate"])
+    stdout, stderr = capfd.readouterr()
+    assert status == 0 and out.is_file()
+    assert "PASSED" not in stdout
+    assert _last_line(stdout).startswith("NOT CHECKED (no tolerance given")
+    assert "WARNING: top-1 agreement" in stderr and "WARNING: cosine similarity" in stderr
+
+
+def test_validate_json_without_tolerance_prints_passed_null(tmp_path, capsys):
+    assert main(["validate", str(MLP), str(MLP), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["passed"] is None and result["verdict"] == "not checked"
+
+
+def test_prune_validate_failure_says_where_the_output_is_kept(tmp_path, capsys):
+    out = tmp_path / "kept.onnx"
+    status = main(["prune", str(TRANSFORMER), "-o", str(out), "--validate",
+                   "--min-cosine", "0.99"])
+    stdout, stderr = capsys.readouterr()
+    assert status == 1 and out.is_file()
+    assert _last_line(stdout).startswith("  - min_cosine:")
+    assert f"onnxprune: validation failed; the pruned model is kept at {out}" in stderr
+
+
+@pytest.mark.parametrize(
+    "arrays, expected",
+    [
+        ({"input_ids": np.zeros((1, 16), np.float32)}, "dtype float32"),
+        ({"ids": np.zeros((1, 16), np.int64)}, "missing input(s) 'input_ids'"),
+        ({"input_ids": np.zeros((1, 16, 2, 2), np.int64)}, "rank"),
+    ],
+)
+def test_prune_validate_checks_the_data_before_pruning(tmp_path, capfd, arrays, expected):
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, **arrays)
+    out = tmp_path / "out.onnx"
+    status = main(["prune", str(TRANSFORMER), "-o", str(out), "--validate", "--data", str(bad)])
+    stdout, stderr = capfd.readouterr()
+    assert status == 2 and not out.exists() and list(tmp_path.iterdir()) == [bad]
+    assert stdout == ""  # no summary: pruning never started
+    assert stderr.count("\n") == 1 and expected in stderr
+
+
+@pytest.mark.parametrize("options, expected", [
+    (["--input-shapes", "input_ids:[1,16,1]"], "rank 3"),
+    (["--input-shapes", "tokens:[1,16]"], "unknown input"),
+    (["--input-shapes", "input_ids:1x16"], "--input-shapes expects NAME:[d0,d1,...]"),
+    (["--dim", "seq=5000"], "input_ids: int64[1, 5000]"),  # onnxruntime refuses to run it
+])
+def test_prune_validate_checks_synthetic_shapes_before_pruning(tmp_path, capfd, options,
+                                                               expected):
+    out = tmp_path / "out.onnx"
+    status = main(["prune", str(TRANSFORMER), "-o", str(out), "--validate", *options])
+    stdout, stderr = capfd.readouterr()
+    assert status == 2 and not out.exists() and stdout == ""
+    assert stderr.count("\n") == 1 and stderr.startswith("onnxprune: error: ")
+    assert expected in stderr
+
+
+def test_reference_failing_on_synthetic_inputs_is_one_line_with_a_hint(capfd):
+    status = main(["validate", str(TRANSFORMER), str(TRANSFORMER), "--dim", "seq=5000"])
+    stdout, stderr = capfd.readouterr()
+    assert status == 2 and stdout == ""
+    assert stderr.count("\n") == 1  # onnxruntime's own [E:onnxruntime ...] lines are silenced
+    assert "[E:onnxruntime" not in stderr and "\x1b[" not in stderr
+    assert "sample 0 of the synthetic inputs (input_ids: int64[1, 5000])" in stderr
+    assert "--input-shapes NAME:[d0,d1,...]" in stderr and "--data" in stderr
+    assert "Attempting to broadcast" in stderr  # onnxruntime's reason, folded into our line
+
+
+def test_input_shapes_option_sets_the_synthetic_shape(capsys):
+    assert main(["validate", str(TRANSFORMER), str(TRANSFORMER), "--json", "--atol", "0",
+                 "--input-shapes", "input_ids:[2,8]"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["passed"] is True and result["outputs"][0]["shape"] == [2, 8, 512]
