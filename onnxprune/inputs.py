@@ -58,11 +58,14 @@ INT_HIGH = 100  # synthetic integers lie in [0, INT_HIGH) unless a lookup table 
 MASK_MAX_PADDING = 0.25
 # Names exporters invent for dimensions they know nothing about: treat them as unnamed.
 _AUTO_DIM_NAME = re.compile(r"^(unk__\d+|\?|)$")
+# One NAME:[d0,d1,...] of --input-shapes; the name is the shortest run before ":[".
+_INPUT_SHAPE = re.compile(r"\s*(\S+?):\[([^\[\]]*)\]")
 
 
 @dataclass(frozen=True)
 class InputSpec:
-    """One graph input: name, numpy dtype, and shape (int static, str named, None unnamed).
+    """One graph input: name, numpy dtype, and shape (int static, str named, None unnamed:
+    no name, an exporter's placeholder name such as `unk__3` or `?`, or -1).
 
     `shape` is None when the model does not state the rank.
     """
@@ -162,9 +165,6 @@ def parse_input_shapes(items: Iterable[str]) -> dict[str, tuple[int, ...]]:
             shapes[name] = shape
             position = match.end()
     return shapes
-
-
-_INPUT_SHAPE = re.compile(r"\s*(\S+?):\[([^\[\]]*)\]")
 
 
 def _shape_size(name: str, text: str) -> int:
