@@ -44,7 +44,12 @@ def _add_check_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--samples", type=int, default=None, metavar="N",
                        help="number of samples (synthetic inputs: default 4)")
     group.add_argument("--dim", action="append", default=[], metavar="NAME=VALUE",
-                       help="value for a dynamic dimension of synthetic inputs (repeatable)")
+                       help="value for a named dynamic dimension of synthetic inputs "
+                            "(repeatable)")
+    group.add_argument("--input-shapes", action="append", default=[],
+                       metavar="NAME:[d0,d1,...]",
+                       help="full shape of a synthetic input, named or unnamed dynamic dims "
+                            "alike (repeatable; several separated by spaces in one argument)")
     group.add_argument("--atol", type=float, default=None,
                        help="fail if the max abs diff exceeds this")
     group.add_argument("--rtol", type=float, default=None,
@@ -250,7 +255,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         if getattr(args, option):
             _check_side_output(getattr(args, option), "--" + option.replace("_", "-"), args)
     masks = MaskSet.load(args.apply_masks) if args.apply_masks else None
-    feeds_source = _feeds_source(args) if args.validate else None
+    feeds_source = _feeds_source(args, args.model, probe=True) if args.validate else None
     with _progress_bar(args, "prune") as progress:
         _, report = prune(args.model, args.output, config=config, progress=progress,
                           durable=args.fsync, masks=masks,
@@ -265,7 +270,10 @@ def cmd_prune(args: argparse.Namespace) -> int:
         from .validate import format_result
 
         print(format_result(result))
-        status = 0 if result.passed else 1
+        if result.passed is False:
+            status = 1
+            print(f"onnxprune: validation failed; the pruned model is kept at {args.output}",
+                  file=sys.stderr)
     if args.report:
         _write_text_atomically(Path(args.report), report.to_json() + "\n")
     return status
@@ -297,32 +305,38 @@ def cmd_densify(args: argparse.Namespace) -> int:
 def cmd_validate(args: argparse.Namespace) -> int:
     from .validate import format_result
 
-    result = _compare(args.reference, args.candidate, args, _feeds_source(args))
+    result = _compare(args.reference, args.candidate, args, _feeds_source(args, args.reference))
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
     else:
         print(format_result(result))
-    return 0 if result.passed else 1
+    return 1 if result.passed is False else 0  # None: no tolerance given, not checked
 
 
-def _feeds_source(args: argparse.Namespace) -> dict:
-    """Parse the input-related options up front so bad values fail before any work."""
+def _feeds_source(args: argparse.Namespace, model: str, probe: bool = False) -> dict:
+    """Parse the input options and build the feeds for `model` up front, so bad values, data
+    files that do not fit the model (names, dtypes, shapes) and, with `probe`, inputs the
+    model cannot run on fail before any work."""
     from .errors import ConfigError
-    from .inputs import parse_dim_overrides
+    from .inputs import parse_dim_overrides, parse_input_shapes
+    from .validate import check_reference_runs, validation_feeds
 
     if args.samples is not None and args.samples < 1:
         raise ConfigError(f"--samples must be at least 1, got {args.samples}")
-    return {"data": args.data, "samples": args.samples, "dims": parse_dim_overrides(args.dim),
-            "seed": getattr(args, "seed", 0)}
+    feeds, synthetic = validation_feeds(
+        model, data=args.data, samples=args.samples, seed=getattr(args, "seed", 0),
+        dims=parse_dim_overrides(args.dim), input_shapes=parse_input_shapes(args.input_shapes))
+    if probe:
+        check_reference_runs(model, feeds, synthetic)
+    return {"feeds": feeds, "synthetic": synthetic}
 
 
 def _compare(reference: str, candidate: str, args: argparse.Namespace, source: dict):
-    from .validate import validate_models
+    from .validate import compare_models
 
-    return validate_models(reference, candidate, data=source["data"], samples=source["samples"],
-                           seed=source["seed"], dims=source["dims"], atol=args.atol,
-                           rtol_l2=args.rtol, min_cosine=args.min_cosine,
-                           min_top1=args.min_top1)
+    return compare_models(reference, candidate, source["feeds"], synthetic=source["synthetic"],
+                          atol=args.atol, rtol_l2=args.rtol, min_cosine=args.min_cosine,
+                          min_top1=args.min_top1)
 
 
 @contextlib.contextmanager

@@ -12,7 +12,7 @@ import logging
 import os
 import re
 import zipfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,9 +37,13 @@ _INT_TYPES = frozenset({
     TensorProto.INT8, TensorProto.INT16, TensorProto.INT32, TensorProto.INT64,
     TensorProto.UINT8, TensorProto.UINT16, TensorProto.UINT32, TensorProto.UINT64,
 })
-# Ops that pass integer ids through unchanged, so a Gather behind them still bounds the ids.
+# Ops whose first input's values reach their output unchanged (only moved, repeated or
+# retyped), so a Gather behind them still bounds integer ids fed into them.
 _ID_PRESERVING_OPS = frozenset({"Cast", "Identity", "Reshape", "Unsqueeze", "Squeeze",
-                                "Flatten"})
+                                "Flatten", "Transpose", "Slice", "Expand", "Tile", "Gather"})
+# Ops whose output has the shape of their first input: a Gather table behind them (a
+# quantized or cast embedding) still has the constant's row count.
+_SHAPE_PRESERVING_OPS = frozenset({"Cast", "Identity", "DequantizeLinear"})
 # The only silent dtype conversions for user data: lossless or what exporters routinely mean.
 _ALLOWED_CASTS = {
     (np.dtype(np.int32), np.dtype(np.int64)),
@@ -49,13 +53,19 @@ _ALLOWED_CASTS = {
 DEFAULT_DIM = 16
 DEFAULT_BATCH_DIM = 1
 INT_HIGH = 100  # synthetic integers lie in [0, INT_HIGH) unless a lookup table bounds them
+# A synthetic mask row is 1 up to a random length, then 0 (padding); at most this fraction
+# of a row is padding, so no row is masked out entirely.
+MASK_MAX_PADDING = 0.25
 # Names exporters invent for dimensions they know nothing about: treat them as unnamed.
 _AUTO_DIM_NAME = re.compile(r"^(unk__\d+|\?|)$")
+# One NAME:[d0,d1,...] of --input-shapes; the name is the shortest run before ":[".
+_INPUT_SHAPE = re.compile(r"\s*(\S+?):\[([^\[\]]*)\]")
 
 
 @dataclass(frozen=True)
 class InputSpec:
-    """One graph input: name, numpy dtype, and shape (int static, str named, None unnamed).
+    """One graph input: name, numpy dtype, and shape (int static, str named, None unnamed:
+    no name, an exporter's placeholder name such as `unk__3` or `?`, or -1).
 
     `shape` is None when the model does not state the rank.
     """
@@ -102,7 +112,8 @@ def graph_inputs(model: onnx.ModelProto) -> list[InputSpec]:
 
 def _dim(dim: onnx.TensorShapeProto.Dimension) -> Dim:
     if dim.HasField("dim_value"):
-        return int(dim.dim_value)
+        # Some exporters (PaddlePaddle) write -1 for a dynamic dimension.
+        return int(dim.dim_value) if dim.dim_value >= 0 else None
     if dim.HasField("dim_param") and not _AUTO_DIM_NAME.match(dim.dim_param):
         return dim.dim_param
     return None
@@ -130,26 +141,75 @@ def parse_dim_overrides(items: Iterable[str]) -> dict[str, int]:
     return dims
 
 
+def parse_input_shapes(items: Iterable[str]) -> dict[str, tuple[int, ...]]:
+    """`["x:[1,3,224,224]", "ids:[1,128] mask:[1,128]"]` -> `{"x": (1, 3, 224, 224), ...}`.
+
+    The convention of Polygraphy and trtexec: NAME:[d0,d1,...], several per item separated
+    by spaces; `NAME:[]` is a scalar. A name may itself contain ':' (`input:0:[1,4]`).
+    """
+    shapes: dict[str, tuple[int, ...]] = {}
+    for item in items:
+        text = str(item)
+        position = 0
+        while text[position:].strip():
+            match = _INPUT_SHAPE.match(text, position)
+            if match is None:
+                raise ConfigError("--input-shapes expects NAME:[d0,d1,...] such as "
+                                  f"x:[1,3,224,224], got {text[position:].strip()!r}")
+            name, listed = match.group(1), match.group(2).strip()
+            shape = tuple(_shape_size(name, part) for part in listed.split(",")) \
+                if listed else ()
+            if shapes.get(name, shape) != shape:
+                raise ConfigError(f"--input-shapes {name} given twice with different shapes "
+                                  f"({list(shapes[name])} and {list(shape)})")
+            shapes[name] = shape
+            position = match.end()
+    return shapes
+
+
+def _shape_size(name: str, text: str) -> int:
+    try:
+        size = int(text.strip())
+    except ValueError:
+        raise ConfigError(f"--input-shapes {name}: sizes must be integers, "
+                          f"got {text.strip()!r}") from None
+    if size < 0:
+        raise ConfigError(f"--input-shapes {name}: sizes must not be negative, got {size}")
+    return size
+
+
 def synthetic_inputs(model: onnx.ModelProto, samples: int = 1, seed: int = 0,
-                     dims: dict[str, int] | None = None) -> list[Feed]:
+                     dims: dict[str, int] | None = None,
+                     input_shapes: dict[str, Sequence[int]] | None = None) -> list[Feed]:
     """`samples` random feeds for the model's inputs, the same for the same seed.
 
-    Dynamic dimensions come from `dims` (keyed by the dimension's name), else a batch-like
-    name (or an unnamed first axis) gets 1 and every other dynamic dimension 16. Floats are
-    standard normal, booleans fair coin flips, integers lie in [0, 100) or, where the input
-    indexes a Gather table (token ids), in [0, table rows).
+    Shapes: an input named in `input_shapes` takes that full shape (it must fit the model's
+    rank and static sizes; the named dimensions it fixes apply to every input that shares
+    them). Otherwise a dynamic dimension comes from `dims` (keyed by the dimension's name),
+    else it is 1 when it looks like a batch (a batch-like name, a name used only on the first
+    axis of inputs of rank 2 or more, or an unnamed first axis) and 16 otherwise.
+
+    Values: floats are standard normal, booleans fair coin flips, integers lie in [0, 100)
+    or, where the input indexes a Gather table (token ids), in [0, table rows). An integer
+    or boolean input whose name contains "mask" (attention_mask) is a padding mask: each
+    row is 1 up to a random length of at least 3/4 of the row, then 0.
     """
     if samples < 1:
         raise ConfigError(f"samples must be at least 1, got {samples}")
     specs = graph_inputs(model)
     dims = dict(dims or {})
     _check_dim_names(specs, dims)
-    shapes = {spec.name: _resolve_shape(spec, dims) for spec in specs}
+    shapes = resolve_shapes(specs, dims, input_shapes)
     int_bounds = _gather_bounds(model.graph)
     rng = np.random.default_rng(seed)
     return [{spec.name: _random_array(spec, shapes[spec.name], int_bounds.get(spec.name), rng)
              for spec in specs}
             for _ in range(samples)]
+
+
+def describe_feed(feed: Feed) -> str:
+    """`x: float32[1, 3, 16, 16], sr: int64[]`, for messages about a feed."""
+    return ", ".join(f"{name}: {array.dtype}{list(array.shape)}" for name, array in feed.items())
 
 
 def _check_dim_names(specs: list[InputSpec], dims: dict[str, int]) -> None:
@@ -158,22 +218,72 @@ def _check_dim_names(specs: list[InputSpec], dims: dict[str, int]) -> None:
     if unknown:
         listed = ", ".join(sorted(known)) or "none"
         raise ConfigError(f"unknown dimension name(s) {', '.join(unknown)}; "
-                          f"the model's named dimensions: {listed}")
+                          f"the model's named dimensions: {listed}; use --input-shapes "
+                          "NAME:[d0,d1,...] to set the shape of any input")
     for name, size in dims.items():
         if not isinstance(size, (int, np.integer)) or isinstance(size, bool) or size < 1:
             raise ConfigError(f"dimension {name} must be a positive integer, got {size!r}")
 
 
-def _resolve_shape(spec: InputSpec, dims: dict[str, int]) -> tuple[int, ...]:
+def resolve_shapes(specs: list[InputSpec], dims: dict[str, int],
+                   input_shapes: dict[str, Sequence[int]] | None = None
+                   ) -> dict[str, tuple[int, ...]]:
+    """The concrete shape of every input: given in `input_shapes`, else from the model with
+    dynamic dimensions from `dims` or the defaults (see `synthetic_inputs`)."""
+    by_name = {spec.name: spec for spec in specs}
+    given = {name: tuple(int(size) for size in shape)
+             for name, shape in (input_shapes or {}).items()}
+    unknown = sorted(set(given) - set(by_name))
+    if unknown:
+        raise ConfigError(f"--input-shapes: unknown input(s) {', '.join(unknown)}; the model's "
+                          f"inputs: {', '.join(by_name) or 'none'}")
+    bound = dict(dims)  # named dimension -> size, from --dim or from a given input shape
+    origin = {name: f"--dim {name}={size}" for name, size in dims.items()}
+    for name, shape in given.items():
+        spec = by_name[name]
+        if spec.shape is None:
+            continue
+        if len(shape) != len(spec.shape):
+            raise ConfigError(f"--input-shapes {name}: {list(shape)} has rank {len(shape)}, "
+                              f"the model's input is {spec.shape_text()}")
+        for axis, (size, dim) in enumerate(zip(shape, spec.shape, strict=True)):
+            if isinstance(dim, int) and size != dim:
+                raise ConfigError(f"--input-shapes {name}: axis {axis} is {dim} in the model "
+                                  f"({spec.shape_text()}), got {size}")
+            if isinstance(dim, str):
+                if bound.get(dim, size) != size:
+                    raise ConfigError(f"--input-shapes {name}: dimension {dim!r} (axis {axis}) "
+                                      f"is {bound[dim]} by {origin[dim]}, got {size}")
+                bound[dim] = size
+                origin[dim] = f"--input-shapes {name}"
+    batch_names = _first_axis_names(specs)
+    return {spec.name: given[spec.name] if spec.name in given
+            else _resolve_shape(spec, bound, batch_names) for spec in specs}
+
+
+def _first_axis_names(specs: list[InputSpec]) -> set[str]:
+    """Dimension names used only as the first axis of inputs of rank 2 or more: batches."""
+    first, elsewhere = set(), set()
+    for spec in specs:
+        for axis, dim in enumerate(spec.shape or ()):
+            if isinstance(dim, str):
+                (first if axis == 0 and len(spec.shape) >= 2 else elsewhere).add(dim)
+    return first - elsewhere
+
+
+def _resolve_shape(spec: InputSpec, dims: dict[str, int],
+                   batch_names: set[str]) -> tuple[int, ...]:
     if spec.shape is None:
         raise CalibrationError(f"input {spec.name!r} has no shape in the model; "
-                               "give inputs with --data")
+                               "give its shape with --input-shapes or inputs with --data")
     shape = []
     for axis, dim in enumerate(spec.shape):
         if isinstance(dim, int):
             shape.append(dim)
         elif isinstance(dim, str):
-            shape.append(int(dims[dim]) if dim in dims else _default_named(dim))
+            shape.append(int(dims[dim]) if dim in dims
+                         else DEFAULT_BATCH_DIM if dim in batch_names
+                         else _default_named(dim))
         else:
             shape.append(DEFAULT_BATCH_DIM if axis == 0 else DEFAULT_DIM)
     return tuple(shape)
@@ -186,8 +296,25 @@ def _default_named(name: str) -> int:
     return DEFAULT_DIM
 
 
+def _is_mask(spec: InputSpec) -> bool:
+    """An integer or boolean input named like a mask (attention_mask, pixel_mask, mask)."""
+    return ((spec.elem_type in _INT_TYPES or spec.elem_type == TensorProto.BOOL)
+            and "mask" in spec.name.lower())
+
+
+def _padding_mask(shape: tuple[int, ...], dtype: np.dtype,
+                  rng: np.random.Generator) -> np.ndarray:
+    if not shape:
+        return np.ones((), dtype)
+    row = shape[-1]
+    lengths = rng.integers(row - int(row * MASK_MAX_PADDING), row + 1, size=shape[:-1])
+    return (np.arange(row) < lengths[..., np.newaxis]).astype(dtype)
+
+
 def _random_array(spec: InputSpec, shape: tuple[int, ...], int_bound: int | None,
                   rng: np.random.Generator) -> np.ndarray:
+    if _is_mask(spec):
+        return _padding_mask(shape, spec.dtype, rng)
     if spec.elem_type in _FLOAT_TYPES:
         return rng.standard_normal(shape, dtype=np.float32).astype(spec.dtype)
     if spec.elem_type == TensorProto.BOOL:
@@ -211,6 +338,9 @@ def _gather_bounds(graph: onnx.GraphProto) -> dict[str, int]:
             for attr in node.attribute:
                 if attr.name == "value" and attr.type == onnx.AttributeProto.TENSOR:
                     constant_dims[node.output[0]] = list(attr.t.dims)
+        elif node.op_type in _SHAPE_PRESERVING_OPS and node.domain in ("", "ai.onnx") \
+                and node.input and node.input[0] in constant_dims:
+            constant_dims[node.output[0]] = constant_dims[node.input[0]]
         for name in set(node.input):
             consumers.setdefault(name, []).append(node)
 
@@ -311,7 +441,9 @@ def _read_npz(file: Path, specs: list[InputSpec], limit: int | None,
         raise CalibrationError(f"{file}: holds no samples")
     if limit is not None:
         count = min(count, limit)
-    return [{name: stack[i] for name, stack in stacked.items()} for i in range(count)]
+    # stack[i, ...] stays an array for scalar inputs, where stack[i] is a numpy scalar that
+    # onnxruntime refuses.
+    return [{name: stack[i, ...] for name, stack in stacked.items()} for i in range(count)]
 
 
 def _conform_dtype(array: np.ndarray, spec: InputSpec, file: Path,

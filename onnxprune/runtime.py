@@ -15,7 +15,9 @@ import onnxruntime as ort
 
 from .errors import ModelLoadError
 
-QUIET = 3  # onnxruntime log severity: errors only (its messages are folded into ours)
+# onnxruntime log severity: fatal only. Its errors (3) would print coloured lines to stderr
+# before our one-line message, which already carries their text.
+QUIET = 4
 PROVIDERS = ["CPUExecutionProvider"]
 
 
@@ -28,6 +30,8 @@ def session_options(*, intra_op_threads: int | None = None, spinning: bool = Tru
     serialized model references (external data, or a lazy load's references into the model
     file) are found.
     """
+    # Sessions log through their own logger; environment and load messages through this one.
+    ort.set_default_logger_severity(QUIET)
     options = ort.SessionOptions()
     options.log_severity_level = QUIET
     if intra_op_threads is not None:

@@ -3,9 +3,23 @@
 Every output is compared over all samples: the largest absolute difference, the relative L2
 error ‖a−b‖/‖a‖, the cosine similarity and, for outputs that look like class scores, how
 often the argmax over the last axis agrees. The overall figures are the worst over outputs,
-so a tolerance on them is a tolerance on every output. A missing or extra output, a shape
-that differs, or NaN/Inf in the candidate where the reference is finite fails the
-comparison whatever the tolerances; otherwise it passes unless a given tolerance fails.
+so a tolerance on them is a tolerance on every output.
+
+Class scores: a float output of rank 2 or 3 ([batch, classes], [batch, seq, vocab]) whose
+last axis is longer than 1 and that is not a state. Rank 4 and more are maps (NCHW), whose
+last axis is a width, not classes. A state is an output the caller passes back as an
+input: it has the shape and dtype of an input fed, and either one of the two names starts
+with the other (silero-vad's `stateN` for `state`) or the output's name mentions a state
+(state, hidden, cell, cache, past, present, memory).
+
+NaN or Inf in an output, in either model, makes its figures NaN (no agreement can be
+claimed where both models produce NaN) and fails any tolerance; the counts are reported.
+
+The verdict is "failed" when a structural check fails whatever the tolerances (a missing or
+extra output, a shape that differs, the candidate failing to run, NaN/Inf in the candidate
+where the reference is finite) or a given tolerance fails; "passed" when tolerances were
+given and all hold; "not checked" (`passed` is None) when none was given, with a warning
+when the figures look poor (cosine below 0.99, top-1 agreement below 0.9).
 """
 
 from __future__ import annotations
@@ -14,6 +28,7 @@ import ctypes
 import logging
 import math
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,7 +40,7 @@ import onnxruntime as ort
 from onnx import helper
 
 from .errors import CalibrationError, ConfigError
-from .inputs import Feed, load_npz_inputs, synthetic_inputs
+from .inputs import Feed, describe_feed, load_npz_inputs, synthetic_inputs
 from .io import load_model
 from .runtime import first_line as _first_line
 from .runtime import make_session
@@ -37,11 +52,22 @@ ModelSource = str | os.PathLike | onnx.ModelProto | ort.InferenceSession
 DEFAULT_SYNTHETIC_SAMPLES = 4  # the CLI help promises 4
 # Element types numpy cannot hand to onnxruntime directly; they travel as OrtValues.
 _ORTVALUE_ONLY_TYPES = ("bfloat16", "float8", "int4", "uint4", "float4")
+# Without tolerances, figures below these earn a warning: the comparison is not checked,
+# but a user reading "not checked" should still hear that the models disagree.
+WARN_BELOW_COSINE = 0.99
+WARN_BELOW_TOP1 = 0.9
+_STATE_WORDS = re.compile(r"state|hidden|cell|cache|past|present|memory", re.IGNORECASE)
+_SYNTHETIC_HINT = ("set the input shapes with --input-shapes NAME:[d0,d1,...] (or --dim "
+                   "NAME=VALUE) or give real inputs with --data")
 
 
 @dataclass
 class OutputComparison:
-    """How one output of the candidate compares with the reference over all samples."""
+    """How one output of the candidate compares with the reference over all samples.
+
+    `passed` is True or False when tolerances were given, None when not (structural
+    failures make it False either way).
+    """
 
     name: str
     shape: list[int] | None
@@ -50,18 +76,25 @@ class OutputComparison:
     rel_l2: float | None = None
     cosine: float | None = None
     top1_agreement: float | None = None
-    new_nonfinite: int = 0
+    reference_nonfinite: int = 0  # NaN/Inf values over all samples
+    candidate_nonfinite: int = 0
+    new_nonfinite: int = 0  # in the candidate where the reference is finite
     failed: list[str] = field(default_factory=list)
+    checked: bool = True  # whether tolerances were given
 
     @property
-    def passed(self) -> bool:
-        return not self.failed
+    def passed(self) -> bool | None:
+        if self.failed:
+            return False
+        return True if self.checked else None
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "shape": self.shape, "dtype": self.dtype,
                 "max_abs_diff": _json_float(self.max_abs_diff),
                 "rel_l2": _json_float(self.rel_l2), "cosine": _json_float(self.cosine),
                 "top1_agreement": _json_float(self.top1_agreement),
+                "reference_nonfinite": self.reference_nonfinite,
+                "candidate_nonfinite": self.candidate_nonfinite,
                 "new_nonfinite": self.new_nonfinite, "passed": self.passed,
                 "failed": list(self.failed)}
 
@@ -76,8 +109,15 @@ class ValidationResult:
     failed: list[str]
 
     @property
-    def passed(self) -> bool:
-        return not self.failed
+    def passed(self) -> bool | None:
+        """False if anything failed, True if tolerances were given and hold, else None."""
+        if self.failed:
+            return False
+        return True if self.tolerances else None
+
+    @property
+    def verdict(self) -> str:
+        return {True: "passed", False: "failed", None: "not checked"}[self.passed]
 
     @property
     def max_abs_diff(self) -> float | None:
@@ -96,53 +136,79 @@ class ValidationResult:
         return _worst([o.top1_agreement for o in self.outputs], min)
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready; a value that is not finite (rel_l2 of an all-zero reference) is null."""
-        return {"passed": self.passed,
+        """JSON-ready; a value that is not finite (NaN outputs, rel_l2 of an all-zero
+        reference) is null."""
+        return {"passed": self.passed, "verdict": self.verdict,
                 "max_abs_diff": _json_float(self.max_abs_diff),
                 "rel_l2": _json_float(self.rel_l2),
                 "cosine": _json_float(self.cosine),
                 "top1_agreement": _json_float(self.top1_agreement),
+                "reference_nonfinite": sum(o.reference_nonfinite for o in self.outputs),
+                "candidate_nonfinite": sum(o.candidate_nonfinite for o in self.outputs),
                 "samples": self.samples,
                 "tolerances": dict(self.tolerances),
                 "failed": list(self.failed),
                 "outputs": [o.to_dict() for o in self.outputs]}
 
 
+def validation_feeds(model: str | os.PathLike | onnx.ModelProto, *,
+                     data: str | os.PathLike | None = None, samples: int | None = None,
+                     seed: int = 0, dims: dict[str, int] | None = None,
+                     input_shapes: dict[str, Sequence[int]] | None = None
+                     ) -> tuple[list[Feed], bool]:
+    """The feeds to compare on, and whether they are synthetic.
+
+    From `data` (an `.npz` or a folder of them; `samples` caps how many) or else `samples`
+    synthetic ones (default 4) following the model's inputs, random by `seed`, shaped by
+    `input_shapes` and `dims`. Names, dtypes and shapes are checked against the model here,
+    so a caller can do this before any long work.
+    """
+    if isinstance(model, onnx.ModelProto):
+        proto = model
+    else:  # the graph alone describes the inputs; onnxruntime reads the weights itself
+        proto = load_model(model, lazy=True).proto
+    if data is not None:
+        if dims or input_shapes:
+            log.warning("--dim and --input-shapes shape synthetic inputs only; ignored with "
+                        "--data")
+        return load_npz_inputs(data, proto, samples), False
+    count = DEFAULT_SYNTHETIC_SAMPLES if samples is None else samples
+    return synthetic_inputs(proto, count, seed, dims, input_shapes), True
+
+
 def validate_models(reference: str | os.PathLike | onnx.ModelProto,
                     candidate: str | os.PathLike | onnx.ModelProto, *,
                     data: str | os.PathLike | None = None, samples: int | None = None,
                     seed: int = 0, dims: dict[str, int] | None = None,
+                    input_shapes: dict[str, Sequence[int]] | None = None,
                     atol: float | None = None, rtol_l2: float | None = None,
                     min_cosine: float | None = None,
                     min_top1: float | None = None) -> ValidationResult:
-    """Feeds from `data` (an `.npz` or a folder of them) or synthetic ones, then compare.
-
-    Synthetic feeds follow the reference's inputs: `samples` of them (default 4), random by
-    `seed`, dynamic dimensions from `dims`. With `data`, `samples` caps how many are used.
-    """
-    if isinstance(reference, onnx.ModelProto):
-        proto = reference
-    else:  # the graph alone describes the inputs; onnxruntime reads the weights itself
-        proto = load_model(reference).proto
-    if data is not None:
-        if dims:
-            log.warning("dimension overrides apply to synthetic inputs only; ignored with data")
-        feeds = load_npz_inputs(data, proto, samples)
-    else:
-        count = DEFAULT_SYNTHETIC_SAMPLES if samples is None else samples
-        feeds = synthetic_inputs(proto, count, seed, dims)
+    """Feeds from `validation_feeds` for the reference, then `compare_models`."""
+    feeds, synthetic = validation_feeds(reference, data=data, samples=samples, seed=seed,
+                                        dims=dims, input_shapes=input_shapes)
     return compare_models(reference, candidate, feeds, atol=atol, rtol_l2=rtol_l2,
-                          min_cosine=min_cosine, min_top1=min_top1)
+                          min_cosine=min_cosine, min_top1=min_top1, synthetic=synthetic)
+
+
+def check_reference_runs(reference: ModelSource, feeds: Sequence[Feed],
+                         synthetic: bool = False) -> None:
+    """Run the reference on the first feed: a `CalibrationError` now rather than after a
+    long prune if onnxruntime cannot run it on these inputs."""
+    if not feeds:
+        raise CalibrationError("no input samples to compare the models on")
+    _run_reference(_as_session(reference), feeds[0], 0, synthetic)
 
 
 def compare_models(reference: ModelSource, candidate: ModelSource, feeds: Sequence[Feed], *,
                    atol: float | None = None, rtol_l2: float | None = None,
-                   min_cosine: float | None = None,
-                   min_top1: float | None = None) -> ValidationResult:
+                   min_cosine: float | None = None, min_top1: float | None = None,
+                   synthetic: bool = False) -> ValidationResult:
     """Run both models on every feed and compare all outputs by name.
 
-    The reference failing on a feed is a `CalibrationError` (the inputs are wrong); the
-    candidate failing, or its outputs not matching by name or shape, fails the result.
+    The reference failing on a feed is a `CalibrationError` (the inputs are wrong; with
+    `synthetic` feeds the message suggests how to shape them); the candidate failing, or its
+    outputs not matching by name or shape, fails the result.
     """
     tolerances = _check_tolerances(atol=atol, rtol_l2=rtol_l2, min_cosine=min_cosine,
                                    min_top1=min_top1)
@@ -160,29 +226,61 @@ def compare_models(reference: ModelSource, candidate: ModelSource, feeds: Sequen
 
     compared = 0
     for index, feed in enumerate(feeds):
-        try:
-            reference_values = run_session(reference_session, feed)
-        except Exception as exc:  # onnxruntime raises its own unrelated exception types
-            raise CalibrationError(f"the reference model cannot run on sample {index}: "
-                                   f"{_first_line(exc)}") from None
+        reference_values = _run_reference(reference_session, feed, index, synthetic)
         try:
             candidate_values = run_session(candidate_session, feed)
         except Exception as exc:  # a broken candidate is a failed validation, not a crash
             failed.append(f"run: the candidate model fails on sample {index}: "
                           f"{_first_line(exc)}")
             break
+        fed = [(name, tuple(np.shape(value)), str(np.asarray(value).dtype))
+               for name, value in feed.items()]
         for name, output_stats in stats.items():
-            output_stats.add(reference_values[name], candidate_values[name], index)
+            output_stats.add(reference_values[name], candidate_values[name], index, fed)
         compared += 1
 
     outputs = [output_stats.result(tolerances) for output_stats in stats.values()]
     for output in outputs:
         failed.extend(output.failed)
-    return ValidationResult(outputs, compared, tolerances, failed)
+    result = ValidationResult(outputs, compared, tolerances, failed)
+    if result.passed is None:
+        for warning in _unchecked_warnings(result):
+            log.warning("%s", warning)
+    return result
+
+
+def _run_reference(session: ort.InferenceSession, feed: Feed, index: int,
+                   synthetic: bool) -> dict[str, Any]:
+    try:
+        return run_session(session, feed)
+    except Exception as exc:  # onnxruntime raises its own unrelated exception types
+        origin = "synthetic inputs" if synthetic else "inputs"
+        hint = _SYNTHETIC_HINT if synthetic else "check the data against the model's inputs"
+        raise CalibrationError(f"the reference model cannot run on sample {index} of the "
+                               f"{origin} ({describe_feed(feed)}): {_first_line(exc)}; "
+                               f"{hint}") from None
+
+
+def _unchecked_warnings(result: ValidationResult) -> list[str]:
+    """What a "not checked" verdict should not hide: NaN/Inf, and poor agreement."""
+    warnings = [f"output {o.name!r}: {o.reference_nonfinite} NaN/Inf values in the reference, "
+                f"{o.candidate_nonfinite} in the candidate; its figures mean nothing"
+                for o in result.outputs if o.reference_nonfinite or o.candidate_nonfinite]
+    cosine, top1 = result.cosine, result.top1_agreement
+    if cosine is not None and cosine < WARN_BELOW_COSINE:
+        warnings.append(f"cosine similarity {cosine:.4f} is below {WARN_BELOW_COSINE}: the "
+                        "models disagree (not checked: no tolerance given)")
+    if top1 is not None and top1 < WARN_BELOW_TOP1:
+        warnings.append(f"top-1 agreement {top1:.4f} is below {WARN_BELOW_TOP1}: the models "
+                        "disagree (not checked: no tolerance given)")
+    return warnings
 
 
 def format_result(result: ValidationResult) -> str:
-    """A short table: one row per output, an overall row, then PASSED or what failed."""
+    """A short table: one row per output, an overall row, then the verdict.
+
+    PASSED only when tolerances were given and all hold; NOT CHECKED without tolerances.
+    """
     header = ["output", "shape", "max_abs_diff", "rel_l2", "cosine", "top1"]
     rows = [[o.name, _shape_text(o.shape), _num(o.max_abs_diff), _num(o.rel_l2),
              _cos(o.cosine), _frac(o.top1_agreement)] for o in result.outputs]
@@ -194,9 +292,15 @@ def format_result(result: ValidationResult) -> str:
                        for i, (cell, width) in enumerate(zip(row, widths, strict=True))).rstrip()
              for row in [header, *rows]]
     lines.insert(1, "  ".join("-" * width for width in widths))
+    lines.extend(f"NaN/Inf in {o.name!r}: {o.reference_nonfinite} in the reference, "
+                 f"{o.candidate_nonfinite} in the candidate"
+                 for o in result.outputs if o.reference_nonfinite or o.candidate_nonfinite)
     limits = ", ".join(f"{name}={value:g}" for name, value in result.tolerances.items())
     if result.passed:
-        lines.append("PASSED" + (f" ({limits})" if limits else " (no tolerance given)"))
+        lines.append(f"PASSED ({limits})")
+    elif result.passed is None:
+        lines.append("NOT CHECKED (no tolerance given: set --atol, --rtol, --min-cosine or "
+                     "--min-top1)")
     else:
         lines.append("FAILED" + (f" ({limits})" if limits else ""))
         lines.extend(f"  - {reason}" for reason in result.failed)
@@ -216,18 +320,21 @@ class _OutputStats:
         self.max_abs = 0.0
         self.diff_sq = self.reference_sq = self.candidate_sq = self.dot = 0.0
         self.top1_hits = self.top1_rows = 0
-        self.new_nonfinite = 0
+        self.reference_nonfinite = self.candidate_nonfinite = self.new_nonfinite = 0
         self.unequal = 0  # non-numeric outputs (strings): samples that differ
         self.shape_error: str | None = None
 
-    def add(self, reference: Any, candidate: Any, index: int) -> None:
+    def add(self, reference: Any, candidate: Any, index: int,
+            fed: list[tuple[str, tuple[int, ...], str]]) -> None:
+        """Add one sample; `fed`: (name, shape, dtype) of every input of that sample."""
         reference, candidate = _to_array(reference), _to_array(candidate)
         if self.shape is None:
             self.shape = reference.shape
             self.dtype = str(reference.dtype)
             self.numeric = _is_numeric(reference.dtype)
-            self.class_scores = (_is_float(reference.dtype) and reference.ndim >= 2
-                                 and reference.shape[-1] >= 2)
+            self.class_scores = (_is_float(reference.dtype) and 2 <= reference.ndim <= 3
+                                 and reference.shape[-1] >= 2
+                                 and not self._is_state(reference.shape, fed))
         if reference.shape != candidate.shape:
             if self.shape_error is None:
                 self.shape_error = (f"shape: output {self.name!r} is {list(candidate.shape)} in "
@@ -241,10 +348,11 @@ class _OutputStats:
         a = reference.astype(np.float64).ravel()
         b = candidate.astype(np.float64).ravel()
         finite_a, finite_b = np.isfinite(a), np.isfinite(b)
+        self.reference_nonfinite += int(a.size - np.count_nonzero(finite_a))
+        self.candidate_nonfinite += int(b.size - np.count_nonzero(finite_b))
         self.new_nonfinite += int(np.count_nonzero(finite_a & ~finite_b))
-        both = finite_a & finite_b
-        if not both.all():  # positions non-finite in either model are left out of the sums
-            a, b = a[both], b[both]
+        if self.reference_nonfinite or self.candidate_nonfinite:
+            return  # the figures will be NaN: no sums needed
         diff = a - b
         if diff.size:
             self.max_abs = max(self.max_abs, float(np.abs(diff).max()))
@@ -259,9 +367,20 @@ class _OutputStats:
             self.top1_hits += int(np.count_nonzero(reference_top == candidate_top))
             self.top1_rows += reference_top.size
 
+    def _is_state(self, shape: tuple[int, ...],
+                  fed: list[tuple[str, tuple[int, ...], str]]) -> bool:
+        name = self.name.lower()
+        return any(shape == input_shape and self.dtype == input_dtype
+                   and (name.startswith(input_name.lower())
+                        or input_name.lower().startswith(name)
+                        or _STATE_WORDS.search(name) is not None)
+                   for input_name, input_shape, input_dtype in fed)
+
     def result(self, tolerances: dict[str, float]) -> OutputComparison:
         output = OutputComparison(self.name, None if self.shape is None else list(self.shape),
-                                  self.dtype, new_nonfinite=self.new_nonfinite)
+                                  self.dtype, reference_nonfinite=self.reference_nonfinite,
+                                  candidate_nonfinite=self.candidate_nonfinite,
+                                  new_nonfinite=self.new_nonfinite, checked=bool(tolerances))
         if self.shape_error:
             output.failed.append(self.shape_error)
         if self.new_nonfinite:
@@ -273,6 +392,15 @@ class _OutputStats:
             if self.unequal:
                 output.failed.append(f"values: output {self.name!r} differs in {self.unequal} "
                                      f"of {self.compared} samples")
+            return output
+        if self.reference_nonfinite or self.candidate_nonfinite:
+            output.max_abs_diff = output.rel_l2 = output.cosine = math.nan
+            output.top1_agreement = math.nan if self.class_scores else None
+            if tolerances and not self.new_nonfinite:
+                output.failed.append(
+                    f"nan: output {self.name!r} has {self.reference_nonfinite} NaN/Inf values "
+                    f"in the reference and {self.candidate_nonfinite} in the candidate; no "
+                    "tolerance can hold")
             return output
         output.max_abs_diff = self.max_abs
         output.rel_l2 = _ratio(math.sqrt(self.diff_sq), math.sqrt(self.reference_sq))
@@ -286,17 +414,17 @@ class _OutputStats:
 def _tolerance_failures(output: OutputComparison, tolerances: dict[str, float]) -> list[str]:
     failures = []
     name = output.name
-    if "atol" in tolerances and output.max_abs_diff > tolerances["atol"]:
+    if "atol" in tolerances and not output.max_abs_diff <= tolerances["atol"]:
         failures.append(f"atol: output {name!r} max_abs_diff {output.max_abs_diff:.4g} > "
                         f"{tolerances['atol']:g}")
     if "rtol_l2" in tolerances and not output.rel_l2 <= tolerances["rtol_l2"]:
         failures.append(f"rtol_l2: output {name!r} rel_l2 {output.rel_l2:.4g} > "
                         f"{tolerances['rtol_l2']:g}")
-    if "min_cosine" in tolerances and output.cosine < tolerances["min_cosine"]:
+    if "min_cosine" in tolerances and not output.cosine >= tolerances["min_cosine"]:
         failures.append(f"min_cosine: output {name!r} cosine {output.cosine:.6f} < "
                         f"{tolerances['min_cosine']:g}")
     if ("min_top1" in tolerances and output.top1_agreement is not None
-            and output.top1_agreement < tolerances["min_top1"]):
+            and not output.top1_agreement >= tolerances["min_top1"]):
         failures.append(f"min_top1: output {name!r} top1_agreement "
                         f"{output.top1_agreement:.4f} < {tolerances['min_top1']:g}")
     return failures
@@ -403,7 +531,10 @@ def _cosine(dot: float, norm_sq_a: float, norm_sq_b: float) -> float:
 
 
 def _worst(values: list[float | None], pick) -> float | None:
+    """The worst of the values present; NaN (an output with NaN/Inf) is worst of all."""
     present = [v for v in values if v is not None]
+    if any(math.isnan(v) for v in present):
+        return math.nan
     return pick(present) if present else None
 
 

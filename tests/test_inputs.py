@@ -11,9 +11,11 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnxprune.errors import CalibrationError, ConfigError
 from onnxprune.inputs import (
+    describe_feed,
     graph_inputs,
     load_npz_inputs,
     parse_dim_overrides,
+    parse_input_shapes,
     synthetic_inputs,
 )
 
@@ -331,3 +333,232 @@ def test_npz_error_in_folder_names_the_file(tmp_path, two_input_model):
         load_npz_inputs(tmp_path, two_input_model)
     message = _one_line_error(excinfo)
     assert "b.npz" in message and "'mask'" in message
+
+
+# --- dynamic dims written as -1 (PaddlePaddle) ------------------------------------------------
+
+
+def _paddle_like_model() -> onnx.ModelProto:
+    """x float32 [-1, 3, ?, ?] as PaddlePaddle exports write it; y = ReduceMean over H, W."""
+    model = _model(
+        [helper.make_node("ReduceMean", ["x"], ["y"], axes=[2, 3], keepdims=0)],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [-1, 3, None, None])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [-1, 3])],
+        opset=13,
+    )
+    model.graph.input[0].type.tensor_type.shape.dim[2].dim_param = "?"
+    return model
+
+
+def test_minus_one_dims_are_dynamic():
+    model = _paddle_like_model()
+    (spec,) = graph_inputs(model)
+    assert spec.shape == (None, 3, None, None) and spec.shape_text() == "[?, 3, ?, ?]"
+    (feed,) = synthetic_inputs(model)
+    assert feed["x"].shape == (1, 3, 16, 16)
+
+
+def test_npz_fitting_minus_one_dims_is_accepted(tmp_path):
+    path = tmp_path / "image.npz"
+    image = _x(1, 3, 48, 192)
+    np.savez(path, x=image)
+    (feed,) = load_npz_inputs(path, _paddle_like_model())
+    np.testing.assert_array_equal(feed["x"], image)
+    np.savez(path, x=_x(1, 4, 48, 192))  # the static channel count still binds
+    with pytest.raises(CalibrationError) as excinfo:
+        load_npz_inputs(path, _paddle_like_model())
+    assert "[1, 4, 48, 192]" in _one_line_error(excinfo)
+
+
+# --- --input-shapes -------------------------------------------------------------------------
+
+
+def test_parse_input_shapes_forms():
+    assert parse_input_shapes([]) == {}
+    assert parse_input_shapes(["x:[1,3,48,192]"]) == {"x": (1, 3, 48, 192)}
+    assert parse_input_shapes(["ids:[1, 128]  mask:[1,128]", "sr:[]"]) == {
+        "ids": (1, 128), "mask": (1, 128), "sr": ()}
+    assert parse_input_shapes(["input:0:[2,4]"]) == {"input:0": (2, 4)}
+    assert parse_input_shapes(["x:[1,2]", "x:[1,2]"]) == {"x": (1, 2)}
+
+
+@pytest.mark.parametrize("bad", ["x", "x:1,2", "x:[1,2", "x:[a]", "x:[1,-1]", "x:[1] junk",
+                                 ":[1]", "x:[1.5]"])
+def test_parse_input_shapes_rejects_bad_syntax(bad):
+    with pytest.raises(ConfigError) as excinfo:
+        parse_input_shapes([bad])
+    assert "--input-shapes" in _one_line_error(excinfo)
+
+
+def test_parse_input_shapes_rejects_conflicting_repeats():
+    with pytest.raises(ConfigError) as excinfo:
+        parse_input_shapes(["x:[1,2]", "x:[1,3]"])
+    assert "[1, 2]" in _one_line_error(excinfo) and "[1, 3]" in str(excinfo.value)
+
+
+def test_input_shapes_set_unnamed_and_minus_one_dims():
+    (feed,) = synthetic_inputs(_paddle_like_model(), input_shapes={"x": (2, 3, 48, 192)})
+    assert feed["x"].shape == (2, 3, 48, 192)
+
+
+def test_input_shapes_bind_named_dims_for_the_other_inputs(two_input_model):
+    (feed,) = synthetic_inputs(two_input_model, input_shapes={"x": (5, 4)})
+    assert feed["x"].shape == (5, 4)
+    assert feed["mask"].shape == (5, 16)  # "batch" follows x; "seq" keeps its default
+    (feed,) = synthetic_inputs(two_input_model, dims={"seq": 7}, input_shapes={"x": (5, 4)})
+    assert feed["mask"].shape == (5, 7)
+
+
+@pytest.mark.parametrize(
+    "shapes, dims, expected",
+    [
+        ({"y": (1, 4)}, {}, ["unknown input", "y", "x, mask"]),
+        ({"x": (1, 4, 1)}, {}, ["rank 3", "[batch, 4]"]),
+        ({"x": (1, 5)}, {}, ["axis 1 is 4", "got 5"]),
+        ({"x": (2, 4)}, {"batch": 3}, ["'batch'", "3", "--dim batch=3", "got 2"]),
+        ({"x": (2, 4), "mask": (3, 8)}, {}, ["'batch'", "got"]),
+    ],
+)
+def test_input_shapes_that_do_not_fit_the_model(two_input_model, shapes, dims, expected):
+    with pytest.raises(ConfigError) as excinfo:
+        synthetic_inputs(two_input_model, dims=dims, input_shapes=shapes)
+    message = _one_line_error(excinfo)
+    for fragment in expected:
+        assert fragment in message
+
+
+def test_scalar_input_shape():
+    model = _model(
+        [helper.make_node("Identity", ["sr"], ["out"])],
+        [helper.make_tensor_value_info("sr", TensorProto.INT64, [])],
+        [helper.make_tensor_value_info("out", TensorProto.INT64, [])],
+    )
+    (feed,) = synthetic_inputs(model, input_shapes={"sr": ()})
+    assert isinstance(feed["sr"], np.ndarray) and feed["sr"].shape == ()
+
+
+def test_named_first_axis_dim_defaults_to_one():
+    """Exporters name the batch axis anything (PaddlePaddle: p2o.DynamicDimension.0)."""
+    model = _model(
+        [helper.make_node("ReduceSum", ["x"], ["y"], keepdims=0)],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["p2o.DynamicDimension.0", 3,
+                                                                "p2o.DynamicDimension.1"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [])],
+    )
+    (feed,) = synthetic_inputs(model)
+    assert feed["x"].shape == (1, 3, 16)
+
+
+def test_describe_feed():
+    feed = {"x": np.zeros((1, 3), np.float32), "sr": np.array(16000, np.int64)}
+    assert describe_feed(feed) == "x: float32[1, 3], sr: int64[]"
+
+
+# --- masks and Gather bounds ------------------------------------------------------------------
+
+
+def _mask_model(name: str, elem_type: int) -> onnx.ModelProto:
+    return _model(
+        [helper.make_node("Identity", [name], ["out"])],
+        [helper.make_tensor_value_info(name, elem_type, ["batch", "seq"])],
+        [helper.make_tensor_value_info("out", elem_type, ["batch", "seq"])],
+    )
+
+
+@pytest.mark.parametrize("name, elem_type", [("attention_mask", TensorProto.INT64),
+                                             ("pixel_mask", TensorProto.INT32),
+                                             ("Mask", TensorProto.BOOL)])
+def test_mask_inputs_are_padding_masks(name, elem_type):
+    feeds = synthetic_inputs(_mask_model(name, elem_type), samples=8, dims={"batch": 4,
+                                                                          "seq": 32})
+    masks = np.stack([feed[name] for feed in feeds]).astype(np.int64)
+    assert set(np.unique(masks)) <= {0, 1}
+    assert masks.mean() > 0.75  # mostly 1
+    assert (masks == 0).any()  # some padding
+    lengths = masks.sum(axis=-1)
+    assert lengths.min() >= 24  # at most a quarter of a row is padding
+    # 1 up to the length, then 0: padding at the end of each row
+    np.testing.assert_array_equal(masks, np.arange(32) < lengths[..., np.newaxis])
+
+
+def test_integer_inputs_not_named_mask_keep_the_wide_range():
+    (feed,) = synthetic_inputs(_mask_model("positions", TensorProto.INT64), dims={"seq": 200})
+    assert feed["positions"].max() > 1
+
+
+def _gather_model(nodes, table) -> onnx.ModelProto:
+    return _model(
+        nodes,
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, ["batch", "seq"])],
+        [helper.make_tensor_value_info("emb", TensorProto.FLOAT, None)],
+        [table],
+    )
+
+
+def test_gather_bound_through_a_dequantized_table_and_moving_ops():
+    """ids -> Transpose -> Slice -> Gather(DequantizeLinear(int8 table [VOCAB, 4]))."""
+    table = numpy_helper.from_array(np.ones((VOCAB, 4), np.int8), "q_table")
+    scale = numpy_helper.from_array(np.array(0.5, np.float32), "scale")
+    starts = numpy_helper.from_array(np.array([0], np.int64), "starts")
+    ends = numpy_helper.from_array(np.array([1 << 30], np.int64), "ends")
+    model = _gather_model(
+        [
+            helper.make_node("DequantizeLinear", ["q_table", "scale"], ["table"]),
+            helper.make_node("Transpose", ["ids"], ["ids_t"], perm=[1, 0]),
+            helper.make_node("Slice", ["ids_t", "starts", "ends"], ["ids_s"]),
+            helper.make_node("Gather", ["table", "ids_s"], ["emb"], axis=0),
+        ],
+        table,
+    )
+    model.graph.initializer.extend([scale, starts, ends])
+    feeds = synthetic_inputs(model, samples=4, dims={"seq": 200})
+    ids = np.stack([feed["ids"] for feed in feeds])
+    assert ids.min() >= 0 and ids.max() == VOCAB - 1
+    session = ort.InferenceSession(model.SerializeToString(),
+                                   providers=["CPUExecutionProvider"])
+    for feed in feeds:
+        session.run(None, feed)  # out-of-range ids would make onnxruntime raise
+
+
+# --- scalar inputs in .npz files --------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def scalar_model() -> onnx.ModelProto:
+    """audio float32 [1, n], sr int64 scalar; out = audio * sr (silero-vad's inputs)."""
+    return _model(
+        [
+            helper.make_node("Cast", ["sr"], ["sr_f"], to=TensorProto.FLOAT),
+            helper.make_node("Mul", ["audio", "sr_f"], ["out"]),
+        ],
+        [
+            helper.make_tensor_value_info("audio", TensorProto.FLOAT, [1, "n"]),
+            helper.make_tensor_value_info("sr", TensorProto.INT64, []),
+        ],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, "n"])],
+    )
+
+
+def _run(model: onnx.ModelProto, feed) -> np.ndarray:
+    session = ort.InferenceSession(model.SerializeToString(),
+                                   providers=["CPUExecutionProvider"])
+    return session.run(None, feed)[0]
+
+
+def test_npz_scalar_input_single_file(tmp_path, scalar_model):
+    path = tmp_path / "one.npz"
+    np.savez(path, audio=_x(1, 4), sr=np.int64(16000))
+    (feed,) = load_npz_inputs(path, scalar_model)
+    assert isinstance(feed["sr"], np.ndarray) and feed["sr"].shape == ()
+    assert int(feed["sr"]) == 16000
+    np.testing.assert_array_equal(_run(scalar_model, feed), _x(1, 4) * 16000)
+
+
+def test_npz_scalar_input_stacked_and_in_a_folder(tmp_path, scalar_model):
+    np.savez(tmp_path / "a.npz", audio=_x(2, 1, 4), sr=np.array([8000, 16000], np.int64))
+    np.savez(tmp_path / "b.npz", audio=_x(1, 4), sr=np.array(16000, np.int32))  # cast
+    feeds = load_npz_inputs(tmp_path, scalar_model)
+    assert [int(feed["sr"]) for feed in feeds] == [8000, 16000, 16000]
+    for feed in feeds:
+        assert isinstance(feed["sr"], np.ndarray) and feed["sr"].dtype == np.int64
+        _run(scalar_model, feed)

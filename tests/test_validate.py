@@ -7,8 +7,10 @@ import json
 import numpy as np
 import onnx
 import pytest
+from conftest import MODELS_DIR
 from onnx import TensorProto, helper, numpy_helper
 
+from onnxprune.cli import main
 from onnxprune.errors import CalibrationError, ConfigError, ModelLoadError
 from onnxprune.inputs import synthetic_inputs
 from onnxprune.validate import (
@@ -82,7 +84,7 @@ def test_perturbed_candidate_metrics_match_numpy():
     reference = np.stack([feed["x"] @ WEIGHT for feed in feeds]).astype(np.float64)
     candidate = np.stack([feed["x"] @ perturbed for feed in feeds]).astype(np.float64)
     diff = reference - candidate
-    assert result.passed  # no tolerance given
+    assert result.passed is None  # no tolerance given: not checked
     assert result.max_abs_diff == pytest.approx(np.abs(diff).max(), rel=1e-5)
     assert result.rel_l2 == pytest.approx(
         np.linalg.norm(diff) / np.linalg.norm(reference), rel=1e-5
@@ -142,12 +144,108 @@ def test_nan_in_candidate_fails_without_tolerance():
     json.dumps(result.to_dict(), allow_nan=False)
 
 
-def test_nan_in_both_models_is_not_a_failure():
+def test_nan_in_both_models_fails_any_tolerance():
+    with_nan = WEIGHT.copy()
+    with_nan[0, 0] = np.nan  # column 0 of every output row is NaN in both models
+    result = compare_models(_linear(with_nan), _linear(with_nan), _feeds(), atol=0.0)
+    assert result.passed is False
+    (output,) = result.outputs
+    assert output.reference_nonfinite == output.candidate_nonfinite == 4 * 6
+    assert output.new_nonfinite == 0
+    # both-NaN is no agreement: no figure may look perfect
+    for value in (result.max_abs_diff, result.rel_l2, result.cosine, result.top1_agreement):
+        assert np.isnan(value)
+    assert len(result.failed) == 1 and result.failed[0].startswith("nan:")
+    assert "24 NaN/Inf values in the reference and 24 in the candidate" in result.failed[0]
+    data = result.to_dict()
+    assert data["passed"] is False and data["cosine"] is None and data["max_abs_diff"] is None
+    assert data["reference_nonfinite"] == data["candidate_nonfinite"] == 24
+    json.dumps(data, allow_nan=False)
+    text = format_result(result)
+    assert "1.000000" not in text and "0.000e+00" not in text
+    assert "NaN/Inf in 'logits': 24 in the reference, 24 in the candidate" in text
+    assert text.splitlines()[-2] == "FAILED (atol=0)"
+
+
+@pytest.mark.parametrize("tolerance", [{"rtol_l2": 10.0}, {"min_cosine": -1.0},
+                                       {"min_top1": 0.0}])
+def test_inf_in_the_reference_fails_even_loose_tolerances(tolerance):
+    with_inf = WEIGHT.copy()
+    with_inf[0, 0] = np.inf
+    result = compare_models(_linear(with_inf), _linear(), _feeds(), **tolerance)
+    assert result.passed is False and result.failed[0].startswith("nan:")
+    assert result.outputs[0].reference_nonfinite > 0 == result.outputs[0].candidate_nonfinite
+
+
+def test_nan_without_tolerance_is_not_checked_and_warns(caplog):
     with_nan = WEIGHT.copy()
     with_nan[0, 0] = np.nan
-    result = compare_models(_linear(with_nan), _linear(with_nan), _feeds(), atol=0.0)
-    assert result.passed, result.failed
-    assert result.max_abs_diff == 0.0
+    with caplog.at_level("WARNING", logger="onnxprune"):
+        result = compare_models(_linear(with_nan), _linear(with_nan), _feeds(count=1, batch=2))
+    assert result.passed is None and result.failed == []
+    assert result.to_dict()["passed"] is None and result.to_dict()["verdict"] == "not checked"
+    assert any("2 NaN/Inf values in the reference, 2 in the candidate" in record.message
+               for record in caplog.records)
+    assert "NOT CHECKED" in format_result(result) and "PASSED" not in format_result(result)
+
+
+def test_without_tolerance_the_verdict_is_not_checked(caplog):
+    with caplog.at_level("WARNING", logger="onnxprune"):
+        same = compare_models(_linear(), _linear(), _feeds())
+    assert same.passed is None and same.verdict == "not checked" and same.failed == []
+    assert same.outputs[0].passed is None
+    assert caplog.records == []  # cosine 1, top-1 1: nothing to warn about
+    text = format_result(same)
+    assert "PASSED" not in text
+    assert text.splitlines()[-1].startswith("NOT CHECKED (no tolerance given")
+    assert json.loads(json.dumps(same.to_dict()))["passed"] is None
+
+
+def test_poor_agreement_without_tolerance_warns(caplog):
+    perturbed = WEIGHT.copy()
+    perturbed[:, 0] += 3.0  # class 0 now wins most rows
+    with caplog.at_level("WARNING", logger="onnxprune"):
+        result = compare_models(_linear(), _linear(perturbed), _feeds())
+    assert result.passed is None
+    assert result.cosine < 0.99 and result.top1_agreement < 0.9
+    messages = [record.message for record in caplog.records]
+    assert any(m.startswith(f"cosine similarity {result.cosine:.4f} is below 0.99")
+               for m in messages)
+    assert any(m.startswith(f"top-1 agreement {result.top1_agreement:.4f} is below 0.9")
+               for m in messages)
+
+
+def test_poor_agreement_with_a_tolerance_that_holds_does_not_warn(caplog):
+    perturbed = WEIGHT.copy()
+    perturbed[:, 0] += 3.0
+    with caplog.at_level("WARNING", logger="onnxprune"):
+        result = compare_models(_linear(), _linear(perturbed), _feeds(), atol=100.0)
+    assert result.passed is True and caplog.records == []
+    assert format_result(result).splitlines()[-1] == "PASSED (atol=100)"
+
+
+def test_state_passed_back_as_input_gets_no_top1():
+    model = _parse("""
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[1, 8] x, float[2, 1, 16] state) => (float[1, 4] scores, float[2, 1, 16] stateN,
+                                                     float[1, 1, 8, 8] image) {
+            scores = Slice(x, starts, ends, axes)
+            starts = Constant<value = int64[1] {0}>()
+            ends = Constant<value = int64[1] {4}>()
+            axes = Constant<value = int64[1] {1}>()
+            stateN = Neg(state)
+            image = Reshape(flat, shape)
+            flat = Concat<axis = 1>(x, x, x, x, x, x, x, x)
+            shape = Constant<value = int64[4] {1, 1, 8, 8}>()
+        }
+    """)
+    feeds = synthetic_inputs(model, samples=2)
+    result = compare_models(model, model, feeds, min_top1=1.0)
+    by_name = {output.name: output for output in result.outputs}
+    assert by_name["scores"].top1_agreement == 1.0  # rank 2, last axis 4: class scores
+    assert by_name["stateN"].top1_agreement is None  # shaped like the input "state"
+    assert by_name["image"].top1_agreement is None  # rank 4: a map, not scores
+    assert result.passed is True
 
 
 def test_output_name_mismatch_is_a_failure_not_a_crash():
@@ -266,7 +364,8 @@ def test_validate_models_with_paths_and_npz(tmp_path):
     assert result.cosine == pytest.approx(1.0, abs=1e-6)
     assert not result.passed and result.failed[0].startswith("rtol_l2:")
     synthetic = validate_models(reference, reference, samples=2, dims={"batch": 7})
-    assert synthetic.samples == 2 and synthetic.outputs[0].shape == [7, 5] and synthetic.passed
+    assert synthetic.samples == 2 and synthetic.outputs[0].shape == [7, 5]
+    assert synthetic.passed is None
 
 
 def test_format_result_lists_outputs_and_verdict():
@@ -276,3 +375,92 @@ def test_format_result_lists_outputs_and_verdict():
     assert lines[2].startswith("logits") and "[6, 5]" in lines[2]
     assert lines[3].startswith("overall") and "4 samples" in lines[3]
     assert lines[-1] == "PASSED (atol=0)"
+
+
+# --- the command line: verdicts, exit codes, checks before pruning ----------------------------
+
+TRANSFORMER = MODELS_DIR / "transformer.onnx"
+MLP = MODELS_DIR / "mlp.onnx"
+
+
+def _last_line(text: str) -> str:
+    return text.strip().splitlines()[-1]
+
+
+def test_readme_first_command_is_not_checked_and_warns(tmp_path, capfd):
+    out = tmp_path / "transformer-2of4.onnx"
+    status = main(["prune", str(TRANSFORMER), "-o", str(out), "--pattern", "2:4", "--validate"])
+    stdout, stderr = capfd.readouterr()
+    assert status == 0 and out.is_file()
+    assert "PASSED" not in stdout
+    assert _last_line(stdout).startswith("NOT CHECKED (no tolerance given")
+    assert "WARNING: top-1 agreement" in stderr and "WARNING: cosine similarity" in stderr
+
+
+def test_validate_json_without_tolerance_prints_passed_null(tmp_path, capsys):
+    assert main(["validate", str(MLP), str(MLP), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["passed"] is None and result["verdict"] == "not checked"
+
+
+def test_prune_validate_failure_says_where_the_output_is_kept(tmp_path, capsys):
+    out = tmp_path / "kept.onnx"
+    status = main(["prune", str(TRANSFORMER), "-o", str(out), "--validate",
+                   "--min-cosine", "0.99"])
+    stdout, stderr = capsys.readouterr()
+    assert status == 1 and out.is_file()
+    assert _last_line(stdout).startswith("  - min_cosine:")
+    assert f"onnxprune: validation failed; the pruned model is kept at {out}" in stderr
+
+
+@pytest.mark.parametrize(
+    "arrays, expected",
+    [
+        ({"input_ids": np.zeros((1, 16), np.float32)}, "dtype float32"),
+        ({"ids": np.zeros((1, 16), np.int64)}, "missing input(s) 'input_ids'"),
+        ({"input_ids": np.zeros((1, 16, 2, 2), np.int64)}, "rank"),
+    ],
+)
+def test_prune_validate_checks_the_data_before_pruning(tmp_path, capfd, arrays, expected):
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, **arrays)
+    out = tmp_path / "out.onnx"
+    status = main(["prune", str(TRANSFORMER), "-o", str(out), "--validate", "--data", str(bad)])
+    stdout, stderr = capfd.readouterr()
+    assert status == 2 and not out.exists() and list(tmp_path.iterdir()) == [bad]
+    assert stdout == ""  # no summary: pruning never started
+    assert stderr.count("\n") == 1 and expected in stderr
+
+
+@pytest.mark.parametrize("options, expected", [
+    (["--input-shapes", "input_ids:[1,16,1]"], "rank 3"),
+    (["--input-shapes", "tokens:[1,16]"], "unknown input"),
+    (["--input-shapes", "input_ids:1x16"], "--input-shapes expects NAME:[d0,d1,...]"),
+    (["--dim", "seq=5000"], "input_ids: int64[1, 5000]"),  # onnxruntime refuses to run it
+])
+def test_prune_validate_checks_synthetic_shapes_before_pruning(tmp_path, capfd, options,
+                                                               expected):
+    out = tmp_path / "out.onnx"
+    status = main(["prune", str(TRANSFORMER), "-o", str(out), "--validate", *options])
+    stdout, stderr = capfd.readouterr()
+    assert status == 2 and not out.exists() and stdout == ""
+    assert stderr.count("\n") == 1 and stderr.startswith("onnxprune: error: ")
+    assert expected in stderr
+
+
+def test_reference_failing_on_synthetic_inputs_is_one_line_with_a_hint(capfd):
+    status = main(["validate", str(TRANSFORMER), str(TRANSFORMER), "--dim", "seq=5000"])
+    stdout, stderr = capfd.readouterr()
+    assert status == 2 and stdout == ""
+    assert stderr.count("\n") == 1  # onnxruntime's own [E:onnxruntime ...] lines are silenced
+    assert "[E:onnxruntime" not in stderr and "\x1b[" not in stderr
+    assert "sample 0 of the synthetic inputs (input_ids: int64[1, 5000])" in stderr
+    assert "--input-shapes NAME:[d0,d1,...]" in stderr and "--data" in stderr
+    assert "Attempting to broadcast" in stderr  # onnxruntime's reason, folded into our line
+
+
+def test_input_shapes_option_sets_the_synthetic_shape(capsys):
+    assert main(["validate", str(TRANSFORMER), str(TRANSFORMER), "--json", "--atol", "0",
+                 "--input-shapes", "input_ids:[2,8]"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["passed"] is True and result["outputs"][0]["shape"] == [2, 8, 512]
