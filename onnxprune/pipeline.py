@@ -95,10 +95,15 @@ def run(loaded: LoadedModel, config: PruneConfig, *, sink: Sink | None = None,
     if formats.densify_model(loaded.proto, loaded.base_dir):
         log.info("stored sparse/compact tensors turned dense before pruning")
     targets, skipped = discover_targets(loaded.proto, selection_of(config))
+    dropped = _dropped_by_selection(skipped)
     if not targets:
+        causes = "; ".join(f"{count} {cause}" for cause, count in dropped.items())
         raise NothingToPruneError(
-            f"nothing to prune: no tensor qualified as a target ({len(skipped)} skipped; "
-            "run `onnxprune inspect` to see why, or lower --min-size)")
+            f"nothing to prune: no tensor qualified as a target ({len(skipped)} skipped"
+            + (f": {causes}" if causes else "") + "; run `onnxprune inspect` to see why)")
+    for cause, count in dropped.items():
+        if cause.startswith("reduction axis"):
+            log.warning("%d of %d weights skipped: %s", count, count + len(targets), cause)
     masks = _checked_masks(masks or {}, targets)
     plan = make_plan(loaded, targets, config)
     loop = _Loop(loaded, config, plan, sink or Sink(loaded, config.format), masks,
@@ -106,6 +111,26 @@ def run(loaded: LoadedModel, config: PruneConfig, *, sink: Sink | None = None,
     reports = loop.run(targets)
     return PruneResult([reports[t.name] for t in targets], [skip_report(s) for s in skipped],
                        plan, loop.masks_out)
+
+
+def _dropped_by_selection(skipped: list[SkippedTensor]) -> dict[str, int]:
+    """Weights that would be targets but for the options (N:M axis, --include, --exclude,
+    --min-size), counted by cause."""
+    causes: dict[str, int] = {}
+    for item in skipped:
+        reason = item.reason
+        if reason.startswith("reduction axis length"):
+            pattern = reason.rsplit("(pattern ", 1)[-1].rstrip(")")
+            cause = (f"reduction axis not a multiple of {pattern.split(':')[-1]} "
+                     f"(pattern {pattern})")
+        elif reason.startswith("below --min-size"):
+            cause = "below --min-size"
+        elif reason in ("not matched by --include", "excluded by --exclude"):
+            cause = reason
+        else:
+            continue
+        causes[cause] = causes.get(cause, 0) + 1
+    return causes
 
 
 def make_plan(loaded: LoadedModel, targets: list[WeightTarget], config: PruneConfig

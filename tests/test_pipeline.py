@@ -230,3 +230,31 @@ def test_a_method_from_an_entry_point_runs_from_the_cli(models_dir, tmp_path):
         kept = np.abs(dense[name][weights != 0])
         pruned = np.abs(dense[name][weights == 0])
         assert kept.max() <= pruned.min()  # the largest went
+
+
+def _two_matmuls(path: Path) -> None:
+    rng = np.random.default_rng(0)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "a"], ["h"]), helper.make_node("MatMul", ["h", "b"],
+                                                                         ["y"])], "two",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 96])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2, 50])],
+        [numpy_helper.from_array(rng.standard_normal((96, 64)).astype(np.float32), "a"),
+         numpy_helper.from_array(rng.standard_normal((64, 50)).astype(np.float32), "b")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+
+
+def test_targets_dropped_by_the_pattern_are_warned_about_and_named(tmp_path, capsys):
+    path = tmp_path / "two.onnx"
+    _two_matmuls(path)
+    out = tmp_path / "out.onnx"
+    assert main(["prune", str(path), "-o", str(out), "--pattern", "2:3", "--min-size",
+                 "0"]) == 0
+    err = capsys.readouterr().err
+    assert "1 of 2 weights skipped: reduction axis not a multiple of 3 (pattern 2:3)" in err
+    assert main(["prune", str(path), "-o", str(out), "--pattern", "2:7", "--min-size",
+                 "0"]) == 2
+    err = capsys.readouterr().err
+    assert "2 reduction axis not a multiple of 7" in err and "--min-size" not in err
+    assert main(["prune", str(path), "-o", str(out), "--include", "^zz$"]) == 2
+    assert "2 not matched by --include" in capsys.readouterr().err
