@@ -44,11 +44,12 @@ import onnxruntime as ort
 from onnx import helper
 
 from .errors import CalibrationError
+from .graph import GraphIndex, attribute, is_onnx_domain
 from .inputs import Feed, load_npz_inputs, synthetic_inputs
 from .io import LoadedModel
 from .runtime import create_session, session_options
 from .runtime import first_line as _first_line
-from .targets import PASS_THROUGH_OPS, WeightTarget
+from .targets import WeightTarget
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +58,6 @@ DEFAULT_SYNTHETIC_SAMPLES = 16
 # added into float64.
 CHUNK_ROWS = 2048
 CHUNK_ELEMENTS = 1 << 22  # and at most this many floats per chunk (im2col of large inputs)
-_RANDOM_OPS = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike",
-               "Multinomial", "Bernoulli", "Dropout"}
 
 
 # --------------------------------------------------------------------------- inputs
@@ -254,12 +253,13 @@ class TargetView:
     """One target as OBS matrices [groups, outputs/groups, features], and where its inputs are.
 
     `inputs` holds one (activation name, layout) per consumer node; the weight sees the sum
-    of their statistics. `consumers` are the consumer nodes' indices in the `GraphIndex`.
+    of their statistics. `consumers` are the consumer nodes' indices in the main graph's
+    `Dataflow.nodes`.
     """
 
     target: WeightTarget
     inputs: tuple[tuple[str, Layout], ...]
-    consumers: tuple[int, ...]  # indices into `GraphIndex.nodes`
+    consumers: tuple[int, ...]  # indices into `GraphIndex.dataflow.nodes`
     groups: int = 1
     features: int = 0
 
@@ -287,105 +287,58 @@ class TargetView:
         return self.target.from_matrix(matrices[0])
 
 
-class GraphIndex:
-    """Who consumes and who produces each name in the main graph, and what is constant."""
-
-    def __init__(self, model: onnx.ModelProto):
-        graph = model.graph
-        self.model = model
-        self.nodes = _topological(list(graph.node), graph)
-        self.initializers = {t.name: t for t in graph.initializer}
-        self.graph_inputs = {v.name: v for v in graph.input if v.name not in self.initializers}
-        self.reads: list[list[str]] = [_node_reads(node) for node in self.nodes]
-        self.producer: dict[str, int] = {}
-        self.consumers: dict[str, list[tuple[int, int]]] = {}
-        for index, node in enumerate(self.nodes):
-            for out in node.output:
-                if out:
-                    self.producer[out] = index
-            for slot, name in enumerate(node.input):
-                if name:
-                    self.consumers.setdefault(name, []).append((index, slot))
-        # values that do not depend on any graph input: initializers, Constant nodes and
-        # whatever is computed from them alone
-        self.static: set[str] = set(self.initializers)
-        self.static_nodes: set[int] = set()
-        for index, node in enumerate(self.nodes):
-            if node.op_type in _RANDOM_OPS:
-                continue
-            if all(name in self.static for name in self.reads[index]):
-                self.static_nodes.add(index)
-                self.static.update(o for o in node.output if o)
-
-    def uses(self, name: str, perms: tuple = (), depth: int = 0
-             ) -> list[tuple[int, int, tuple]]:
-        """(node index, slot, Transpose perms) of the nodes using `name`, looking through
-        layout-preserving ops and Transpose like target discovery does."""
-        found = []
-        for index, slot in self.consumers.get(name, []):
-            node = self.nodes[index]
-            through = (slot == 0 and depth < 8 and node.output and node.output[0]
-                       and (node.op_type in PASS_THROUGH_OPS or node.op_type == "Transpose"))
-            if through:
-                step = perms + ((tuple(_attr(node, "perm", ())),)
-                                if node.op_type == "Transpose" else ())
-                found.extend(self.uses(node.output[0], step, depth + 1))
-            else:
-                found.append((index, slot, perms))
-        return found
-
-
 def target_view(target: WeightTarget, index: GraphIndex) -> TargetView | str:
     """How `target` lines up with its consumers' inputs, or why it cannot be calibrated."""
     if target.graph is not index.model.graph or target.source not in ("initializer",
                                                                       "constant_node"):
         return f"stored in {target.source}; only main-graph weights can be calibrated"
-    uses = index.uses(target.tensor_name)
-    if len(uses) != len(target.consumers):
+    uses, _ = index.uses(target.tensor_name)
+    if any(not use.scope.is_main for use in uses):
         return "some consumers sit inside subgraphs, whose inputs cannot be captured"
+    flow = index.dataflow
     inputs, nodes, consumers = [], [], []
     groups = 1
     features = None
-    for node_index, slot, perms in uses:
-        node = index.nodes[node_index]
+    for use in uses:
+        node, slot = use.node, use.slot
         layout, activation = None, None
-        if node.op_type == "MatMul" and node.domain in ("", "ai.onnx"):
+        if node.op_type == "MatMul" and is_onnx_domain(node):
             if any(d != 1 for d in target.shape[:-2]):
                 return "MatMul weight with batch dimensions"
             activation = node.input[1 - slot]
             layout = MatrixInput(target.reduction_length, transposed=slot == 0)
-        elif node.op_type == "Gemm" and node.domain in ("", "ai.onnx") and slot in (0, 1):
+        elif node.op_type == "Gemm" and is_onnx_domain(node) and slot in (0, 1):
             activation = node.input[1 - slot]
             if slot == 1:
-                transposed = bool(_attr(node, "transA", 0))
+                transposed = bool(attribute(node, "transA", 0))
             else:
-                transposed = not _attr(node, "transB", 0)
+                transposed = not attribute(node, "transB", 0)
             layout = MatrixInput(target.reduction_length, transposed=transposed)
-        elif node.op_type == "Conv" and node.domain in ("", "ai.onnx") and slot == 1:
-            if perms:
+        elif node.op_type == "Conv" and is_onnx_domain(node) and slot == 1:
+            if use.perms:
                 return "Conv weight reached through a Transpose"
-            groups = int(_attr(node, "group", 1))
+            groups = int(attribute(node, "group", 1))
             rank = len(target.shape) - 2
             kernel = tuple(int(k) for k in target.shape[2:])
             layout = ConvInput(
                 channels=int(target.shape[1]), groups=groups, kernel=kernel,
-                strides=tuple(_attr(node, "strides", [1] * rank)),
-                dilations=tuple(_attr(node, "dilations", [1] * rank)),
-                pads=tuple(_attr(node, "pads", [0] * (2 * rank))),
-                auto_pad=_text(_attr(node, "auto_pad", "NOTSET")))
+                strides=tuple(attribute(node, "strides", [1] * rank)),
+                dilations=tuple(attribute(node, "dilations", [1] * rank)),
+                pads=tuple(attribute(node, "pads", [0] * (2 * rank))),
+                auto_pad=_text(attribute(node, "auto_pad", "NOTSET")))
             activation = node.input[0]
             if target.shape[0] % groups:
                 return f"Conv with {target.shape[0]} outputs and group={groups}"
         else:
             return f"{node.op_type} consumers are not supported by calibrated methods"
-        if activation in index.static:
+        if activation in flow.static:
             return "the layer input is a constant"
         if features is not None and layout.features != features:
             return "consumers disagree on the number of input features"
         features = layout.features
         inputs.append((activation, layout))
         nodes.append(node)
-        consumers.append(node_index)
+        consumers.append(flow.index_of(use))
     ops = {n.op_type for n in nodes}
     if "Conv" in ops and len(ops) > 1:
         return "weight used both by Conv and by other ops"
@@ -435,7 +388,7 @@ class ActivationCapture:
         return len(self.stage_list)
 
     def _plan(self, sequential: bool) -> list[Stage]:
-        index = self.index
+        index = self.index.dataflow
         dynamic = lambda name: name not in index.static  # noqa: E731
         captures = {name for view in self.views for name, _ in view.inputs}
         # nodes needed to compute the captured values (static ones are added per stage)
@@ -539,8 +492,8 @@ class ActivationCapture:
 
     def _session(self, stage: Stage, store: list[dict[str, np.ndarray]]
                  ) -> ort.InferenceSession:
-        index = self.index
-        proto = index.model
+        proto = self.index.model
+        index = self.index.dataflow
         # static producers this stage needs, in topological order
         wanted: set[int] = set()
         pending = [r for i in stage.nodes for r in index.reads[i]]
@@ -599,55 +552,6 @@ def _feed_value(feed: Feed, name: str) -> np.ndarray:
     if name not in feed:
         raise CalibrationError(f"calibration sample lacks input {name!r}")
     return feed[name]
-
-
-def _node_reads(node: onnx.NodeProto) -> list[str]:
-    """Names a node reads: its inputs plus outer-scope names used inside its subgraphs."""
-    reads = [name for name in node.input if name]
-    for attr in node.attribute:
-        graphs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
-        for sub in graphs:
-            reads.extend(sorted(_outer_names(sub)))
-    return list(dict.fromkeys(reads))
-
-
-def _outer_names(graph: onnx.GraphProto) -> set[str]:
-    defined = {v.name for v in graph.input} | {t.name for t in graph.initializer}
-    used: set[str] = set()
-    for node in graph.node:
-        used.update(_node_reads(node))
-        defined.update(node.output)
-    return used - defined
-
-
-def _topological(nodes: list[onnx.NodeProto], graph: onnx.GraphProto) -> list[onnx.NodeProto]:
-    """The nodes in an order where producers come first (ONNX requires it; check anyway)."""
-    available = {v.name for v in graph.input} | {t.name for t in graph.initializer}
-    available.update(t.values.name for t in graph.sparse_initializer)
-    remaining = list(nodes)
-    ordered: list[onnx.NodeProto] = []
-    while remaining:
-        progress = []
-        rest = []
-        for node in remaining:
-            if all(name in available for name in _node_reads(node)):
-                progress.append(node)
-                available.update(o for o in node.output if o)
-            else:
-                rest.append(node)
-        if not progress:
-            missing = sorted({n for node in rest for n in _node_reads(node)} - available)[:3]
-            raise CalibrationError(f"graph has a cycle or undefined inputs ({', '.join(missing)})")
-        ordered.extend(progress)
-        remaining = rest
-    return ordered
-
-
-def _attr(node: onnx.NodeProto, name: str, default):
-    for attr in node.attribute:
-        if attr.name == name:
-            return helper.get_attribute_value(attr)
-    return default
 
 
 def _text(value) -> str:
