@@ -17,10 +17,15 @@ import onnx
 from onnx import TensorProto
 
 from .config import DEFAULT_MIN_SIZE, Pattern
+from .graph import (
+    GraphIndex,
+    StoredTensor,
+    attribute,
+    axis_through_transposes,
+    is_onnx_domain,
+)
 from .io import FLOAT_TYPES, tensor_nbytes
 
-# Ops that pass a weight through unchanged in layout (Transpose is handled on its own).
-PASS_THROUGH_OPS = {"Cast", "Identity", "DequantizeLinear", "CastLike"}
 NORMALIZATION_OPS = {
     "BatchNormalization", "LayerNormalization", "InstanceNormalization", "GroupNormalization",
     "RMSNormalization", "SimplifiedLayerNormalization", "SkipLayerNormalization",
@@ -28,7 +33,6 @@ NORMALIZATION_OPS = {
 }
 RECURRENT_OPS = {"LSTM", "GRU", "RNN"}
 ELEMENTWISE_BIAS_OPS = {"Add", "Sub"}
-SUBGRAPH_ATTRS = ("then_branch", "else_branch", "body")
 
 
 @dataclass(frozen=True)
@@ -110,136 +114,10 @@ class Selection:
     pattern: Pattern = Pattern()
 
 
-@dataclass
-class _Stored:
-    """A tensor stored in some graph scope."""
-
-    tensor_name: str
-    tensor: TensorProto
-    source: str
-    scope: _Scope
-
-
-@dataclass
-class _Use:
-    """A consumer reached from a stored tensor, with the Transpose permutations on the way."""
-
-    node: onnx.NodeProto
-    slot: int
-    perms: tuple[tuple[int, ...], ...]
-
-
-class _Scope:
-    """One graph (main or a subgraph) with the names it defines and who consumes them."""
-
-    def __init__(self, graph: onnx.GraphProto, parent: _Scope | None, label: str,
-                 path: str = ""):
-        self.graph = graph
-        self.parent = parent
-        self.label = label
-        # "Loop_0.body/If_3.then_branch": tells apart sibling branches of one node
-        self.path = path
-        self.defined: set[str] = {i.name for i in graph.input}
-        self.defined.update(t.name for t in graph.initializer)
-        self.defined.update(t.name for t in graph.sparse_initializer if t.values.name)
-        for node in graph.node:
-            self.defined.update(o for o in node.output if o)
-        # name -> [(consuming node, input slot, scope the node lives in)]
-        self.consumers: dict[str, list[tuple[onnx.NodeProto, int, _Scope]]] = {}
-        # names defined here that some graph returns as an output
-        self.escaping: set[str] = set()
-
-    def owner_of(self, name: str) -> _Scope | None:
-        scope: _Scope | None = self
-        while scope is not None and name not in scope.defined:
-            scope = scope.parent
-        return scope
-
-
-def _node_label(node: onnx.NodeProto, index: int) -> str:
-    return node.name or f"{node.op_type}_{index}"
-
-
-def _build_scopes(graph: onnx.GraphProto) -> tuple[list[_Scope], list[_Stored]]:
-    """Walk the graph and its subgraphs; index consumers by the scope that defines a name."""
-    scopes: list[_Scope] = []
-    stored: list[_Stored] = []
-
-    def walk(graph: onnx.GraphProto, parent: _Scope | None, label: str, path: str) -> None:
-        scope = _Scope(graph, parent, label, path)
-        scopes.append(scope)
-        source = "initializer" if parent is None else f"subgraph:{label}"
-        for tensor in graph.initializer:
-            stored.append(_Stored(tensor.name, tensor, source, scope))
-        for index, node in enumerate(graph.node):
-            if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
-                for attr in node.attribute:
-                    if attr.name == "value" and attr.type == onnx.AttributeProto.TENSOR:
-                        src = "constant_node" if parent is None else f"subgraph:{label}"
-                        stored.append(_Stored(node.output[0], attr.t, src, scope))
-            for slot, name in enumerate(node.input):
-                if not name:
-                    continue
-                owner = scope.owner_of(name)
-                if owner is not None:
-                    owner.consumers.setdefault(name, []).append((node, slot, scope))
-            node_label = _node_label(node, index)
-            node_path = f"{scope.path}/{node_label}" if scope.path else node_label
-            for attr in node.attribute:
-                if attr.type == onnx.AttributeProto.GRAPH:
-                    walk(attr.g, scope, node_label, f"{node_path}.{attr.name}")
-                elif attr.type == onnx.AttributeProto.GRAPHS:
-                    for position, sub in enumerate(attr.graphs):
-                        walk(sub, scope, node_label, f"{node_path}.{attr.name}[{position}]")
-        for out in graph.output:
-            owner = scope.owner_of(out.name)
-            if owner is not None:
-                owner.escaping.add(out.name)
-
-    walk(graph, None, "", "")
-    return scopes, stored
-
-
-def _uses(scope: _Scope, name: str, perms: tuple = (), depth: int = 0
-          ) -> tuple[list[_Use], bool]:
-    """Consumers of `name`, looking through layout-preserving ops and Transpose.
-
-    Returns the uses and whether the value escapes as a graph output on the way.
-    """
-    uses: list[_Use] = []
-    escapes = name in scope.escaping
-    for node, slot, node_scope in scope.consumers.get(name, []):
-        looks_through = (slot == 0 and depth < 8 and len(node.output) > 0 and node.output[0]
-                         and (node.op_type in PASS_THROUGH_OPS or node.op_type == "Transpose"))
-        if not looks_through:
-            uses.append(_Use(node, slot, perms))
-            continue
-        step = perms + (tuple(_attr(node, "perm", ())),) if node.op_type == "Transpose" else perms
-        inner, inner_escapes = _uses(node_scope, node.output[0], step, depth + 1)
-        uses.extend(inner)
-        escapes = escapes or inner_escapes
-    return uses, escapes
-
-
-def _attr(node: onnx.NodeProto, name: str, default):
-    for attr in node.attribute:
-        if attr.name == name:
-            return onnx.helper.get_attribute_value(attr)
-    return default
-
-
-def _axis_through_transposes(axis: int, perms: tuple[tuple[int, ...], ...], rank: int) -> int:
-    """Map an axis of the value a consumer sees back to the stored tensor's axis."""
-    for perm in reversed(perms):
-        perm = perm or tuple(reversed(range(rank)))  # Transpose without perm reverses
-        axis = perm[axis]
-    return axis
-
-
 # What a consumer slot means: ("weight", axis_fn) or ("skip", reason).
 def _classify(node: onnx.NodeProto, slot: int, rank: int):
     op = node.op_type
-    if node.domain not in ("", "ai.onnx"):
+    if not is_onnx_domain(node):
         return "skip", f"consumed by {node.domain}.{op}, which onnxprune does not know"
     if op == "MatMul":
         if rank < 2:
@@ -251,8 +129,8 @@ def _classify(node: onnx.NodeProto, slot: int, rank: int):
         if rank != 2:
             return "skip", "Gemm operand is not 2-D"
         if slot == 0:
-            return "weight", 0 if _attr(node, "transA", 0) else 1
-        return "weight", 1 if _attr(node, "transB", 0) else 0
+            return "weight", 0 if attribute(node, "transA", 0) else 1
+        return "weight", 1 if attribute(node, "transB", 0) else 0
     if op in ("Conv", "ConvTranspose"):
         if slot == 2:
             return "skip", "bias"
@@ -285,26 +163,28 @@ def discover_targets(model: onnx.ModelProto, selection: Selection | None = None
     selection = selection or Selection()
     include = [re.compile(r) for r in selection.include]
     exclude = [re.compile(r) for r in selection.exclude]
-    scopes, stored = _build_scopes(model.graph)
+    index = GraphIndex(model)
     targets: list[WeightTarget] = []
     skipped: list[SkippedTensor] = []
-    names = _unique_names(stored)
+    names = _unique_names(index.stored)
 
-    for item, name in zip(stored, names, strict=True):
+    for item, name in zip(index.stored, names, strict=True):
         tensor = item.tensor
         shape = tuple(int(d) for d in tensor.dims)
         dtype = FLOAT_TYPES.get(tensor.data_type)
         dtype_name = str(dtype) if dtype is not None else _type_name(tensor.data_type)
+        source = _source(item)
 
-        def skip(reason: str, name=name, shape=shape, dtype_name=dtype_name, item=item) -> None:
-            skipped.append(SkippedTensor(name, reason, shape, dtype_name, item.source))
+        def skip(reason: str, name=name, shape=shape, dtype_name=dtype_name,
+                 source=source) -> None:
+            skipped.append(SkippedTensor(name, reason, shape, dtype_name, source))
 
         if dtype is None:
             kind = "integer tensor" if _is_integer(tensor.data_type) else f"{dtype_name} tensor"
             skip(kind)
             continue
         rank = len(shape)
-        uses, escapes = _uses(item.scope, item.tensor_name)
+        uses, escapes = index.uses(item.name, item.scope)
         if not uses:
             skip("graph output" if escapes else "unused")
             continue
@@ -315,7 +195,7 @@ def discover_targets(model: onnx.ModelProto, selection: Selection | None = None
         for use in uses:
             kind, value = _classify(use.node, use.slot, rank)
             if kind in ("weight", "embedding"):
-                value = _axis_through_transposes(value, use.perms, rank)
+                value = axis_through_transposes(value, use.perms, rank)
             verdicts.append((kind, value, use))
         named = any(r.search(name) for r in include)
         reason = _skip_reason(verdicts, named)
@@ -338,7 +218,8 @@ def discover_targets(model: onnx.ModelProto, selection: Selection | None = None
             continue
         axis = axes.pop()
         first = verdicts[0][2].node
-        group = int(_attr(first, "group", 1)) if first.op_type in ("Conv", "ConvTranspose") else 1
+        is_conv = first.op_type in ("Conv", "ConvTranspose")
+        group = int(attribute(first, "group", 1)) if is_conv else 1
         if selection.pattern.is_nm:
             m = selection.pattern.m
             # ConvTranspose keeps all groups on its reduction axis; a group of M must not
@@ -352,9 +233,8 @@ def discover_targets(model: onnx.ModelProto, selection: Selection | None = None
                 continue
         consumers = tuple(Consumer(use.node.name or use.node.op_type, use.node.op_type, use.slot)
                           for _, _, use in verdicts)
-        targets.append(WeightTarget(name, first.op_type, shape, dtype_name, axis, item.source,
-                                    consumers, group, tensor, item.scope.graph,
-                                    item.tensor_name))
+        targets.append(WeightTarget(name, first.op_type, shape, dtype_name, axis, source,
+                                    consumers, group, tensor, item.scope.graph, item.name))
     return targets, skipped
 
 
@@ -371,7 +251,14 @@ def _skip_reason(verdicts: Sequence, named: bool) -> str | None:
     return reasons[0]
 
 
-def _unique_names(stored: Sequence[_Stored]) -> list[str]:
+def _source(item: StoredTensor) -> str:
+    """Where a stored tensor lives, as reports show it."""
+    if not item.scope.is_main:
+        return f"subgraph:{item.scope.label}"
+    return "initializer" if item.kind == "initializer" else "constant_node"
+
+
+def _unique_names(stored: Sequence[StoredTensor]) -> list[str]:
     """A name per stored tensor, unique over the model and independent of the selection.
 
     A tensor name stored once is used as it is. Sibling subgraphs (the two branches of an If)
@@ -381,11 +268,11 @@ def _unique_names(stored: Sequence[_Stored]) -> list[str]:
     """
     counts: dict[str, int] = {}
     for item in stored:
-        counts[item.tensor_name] = counts.get(item.tensor_name, 0) + 1
+        counts[item.name] = counts.get(item.name, 0) + 1
     names: list[str] = []
     seen: set[str] = set()
     for item in stored:
-        name = item.tensor_name
+        name = item.name
         if counts[name] > 1 and item.scope.path:
             name = f"{item.scope.path}/{name}"
         unique, suffix = name, 1

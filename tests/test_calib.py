@@ -248,9 +248,9 @@ def test_conv_obs_columns_put_nm_groups_on_input_channels():
 
 
 def test_large_conv_input_is_chunked(monkeypatch):
-    import onnxprune.calib as calib
+    import onnxprune.calib.layouts as layouts
 
-    monkeypatch.setattr(calib, "CHUNK_ELEMENTS", 500)
+    monkeypatch.setattr(layouts, "CHUNK_ELEMENTS", 500)
     layout = MatrixInput(4)
     assert len(list(layout.rows(np.zeros((1000, 4), np.float32)))) == 8
     conv = ConvInput(2, 1, (3, 3), (1, 1), (1, 1), (1, 1, 1, 1))
@@ -341,6 +341,110 @@ def test_shared_weight_sums_both_consumers():
         stats.hessian[0], naive.gram(feeds[0]["a"]) + naive.gram(r), rtol=1e-5, atol=1e-5
     )
     assert stats.tokens == 10
+
+
+def _three_layer_model(w1, w2, w3) -> onnx.ModelProto:
+    """x -> MatMul w1 (initializer) -> Relu -> MatMul w2 (Constant node) -> Relu -> MatMul w3
+    (initializer, read through a Transpose): three sequential levels."""
+    return _model(
+        [
+            helper.make_node("MatMul", ["x", "w1"], ["h1"]),
+            helper.make_node("Relu", ["h1"], ["r1"]),
+            helper.make_node("Constant", [], ["w2"], value=numpy_helper.from_array(w2, "w2")),
+            helper.make_node("MatMul", ["r1", "w2"], ["h2"]),
+            helper.make_node("Relu", ["h2"], ["r2"]),
+            helper.make_node("Transpose", ["w3"], ["w3t"], perm=[1, 0]),
+            helper.make_node("MatMul", ["r2", "w3t"], ["y"]),
+        ],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [5, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w3, "w3")],
+    )
+
+
+def _layer_weights():
+    w1, w2 = (RNG.standard_normal((8, 8)).astype(np.float32) for _ in range(2))
+    return w1, w2, RNG.standard_normal((4, 8)).astype(np.float32)
+
+
+def _fill_stored(model: onnx.ModelProto, name: str, value: float) -> None:
+    """Overwrite a stored tensor of `model` in place (initializer or Constant value)."""
+    targets, _ = discover_targets(model, Selection(min_size=1))
+    (target,) = [t for t in targets if t.name == name]
+    write_array(target.tensor, np.full(target.shape, value, np.float32))
+
+
+def _capture_stats(model, feeds, weights=None, prune_into=None) -> dict[str, tuple]:
+    """(tokens, H) per target; `prune_into` ("proto" or "weights") zeroes the small half of
+    each target after its stage, where later stages must see it."""
+    loaded = model_from_proto(model)
+    targets, _ = discover_targets(model, Selection(min_size=1))
+    index = GraphIndex(model)
+    views = [target_view(t, index) for t in targets]
+    capture = ActivationCapture(loaded, index, views, feeds, weights=weights)
+    assert capture.levels == 3
+    out = {}
+    for stage in capture.stages():
+        for view in stage.views:
+            stats = capture.stats_of(view)
+            out[view.target.name] = (stats.tokens, stats.hessian.copy())
+            if prune_into is not None:
+                dense = read_array(view.target.tensor, loaded.base_dir).copy()
+                dense[np.abs(dense) < np.median(np.abs(dense))] = 0
+                if prune_into == "proto":
+                    write_array(view.target.tensor, dense)
+                else:
+                    weights[view.target.tensor_name] = dense
+    return out
+
+
+def _assert_same_stats(expected: dict, actual: dict) -> None:
+    assert expected.keys() == actual.keys()
+    for name, (tokens, hessian) in expected.items():
+        assert actual[name][0] == tokens
+        np.testing.assert_array_equal(actual[name][1], hessian, err_msg=name)
+
+
+@pytest.mark.parametrize("replaced", ["w1", "w2"])
+def test_capture_weights_replace_the_stored_tensor(replaced):
+    """weights={name: zeros} captures what a model with that tensor zeroed captures, for an
+    initializer and a Constant node, while the model's own tensor is never read."""
+    feeds = [{"x": RNG.standard_normal((5, 8)).astype(np.float32)} for _ in range(3)]
+    w1, w2, w3 = _layer_weights()
+    zeroed = _three_layer_model(w1, w2, w3)
+    _fill_stored(zeroed, replaced, 0.0)
+    expected = _capture_stats(zeroed, feeds)
+    stale = _three_layer_model(w1, w2, w3)
+    _fill_stored(stale, replaced, np.nan)  # what the proto holds must not matter
+    shape = (8, 8)
+    actual = _capture_stats(stale, feeds, weights={replaced: np.zeros(shape, np.float32)})
+    _assert_same_stats(expected, actual)
+    untouched = _capture_stats(_three_layer_model(w1, w2, w3), feeds)
+    assert not np.array_equal(untouched["w3"][1], expected["w3"][1])  # the zeros mattered
+
+
+def test_capture_weights_added_between_stages_match_pruning_the_proto():
+    """Streaming: each pruned target goes into `weights` instead of the proto, whose
+    tensors stay dense; later stages must see the pruned arrays all the same."""
+    feeds = [{"x": RNG.standard_normal((5, 8)).astype(np.float32)} for _ in range(3)]
+    layers = _layer_weights()
+    expected = _capture_stats(_three_layer_model(*layers), feeds, prune_into="proto")
+    weights: dict[str, np.ndarray] = {}
+    actual = _capture_stats(_three_layer_model(*layers), feeds, weights=weights,
+                            prune_into="weights")
+    assert sorted(weights) == ["w1", "w2", "w3"]
+    _assert_same_stats(expected, actual)
+    dense = _capture_stats(_three_layer_model(*layers), feeds)
+    assert not np.array_equal(dense["w3"][1], expected["w3"][1])  # pruning mattered
+
+
+def test_capture_weights_must_match_the_tensor_they_replace():
+    feeds = [{"x": RNG.standard_normal((5, 8)).astype(np.float32)}]
+    model = _three_layer_model(*_layer_weights())
+    with pytest.raises(ValueError, match=r"weights\['w1'\] is float64\[8, 8\]"):
+        _capture_stats(model, feeds, weights={"w1": np.zeros((8, 8))})
+    with pytest.raises(ValueError, match="replaces no initializer or Constant"):
+        _capture_stats(model, feeds, weights={"r1": np.zeros((5, 8), np.float32)})
 
 
 def test_external_data_model_is_calibrated_in_place(tmp_path, models_dir):

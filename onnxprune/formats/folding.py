@@ -8,6 +8,7 @@ from pathlib import Path
 
 import onnx
 
+from ..graph import walk_graphs
 from .graphs import REBUILD_PREFIX
 
 
@@ -35,18 +36,8 @@ def unfolded_rebuild_nodes(model: str | os.PathLike | onnx.ModelProto,
             "session.optimized_model_external_initializers_file_name", "optimized.data")
         create_session(source, options)
         folded = onnx.load(str(optimized), load_external_data=False)
-    return [node.name or node.output[0] for graph in _graphs(folded.graph)
+    return [node.name or node.output[0] for graph, _ in walk_graphs(folded.graph)
             for node in graph.node
             if node.name.startswith(REBUILD_PREFIX)
             or any(o.startswith(REBUILD_PREFIX) for o in node.output)]
 
-
-def _graphs(graph: onnx.GraphProto):
-    yield graph
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.GRAPH:
-                yield from _graphs(attr.g)
-            elif attr.type == onnx.AttributeProto.GRAPHS:
-                for sub in attr.graphs:
-                    yield from _graphs(sub)

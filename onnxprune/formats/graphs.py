@@ -1,17 +1,18 @@
-"""Small protobuf-level helpers the storage formats share: tensors, graph walks, markers.
+"""Small protobuf-level helpers the storage formats share: tensors, lookups, markers.
 
 Everything works on the protobuf directly (no onnx-graphsurgeon): the formats touch one
-tensor at a time and must not copy the rest of the model.
+tensor at a time and must not copy the rest of the model. Walks over subgraphs come from
+`onnxprune.graph` (`walk_graphs` is re-exported here for the formats).
 """
 
 from __future__ import annotations
-
-from collections.abc import Iterator
 
 import ml_dtypes
 import numpy as np
 import onnx
 from onnx import TensorProto, helper
+
+from ..graph import walk_graphs as walk_graphs
 
 # Every node, initializer and value_info a compact tensor adds carries this doc_string
 # (the node that produces the tensor carries it followed by the JSON description).
@@ -71,22 +72,6 @@ def default_opset(model: onnx.ModelProto) -> int | None:
     return None
 
 
-def walk_graphs(graph: onnx.GraphProto, label: str = "") -> Iterator[tuple[onnx.GraphProto, str]]:
-    """The graph and every subgraph below it, each with the label of the node that owns it.
-
-    Labels follow `targets.py`: the owning node's name, or `<op_type>_<index>`.
-    """
-    yield graph, label
-    for index, node in enumerate(graph.node):
-        node_label = node.name or f"{node.op_type}_{index}"
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.GRAPH:
-                yield from walk_graphs(attr.g, node_label)
-            elif attr.type == onnx.AttributeProto.GRAPHS:
-                for sub in attr.graphs:
-                    yield from walk_graphs(sub, node_label)
-
-
 def initializer_index(graph: onnx.GraphProto, name: str) -> int | None:
     for index, tensor in enumerate(graph.initializer):
         if tensor.name == name:
@@ -102,16 +87,6 @@ def constant_node_index(graph: onnx.GraphProto, name: str) -> int | None:
                 and any(a.name == "value" for a in node.attribute):
             return index
     return None
-
-
-def names_in_graph(graph: onnx.GraphProto) -> set[str]:
-    """Every value and node name defined in `graph` (not in its subgraphs)."""
-    names = {i.name for i in graph.input} | {t.name for t in graph.initializer}
-    names |= {s.values.name for s in graph.sparse_initializer}
-    for node in graph.node:
-        names.update(node.output)
-        names.add(node.name)
-    return names
 
 
 def add_metadata_format(model: onnx.ModelProto | None, fmt: str) -> None:

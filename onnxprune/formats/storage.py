@@ -39,6 +39,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from ..config import Pattern
+from ..graph import defined_names
 from ..io import write_array
 from ..targets import WeightTarget
 from .compact import (
@@ -63,7 +64,6 @@ from .graphs import (
     constant_node_index,
     default_opset,
     initializer_index,
-    names_in_graph,
 )
 from .sparse import make_sparse, set_constant_attribute, sparse_bytes
 
@@ -257,7 +257,7 @@ def _store_compact(target: WeightTarget, weights: np.ndarray, pattern: Pattern,
 def _unique_prefix(graph: onnx.GraphProto, stem: str) -> str:
     """`stem` + `c<k>` with the smallest k that no name in the graph starts with."""
     taken = set()
-    for name in names_in_graph(graph):
+    for name in defined_names(graph):
         if name.startswith(stem + "c"):
             head = name[len(stem) + 1:].split("/", 1)[0]
             if head.isdigit():

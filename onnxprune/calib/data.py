@@ -1,0 +1,29 @@
+"""Calibration data: the feeds calibrated methods run on, from `.npz` files or synthetic."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import onnx
+
+from ..inputs import Feed, load_npz_inputs, synthetic_inputs
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SYNTHETIC_SAMPLES = 16
+
+
+def load_calibration(path: str | os.PathLike | None, model: onnx.ModelProto,
+                     samples: int | None = None, seed: int = 0) -> list[Feed]:
+    """Calibration feeds from an `.npz` or a folder of them; synthetic ones when `path` is None.
+
+    The synthetic fallback (random values, `samples` of them, 16 by default) makes every
+    calibrated method run, but its statistics describe noise, not data: a warning says so.
+    """
+    if path is not None:
+        return load_npz_inputs(path, model, samples)
+    count = DEFAULT_SYNTHETIC_SAMPLES if samples is None else samples
+    log.warning("no calibration data given (--calib): calibrating on %d synthetic random "
+                "samples; pruning quality will reflect noise, not your data", count)
+    return synthetic_inputs(model, count, seed)
