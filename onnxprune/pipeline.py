@@ -167,6 +167,9 @@ class _Loop:
         self.progress = progress
         self.feeds = feeds
         self.masks_out = MaskSet()
+        # pruned main-graph weights by stored name, for calibration stage sessions built
+        # after them: the sink may have written them to a file or into another format
+        self.pruned: dict[str, np.ndarray] | None = None
         self.reports: dict[str, TargetReport] = {}
 
     def run(self, targets: list[WeightTarget]) -> dict[str, TargetReport]:
@@ -191,6 +194,7 @@ class _Loop:
 
         config = self.config
         index = GraphIndex(self.loaded.proto)
+        self.pruned = {}
         views = []
         for target in targets:
             view = target_view(target, index) if target in calibrated else None
@@ -212,10 +216,15 @@ class _Loop:
         # XᵀX is gathered for every calibrated target: the report gives each one's
         # reconstruction error, which needs it
         capture = ActivationCapture(self.loaded, index, views, feeds,
-                                    sequential=mode == "sequential", hessian=True)
+                                    sequential=mode == "sequential", hessian=True,
+                                    weights=self.pruned)
         log.info("%d calibrated targets in %d stage(s) over %d samples (%s)", len(views),
                  capture.levels, len(feeds), mode)
+        last_read = capture.last_stage_reading()
         for stage in capture.stages():
+            # pruned weights that no later stage reads are not kept for the sessions
+            for name in [n for n in self.pruned if last_read.get(n, -1) < stage.number]:
+                del self.pruned[name]
             shared: dict = {}  # targets reading the same input share what methods cache
             for view in stage.views:
                 stats = capture.stats_of(view)
@@ -288,6 +297,8 @@ class _Loop:
         if self.want_masks:
             self.masks_out.add_packed(target.name, np.packbits(weights.reshape(-1) != 0),
                                       target.shape)
+        if self.pruned is not None and target.graph is self.loaded.proto.graph:
+            self.pruned[target.tensor_name] = weights
         stored = self.sink.put(target, weights, plan)
         if stored is not None:
             report.format, report.bytes, report.format_reason = (stored.format, stored.bytes,
