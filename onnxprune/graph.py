@@ -13,8 +13,7 @@ what each node reads (outer-scope names its subgraphs use included), who produce
 and which values are static (initializers, Constant outputs and everything computed from
 them alone).
 
-Target discovery, calibration staging and the storage formats all use this module; nothing
-else walks subgraphs by hand (`io.py` keeps its own tensor walk, see its docstring).
+Target discovery, calibration staging and the storage formats all use this module.
 """
 
 from __future__ import annotations

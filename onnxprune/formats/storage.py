@@ -45,15 +45,13 @@ from ..targets import WeightTarget
 from .compact import (
     FOLD_CAP_BYTES,
     MIN_OPSET,
-    Plan,
     TensorBuilder,
     choose_plan,
     chunk_rows,
     encode_chunk,
     meta_doc,
-    nm_plan,
     plan_meta,
-    unstructured_plans,
+    tensor_plans,
 )
 from .graphs import (
     COMPACT_MARK,
@@ -191,11 +189,7 @@ def _store_compact(target: WeightTarget, weights: np.ndarray, pattern: Pattern,
     m = pattern.m if pattern.is_nm else 0
     rows = chunk_rows(weights.shape, axis, m)
     chunks = [weights[start:stop] for start, stop in rows]
-    plans: list[Plan] = unstructured_plans(chunks)
-    if pattern.is_nm:
-        plan = nm_plan(chunks, axis, pattern.n, pattern.m)
-        if plan is not None:
-            plans.append(plan)
+    plans = tensor_plans(chunks, axis, (pattern.n, pattern.m) if pattern.is_nm else None)
     if forms is not None:
         plans = [p for p in plans if p.kind in forms] or plans
     best = choose_plan(plans)
