@@ -63,7 +63,8 @@ def prune(model: ModelLike, output: str | os.PathLike | None = None, *,
     if output is not None and input_path is not None:
         loaded = load_model(input_path, lazy=True)
         with ModelWriter(loaded, output, None, durable) as writer:
-            result = run(loaded, config, sink=Sink(loaded, config.format, writer.put), **loop)
+            sink = Sink(loaded, config.format, writer.put, streaming=True)
+            result = run(loaded, config, sink=sink, **loop)
             writer.commit()
         proto = load_model(Path(output), lazy=True).proto
         file_bytes_before = model_file_bytes(input_path)

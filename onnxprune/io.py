@@ -52,6 +52,9 @@ FLOAT_TYPES = {
     TensorProto.DOUBLE: np.dtype(np.float64),
     TensorProto.BFLOAT16: np.dtype(helper.tensor_dtype_to_np_dtype(TensorProto.BFLOAT16)),
 }
+_WRITABLE_INTEGERS = {t: np.dtype(helper.tensor_dtype_to_np_dtype(t)) for t in (
+    TensorProto.UINT8, TensorProto.INT8, TensorProto.UINT16, TensorProto.INT16,
+    TensorProto.UINT32, TensorProto.INT32, TensorProto.UINT64, TensorProto.INT64)}
 # element types stored several to a byte: their byte count does not follow from the shape
 # by itemsize, and numpy_helper.to_array(...).tobytes() is not their raw encoding
 _PACKED_TYPES = {getattr(TensorProto, name) for name in
@@ -275,10 +278,11 @@ def write_array(tensor: TensorProto, array: np.ndarray) -> None:
 
 
 def _check_values(tensor: TensorProto, array: np.ndarray) -> None:
-    dtype = FLOAT_TYPES.get(tensor.data_type)
+    # floats (weights) and the byte-sized integers of compact forms
+    dtype = FLOAT_TYPES.get(tensor.data_type) or _WRITABLE_INTEGERS.get(tensor.data_type)
     if dtype is None:
-        raise ValueError(f"{tensor.name}: only float tensors are written, not "
-                         f"{TensorProto.DataType.Name(tensor.data_type)}")
+        raise ValueError(f"{tensor.name}: only float and whole-byte integer tensors are "
+                         f"written, not {TensorProto.DataType.Name(tensor.data_type)}")
     if array.dtype != dtype or tuple(array.shape) != tuple(tensor.dims):
         raise ValueError(f"{tensor.name}: writing {array.dtype}{array.shape} over "
                          f"{dtype}{tuple(tensor.dims)}")

@@ -67,14 +67,16 @@ class Sink:
     """Where pruned weights go: into the proto, or through `write_dense` (a file writer)."""
 
     def __init__(self, loaded: LoadedModel, format_name: str,
-                 write_dense: DenseWriter = write_array):
+                 write_dense: DenseWriter = write_array, streaming: bool = False):
         self.loaded = loaded
         self.format = FORMATS.get(format_name)
         self.write_dense = write_dense
+        # a streaming writer also takes the new tensors of compact forms at once
+        self.write_payload = write_dense if streaming else None
 
     def put(self, target: WeightTarget, weights: np.ndarray, plan: TargetPlan):
         return self.format.store(target, weights, plan.pattern, self.loaded.proto,
-                                 self.write_dense)
+                                 self.write_dense, self.write_payload)
 
 
 def selection_of(config: PruneConfig) -> Selection:

@@ -33,6 +33,7 @@ class TensorBuilder:
         self.opset = opset
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[TensorProto] = []
+        self.arrays: dict[str, np.ndarray] = {}  # the values of each initializer, by name
         self._constants: dict[tuple, str] = {}
         self._tables: dict[tuple, str] = {}
         self._values = 0
@@ -40,6 +41,7 @@ class TensorBuilder:
     def payload(self, field_name: str, array: np.ndarray) -> str:
         name = f"{self.prefix}/{field_name}"
         self.initializers.append(make_tensor(name, array))
+        self.arrays[name] = array
         return name
 
     def const(self, array) -> str:
