@@ -67,13 +67,14 @@ def _add_fsync_option(parser: argparse.ArgumentParser) -> None:
                              "a failed run from leaving a partial file)")
 
 
-def _choices_help(registry, default: str) -> str:
+def _choices_help(registry, default: str, first: str | None = None) -> str:
     """`a | b | c [default]` from a registry's names (no part is imported)."""
-    return f"{' | '.join(registry.names())} [{default}]"
+    names = ([first] if first else []) + registry.names()
+    return f"{' | '.join(names)} [{default}]"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .registry import ALLOCATIONS, FORMATS, METHODS
+    from .registry import ALLOCATIONS, FORMATS, METHODS, REFINES, UPDATES
 
     parser = _Parser(prog="onnxprune",
                      description="Prune the weights of ONNX models and check them in onnxruntime.")
@@ -104,6 +105,36 @@ def build_parser() -> argparse.ArgumentParser:
                        help=_choices_help(ALLOCATIONS, "uniform"))
     prune.add_argument("--format", default="dense", metavar="F",
                        help=_choices_help(FORMATS, "dense"))
+    prune.add_argument("--update", default="none", metavar="U",
+                       help="reconstruct the kept weights after the mask is chosen: "
+                            + _choices_help(UPDATES, "none", first="none"))
+    prune.add_argument("--refine", default="none", metavar="R",
+                       help="improve the mask before it is applied: "
+                            + _choices_help(REFINES, "none", first="none"))
+    settings = prune.add_argument_group("method and allocation settings")
+    settings.add_argument("--ria-alpha", type=float, default=0.5, metavar="A",
+                          help="ria: exponent of the input norm [0.5]")
+    settings.add_argument("--admm-iters", type=int, default=20, metavar="N",
+                          help="admm: iterations [20]")
+    settings.add_argument("--admm-rho", type=float, default=1.0, metavar="RHO",
+                          help="admm: penalty relative to mean diag(X^T X) [1.0]")
+    settings.add_argument("--admm-fixed-mask", action="store_true",
+                          help="admm: keep the first mask instead of choosing it gradually")
+    settings.add_argument("--dsnot-iters", type=int, default=50, metavar="N",
+                          help="dsnot: prune-and-grow cycles per row [50]")
+    settings.add_argument("--owl-threshold", type=float, default=5.0, metavar="M",
+                          help="owl: outliers are scores above M x the layer mean [5]")
+    settings.add_argument("--owl-lambda", type=float, default=0.08, metavar="L",
+                          help="owl: largest departure from the target sparsity [0.08]")
+    settings.add_argument("--min-target-sparsity", type=float, default=None, metavar="F",
+                          help="non-uniform allocations: no target below F")
+    settings.add_argument("--max-target-sparsity", type=float, default=None, metavar="F",
+                          help="non-uniform allocations: no target above F")
+    settings.add_argument("--max-error", type=float, default=None, metavar="E",
+                          help="sensitivity allocation: the highest overall sparsity whose "
+                               "predicted output error stays under E")
+    settings.add_argument("--sensitivity", default=None, metavar="JSON",
+                          help="sensitivity allocation: curves from `onnxprune sensitivity`")
     prune.add_argument("--seed", type=int, default=0, help="randomness (random method, "
                                                            "synthetic inputs) [0]")
     prune.add_argument("--report", metavar="PATH", help="write the JSON report there")
@@ -244,7 +275,15 @@ def cmd_prune(args: argparse.Namespace) -> int:
     config = _config_from(args, sparsity=args.sparsity, method=args.method, scope=args.scope,
                           allocation=args.allocation, format=args.format, seed=args.seed,
                           calib=args.calib, calib_samples=args.calib_samples,
-                          calib_mode=args.calib_mode, measure_error=args.measure_error)
+                          calib_mode=args.calib_mode, measure_error=args.measure_error,
+                          update=args.update, refine=args.refine, ria_alpha=args.ria_alpha,
+                          admm_iters=args.admm_iters, admm_rho=args.admm_rho,
+                          admm_gradual=not args.admm_fixed_mask,
+                          dsnot_iters=args.dsnot_iters, owl_threshold=args.owl_threshold,
+                          owl_lambda=args.owl_lambda,
+                          min_target_sparsity=args.min_target_sparsity,
+                          max_target_sparsity=args.max_target_sparsity,
+                          max_error=args.max_error, sensitivity=args.sensitivity)
     if config.pattern.is_nm and args.sparsity is not None \
             and abs(args.sparsity - config.pattern.sparsity) > 1e-9:
         log.warning("--sparsity %s is ignored: pattern %s gives %.4g", args.sparsity,

@@ -41,7 +41,7 @@ from .masking import (
 from .masks import MaskSet
 from .methods import Job, Method, Needs
 from .plan import PrunePlan, TargetPlan
-from .registry import ALLOCATIONS, FORMATS, METHODS
+from .registry import ALLOCATIONS, FORMATS, METHODS, REFINES, UPDATES
 from .report import SkipReport, TargetReport
 from .targets import Selection, SkippedTensor, WeightTarget, discover_targets
 
@@ -107,7 +107,7 @@ def run(loaded: LoadedModel, config: PruneConfig, *, sink: Sink | None = None,
         if cause.startswith("reduction axis"):
             log.warning("%d of %d weights skipped: %s", count, count + len(targets), cause)
     masks = _checked_masks(masks or {}, targets)
-    plan = make_plan(loaded, targets, config)
+    plan = make_plan(loaded, targets, config, feeds)
     loop = _Loop(loaded, config, plan, sink or Sink(loaded, config.format), masks,
                  fixed_masks, want_masks, progress, feeds)
     reports = loop.run(targets)
@@ -135,8 +135,8 @@ def _dropped_by_selection(skipped: list[SkippedTensor]) -> dict[str, int]:
     return causes
 
 
-def make_plan(loaded: LoadedModel, targets: list[WeightTarget], config: PruneConfig
-              ) -> PrunePlan:
+def make_plan(loaded: LoadedModel, targets: list[WeightTarget], config: PruneConfig,
+              feeds: Sequence[Feed] | None = None) -> PrunePlan:
     """The allocation's plan for `targets`; stored scores are streamed from `loaded`."""
     method = METHODS.get(config.method)
 
@@ -144,8 +144,8 @@ def make_plan(loaded: LoadedModel, targets: list[WeightTarget], config: PruneCon
         pieces = iter_chunks(target.tensor, loaded.base_dir, masking.CHUNK_ELEMENTS)
         return method.score_chunks(target, pieces, config.seed)
 
-    plan = ALLOCATIONS.get(config.allocation).plan(targets, config,
-                                                   AllocationContext(score_chunks))
+    plan = ALLOCATIONS.get(config.allocation).plan(
+        targets, config, AllocationContext(score_chunks, loaded, feeds))
     missing = [t.name for t in targets if t.name not in plan]
     if missing:
         raise ConfigError(f"allocation {config.allocation!r} planned no entry for "
@@ -173,11 +173,14 @@ class _Loop:
         # after them: the sink may have written them to a file or into another format
         self.pruned: dict[str, np.ndarray] | None = None
         self.reports: dict[str, TargetReport] = {}
+        # a weight update / mask refinement after the scores (they need calibration)
+        self.update = None if config.update == "none" else UPDATES.get(config.update)
+        self.refine = None if config.refine == "none" else REFINES.get(config.refine)
 
     def run(self, targets: list[WeightTarget]) -> dict[str, TargetReport]:
         methods = {t.name: METHODS.get(self.plan[t.name].method) for t in targets}
         calibrated = [t for t in targets if methods[t.name].needs > Needs.NOTHING
-                      or self.config.measure_error]
+                      or self.config.measure_error or self.update or self.refine]
         if self.config.calib is not None and not calibrated:
             log.warning("--calib is ignored: method %s uses no calibration data",
                         self.config.method)
@@ -262,7 +265,8 @@ class _Loop:
             if np.shares_memory(original, weights):  # weights are masked in place below
                 original = original.copy()
         job = Job(target, weights, plan, self.config.seed, view, stats, keep, fixed,
-                  {} if shared is None else shared)
+                  {} if shared is None else shared, self.config)
+        calibrated = view is not None and stats is not None
         planned = (int(np.count_nonzero(~keep)) if fixed
                    else _planned_count(target, plan, method, view))
         if method.reconstructs:
@@ -273,12 +277,20 @@ class _Loop:
             zeros = kernels.count_zeros(weights)
         elif fixed:
             zeros = kernels.apply_mask(weights, keep)
-        elif method.streams_scores and keep is None:
+        elif method.streams_scores and keep is None and not (calibrated and (
+                self.update or self.refine)):
             zeros = prune_streamed(target, weights, plan.pattern, plan.prune_count(target.numel),
                                    lambda pieces: method.score_chunks(target, pieces,
                                                                       self.config.seed))
         else:
-            zeros = kernels.apply_mask(weights, self._keep_mask(job, method))
+            new_keep = self._keep_mask(job, method)
+            if calibrated and self.refine is not None:
+                new_keep = self.refine.refine(job, new_keep)
+            if calibrated and self.update is not None:
+                weights = self.update.update(job, new_keep)
+                zeros = kernels.count_zeros(weights)
+            else:
+                zeros = kernels.apply_mask(weights, new_keep)
         error = None
         if original is not None and stats.hessian is not None:
             error = _relative_error(original, view.to_obs(weights), stats.hessian)
