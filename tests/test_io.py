@@ -360,7 +360,7 @@ def test_save_inline_model_as_external_keeps_the_proto(inline_path: Path, tmp_pa
 def test_large_model_is_written_with_external_data(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    monkeypatch.setattr(io_module, "PROTOBUF_LIMIT", 4096)
+    monkeypatch.setattr(io_module.writer, "PROTOBUF_LIMIT", 4096)
     proto = make_model()
     before = proto.SerializeToString()
     loaded = model_from_proto(proto, tmp_path)
@@ -529,7 +529,8 @@ def test_disk_full_while_moving_tensors_keeps_the_proto(
     before = loaded.proto.SerializeToString()
     # W1 (8 KiB, raw) and W2 (2 KiB, float_data) fit; Wc (1 KiB, raw) does not
     monkeypatch.setattr(
-        io_module, "open", lambda path, mode="r": _DiskFullFile(path, mode, 10500), raising=False
+        io_module.writer, "open", lambda path, mode="r": _DiskFullFile(path, mode, 10500),
+        raising=False,
     )
     with pytest.raises((OutputPathError, OSError)):
         save_model(loaded, tmp_path / "full.onnx", external=True)

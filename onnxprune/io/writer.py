@@ -1,10 +1,4 @@
-"""Loading models and tensors without needless copies, and writing models atomically.
-
-Tensor bytes stay where they are until a target is touched: inline tensors are viewed in
-their protobuf, external data is memory-mapped. A *lazy* load goes further and never parses
-the large inline tensors at all: a scan of the file's wire format finds them, and the proto
-gets external-data references into the model file itself instead, so an inline model is
-read exactly like one with external data (see `load_model`).
+"""Writing models atomically, streaming tensor data from where it is.
 
 Writing never serializes the whole model at once and never modifies the proto: the
 `ModelWriter` assembles the output from serialized pieces, streaming every large tensor's
@@ -16,288 +10,41 @@ nothing behind.
 from __future__ import annotations
 
 import contextlib
-import logging
-import mmap
 import os
 import secrets
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import onnx
-from google.protobuf.message import DecodeError
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, numpy_helper
 
-from .errors import ModelLoadError, OutputPathError
-
-log = logging.getLogger(__name__)
+from ..errors import ModelLoadError, OutputPathError
+from .load import LoadedModel
+from .tensors import (
+    PACKED_TYPES,
+    check_values,
+    external_info,
+    external_range,
+    iter_all_tensors,
+    read_exactly,
+    tensor_nbytes,
+    tensor_numel,
+    uses_external_data,
+)
+from .wire import RAW_DATA_FIELD, varint_bytes
 
 # protobuf cannot serialize a message of 2 GiB or more; leave room for the graph itself.
 PROTOBUF_LIMIT = 2**31 - 2**26
 # tensors at least this large go to external data when a model is written that way.
 EXTERNAL_THRESHOLD = 1024
 EXTERNAL_ALIGNMENT = 64
-# a lazy load leaves inline tensors of at least this many bytes in the file
-LAZY_MIN_BYTES = 1024
 # inline tensors at least this large are written from the proto one at a time, not as part
 # of one serialized model (which would hold a second copy of every tensor at once)
 SPLIT_MIN_BYTES = 1 << 20
-# bytes per read when tensor data is copied or read piece by piece
+# bytes per read when tensor data is copied piece by piece
 COPY_CHUNK_BYTES = 16 << 20
-
-FLOAT_TYPES = {
-    TensorProto.FLOAT: np.dtype(np.float32),
-    TensorProto.FLOAT16: np.dtype(np.float16),
-    TensorProto.DOUBLE: np.dtype(np.float64),
-    TensorProto.BFLOAT16: np.dtype(helper.tensor_dtype_to_np_dtype(TensorProto.BFLOAT16)),
-}
-# element types stored several to a byte: their byte count does not follow from the shape
-# by itemsize, and numpy_helper.to_array(...).tobytes() is not their raw encoding
-_PACKED_TYPES = {getattr(TensorProto, name) for name in
-                 ("INT4", "UINT4", "FLOAT4E2M1", "INT2", "UINT2") if hasattr(TensorProto, name)}
-# the fields of a TensorProto that hold (or point to) its values
-_DATA_FIELDS = frozenset({"raw_data", "float_data", "int32_data", "string_data", "int64_data",
-                          "double_data", "uint64_data", "external_data", "data_location"})
-_RAW_DATA_FIELD = 9
-
-
-@dataclass
-class LoadedModel:
-    """A model proto plus where it came from (for external data paths).
-
-    `uses_external_data` says whether the model file has external data of its own (the
-    references a lazy load makes into the model file itself do not count).
-    """
-
-    proto: onnx.ModelProto
-    path: Path | None
-    base_dir: Path
-    uses_external_data: bool
-    lazy: bool = False
-
-
-def load_model(path: str | os.PathLike, lazy: bool = False) -> LoadedModel:
-    """Parse the model without reading external data; check that its external files exist.
-
-    With `lazy`, inline tensors of `LAZY_MIN_BYTES` or more are not parsed either: they
-    become external-data references (location: the model file's own name, offset and length
-    of their bytes in it), read on demand like any external data. Such a proto is for this
-    process only; `ModelWriter` writes them back inline (or to the output's data file).
-    """
-    path = Path(path)
-    if not path.exists():
-        raise ModelLoadError(f"{path}: no such file")
-    if path.is_dir():
-        raise ModelLoadError(f"{path}: is a directory, not an ONNX file")
-    try:
-        if lazy:
-            proto = _parse_lazily(path)
-        else:
-            proto = onnx.load(str(path), load_external_data=False)
-            _scan_file(path)  # checks inline tensor sizes without copying them
-    except ModelLoadError:
-        raise
-    except (DecodeError, _WireError):
-        raise ModelLoadError(f"{path}: not a valid ONNX model (protobuf could not be parsed; "
-                             "truncated or not ONNX)") from None
-    except OSError as exc:
-        raise ModelLoadError(f"{path}: cannot read ({exc.strerror or exc})") from None
-    except Exception as exc:  # onnx raises several types for corrupt files
-        raise ModelLoadError(f"{path}: not a valid ONNX model ({_one_line(exc)})") from None
-    if not proto.HasField("graph") or (len(proto.graph.node) == 0 and proto.ir_version == 0):
-        raise ModelLoadError(f"{path}: not a valid ONNX model (no graph)")
-    if proto.ir_version == 0:
-        raise ModelLoadError(f"{path}: not a valid ONNX model (ir_version missing)")
-    loaded = LoadedModel(proto, path, path.parent, False, lazy)
-    file_sizes: dict[str, int] = {}
-    for tensor in iter_all_tensors(proto.graph):
-        if uses_external_data(tensor):
-            location = _check_external(tensor, loaded.base_dir, file_sizes)
-            if not (lazy and location == path.name):
-                loaded.uses_external_data = True
-    return loaded
-
-
-def model_from_proto(proto: onnx.ModelProto, base_dir: str | os.PathLike = ".") -> LoadedModel:
-    external = any(uses_external_data(t) for t in iter_all_tensors(proto.graph))
-    return LoadedModel(proto, None, Path(base_dir), external)
-
-
-def iter_all_tensors(graph: onnx.GraphProto) -> Iterator[TensorProto]:
-    """Every tensor stored in the graph: initializers, Constant values, the values and
-    indices of sparse tensors, subgraphs."""
-    yield from graph.initializer
-    for sparse in graph.sparse_initializer:
-        yield from (sparse.values, sparse.indices)
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.TENSOR:
-                yield attr.t
-            elif attr.type == onnx.AttributeProto.SPARSE_TENSOR:
-                yield from (attr.sparse_tensor.values, attr.sparse_tensor.indices)
-            elif attr.type == onnx.AttributeProto.GRAPH:
-                yield from iter_all_tensors(attr.g)
-            elif attr.type == onnx.AttributeProto.GRAPHS:
-                for sub in attr.graphs:
-                    yield from iter_all_tensors(sub)
-
-
-def uses_external_data(tensor: TensorProto) -> bool:
-    return tensor.HasField("data_location") and tensor.data_location == TensorProto.EXTERNAL
-
-
-def tensor_numel(tensor: TensorProto) -> int:
-    return int(np.prod(tensor.dims, dtype=np.int64)) if len(tensor.dims) else 1
-
-
-def tensor_nbytes(tensor: TensorProto) -> int:
-    """Bytes the tensor's values take when stored densely."""
-    if tensor.data_type == TensorProto.STRING:
-        return sum(len(s) for s in tensor.string_data)
-    itemsize = np.dtype(helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
-    return tensor_numel(tensor) * itemsize
-
-
-def external_info(tensor: TensorProto) -> dict[str, str]:
-    return {entry.key: entry.value for entry in tensor.external_data}
-
-
-def _external_range(tensor: TensorProto, base_dir: Path) -> tuple[Path, int, int]:
-    """(file, offset, length) of an external tensor's bytes."""
-    info = external_info(tensor)
-    length = int(info.get("length", tensor_nbytes(tensor)))
-    return base_dir / info["location"], int(info.get("offset", 0)), length
-
-
-def _check_external(tensor: TensorProto, base_dir: Path, file_sizes: dict[str, int]) -> str:
-    """Check the tensor's external reference; returns its location."""
-    info = external_info(tensor)
-    location = info.get("location")
-    if not location:
-        raise ModelLoadError(f"tensor {tensor.name!r}: external data without a location")
-    if Path(location).is_absolute() or ".." in Path(location).parts:
-        # the same rule as onnx.load: a model may only read data from beside itself
-        raise ModelLoadError(f"tensor {tensor.name!r}: external data location {location!r} "
-                             "points outside the model's directory")
-    file = base_dir / location
-    if location not in file_sizes:
-        if not file.is_file():
-            raise ModelLoadError(f"tensor {tensor.name!r}: external data file {file} is missing")
-        file_sizes[location] = file.stat().st_size
-    try:
-        offset = int(info.get("offset", 0))
-        length = int(info.get("length", tensor_nbytes(tensor)))
-    except ValueError:
-        raise ModelLoadError(f"tensor {tensor.name!r}: external data offset or length is not "
-                             "a number") from None
-    if offset + length > file_sizes[location]:
-        raise ModelLoadError(f"tensor {tensor.name!r}: external data file {file} is truncated")
-    return location
-
-
-def read_array(tensor: TensorProto, base_dir: Path, writable: bool = False) -> np.ndarray:
-    """The tensor's values; a read-only memory map or buffer view unless `writable`.
-
-    A writable array of external data is read into fresh memory, not through a memory map,
-    so the process holds one copy of the tensor, not two.
-    """
-    dtype = FLOAT_TYPES.get(tensor.data_type)
-    shape = tuple(tensor.dims)
-    if dtype is None:
-        array = numpy_helper.to_array(tensor, str(base_dir))
-        return array.copy() if writable else array
-    if uses_external_data(tensor):
-        file, offset, _ = _external_range(tensor, base_dir)
-        if writable:
-            array = np.empty(shape, dtype)
-            _read_into(file, offset, array.reshape(-1).view(np.uint8))
-            return array
-        return np.memmap(file, dtype=dtype, mode="r", offset=offset, shape=shape)
-    if tensor.HasField("raw_data") or tensor_numel(tensor) == 0:
-        array = np.frombuffer(tensor.raw_data, dtype=dtype).reshape(shape)
-    else:
-        array = numpy_helper.to_array(tensor)
-    return np.array(array, copy=True) if writable else array
-
-
-def iter_chunks(tensor: TensorProto, base_dir: Path, max_elements: int) -> Iterator[np.ndarray]:
-    """The float tensor's values, flat and in order, in read-only pieces of `max_elements`.
-
-    External data is read piece by piece into one buffer that every piece reuses: finish
-    with a piece before asking for the next. Inline data is viewed, not copied again.
-    """
-    max_elements = max(1, int(max_elements))
-    dtype = FLOAT_TYPES.get(tensor.data_type)
-    numel = tensor_numel(tensor)
-    if dtype is None or not uses_external_data(tensor):
-        flat = read_array(tensor, base_dir).reshape(-1)
-        for start in range(0, numel, max_elements):
-            yield flat[start:start + max_elements]
-        return
-    file, offset, _ = _external_range(tensor, base_dir)
-    buffer = np.empty(min(numel, max_elements), dtype)
-    with open(file, "rb") as fh:
-        for start in range(0, numel, max_elements):
-            piece = buffer[:min(max_elements, numel - start)]
-            fh.seek(offset + start * dtype.itemsize)
-            _read_exactly(fh, piece.view(np.uint8), file)
-            piece.flags.writeable = False
-            yield piece
-            piece.flags.writeable = True
-
-
-def _read_into(file: Path, offset: int, out: np.ndarray) -> None:
-    with open(file, "rb") as fh:
-        fh.seek(offset)
-        _read_exactly(fh, out, file)
-
-
-def _read_exactly(fh, out: np.ndarray, file: Path) -> None:
-    """Fill the uint8 array `out` from the file's current position."""
-    view = memoryview(out).cast("B")
-    done = 0
-    while done < len(view):
-        count = fh.readinto(view[done:])
-        if not count:
-            raise ModelLoadError(f"external data file {file} is truncated")
-        done += count
-
-
-def write_array(tensor: TensorProto, array: np.ndarray) -> None:
-    """Store `array` inline as the tensor's raw data (same dtype and shape as before)."""
-    _check_values(tensor, array)
-    for field in ("float_data", "int32_data", "double_data", "int64_data", "uint64_data"):
-        tensor.ClearField(field)
-    tensor.ClearField("external_data")
-    tensor.ClearField("data_location")
-    tensor.raw_data = np.ascontiguousarray(array).tobytes()
-
-
-def _check_values(tensor: TensorProto, array: np.ndarray) -> None:
-    dtype = FLOAT_TYPES.get(tensor.data_type)
-    if dtype is None:
-        raise ValueError(f"{tensor.name}: only float tensors are written, not "
-                         f"{TensorProto.DataType.Name(tensor.data_type)}")
-    if array.dtype != dtype or tuple(array.shape) != tuple(tensor.dims):
-        raise ValueError(f"{tensor.name}: writing {array.dtype}{array.shape} over "
-                         f"{dtype}{tuple(tensor.dims)}")
-
-
-def model_file_bytes(path: str | os.PathLike) -> int:
-    """Bytes on disk of a model file plus every external data file it references.
-
-    Found by scanning the file's wire format: the tensors are not parsed.
-    """
-    path = Path(path)
-    try:
-        locations = _scan_file(path).external_locations
-    except _WireError:
-        raise ModelLoadError(f"{path}: not a valid ONNX model (protobuf could not be parsed; "
-                             "truncated or not ONNX)") from None
-    return path.stat().st_size + sum((path.parent / loc).stat().st_size
-                                     for loc in locations if loc)
-
 
 def check_output_path(output: str | os.PathLike, input_path: str | os.PathLike | None) -> Path:
     """Reject an output that is the input, or whose directory cannot be written."""
@@ -335,6 +82,9 @@ def save_model(loaded: LoadedModel, output: str | os.PathLike,
     with ModelWriter(loaded, output, external, durable) as writer:
         return writer.commit()
 
+# the fields of a TensorProto that hold (or point to) its values
+_DATA_FIELDS = frozenset({"raw_data", "float_data", "int32_data", "string_data", "int64_data",
+                          "double_data", "uint64_data", "external_data", "data_location"})
 
 # --- writing -------------------------------------------------------------------------------
 
@@ -404,7 +154,7 @@ class ModelWriter:
     def put(self, tensor: TensorProto, values: np.ndarray) -> None:
         """The tensor's new values (its dtype and shape). Keep `values` unchanged after."""
         self._check_open()
-        _check_values(tensor, values)
+        check_values(tensor, values)
         values = np.ascontiguousarray(values)
         payload = _ArrayPayload(values)
         slot = self._slots.get(id(tensor))
@@ -627,7 +377,7 @@ class _FilePayload(_Payload):
             source.seek(self.offset)
             for start in range(0, self.length, COPY_CHUNK_BYTES):
                 piece = buffer[:min(COPY_CHUNK_BYTES, self.length - start)]
-                _read_exactly(source, piece, self.file)
+                read_exactly(source, piece, self.file)
                 fh.write(memoryview(piece))
         return self.length
 
@@ -665,9 +415,9 @@ def _untouched_payload(tensor: TensorProto, base_dir: Path, external: bool) -> _
     if tensor.data_type == TensorProto.STRING:
         return None
     if uses_external_data(tensor):
-        file, offset, length = _external_range(tensor, base_dir)
+        file, offset, length = external_range(tensor, base_dir)
         return _FilePayload(file, offset, length)
-    if tensor.data_type in _PACKED_TYPES:
+    if tensor.data_type in PACKED_TYPES:
         return None
     nbytes = tensor_nbytes(tensor)
     if tensor.HasField("raw_data"):
@@ -778,7 +528,7 @@ class _Serializer:
         before, after = TensorProto(), TensorProto()
         for fd in TensorProto.DESCRIPTOR.fields:
             if fd.name not in _DATA_FIELDS and _has_field(tensor, fd):
-                _copy_field(tensor, before if fd.number < _RAW_DATA_FIELD else after, fd)
+                _copy_field(tensor, before if fd.number < RAW_DATA_FIELD else after, fd)
         if isinstance(where, _Placed):
             before.MergeFrom(after)
             for key, value in (("location", where.location), ("offset", str(where.offset)),
@@ -787,7 +537,7 @@ class _Serializer:
                 entry.key, entry.value = key, value
             before.data_location = TensorProto.EXTERNAL
             return [before.SerializeToString()]
-        header = _varint_bytes(_RAW_DATA_FIELD << 3 | 2) + _varint_bytes(where.length)
+        header = varint_bytes(RAW_DATA_FIELD << 3 | 2) + varint_bytes(where.length)
         return [before.SerializeToString(), header, where, after.SerializeToString()]
 
 
@@ -799,7 +549,7 @@ def _size(parts: list) -> int:
         elif isinstance(part, _Nested):
             inner = _size(part.parts)
             part.size = inner
-            total += len(_varint_bytes(part.number << 3 | 2)) + len(_varint_bytes(inner)) + inner
+            total += len(varint_bytes(part.number << 3 | 2)) + len(varint_bytes(inner)) + inner
         else:
             total += part.length
     return total
@@ -811,7 +561,7 @@ def _emit(fh, parts: list) -> None:
         if isinstance(part, (bytes, bytearray)):
             fh.write(part)
         elif isinstance(part, _Nested):
-            fh.write(_varint_bytes(part.number << 3 | 2) + _varint_bytes(part.size))
+            fh.write(varint_bytes(part.number << 3 | 2) + varint_bytes(part.size))
             _emit(fh, part.parts)
         else:
             part.write_to(fh)
@@ -826,7 +576,7 @@ def _payload_offsets(parts: list) -> dict[int, int]:
             if isinstance(part, (bytes, bytearray)):
                 position += len(part)
             elif isinstance(part, _Nested):
-                position += len(_varint_bytes(part.number << 3 | 2) + _varint_bytes(part.size))
+                position += len(varint_bytes(part.number << 3 | 2) + varint_bytes(part.size))
                 position = walk(part.parts, position)
             else:
                 offsets[id(part)] = position
@@ -870,246 +620,3 @@ def _temp_path(directory: Path, name: str) -> Path:
         return tmp
     raise FileExistsError(f"no free temporary name in {directory}")
 
-
-# --- reading the wire format ----------------------------------------------------------------
-#
-# Enough of protobuf's encoding to walk ModelProto -> graph -> node -> attribute -> tensor
-# without parsing tensor bytes: to check inline sizes, list external files, and (lazy load)
-# cut large raw_data out of the file. Field numbers are those of onnx.proto.
-
-# nodes shorter than this are not walked into when checking sizes (a Constant this small
-# holds a few numbers, which no pruning reads)
-_SCAN_MIN_NODE_BYTES = 128
-
-
-class _WireError(Exception):
-    """The bytes are not a well-formed protobuf message."""
-
-
-_MODEL_GRAPH = 7
-_GRAPH_NODE, _GRAPH_INITIALIZER, _GRAPH_SPARSE_INITIALIZER = 1, 5, 15
-_SPARSE_VALUES, _SPARSE_INDICES = 1, 2
-_NODE_ATTRIBUTE = 5
-_ATTR_T, _ATTR_G, _ATTR_GRAPHS, _ATTR_TYPE, _ATTR_SPARSE_TENSOR = 5, 6, 11, 20, 22
-_TENSOR_DIMS, _TENSOR_DATA_TYPE, _TENSOR_NAME = 1, 2, 8
-_TENSOR_EXTERNAL_DATA, _TENSOR_DATA_LOCATION = 13, 14
-_ENTRY_KEY, _ENTRY_VALUE = 1, 2
-
-
-def _varint_bytes(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte = value & 0x7F
-        value >>= 7
-        if value:
-            out.append(byte | 0x80)
-        else:
-            out.append(byte)
-            return bytes(out)
-
-
-def _len_field(number: int, payload: bytes) -> bytes:
-    return _varint_bytes(number << 3 | 2) + _varint_bytes(len(payload)) + payload
-
-
-def _read_varint(buf, pos: int, end: int) -> tuple[int, int]:
-    result = shift = 0
-    while True:
-        if pos >= end or shift > 63:
-            raise _WireError
-        byte = buf[pos]
-        pos += 1
-        result |= (byte & 0x7F) << shift
-        if byte < 0x80:
-            return result, pos
-        shift += 7
-
-
-def _fields(buf, start: int, end: int) -> Iterator[tuple[int, int, int, int, int]]:
-    """(number, wire type, field start, value, field end) for each field in [start, end).
-
-    The value is the integer of a varint field, the payload start of a length-delimited one.
-    """
-    pos = start
-    while pos < end:
-        field_start = pos
-        key, pos = _read_varint(buf, pos, end)
-        number, wire = key >> 3, key & 7
-        if number == 0:
-            raise _WireError
-        if wire == 0:
-            value, pos = _read_varint(buf, pos, end)
-        elif wire == 2:
-            length, pos = _read_varint(buf, pos, end)
-            value, pos = pos, pos + length
-        elif wire == 1:
-            value, pos = None, pos + 8
-        elif wire == 5:
-            value, pos = None, pos + 4
-        else:
-            raise _WireError
-        if pos > end:
-            raise _WireError
-        yield number, wire, field_start, value, pos
-
-
-class _Scan:
-    """One walk over a serialized model.
-
-    Checks that inline float tensors have as many bytes as their shapes need, collects the
-    external data locations, and with `lift` returns the model with each inline raw_data of
-    `LAZY_MIN_BYTES` or more replaced by an external reference to where it lies in `buf`.
-    """
-
-    def __init__(self, buf, path: Path, lift: bool):
-        self.buf, self.path, self.lift = buf, path, lift
-        self.external_locations: set[str] = set()
-
-    def model(self) -> bytes | None:
-        """The rewritten model (None if nothing was lifted)."""
-        return self._rewrite(0, len(self.buf), {_MODEL_GRAPH: self._graph})
-
-    def _rewrite(self, start: int, end: int, walk: dict[int, Callable]) -> bytes | None:
-        """Walk into the fields named in `walk`; rebuild this message if one changed."""
-        buf = self.buf
-        parts: list[bytes] = []
-        copied = start
-        for number, wire, field_start, value, field_end in _fields(buf, start, end):
-            handler = walk.get(number)
-            if handler is None or wire != 2:
-                continue
-            new = handler(value, field_end)
-            if new is not None:
-                parts.append(buf[copied:field_start])
-                parts.append(_len_field(number, new))
-                copied = field_end
-        if not parts:
-            return None
-        parts.append(buf[copied:end])
-        return b"".join(parts)
-
-    def _graph(self, start: int, end: int) -> bytes | None:
-        return self._rewrite(start, end, {_GRAPH_NODE: self._node,
-                                          _GRAPH_INITIALIZER: self._tensor,
-                                          _GRAPH_SPARSE_INITIALIZER: self._sparse})
-
-    def _sparse(self, start: int, end: int) -> bytes | None:
-        return self._rewrite(start, end, {_SPARSE_VALUES: self._tensor,
-                                          _SPARSE_INDICES: self._tensor})
-
-    def _node(self, start: int, end: int) -> bytes | None:
-        # most nodes hold no tensor worth a look: the walk is Python, graphs are large
-        if end - start < (LAZY_MIN_BYTES if self.lift else _SCAN_MIN_NODE_BYTES):
-            return None
-        return self._rewrite(start, end, {_NODE_ATTRIBUTE: self._attribute})
-
-    def _attribute(self, start: int, end: int) -> bytes | None:
-        kind = None
-        for number, wire, _, value, _ in _fields(self.buf, start, end):
-            if number == _ATTR_TYPE and wire == 0:
-                kind = value
-        # the same attributes iter_all_tensors walks into
-        if kind == onnx.AttributeProto.TENSOR:
-            return self._rewrite(start, end, {_ATTR_T: self._tensor})
-        if kind == onnx.AttributeProto.SPARSE_TENSOR:
-            return self._rewrite(start, end, {_ATTR_SPARSE_TENSOR: self._sparse})
-        if kind == onnx.AttributeProto.GRAPH:
-            return self._rewrite(start, end, {_ATTR_G: self._graph})
-        if kind == onnx.AttributeProto.GRAPHS:
-            return self._rewrite(start, end, {_ATTR_GRAPHS: self._graph})
-        return None
-
-    def _tensor(self, start: int, end: int) -> bytes | None:
-        buf = self.buf
-        dims: list[int] = []
-        data_type = location = 0
-        name = b""
-        raw = None  # (field start, payload start, field end)
-        external_entries: list[tuple[int, int]] = []
-        for number, wire, field_start, value, field_end in _fields(buf, start, end):
-            if number == _TENSOR_DIMS:
-                if wire == 0:
-                    dims.append(value)
-                elif wire == 2:  # packed
-                    pos = value
-                    while pos < field_end:
-                        dim, pos = _read_varint(buf, pos, field_end)
-                        dims.append(dim)
-            elif number == _TENSOR_DATA_TYPE and wire == 0:
-                data_type = value
-            elif number == _TENSOR_NAME and wire == 2:
-                name = bytes(buf[value:field_end])
-            elif number == _RAW_DATA_FIELD and wire == 2:
-                raw = (field_start, value, field_end)
-            elif number == _TENSOR_DATA_LOCATION and wire == 0:
-                location = value
-            elif number == _TENSOR_EXTERNAL_DATA and wire == 2:
-                external_entries.append((value, field_end))
-        if location == TensorProto.EXTERNAL:
-            for entry_start, entry_end in external_entries:
-                self._note_location(entry_start, entry_end)
-            return None
-        if raw is None:
-            return None
-        field_start, payload_start, field_end = raw
-        length = field_end - payload_start
-        dtype = FLOAT_TYPES.get(data_type)
-        if dtype is not None:
-            expected = int(np.prod(dims, dtype=np.int64)) * dtype.itemsize
-            if length != expected:
-                tensor_name = name.decode("utf-8", "replace")
-                raise ModelLoadError(f"{self.path}: tensor {tensor_name!r} has {length} bytes of "
-                                     f"data for shape {dims} (truncated or corrupt)")
-        if not self.lift or length < LAZY_MIN_BYTES:
-            return None
-        reference = b"".join(
-            _len_field(_TENSOR_EXTERNAL_DATA,
-                       _len_field(_ENTRY_KEY, key.encode()) + _len_field(_ENTRY_VALUE,
-                                                                         value.encode()))
-            for key, value in (("location", self.path.name), ("offset", str(payload_start)),
-                               ("length", str(length))))
-        location_field = _varint_bytes(_TENSOR_DATA_LOCATION << 3) + _varint_bytes(
-            TensorProto.EXTERNAL)
-        return b"".join((buf[start:field_start], buf[field_end:end], reference, location_field))
-
-    def _note_location(self, start: int, end: int) -> None:
-        key = value = None
-        for number, wire, _, payload, field_end in _fields(self.buf, start, end):
-            if wire == 2 and number == _ENTRY_KEY:
-                key = bytes(self.buf[payload:field_end])
-            elif wire == 2 and number == _ENTRY_VALUE:
-                value = bytes(self.buf[payload:field_end])
-        if key == b"location" and value:
-            self.external_locations.add(value.decode("utf-8", "replace"))
-
-
-@contextlib.contextmanager
-def _mapped(path: Path):
-    """The file's bytes, memory-mapped (an empty file gives b"")."""
-    with open(path, "rb") as fh:
-        if os.fstat(fh.fileno()).st_size == 0:
-            yield b""
-            return
-        with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
-            yield mapped
-
-
-def _scan_file(path: Path) -> _Scan:
-    """Check inline tensor sizes and collect external locations, without parsing tensors."""
-    with _mapped(path) as buf:
-        scan = _Scan(buf, path, lift=False)
-        scan.model()
-    return scan
-
-
-def _parse_lazily(path: Path) -> onnx.ModelProto:
-    with _mapped(path) as buf:
-        rewritten = _Scan(buf, path, lift=True).model()
-        proto = onnx.ModelProto()
-        proto.ParseFromString(bytes(buf) if rewritten is None else rewritten)
-    return proto
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
