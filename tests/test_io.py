@@ -242,7 +242,7 @@ def test_load_rejects_truncated_external_data(external_path: Path) -> None:
     [
         ("location", "../weights.bin", "outside"),
         ("location", "/etc/passwd", "outside"),
-        ("offset", "twelve", "not a number"),
+        ("offset", "twelve", "not a non-negative integer"),
     ],
 )
 def test_load_rejects_bad_external_entries(

@@ -21,6 +21,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from ..io import read_array, tensor_nbytes
+from ..io.load import check_sparse
 from .compact import decode_chunk, parse_meta
 from .graphs import (
     COMPACT_MARK,
@@ -135,6 +136,7 @@ def _find(model: onnx.ModelProto, base_dir: Path) -> list[_Found]:
 
 def _sparse_info(sparse: onnx.SparseTensorProto, source: str, base_dir: Path,
                  name: str | None = None) -> StoredInfo:
+    check_sparse(sparse)  # (models built in memory were not checked by load_model)
     dtype = FLOAT_DATA_TYPES.get(sparse.values.data_type)
     dtype_name = str(dtype) if dtype is not None else \
         TensorProto.DataType.Name(sparse.values.data_type).lower()

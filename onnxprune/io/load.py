@@ -7,6 +7,7 @@ so an inline model is read exactly like one with external data (see `load_model`
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +17,17 @@ from google.protobuf.message import DecodeError
 from onnx import TensorProto
 
 from ..errors import ModelLoadError
-from .tensors import external_info, iter_all_tensors, tensor_nbytes, uses_external_data
+from .tensors import (
+    INDEX_TYPES,
+    check_tensor,
+    external_info,
+    iter_model_sparse_tensors,
+    iter_model_tensors,
+    note_model_file,
+    tensor_label,
+    tensor_numel,
+    uses_external_data,
+)
 from .wire import WireError, parse_lazily, scan_file
 
 
@@ -67,49 +78,52 @@ def load_model(path: str | os.PathLike, lazy: bool = False) -> LoadedModel:
         raise ModelLoadError(f"{path}: not a valid ONNX model (no graph)")
     if proto.ir_version == 0:
         raise ModelLoadError(f"{path}: not a valid ONNX model (ir_version missing)")
+    note_model_file(path)
+    _check_text(proto, path)
     loaded = LoadedModel(proto, path, path.parent, False, lazy)
-    file_sizes: dict[str, int] = {}
-    for tensor in iter_all_tensors(proto.graph):
-        if uses_external_data(tensor):
-            location = _check_external(tensor, loaded.base_dir, file_sizes)
-            if not (lazy and location == path.name):
-                loaded.uses_external_data = True
+    for tensor in iter_model_tensors(proto):
+        # raw_data lengths were checked by the scan of the file, without copying them
+        check_tensor(tensor, loaded.base_dir, check_raw=False)
+        if uses_external_data(tensor) and not (
+                lazy and external_info(tensor).get("location") == path.name):
+            loaded.uses_external_data = True
+    for sparse in iter_model_sparse_tensors(proto):
+        check_sparse(sparse)
     return loaded
 
 
 def model_from_proto(proto: onnx.ModelProto, base_dir: str | os.PathLike = ".") -> LoadedModel:
-    external = any(uses_external_data(t) for t in iter_all_tensors(proto.graph))
+    """A model built in memory; its tensors are checked when they are read."""
+    external = any(uses_external_data(t) for t in iter_model_tensors(proto))
     return LoadedModel(proto, None, Path(base_dir), external)
 
 
-def _check_external(tensor: TensorProto, base_dir: Path, file_sizes: dict[str, int]) -> str:
-    """Check the tensor's external reference; returns its location."""
-    info = external_info(tensor)
-    location = info.get("location")
-    if not location:
-        raise ModelLoadError(f"tensor {tensor.name!r}: external data without a location")
-    if Path(location).is_absolute() or ".." in Path(location).parts:
-        # the same rule as onnx.load: a model may only read data from beside itself
-        raise ModelLoadError(f"tensor {tensor.name!r}: external data location {location!r} "
-                             "points outside the model's directory")
-    file = base_dir / location
-    if location not in file_sizes:
-        if not file.is_file():
-            raise ModelLoadError(f"tensor {tensor.name!r}: external data file {file} is missing")
-        file_sizes[location] = file.stat().st_size
-    try:
-        offset = int(info.get("offset", 0))
-        length = int(info.get("length", tensor_nbytes(tensor)))
-    except ValueError:
-        raise ModelLoadError(f"tensor {tensor.name!r}: external data offset or length is not "
-                             "a number") from None
-    if offset + length > file_sizes[location]:
-        raise ModelLoadError(f"tensor {tensor.name!r}: external data file {file} is truncated")
-    return location
+def check_sparse(sparse: onnx.SparseTensorProto) -> None:
+    """Refuse a sparse tensor whose values, indices and shape do not fit together (the range
+    of the indices is checked where they are read)."""
+    label = f"sparse {tensor_label(sparse.values)}"
+    dims = list(sparse.dims)
+    if not dims or any(d < 0 for d in dims):
+        raise ModelLoadError(f"{label} has an invalid shape {dims}")
+    if len(sparse.values.dims) != 1:
+        raise ModelLoadError(f"{label}: its values must be 1-D, not of shape "
+                             f"{list(sparse.values.dims)}")
+    count = sparse.values.dims[0]
+    indices = sparse.indices
+    if count == 0 and tensor_numel(indices) == 0:
+        return
+    if indices.data_type not in INDEX_TYPES:
+        raise ModelLoadError(f"{label}: its indices must be integers, not of type "
+                             f"{indices.data_type}")
+    if list(indices.dims) not in ([count], [count, len(dims)]):
+        raise ModelLoadError(f"{label} has indices of shape {list(indices.dims)} for {count} "
+                             f"values of a rank-{len(dims)} tensor (expected [{count}] or "
+                             f"[{count}, {len(dims)}])")
 
 
 def model_file_bytes(path: str | os.PathLike) -> int:
-    """Bytes on disk of a model file plus every external data file it references.
+    """Bytes on disk of a model file plus every external data file it references inside
+    its folder.
 
     Found by scanning the file's wire format: the tensors are not parsed.
     """
@@ -119,8 +133,66 @@ def model_file_bytes(path: str | os.PathLike) -> int:
     except WireError:
         raise ModelLoadError(f"{path}: not a valid ONNX model (protobuf could not be parsed; "
                              "truncated or not ONNX)") from None
-    return path.stat().st_size + sum((path.parent / loc).stat().st_size
-                                     for loc in locations if loc)
+    total = path.stat().st_size
+    folder = os.path.realpath(path.parent)
+    for location in filter(None, locations):
+        with contextlib.suppress(OSError, ValueError):  # unreadable names count nothing
+            file = os.path.realpath(path.parent / location)
+            if file.startswith(folder.rstrip(os.sep) + os.sep) and os.path.isfile(file):
+                total += os.path.getsize(file)
+    return total
+
+
+def _check_text(proto: onnx.ModelProto, path: Path) -> None:
+    """Refuse text fields that are not valid UTF-8 (protobuf hands them over as bytes, which
+    no string operation or copy accepts). About 5 us a node."""
+    stack: list = [proto]
+    while stack:
+        message = stack.pop()
+        if type(message) is TensorProto:  # ListFields would copy raw_data
+            fields = [(field, getattr(message, field.name)) for field in _TENSOR_TEXT
+                      if _has(message, field)]
+        else:
+            fields = message.ListFields()
+        for field, value in fields:
+            kind = _FIELD_KINDS.get(field)
+            if kind is None:
+                kind = _FIELD_KINDS[field] = _kind(field)
+            if kind == _TEXT:
+                if type(value) is not str and (type(value) is bytes or any(
+                        type(item) is bytes for item in value)):
+                    raise ModelLoadError(f"{path}: not a valid ONNX model (a "
+                                         f"{message.DESCRIPTOR.name}.{field.name} is not valid "
+                                         "UTF-8)")
+            elif kind == _MESSAGES:
+                stack.extend(value)
+            elif kind == _MESSAGE:
+                stack.append(value)
+
+
+_OTHER, _TEXT, _MESSAGE, _MESSAGES = range(4)
+_FIELD_KINDS: dict = {}
+# the fields of a TensorProto that hold text, or messages that do
+_TENSOR_TEXT = [field for field in TensorProto.DESCRIPTOR.fields
+                if field.type in (field.TYPE_STRING, field.TYPE_MESSAGE)]
+
+
+def _kind(field) -> int:
+    if field.type == field.TYPE_STRING:
+        return _TEXT
+    if field.type == field.TYPE_MESSAGE:  # (onnx.proto has no map fields)
+        return _MESSAGES if _is_repeated(field) else _MESSAGE
+    return _OTHER
+
+
+def _has(message, field) -> bool:
+    return len(getattr(message, field.name)) > 0 if _is_repeated(field) \
+        else message.HasField(field.name)
+
+
+def _is_repeated(field) -> bool:
+    flag = getattr(field, "is_repeated", None)
+    return flag if flag is not None else field.label == field.LABEL_REPEATED
 
 
 def _one_line(exc: BaseException) -> str:

@@ -8,17 +8,17 @@ file. Field numbers are those of onnx.proto.
 from __future__ import annotations
 
 import contextlib
+import math
 import mmap
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import numpy as np
 import onnx
 from onnx import TensorProto
 
 from ..errors import ModelLoadError
-from .tensors import FLOAT_TYPES
+from .tensors import expected_nbytes
 
 # a lazy load leaves inline tensors of at least this many bytes in the file
 LAZY_MIN_BYTES = 1024
@@ -32,12 +32,14 @@ class WireError(Exception):
     """The bytes are not a well-formed protobuf message."""
 
 
-_MODEL_GRAPH = 7
+_MODEL_GRAPH, _MODEL_FUNCTIONS = 7, 25
+_FUNCTION_NODE = 7
 RAW_DATA_FIELD = 9  # TensorProto.raw_data
 _GRAPH_NODE, _GRAPH_INITIALIZER, _GRAPH_SPARSE_INITIALIZER = 1, 5, 15
 _SPARSE_VALUES, _SPARSE_INDICES = 1, 2
 _NODE_ATTRIBUTE = 5
-_ATTR_T, _ATTR_G, _ATTR_GRAPHS, _ATTR_TYPE, _ATTR_SPARSE_TENSOR = 5, 6, 11, 20, 22
+_ATTR_T, _ATTR_G, _ATTR_TENSORS, _ATTR_GRAPHS = 5, 6, 10, 11
+_ATTR_SPARSE_TENSOR, _ATTR_SPARSE_TENSORS = 22, 23
 _TENSOR_DIMS, _TENSOR_DATA_TYPE, _TENSOR_NAME = 1, 2, 8
 _TENSOR_EXTERNAL_DATA, _TENSOR_DATA_LOCATION = 13, 14
 _ENTRY_KEY, _ENTRY_VALUE = 1, 2
@@ -53,6 +55,11 @@ def varint_bytes(value: int) -> bytes:
         else:
             out.append(byte)
             return bytes(out)
+
+
+def _signed(value: int) -> int:
+    """A varint read as the int64 protobuf wrote (negative values take ten bytes)."""
+    return value - (1 << 64) if value >= 1 << 63 else value
 
 
 def _len_field(number: int, payload: bytes) -> bytes:
@@ -103,7 +110,7 @@ def _fields(buf, start: int, end: int) -> Iterator[tuple[int, int, int, int, int
 class _Scan:
     """One walk over a serialized model.
 
-    Checks that inline float tensors have as many bytes as their shapes need, collects the
+    Checks that inline tensors have as many bytes as their types and shapes need, collects the
     external data locations, and with `lift` returns the model with each inline raw_data of
     `LAZY_MIN_BYTES` or more replaced by an external reference to where it lies in `buf`.
     """
@@ -114,7 +121,11 @@ class _Scan:
 
     def model(self) -> bytes | None:
         """The rewritten model (None if nothing was lifted)."""
-        return self._rewrite(0, len(self.buf), {_MODEL_GRAPH: self._graph})
+        return self._rewrite(0, len(self.buf), {_MODEL_GRAPH: self._graph,
+                                                _MODEL_FUNCTIONS: self._function})
+
+    def _function(self, start: int, end: int) -> bytes | None:
+        return self._rewrite(start, end, {_FUNCTION_NODE: self._node})
 
     def _rewrite(self, start: int, end: int, walk: dict[int, Callable]) -> bytes | None:
         """Walk into the fields named in `walk`; rebuild this message if one changed."""
@@ -151,20 +162,11 @@ class _Scan:
         return self._rewrite(start, end, {_NODE_ATTRIBUTE: self._attribute})
 
     def _attribute(self, start: int, end: int) -> bytes | None:
-        kind = None
-        for number, wire, _, value, _ in _fields(self.buf, start, end):
-            if number == _ATTR_TYPE and wire == 0:
-                kind = value
-        # the same attributes iter_all_tensors walks into
-        if kind == onnx.AttributeProto.TENSOR:
-            return self._rewrite(start, end, {_ATTR_T: self._tensor})
-        if kind == onnx.AttributeProto.SPARSE_TENSOR:
-            return self._rewrite(start, end, {_ATTR_SPARSE_TENSOR: self._sparse})
-        if kind == onnx.AttributeProto.GRAPH:
-            return self._rewrite(start, end, {_ATTR_G: self._graph})
-        if kind == onnx.AttributeProto.GRAPHS:
-            return self._rewrite(start, end, {_ATTR_GRAPHS: self._graph})
-        return None
+        # the fields iter_all_tensors walks into, whatever type the attribute claims
+        return self._rewrite(start, end, {_ATTR_T: self._tensor, _ATTR_TENSORS: self._tensor,
+                                          _ATTR_SPARSE_TENSOR: self._sparse,
+                                          _ATTR_SPARSE_TENSORS: self._sparse,
+                                          _ATTR_G: self._graph, _ATTR_GRAPHS: self._graph})
 
     def _tensor(self, start: int, end: int) -> bytes | None:
         buf = self.buf
@@ -176,12 +178,12 @@ class _Scan:
         for number, wire, field_start, value, field_end in _fields(buf, start, end):
             if number == _TENSOR_DIMS:
                 if wire == 0:
-                    dims.append(value)
+                    dims.append(_signed(value))
                 elif wire == 2:  # packed
                     pos = value
                     while pos < field_end:
                         dim, pos = _read_varint(buf, pos, field_end)
-                        dims.append(dim)
+                        dims.append(_signed(dim))
             elif number == _TENSOR_DATA_TYPE and wire == 0:
                 data_type = value
             elif number == _TENSOR_NAME and wire == 2:
@@ -200,14 +202,18 @@ class _Scan:
             return None
         field_start, payload_start, field_end = raw
         length = field_end - payload_start
-        dtype = FLOAT_TYPES.get(data_type)
-        if dtype is not None:
-            expected = int(np.prod(dims, dtype=np.int64)) * dtype.itemsize
-            if length != expected:
-                tensor_name = name.decode("utf-8", "replace")
-                raise ModelLoadError(f"{self.path}: tensor {tensor_name!r} has {length} bytes of "
-                                     f"data for shape {dims} (truncated or corrupt)")
-        if not self.lift or length < LAZY_MIN_BYTES:
+        # negative shapes and unknown types are refused once the proto is parsed
+        expected = None if any(d < 0 for d in dims) else \
+            expected_nbytes(data_type, math.prod(dims))
+        if expected is not None and length != expected:
+            tensor_name = name.decode("utf-8", "replace")
+            if len(tensor_name) > 80:
+                tensor_name = tensor_name[:80] + "..."
+            shape = str(dims) if len(dims) < 10 else str(dims[:10])[:-1] + ", ...]"
+            raise ModelLoadError(f"{self.path}: tensor {tensor_name!r} has {length} bytes of "
+                                 f"data for shape {shape} ({expected} needed; truncated or "
+                                 "corrupt)")
+        if not self.lift or length < LAZY_MIN_BYTES or expected is None:
             return None
         reference = b"".join(
             _len_field(_TENSOR_EXTERNAL_DATA,

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import TensorProto, numpy_helper
+from onnx import TensorProto
 
 from ..errors import ModelLoadError, OutputPathError
 from .load import LoadedModel
@@ -27,7 +27,8 @@ from .tensors import (
     check_values,
     external_info,
     external_range,
-    iter_all_tensors,
+    iter_model_tensors,
+    read_array,
     read_exactly,
     tensor_nbytes,
     tensor_numel,
@@ -106,7 +107,7 @@ class ModelWriter:
     run then waits for the disk, ~0.5 s per 400 MB here).
 
     Layout of the data file: tensors given with `put` in that order, then the others in
-    `iter_all_tensors` order, each at a multiple of `EXTERNAL_ALIGNMENT`.
+    `iter_model_tensors` order, each at a multiple of `EXTERNAL_ALIGNMENT`.
     """
 
     def __init__(self, loaded: LoadedModel, output: str | os.PathLike,
@@ -115,9 +116,8 @@ class ModelWriter:
         self.durable = durable
         self.output = Path(output)
         self.directory = self.output.parent if str(self.output.parent) else Path(".")
-        graph = loaded.proto.graph
         if external is None:
-            total = sum(tensor_nbytes(t) for t in iter_all_tensors(graph))
+            total = sum(tensor_nbytes(t) for t in iter_model_tensors(loaded.proto))
             external = loaded.uses_external_data or total > PROTOBUF_LIMIT
         self.external = external
         self.data_name = self.output.name + ".data"
@@ -284,7 +284,7 @@ class ModelWriter:
         bytes are: given with `put`, or where they are now (a file, the proto)."""
         plan: dict[int, tuple[TensorProto, _Placed | _Payload]] = {}
         base_dir = self.loaded.base_dir
-        for tensor in iter_all_tensors(self.loaded.proto.graph):
+        for tensor in iter_model_tensors(self.loaded.proto):
             key = id(tensor)
             if key in plan:
                 continue
@@ -400,12 +400,12 @@ class _ProtoRawPayload(_Payload):
 class _TypedDataPayload(_Payload):
     """Values held in float_data / int32_data / ... written as raw little-endian bytes."""
 
-    def __init__(self, tensor: TensorProto):
-        self.tensor = tensor
+    def __init__(self, tensor: TensorProto, base_dir: Path):
+        self.tensor, self.base_dir = tensor, base_dir
         self.length = tensor_nbytes(tensor)
 
     def write_to(self, fh) -> int:
-        data = np.ascontiguousarray(numpy_helper.to_array(self.tensor)).tobytes()
+        data = np.ascontiguousarray(read_array(self.tensor, self.base_dir)).tobytes()
         fh.write(data)
         return len(data)
 
@@ -425,7 +425,7 @@ def _untouched_payload(tensor: TensorProto, base_dir: Path, external: bool) -> _
             return _ProtoRawPayload(tensor, nbytes)
         return None
     if external and nbytes >= EXTERNAL_THRESHOLD and tensor_numel(tensor) > 0:
-        return _TypedDataPayload(tensor)
+        return _TypedDataPayload(tensor, base_dir)
     return None
 
 
@@ -471,7 +471,11 @@ class _Serializer:
         self.plan = plan
 
     def model(self, model: onnx.ModelProto) -> list:
-        return self._split(model, {"graph": self._graph}) or [model.SerializeToString()]
+        return self._split(model, {"graph": self._graph, "functions": self._function}) or \
+            [model.SerializeToString()]
+
+    def _function(self, function: onnx.FunctionProto) -> list | None:
+        return self._split(function, {"node": self._node})
 
     def _graph(self, graph: onnx.GraphProto) -> list | None:
         return self._split(graph, {"node": self._node, "initializer": self._tensor,
@@ -484,15 +488,10 @@ class _Serializer:
         return self._split(node, {"attribute": self._attribute})
 
     def _attribute(self, attr: onnx.AttributeProto) -> list | None:
-        if attr.type == onnx.AttributeProto.TENSOR:
-            return self._split(attr, {"t": self._tensor})
-        if attr.type == onnx.AttributeProto.SPARSE_TENSOR:
-            return self._split(attr, {"sparse_tensor": self._sparse})
-        if attr.type == onnx.AttributeProto.GRAPH:
-            return self._split(attr, {"g": self._graph})
-        if attr.type == onnx.AttributeProto.GRAPHS:
-            return self._split(attr, {"graphs": self._graph})
-        return None
+        # the fields iter_all_tensors walks into, whatever type the attribute claims
+        return self._split(attr, {"t": self._tensor, "tensors": self._tensor,
+                                  "sparse_tensor": self._sparse, "sparse_tensors": self._sparse,
+                                  "g": self._graph, "graphs": self._graph})
 
     def _split(self, message, walk: dict[str, Callable]) -> list | None:
         children: dict[str, list] = {}
@@ -594,11 +593,12 @@ def _check_not_own_data(proto: onnx.ModelProto, base_dir: Path, paths: list[Path
     at bytes laid out for another model.
     """
     sources = set()
-    for tensor in iter_all_tensors(proto.graph):
+    for tensor in iter_model_tensors(proto):
         if uses_external_data(tensor):
             location = external_info(tensor).get("location")
             if location:
-                sources.add((base_dir / location).resolve())
+                with contextlib.suppress(OSError, ValueError, TypeError):  # unusable names
+                    sources.add((base_dir / location).resolve())
     for path in paths:
         if path.resolve() in sources:
             raise OutputPathError(f"output {path} is an external data file the model reads "
