@@ -18,7 +18,7 @@ from onnx import SparseTensorProto
 
 from ..errors import ModelLoadError
 from ..io import read_array, tensor_nbytes
-from ..io.load import check_sparse
+from ..io.load import check_sparse, sparse_label
 from .graphs import FLOAT_DATA_TYPES, bits_of, make_tensor
 
 INDEX_BYTES = 8  # int64, the only index type onnx.checker accepts
@@ -48,15 +48,15 @@ def sparse_to_dense(sparse: SparseTensorProto, base_dir: Path) -> np.ndarray:
     check_sparse(sparse)
     shape = tuple(int(d) for d in sparse.dims)
     dtype = FLOAT_DATA_TYPES.get(sparse.values.data_type)
-    values = read_array(sparse.values, Path(base_dir)).reshape(-1)
+    label = sparse_label(sparse)
+    values = read_array(sparse.values, Path(base_dir), label=f"values of {label}").reshape(-1)
     dense = np.zeros(math.prod(shape), dtype or values.dtype)
     if values.size:
-        indices = read_array(sparse.indices, Path(base_dir))
+        indices = read_array(sparse.indices, Path(base_dir), label=f"indices of {label}")
         # compare before any cast: a uint64 index past 2**63 would wrap to a negative int64
         bounds = shape if indices.ndim == 2 else (dense.size,)
         if indices.size and (indices.min() < 0 or np.any(indices.max(axis=0) >= bounds)):
-            raise ModelLoadError(f"sparse tensor {_short(sparse.values.name)!r}: an index lies "
-                                 f"outside its shape {list(shape)}")
+            raise ModelLoadError(f"{label}: an index lies outside its shape {list(shape)}")
         indices = indices.astype(np.int64)
         if indices.ndim == 2:  # [nnz, rank] coordinates
             indices = np.ravel_multi_index(tuple(indices.T), shape)
@@ -66,10 +66,6 @@ def sparse_to_dense(sparse: SparseTensorProto, base_dir: Path) -> np.ndarray:
 
 def stored_sparse_bytes(sparse: SparseTensorProto) -> int:
     return tensor_nbytes(sparse.values) + tensor_nbytes(sparse.indices)
-
-
-def _short(name: str, limit: int = 80) -> str:
-    return name if len(name) <= limit else name[:limit] + "..."
 
 
 def constant_sparse_value(node: onnx.NodeProto) -> SparseTensorProto | None:

@@ -8,6 +8,7 @@ so an inline model is read exactly like one with external data (see `load_model`
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,16 +80,19 @@ def load_model(path: str | os.PathLike, lazy: bool = False) -> LoadedModel:
     if proto.ir_version == 0:
         raise ModelLoadError(f"{path}: not a valid ONNX model (ir_version missing)")
     note_model_file(path)
-    _check_text(proto, path)
+    _check_structure(proto, path)
     loaded = LoadedModel(proto, path, path.parent, False, lazy)
+    for sparse in iter_model_sparse_tensors(proto):  # first: their parts are often unnamed
+        for part, tensor in (("values", sparse.values), ("indices", sparse.indices)):
+            check_tensor(tensor, loaded.base_dir, check_raw=False,
+                         label=f"{part} of {sparse_label(sparse)}")
+        check_sparse(sparse)
     for tensor in iter_model_tensors(proto):
         # raw_data lengths were checked by the scan of the file, without copying them
         check_tensor(tensor, loaded.base_dir, check_raw=False)
         if uses_external_data(tensor) and not (
                 lazy and external_info(tensor).get("location") == path.name):
             loaded.uses_external_data = True
-    for sparse in iter_model_sparse_tensors(proto):
-        check_sparse(sparse)
     return loaded
 
 
@@ -101,16 +105,16 @@ def model_from_proto(proto: onnx.ModelProto, base_dir: str | os.PathLike = ".") 
 def check_sparse(sparse: onnx.SparseTensorProto) -> None:
     """Refuse a sparse tensor whose values, indices and shape do not fit together (the range
     of the indices is checked where they are read)."""
-    label = f"sparse {tensor_label(sparse.values)}"
+    label = sparse_label(sparse)
     dims = list(sparse.dims)
-    if not dims or any(d < 0 for d in dims):
-        raise ModelLoadError(f"{label} has an invalid shape {dims}")
+    if not dims or any(d < 0 for d in dims) or math.prod(d for d in dims if d) >= 2**59:
+        raise ModelLoadError(f"{label} has an invalid shape {str(dims)[:80]}")
     if len(sparse.values.dims) != 1:
         raise ModelLoadError(f"{label}: its values must be 1-D, not of shape "
                              f"{list(sparse.values.dims)}")
     count = sparse.values.dims[0]
     indices = sparse.indices
-    if count == 0 and tensor_numel(indices) == 0:
+    if count == 0 and tensor_numel(indices, f"indices of {label}") == 0:
         return
     if indices.data_type not in INDEX_TYPES:
         raise ModelLoadError(f"{label}: its indices must be integers, not of type "
@@ -119,6 +123,11 @@ def check_sparse(sparse: onnx.SparseTensorProto) -> None:
         raise ModelLoadError(f"{label} has indices of shape {list(indices.dims)} for {count} "
                              f"values of a rank-{len(dims)} tensor (expected [{count}] or "
                              f"[{count}, {len(dims)}])")
+
+
+def sparse_label(sparse: onnx.SparseTensorProto) -> str:
+    """How errors name a sparse tensor: by the name of its values."""
+    return "sparse " + tensor_label(sparse.values)
 
 
 def model_file_bytes(path: str | os.PathLike) -> int:
@@ -143,12 +152,15 @@ def model_file_bytes(path: str | os.PathLike) -> int:
     return total
 
 
-def _check_text(proto: onnx.ModelProto, path: Path) -> None:
+def _check_structure(proto: onnx.ModelProto, path: Path) -> None:
     """Refuse text fields that are not valid UTF-8 (protobuf hands them over as bytes, which
-    no string operation or copy accepts). About 5 us a node."""
+    no string operation or copy accepts), and attributes that do not hold what their type
+    says. One walk over every message but tensor data: about 5 us a node."""
     stack: list = [proto]
     while stack:
         message = stack.pop()
+        if type(message) is onnx.NodeProto:
+            _check_attributes(message)
         if type(message) is TensorProto:  # ListFields would copy raw_data
             fields = [(field, getattr(message, field.name)) for field in _TENSOR_TEXT
                       if _has(message, field)]
@@ -170,6 +182,27 @@ def _check_text(proto: onnx.ModelProto, path: Path) -> None:
                 stack.append(value)
 
 
+def _check_attributes(node: onnx.NodeProto) -> None:
+    """An attribute of type TENSOR must hold a tensor (not a sparse one), and so on: code
+    reading `attr.t` of a TENSOR attribute would otherwise get an empty tensor."""
+    for attr in node.attribute:
+        expected = _VALUE_FIELD.get(attr.type)
+        held = [field for field in _VALUE_FIELD.values() if attr.HasField(field)]
+        if expected is None:
+            if attr.type == onnx.AttributeProto.UNDEFINED or not held:
+                continue  # (old models leave the type out; the walks go by the fields)
+        elif held == [expected]:
+            continue
+        kind = onnx.AttributeProto.AttributeType.Name(attr.type)
+        holds = " and ".join(_FIELD_WORDS[field] for field in held) or "nothing"
+        raise ModelLoadError(f"node {_short(node.name)!r}: attribute {_short(attr.name)!r} is of "
+                             f"type {kind} but holds {holds}")
+
+
+# the single-value fields of an attribute that hold tensors or graphs, by attribute type
+_VALUE_FIELD = {onnx.AttributeProto.TENSOR: "t", onnx.AttributeProto.SPARSE_TENSOR:
+                "sparse_tensor", onnx.AttributeProto.GRAPH: "g"}
+_FIELD_WORDS = {"t": "a tensor", "sparse_tensor": "a sparse tensor", "g": "a graph"}
 _OTHER, _TEXT, _MESSAGE, _MESSAGES = range(4)
 _FIELD_KINDS: dict = {}
 # the fields of a TensorProto that hold text, or messages that do
@@ -193,6 +226,10 @@ def _has(message, field) -> bool:
 def _is_repeated(field) -> bool:
     flag = getattr(field, "is_repeated", None)
     return flag if flag is not None else field.label == field.LABEL_REPEATED
+
+
+def _short(text: str, limit: int = 80) -> str:
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _one_line(exc: BaseException) -> str:

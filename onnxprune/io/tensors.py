@@ -111,7 +111,7 @@ def uses_external_data(tensor: TensorProto) -> bool:
 def tensor_label(tensor: TensorProto) -> str:
     """How errors name a tensor (long names cut short)."""
     name = tensor.name if isinstance(tensor.name, str) else tensor.name.decode("utf-8", "replace")
-    return f"tensor {_short(name)!r}"
+    return f"tensor {_short(name)!r}" if name else "an unnamed tensor"
 
 
 def _short(text: str, limit: int = 80) -> str:
@@ -125,27 +125,30 @@ def _type_name(data_type: int) -> str:
         return str(data_type)
 
 
-def element_dtype(tensor: TensorProto) -> np.dtype:
-    """The numpy dtype of the tensor's elements; an unknown or missing data type is an error."""
+def element_dtype(tensor: TensorProto, label: str | None = None) -> np.dtype:
+    """The numpy dtype of the tensor's elements; an unknown or missing data type is an error
+    (naming the tensor as `label` says, or by its name)."""
+    label = label or tensor_label(tensor)
     data_type = tensor.data_type
     if data_type == TensorProto.UNDEFINED:
-        raise ModelLoadError(f"{tensor_label(tensor)} has no data type (0, UNDEFINED)")
+        raise ModelLoadError(f"{label} has no data type (0, UNDEFINED)")
     try:
         return np.dtype(helper.tensor_dtype_to_np_dtype(data_type))
     except (KeyError, ValueError, TypeError):
-        raise ModelLoadError(f"{tensor_label(tensor)} has an unknown data type "
+        raise ModelLoadError(f"{label} has an unknown data type "
                              f"({data_type})") from None
 
 
-def tensor_numel(tensor: TensorProto) -> int:
+def tensor_numel(tensor: TensorProto, label: str | None = None) -> int:
     """The element count its shape gives; a negative or absurdly large shape is an error."""
+    label = label or tensor_label(tensor)
     dims = list(tensor.dims)
     if any(d < 0 for d in dims):
-        raise ModelLoadError(f"{tensor_label(tensor)} has a negative dimension in its shape "
+        raise ModelLoadError(f"{label} has a negative dimension in its shape "
                              f"{_short(str(dims))}")
     # numpy cannot make an array whose non-zero dims multiply past its index range
     if math.prod(d for d in dims if d) >= _MAX_ELEMENTS:
-        raise ModelLoadError(f"{tensor_label(tensor)} has an impossibly large shape "
+        raise ModelLoadError(f"{label} has an impossibly large shape "
                              f"{_short(str(dims))}")
     return math.prod(dims)
 
@@ -181,7 +184,7 @@ def external_info(tensor: TensorProto) -> dict[str, str]:
 
 
 def check_tensor(tensor: TensorProto, base_dir: Path | None = None,
-                 check_raw: bool = True) -> None:
+                 check_raw: bool = True, label: str | None = None) -> None:
     """Refuse a tensor whose values cannot be read as its type and shape say.
 
     Data type known, shape sane, and exactly as many values as the shape needs: in raw_data
@@ -189,32 +192,33 @@ def check_tensor(tensor: TensorProto, base_dir: Path | None = None,
     in a range of an external file inside the model's folder (`external_range`, when
     `base_dir` is given).
     """
-    element_dtype(tensor)
-    numel = tensor_numel(tensor)
+    label = label or tensor_label(tensor)
+    element_dtype(tensor, label)
+    numel = tensor_numel(tensor, label)
     if uses_external_data(tensor):
         if base_dir is not None:
-            external_range(tensor, base_dir)
+            external_range(tensor, base_dir, label)
         return
     if tensor.HasField("raw_data"):
-        if check_raw:
-            _check_raw_length(tensor, len(tensor.raw_data), numel)
+        if check_raw or tensor.data_type == TensorProto.STRING:
+            _check_raw_length(tensor, len(tensor.raw_data), numel, label)
         return
     field, per_element = _typed_field(tensor.data_type)
     count = len(getattr(tensor, field))
     if per_element is not None and count != numel * per_element:
         if numel and not count and not _any_typed_data(tensor):
-            raise ModelLoadError(f"{tensor_label(tensor)} has no data (its shape "
+            raise ModelLoadError(f"{label} has no data (its shape "
                                  f"{_short(str(list(tensor.dims)))} needs {numel} values)")
-        raise ModelLoadError(f"{tensor_label(tensor)} has {count} values in {field} for shape "
+        raise ModelLoadError(f"{label} has {count} values in {field} for shape "
                              f"{_short(str(list(tensor.dims)))} ({numel * per_element} needed)")
 
 
-def _check_raw_length(tensor: TensorProto, length: int, numel: int) -> None:
+def _check_raw_length(tensor: TensorProto, length: int, numel: int, label: str) -> None:
     expected = expected_nbytes(tensor.data_type, numel)
     if tensor.data_type == TensorProto.STRING:
-        raise ModelLoadError(f"{tensor_label(tensor)}: a STRING tensor cannot hold raw_data")
+        raise ModelLoadError(f"{label}: a STRING tensor cannot hold raw_data")
     if expected is not None and length != expected:
-        raise ModelLoadError(f"{tensor_label(tensor)} has {length} bytes of data for shape "
+        raise ModelLoadError(f"{label} has {length} bytes of data for shape "
                              f"{_short(str(list(tensor.dims)))} ({expected} needed; truncated "
                              "or corrupt)")
 
@@ -232,7 +236,8 @@ def _any_typed_data(tensor: TensorProto) -> bool:
     return any(len(getattr(tensor, name)) for name in _VALUE_FIELDS)
 
 
-def external_range(tensor: TensorProto, base_dir: Path) -> tuple[Path, int, int]:
+def external_range(tensor: TensorProto, base_dir: Path, label: str | None = None
+                   ) -> tuple[Path, int, int]:
     """(file, offset, length) of an external tensor's bytes, checked before any read.
 
     The file must resolve, symbolic links followed, inside the model's folder `base_dir`
@@ -240,7 +245,7 @@ def external_range(tensor: TensorProto, base_dir: Path) -> tuple[Path, int, int]
     must be plain non-negative integers, the length what the shape needs, the range inside
     the file.
     """
-    label = tensor_label(tensor)
+    label = label or tensor_label(tensor)
     info = external_info(tensor)
     location = info.get("location")
     if not location:
@@ -270,8 +275,8 @@ def external_range(tensor: TensorProto, base_dir: Path) -> tuple[Path, int, int]
                              f"({exc.strerror or exc})") from None
     if not stat.S_ISREG(status.st_mode):
         raise ModelLoadError(f"{label}: external data {_short(str(file))} is not a regular file")
-    numel = tensor_numel(tensor)
-    element_dtype(tensor)
+    numel = tensor_numel(tensor, label)
+    element_dtype(tensor, label)
     needed = expected_nbytes(tensor.data_type, numel)
     if needed is None:
         raise ModelLoadError(f"{label}: {_type_name(tensor.data_type)} values cannot be "
@@ -304,7 +309,8 @@ def note_model_file(path: Path) -> None:
     _model_files.add(os.path.realpath(path))
 
 
-def read_array(tensor: TensorProto, base_dir: Path, writable: bool = False) -> np.ndarray:
+def read_array(tensor: TensorProto, base_dir: Path, writable: bool = False,
+               label: str | None = None) -> np.ndarray:
     """The tensor's values; a read-only memory map or buffer view unless `writable`.
 
     A writable array of external data is read into fresh memory, not through a memory map,
@@ -312,15 +318,16 @@ def read_array(tensor: TensorProto, base_dir: Path, writable: bool = False) -> n
     match its type and shape, or whose external data lies outside the model's folder, is a
     ModelLoadError.
     """
-    check_tensor(tensor, None, check_raw=False)
+    label = label or tensor_label(tensor)
+    check_tensor(tensor, None, check_raw=False, label=label)
     dtype = FLOAT_TYPES.get(tensor.data_type)
     shape = tuple(tensor.dims)
     if uses_external_data(tensor):
-        file, offset, length = external_range(tensor, base_dir)
+        file, offset, length = external_range(tensor, base_dir, label)
         if dtype is None:  # small, not pruned: read the bytes, decode them as onnx does
             raw = np.empty(length, np.uint8)
             _read_into(file, offset, raw)
-            return _decode(tensor, raw.tobytes())
+            return _decode(tensor, label, raw.tobytes())
         if writable or length == 0:
             array = np.empty(shape, dtype)
             _read_into(file, offset, array.reshape(-1).view(np.uint8))
@@ -328,19 +335,19 @@ def read_array(tensor: TensorProto, base_dir: Path, writable: bool = False) -> n
         return np.memmap(file, dtype=dtype, mode="r", offset=offset, shape=shape)
     if dtype is None:
         if tensor.HasField("raw_data"):
-            _check_raw_length(tensor, len(tensor.raw_data), tensor_numel(tensor))
-        array = _decode(tensor)
+            _check_raw_length(tensor, len(tensor.raw_data), tensor_numel(tensor, label), label)
+        array = _decode(tensor, label)
         return array.copy() if writable else array
-    if tensor.HasField("raw_data") or tensor_numel(tensor) == 0:
+    if tensor.HasField("raw_data") or tensor_numel(tensor, label) == 0:
         raw = tensor.raw_data
-        _check_raw_length(tensor, len(raw), tensor_numel(tensor))
+        _check_raw_length(tensor, len(raw), tensor_numel(tensor, label), label)
         array = np.frombuffer(raw, dtype=dtype).reshape(shape)
     else:
-        array = _decode(tensor)
+        array = _decode(tensor, label)
     return np.array(array, copy=True) if writable else array
 
 
-def _decode(tensor: TensorProto, raw: bytes | None = None) -> np.ndarray:
+def _decode(tensor: TensorProto, label: str, raw: bytes | None = None) -> np.ndarray:
     """numpy_helper.to_array of an inline tensor (or of `raw` as its raw_data), its errors
     reported as the tensor's."""
     if raw is not None:
@@ -354,7 +361,7 @@ def _decode(tensor: TensorProto, raw: bytes | None = None) -> np.ndarray:
         return numpy_helper.to_array(tensor)
     except (ValueError, TypeError, KeyError, IndexError, OverflowError) as exc:
         lines = str(exc).strip().splitlines() or [type(exc).__name__]
-        raise ModelLoadError(f"{tensor_label(tensor)}: values cannot be read "
+        raise ModelLoadError(f"{label}: values cannot be read "
                              f"({_short(lines[0], 120)})") from None
 
 
