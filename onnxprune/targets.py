@@ -17,6 +17,7 @@ import onnx
 from onnx import TensorProto
 
 from .config import DEFAULT_MIN_SIZE, Pattern
+from .errors import ModelLoadError
 from .io import FLOAT_TYPES, tensor_nbytes
 
 # Ops that pass a weight through unchanged in layout (Transpose is handled on its own).
@@ -232,6 +233,9 @@ def _axis_through_transposes(axis: int, perms: tuple[tuple[int, ...], ...], rank
     """Map an axis of the value a consumer sees back to the stored tensor's axis."""
     for perm in reversed(perms):
         perm = perm or tuple(reversed(range(rank)))  # Transpose without perm reverses
+        if sorted(perm) != list(range(rank)):
+            raise ModelLoadError(f"a Transpose's perm {list(perm)} is not a permutation of "
+                                 f"{rank} axes")
         axis = perm[axis]
     return axis
 

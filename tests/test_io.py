@@ -903,3 +903,34 @@ def test_model_file_bytes_ignores_unusable_locations(external_path: Path) -> Non
                 entry.value = location
     external_path.write_bytes(proto.SerializeToString())
     assert model_file_bytes(external_path) >= external_path.stat().st_size
+
+
+@pytest.mark.parametrize(("declared", "problem"), [
+    (onnx.AttributeProto.FLOAT, "type FLOAT but holds an int"),
+    (onnx.AttributeProto.INTS, "type INTS but holds an int"),
+    (onnx.AttributeProto.GRAPH, "type GRAPH but holds an int"),
+])
+def test_attribute_whose_type_does_not_match_its_value_is_refused(
+        tmp_path: Path, capsys, declared: int, problem: str) -> None:
+    """(A Transpose whose `perm` claimed FLOAT made target discovery read 0.0 as a perm.)"""
+    def edit(model: onnx.ModelProto) -> None:
+        gemm = next(n for n in model.graph.node if n.op_type == "Gemm")
+        gemm.attribute[0].type = declared
+
+    path = _save_edited(tmp_path, edit)
+    assert cli_main(["inspect", str(path), "-q"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "'fc2'" in err[0] and "'transB'" in err[0] and problem in err[0]
+
+
+def test_transpose_perm_that_is_no_permutation_is_refused(tmp_path: Path, capsys) -> None:
+    """Target discovery looks through Transposes to find a weight's axis."""
+    model = onnx.load(str(Path(__file__).resolve().parent.parent / "models" / "cnn.onnx"))
+    transpose = next(n for n in model.graph.node if n.op_type == "Transpose")
+    perm = next(a for a in transpose.attribute if a.name == "perm")
+    perm.ints[0] = 7
+    path = tmp_path / "cnn.onnx"
+    path.write_bytes(model.SerializeToString())
+    assert cli_main(["inspect", str(path), "-q"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not a permutation" in err[0]

@@ -643,6 +643,31 @@ def m_attribute_type(folder: Folder) -> None:
     folder.save(model)
 
 
+def m_attribute_value(folder: Folder) -> None:
+    """Out-of-range values: group 0 or not dividing, perm not a permutation, axis 99, ..."""
+    model = folder.load()
+    attrs = [a for g in _all_graphs(model.graph) for n in g.node for a in n.attribute
+             if a.type in (onnx.AttributeProto.INT, onnx.AttributeProto.INTS)]
+    if not attrs:
+        raise Skip
+    attr = folder.rng.choice(attrs)
+    weird = [0, -1, 3, 7, 99, -(2**40), 2**40]
+    if attr.type == onnx.AttributeProto.INT:
+        attr.i = folder.rng.choice(weird)
+    else:
+        values = list(attr.ints) or [0]
+        choice = folder.rng.randrange(3)
+        if choice == 0:
+            values[folder.rng.randrange(len(values))] = folder.rng.choice(weird)
+        elif choice == 1:
+            values = values[:-1] if len(values) > 1 else values * 2
+        else:
+            values = [values[0]] * len(values)
+        del attr.ints[:]
+        attr.ints.extend(values)
+    folder.save(model)
+
+
 # invalid UTF-8 in string fields (written at the wire level: protobuf will not set them) ---
 
 

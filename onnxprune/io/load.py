@@ -156,16 +156,18 @@ def _check_structure(proto: onnx.ModelProto, path: Path) -> None:
     """Refuse text fields that are not valid UTF-8 (protobuf hands them over as bytes, which
     no string operation or copy accepts), and attributes that do not hold what their type
     says. One walk over every message but tensor data: about 5 us a node."""
-    stack: list = [proto]
+    stack: list = [(proto, None)]  # (message, the node it belongs to)
     while stack:
-        message = stack.pop()
-        if type(message) is onnx.NodeProto:
-            _check_attributes(message)
+        message, node = stack.pop()
         if type(message) is TensorProto:  # ListFields would copy raw_data
             fields = [(field, getattr(message, field.name)) for field in _TENSOR_TEXT
                       if _has(message, field)]
         else:
             fields = message.ListFields()
+            if type(message) is onnx.NodeProto:
+                node = message
+            elif type(message) is onnx.AttributeProto:
+                _check_attribute(message, fields, node)
         for field, value in fields:
             kind = _FIELD_KINDS.get(field)
             if kind is None:
@@ -177,32 +179,42 @@ def _check_structure(proto: onnx.ModelProto, path: Path) -> None:
                                          f"{message.DESCRIPTOR.name}.{field.name} is not valid "
                                          "UTF-8)")
             elif kind == _MESSAGES:
-                stack.extend(value)
+                stack.extend((item, node) for item in value)
             elif kind == _MESSAGE:
-                stack.append(value)
+                stack.append((value, node))
 
 
-def _check_attributes(node: onnx.NodeProto) -> None:
-    """An attribute of type TENSOR must hold a tensor (not a sparse one), and so on: code
-    reading `attr.t` of a TENSOR attribute would otherwise get an empty tensor."""
-    for attr in node.attribute:
-        expected = _VALUE_FIELD.get(attr.type)
-        held = [field for field in _VALUE_FIELD.values() if attr.HasField(field)]
-        if expected is None:
-            if attr.type == onnx.AttributeProto.UNDEFINED or not held:
-                continue  # (old models leave the type out; the walks go by the fields)
-        elif held == [expected]:
-            continue
-        kind = onnx.AttributeProto.AttributeType.Name(attr.type)
-        holds = " and ".join(_FIELD_WORDS[field] for field in held) or "nothing"
-        raise ModelLoadError(f"node {_short(node.name)!r}: attribute {_short(attr.name)!r} is of "
-                             f"type {kind} but holds {holds}")
+def _check_attribute(attr: onnx.AttributeProto, fields: list, node: onnx.NodeProto | None
+                     ) -> None:
+    """An attribute holds values of its own type only (code reading `attr.t` of a TENSOR
+    attribute holding a sparse tensor would get an empty tensor, `attr.f` of a FLOAT one
+    holding ints a 0.0), and a TENSOR, SPARSE_TENSOR or GRAPH one holds its value."""
+    if attr.type == onnx.AttributeProto.UNDEFINED:
+        return  # (old models leave the type out; the walks over tensors go by the fields)
+    expected = _VALUE_FIELDS.get(attr.type)
+    held = [field.name for field, _ in fields if field.name in _ALL_VALUE_FIELDS]
+    if all(name == expected for name in held) and (
+            held or expected not in _REQUIRED_FIELDS or attr.ref_attr_name):
+        return
+    kind = onnx.AttributeProto.AttributeType.Name(attr.type)
+    holds = " and ".join(_FIELD_WORDS[name] for name in held) or "nothing"
+    where = f"node {_short(str(node.name))!r}: " if node is not None else ""
+    raise ModelLoadError(f"{where}attribute {_short(str(attr.name))!r} is of type {kind} but "
+                         f"holds {holds}")
 
 
-# the single-value fields of an attribute that hold tensors or graphs, by attribute type
-_VALUE_FIELD = {onnx.AttributeProto.TENSOR: "t", onnx.AttributeProto.SPARSE_TENSOR:
-                "sparse_tensor", onnx.AttributeProto.GRAPH: "g"}
-_FIELD_WORDS = {"t": "a tensor", "sparse_tensor": "a sparse tensor", "g": "a graph"}
+# the field that holds an attribute's value, by attribute type, and how errors call them
+_VALUE_FIELDS = {getattr(onnx.AttributeProto, kind): field for kind, field in (
+    ("FLOAT", "f"), ("INT", "i"), ("STRING", "s"), ("TENSOR", "t"), ("GRAPH", "g"),
+    ("SPARSE_TENSOR", "sparse_tensor"), ("TYPE_PROTO", "tp"), ("FLOATS", "floats"),
+    ("INTS", "ints"), ("STRINGS", "strings"), ("TENSORS", "tensors"), ("GRAPHS", "graphs"),
+    ("SPARSE_TENSORS", "sparse_tensors"), ("TYPE_PROTOS", "type_protos"))}
+_ALL_VALUE_FIELDS = frozenset(_VALUE_FIELDS.values())
+_REQUIRED_FIELDS = frozenset({"t", "g", "sparse_tensor"})
+_FIELD_WORDS = {"f": "a float", "i": "an int", "s": "a string", "t": "a tensor",
+                "g": "a graph", "sparse_tensor": "a sparse tensor", "tp": "a type",
+                "floats": "floats", "ints": "ints", "strings": "strings", "tensors": "tensors",
+                "graphs": "graphs", "sparse_tensors": "sparse tensors", "type_protos": "types"}
 _OTHER, _TEXT, _MESSAGE, _MESSAGES = range(4)
 _FIELD_KINDS: dict = {}
 # the fields of a TensorProto that hold text, or messages that do
