@@ -934,3 +934,64 @@ def test_transpose_perm_that_is_no_permutation_is_refused(tmp_path: Path, capsys
     assert cli_main(["inspect", str(path), "-q"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "not a permutation" in err[0]
+
+
+@pytest.fixture(scope="module")
+def compact_model(tmp_path_factory) -> Path:
+    import onnxprune
+
+    path = tmp_path_factory.mktemp("compact") / "compact.onnx"
+    mlp = Path(__file__).resolve().parent.parent / "models" / "mlp.onnx"
+    onnxprune.prune(str(mlp), str(path), sparsity=0.9, format="compact")
+    return path
+
+
+def _edit_compact(source: Path, tmp_path: Path, edit) -> Path:
+    model = onnx.load(str(source))
+    node = next(n for n in model.graph.node if n.doc_string.startswith("onnxprune:compact {"))
+    edit(model, node)
+    path = tmp_path / "edited.onnx"
+    path.write_bytes(model.SerializeToString())
+    return path
+
+
+def _edit_meta(**changes):
+    def edit(model: onnx.ModelProto, node: onnx.NodeProto) -> None:
+        import json
+
+        head, text = node.doc_string.split(" ", 1)
+        meta = json.loads(text)
+        meta.update(changes)
+        node.doc_string = f"{head} {json.dumps(meta)}"
+
+    return edit
+
+
+def _cut_payload(model: onnx.ModelProto, node: onnx.NodeProto) -> None:
+    import json
+
+    prefix = json.loads(node.doc_string.split(" ", 1)[1])["prefix"] + "/"
+    tensor = next(t for t in model.graph.initializer if t.name.startswith(prefix)
+                  and t.name.endswith("values"))
+    tensor.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(tensor)[:3], tensor.name))
+
+
+@pytest.mark.parametrize(("edit", "problem"), [
+    (_edit_meta(data_type=99), "data_type 99"),
+    (_edit_meta(shape=[-4, 4]), "shape"),
+    (_edit_meta(tensor=["x"]), "'tensor' is not a name"),
+    (_edit_meta(chunks=[{"kind": "gaps", "rows": [0, 10**6]}]), "chunk"),
+    (_edit_meta(stored_as=3), "stored_as"),
+    (_cut_payload, "cannot be decoded"),
+], ids=["data_type", "shape", "tensor", "rows", "stored_as", "payload"])
+@pytest.mark.parametrize("command", ["inspect", "densify"])
+def test_corrupt_compact_tensors_are_refused(compact_model: Path, tmp_path: Path, capsys,
+                                             edit, problem: str, command: str) -> None:
+    path = _edit_compact(compact_model, tmp_path, edit)
+    argv = [command, str(path), "-q"]
+    if command == "densify":
+        argv += ["-o", str(tmp_path / "out.onnx")]
+    assert cli_main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and problem in err[0], err
+    assert not (tmp_path / "out.onnx").exists()

@@ -30,6 +30,7 @@ import collections
 import contextlib
 import hashlib
 import io
+import json
 import os
 import random
 import shutil
@@ -167,6 +168,24 @@ def make_bases() -> list[Base]:
         data = move_to_external(model)
         bases.append(Base("mlp_external", {MODEL_NAME: model.SerializeToString(),
                                            DATA_NAME: data}, external=True))
+        bases += _stored_forms(mlp)
+    return bases
+
+
+def _stored_forms(path: Path) -> list[Base]:
+    """The model pruned and stored compact (gap codes, bitmask, 2:4 units) and sparse."""
+    import onnxprune
+
+    forms = {"compact_gaps": dict(sparsity=0.9, format="compact"),
+             "compact_bitmask": dict(sparsity=0.5, format="compact"),
+             "compact_nm": dict(pattern="2:4", format="compact"),
+             "sparse": dict(sparsity=0.9, format="sparse")}
+    bases = []
+    with tempfile.TemporaryDirectory() as folder:
+        for name, options in forms.items():
+            out = Path(folder) / f"{name}.onnx"
+            onnxprune.prune(str(path), str(out), **options)
+            bases.append(Base(f"{path.stem}_{name}", {MODEL_NAME: out.read_bytes()}))
     return bases
 
 
@@ -665,6 +684,73 @@ def m_attribute_value(folder: Folder) -> None:
             values = [values[0]] * len(values)
         del attr.ints[:]
         attr.ints.extend(values)
+    folder.save(model)
+
+
+# compact tensors: their description (JSON in a doc_string) and payload ------------------
+
+
+def _compact_node(folder: Folder, model: onnx.ModelProto) -> onnx.NodeProto:
+    nodes = [n for g in _all_graphs(model.graph) for n in g.node
+             if n.doc_string.startswith("onnxprune:compact {")]
+    if not nodes:
+        raise Skip
+    return folder.rng.choice(nodes)
+
+
+def _mutate_json(rng: random.Random, value, depth: int = 0):
+    """One random edit somewhere in a JSON value."""
+    if isinstance(value, dict) and value:
+        key = rng.choice(sorted(value))
+        if rng.random() < 0.25:
+            del value[key]
+        else:
+            value[key] = _mutate_json(rng, value[key], depth + 1)
+        return value
+    if isinstance(value, list) and value and rng.random() < 0.8:
+        index = rng.randrange(len(value))
+        value[index] = _mutate_json(rng, value[index], depth + 1)
+        return value
+    return rng.choice([0, -1, 1, 3, 99, 2**40, -(2**40), 0.5, "x", None, [], {}, [0, 0],
+                       [5, 2], True, "gaps", "bitmask", "nm", "zeros", "rows"])
+
+
+def m_compact_meta(folder: Folder) -> None:
+    model = folder.load()
+    node = _compact_node(folder, model)
+    head, text = node.doc_string.split(" ", 1)
+    if folder.rng.random() < 0.1:
+        node.doc_string = head + " {" + folder.rng.choice(['"a":', "", '"chunks": 5', "}{"])
+    else:
+        node.doc_string = head + " " + json.dumps(_mutate_json(folder.rng, json.loads(text)))
+    folder.save(model)
+
+
+def m_compact_payload(folder: Folder) -> None:
+    """A payload tensor of a compact form cut short, lengthened, retyped or overwritten."""
+    model = folder.load()
+    node = _compact_node(folder, model)
+    prefix = json.loads(node.doc_string.split(" ", 1)[1]).get("prefix", "") + "/"
+    payload = [t for g in _all_graphs(model.graph) for t in g.initializer
+               if t.name.startswith(prefix)]
+    if not payload:
+        raise Skip
+    tensor = folder.rng.choice(payload)
+    array = numpy_helper.to_array(tensor)
+    choice = folder.rng.randrange(4)
+    if choice == 0:
+        array = array.reshape(-1)[:folder.rng.randrange(array.size + 1)]
+    elif choice == 1:
+        array = np.concatenate([array.reshape(-1), array.reshape(-1)[:7]])
+    elif choice == 2:
+        array = array.astype(folder.rng.choice([np.float32, np.int64, np.uint8, np.int8]))
+    else:
+        flat = array.reshape(-1).copy()
+        if flat.size:
+            info = np.iinfo(flat.dtype) if flat.dtype.kind in "iu" else None
+            flat[folder.rng.randrange(flat.size)] = info.max if info else np.inf
+        array = flat.reshape(array.shape)
+    tensor.CopyFrom(numpy_helper.from_array(array, tensor.name))
     folder.save(model)
 
 

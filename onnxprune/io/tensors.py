@@ -52,8 +52,10 @@ INDEX_TYPES = frozenset({TensorProto.INT8, TensorProto.INT16, TensorProto.INT32,
 _MAX_ELEMENTS = 2**59
 # an external offset or length: plain ASCII digits (int() would also take " 12", "+1", "١")
 _DIGITS = re.compile(r"[0-9]{1,19}")
-# model files read by load_model (resolved): a lazy load's references point into them
+# model files read by load_model (absolute, not resolved): a lazy load's references point
+# into them
 _model_files: set[str] = set()
+
 
 def iter_all_tensors(graph: onnx.GraphProto) -> Iterator[TensorProto]:
     """Every tensor stored in the graph: initializers, the values and indices of sparse
@@ -241,7 +243,7 @@ def external_range(tensor: TensorProto, base_dir: Path, label: str | None = None
     """(file, offset, length) of an external tensor's bytes, checked before any read.
 
     The file must resolve, symbolic links followed, inside the model's folder `base_dir`
-    (or be a model file `load_model` read: a lazy load's references); offset and length
+    (or be the model file `load_model` read there: a lazy load's references); offset and length
     must be plain non-negative integers, the length what the shape needs, the range inside
     the file.
     """
@@ -262,7 +264,8 @@ def external_range(tensor: TensorProto, base_dir: Path, label: str | None = None
     file = Path(base_dir) / location
     real = os.path.realpath(file)
     folder = os.path.realpath(base_dir)
-    if not (real.startswith(folder.rstrip(os.sep) + os.sep) or real in _model_files):
+    if not (real.startswith(folder.rstrip(os.sep) + os.sep)
+            or os.path.abspath(file) in _model_files):
         raise ModelLoadError(f"{label}: external data location {shown!r} leads outside the "
                              f"model's directory (a symbolic link to {_short(real)})")
     try:
@@ -305,8 +308,9 @@ def _byte_count(info: dict[str, str], key: str, default: int, label: str) -> int
 
 
 def note_model_file(path: Path) -> None:
-    """Allow external references to this model file itself (where a lazy load points)."""
-    _model_files.add(os.path.realpath(path))
+    """Allow external references to this model file by its own name, even where the file
+    is a link to elsewhere: a lazy load's references point into it."""
+    _model_files.add(os.path.abspath(path))
 
 
 def read_array(tensor: TensorProto, base_dir: Path, writable: bool = False,
