@@ -101,9 +101,9 @@ def make_model() -> onnx.ModelProto:
 def tiny_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
     """Chunks and copies of a few thousand elements, lifts and splits from 256 bytes."""
     monkeypatch.setattr(masking_module, "CHUNK_ELEMENTS", 4096)
-    monkeypatch.setattr(io_module, "COPY_CHUNK_BYTES", 1000)
-    monkeypatch.setattr(io_module, "LAZY_MIN_BYTES", 256)
-    monkeypatch.setattr(io_module, "SPLIT_MIN_BYTES", 256)
+    monkeypatch.setattr(io_module.writer, "COPY_CHUNK_BYTES", 1000)
+    monkeypatch.setattr(io_module.wire, "LAZY_MIN_BYTES", 256)
+    monkeypatch.setattr(io_module.writer, "SPLIT_MIN_BYTES", 256)
     monkeypatch.setattr(storage_module, "STREAMED_PAYLOAD_BYTES", 256)
 
 
@@ -232,7 +232,7 @@ def test_lazy_load_leaves_large_tensors_in_the_file(inline_path: Path) -> None:
     lazy_tensors = {t.name: t for t in iter_all_tensors(loaded.proto.graph)}
     for tensor in iter_all_tensors(eager.proto.graph):
         lazy = lazy_tensors[tensor.name]
-        if tensor.HasField("raw_data") and len(tensor.raw_data) >= io_module.LAZY_MIN_BYTES:
+        if tensor.HasField("raw_data") and len(tensor.raw_data) >= io_module.wire.LAZY_MIN_BYTES:
             assert uses_external_data(lazy) and not lazy.HasField("raw_data")
             assert {e.key: e.value for e in lazy.external_data}["location"] == "inline.onnx"
         else:
