@@ -270,7 +270,7 @@ class _Loop:
         planned = (int(np.count_nonzero(~keep)) if fixed
                    else _planned_count(target, plan, method, view))
         if method.reconstructs:
-            if view is None:
+            if view is None and method.needs > Needs.NOTHING:
                 raise ConfigError(f"{target.name}: method {method.name} needs calibration "
                                   "statistics")
             weights = method.reconstruct(job)
