@@ -76,6 +76,7 @@ def sparsities(final: float, passes: int, schedule: str = "cubic",
 
 def prune_gradual(model: ModelLike, output: str | os.PathLike | None = None, *,
                   config: PruneConfig, steps: int, schedule: str = "cubic",
+                  save_masks: str | os.PathLike | None = None,
                   base_dir: str | os.PathLike | None = None, progress=None,
                   return_masks: bool = False, durable: bool = False
                   ) -> tuple[onnx.ModelProto, Report]:
@@ -83,6 +84,7 @@ def prune_gradual(model: ModelLike, output: str | os.PathLike | None = None, *,
 
     Each step re-scores the weights as pruned so far (a reconstructing method such as
     SparseGPT also reconstructs again); the last step writes `output` in `config.format`.
+    `save_masks`: a path with ``{round}`` gets every step's masks; without it, the final ones.
     """
     _check_pattern(config, "--schedule/--steps")
     proto, base_dir, input_path = _load(model, base_dir)
@@ -96,6 +98,7 @@ def prune_gradual(model: ModelLike, output: str | os.PathLike | None = None, *,
                               fixed=False, progress=progress, durable=durable)
         masks = report.masks
         first = first or report
+        _save_masks(masks, save_masks, step, last)
         log.info("step %d/%d: sparsity %.4f (%d zeros)", step, len(levels), level,
                  report.summary.zeros)
     info = {"kind": schedule, "steps": steps, "sparsities": levels}
@@ -149,8 +152,7 @@ def prune_iterative(model: ModelLike, output: str | os.PathLike | None = None, *
                      "zeros": last_round.summary.zeros}
             if init is not None:
                 pruned = _rewound(init, apply_config, masks, rewind)
-            if save_masks is not None and "{round}" in str(save_masks):
-                masks.save(str(save_masks).replace("{round}", str(round_number)))
+            _save_masks(masks, save_masks, round_number, last=False)
             if retrain is not None:
                 try:
                     trained = retrain(pruned, round_number)
@@ -172,8 +174,7 @@ def prune_iterative(model: ModelLike, output: str | os.PathLike | None = None, *
                               output, masks, fixed=True, progress=None, durable=durable)
     for target, planned in zip(report.targets, last_round.targets, strict=True):
         target.requested_sparsity, target.set_by = planned.requested_sparsity, planned.set_by
-    if save_masks is not None and "{round}" not in str(save_masks):
-        report.masks.save(save_masks)
+    _save_masks(report.masks, save_masks, len(levels), last=True)
     info = {"kind": schedule, "rounds": rounds, "sparsities": levels,
             "retrain": command if command is not None else retrain is not None,
             "rewind": str(rewind) if isinstance(rewind, (str, os.PathLike)) else
@@ -211,6 +212,16 @@ def command_retrainer(command: str, workdir: Path) -> Retrain:
         return _load(target, None)[0]
 
     return retrain
+
+
+def _save_masks(masks: MaskSet, path, number: int, last: bool) -> None:
+    """Every pass's masks to a path with ``{round}``; the final masks to a plain path."""
+    if path is None:
+        return
+    if "{round}" in str(path):
+        masks.save(str(path).replace("{round}", str(number)))
+    elif last:
+        masks.save(path)
 
 
 def _tail(text: str) -> str:
