@@ -140,7 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--report", metavar="PATH", help="write the JSON report there")
     masks = prune.add_argument_group("masks")
     masks.add_argument("--save-masks", metavar="NPZ",
-                       help="write the keep-masks of the result (bit-packed, by target name)")
+                       help="write the keep-masks of the result (bit-packed, by target name); "
+                            "with --steps/--rounds a path with {round} gets every pass's")
     masks.add_argument("--apply-masks", metavar="NPZ",
                        help="prune exactly the positions these saved masks remove (the method "
                             "only reconstructs, if it does; targets not in the file are "
