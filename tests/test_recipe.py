@@ -109,6 +109,7 @@ def test_include_from_the_command_line_replaces_the_recipes(tmp_path):
     ('schedule = "linear"\n', "line 1: schedule: expected one of cubic, geometric"),
     ('output = "x.onnx"\n', "line 1: unknown key 'output'"),
     ('[extras]\nx = 1\n', "line 1: unknown key 'extras'"),
+    ('sparsity = 0.5\nextras.x = 1\n', "line 2: unknown key 'extras'"),
     ('sparsity = 0.5\n[[override]]\nmatch = "fc"\nsparsity = 2\n',
      "line 4: sparsity: must be in [0, 1)"),
     ('[[override]]\nmatch = "fc"\n\n[[override]]\nmatch = "x"\nspars = 0.1\n',

@@ -204,6 +204,12 @@ def test_cli_keep_last_good_writes_the_last_completed_round(tmp_path, capsys, re
         assert np.array_equal(kept[name] != 0, round2[name])
 
 
+def test_retrain_command_that_writes_nothing(tmp_path, capsys):
+    out = tmp_path / "out.onnx"
+    assert main(["prune", str(MLP), "-o", str(out), "--retrain-cmd", "true {in} {out}"]) == 2
+    assert "wrote no model" in capsys.readouterr().err and not out.exists()
+
+
 def test_rewind_must_fit_the_model(tmp_path, capsys):
     other = MODELS_DIR / "cnn.onnx"
     assert main(["prune", str(MLP), "-o", str(tmp_path / "o.onnx"), "--rewind",
