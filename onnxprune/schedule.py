@@ -33,7 +33,7 @@ import onnx
 
 from .config import PruneConfig
 from .errors import ConfigError, OnnxPruneError
-from .io import load_model, model_file_bytes, model_from_proto, save_model
+from .io import check_output_path, load_model, model_file_bytes, model_from_proto, save_model
 from .masks import MaskSet
 from .report import Report
 
@@ -87,7 +87,7 @@ def prune_gradual(model: ModelLike, output: str | os.PathLike | None = None, *,
     `save_masks`: a path with ``{round}`` gets every step's masks; without it, the final ones.
     """
     _check_pattern(config, "--schedule/--steps")
-    proto, base_dir, input_path = _load(model, base_dir)
+    proto, base_dir, input_path = _load(model, base_dir, output)
     levels = sparsities(config.target_sparsity, steps, schedule)
     masks = None
     first = None
@@ -125,7 +125,7 @@ def prune_iterative(model: ModelLike, output: str | os.PathLike | None = None, *
     the end of its stderr; with `keep_last_good` the model of the last completed round is
     written to `output` first.
     """
-    proto, base_dir, input_path = _load(model, base_dir)
+    proto, base_dir, input_path = _load(model, base_dir, output)
     levels = ([config.target_sparsity] * rounds if config.pattern.is_nm
               else sparsities(config.target_sparsity, rounds, schedule))
     if retrain is None:
@@ -275,8 +275,11 @@ def _pass(model: onnx.ModelProto, base_dir, config: PruneConfig, output, masks, 
     return pruned, report
 
 
-def _load(model: ModelLike, base_dir) -> tuple[onnx.ModelProto, Path, Path | None]:
-    """A private in-memory copy of the model, its external-data folder, and its path."""
+def _load(model: ModelLike, base_dir, output=None) -> tuple[onnx.ModelProto, Path, Path | None]:
+    """A private in-memory copy of the model, its external-data folder, and its path; an
+    output path that cannot be written is refused before any work."""
+    if output is not None:
+        check_output_path(output, None if isinstance(model, onnx.ModelProto) else model)
     if isinstance(model, onnx.ModelProto):
         copy = onnx.ModelProto()
         copy.CopyFrom(model)

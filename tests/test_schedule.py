@@ -120,10 +120,11 @@ def test_cli_gradual(tmp_path, capsys):
     (["--steps", "2", "--pattern", "2:4"], "unstructured pattern"),
     (["--steps", "0"], ">= 1"),
     (["--rounds", "2", "--retrain-cmd", "cp {in} x.onnx"], "must contain {out}"),
+    (["--rounds", "2", "-o", "/nonexistent/dir/out.onnx"], "does not exist"),
 ])
 def test_cli_rejects_bad_schedules(tmp_path, capsys, options, message):
     out = tmp_path / "out.onnx"
-    assert main(["prune", str(MLP), "-o", str(out), *options]) == 2
+    assert main(["prune", str(MLP), "-o", str(out), *options]) == 2  # a second -o wins
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1 and err.startswith("onnxprune: error:")
     assert not out.exists()
