@@ -140,12 +140,36 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--report", metavar="PATH", help="write the JSON report there")
     masks = prune.add_argument_group("masks")
     masks.add_argument("--save-masks", metavar="NPZ",
-                       help="write the keep-masks of the result (bit-packed, by target name)")
+                       help="write the keep-masks of the result (bit-packed, by target name); "
+                            "with --steps/--rounds a path with {round} gets every pass's")
     masks.add_argument("--apply-masks", metavar="NPZ",
                        help="prune exactly the positions these saved masks remove (the method "
                             "only reconstructs, if it does; targets not in the file are "
                             "pruned as planned)")
     _add_fsync_option(prune)
+    steps = prune.add_argument_group("gradual and iterative pruning")
+    steps.add_argument("--schedule", choices=("cubic", "geometric"),
+                       help="sparsity per step or round: cubic (large steps first), geometric "
+                            "(equal fractions of the remaining weights) [steps: cubic, "
+                            "rounds: geometric]")
+    steps.add_argument("--steps", type=int, metavar="K",
+                       help="gradual one-shot: reach the sparsity in K steps, re-scoring "
+                            "between them; masks only grow")
+    steps.add_argument("--rounds", type=int, default=1, metavar="R",
+                       help="iterative pruning: R rounds of prune, retrain, re-apply masks [1]")
+    steps.add_argument("--retrain-cmd", metavar="CMD",
+                       help="shell command run after each round: reads {in}, writes the "
+                            "retrained model to {out}")
+    steps.add_argument("--rewind", metavar="INIT.onnx",
+                       help="lottery ticket: after each round the survivors take their "
+                            "values in INIT.onnx (so do the tensors not pruned)")
+    steps.add_argument("--keep-last-good", action="store_true",
+                       help="when the retrain command fails, write the last completed "
+                            "round's model to OUT")
+    prune.add_argument("--recipe", metavar="FILE.toml",
+                       help="options (and per-target [[override]] tables) from a TOML file; "
+                            "command-line options win")
+    parser.prune_parser = prune  # recipes check their keys against its options
     calib = prune.add_argument_group("calibration (methods that use it: "
                                      "wanda, obd, sparsegpt and plug-ins)")
     calib.add_argument("--calib", metavar="PATH",
@@ -283,7 +307,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
                           owl_lambda=args.owl_lambda,
                           min_target_sparsity=args.min_target_sparsity,
                           max_target_sparsity=args.max_target_sparsity,
-                          max_error=args.max_error, sensitivity=args.sensitivity)
+                          max_error=args.max_error, sensitivity=args.sensitivity,
+                          overrides=getattr(args, "overrides", ()))
     if config.pattern.is_nm and args.sparsity is not None \
             and abs(args.sparsity - config.pattern.sparsity) > 1e-9:
         log.warning("--sparsity %s is ignored: pattern %s gives %.4g", args.sparsity,
@@ -295,11 +320,16 @@ def cmd_prune(args: argparse.Namespace) -> int:
             _check_side_output(getattr(args, option), "--" + option.replace("_", "-"), args)
     masks = MaskSet.load(args.apply_masks) if args.apply_masks else None
     feeds_source = _feeds_source(args, args.model, probe=True) if args.validate else None
+    scheduled = bool(args.schedule or args.steps is not None or args.rounds != 1
+                     or args.retrain_cmd or args.rewind)
     with _progress_bar(args, "prune") as progress:
-        _, report = prune(args.model, args.output, config=config, progress=progress,
-                          durable=args.fsync, masks=masks,
-                          return_masks=bool(args.save_masks))
-    if args.save_masks:
+        if scheduled:
+            report = _prune_scheduled(args, config, masks, progress)
+        else:
+            _, report = prune(args.model, args.output, config=config, progress=progress,
+                              durable=args.fsync, masks=masks,
+                              return_masks=bool(args.save_masks))
+    if args.save_masks and not scheduled:
         report.masks.save(args.save_masks)
     print(format_summary(report))
     status = 0
@@ -316,6 +346,31 @@ def cmd_prune(args: argparse.Namespace) -> int:
     if args.report:
         _write_text_atomically(Path(args.report), report.to_json() + "\n")
     return status
+
+
+def _prune_scheduled(args: argparse.Namespace, config, masks, progress):
+    """Gradual one-shot (--steps) or iterative pruning (--rounds, --retrain-cmd, --rewind)."""
+    from .errors import ConfigError
+    from .schedule import prune_gradual, prune_iterative
+
+    if masks is not None:
+        raise ConfigError("--apply-masks cannot be combined with --schedule, --steps, "
+                          "--rounds, --retrain-cmd or --rewind")
+    common = dict(config=config, progress=progress, durable=args.fsync,
+                  save_masks=args.save_masks)
+    if args.rounds == 1 and not (args.retrain_cmd or args.rewind):
+        if args.steps is None:
+            raise ConfigError("--schedule needs --steps K (gradual one-shot) or --rounds R "
+                              "(iterative pruning)")
+        return prune_gradual(args.model, args.output, steps=args.steps,
+                             schedule=args.schedule or "cubic", **common)[1]
+    if args.steps is not None:
+        raise ConfigError("--steps is for gradual one-shot pruning; with --rounds each round "
+                          "is one step")
+    return prune_iterative(args.model, args.output, rounds=args.rounds,
+                           retrain=args.retrain_cmd, rewind=args.rewind,
+                           schedule=args.schedule or "geometric",
+                           keep_last_good=args.keep_last_good, **common)[1]
 
 
 def _check_side_output(path: str, option: str, args: argparse.Namespace) -> None:
@@ -418,6 +473,10 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         with _logging_to_stderr(args):
+            if getattr(args, "recipe", None):  # its values become defaults: options win
+                from .recipe import parse_with_recipe
+
+                args = parse_with_recipe(parser, parser.prune_parser, argv, args.recipe)
             return COMMANDS[args.command](args)
     except (OnnxPruneError, ValidationFailed) as exc:
         print(f"onnxprune: error: {exc}", file=sys.stderr)

@@ -90,11 +90,17 @@ class PruneConfig:
     max_target_sparsity: float | None = None
     max_error: float | None = None  # sensitivity allocation: highest sparsity under E
     sensitivity: str | None = None  # sensitivity curves (JSON of `onnxprune sensitivity`)
+    # per-target overrides (recipe.Override, or dicts of match/sparsity/pattern/method/skip)
+    overrides: tuple = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "pattern", Pattern.parse(self.pattern))
         object.__setattr__(self, "include", _as_tuple(self.include))
         object.__setattr__(self, "exclude", _as_tuple(self.exclude))
+        if self.overrides:
+            from .recipe import as_overrides
+
+            object.__setattr__(self, "overrides", as_overrides(self.overrides))
         if self.sparsity is not None:
             try:
                 sparsity = float(self.sparsity)

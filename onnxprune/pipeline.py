@@ -41,6 +41,7 @@ from .masking import (
 from .masks import MaskSet
 from .methods import Job, Method, Needs
 from .plan import PrunePlan, TargetPlan
+from .recipe import apply_overrides, split_skipped
 from .registry import ALLOCATIONS, FORMATS, METHODS, REFINES, UPDATES
 from .report import SkipReport, TargetReport
 from .targets import Selection, SkippedTensor, WeightTarget, discover_targets
@@ -97,6 +98,9 @@ def run(loaded: LoadedModel, config: PruneConfig, *, sink: Sink | None = None,
     if formats.densify_model(loaded.proto, loaded.base_dir):
         log.info("stored sparse/compact tensors turned dense before pruning")
     targets, skipped = discover_targets(loaded.proto, selection_of(config))
+    if config.overrides:
+        targets, skipped_by_override = split_skipped(targets, config.overrides)
+        skipped += skipped_by_override
     dropped = _dropped_by_selection(skipped)
     if not targets:
         causes = "; ".join(f"{count} {cause}" for cause, count in dropped.items())
@@ -150,7 +154,7 @@ def make_plan(loaded: LoadedModel, targets: list[WeightTarget], config: PruneCon
     if missing:
         raise ConfigError(f"allocation {config.allocation!r} planned no entry for "
                           f"{len(missing)} target(s), e.g. {missing[0]}")
-    return plan
+    return apply_overrides(plan, targets, config.overrides) if config.overrides else plan
 
 
 class _Loop:
@@ -270,7 +274,7 @@ class _Loop:
         planned = (int(np.count_nonzero(~keep)) if fixed
                    else _planned_count(target, plan, method, view))
         if method.reconstructs:
-            if view is None:
+            if view is None and method.needs > Needs.NOTHING:
                 raise ConfigError(f"{target.name}: method {method.name} needs calibration "
                                   "statistics")
             weights = method.reconstruct(job)
@@ -308,6 +312,8 @@ class _Loop:
             report.calibration_tokens = stats.tokens if stats is not None else 0
         if note:
             report.note = note
+        if plan.set_by.startswith("override"):  # an override may have chosen the method
+            report.method = method.name
         if self.want_masks:
             self.masks_out.add_packed(target.name, np.packbits(weights.reshape(-1) != 0),
                                       target.shape)

@@ -97,6 +97,7 @@ class Registry:
 METHODS = Registry("method", "onnxprune.methods", {
     "magnitude": ".methods.magnitude:Magnitude",
     "random": ".methods.random:Random",
+    "l1": ".methods.l1:L1",
     "wanda": ".methods.wanda:Wanda",
     "obd": ".methods.obd:OBD",
     "sparsegpt": ".methods.sparsegpt:SparseGPT",
