@@ -270,7 +270,6 @@ def cmd_prune(args: argparse.Namespace) -> int:
     _import_numba_without_blas_probe()
     from .api import prune
     from .masks import MaskSet
-    from .report import format_summary
 
     config = _config_from(args, sparsity=args.sparsity, method=args.method, scope=args.scope,
                           allocation=args.allocation, format=args.format, seed=args.seed,
@@ -301,7 +300,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
                           return_masks=bool(args.save_masks))
     if args.save_masks:
         report.masks.save(args.save_masks)
-    print(format_summary(report))
+    _print_prune_result(report, args)
     status = 0
     if args.validate:
         result = _compare(args.model, args.output, args, feeds_source)
@@ -316,6 +315,18 @@ def cmd_prune(args: argparse.Namespace) -> int:
     if args.report:
         _write_text_atomically(Path(args.report), report.to_json() + "\n")
     return status
+
+
+def _print_prune_result(report, args: argparse.Namespace) -> None:
+    """The per-target table (all targets with -v, the extremes otherwise), then the totals."""
+    from .report import format_prune_table, format_summary
+
+    print(format_prune_table(report, verbose=args.verbose > 0))
+    print(format_summary(report))
+    if args.verbose and report.provenance:
+        print(f"metadata_props of {args.output}:")
+        for key, value in report.provenance.items():
+            print(f"  {key} = {value}")
 
 
 def _check_side_output(path: str, option: str, args: argparse.Namespace) -> None:
@@ -380,14 +391,11 @@ def _compare(reference: str, candidate: str, args: argparse.Namespace, source: d
 
 @contextlib.contextmanager
 def _progress_bar(args: argparse.Namespace, label: str):
-    """A per-target progress callback: a tqdm bar on an interactive stderr, else None."""
-    if args.quiet or not sys.stderr.isatty():
-        yield None
-        return
-    from tqdm import tqdm
+    """A per-target progress callback: a bar on an interactive stderr, else None."""
+    from .progress import progress_bar
 
-    with tqdm(desc=label, unit="target", file=sys.stderr, leave=False) as bar:
-        yield lambda target: (bar.set_postfix_str(target.name[-40:]), bar.update())
+    with progress_bar(label, unit="target", quiet=args.quiet) as bar:
+        yield bar.callback() if bar.shown else None
 
 
 def _write_text_atomically(path: Path, text: str) -> None:

@@ -1,0 +1,61 @@
+"""Provenance of a pruned model, kept in its `metadata_props` (shown by Netron, readable by
+`onnx.load(...).metadata_props` anywhere): which onnxprune, method, pattern and allocation
+made it, and a digest of what every target ended up with.
+
+The digest is the sha256 of the sorted lines `name:zeros/numel`, one per target. Anyone can
+recompute it from the weights, so it tells whether the pruned weights were changed since
+(by a later tool, or by retraining without masks). Our keys all start with `onnxprune.`;
+pruning an already pruned model replaces them, never adds a second set.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Mapping
+
+import onnx
+
+PREFIX = "onnxprune."
+
+
+def sparsity_digest(counts: Iterable[tuple[str, int, int]]) -> str:
+    """`sha256:<hex>` of the sorted `name:zeros/numel` lines of (name, zeros, numel)."""
+    lines = sorted(f"{name}:{zeros}/{numel}" for name, zeros, numel in counts)
+    return "sha256:" + hashlib.sha256("\n".join(lines).encode()).hexdigest()
+
+
+def provenance_entries(config, targets) -> dict[str, str]:
+    """Our metadata for a prune run: `config` a PruneConfig, `targets` its TargetReports."""
+    from . import __version__
+
+    params = sum(t.numel for t in targets)
+    zeros = sum(t.zeros for t in targets)
+    entries = {
+        "version": __version__,
+        "method": config.method,
+        "pattern": str(config.pattern),
+        "allocation": config.allocation,
+        "sparsity": f"{config.target_sparsity:.6g}",  # what was asked
+        "achieved_sparsity": f"{zeros / params if params else 0.0:.6f}",
+        "format": config.format,
+        "targets": str(len(targets)),
+        "sparsity_digest": sparsity_digest((t.name, t.zeros, t.numel) for t in targets),
+    }
+    for part in ("update", "refine"):  # only when used: most runs have neither
+        if getattr(config, part) != "none":
+            entries[part] = getattr(config, part)
+    return {PREFIX + key: value for key, value in entries.items()}
+
+
+def stamp_provenance(model: onnx.ModelProto, entries: Mapping[str, str]) -> None:
+    """Put `entries` in the model's metadata_props, replacing every earlier `onnxprune.` key
+    (a stale key of an earlier run would contradict the new ones); other keys are kept."""
+    kept = [(p.key, p.value) for p in model.metadata_props if not p.key.startswith(PREFIX)]
+    del model.metadata_props[:]
+    for key, value in [*kept, *entries.items()]:
+        model.metadata_props.add(key=key, value=value)
+
+
+def read_provenance(model: onnx.ModelProto) -> dict[str, str]:
+    """Our metadata in a model (empty when onnxprune did not write it)."""
+    return {p.key: p.value for p in model.metadata_props if p.key.startswith(PREFIX)}
