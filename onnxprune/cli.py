@@ -58,6 +58,17 @@ def _add_check_options(parser: argparse.ArgumentParser) -> None:
                        help="fail if the cosine similarity is below this")
     group.add_argument("--min-top1", type=float, default=None,
                        help="fail if the top-1 agreement is below this")
+    _add_timing_options(parser)
+
+
+def _add_timing_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("timing")
+    group.add_argument("--timing", action="store_true",
+                       help="also time session creation and inference of both models in "
+                            "onnxruntime (CPU), interleaved; pruning alone does not make a "
+                            "model faster there")
+    group.add_argument("--timing-runs", type=int, default=20, metavar="N",
+                       help="timed inference runs per model, after 3 warm-up runs [20]")
 
 
 def _add_fsync_option(parser: argparse.ArgumentParser) -> None:
@@ -386,7 +397,8 @@ def _compare(reference: str, candidate: str, args: argparse.Namespace, source: d
 
     return compare_models(reference, candidate, source["feeds"], synthetic=source["synthetic"],
                           atol=args.atol, rtol_l2=args.rtol, min_cosine=args.min_cosine,
-                          min_top1=args.min_top1)
+                          min_top1=args.min_top1,
+                          timing_runs=args.timing_runs if args.timing else None)
 
 
 @contextlib.contextmanager
