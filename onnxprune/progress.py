@@ -65,11 +65,12 @@ def shows_progress(quiet: bool = False, stream: IO[str] | None = None) -> bool:
 @contextlib.contextmanager
 def progress_bar(label: str, *, total: int | None = None, unit: str = "target",
                  quiet: bool = False, stream: IO[str] | None = None,
-                 force: bool = False) -> Iterator[ProgressBar]:
+                 force: bool = False, **tqdm_options: Any) -> Iterator[ProgressBar]:
     """A bar labelled `label` counting `unit`s on `stream` (stderr), for the `with` block.
 
     Nothing is shown with `quiet` or when the stream is not a terminal, unless `force`
     (tests, or a caller that knows better). The bar is removed from the screen at the end.
+    `tqdm_options` go to tqdm as they are (`mininterval`, `smoothing`, ...).
     """
     global _open_bars
     stream = sys.stderr if stream is None else stream
@@ -82,7 +83,7 @@ def progress_bar(label: str, *, total: int | None = None, unit: str = "target",
     _open_bars += 1
     try:
         with tqdm(desc=label, total=total, unit=unit, file=stream, leave=False,
-                  position=position, dynamic_ncols=True) as bar:
+                  position=position, dynamic_ncols=True, **tqdm_options) as bar:
             yield ProgressBar(bar)
     finally:
         _open_bars -= 1

@@ -1,11 +1,12 @@
 """Provenance of a pruned model, kept in its `metadata_props` (shown by Netron, readable by
 `onnx.load(...).metadata_props` anywhere): which onnxprune, method, pattern and allocation
-made it, and a digest of what every target ended up with.
+made it, and a digest of what every target ended up with (next to `onnxprune:storage`,
+which the compact format writes for its own use).
 
 The digest is the sha256 of the sorted lines `name:zeros/numel`, one per target. Anyone can
 recompute it from the weights, so it tells whether the pruned weights were changed since
-(by a later tool, or by retraining without masks). Our keys all start with `onnxprune.`;
-pruning an already pruned model replaces them, never adds a second set.
+(by a later tool, or by retraining without masks). Pruning an already pruned model replaces
+these keys, never adds a second set.
 """
 
 from __future__ import annotations
@@ -15,7 +16,12 @@ from collections.abc import Iterable, Mapping
 
 import onnx
 
-PREFIX = "onnxprune."
+PREFIX = "onnxprune:"
+# every key a run may write: a key of an earlier run that this run does not write (an
+# --update it did not use) must not survive to contradict the new ones
+KEYS = tuple(PREFIX + key for key in (
+    "version", "method", "pattern", "allocation", "sparsity", "achieved_sparsity", "format",
+    "targets", "sparsity_digest", "update", "refine"))
 
 
 def sparsity_digest(counts: Iterable[tuple[str, int, int]]) -> str:
@@ -48,14 +54,16 @@ def provenance_entries(config, targets) -> dict[str, str]:
 
 
 def stamp_provenance(model: onnx.ModelProto, entries: Mapping[str, str]) -> None:
-    """Put `entries` in the model's metadata_props, replacing every earlier `onnxprune.` key
-    (a stale key of an earlier run would contradict the new ones); other keys are kept."""
-    kept = [(p.key, p.value) for p in model.metadata_props if not p.key.startswith(PREFIX)]
+    """Put `entries` in the model's metadata_props, replacing those of an earlier run (all
+    of `KEYS`); other keys, `onnxprune:storage` among them, are kept."""
+    ours = set(KEYS) | set(entries)
+    kept = [(p.key, p.value) for p in model.metadata_props if p.key not in ours]
     del model.metadata_props[:]
     for key, value in [*kept, *entries.items()]:
         model.metadata_props.add(key=key, value=value)
 
 
 def read_provenance(model: onnx.ModelProto) -> dict[str, str]:
-    """Our metadata in a model (empty when onnxprune did not write it)."""
+    """Our metadata in a model, `onnxprune:storage` included (empty when onnxprune did not
+    write any)."""
     return {p.key: p.value for p in model.metadata_props if p.key.startswith(PREFIX)}
