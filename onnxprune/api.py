@@ -149,7 +149,8 @@ def inspect(model: ModelLike, *, config: PruneConfig | None = None,
     file_bytes = model_file_bytes(input_path) if input_path else loaded.proto.ByteSize()
     return Report(model=str(input_path) if input_path else "<ModelProto>", targets=reports,
                   skipped=[skip_report(s) for s in skipped],
-                  summary=summarize(reports, file_bytes))
+                  summary=summarize(reports, file_bytes),
+                  provenance=read_provenance(loaded.proto) or None)
 
 
 @dataclass

@@ -271,10 +271,20 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     s = report.summary
     print(f"{args.model}: {len(report.targets)} targets, {s.params:,} params, "
           f"{s.sparsity:.2%} zeros, file {s.file_bytes:,} bytes")
+    _print_provenance(report)
     if report.targets:
         print(format_targets(report))
     print(format_skipped(report))
     return 0
+
+
+def _print_provenance(report) -> None:
+    """How an already pruned model was made, checked against its weights now."""
+    from .provenance import describe_provenance
+
+    line = describe_provenance(report.provenance or {}, report.targets)
+    if line:
+        print(line)
 
 
 def cmd_prune(args: argparse.Namespace) -> int:

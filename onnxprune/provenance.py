@@ -67,3 +67,22 @@ def read_provenance(model: onnx.ModelProto) -> dict[str, str]:
     """Our metadata in a model, `onnxprune:storage` included (empty when onnxprune did not
     write any)."""
     return {p.key: p.value for p in model.metadata_props if p.key.startswith(PREFIX)}
+
+
+def describe_provenance(entries: Mapping[str, str], targets) -> str | None:
+    """How a model was pruned, and whether `targets` (TargetReports of the model
+    as it is now) still have the sparsities the digest recorded; None without our keys."""
+    if PREFIX + "method" not in entries:
+        return None
+    get = entries.get
+    line = (f"pruned by onnxprune {get(PREFIX + 'version', '?')}: {get(PREFIX + 'method')}, "
+            f"{get(PREFIX + 'pattern', '?')}, {get(PREFIX + 'allocation', '?')} allocation, "
+            f"sparsity {get(PREFIX + 'achieved_sparsity', '?')}")
+    recorded = get(PREFIX + "sparsity_digest")
+    if recorded is None:
+        return line
+    now = sparsity_digest((t.name, t.zeros, t.numel) for t in targets)
+    if now == recorded:
+        return line + "\n  sparsity digest: the targets still have these sparsities"
+    return line + ("\n  sparsity digest: does NOT match the targets now (weights changed "
+                   "since, or another target selection)")

@@ -187,6 +187,28 @@ def test_digest_changes_with_the_sparsities_and_a_reprune_replaces_our_keys(tmp_
         meta_first[PREFIX + "sparsity_digest"]
 
 
+def test_inspect_tells_whether_the_weights_still_match_the_digest(tmp_path, capsys):
+    output = tmp_path / "out.onnx"
+    _, report = onnxprune.prune(MLP, output, sparsity=0.5)
+    assert main(["inspect", str(output)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1] == ("pruned by onnxprune " + onnxprune.__version__ + ": magnitude, "
+                        "unstructured, uniform allocation, sparsity 0.500000")
+    assert lines[2] == "  sparsity digest: the targets still have these sparsities"
+    model = onnx.load(output)
+    weight = next(t for t in model.graph.initializer if t.name == report.targets[0].name)
+    values = numpy_helper.to_array(weight).copy()
+    values[values == 0] = 1.0  # "retrained" without the mask
+    weight.CopyFrom(numpy_helper.from_array(values, weight.name))
+    onnx.save(model, output)
+    assert main(["inspect", str(output), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["provenance"][PREFIX + "method"] == "magnitude"
+    assert main(["inspect", str(output)]) == 0
+    assert "sparsity digest: does NOT match" in capsys.readouterr().out
+    assert main(["inspect", str(MLP)]) == 0
+    assert "pruned by" not in capsys.readouterr().out
+
+
 def test_sparsity_digest_is_order_free_and_sensitive_to_every_count():
     base = [("a", 1, 10), ("b", 2, 10)]
     assert sparsity_digest(base) == sparsity_digest(reversed(base))
