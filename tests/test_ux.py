@@ -256,6 +256,16 @@ def test_cli_prune_writes_no_progress_when_stderr_is_not_a_terminal(tmp_path, ca
     assert "target" not in err and "\r" not in err
 
 
+def test_cli_prune_progress_on_a_terminal_unless_quiet(tmp_path, monkeypatch, capsys):
+    for quiet in (True, False):
+        terminal = _FakeTerminal()
+        monkeypatch.setattr("sys.stderr", terminal)
+        options = ["-q"] if quiet else []
+        assert main(["prune", str(MLP), "-o", str(tmp_path / "out.onnx"), *options]) == 0
+        assert ("prune:" in terminal.getvalue()) is not quiet
+        assert "prune:" not in capsys.readouterr().out  # bars never go to stdout
+
+
 # --------------------------------------------------------------------------------- timing
 
 def _pruned_mlp(tmp_path: Path) -> Path:
