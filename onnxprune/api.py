@@ -22,6 +22,7 @@ from .io import (
     save_model,
 )
 from .masks import MaskSet
+from .provenance import provenance_entries, read_provenance, stamp_provenance
 from .report import Report, summarize
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,9 @@ def prune(model: ModelLike, output: str | os.PathLike | None = None, *,
     `fixed_masks` (default) exactly those positions are pruned, otherwise they are an
     existing mask the new one never revives. `return_masks`: the report's `masks` holds the
     keep-masks of the result (a `MaskSet`, True = non-zero).
+
+    The pruned model's `metadata_props` record how it was made (`provenance.py`); the
+    report's `provenance` holds the same entries.
     """
     from .pipeline import Sink, run
 
@@ -65,6 +69,8 @@ def prune(model: ModelLike, output: str | os.PathLike | None = None, *,
         with ModelWriter(loaded, output, None, durable) as writer:
             sink = Sink(loaded, config.format, writer.put, streaming=True)
             result = run(loaded, config, sink=sink, **loop)
+            # commit serializes the metadata from the proto
+            stamp_provenance(loaded.proto, provenance_entries(config, result.targets))
             writer.commit()
         proto = load_model(Path(output), lazy=True).proto
         file_bytes_before = model_file_bytes(input_path)
@@ -74,6 +80,7 @@ def prune(model: ModelLike, output: str | os.PathLike | None = None, *,
         loaded = _load(model, base_dir, inplace, lazy=output is not None)
         file_bytes_before = model_file_bytes(input_path) if input_path else loaded.proto.ByteSize()
         result = run(loaded, config, **loop)
+        stamp_provenance(loaded.proto, provenance_entries(config, result.targets))
         if output is not None:
             save_model(loaded, output, durable=durable)
             file_bytes = model_file_bytes(Path(output))
@@ -84,7 +91,7 @@ def prune(model: ModelLike, output: str | os.PathLike | None = None, *,
                     targets=result.targets, skipped=result.skipped,
                     summary=summarize(result.targets, file_bytes, file_bytes_before),
                     output=str(output) if output is not None else None,
-                    config=config.describe())
+                    config=config.describe(), provenance=read_provenance(proto))
     report.masks = result.masks if return_masks else None
     _warn_about_session_start(report)
     return proto, report
@@ -142,7 +149,8 @@ def inspect(model: ModelLike, *, config: PruneConfig | None = None,
     file_bytes = model_file_bytes(input_path) if input_path else loaded.proto.ByteSize()
     return Report(model=str(input_path) if input_path else "<ModelProto>", targets=reports,
                   skipped=[skip_report(s) for s in skipped],
-                  summary=summarize(reports, file_bytes))
+                  summary=summarize(reports, file_bytes),
+                  provenance=read_provenance(loaded.proto) or None)
 
 
 @dataclass

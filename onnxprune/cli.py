@@ -58,6 +58,17 @@ def _add_check_options(parser: argparse.ArgumentParser) -> None:
                        help="fail if the cosine similarity is below this")
     group.add_argument("--min-top1", type=float, default=None,
                        help="fail if the top-1 agreement is below this")
+    _add_timing_options(parser)
+
+
+def _add_timing_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("timing")
+    group.add_argument("--timing", action="store_true",
+                       help="also time session creation and inference of both models in "
+                            "onnxruntime (CPU), interleaved; pruning alone does not make a "
+                            "model faster there")
+    group.add_argument("--timing-runs", type=int, default=20, metavar="N",
+                       help="timed inference runs per model, after 3 warm-up runs [20]")
 
 
 def _add_fsync_option(parser: argparse.ArgumentParser) -> None:
@@ -284,17 +295,26 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     s = report.summary
     print(f"{args.model}: {len(report.targets)} targets, {s.params:,} params, "
           f"{s.sparsity:.2%} zeros, file {s.file_bytes:,} bytes")
+    _print_provenance(report)
     if report.targets:
         print(format_targets(report))
     print(format_skipped(report))
     return 0
 
 
+def _print_provenance(report) -> None:
+    """How an already pruned model was made, checked against its weights now."""
+    from .provenance import describe_provenance
+
+    line = describe_provenance(report.provenance or {}, report.targets)
+    if line:
+        print(line)
+
+
 def cmd_prune(args: argparse.Namespace) -> int:
     _import_numba_without_blas_probe()
     from .api import prune
     from .masks import MaskSet
-    from .report import format_summary
 
     config = _config_from(args, sparsity=args.sparsity, method=args.method, scope=args.scope,
                           allocation=args.allocation, format=args.format, seed=args.seed,
@@ -331,7 +351,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
                               return_masks=bool(args.save_masks))
     if args.save_masks and not scheduled:
         report.masks.save(args.save_masks)
-    print(format_summary(report))
+    _print_prune_result(report, args)
     status = 0
     if args.validate:
         result = _compare(args.model, args.output, args, feeds_source)
@@ -371,6 +391,18 @@ def _prune_scheduled(args: argparse.Namespace, config, masks, progress):
                            retrain=args.retrain_cmd, rewind=args.rewind,
                            schedule=args.schedule or "geometric",
                            keep_last_good=args.keep_last_good, **common)[1]
+
+
+def _print_prune_result(report, args: argparse.Namespace) -> None:
+    """The per-target table (all targets with -v, the extremes otherwise), then the totals."""
+    from .report import format_prune_table, format_summary
+
+    print(format_prune_table(report, verbose=args.verbose > 0))
+    print(format_summary(report))
+    if args.verbose and report.provenance:
+        print(f"metadata_props of {args.output}:")
+        for key, value in report.provenance.items():
+            print(f"  {key} = {value}")
 
 
 def _check_side_output(path: str, option: str, args: argparse.Namespace) -> None:
@@ -430,19 +462,17 @@ def _compare(reference: str, candidate: str, args: argparse.Namespace, source: d
 
     return compare_models(reference, candidate, source["feeds"], synthetic=source["synthetic"],
                           atol=args.atol, rtol_l2=args.rtol, min_cosine=args.min_cosine,
-                          min_top1=args.min_top1)
+                          min_top1=args.min_top1,
+                          timing_runs=args.timing_runs if args.timing else None)
 
 
 @contextlib.contextmanager
 def _progress_bar(args: argparse.Namespace, label: str):
-    """A per-target progress callback: a tqdm bar on an interactive stderr, else None."""
-    if args.quiet or not sys.stderr.isatty():
-        yield None
-        return
-    from tqdm import tqdm
+    """A per-target progress callback: a bar on an interactive stderr, else None."""
+    from .progress import progress_bar
 
-    with tqdm(desc=label, unit="target", file=sys.stderr, leave=False) as bar:
-        yield lambda target: (bar.set_postfix_str(target.name[-40:]), bar.update())
+    with progress_bar(label, unit="target", quiet=args.quiet) as bar:
+        yield bar.callback() if bar.shown else None
 
 
 def _write_text_atomically(path: Path, text: str) -> None:

@@ -64,6 +64,7 @@ class Report:
     output: str | None = None
     config: dict | None = None
     validation: dict | None = None
+    provenance: dict | None = None  # what prune wrote in the output's metadata_props
     masks: object | None = field(default=None, repr=False)  # MaskSet, not serialized
 
     def to_dict(self) -> dict:
@@ -156,3 +157,80 @@ def format_summary(report: Report) -> str:
     rows.append(["sparsity", before_sparsity, f"{s.sparsity:.2%}"])
     rows.append(["file bytes", _human_bytes(s.file_bytes_before), _human_bytes(s.file_bytes)])
     return _table(rows, right={1, 2})
+
+
+PRUNE_TABLE_ENDS = 10  # without -v: this many most pruned and least pruned targets
+
+
+def format_prune_table(report: Report, verbose: bool = False, ends: int = PRUNE_TABLE_ENDS,
+                       max_name: int = 48) -> str:
+    """Per-target result of a prune, then the totals.
+
+    Columns: name, shape, requested -> achieved sparsity, pattern, format, stored bytes and
+    the reconstruction error where it was measured; method and "set by" too when they differ
+    between targets (recipes, fallbacks, allocations). `verbose`: every target in model
+    order. Otherwise, with more than 2 x `ends` targets, the `ends` most pruned and the
+    `ends` least pruned, sorted by achieved sparsity with the middle left out.
+    """
+    targets = report.targets
+    if not targets:
+        return "no targets"
+    shown: list[TargetReport | None] = list(targets)  # None: the targets left out
+    if not verbose and len(targets) > 2 * ends:
+        ranked = sorted(targets, key=lambda t: -t.sparsity)  # stable: model order in ties
+        shown = [*ranked[:ends], None, *ranked[-ends:]]
+    with_error = any(t.reconstruction_error is not None for t in targets)
+    with_method = len({t.method or _planned_method(report) for t in targets}) > 1
+    with_set_by = len({t.set_by for t in targets}) > 1
+    header = ["name", "shape", "requested -> achieved", "pattern", "format", "bytes"]
+    header += ["error"] * with_error + ["method"] * with_method + ["set by"] * with_set_by
+    rows = [header]
+    for t in shown:
+        if t is None:
+            continue
+        name = t.name if len(t.name) <= max_name else "…" + t.name[-(max_name - 1):]
+        mark = "" if t.meets_plan is not False else " !"
+        row = [name, "x".join(map(str, t.shape)),
+               _requested_achieved(t.requested_sparsity, t.sparsity) + mark, t.pattern,
+               t.format, _human_bytes(t.bytes)]
+        if with_error:
+            row.append("-" if t.reconstruction_error is None else f"{t.reconstruction_error:.3g}")
+        if with_method:
+            row.append(t.method or _planned_method(report))
+        if with_set_by:
+            row.append(t.set_by or "-")
+        rows.append(row)
+    rows.append(_totals_row(report, len(header)))
+    lines = _table(rows, right={2, 5, 6}).split("\n")
+    if None in shown:  # after the header, its rule and the most pruned
+        lines.insert(2 + shown.index(None),
+                     f"... {len(targets) - 2 * ends} more targets (all of them with -v)")
+    table = "\n".join(lines)
+    missed = [t.name for t in targets if t.meets_plan is False]
+    if missed:
+        table += f"\n! {len(missed)} target(s) miss their planned pattern or count"
+    notes = [t for t in targets if t.note]
+    if notes:
+        table += f"\n{len(notes)} target(s) fell back to magnitude (see -v or --report)"
+    return table
+
+
+def _totals_row(report: Report, width: int) -> list[str]:
+    targets = report.targets
+    params = sum(t.numel for t in targets)
+    requested = [t.requested_sparsity for t in targets]
+    asked = (None if not params or any(r is None for r in requested)
+             else sum(r * t.numel for r, t in zip(requested, targets, strict=True)) / params)
+    row = [f"total ({len(targets)} targets)", "",
+           _requested_achieved(asked, report.summary.sparsity), "", "",
+           _human_bytes(sum(t.bytes for t in targets))]
+    return row + [""] * (width - len(row))
+
+
+def _planned_method(report: Report) -> str:
+    return (report.config or {}).get("method", "-")
+
+
+def _requested_achieved(requested: float | None, achieved: float) -> str:
+    asked = "-" if requested is None else f"{requested:.2%}"
+    return f"{asked:>7} -> {achieved:.2%}"

@@ -20,6 +20,12 @@ extra output, a shape that differs, the candidate failing to run, NaN/Inf in the
 where the reference is finite) or a given tolerance fails; "passed" when tolerances were
 given and all hold; "not checked" (`passed` is None) when none was given, with a warning
 when the figures look poor (cosine below 0.99, top-1 agreement below 0.9).
+
+Timing (`timing_runs`): a pruned model is not faster on a CPU because it has zeros, and a
+compact one takes longer to load; users should see that gap measured. Session creation is
+timed `SESSION_REPEATS` times per model and inference `timing_runs` times after warm-up runs,
+always alternating the two models (reference then candidate, then candidate then reference)
+so that a busy machine, caches and clock changes weigh on both alike; medians are reported.
 """
 
 from __future__ import annotations
@@ -29,6 +35,8 @@ import logging
 import math
 import os
 import re
+import statistics
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -42,8 +50,8 @@ from onnx import helper
 from .errors import CalibrationError, ConfigError
 from .inputs import Feed, describe_feed, load_npz_inputs, synthetic_inputs
 from .io import load_model
+from .runtime import PROVIDERS, make_session
 from .runtime import first_line as _first_line
-from .runtime import make_session
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +65,9 @@ _ORTVALUE_ONLY_TYPES = ("bfloat16", "float8", "int4", "uint4", "float4")
 WARN_BELOW_COSINE = 0.99
 WARN_BELOW_TOP1 = 0.9
 _STATE_WORDS = re.compile(r"state|hidden|cell|cache|past|present|memory", re.IGNORECASE)
+SESSION_REPEATS = 3  # session creations timed per model (the first of a process pays more)
+TIMING_WARMUP = 3  # untimed runs per model before the timed ones
+DEFAULT_TIMING_RUNS = 20
 _SYNTHETIC_HINT = ("set the input shapes with --input-shapes NAME:[d0,d1,...] (or --dim "
                    "NAME=VALUE) or give real inputs with --data")
 
@@ -100,6 +111,47 @@ class OutputComparison:
 
 
 @dataclass
+class ModelTiming:
+    """Seconds one model took: session creation and inference (medians, and the fastest)."""
+
+    session_seconds: float | None  # None: a session was given, not built here
+    latency_seconds: float | None = None  # None: not measured (the candidate failed to run)
+    latency_min_seconds: float | None = None
+    session_samples: list[float] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"session_seconds": self.session_seconds,
+                "latency_seconds": self.latency_seconds,
+                "latency_min_seconds": self.latency_min_seconds,
+                "session_samples": list(self.session_samples)}
+
+
+@dataclass
+class TimingResult:
+    """Session creation and inference time of both models, measured interleaved."""
+
+    reference: ModelTiming
+    candidate: ModelTiming
+    runs: int  # timed runs per model
+    warmup: int  # untimed runs per model before them
+
+    def ratio(self, attribute: str) -> float | None:
+        """Candidate over reference for `session_seconds` or `latency_seconds`."""
+        reference = getattr(self.reference, attribute)
+        candidate = getattr(self.candidate, attribute)
+        if reference is None or candidate is None or reference <= 0:
+            return None
+        return candidate / reference
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"reference": self.reference.to_dict(), "candidate": self.candidate.to_dict(),
+                "session_ratio": self.ratio("session_seconds"),
+                "latency_ratio": self.ratio("latency_seconds"),
+                "runs": self.runs, "warmup": self.warmup,
+                "session_repeats": SESSION_REPEATS, "provider": PROVIDERS[0]}
+
+
+@dataclass
 class ValidationResult:
     """The comparison of every output; overall figures are the worst over outputs."""
 
@@ -107,6 +159,7 @@ class ValidationResult:
     samples: int
     tolerances: dict[str, float]
     failed: list[str]
+    timing: TimingResult | None = None
 
     @property
     def passed(self) -> bool | None:
@@ -138,17 +191,20 @@ class ValidationResult:
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready; a value that is not finite (NaN outputs, rel_l2 of an all-zero
         reference) is null."""
-        return {"passed": self.passed, "verdict": self.verdict,
-                "max_abs_diff": _json_float(self.max_abs_diff),
-                "rel_l2": _json_float(self.rel_l2),
-                "cosine": _json_float(self.cosine),
-                "top1_agreement": _json_float(self.top1_agreement),
-                "reference_nonfinite": sum(o.reference_nonfinite for o in self.outputs),
-                "candidate_nonfinite": sum(o.candidate_nonfinite for o in self.outputs),
-                "samples": self.samples,
-                "tolerances": dict(self.tolerances),
-                "failed": list(self.failed),
-                "outputs": [o.to_dict() for o in self.outputs]}
+        values = {"passed": self.passed, "verdict": self.verdict,
+                  "max_abs_diff": _json_float(self.max_abs_diff),
+                  "rel_l2": _json_float(self.rel_l2),
+                  "cosine": _json_float(self.cosine),
+                  "top1_agreement": _json_float(self.top1_agreement),
+                  "reference_nonfinite": sum(o.reference_nonfinite for o in self.outputs),
+                  "candidate_nonfinite": sum(o.candidate_nonfinite for o in self.outputs),
+                  "samples": self.samples,
+                  "tolerances": dict(self.tolerances),
+                  "failed": list(self.failed),
+                  "outputs": [o.to_dict() for o in self.outputs]}
+        if self.timing is not None:
+            values["timing"] = self.timing.to_dict()
+        return values
 
 
 def validation_feeds(model: str | os.PathLike | onnx.ModelProto, *,
@@ -203,19 +259,25 @@ def check_reference_runs(reference: ModelSource, feeds: Sequence[Feed],
 def compare_models(reference: ModelSource, candidate: ModelSource, feeds: Sequence[Feed], *,
                    atol: float | None = None, rtol_l2: float | None = None,
                    min_cosine: float | None = None, min_top1: float | None = None,
-                   synthetic: bool = False) -> ValidationResult:
+                   synthetic: bool = False, timing_runs: int | None = None) -> ValidationResult:
     """Run both models on every feed and compare all outputs by name.
 
     The reference failing on a feed is a `CalibrationError` (the inputs are wrong; with
     `synthetic` feeds the message suggests how to shape them); the candidate failing, or its
-    outputs not matching by name or shape, fails the result.
+    outputs not matching by name or shape, fails the result. `timing_runs`: also time
+    session creation and `timing_runs` inference runs of each model (the result's `timing`).
     """
     tolerances = _check_tolerances(atol=atol, rtol_l2=rtol_l2, min_cosine=min_cosine,
                                    min_top1=min_top1)
     if not feeds:
         raise CalibrationError("no input samples to compare the models on")
-    reference_session = _as_session(reference)
-    candidate_session = _as_session(candidate)
+    if timing_runs is not None and timing_runs < 1:
+        raise ConfigError(f"--timing-runs must be at least 1, got {timing_runs}")
+    if timing_runs is None:
+        reference_session, candidate_session = _as_session(reference), _as_session(candidate)
+    else:
+        reference_session, candidate_session, timing = _timed_sessions(reference, candidate,
+                                                                           timing_runs)
     reference_names = [o.name for o in reference_session.get_outputs()]
     candidate_names = [o.name for o in candidate_session.get_outputs()]
     failed = [f"outputs: candidate lacks output {name!r}"
@@ -243,6 +305,10 @@ def compare_models(reference: ModelSource, candidate: ModelSource, feeds: Sequen
     for output in outputs:
         failed.extend(output.failed)
     result = ValidationResult(outputs, compared, tolerances, failed)
+    if timing_runs is not None:
+        if compared == len(feeds):  # a candidate that fails to run has no latency
+            _time_inference(reference_session, candidate_session, feeds, timing_runs, timing)
+        result.timing = timing
     if result.passed is None:
         for warning in _unchecked_warnings(result):
             log.warning("%s", warning)
@@ -259,6 +325,71 @@ def _run_reference(session: ort.InferenceSession, feed: Feed, index: int,
         raise CalibrationError(f"the reference model cannot run on sample {index} of the "
                                f"{origin} ({describe_feed(feed)}): {_first_line(exc)}; "
                                f"{hint}") from None
+
+
+def _timed_sessions(reference: ModelSource, candidate: ModelSource, runs: int
+                    ) -> tuple[ort.InferenceSession, ort.InferenceSession, TimingResult]:
+    """Both sessions, each built `SESSION_REPEATS` times alternately and timed; the last
+    ones are kept. A session given is used as it is (no time). `runs`: inference runs to come."""
+    sources = {"reference": reference, "candidate": candidate}
+    sessions: dict[str, ort.InferenceSession] = {}
+    samples: dict[str, list[float]] = {name: [] for name in sources}
+    for repeat in range(SESSION_REPEATS):
+        order = list(sources) if repeat % 2 == 0 else list(reversed(sources))
+        for name in order:
+            source = sources[name]
+            if isinstance(source, ort.InferenceSession):
+                sessions[name] = source
+                continue
+            sessions.pop(name, None)  # the previous one is freed before the next is built
+            started = time.perf_counter()
+            sessions[name] = make_session(source)
+            samples[name].append(time.perf_counter() - started)
+    timings = {name: ModelTiming(statistics.median(times) if times else None,
+                                 session_samples=times) for name, times in samples.items()}
+    return (sessions["reference"], sessions["candidate"],
+            TimingResult(timings["reference"], timings["candidate"], runs, TIMING_WARMUP))
+
+
+def _time_inference(reference: ort.InferenceSession, candidate: ort.InferenceSession,
+                    feeds: Sequence[Feed], runs: int, timing: TimingResult) -> None:
+    """Median and fastest of `runs` runs per model after `TIMING_WARMUP`, the two models
+    alternating (R C, C R, R C, ...) over the feeds in turn; fills in `timing`."""
+    sessions = {"reference": reference, "candidate": candidate}
+    samples: dict[str, list[float]] = {name: [] for name in sessions}
+    for step in range(TIMING_WARMUP + runs):
+        feed = feeds[step % len(feeds)]
+        order = list(sessions) if step % 2 == 0 else list(reversed(sessions))
+        for name in order:
+            started = time.perf_counter()
+            run_session(sessions[name], feed)
+            if step >= TIMING_WARMUP:
+                samples[name].append(time.perf_counter() - started)
+    for name, model_timing in (("reference", timing.reference),
+                               ("candidate", timing.candidate)):
+        model_timing.latency_seconds = statistics.median(samples[name])
+        model_timing.latency_min_seconds = min(samples[name])
+
+
+def format_timing(timing: TimingResult) -> str:
+    """Session creation and inference latency of both models, and candidate / reference."""
+    rows = [["", "session", "latency", "fastest"]]
+    for name, model_timing in (("reference", timing.reference),
+                               ("candidate", timing.candidate)):
+        rows.append([name, _ms(model_timing.session_seconds), _ms(model_timing.latency_seconds),
+                     _ms(model_timing.latency_min_seconds)])
+    rows.append(["candidate/reference", _times(timing.ratio("session_seconds")),
+                 _times(timing.ratio("latency_seconds")), ""])
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = [f"timing ({PROVIDERS[0]}, models interleaved): session median of "
+             f"{SESSION_REPEATS} builds, latency median of {timing.runs} runs "
+             f"({TIMING_WARMUP} warm-up)"]
+    lines += ["  ".join(cell.ljust(width) if i == 0 else cell.rjust(width)
+                        for i, (cell, width) in enumerate(zip(row, widths, strict=True))).rstrip()
+              for row in rows]
+    if timing.candidate.latency_seconds is None:
+        lines.append("latency not measured: the candidate does not run on these inputs")
+    return "\n".join(lines)
 
 
 def _unchecked_warnings(result: ValidationResult) -> list[str]:
@@ -304,6 +435,8 @@ def format_result(result: ValidationResult) -> str:
     else:
         lines.append("FAILED" + (f" ({limits})" if limits else ""))
         lines.extend(f"  - {reason}" for reason in result.failed)
+    if result.timing is not None:
+        lines.append(format_timing(result.timing))
     return "\n".join(lines)
 
 
@@ -556,3 +689,11 @@ def _cos(value: float | None) -> str:
 
 def _frac(value: float | None) -> str:
     return "-" if value is None else f"{value:.4f}"
+
+
+def _ms(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds * 1e3:.3g} ms"
+
+
+def _times(ratio: float | None) -> str:
+    return "-" if ratio is None else f"{ratio:.2f}x"

@@ -166,7 +166,11 @@ def test_metadata_opsets_and_doc_strings_survive(tmp_path):
     out = tmp_path / "t.onnx"
     onnxprune.prune(source, out, sparsity=0.5)
     a, b = onnx.load(str(source)), onnx.load(str(out))
-    assert a.metadata_props == b.metadata_props and a.doc_string == b.doc_string
+    added = [(p.key, p.value) for p in b.metadata_props if p.key.startswith("onnxprune:")]
+    assert added  # the provenance (test_ux.py)
+    kept = [(p.key, p.value) for p in b.metadata_props if not p.key.startswith("onnxprune:")]
+    assert kept == [(p.key, p.value) for p in a.metadata_props]
+    assert a.doc_string == b.doc_string
     assert a.opset_import == b.opset_import and a.ir_version == b.ir_version
     assert a.graph.doc_string == b.graph.doc_string
     assert [n.name for n in a.graph.node] == [n.name for n in b.graph.node]

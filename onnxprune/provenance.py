@@ -1,0 +1,88 @@
+"""Provenance of a pruned model, kept in its `metadata_props` (shown by Netron, readable by
+`onnx.load(...).metadata_props` anywhere): which onnxprune, method, pattern and allocation
+made it, and a digest of what every target ended up with (next to `onnxprune:storage`,
+which the compact format writes for its own use).
+
+The digest is the sha256 of the sorted lines `name:zeros/numel`, one per target. Anyone can
+recompute it from the weights, so it tells whether the pruned weights were changed since
+(by a later tool, or by retraining without masks). Pruning an already pruned model replaces
+these keys, never adds a second set.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Mapping
+
+import onnx
+
+PREFIX = "onnxprune:"
+# every key a run may write: a key of an earlier run that this run does not write (an
+# --update it did not use) must not survive to contradict the new ones
+KEYS = tuple(PREFIX + key for key in (
+    "version", "method", "pattern", "allocation", "sparsity", "achieved_sparsity", "format",
+    "targets", "sparsity_digest", "update", "refine"))
+
+
+def sparsity_digest(counts: Iterable[tuple[str, int, int]]) -> str:
+    """`sha256:<hex>` of the sorted `name:zeros/numel` lines of (name, zeros, numel)."""
+    lines = sorted(f"{name}:{zeros}/{numel}" for name, zeros, numel in counts)
+    return "sha256:" + hashlib.sha256("\n".join(lines).encode()).hexdigest()
+
+
+def provenance_entries(config, targets) -> dict[str, str]:
+    """Our metadata for a prune run: `config` a PruneConfig, `targets` its TargetReports."""
+    from . import __version__
+
+    params = sum(t.numel for t in targets)
+    zeros = sum(t.zeros for t in targets)
+    entries = {
+        "version": __version__,
+        "method": config.method,
+        "pattern": str(config.pattern),
+        "allocation": config.allocation,
+        "sparsity": f"{config.target_sparsity:.6g}",  # what was asked
+        "achieved_sparsity": f"{zeros / params if params else 0.0:.6f}",
+        "format": config.format,
+        "targets": str(len(targets)),
+        "sparsity_digest": sparsity_digest((t.name, t.zeros, t.numel) for t in targets),
+    }
+    for part in ("update", "refine"):  # only when used: most runs have neither
+        if getattr(config, part) != "none":
+            entries[part] = getattr(config, part)
+    return {PREFIX + key: value for key, value in entries.items()}
+
+
+def stamp_provenance(model: onnx.ModelProto, entries: Mapping[str, str]) -> None:
+    """Put `entries` in the model's metadata_props, replacing those of an earlier run (all
+    of `KEYS`); other keys, `onnxprune:storage` among them, are kept."""
+    ours = set(KEYS) | set(entries)
+    kept = [(p.key, p.value) for p in model.metadata_props if p.key not in ours]
+    del model.metadata_props[:]
+    for key, value in [*kept, *entries.items()]:
+        model.metadata_props.add(key=key, value=value)
+
+
+def read_provenance(model: onnx.ModelProto) -> dict[str, str]:
+    """Our metadata in a model, `onnxprune:storage` included (empty when onnxprune did not
+    write any)."""
+    return {p.key: p.value for p in model.metadata_props if p.key.startswith(PREFIX)}
+
+
+def describe_provenance(entries: Mapping[str, str], targets) -> str | None:
+    """How a model was pruned, and whether `targets` (TargetReports of the model
+    as it is now) still have the sparsities the digest recorded; None without our keys."""
+    if PREFIX + "method" not in entries:
+        return None
+    get = entries.get
+    line = (f"pruned by onnxprune {get(PREFIX + 'version', '?')}: {get(PREFIX + 'method')}, "
+            f"{get(PREFIX + 'pattern', '?')}, {get(PREFIX + 'allocation', '?')} allocation, "
+            f"sparsity {get(PREFIX + 'achieved_sparsity', '?')}")
+    recorded = get(PREFIX + "sparsity_digest")
+    if recorded is None:
+        return line
+    now = sparsity_digest((t.name, t.zeros, t.numel) for t in targets)
+    if now == recorded:
+        return line + "\n  sparsity digest: the targets still have these sparsities"
+    return line + ("\n  sparsity digest: does NOT match the targets now (weights changed "
+                   "since, or another target selection)")
