@@ -182,6 +182,9 @@ class _Loop:
         self.refine = None if config.refine == "none" else REFINES.get(config.refine)
 
     def run(self, targets: list[WeightTarget]) -> dict[str, TargetReport]:
+        set_total = getattr(self.progress, "set_total", None)
+        if set_total is not None:  # a progress bar that can show how far along it is
+            set_total(len(targets))
         methods = {t.name: METHODS.get(self.plan[t.name].method) for t in targets}
         calibrated = [t for t in targets if methods[t.name].needs > Needs.NOTHING
                       or self.config.measure_error or self.update or self.refine]

@@ -49,8 +49,17 @@ class ProgressBar:
             self._bar.refresh()
 
     def callback(self) -> Callable[[Any], None]:
-        """A `progress(target)` callback for `onnxprune.prune`: one step per target."""
-        return lambda target: self.advance(item=getattr(target, "name", None))
+        """A `progress(target)` callback for `onnxprune.prune`: one step per target; the
+        pipeline calls its `set_total` once it knows how many targets there are."""
+        bar = self
+
+        class Callback:
+            set_total = staticmethod(bar.set_total)
+
+            def __call__(self, target) -> None:
+                bar.advance(item=getattr(target, "name", None))
+
+        return Callback()
 
 
 def shows_progress(quiet: bool = False, stream: IO[str] | None = None) -> bool:
