@@ -981,12 +981,13 @@ def _cut_payload(model: onnx.ModelProto, node: onnx.NodeProto) -> None:
 
 @pytest.mark.parametrize(("edit", "problem"), [
     (_edit_meta(data_type=99), "data_type 99"),
+    (_edit_meta(data_type=[1]), "data_type [1]"),
     (_edit_meta(shape=[-4, 4]), "shape"),
     (_edit_meta(tensor=["x"]), "'tensor' is not a name"),
     (_edit_meta(chunks=[{"kind": "gaps", "rows": [0, 10**6]}]), "chunk"),
     (_edit_meta(stored_as=3), "stored_as"),
     (_cut_payload, "cannot be decoded"),
-], ids=["data_type", "shape", "tensor", "rows", "stored_as", "payload"])
+], ids=["data_type", "data_type_list", "shape", "tensor", "rows", "stored_as", "payload"])
 @pytest.mark.parametrize("command", ["inspect", "densify"])
 def test_corrupt_compact_tensors_are_refused(compact_model: Path, tmp_path: Path, capsys,
                                              edit, problem: str, command: str) -> None:
@@ -998,3 +999,29 @@ def test_corrupt_compact_tensors_are_refused(compact_model: Path, tmp_path: Path
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and problem in err[0], err
     assert not (tmp_path / "out.onnx").exists()
+
+
+@pytest.mark.parametrize("sparse_twin", [False, True])
+@pytest.mark.parametrize("fmt", ["dense", "sparse"])
+def test_a_tensor_defined_twice_is_refused(tmp_path: Path, capsys, sparse_twin: bool,
+                                           fmt: str) -> None:
+    """(Pruning rewrote one twin and the writer could not find it: an internal error.)"""
+    def edit(model: onnx.ModelProto) -> None:
+        twin = TensorProto()
+        twin.CopyFrom(_initializer(model, "W1"))
+        if sparse_twin:
+            values = numpy_helper.to_array(twin).reshape(-1)
+            model.graph.sparse_initializer.append(helper.make_sparse_tensor(
+                numpy_helper.from_array(values, "W1"),
+                numpy_helper.from_array(np.arange(values.size, dtype=np.int64), ""),
+                list(twin.dims)))
+        else:
+            model.graph.initializer.append(twin)
+
+    path = _save_edited(tmp_path, edit)
+    out = tmp_path / "out.onnx"
+    assert cli_main(["prune", str(path), "-o", str(out), "--format", fmt, "--min-size", "16",
+                     "-q"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "'W1' more than once" in err[0], err
+    assert not out.exists()

@@ -5,10 +5,11 @@
 
 Each case copies one base model into a fresh folder, applies one seeded mutation (bit flips,
 truncations, garbage, swapped fields, huge and negative dims, bad data types, missing or
-miscounted data, corrupt sparse tensors, external-data edits: symlinks out of the folder,
-`..`, absolute paths, bad offsets and lengths, long or non-UTF-8 locations), then runs
-`onnxprune.cli.main` in-process for `inspect`, `prune` (to a temporary output, sometimes
-`--format compact` or `sparse`) and `densify`. Outcomes:
+miscounted data, corrupt sparse tensors, attributes of the wrong type or with out-of-range
+values, corrupt compact descriptions and payloads, non-UTF-8 text, external-data edits:
+symlinks out of the folder, `..`, absolute paths, bad offsets and lengths, long or non-UTF-8
+locations), then runs `onnxprune.cli.main` in-process for `inspect`, `prune` (to a temporary
+output, sometimes `--format compact` or `sparse`, sometimes 2:4) and `densify`. Outcomes:
 
 - ok: exit 0;
 - refused: exit 2 with exactly one `onnxprune: error:` line and no traceback;
@@ -18,9 +19,9 @@ Invariants checked on every run (a breach counts as a failure, whatever the exit
 model folder's files are unchanged (sha256 before and after), a failed run leaves no file
 in the output folder, no file outside the model folder is opened (an audit hook watches
 `open`), and the bytes of a canary file beside the model folder never appear in an output.
-Base models are the demo models in models/ and small models built here: external data,
-sparse initializers, Constant nodes, an If subgraph, a local function and a TENSORS
-attribute.
+Base models are the demo models in models/, small models built here (external data, sparse
+initializers, Constant nodes, an If subgraph, a local function and a TENSORS attribute), and
+the mlp demo model stored compact (gap codes, bitmask, 2:4) and sparse by onnxprune itself.
 """
 
 from __future__ import annotations
@@ -960,8 +961,8 @@ class Outcome:
 
 
 class _OpenWatch:
-    """Records files opened (by path) while armed; an audit hook cannot be removed, so it is
-    installed once and switched on and off."""
+    """Records files opened (by path) while armed; an audit hook cannot be removed, so one
+    is installed per process (`open_watch()`) and switched on and off."""
 
     def __init__(self) -> None:
         self.armed = False
@@ -974,6 +975,16 @@ class _OpenWatch:
         path = args[0]
         if isinstance(path, (str, bytes, os.PathLike)):
             self.opened.append(os.fsdecode(path))
+
+
+_watch: _OpenWatch | None = None
+
+
+def open_watch() -> _OpenWatch:
+    global _watch
+    if _watch is None:
+        _watch = _OpenWatch()
+    return _watch
 
 
 def _hashes(folder: Path) -> dict[str, str]:
@@ -1132,7 +1143,6 @@ def fuzz(cases: int, seed: int = 0, kinds: list[str] | None = None,
         raise SystemExit(f"no mutation kind matches {kinds}")
     bases = make_bases()
     rng = random.Random(seed)
-    watch = _OpenWatch()
     summary = Summary()
     with tempfile.TemporaryDirectory(prefix="onnxprune-fuzz-") as work:
         for number in range(cases):
@@ -1140,7 +1150,7 @@ def fuzz(cases: int, seed: int = 0, kinds: list[str] | None = None,
             # compact descriptions and payloads exist only in the compact bases
             base = rng.choice([b for b in bases if "compact" in b.name]
                               if kind.startswith("compact") else bases)
-            for outcome in run_case(number, seed, base, kind, Path(work), watch,
+            for outcome in run_case(number, seed, base, kind, Path(work), open_watch(),
                                     list(commands)):
                 summary.outcomes.append(outcome)
                 if verbose and (outcome.result == "internal" or outcome.breaches):

@@ -196,7 +196,7 @@ def _check_meta(meta: dict, node: onnx.NodeProto) -> None:
     for key in ("tensor", "prefix", "format"):
         if not isinstance(meta.get(key), str) or not meta[key]:
             fail(f"{key!r} is not a name")
-    if meta.get("data_type") not in FLOAT_DATA_TYPES:
+    if type(meta.get("data_type")) is not int or meta["data_type"] not in FLOAT_DATA_TYPES:
         fail(f"data_type {meta.get('data_type')!r} is not a float type")
     shape, chunks = meta.get("shape"), meta.get("chunks")
     if not isinstance(shape, list) or not shape or not all(_is_count(d) for d in shape) or \
