@@ -1,7 +1,7 @@
 """Peer suite: every command of onnxprune over models others made.
 
 Usage: python tools/peer_suite.py [--filter REGEX] [--no-backend] [--no-real] [--list]
-                                  [--keep DIR] [-v]
+                                  [--calibrated] [--keep DIR] [-v]
 
 Models:
 - every ``model.onnx`` of the onnx package's backend test data (its inputs come from the
@@ -20,6 +20,10 @@ Steps, each through ``onnxprune.cli.main`` as a user would run them:
   compact    ``prune --sparsity 0.5 --format compact``; ``inspect`` reads the output
   densify    ``densify`` of the compact output: outputs bit-identical to s50's
   validate   ``validate MODEL S50 --data INPUTS``: runs, no tolerance given, exit 0
+
+With ``--calibrated`` also ``prune --method wanda`` and ``--method sparsegpt``, calibrated on
+the suite's inputs (``--calib INPUTS``; n/a where they cannot be saved as npz). Slow: about
+ten minutes here, most of it on the larger real models.
 
 Every prune uses ``--min-size 0``, so that the small weights of the test models are targets.
 A pruned model must pass ``onnx.checker`` (unless the original fails it as well) and run in
@@ -244,7 +248,7 @@ class Result:
         outcomes = [s.outcome for s in self.steps]
         if "fail" in outcomes:
             return "fail"
-        prunes = [s.outcome for s in self.steps if s.name in PRUNES]
+        prunes = [s.outcome for s in self.steps if s.name in PRUNES | CALIBRATED]
         return "pass" if "pass" in prunes else "refused"
 
 
@@ -253,6 +257,11 @@ PRUNES: dict[str, list[str]] = {
     "s50": ["--sparsity", "0.5"],
     "2:4": ["--pattern", "2:4"],
     "compact": ["--sparsity", "0.5", "--format", "compact"],
+}
+# calibrated on the suite's inputs (--calib is added)
+CALIBRATED: dict[str, list[str]] = {
+    "wanda": ["--sparsity", "0.5", "--method", "wanda"],
+    "sparsegpt": ["--sparsity", "0.5", "--method", "sparsegpt"],
 }
 
 
@@ -337,8 +346,9 @@ def _signature(outputs: list) -> list:
 class ModelRun:
     """The steps on one model, in `workdir`."""
 
-    def __init__(self, case: Case, workdir: Path):
+    def __init__(self, case: Case, workdir: Path, calibrated: bool = False):
         self.case = case
+        self.calibrated = calibrated
         self.workdir = workdir
         self.steps: list[Step] = []
         self.feeds: Feeds | None = None
@@ -354,6 +364,8 @@ class ModelRun:
         self.step("inspect", self._inspect)
         for name, options in PRUNES.items():
             self.step(name, lambda n=name, o=options: self._prune(n, o))
+        for name, options in CALIBRATED.items() if self.calibrated else ():
+            self.step(name, lambda n=name, o=options: self._calibrated_prune(n, o))
         self.step("densify", self._densify)
         self.step("validate", self._validate)
         return self.steps
@@ -423,6 +435,11 @@ class ModelRun:
             return self._validate_identical(out)
         return Step("", "pass")
 
+    def _calibrated_prune(self, name: str, options: list[str]) -> Step:
+        if self.data is None:
+            return Step("", "n/a", "no inputs to calibrate on")
+        return self._prune(name, [*options, "--calib", str(self.data)])
+
     def _validate_identical(self, out: Path) -> Step:
         if self.data is None:
             return Step("", "pass")
@@ -469,11 +486,11 @@ class ModelRun:
         return cli_outcome(run) or Step("", "pass")
 
 
-def run_case(case: Case, keep: Path | None = None) -> Result:
+def run_case(case: Case, keep: Path | None = None, calibrated: bool = False) -> Result:
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="peer-") as tmp:
         workdir = Path(tmp)
-        steps = ModelRun(case, workdir).run()
+        steps = ModelRun(case, workdir, calibrated).run()
         if keep:
             target = keep / re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{case.source}_{case.name}")
             shutil.copytree(workdir, target, dirs_exist_ok=True)
@@ -482,7 +499,7 @@ def run_case(case: Case, keep: Path | None = None) -> Result:
 
 # --- reporting ------------------------------------------------------------------------------
 
-STEP_NAMES = ["inspect", *PRUNES, "densify", "validate"]
+STEP_NAMES = ["inspect", *PRUNES, *CALIBRATED, "densify", "validate"]
 _MARK = {"pass": "ok", "refused": "ref", "fail": "FAIL", "n/a": "-"}
 
 
@@ -508,6 +525,8 @@ def format_summary(results: list[Result], missing: list[str]) -> str:
     lines += ["", "summary by step:",
               f"  {'step':10} {'pass':>6} {'refused':>8} {'fail':>6} {'n/a':>6}"]
     for name in STEP_NAMES:
+        if not any(s.name == name for r in results for s in r.steps):
+            continue
         counts = Counter(s.outcome for r in results for s in r.steps if s.name == name)
         lines.append(f"  {name:10} {counts['pass']:6} {counts['refused']:8} "
                      f"{counts['fail']:6} {counts['n/a']:6}")
@@ -551,6 +570,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-backend", action="store_true", help="skip onnx's test models")
     parser.add_argument("--no-real", action="store_true", help="skip the real models")
     parser.add_argument("--list", action="store_true", help="list the models and stop")
+    parser.add_argument("--calibrated", action="store_true",
+                        help="also prune with wanda and sparsegpt on the suite's inputs (slow)")
     parser.add_argument("--keep", type=Path, metavar="DIR",
                         help="keep every model's outputs and inputs under DIR")
     parser.add_argument("-v", "--verbose", action="store_true",
@@ -564,7 +585,7 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     start = time.perf_counter()
     for case in cases:
-        result = run_case(case, args.keep)
+        result = run_case(case, args.keep, args.calibrated)
         results.append(result)
         print(format_line(result), flush=True)
         if args.verbose:
