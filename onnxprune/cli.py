@@ -251,6 +251,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
                     config.pattern, config.pattern.sparsity)
     if config.pattern.is_nm and config.scope == "global":
         log.warning("--scope global has no effect with an N:M pattern")
+    _warn_about_ignored_options(args)
     for option in ("report", "save_masks"):
         if getattr(args, option):
             _check_side_output(getattr(args, option), "--" + option.replace("_", "-"), args)
@@ -277,6 +278,37 @@ def cmd_prune(args: argparse.Namespace) -> int:
     if args.report:
         _write_text_atomically(Path(args.report), report.to_json() + "\n")
     return status
+
+
+# options that only `prune --validate` uses; those that shape synthetic inputs (validation,
+# calibration without --calib); those of calibration. Each with its value when not given.
+_VALIDATION_OPTIONS = {"data": None, "samples": None, "atol": None, "rtol": None,
+                       "min_cosine": None, "min_top1": None}
+_SHAPE_OPTIONS = {"dim": [], "input_shapes": []}
+_CALIBRATION_OPTIONS = {"calib_samples": None, "calib_mode": None}
+
+
+def _warn_about_ignored_options(args: argparse.Namespace) -> None:
+    """One warning line for each group of given options that the run will not use."""
+    from .methods.base import Needs
+    from .registry import METHODS
+
+    def given(options: dict) -> str | None:
+        names = ["--" + name.replace("_", "-") for name, unset in options.items()
+                 if getattr(args, name) != unset]
+        return f"{', '.join(names)} {'is' if len(names) == 1 else 'are'}" if names else None
+
+    calibrates = (args.measure_error or args.method not in METHODS
+                  or METHODS.get(args.method).needs > Needs.NOTHING)
+    unused = given(_VALIDATION_OPTIONS)
+    if unused and not args.validate:
+        log.warning("%s ignored without --validate", unused)
+    unused = given(_SHAPE_OPTIONS)
+    if unused and not args.validate and not (calibrates and args.calib is None):
+        log.warning("%s ignored: no --validate and no synthetic calibration inputs", unused)
+    unused = given(_CALIBRATION_OPTIONS)
+    if unused and not calibrates:
+        log.warning("%s ignored: method %s uses no calibration data", unused, args.method)
 
 
 def _check_side_output(path: str, option: str, args: argparse.Namespace) -> None:

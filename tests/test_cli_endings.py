@@ -161,3 +161,34 @@ def test_real_sigint_during_a_calibrated_prune(delay, tmp_path):
         assert process.returncode == 130, err
         assert err.splitlines()[-1] == "onnxprune: interrupted"
         assert sorted(p.name for p in tmp_path.iterdir()) == ["transformer.onnx"]
+
+
+# --- options given but not used: one warning line each group ------------------------------
+
+def _warnings(err: str) -> list[str]:
+    return [line for line in err.splitlines() if line.startswith("WARNING:")]
+
+
+@pytest.mark.parametrize("options,warning", [
+    (["--atol", "0.1", "--min-cosine", "0.9"],
+     "WARNING: --atol, --min-cosine are ignored without --validate"),
+    (["--samples", "3"], "WARNING: --samples is ignored without --validate"),
+    (["--input-shapes", "x:[2,256]"], "WARNING: --input-shapes is ignored: no --validate and "
+                                      "no synthetic calibration inputs"),
+    (["--calib-samples", "4", "--calib-mode", "one-pass"],
+     "WARNING: --calib-samples, --calib-mode are ignored: method magnitude uses no "
+     "calibration data"),
+], ids=["tolerances", "samples", "shapes", "calibration"])
+def test_ignored_options_get_one_warning(options, warning, tmp_path, model_copy, capsys):
+    assert main(["prune", str(model_copy), "-o", str(tmp_path / "o.onnx"), *options]) == 0
+    assert _warnings(capsys.readouterr().err) == [warning]
+
+
+@pytest.mark.parametrize("options", [
+    ["--validate", "--atol", "10", "--samples", "2"],
+    ["--method", "wanda", "--calib-samples", "2", "--input-shapes", "x:[2,256]"],
+    ["--measure-error", "--calib-mode", "one-pass", "--calib-samples", "2"],
+], ids=["validate", "calibrated", "measure-error"])
+def test_used_options_get_no_ignored_warning(options, tmp_path, model_copy, capsys):
+    assert main(["prune", str(model_copy), "-o", str(tmp_path / "o.onnx"), *options]) == 0
+    assert not [w for w in _warnings(capsys.readouterr().err) if "ignored" in w]
