@@ -6,14 +6,15 @@ Names are imported on first use so that `onnxprune --help` stays fast (no onnx, 
 from importlib import import_module
 
 __all__ = ["prune", "inspect", "PruneConfig", "Pattern", "PrunePass", "PassResult",
-           "Sequential", "MaskSet", "WeightTarget", "OnnxPruneError"]
+           "Sequential", "MaskSet", "WeightTarget", "OnnxPruneError", "prune_gradual",
+           "prune_iterative"]
 __version__ = "0.1.0"
 
 _HOMES = {
     "prune": "api", "inspect": "api", "PrunePass": "api", "PassResult": "api",
     "Sequential": "api", "MaskSet": "masks",
     "PruneConfig": "config", "Pattern": "config", "WeightTarget": "targets",
-    "OnnxPruneError": "errors",
+    "OnnxPruneError": "errors", "prune_gradual": "schedule", "prune_iterative": "schedule",
 }
 
 

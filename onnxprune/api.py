@@ -60,10 +60,11 @@ def prune(model: ModelLike, output: str | os.PathLike | None = None, *,
         output = check_output_path(output, input_path)
     loop = dict(masks=masks, fixed_masks=fixed_masks, want_masks=return_masks,
                 progress=progress)
-    if output is not None and input_path is not None and _streams(config):
+    if output is not None and input_path is not None:
         loaded = load_model(input_path, lazy=True)
         with ModelWriter(loaded, output, None, durable) as writer:
-            result = run(loaded, config, sink=Sink(loaded, config.format, writer.put), **loop)
+            sink = Sink(loaded, config.format, writer.put, streaming=True)
+            result = run(loaded, config, sink=sink, **loop)
             writer.commit()
         proto = load_model(Path(output), lazy=True).proto
         file_bytes_before = model_file_bytes(input_path)
@@ -87,15 +88,6 @@ def prune(model: ModelLike, output: str | os.PathLike | None = None, *,
     report.masks = result.masks if return_masks else None
     _warn_about_session_start(report)
     return proto, report
-
-
-def _streams(config: PruneConfig) -> bool:
-    """Whether the run can stream file to file: calibration stages build onnxruntime sessions
-    from the proto, which must then hold the pruned weights of earlier stages."""
-    from .methods import Needs
-    from .registry import METHODS
-
-    return METHODS.get(config.method).needs == Needs.NOTHING and not config.measure_error
 
 
 # Compact forms whose rebuild writes several times the tensor at session start (measured by

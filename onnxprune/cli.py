@@ -67,13 +67,14 @@ def _add_fsync_option(parser: argparse.ArgumentParser) -> None:
                              "a failed run from leaving a partial file)")
 
 
-def _choices_help(registry, default: str) -> str:
+def _choices_help(registry, default: str, first: str | None = None) -> str:
     """`a | b | c [default]` from a registry's names (no part is imported)."""
-    return f"{' | '.join(registry.names())} [{default}]"
+    names = ([first] if first else []) + registry.names()
+    return f"{' | '.join(names)} [{default}]"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .registry import ALLOCATIONS, FORMATS, METHODS
+    from .registry import ALLOCATIONS, FORMATS, METHODS, REFINES, UPDATES
 
     parser = _Parser(prog="onnxprune",
                      description="Prune the weights of ONNX models and check them in onnxruntime.")
@@ -104,17 +105,71 @@ def build_parser() -> argparse.ArgumentParser:
                        help=_choices_help(ALLOCATIONS, "uniform"))
     prune.add_argument("--format", default="dense", metavar="F",
                        help=_choices_help(FORMATS, "dense"))
+    prune.add_argument("--update", default="none", metavar="U",
+                       help="reconstruct the kept weights after the mask is chosen: "
+                            + _choices_help(UPDATES, "none", first="none"))
+    prune.add_argument("--refine", default="none", metavar="R",
+                       help="improve the mask before it is applied: "
+                            + _choices_help(REFINES, "none", first="none"))
+    settings = prune.add_argument_group("method and allocation settings")
+    settings.add_argument("--ria-alpha", type=float, default=0.5, metavar="A",
+                          help="ria: exponent of the input norm [0.5]")
+    settings.add_argument("--admm-iters", type=int, default=20, metavar="N",
+                          help="admm: iterations [20]")
+    settings.add_argument("--admm-rho", type=float, default=1.0, metavar="RHO",
+                          help="admm: penalty relative to mean diag(X^T X) [1.0]")
+    settings.add_argument("--admm-fixed-mask", action="store_true",
+                          help="admm: keep the first mask instead of choosing it gradually")
+    settings.add_argument("--dsnot-iters", type=int, default=50, metavar="N",
+                          help="dsnot: prune-and-grow cycles per row [50]")
+    settings.add_argument("--owl-threshold", type=float, default=5.0, metavar="M",
+                          help="owl: outliers are scores above M x the layer mean [5]")
+    settings.add_argument("--owl-lambda", type=float, default=0.08, metavar="L",
+                          help="owl: largest departure from the target sparsity [0.08]")
+    settings.add_argument("--min-target-sparsity", type=float, default=None, metavar="F",
+                          help="non-uniform allocations: no target below F")
+    settings.add_argument("--max-target-sparsity", type=float, default=None, metavar="F",
+                          help="non-uniform allocations: no target above F")
+    settings.add_argument("--max-error", type=float, default=None, metavar="E",
+                          help="sensitivity allocation: the highest overall sparsity whose "
+                               "predicted output error stays under E")
+    settings.add_argument("--sensitivity", default=None, metavar="JSON",
+                          help="sensitivity allocation: curves from `onnxprune sensitivity`")
     prune.add_argument("--seed", type=int, default=0, help="randomness (random method, "
                                                            "synthetic inputs) [0]")
     prune.add_argument("--report", metavar="PATH", help="write the JSON report there")
     masks = prune.add_argument_group("masks")
     masks.add_argument("--save-masks", metavar="NPZ",
-                       help="write the keep-masks of the result (bit-packed, by target name)")
+                       help="write the keep-masks of the result (bit-packed, by target name); "
+                            "with --steps/--rounds a path with {round} gets every pass's")
     masks.add_argument("--apply-masks", metavar="NPZ",
                        help="prune exactly the positions these saved masks remove (the method "
                             "only reconstructs, if it does; targets not in the file are "
                             "pruned as planned)")
     _add_fsync_option(prune)
+    steps = prune.add_argument_group("gradual and iterative pruning")
+    steps.add_argument("--schedule", choices=("cubic", "geometric"),
+                       help="sparsity per step or round: cubic (large steps first), geometric "
+                            "(equal fractions of the remaining weights) [steps: cubic, "
+                            "rounds: geometric]")
+    steps.add_argument("--steps", type=int, metavar="K",
+                       help="gradual one-shot: reach the sparsity in K steps, re-scoring "
+                            "between them; masks only grow")
+    steps.add_argument("--rounds", type=int, default=1, metavar="R",
+                       help="iterative pruning: R rounds of prune, retrain, re-apply masks [1]")
+    steps.add_argument("--retrain-cmd", metavar="CMD",
+                       help="shell command run after each round: reads {in}, writes the "
+                            "retrained model to {out}")
+    steps.add_argument("--rewind", metavar="INIT.onnx",
+                       help="lottery ticket: after each round the survivors take their "
+                            "values in INIT.onnx (so do the tensors not pruned)")
+    steps.add_argument("--keep-last-good", action="store_true",
+                       help="when the retrain command fails, write the last completed "
+                            "round's model to OUT")
+    prune.add_argument("--recipe", metavar="FILE.toml",
+                       help="options (and per-target [[override]] tables) from a TOML file; "
+                            "command-line options win")
+    parser.prune_parser = prune  # recipes check their keys against its options
     calib = prune.add_argument_group("calibration (methods that use it: "
                                      "wanda, obd, sparsegpt and plug-ins)")
     calib.add_argument("--calib", metavar="PATH",
@@ -244,7 +299,16 @@ def cmd_prune(args: argparse.Namespace) -> int:
     config = _config_from(args, sparsity=args.sparsity, method=args.method, scope=args.scope,
                           allocation=args.allocation, format=args.format, seed=args.seed,
                           calib=args.calib, calib_samples=args.calib_samples,
-                          calib_mode=args.calib_mode, measure_error=args.measure_error)
+                          calib_mode=args.calib_mode, measure_error=args.measure_error,
+                          update=args.update, refine=args.refine, ria_alpha=args.ria_alpha,
+                          admm_iters=args.admm_iters, admm_rho=args.admm_rho,
+                          admm_gradual=not args.admm_fixed_mask,
+                          dsnot_iters=args.dsnot_iters, owl_threshold=args.owl_threshold,
+                          owl_lambda=args.owl_lambda,
+                          min_target_sparsity=args.min_target_sparsity,
+                          max_target_sparsity=args.max_target_sparsity,
+                          max_error=args.max_error, sensitivity=args.sensitivity,
+                          overrides=getattr(args, "overrides", ()))
     if config.pattern.is_nm and args.sparsity is not None \
             and abs(args.sparsity - config.pattern.sparsity) > 1e-9:
         log.warning("--sparsity %s is ignored: pattern %s gives %.4g", args.sparsity,
@@ -257,11 +321,16 @@ def cmd_prune(args: argparse.Namespace) -> int:
             _check_side_output(getattr(args, option), "--" + option.replace("_", "-"), args)
     masks = MaskSet.load(args.apply_masks) if args.apply_masks else None
     feeds_source = _feeds_source(args, args.model, probe=True) if args.validate else None
+    scheduled = bool(args.schedule or args.steps is not None or args.rounds != 1
+                     or args.retrain_cmd or args.rewind)
     with _progress_bar(args, "prune") as progress:
-        _, report = prune(args.model, args.output, config=config, progress=progress,
-                          durable=args.fsync, masks=masks,
-                          return_masks=bool(args.save_masks))
-    if args.save_masks:
+        if scheduled:
+            report = _prune_scheduled(args, config, masks, progress)
+        else:
+            _, report = prune(args.model, args.output, config=config, progress=progress,
+                              durable=args.fsync, masks=masks,
+                              return_masks=bool(args.save_masks))
+    if args.save_masks and not scheduled:
         report.masks.save(args.save_masks)
     print(format_summary(report))
     status = 0
@@ -298,8 +367,14 @@ def _warn_about_ignored_options(args: argparse.Namespace) -> None:
                  if getattr(args, name) != unset]
         return f"{', '.join(names)} {'is' if len(names) == 1 else 'are'}" if names else None
 
+    # whether anything may calibrate: the method, an update or refinement, an allocation
+    # other than the two that only read the weights, a recipe's per-target overrides
     calibrates = (args.measure_error or args.method not in METHODS
-                  or METHODS.get(args.method).needs > Needs.NOTHING)
+                  or METHODS.get(args.method).needs > Needs.NOTHING
+                  or getattr(args, "update", "none") != "none"
+                  or getattr(args, "refine", "none") != "none"
+                  or args.allocation not in (None, "uniform", "global")
+                  or bool(getattr(args, "overrides", ())))
     unused = given(_VALIDATION_OPTIONS)
     if unused and not args.validate:
         log.warning("%s ignored without --validate", unused)
@@ -309,6 +384,31 @@ def _warn_about_ignored_options(args: argparse.Namespace) -> None:
     unused = given(_CALIBRATION_OPTIONS)
     if unused and not calibrates:
         log.warning("%s ignored: method %s uses no calibration data", unused, args.method)
+
+
+def _prune_scheduled(args: argparse.Namespace, config, masks, progress):
+    """Gradual one-shot (--steps) or iterative pruning (--rounds, --retrain-cmd, --rewind)."""
+    from .errors import ConfigError
+    from .schedule import prune_gradual, prune_iterative
+
+    if masks is not None:
+        raise ConfigError("--apply-masks cannot be combined with --schedule, --steps, "
+                          "--rounds, --retrain-cmd or --rewind")
+    common = dict(config=config, progress=progress, durable=args.fsync,
+                  save_masks=args.save_masks)
+    if args.rounds == 1 and not (args.retrain_cmd or args.rewind):
+        if args.steps is None:
+            raise ConfigError("--schedule needs --steps K (gradual one-shot) or --rounds R "
+                              "(iterative pruning)")
+        return prune_gradual(args.model, args.output, steps=args.steps,
+                             schedule=args.schedule or "cubic", **common)[1]
+    if args.steps is not None:
+        raise ConfigError("--steps is for gradual one-shot pruning; with --rounds each round "
+                          "is one step")
+    return prune_iterative(args.model, args.output, rounds=args.rounds,
+                           retrain=args.retrain_cmd, rewind=args.rewind,
+                           schedule=args.schedule or "geometric",
+                           keep_last_good=args.keep_last_good, **common)[1]
 
 
 def _check_side_output(path: str, option: str, args: argparse.Namespace) -> None:
@@ -423,6 +523,10 @@ def main(argv: list[str] | None = None) -> int:
             parser.print_help()
             return 2
         with _logging_to_stderr(args):
+            if getattr(args, "recipe", None):  # its values become defaults: options win
+                from .recipe import parse_with_recipe
+
+                args = parse_with_recipe(parser, parser.prune_parser, argv, args.recipe)
             return COMMANDS[args.command](args)
     except SystemExit:
         raise

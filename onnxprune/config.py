@@ -76,11 +76,31 @@ class PruneConfig:
     # gather calibration statistics for every target, to report each one's reconstruction
     # error even where the method needs none (magnitude, random)
     measure_error: bool = False
+    update: str = "none"  # registry.UPDATES name: reconstruct the kept weights after the mask
+    refine: str = "none"  # registry.REFINES name: improve the mask before it is applied
+    # settings of particular methods, allocations and updates
+    ria_alpha: float = 0.5  # RIA: exponent of the input norm
+    admm_iters: int = 20  # ADMM update: iterations
+    admm_rho: float = 1.0  # ADMM update: penalty, relative to the mean of diag(XᵀX)
+    admm_gradual: bool = True  # ADMM: the mask is chosen gradually inside the iterations
+    dsnot_iters: int = 50  # DSnoT: prune-and-grow cycles per row
+    owl_threshold: float = 5.0  # OWL: outliers are scores above M times the layer mean
+    owl_lambda: float = 0.08  # OWL: largest departure from the target sparsity
+    min_target_sparsity: float | None = None  # non-uniform allocations stay within these
+    max_target_sparsity: float | None = None
+    max_error: float | None = None  # sensitivity allocation: highest sparsity under E
+    sensitivity: str | None = None  # sensitivity curves (JSON of `onnxprune sensitivity`)
+    # per-target overrides (recipe.Override, or dicts of match/sparsity/pattern/method/skip)
+    overrides: tuple = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "pattern", Pattern.parse(self.pattern))
         object.__setattr__(self, "include", _as_tuple(self.include))
         object.__setattr__(self, "exclude", _as_tuple(self.exclude))
+        if self.overrides:
+            from .recipe import as_overrides
+
+            object.__setattr__(self, "overrides", as_overrides(self.overrides))
         if self.sparsity is not None:
             try:
                 sparsity = float(self.sparsity)
@@ -89,7 +109,7 @@ class PruneConfig:
             if not 0.0 <= sparsity < 1.0:
                 raise ConfigError(f"sparsity must be in [0, 1), got {self.sparsity}")
             object.__setattr__(self, "sparsity", sparsity)
-        from .registry import ALLOCATIONS, FORMATS, METHODS
+        from .registry import ALLOCATIONS, FORMATS, METHODS, REFINES, UPDATES
 
         if self.scope not in SCOPES:
             raise ConfigError(f"scope must be one of {', '.join(SCOPES)}; got {self.scope!r}")
@@ -101,6 +121,14 @@ class PruneConfig:
         method = METHODS.get(self.method)
         ALLOCATIONS.get(self.allocation)
         FORMATS.get(self.format)
+        for kind, name, registry in (("update", self.update, UPDATES),
+                                     ("refine", self.refine, REFINES)):
+            if name != "none":
+                part = registry.get(name)
+                if method.reconstructs:
+                    raise ConfigError(f"--{kind} {name} needs a scoring method; "
+                                      f"{self.method} rebuilds the weights itself")
+                del part
         if self.calib_samples is not None and int(self.calib_samples) < 1:
             raise ConfigError(f"--calib-samples must be >= 1, got {self.calib_samples}")
         if self.calib_mode is not None and self.calib_mode not in CALIB_MODES:

@@ -13,8 +13,7 @@ what each node reads (outer-scope names its subgraphs use included), who produce
 and which values are static (initializers, Constant outputs and everything computed from
 them alone).
 
-Target discovery, calibration staging and the storage formats all use this module; nothing
-else walks subgraphs by hand (`io.py` keeps its own tensor walk, see its docstring).
+Target discovery, calibration staging and the storage formats all use this module.
 """
 
 from __future__ import annotations
@@ -149,6 +148,9 @@ def axis_through_transposes(axis: int, perms: tuple[tuple[int, ...], ...], rank:
     """Map an axis of the value a consumer sees back to the axis of the stored tensor."""
     for perm in reversed(perms):
         perm = perm or tuple(reversed(range(rank)))  # Transpose without perm reverses
+        if sorted(perm) != list(range(rank)):
+            raise GraphError(f"a Transpose's perm {list(perm)} is not a permutation of "
+                             f"{rank} axes")
         axis = perm[axis]
     return axis
 

@@ -41,7 +41,8 @@ from .masking import (
 from .masks import MaskSet
 from .methods import Job, Method, Needs
 from .plan import PrunePlan, TargetPlan
-from .registry import ALLOCATIONS, FORMATS, METHODS
+from .recipe import apply_overrides, split_skipped
+from .registry import ALLOCATIONS, FORMATS, METHODS, REFINES, UPDATES
 from .report import SkipReport, TargetReport
 from .targets import Selection, SkippedTensor, WeightTarget, discover_targets
 
@@ -67,14 +68,16 @@ class Sink:
     """Where pruned weights go: into the proto, or through `write_dense` (a file writer)."""
 
     def __init__(self, loaded: LoadedModel, format_name: str,
-                 write_dense: DenseWriter = write_array):
+                 write_dense: DenseWriter = write_array, streaming: bool = False):
         self.loaded = loaded
         self.format = FORMATS.get(format_name)
         self.write_dense = write_dense
+        # a streaming writer also takes the new tensors of compact forms at once
+        self.write_payload = write_dense if streaming else None
 
     def put(self, target: WeightTarget, weights: np.ndarray, plan: TargetPlan):
         return self.format.store(target, weights, plan.pattern, self.loaded.proto,
-                                 self.write_dense)
+                                 self.write_dense, self.write_payload)
 
 
 def selection_of(config: PruneConfig) -> Selection:
@@ -95,6 +98,9 @@ def run(loaded: LoadedModel, config: PruneConfig, *, sink: Sink | None = None,
     if formats.densify_model(loaded.proto, loaded.base_dir):
         log.info("stored sparse/compact tensors turned dense before pruning")
     targets, skipped = discover_targets(loaded.proto, selection_of(config))
+    if config.overrides:
+        targets, skipped_by_override = split_skipped(targets, config.overrides)
+        skipped += skipped_by_override
     dropped = _dropped_by_selection(skipped)
     if not targets:
         causes = "; ".join(f"{count} {cause}" for cause, count in dropped.items())
@@ -105,7 +111,7 @@ def run(loaded: LoadedModel, config: PruneConfig, *, sink: Sink | None = None,
         if cause.startswith("reduction axis"):
             log.warning("%d of %d weights skipped: %s", count, count + len(targets), cause)
     masks = _checked_masks(masks or {}, targets)
-    plan = make_plan(loaded, targets, config)
+    plan = make_plan(loaded, targets, config, feeds)
     loop = _Loop(loaded, config, plan, sink or Sink(loaded, config.format), masks,
                  fixed_masks, want_masks, progress, feeds)
     reports = loop.run(targets)
@@ -133,8 +139,8 @@ def _dropped_by_selection(skipped: list[SkippedTensor]) -> dict[str, int]:
     return causes
 
 
-def make_plan(loaded: LoadedModel, targets: list[WeightTarget], config: PruneConfig
-              ) -> PrunePlan:
+def make_plan(loaded: LoadedModel, targets: list[WeightTarget], config: PruneConfig,
+              feeds: Sequence[Feed] | None = None) -> PrunePlan:
     """The allocation's plan for `targets`; stored scores are streamed from `loaded`."""
     method = METHODS.get(config.method)
 
@@ -142,13 +148,13 @@ def make_plan(loaded: LoadedModel, targets: list[WeightTarget], config: PruneCon
         pieces = iter_chunks(target.tensor, loaded.base_dir, masking.CHUNK_ELEMENTS)
         return method.score_chunks(target, pieces, config.seed)
 
-    plan = ALLOCATIONS.get(config.allocation).plan(targets, config,
-                                                   AllocationContext(score_chunks))
+    plan = ALLOCATIONS.get(config.allocation).plan(
+        targets, config, AllocationContext(score_chunks, loaded, feeds))
     missing = [t.name for t in targets if t.name not in plan]
     if missing:
         raise ConfigError(f"allocation {config.allocation!r} planned no entry for "
                           f"{len(missing)} target(s), e.g. {missing[0]}")
-    return plan
+    return apply_overrides(plan, targets, config.overrides) if config.overrides else plan
 
 
 class _Loop:
@@ -167,12 +173,18 @@ class _Loop:
         self.progress = progress
         self.feeds = feeds
         self.masks_out = MaskSet()
+        # pruned main-graph weights by stored name, for calibration stage sessions built
+        # after them: the sink may have written them to a file or into another format
+        self.pruned: dict[str, np.ndarray] | None = None
         self.reports: dict[str, TargetReport] = {}
+        # a weight update / mask refinement after the scores (they need calibration)
+        self.update = None if config.update == "none" else UPDATES.get(config.update)
+        self.refine = None if config.refine == "none" else REFINES.get(config.refine)
 
     def run(self, targets: list[WeightTarget]) -> dict[str, TargetReport]:
         methods = {t.name: METHODS.get(self.plan[t.name].method) for t in targets}
         calibrated = [t for t in targets if methods[t.name].needs > Needs.NOTHING
-                      or self.config.measure_error]
+                      or self.config.measure_error or self.update or self.refine]
         if self.config.calib is not None and not calibrated:
             log.warning("--calib is ignored: method %s uses no calibration data",
                         self.config.method)
@@ -191,6 +203,7 @@ class _Loop:
 
         config = self.config
         index = GraphIndex(self.loaded.proto)
+        self.pruned = {}
         views = []
         for target in targets:
             view = target_view(target, index) if target in calibrated else None
@@ -212,10 +225,15 @@ class _Loop:
         # XᵀX is gathered for every calibrated target: the report gives each one's
         # reconstruction error, which needs it
         capture = ActivationCapture(self.loaded, index, views, feeds,
-                                    sequential=mode == "sequential", hessian=True)
+                                    sequential=mode == "sequential", hessian=True,
+                                    weights=self.pruned)
         log.info("%d calibrated targets in %d stage(s) over %d samples (%s)", len(views),
                  capture.levels, len(feeds), mode)
+        last_read = capture.last_stage_reading()
         for stage in capture.stages():
+            # pruned weights that no later stage reads are not kept for the sessions
+            for name in [n for n in self.pruned if last_read.get(n, -1) < stage.number]:
+                del self.pruned[name]
             shared: dict = {}  # targets reading the same input share what methods cache
             for view in stage.views:
                 stats = capture.stats_of(view)
@@ -251,23 +269,32 @@ class _Loop:
             if np.shares_memory(original, weights):  # weights are masked in place below
                 original = original.copy()
         job = Job(target, weights, plan, self.config.seed, view, stats, keep, fixed,
-                  {} if shared is None else shared)
+                  {} if shared is None else shared, self.config)
+        calibrated = view is not None and stats is not None
         planned = (int(np.count_nonzero(~keep)) if fixed
                    else _planned_count(target, plan, method, view))
         if method.reconstructs:
-            if view is None:
+            if view is None and method.needs > Needs.NOTHING:
                 raise ConfigError(f"{target.name}: method {method.name} needs calibration "
                                   "statistics")
             weights = method.reconstruct(job)
             zeros = kernels.count_zeros(weights)
         elif fixed:
             zeros = kernels.apply_mask(weights, keep)
-        elif method.streams_scores and keep is None:
+        elif method.streams_scores and keep is None and not (calibrated and (
+                self.update or self.refine)):
             zeros = prune_streamed(target, weights, plan.pattern, plan.prune_count(target.numel),
                                    lambda pieces: method.score_chunks(target, pieces,
                                                                       self.config.seed))
         else:
-            zeros = kernels.apply_mask(weights, self._keep_mask(job, method))
+            new_keep = self._keep_mask(job, method)
+            if calibrated and self.refine is not None:
+                new_keep = self.refine.refine(job, new_keep)
+            if calibrated and self.update is not None:
+                weights = self.update.update(job, new_keep)
+                zeros = kernels.count_zeros(weights)
+            else:
+                zeros = kernels.apply_mask(weights, new_keep)
         error = None
         if original is not None and stats.hessian is not None:
             error = _relative_error(original, view.to_obs(weights), stats.hessian)
@@ -285,9 +312,13 @@ class _Loop:
             report.calibration_tokens = stats.tokens if stats is not None else 0
         if note:
             report.note = note
+        if plan.set_by.startswith("override"):  # an override may have chosen the method
+            report.method = method.name
         if self.want_masks:
             self.masks_out.add_packed(target.name, np.packbits(weights.reshape(-1) != 0),
                                       target.shape)
+        if self.pruned is not None and target.graph is self.loaded.proto.graph:
+            self.pruned[target.tensor_name] = weights
         stored = self.sink.put(target, weights, plan)
         if stored is not None:
             report.format, report.bytes, report.format_reason = (stored.format, stored.bytes,

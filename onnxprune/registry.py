@@ -6,7 +6,9 @@ Outside packages add parts through Python entry points, one group per kind:
 
 - ``onnxprune.methods``: a `methods.Method` instance (or a class to instantiate)
 - ``onnxprune.allocations``: an `allocation.Allocation` instance (or class)
-- ``onnxprune.formats``: a `formats.storage.StorageFormat` instance (or class)
+- ``onnxprune.formats``: a storage format (see `formats.kinds`)
+- ``onnxprune.updates``: a weight update run after the mask is chosen (``--update``)
+- ``onnxprune.refines``: a mask refinement run before it is applied (``--refine``)
 
 The entry point's name is the name users type (``--method NAME``). A part can also be
 registered from code with `METHODS.register(part)`, which is what the entry points call.
@@ -95,6 +97,7 @@ class Registry:
 METHODS = Registry("method", "onnxprune.methods", {
     "magnitude": ".methods.magnitude:Magnitude",
     "random": ".methods.random:Random",
+    "l1": ".methods.l1:L1",
     "wanda": ".methods.wanda:Wanda",
     "obd": ".methods.obd:OBD",
     "sparsegpt": ".methods.sparsegpt:SparseGPT",
@@ -110,3 +113,11 @@ FORMATS = Registry("format", "onnxprune.formats", {
     "sparse": ".formats.kinds:Sparse",
     "compact": ".formats.kinds:Compact",
 })
+
+# `--update NAME`: ``update(job, keep) -> new weights`` (stored layout and dtype, zeros where
+# `keep` is False) for a mask chosen by a scoring method; "none" is no update
+UPDATES = Registry("update", "onnxprune.updates", {})
+
+# `--refine NAME`: ``refine(job, keep) -> keep`` improves a mask before it is applied (the
+# pattern must still hold); "none" is no refinement
+REFINES = Registry("refine", "onnxprune.refines", {})

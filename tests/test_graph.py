@@ -9,6 +9,7 @@ import onnx.parser
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from onnxprune.errors import OnnxPruneError
 from onnxprune.graph import (
     GraphError,
     GraphIndex,
@@ -207,6 +208,7 @@ def test_cycle_or_undefined_input_is_a_graph_error():
     assert index.uses("x")[0][0].node.op_type == "Add"
     with pytest.raises(GraphError, match="cycle or undefined inputs \\(missing\\)"):
         _ = index.dataflow
+    assert issubclass(GraphError, OnnxPruneError)  # one line and exit 2 in the CLI
 
 
 def test_defined_names_are_one_graph_only():

@@ -14,6 +14,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import onnxprune.io as io_module
+from onnxprune.cli import main as cli_main
 from onnxprune.errors import ModelLoadError, OutputPathError
 from onnxprune.io import (
     check_output_path,
@@ -242,7 +243,7 @@ def test_load_rejects_truncated_external_data(external_path: Path) -> None:
     [
         ("location", "../weights.bin", "outside"),
         ("location", "/etc/passwd", "outside"),
-        ("offset", "twelve", "not a number"),
+        ("offset", "twelve", "not a non-negative integer"),
     ],
 )
 def test_load_rejects_bad_external_entries(
@@ -360,7 +361,7 @@ def test_save_inline_model_as_external_keeps_the_proto(inline_path: Path, tmp_pa
 def test_large_model_is_written_with_external_data(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    monkeypatch.setattr(io_module, "PROTOBUF_LIMIT", 4096)
+    monkeypatch.setattr(io_module.writer, "PROTOBUF_LIMIT", 4096)
     proto = make_model()
     before = proto.SerializeToString()
     loaded = model_from_proto(proto, tmp_path)
@@ -529,7 +530,8 @@ def test_disk_full_while_moving_tensors_keeps_the_proto(
     before = loaded.proto.SerializeToString()
     # W1 (8 KiB, raw) and W2 (2 KiB, float_data) fit; Wc (1 KiB, raw) does not
     monkeypatch.setattr(
-        io_module, "open", lambda path, mode="r": _DiskFullFile(path, mode, 10500), raising=False
+        io_module.writer, "open", lambda path, mode="r": _DiskFullFile(path, mode, 10500),
+        raising=False,
     )
     with pytest.raises((OutputPathError, OSError)):
         save_model(loaded, tmp_path / "full.onnx", external=True)
@@ -604,8 +606,11 @@ def test_write_array_checks_dtype_and_shape() -> None:
         write_array(tensor, np.ones((4, 8), np.float64))
     with pytest.raises(ValueError, match="W"):
         write_array(tensor, np.ones((8, 4), np.float32))
-    with pytest.raises(ValueError, match="INT64"):
-        write_array(numpy_helper.from_array(np.ones(3, np.int64), "i"), np.ones(3, np.int64))
+    with pytest.raises(ValueError, match="STRING"):
+        write_array(numpy_helper.from_array(np.array(["a"], dtype=object), "s"),
+                    np.array(["a"], dtype=object))
+    with pytest.raises(ValueError, match="int32"):  # whole-byte integers: type checked too
+        write_array(numpy_helper.from_array(np.ones(3, np.int64), "i"), np.ones(3, np.int32))
     np.testing.assert_array_equal(numpy_helper.to_array(tensor), 1.0)
     values = np.arange(32, dtype=np.float32).reshape(4, 8)
     write_array(tensor, values.T.copy().T)  # non-contiguous input is fine
@@ -672,3 +677,324 @@ def test_read_array_other_float_types(dtype) -> None:
 def test_iter_all_tensors_reaches_constants_and_subgraphs() -> None:
     names = [t.name for t in iter_all_tensors(make_model().graph)]
     assert sorted(names) == ["W1", "W2", "Wc", "Wt", "b1"]
+
+
+# --- corrupt but parseable models: one-line ModelLoadError naming the tensor ---------------------
+
+
+def _save_edited(tmp_path: Path, edit) -> Path:
+    model = make_model()
+    edit(model)
+    path = tmp_path / "bad.onnx"
+    path.write_bytes(model.SerializeToString())
+    return path
+
+
+def _initializer(model: onnx.ModelProto, name: str) -> TensorProto:
+    return next(t for t in model.graph.initializer if t.name == name)
+
+
+def _set_dims(tensor: TensorProto, dims: list[int]) -> None:
+    del tensor.dims[:]
+    tensor.dims.extend(dims)
+
+
+def _clear_data(tensor: TensorProto) -> None:
+    for field in ("raw_data", "float_data"):
+        tensor.ClearField(field)
+
+
+CORRUPT_TENSORS = {
+    "data type 0": (lambda m: setattr(_initializer(m, "W1"), "data_type", 0), "'W1'",
+                    "no data type"),
+    "data type 99": (lambda m: setattr(_initializer(m, "W1"), "data_type", 99), "'W1'",
+                     "unknown data type (99)"),
+    "no data": (lambda m: _clear_data(_initializer(m, "W1")), "'W1'", "has no data"),
+    "float_data count": (lambda m: _initializer(m, "W2").float_data.append(1.0), "'W2'",
+                         "513 values in float_data"),
+    "negative dim": (lambda m: _set_dims(_initializer(m, "W1"), [-64, -32]), "'W1'",
+                     "negative dimension"),
+    "huge dims": (lambda m: _set_dims(_initializer(m, "W2"), [2**40, 2**40]), "'W2'",
+                  "impossibly large shape"),
+    "int64 raw_data size": (
+        lambda m: m.graph.initializer.append(
+            TensorProto(name="shape", data_type=TensorProto.INT64, dims=[3], raw_data=b"\0" * 20)),
+        "'shape'", "20 bytes of data"),
+    "string raw_data": (
+        lambda m: m.graph.initializer.append(
+            TensorProto(name="s", data_type=TensorProto.STRING, dims=[1], raw_data=b"ab")),
+        "'s'", "STRING"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CORRUPT_TENSORS))
+@pytest.mark.parametrize("lazy", [False, True])
+def test_corrupt_tensors_are_refused_at_load(tmp_path: Path, case: str, lazy: bool) -> None:
+    edit, name, problem = CORRUPT_TENSORS[case]
+    path = _save_edited(tmp_path, edit)
+    with pytest.raises(ModelLoadError) as info:
+        load_model(path, lazy=lazy)
+    message = one_line_error(info)
+    assert name in message and problem in message
+
+
+@pytest.mark.parametrize("case", sorted(CORRUPT_TENSORS))
+def test_corrupt_tensors_are_refused_when_read_from_memory(case: str) -> None:
+    """The Python API hands in protos that load_model never saw: read_array checks too."""
+    edit, name, problem = CORRUPT_TENSORS[case]
+    model = make_model()
+    edit(model)
+    tensor = model.graph.initializer[-1] if case in ("int64 raw_data size", "string raw_data") \
+        else _initializer(model, name.strip("'"))
+    with pytest.raises(ModelLoadError) as info:
+        read_array(tensor, Path("."))
+    message = one_line_error(info)
+    assert name in message and problem in message
+
+
+def _invalid_utf8(tmp_path: Path, set_marker) -> Path:
+    """A model whose marked text field holds bytes that are not UTF-8 (protobuf will not set
+    them, so the marker is replaced in the serialized bytes)."""
+    model = make_model()
+    set_marker(model, "MARKER1234")
+    path = tmp_path / "utf8.onnx"
+    path.write_bytes(model.SerializeToString().replace(b"MARKER1234", b"\xff\xfe\x80" * 3 + b"x"))
+    return path
+
+
+@pytest.mark.parametrize("where", ["node name", "tensor name", "doc string", "metadata"])
+@pytest.mark.parametrize("command", ["inspect", "prune", "densify"])
+def test_invalid_utf8_text_is_refused(tmp_path: Path, capsys, where: str, command: str) -> None:
+    def set_marker(model: onnx.ModelProto, marker: str) -> None:
+        if where == "node name":
+            model.graph.node[0].name = marker
+        elif where == "tensor name":
+            model.graph.node[0].input[1] = marker
+            model.graph.initializer[0].name = marker
+        elif where == "doc string":
+            model.graph.node[0].doc_string = marker
+        else:
+            helper.set_model_props(model, {"note": marker})
+
+    path = _invalid_utf8(tmp_path, set_marker)
+    argv = [command, str(path), "-q"]
+    if command != "inspect":
+        argv += ["-o", str(tmp_path / "out.onnx")]
+    assert cli_main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not valid UTF-8" in err[0]
+    assert not (tmp_path / "out.onnx").exists()
+
+
+def test_invalid_utf8_location_is_refused(external_path: Path) -> None:
+    proto = onnx.load(str(external_path), load_external_data=False)
+    entry = next(e for e in proto.graph.initializer[0].external_data if e.key == "location")
+    entry.value = "MARKER1234"
+    external_path.write_bytes(proto.SerializeToString().replace(b"MARKER1234", b"\xff" * 10))
+    with pytest.raises(ModelLoadError) as info:
+        load_model(external_path)
+    assert "not valid UTF-8" in one_line_error(info)
+
+
+def _sparse_model(tmp_path: Path, edit) -> Path:
+    dense = np.zeros((16, 16), np.float32)
+    dense[::3, ::2] = np.arange(1, 49, dtype=np.float32).reshape(6, 8)
+    indices = np.flatnonzero(dense).astype(np.int64)
+    sparse = helper.make_sparse_tensor(numpy_helper.from_array(dense.ravel()[indices], "Ws"),
+                                       numpy_helper.from_array(indices, ""), [16, 16])
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "Ws"], ["y"])], "g",
+                              [vi("x", F, [1, 16])], [vi("y", F, [1, 16])],
+                              sparse_initializer=[sparse])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    edit(model.graph.sparse_initializer[0])
+    path = tmp_path / "sparse.onnx"
+    path.write_bytes(model.SerializeToString())
+    return path
+
+
+def _set_indices(sparse: onnx.SparseTensorProto, indices: np.ndarray) -> None:
+    sparse.indices.CopyFrom(numpy_helper.from_array(indices, ""))
+
+
+SPARSE_DEFECTS = {
+    "index past the end": (lambda s: _set_indices(s, np.r_[np.arange(47), 256].astype(np.int64)),
+                           "outside its shape"),
+    "negative index": (lambda s: _set_indices(s, np.r_[-1, np.arange(1, 48)].astype(np.int64)),
+                       "outside its shape"),
+    "2-D index past the end": (
+        lambda s: _set_indices(s, np.c_[np.arange(48) % 16, np.full(48, 16)].astype(np.int64)),
+        "outside its shape"),
+    "fewer indices than values": (lambda s: _set_indices(s, np.arange(40, dtype=np.int64)),
+                                  "indices of shape [40] for 48 values"),
+    "float indices": (lambda s: _set_indices(s, np.arange(48, dtype=np.float32)),
+                      "must be integers"),
+    "values not 1-D": (lambda s: s.values.dims.append(1), "values must be 1-D"),
+    "huge shape": (lambda s: (s.ClearField("dims"), s.dims.extend([2**40, 2**40])),
+                   "invalid shape"),
+    "indices without data": (lambda s: s.indices.ClearField("raw_data"),
+                             "indices of sparse tensor 'Ws' has no data"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(SPARSE_DEFECTS))
+@pytest.mark.parametrize("command", ["inspect", "prune", "densify"])
+def test_corrupt_sparse_tensors_are_refused(tmp_path: Path, capsys, case: str,
+                                            command: str) -> None:
+    edit, problem = SPARSE_DEFECTS[case]
+    path = _sparse_model(tmp_path, edit)
+    argv = [command, str(path), "-q", "--min-size", "16"] if command != "densify" \
+        else [command, str(path), "-q"]
+    if command != "inspect":
+        argv += ["-o", str(tmp_path / "out.onnx")]
+    assert cli_main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "'Ws'" in err[0] and problem in err[0], err
+    assert not (tmp_path / "out.onnx").exists()
+
+
+def test_a_sound_sparse_tensor_still_densifies(tmp_path: Path) -> None:
+    path = _sparse_model(tmp_path, lambda sparse: None)
+    out = tmp_path / "dense.onnx"
+    assert cli_main(["densify", str(path), "-o", str(out), "-q"]) == 0
+    dense = numpy_helper.to_array(onnx.load(str(out)).graph.initializer[0])
+    expected = np.zeros((16, 16), np.float32)
+    expected[::3, ::2] = np.arange(1, 49, dtype=np.float32).reshape(6, 8)
+    np.testing.assert_array_equal(dense, expected)
+
+
+@pytest.mark.parametrize(("declared", "holds", "problem"), [
+    (onnx.AttributeProto.TENSOR, "sparse_tensor", "type TENSOR but holds a sparse tensor"),
+    (onnx.AttributeProto.SPARSE_TENSOR, "t", "type SPARSE_TENSOR but holds a tensor"),
+    (onnx.AttributeProto.TENSOR, None, "type TENSOR but holds nothing"),
+    (onnx.AttributeProto.FLOATS, "t", "type FLOATS but holds a tensor"),
+])
+@pytest.mark.parametrize("command", ["inspect", "prune", "densify"])
+def test_attribute_holding_the_wrong_kind_of_tensor_is_refused(
+        tmp_path: Path, capsys, declared: int, holds: str | None, problem: str,
+        command: str) -> None:
+    def edit(model: onnx.ModelProto) -> None:
+        node = next(n for n in model.graph.node if n.op_type == "Constant")
+        value = numpy_helper.from_array(_arrays()["Wc"], "Wc")
+        del node.attribute[:]
+        attr = node.attribute.add()
+        attr.name, attr.type = "value", declared
+        if holds == "t":
+            attr.t.CopyFrom(value)
+        elif holds == "sparse_tensor":
+            attr.sparse_tensor.values.CopyFrom(value)
+            attr.sparse_tensor.values.ClearField("dims")
+            attr.sparse_tensor.values.dims.append(256)
+            attr.sparse_tensor.indices.CopyFrom(numpy_helper.from_array(np.arange(256), ""))
+            attr.sparse_tensor.dims.extend([16, 16])
+
+    path = _save_edited(tmp_path, edit)
+    argv = [command, str(path), "-q"]
+    if command != "inspect":
+        argv += ["-o", str(tmp_path / "out.onnx")]
+    assert cli_main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "'const_wc'" in err[0] and problem in err[0], err
+
+
+def test_model_file_bytes_ignores_unusable_locations(external_path: Path) -> None:
+    proto = onnx.load(str(external_path), load_external_data=False)
+    for tensor, location in zip(proto.graph.initializer, ["x" * 5000, "../../etc/passwd"],
+                                strict=False):
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = location
+    external_path.write_bytes(proto.SerializeToString())
+    assert model_file_bytes(external_path) >= external_path.stat().st_size
+
+
+@pytest.mark.parametrize(("declared", "problem"), [
+    (onnx.AttributeProto.FLOAT, "type FLOAT but holds an int"),
+    (onnx.AttributeProto.INTS, "type INTS but holds an int"),
+    (onnx.AttributeProto.GRAPH, "type GRAPH but holds an int"),
+])
+def test_attribute_whose_type_does_not_match_its_value_is_refused(
+        tmp_path: Path, capsys, declared: int, problem: str) -> None:
+    """(A Transpose whose `perm` claimed FLOAT made target discovery read 0.0 as a perm.)"""
+    def edit(model: onnx.ModelProto) -> None:
+        gemm = next(n for n in model.graph.node if n.op_type == "Gemm")
+        gemm.attribute[0].type = declared
+
+    path = _save_edited(tmp_path, edit)
+    assert cli_main(["inspect", str(path), "-q"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "'fc2'" in err[0] and "'transB'" in err[0] and problem in err[0]
+
+
+def test_transpose_perm_that_is_no_permutation_is_refused(tmp_path: Path, capsys) -> None:
+    """Target discovery looks through Transposes to find a weight's axis."""
+    model = onnx.load(str(Path(__file__).resolve().parent.parent / "models" / "cnn.onnx"))
+    transpose = next(n for n in model.graph.node if n.op_type == "Transpose")
+    perm = next(a for a in transpose.attribute if a.name == "perm")
+    perm.ints[0] = 7
+    path = tmp_path / "cnn.onnx"
+    path.write_bytes(model.SerializeToString())
+    assert cli_main(["inspect", str(path), "-q"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not a permutation" in err[0]
+
+
+@pytest.fixture(scope="module")
+def compact_model(tmp_path_factory) -> Path:
+    import onnxprune
+
+    path = tmp_path_factory.mktemp("compact") / "compact.onnx"
+    mlp = Path(__file__).resolve().parent.parent / "models" / "mlp.onnx"
+    onnxprune.prune(str(mlp), str(path), sparsity=0.9, format="compact")
+    return path
+
+
+def _edit_compact(source: Path, tmp_path: Path, edit) -> Path:
+    model = onnx.load(str(source))
+    node = next(n for n in model.graph.node if n.doc_string.startswith("onnxprune:compact {"))
+    edit(model, node)
+    path = tmp_path / "edited.onnx"
+    path.write_bytes(model.SerializeToString())
+    return path
+
+
+def _edit_meta(**changes):
+    def edit(model: onnx.ModelProto, node: onnx.NodeProto) -> None:
+        import json
+
+        head, text = node.doc_string.split(" ", 1)
+        meta = json.loads(text)
+        meta.update(changes)
+        node.doc_string = f"{head} {json.dumps(meta)}"
+
+    return edit
+
+
+def _cut_payload(model: onnx.ModelProto, node: onnx.NodeProto) -> None:
+    import json
+
+    prefix = json.loads(node.doc_string.split(" ", 1)[1])["prefix"] + "/"
+    tensor = next(t for t in model.graph.initializer if t.name.startswith(prefix)
+                  and t.name.endswith("values"))
+    tensor.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(tensor)[:3], tensor.name))
+
+
+@pytest.mark.parametrize(("edit", "problem"), [
+    (_edit_meta(data_type=99), "data_type 99"),
+    (_edit_meta(shape=[-4, 4]), "shape"),
+    (_edit_meta(tensor=["x"]), "'tensor' is not a name"),
+    (_edit_meta(chunks=[{"kind": "gaps", "rows": [0, 10**6]}]), "chunk"),
+    (_edit_meta(stored_as=3), "stored_as"),
+    (_cut_payload, "cannot be decoded"),
+], ids=["data_type", "shape", "tensor", "rows", "stored_as", "payload"])
+@pytest.mark.parametrize("command", ["inspect", "densify"])
+def test_corrupt_compact_tensors_are_refused(compact_model: Path, tmp_path: Path, capsys,
+                                             edit, problem: str, command: str) -> None:
+    path = _edit_compact(compact_model, tmp_path, edit)
+    argv = [command, str(path), "-q"]
+    if command == "densify":
+        argv += ["-o", str(tmp_path / "out.onnx")]
+    assert cli_main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and problem in err[0], err
+    assert not (tmp_path / "out.onnx").exists()

@@ -7,7 +7,6 @@ import os
 import re
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -192,30 +191,27 @@ def test_ensures_catches_a_method_that_breaks_the_pattern(models_dir):
         METHODS.unregister("cheat-revive")
 
 
-PLUGIN = textwrap.dedent('''
-    import numpy as np
-    from onnxprune.methods import Method
+README = Path(__file__).resolve().parent.parent / "README.md"
 
 
-    class Smallest(Method):
-        """Prunes the largest weights: a toy that shows a plug-in runs from the CLI."""
-
-        name = "toy-largest"
-        description = "-|W| (a toy)"
-
-        def scores(self, job):
-            return -np.abs(job.weights.astype(np.float32))
-''')
+def _readme_plugin() -> tuple[str, str, str]:
+    """The worked plug-in example of the README: module text, entry point name and value."""
+    text = README.read_text()
+    section = text[text.index("## Extending"):]
+    module = re.search(r"```python\n(# toy_plugin.py\n.*?)```", section, re.S).group(1)
+    name, value = re.search(r'^([\w-]+) = "(toy_plugin:\w+)"$', section, re.M).groups()
+    return module, name, value
 
 
 def test_a_method_from_an_entry_point_runs_from_the_cli(models_dir, tmp_path):
+    module, entry_name, entry_value = _readme_plugin()
     site = tmp_path / "site"
     (site / "toy_plugin-0.1.dist-info").mkdir(parents=True)
-    (site / "toy_plugin.py").write_text(PLUGIN)
+    (site / "toy_plugin.py").write_text(module)
     (site / "toy_plugin-0.1.dist-info" / "METADATA").write_text(
         "Metadata-Version: 2.1\nName: toy-plugin\nVersion: 0.1\n")
     (site / "toy_plugin-0.1.dist-info" / "entry_points.txt").write_text(
-        "[onnxprune.methods]\ntoy-largest = toy_plugin:Smallest\n")
+        f"[onnxprune.methods]\n{entry_name} = {entry_value}\n")
     out = tmp_path / "out.onnx"
     env = {**os.environ, "PYTHONPATH": str(site)}
     help_text = subprocess.run([sys.executable, "-m", "onnxprune", "prune", "--help"],

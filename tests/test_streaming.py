@@ -18,10 +18,12 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import onnxprune
+import onnxprune.formats.storage as storage_module
 import onnxprune.io as io_module
 import onnxprune.masking as masking_module
 from onnxprune.config import PruneConfig
 from onnxprune.errors import OutputPathError
+from onnxprune.formats import densify_model
 from onnxprune.io import (
     ModelWriter,
     iter_all_tensors,
@@ -99,9 +101,10 @@ def make_model() -> onnx.ModelProto:
 def tiny_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
     """Chunks and copies of a few thousand elements, lifts and splits from 256 bytes."""
     monkeypatch.setattr(masking_module, "CHUNK_ELEMENTS", 4096)
-    monkeypatch.setattr(io_module, "COPY_CHUNK_BYTES", 1000)
-    monkeypatch.setattr(io_module, "LAZY_MIN_BYTES", 256)
-    monkeypatch.setattr(io_module, "SPLIT_MIN_BYTES", 256)
+    monkeypatch.setattr(io_module.writer, "COPY_CHUNK_BYTES", 1000)
+    monkeypatch.setattr(io_module.wire, "LAZY_MIN_BYTES", 256)
+    monkeypatch.setattr(io_module.writer, "SPLIT_MIN_BYTES", 256)
+    monkeypatch.setattr(storage_module, "STREAMED_PAYLOAD_BYTES", 256)
 
 
 @pytest.fixture
@@ -127,11 +130,17 @@ CONFIGS = {
     "random-global": dict(sparsity=0.4, method="random", scope="global", seed=3),
     "2:4": dict(pattern="2:4"),
     "4:8-random": dict(pattern="4:8", method="random"),
+    "compact-90": dict(sparsity=0.9, format="compact"),
+    "compact-2:4": dict(pattern="2:4", format="compact"),
+    "wanda-compact": dict(method="wanda", format="compact", sparsity=0.8),
+    "sparsegpt-sequential": dict(method="sparsegpt", pattern="2:4"),
 }
 
 
 def values_by_name(path: Path) -> dict[str, np.ndarray]:
+    """Every tensor's values (compact and sparse forms made dense first)."""
     model = onnx.load(str(path))  # with its external data, the plain onnx way
+    densify_model(model, path.parent)
     return {t.name: numpy_helper.to_array(t) for t in iter_all_tensors(model.graph)}
 
 
@@ -223,7 +232,7 @@ def test_lazy_load_leaves_large_tensors_in_the_file(inline_path: Path) -> None:
     lazy_tensors = {t.name: t for t in iter_all_tensors(loaded.proto.graph)}
     for tensor in iter_all_tensors(eager.proto.graph):
         lazy = lazy_tensors[tensor.name]
-        if tensor.HasField("raw_data") and len(tensor.raw_data) >= io_module.LAZY_MIN_BYTES:
+        if tensor.HasField("raw_data") and len(tensor.raw_data) >= io_module.wire.LAZY_MIN_BYTES:
             assert uses_external_data(lazy) and not lazy.HasField("raw_data")
             assert {e.key: e.value for e in lazy.external_data}["location"] == "inline.onnx"
         else:

@@ -21,9 +21,12 @@ from ..targets import WeightTarget
 
 @dataclass
 class AllocationContext:
-    """What the pipeline lends an allocation: streamed stored scores of one target."""
+    """What the pipeline lends an allocation: streamed stored scores of one target, the
+    loaded model, and calibration samples given in memory (None: `config.calib` says)."""
 
     score_chunks: Callable[[WeightTarget], Iterable[np.ndarray]]
+    loaded: object | None = None  # io.LoadedModel
+    feeds: Sequence | None = None
 
 
 class Allocation(Protocol):

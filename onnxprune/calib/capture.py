@@ -184,24 +184,41 @@ class ActivationCapture:
                 del self._pending[key]
                 self._stats.pop(key, None)
 
-    def _session(self, stage: Stage, store: list[dict[str, np.ndarray]]
-                 ) -> ort.InferenceSession:
-        proto = self.index.model
+    def last_stage_reading(self) -> dict[str, int]:
+        """For every stored tensor a stage session reads (directly or through the static
+        nodes it copies), the number of the last stage that reads it: a replacement in
+        `weights` may be dropped once that stage is built."""
+        last: dict[str, int] = {}
         index = self.index.dataflow
-        # static producers this stage needs, in topological order (a replaced Constant's
-        # value comes from `weights` instead)
+        for stage in self.stage_list:
+            node_ids = self._static_producers(stage, replaced=set()) + stage.nodes
+            for i in node_ids:
+                for name in index.reads[i]:
+                    last[name] = stage.number
+        return last
+
+    def _static_producers(self, stage: Stage, replaced) -> list[int]:
+        """The static nodes a stage needs, in topological order; names in `replaced` come
+        from `weights`, so their producers are not needed."""
+        index = self.index.dataflow
         wanted: set[int] = set()
         pending = [r for i in stage.nodes for r in index.reads[i]]
         while pending:
             name = pending.pop()
-            if name in self.weights:
+            if name in replaced:
                 continue
             producer = index.producer.get(name)
             if producer is None or producer not in index.static_nodes or producer in wanted:
                 continue
             wanted.add(producer)
             pending.extend(index.reads[producer])
-        node_ids = sorted(wanted) + stage.nodes
+        return sorted(wanted)
+
+    def _session(self, stage: Stage, store: list[dict[str, np.ndarray]]
+                 ) -> ort.InferenceSession:
+        proto = self.index.model
+        index = self.index.dataflow
+        node_ids = self._static_producers(stage, self.weights) + stage.nodes
         graph = onnx.GraphProto(name=f"{proto.graph.name or 'graph'}_stage{stage.number}")
         for i in node_ids:
             graph.node.add().CopyFrom(index.nodes[i])

@@ -20,7 +20,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
+from ..errors import ModelLoadError
 from ..io import read_array, tensor_nbytes
+from ..io.load import check_sparse
 from .compact import decode_chunk, parse_meta
 from .graphs import (
     COMPACT_MARK,
@@ -124,6 +126,7 @@ def _find(model: onnx.ModelProto, base_dir: Path) -> list[_Found]:
             meta = parse_meta(node.doc_string) if node.doc_string else None
             if meta is None:
                 continue
+            _check_meta(meta, node)
             if initializers is None:
                 initializers = {t.name: t for t in graph.initializer}
             node_source = source if in_subgraph or meta["stored_as"] == "initializer" \
@@ -135,6 +138,7 @@ def _find(model: onnx.ModelProto, base_dir: Path) -> list[_Found]:
 
 def _sparse_info(sparse: onnx.SparseTensorProto, source: str, base_dir: Path,
                  name: str | None = None) -> StoredInfo:
+    check_sparse(sparse)  # (models built in memory were not checked by load_model)
     dtype = FLOAT_DATA_TYPES.get(sparse.values.data_type)
     dtype_name = str(dtype) if dtype is not None else \
         TensorProto.DataType.Name(sparse.values.data_type).lower()
@@ -153,22 +157,71 @@ def _compact_info(meta: dict, initializers: dict[str, TensorProto], source: str,
     stem = meta["prefix"] + "/"
     stored = sum(tensor_nbytes(t) for name, t in initializers.items() if name.startswith(stem))
 
+    label = f"compact tensor {_short(meta['tensor'])!r}"
+
     def load() -> np.ndarray:
         def read(name: str) -> np.ndarray:
             if name not in initializers:
-                raise ValueError(f"compact tensor {meta['tensor']!r}: payload {name!r} is "
-                                 "missing from the graph")
+                raise ModelLoadError(f"{label}: payload {_short(name)!r} is missing from the "
+                                     "graph")
             return read_array(initializers[name], base_dir)
 
-        chunks = [decode_chunk(meta, number, chunk, dtype, read)
-                  for number, chunk in enumerate(meta["chunks"])]
-        dense = chunks[0] if len(chunks) == 1 else np.concatenate(chunks, axis=0)
-        return dense.reshape(meta["shape"])
+        try:
+            chunks = [decode_chunk(meta, number, chunk, dtype, read)
+                      for number, chunk in enumerate(meta["chunks"])]
+            dense = chunks[0] if len(chunks) == 1 else np.concatenate(chunks, axis=0)
+            return dense.reshape(meta["shape"])
+        except (KeyError, IndexError, ValueError, TypeError, OverflowError) as exc:
+            # the description and payload come from the file: what does not fit is corrupt
+            text = str(exc).strip().splitlines()
+            raise ModelLoadError(f"{label}: its stored form cannot be decoded "
+                                 f"({type(exc).__name__}: {_short(text[0] if text else '')})"
+                                 ) from None
 
     shape = tuple(meta["shape"])
     nnz = sum(chunk.get("nnz", 0) for chunk in meta["chunks"])
     return StoredInfo(meta["tensor"], meta["format"], stored, math.prod(shape) * dtype.itemsize,
                       nnz, shape, str(dtype), source, load)
+
+
+def _check_meta(meta: dict, node: onnx.NodeProto) -> None:
+    """Refuse a compact description whose fields densify and inspect use directly are
+    missing or of the wrong kind (the fields only decoding reads are checked by decoding)."""
+    def fail(what: str) -> None:
+        raise ModelLoadError(f"node {_short(node.name)!r}: its compact tensor description is "
+                             f"corrupt ({what})")
+
+    if not isinstance(meta, dict):
+        fail("not a JSON object")
+    for key in ("tensor", "prefix", "format"):
+        if not isinstance(meta.get(key), str) or not meta[key]:
+            fail(f"{key!r} is not a name")
+    if meta.get("data_type") not in FLOAT_DATA_TYPES:
+        fail(f"data_type {meta.get('data_type')!r} is not a float type")
+    shape, chunks = meta.get("shape"), meta.get("chunks")
+    if not isinstance(shape, list) or not shape or not all(_is_count(d) for d in shape) or \
+            math.prod(shape) >= 2**59:
+        fail(f"shape {_short(str(shape))}")
+    if meta.get("stored_as") not in ("initializer", "constant"):
+        fail(f"stored_as {_short(str(meta.get('stored_as')))}")
+    if not isinstance(meta.get("node_name", ""), str):
+        fail("node_name is not a name")
+    if not isinstance(chunks, list) or not chunks:
+        fail("no chunks")
+    for chunk in chunks:
+        rows = chunk.get("rows") if isinstance(chunk, dict) else None
+        if not (isinstance(rows, list) and len(rows) == 2 and all(_is_count(r) for r in rows)
+                and rows[0] <= rows[1] <= shape[0] and isinstance(chunk.get("kind"), str)
+                and _is_count(chunk.get("nnz", 0))):
+            fail(f"chunk {_short(str(chunk))}")
+
+
+def _is_count(value) -> bool:
+    return type(value) is int and value >= 0
+
+
+def _short(text: str, limit: int = 80) -> str:
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _is_rebuild_node(node: onnx.NodeProto, stem: str) -> bool:

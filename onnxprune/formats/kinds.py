@@ -1,8 +1,10 @@
 """The storage formats as registered parts (`registry.FORMATS`): what `--format` names.
 
 A format has a `name`, a `description` and ``store(target, weights, pattern, model,
-write_dense) -> StoreResult | None`` (None: written dense, as it is). Plug-ins register
-their own through the ``onnxprune.formats`` entry point group.
+write_dense, write_payload) -> StoreResult | None`` (None: written dense, as it is):
+`write_dense(tensor, values)` writes a tensor that stays dense, `write_payload` (None, or a
+streaming writer's) takes new tensors a format adds. Plug-ins register their own through
+the ``onnxprune.formats`` entry point group.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ class Dense:
     name = "dense"
     description = "zeros kept in place"
 
-    def store(self, target, weights, pattern, model, write_dense):
+    def store(self, target, weights, pattern, model, write_dense, write_payload=None):
         write_dense(target.tensor, weights)
         return None
 
@@ -24,8 +26,9 @@ class _Stored:
 
     name = ""
 
-    def store(self, target, weights, pattern, model, write_dense):
-        return store(target, weights, self.name, pattern, model=model, write_dense=write_dense)
+    def store(self, target, weights, pattern, model, write_dense, write_payload=None):
+        return store(target, weights, self.name, pattern, model=model, write_dense=write_dense,
+                     write_payload=write_payload)
 
 
 class Sparse(_Stored):

@@ -9,13 +9,16 @@ disk, not memory or time.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
 import onnx
 from onnx import SparseTensorProto
 
-from ..io import read_array
+from ..errors import ModelLoadError
+from ..io import read_array, tensor_nbytes
+from ..io.load import check_sparse, sparse_label
 from .graphs import FLOAT_DATA_TYPES, bits_of, make_tensor
 
 INDEX_BYTES = 8  # int64, the only index type onnx.checker accepts
@@ -37,13 +40,24 @@ def make_sparse(name: str, array: np.ndarray) -> SparseTensorProto:
 
 
 def sparse_to_dense(sparse: SparseTensorProto, base_dir: Path) -> np.ndarray:
-    """The dense array of a sparse tensor (values and indices may be external data)."""
+    """The dense array of a sparse tensor (values and indices may be external data).
+
+    Values, indices and shape that do not fit together, or an index outside the shape, are a
+    ModelLoadError naming the tensor.
+    """
+    check_sparse(sparse)
     shape = tuple(int(d) for d in sparse.dims)
     dtype = FLOAT_DATA_TYPES.get(sparse.values.data_type)
-    values = read_array(sparse.values, Path(base_dir)).reshape(-1)
-    dense = np.zeros(int(np.prod(shape, dtype=np.int64)), dtype or values.dtype)
+    label = sparse_label(sparse)
+    values = read_array(sparse.values, Path(base_dir), label=f"values of {label}").reshape(-1)
+    dense = np.zeros(math.prod(shape), dtype or values.dtype)
     if values.size:
-        indices = read_array(sparse.indices, Path(base_dir)).astype(np.int64)
+        indices = read_array(sparse.indices, Path(base_dir), label=f"indices of {label}")
+        # compare before any cast: a uint64 index past 2**63 would wrap to a negative int64
+        bounds = shape if indices.ndim == 2 else (dense.size,)
+        if indices.size and (indices.min() < 0 or np.any(indices.max(axis=0) >= bounds)):
+            raise ModelLoadError(f"{label}: an index lies outside its shape {list(shape)}")
+        indices = indices.astype(np.int64)
         if indices.ndim == 2:  # [nnz, rank] coordinates
             indices = np.ravel_multi_index(tuple(indices.T), shape)
         dense[indices.reshape(-1)] = values
@@ -51,8 +65,6 @@ def sparse_to_dense(sparse: SparseTensorProto, base_dir: Path) -> np.ndarray:
 
 
 def stored_sparse_bytes(sparse: SparseTensorProto) -> int:
-    from ..io import tensor_nbytes
-
     return tensor_nbytes(sparse.values) + tensor_nbytes(sparse.indices)
 
 

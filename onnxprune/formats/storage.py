@@ -45,15 +45,13 @@ from ..targets import WeightTarget
 from .compact import (
     FOLD_CAP_BYTES,
     MIN_OPSET,
-    Plan,
     TensorBuilder,
     choose_plan,
     chunk_rows,
     encode_chunk,
     meta_doc,
-    nm_plan,
     plan_meta,
-    unstructured_plans,
+    tensor_plans,
 )
 from .graphs import (
     COMPACT_MARK,
@@ -71,6 +69,7 @@ log = logging.getLogger(__name__)
 
 DenseWriter = Callable[[TensorProto, np.ndarray], None]
 FORMATS = ("dense", "sparse", "compact")  # what `store` writes
+STREAMED_PAYLOAD_BYTES = 1 << 16  # smaller compact tensors stay in the proto until it is saved
 
 
 @dataclass(frozen=True)
@@ -89,7 +88,8 @@ class StoreResult:
 
 def store(target: WeightTarget, weights: np.ndarray, fmt: str, pattern: Pattern | None = None,
           *, model: onnx.ModelProto | None = None, write_dense: DenseWriter = write_array,
-          forms: tuple[str, ...] | None = None) -> StoreResult:
+          forms: tuple[str, ...] | None = None,
+          write_payload: DenseWriter | None = None) -> StoreResult:
     """Replace the dense storage of one target by `fmt`, where that is smaller.
 
     `weights` are the target's values in its stored shape and dtype. `dense` writes them
@@ -102,6 +102,9 @@ def store(target: WeightTarget, weights: np.ndarray, fmt: str, pattern: Pattern 
     into the proto (`io.write_array`); a streaming writer passes its own (`ModelWriter.put`).
     `forms` (tests and benchmarks) forces one of the given compact forms (zeros, gaps,
     bitmask, nm) even where it is not the smallest or not smaller than dense.
+    `write_payload(tensor, values)`, when given, takes each large new tensor of a compact
+    form as soon as it is in the graph (a streaming writer puts it in the output file), and
+    the proto keeps it without its bytes.
     """
     if fmt not in FORMATS:
         raise ValueError(f"format must be one of {', '.join(FORMATS)}; got {fmt!r}")
@@ -114,7 +117,8 @@ def store(target: WeightTarget, weights: np.ndarray, fmt: str, pattern: Pattern 
         reason = _blocker(target, weights, fmt, model)
         if reason is None:
             result = (_store_sparse(target, weights, model) if fmt == "sparse" else
-                      _store_compact(target, weights, pattern or Pattern(), model, forms))
+                      _store_compact(target, weights, pattern or Pattern(), model, forms,
+                                     write_payload))
             if isinstance(result, StoreResult):
                 return result
             reason = result
@@ -186,16 +190,13 @@ def _store_sparse(target: WeightTarget, weights: np.ndarray,
 
 def _store_compact(target: WeightTarget, weights: np.ndarray, pattern: Pattern,
                    model: onnx.ModelProto | None,
-                   forms: tuple[str, ...] | None = None) -> StoreResult | str:
+                   forms: tuple[str, ...] | None = None,
+                   write_payload: DenseWriter | None = None) -> StoreResult | str:
     axis = target.reduction_axis
     m = pattern.m if pattern.is_nm else 0
     rows = chunk_rows(weights.shape, axis, m)
     chunks = [weights[start:stop] for start, stop in rows]
-    plans: list[Plan] = unstructured_plans(chunks)
-    if pattern.is_nm:
-        plan = nm_plan(chunks, axis, pattern.n, pattern.m)
-        if plan is not None:
-            plans.append(plan)
+    plans = tensor_plans(chunks, axis, (pattern.n, pattern.m) if pattern.is_nm else None)
     if forms is not None:
         plans = [p for p in plans if p.kind in forms] or plans
     best = choose_plan(plans)
@@ -246,6 +247,13 @@ def _store_compact(target: WeightTarget, weights: np.ndarray, pattern: Pattern,
     for offset, node in enumerate(builder.nodes):
         graph.node.insert(position + offset, node)
     graph.initializer.extend(builder.initializers)
+    if write_payload is not None:
+        added = graph.initializer[len(graph.initializer) - len(builder.initializers):]
+        for tensor in added:  # the graph's own copies, which the writer will look for
+            array = builder.arrays[tensor.name]
+            if array.nbytes >= STREAMED_PAYLOAD_BYTES:
+                write_payload(tensor, array)
+                tensor.ClearField("raw_data")
     if not any(v.name == target.tensor_name for v in graph.value_info):
         graph.value_info.append(value_info)
     add_metadata_format(model, "compact")

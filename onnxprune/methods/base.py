@@ -28,7 +28,8 @@ class Job:
     `stats` are set when calibration statistics were gathered: `view.to_obs` gives the
     [groups, rows, features] matrices the statistics describe. `keep` is an existing mask
     (False = pruned before, never to be revived); with `fixed` it is the exact mask to apply.
-    `shared` is a scratch dict shared by targets that read the same layer input.
+    `shared` is a scratch dict shared by targets that read the same layer input. `config`
+    holds the run's settings (method options such as `ria_alpha`).
     """
 
     target: WeightTarget
@@ -40,6 +41,7 @@ class Job:
     keep: np.ndarray | None = None
     fixed: bool = False
     shared: dict = field(default_factory=dict)
+    config: object | None = None  # config.PruneConfig
 
 
 class Method:

@@ -1,0 +1,1169 @@
+"""Fuzz onnxprune's CLI with mutated models: every run must end cleanly.
+
+    python tools/fuzz.py --cases 10000 --seed 0      # prints counts; exit 1 on any failure
+    python tools/fuzz.py --cases 200 --kind ext_ -v  # only kinds whose name starts so
+
+Each case copies one base model into a fresh folder, applies one seeded mutation (bit flips,
+truncations, garbage, swapped fields, huge and negative dims, bad data types, missing or
+miscounted data, corrupt sparse tensors, external-data edits: symlinks out of the folder,
+`..`, absolute paths, bad offsets and lengths, long or non-UTF-8 locations), then runs
+`onnxprune.cli.main` in-process for `inspect`, `prune` (to a temporary output, sometimes
+`--format compact` or `sparse`) and `densify`. Outcomes:
+
+- ok: exit 0;
+- refused: exit 2 with exactly one `onnxprune: error:` line and no traceback;
+- internal: exit 3, any other exit code, or an exception escaping `main`.
+
+Invariants checked on every run (a breach counts as a failure, whatever the exit code): the
+model folder's files are unchanged (sha256 before and after), a failed run leaves no file
+in the output folder, no file outside the model folder is opened (an audit hook watches
+`open`), and the bytes of a canary file beside the model folder never appear in an output.
+Base models are the demo models in models/ and small models built here: external data,
+sparse initializers, Constant nodes, an If subgraph, a local function and a TENSORS
+attribute.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import hashlib
+import io
+import json
+import os
+import random
+import shutil
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEMO_MODELS = sorted((REPO_ROOT / "models").glob("*.onnx"))
+MODEL_NAME = "model.onnx"
+DATA_NAME = "model.onnx.data"
+CANARY_NAME = "canary.bin"
+# the canary's bytes: one marker repeated, so that any piece of it copied into an output
+# (even after pruning zeroed some values) still holds a whole marker
+CANARY_MARKER = b"\x13\x37CANARY\xc0\xde"
+CANARY_BYTES = CANARY_MARKER * 8192
+F = TensorProto.FLOAT
+
+
+# --- base models -------------------------------------------------------------------------
+
+
+@dataclass
+class Base:
+    """A model folder's files (name -> bytes); the model is MODEL_NAME."""
+
+    name: str
+    files: dict[str, bytes]
+    external: bool = False
+
+
+def _weights(rng: np.random.Generator, *shape: int) -> np.ndarray:
+    return rng.standard_normal(shape).astype(np.float32)
+
+
+def _sparse(name: str, dense: np.ndarray) -> onnx.SparseTensorProto:
+    flat = dense.reshape(-1)
+    indices = np.flatnonzero(flat).astype(np.int64)
+    sparse = onnx.SparseTensorProto()
+    sparse.values.CopyFrom(numpy_helper.from_array(flat[indices], name))
+    sparse.indices.CopyFrom(numpy_helper.from_array(indices, ""))
+    sparse.dims.extend(dense.shape)
+    return sparse
+
+
+def build_rich_model(seed: int = 0) -> onnx.ModelProto:
+    """Initializers, a sparse initializer, a Constant node, an If subgraph, a local function
+    whose body holds a Constant, and a custom node with a TENSORS attribute."""
+    rng = np.random.default_rng(seed)
+    sparse_dense = _weights(rng, 64, 64)
+    sparse_dense[rng.random((64, 64)) < 0.8] = 0
+    then_branch = helper.make_graph(
+        [helper.make_node("MatMul", ["h3", "Wt"], ["yt"], name="then_mm")], "then", [],
+        [helper.make_tensor_value_info("yt", F, [2, 64])],
+        [numpy_helper.from_array(_weights(rng, 64, 64), "Wt")])
+    else_branch = helper.make_graph(
+        [helper.make_node("Identity", ["h3"], ["ye"])], "else", [],
+        [helper.make_tensor_value_info("ye", F, [2, 64])])
+    function = helper.make_function(
+        "local", "Project", ["X"], ["Y"],
+        [helper.make_node("Constant", [], ["Wf"],
+                          value=numpy_helper.from_array(_weights(rng, 64, 64), "Wf")),
+         helper.make_node("MatMul", ["X", "Wf"], ["Y"])],
+        [helper.make_opsetid("", 17)])
+    holder = helper.make_node("Holder", [], ["held"], domain="custom", name="holder")
+    holder.attribute.append(helper.make_attribute(
+        "tensors", [numpy_helper.from_array(_weights(rng, 32, 32), "Wh")]))
+    nodes = [
+        helper.make_node("MatMul", ["x", "W1"], ["h1"], name="fc1"),
+        helper.make_node("Gemm", ["h1", "W2"], ["h2"], transB=1, name="fc2"),
+        helper.make_node("Constant", [], ["Wc"], name="const_wc",
+                         value=numpy_helper.from_array(_weights(rng, 64, 64), "Wc")),
+        helper.make_node("MatMul", ["h2", "Wc"], ["h2c"], name="fc3"),
+        helper.make_node("MatMul", ["h2c", "Ws"], ["h2s"], name="fc4"),
+        helper.make_node("Project", ["h2s"], ["h3"], domain="local", name="project"),
+        helper.make_node("If", ["c"], ["y"], then_branch=then_branch, else_branch=else_branch,
+                         name="branch"),
+        holder,
+    ]
+    graph = helper.make_graph(
+        nodes, "rich",
+        [helper.make_tensor_value_info("x", F, [2, 64]),
+         helper.make_tensor_value_info("c", TensorProto.BOOL, [])],
+        [helper.make_tensor_value_info("y", F, [2, 64]),
+         helper.make_tensor_value_info("held", F, None)],
+        [numpy_helper.from_array(_weights(rng, 64, 64), "W1"),
+         numpy_helper.from_array(_weights(rng, 64, 64), "W2"),
+         numpy_helper.from_array(_weights(rng, 64), "b")],
+        sparse_initializer=[_sparse("Ws", sparse_dense)])
+    model = helper.make_model(graph, functions=[function],
+                              opset_imports=[helper.make_opsetid("", 17),
+                                             helper.make_opsetid("local", 1),
+                                             helper.make_opsetid("custom", 1)])
+    model.ir_version = 8
+    return model
+
+
+def move_to_external(model: onnx.ModelProto, data_name: str = DATA_NAME) -> bytes:
+    """Move every tensor of >= 256 bytes (sparse values and indices, function bodies and
+    TENSORS attributes included) to one data file; returns its bytes."""
+    data = bytearray()
+    for tensor in _all_tensors(model):
+        if not tensor.HasField("raw_data") or len(tensor.raw_data) < 256:
+            continue
+        data += b"\0" * (-len(data) % 64)
+        offset = len(data)
+        data += tensor.raw_data
+        tensor.ClearField("raw_data")
+        for key, value in (("location", data_name), ("offset", str(offset)),
+                           ("length", str(len(data) - offset))):
+            entry = tensor.external_data.add()
+            entry.key, entry.value = key, value
+        tensor.data_location = TensorProto.EXTERNAL
+    return bytes(data)
+
+
+def make_bases() -> list[Base]:
+    bases = [Base(path.stem, {MODEL_NAME: path.read_bytes()}) for path in DEMO_MODELS]
+    bases.append(Base("rich", {MODEL_NAME: build_rich_model().SerializeToString()}))
+    model = build_rich_model(1)
+    data = move_to_external(model)
+    bases.append(Base("rich_external", {MODEL_NAME: model.SerializeToString(), DATA_NAME: data},
+                      external=True))
+    mlp = next((p for p in DEMO_MODELS if p.stem == "mlp"), None)
+    if mlp is not None:
+        model = onnx.load(str(mlp))
+        data = move_to_external(model)
+        bases.append(Base("mlp_external", {MODEL_NAME: model.SerializeToString(),
+                                           DATA_NAME: data}, external=True))
+        bases += _stored_forms(mlp)
+    return bases
+
+
+def _stored_forms(path: Path) -> list[Base]:
+    """The model pruned and stored compact (gap codes, bitmask, 2:4 units) and sparse."""
+    import onnxprune
+
+    forms = {"compact_gaps": dict(sparsity=0.9, format="compact"),
+             "compact_bitmask": dict(sparsity=0.5, format="compact"),
+             "compact_nm": dict(pattern="2:4", format="compact"),
+             "sparse": dict(sparsity=0.9, format="sparse")}
+    bases = []
+    with tempfile.TemporaryDirectory() as folder:
+        for name, options in forms.items():
+            out = Path(folder) / f"{name}.onnx"
+            onnxprune.prune(str(path), str(out), **options)
+            bases.append(Base(f"{path.stem}_{name}", {MODEL_NAME: out.read_bytes()}))
+    return bases
+
+
+# --- walking a model's tensors -----------------------------------------------------------
+
+
+def _node_tensors(nodes) -> list[TensorProto]:
+    found: list[TensorProto] = []
+    for node in nodes:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.TENSOR:
+                found.append(attr.t)
+            elif attr.type == onnx.AttributeProto.TENSORS:
+                found.extend(attr.tensors)
+            elif attr.type == onnx.AttributeProto.SPARSE_TENSOR:
+                found.extend((attr.sparse_tensor.values, attr.sparse_tensor.indices))
+            elif attr.type == onnx.AttributeProto.GRAPH:
+                found.extend(_graph_tensors(attr.g))
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for sub in attr.graphs:
+                    found.extend(_graph_tensors(sub))
+    return found
+
+
+def _graph_tensors(graph: onnx.GraphProto) -> list[TensorProto]:
+    found = list(graph.initializer)
+    for sparse in graph.sparse_initializer:
+        found.extend((sparse.values, sparse.indices))
+    return found + _node_tensors(graph.node)
+
+
+def _all_tensors(model: onnx.ModelProto) -> list[TensorProto]:
+    found = _graph_tensors(model.graph)
+    for function in model.functions:
+        found.extend(_node_tensors(function.node))
+    return found
+
+
+def _all_sparse(model: onnx.ModelProto) -> list[onnx.SparseTensorProto]:
+    found: list[onnx.SparseTensorProto] = []
+
+    def graph_walk(graph: onnx.GraphProto) -> None:
+        found.extend(graph.sparse_initializer)
+        for node in graph.node:
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.SPARSE_TENSOR:
+                    found.append(attr.sparse_tensor)
+                elif attr.type == onnx.AttributeProto.GRAPH:
+                    graph_walk(attr.g)
+                elif attr.type == onnx.AttributeProto.GRAPHS:
+                    for sub in attr.graphs:
+                        graph_walk(sub)
+
+    graph_walk(model.graph)
+    return found
+
+
+def _all_graphs(graph: onnx.GraphProto) -> list[onnx.GraphProto]:
+    found = [graph]
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                found.extend(_all_graphs(attr.g))
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for sub in attr.graphs:
+                    found.extend(_all_graphs(sub))
+    return found
+
+
+# --- mutations ---------------------------------------------------------------------------
+
+
+class Skip(Exception):
+    """The mutation does not apply to this base model."""
+
+
+@dataclass
+class Folder:
+    """The case's files: the model folder and the canary beside it."""
+
+    root: Path  # holds CANARY_NAME and the model folder
+    model_dir: Path
+    rng: random.Random
+
+    @property
+    def model_path(self) -> Path:
+        return self.model_dir / MODEL_NAME
+
+    @property
+    def canary(self) -> Path:
+        return self.root / CANARY_NAME
+
+    def load(self) -> onnx.ModelProto:
+        try:
+            return onnx.load(str(self.model_path), load_external_data=False)
+        except Exception as exc:
+            raise Skip from exc
+
+    def save(self, model: onnx.ModelProto) -> None:
+        self.model_path.write_bytes(model.SerializeToString())
+
+    def tensor(self, model: onnx.ModelProto, external: bool | None = None,
+               min_bytes: int = 0) -> TensorProto:
+        tensors = [t for t in _all_tensors(model)
+                   if (external is None or _is_external(t) == external)
+                   and _stored_bytes(t) >= min_bytes]
+        if not tensors:
+            raise Skip
+        return self.rng.choice(tensors)
+
+
+def _is_external(tensor: TensorProto) -> bool:
+    return tensor.data_location == TensorProto.EXTERNAL
+
+
+def _stored_bytes(tensor: TensorProto) -> int:
+    if _is_external(tensor):
+        info = {e.key: e.value for e in tensor.external_data}
+        return int(info.get("length", 0))
+    return len(tensor.raw_data) + 4 * len(tensor.float_data)
+
+
+def _set_external(tensor: TensorProto, **entries: str) -> None:
+    info = {e.key: e.value for e in tensor.external_data}
+    info.update(entries)
+    tensor.ClearField("external_data")
+    for key, value in info.items():
+        entry = tensor.external_data.add()
+        entry.key, entry.value = key, value
+    tensor.ClearField("raw_data")
+    tensor.data_location = TensorProto.EXTERNAL
+
+
+def _make_external(folder: Folder, model: onnx.ModelProto, tensor: TensorProto) -> None:
+    """Give an inline tensor a data file of its own (so that later edits can point it away)."""
+    if _is_external(tensor):
+        return
+    raw = tensor.raw_data if tensor.HasField("raw_data") else b""
+    name = f"t{folder.rng.randrange(1 << 30)}.bin"
+    (folder.model_dir / name).write_bytes(raw)
+    _set_external(tensor, location=name, offset="0", length=str(len(raw)))
+
+
+# byte-level ----------------------------------------------------------------------------
+
+
+def m_bitflip(folder: Folder) -> None:
+    data = bytearray(folder.model_path.read_bytes())
+    for _ in range(folder.rng.randint(1, 8)):
+        bit = folder.rng.randrange(len(data) * 8)
+        data[bit // 8] ^= 1 << (bit % 8)
+    folder.model_path.write_bytes(bytes(data))
+
+
+def m_bitflip_header(folder: Folder) -> None:
+    """Flips in the graph structure rather than in tensor bytes (bytes outside raw_data)."""
+    data = bytearray(folder.model_path.read_bytes())
+    limit = min(len(data), 4096)
+    for _ in range(folder.rng.randint(1, 4)):
+        position = folder.rng.randrange(limit) if folder.rng.random() < 0.5 \
+            else folder.rng.randrange(max(0, len(data) - limit), len(data))
+        data[position] ^= 1 << folder.rng.randrange(8)
+    folder.model_path.write_bytes(bytes(data))
+
+
+def m_truncate(folder: Folder) -> None:
+    data = folder.model_path.read_bytes()
+    folder.model_path.write_bytes(data[:folder.rng.randrange(len(data))])
+
+
+def m_garbage(folder: Folder) -> None:
+    data = bytearray(folder.model_path.read_bytes())
+    start = folder.rng.randrange(len(data))
+    size = folder.rng.randint(1, 64)
+    data[start:start + size] = folder.rng.randbytes(size)
+    folder.model_path.write_bytes(bytes(data))
+
+
+def m_garbage_file(folder: Folder) -> None:
+    folder.model_path.write_bytes(folder.rng.randbytes(folder.rng.randint(0, 2048)))
+
+
+def m_splice(folder: Folder) -> None:
+    data = folder.model_path.read_bytes()
+    a, b = sorted(folder.rng.randrange(len(data)) for _ in range(2))
+    if folder.rng.random() < 0.5:
+        data = data[:a] + data[b:]
+    else:
+        data = data[:b] + data[a:b] + data[b:]
+    folder.model_path.write_bytes(data)
+
+
+# proto-level: tensors ------------------------------------------------------------------
+
+
+def m_dims_huge(folder: Folder) -> None:
+    model = folder.load()
+    tensor = folder.tensor(model)
+    if not tensor.dims:
+        tensor.dims.append(1)
+    tensor.dims[folder.rng.randrange(len(tensor.dims))] = folder.rng.choice(
+        [2**31, 2**40, 2**62, 2**63 - 1, 10**12])
+    folder.save(model)
+
+
+def m_dims_negative(folder: Folder) -> None:
+    model = folder.load()
+    tensor = folder.tensor(model)
+    if not tensor.dims:
+        tensor.dims.append(1)
+    tensor.dims[folder.rng.randrange(len(tensor.dims))] = folder.rng.choice(
+        [-1, -2, -64, -(2**40), -(2**63)])
+    folder.save(model)
+
+
+def m_dims_shuffle(folder: Folder) -> None:
+    model = folder.load()
+    tensor = folder.tensor(model)
+    dims = list(tensor.dims)
+    choice = folder.rng.randrange(4)
+    if choice == 0:
+        dims.append(folder.rng.choice([0, 1, 2, 3]))
+    elif choice == 1 and dims:
+        dims.pop()
+    elif choice == 2:
+        dims = [folder.rng.randint(0, 70) for _ in range(folder.rng.randint(0, 4))]
+    else:
+        dims = [0] + dims
+    del tensor.dims[:]
+    tensor.dims.extend(dims)
+    folder.save(model)
+
+
+def m_data_type(folder: Folder) -> None:
+    model = folder.load()
+    tensor = folder.tensor(model)
+    tensor.data_type = folder.rng.choice([0, 99, 1000, -1, *range(1, 27)])
+    folder.save(model)
+
+
+def m_no_data(folder: Folder) -> None:
+    model = folder.load()
+    tensor = folder.tensor(model)
+    for name in ("raw_data", "float_data", "int32_data", "int64_data", "double_data",
+                 "uint64_data", "string_data", "external_data", "data_location"):
+        tensor.ClearField(name)
+    folder.save(model)
+
+
+def m_float_data_count(folder: Folder) -> None:
+    model = folder.load()
+    tensor = folder.tensor(model, external=False)
+    if tensor.data_type != F:
+        tensor.data_type = F
+    count = max(0, int(np.prod(tensor.dims, dtype=np.int64)) + folder.rng.choice(
+        [-1, 1, -7, 5, 100]))
+    tensor.ClearField("raw_data")
+    tensor.ClearField("float_data")
+    tensor.float_data.extend([0.5] * min(count, 1 << 16))
+    folder.save(model)
+
+
+def m_raw_length(folder: Folder) -> None:
+    model = folder.load()
+    tensor = folder.tensor(model, external=False)
+    raw = tensor.raw_data
+    tensor.raw_data = raw[:folder.rng.randrange(len(raw) + 1)] if raw and \
+        folder.rng.random() < 0.5 else raw + folder.rng.randbytes(folder.rng.randint(1, 9))
+    folder.save(model)
+
+
+def m_typed_field_mix(folder: Folder) -> None:
+    """Values in a field that does not match the data type (int64_data for floats, ...)."""
+    model = folder.load()
+    tensor = folder.tensor(model, external=False)
+    numel = int(np.prod(tensor.dims, dtype=np.int64)) if tensor.dims else 1
+    numel = max(0, min(numel, 1 << 16))
+    tensor.ClearField("raw_data")
+    field_name = folder.rng.choice(["int64_data", "int32_data", "double_data", "uint64_data",
+                                    "string_data"])
+    values = {"int64_data": [3] * numel, "int32_data": [2] * numel, "double_data": [0.5] * numel,
+              "uint64_data": [1] * numel, "string_data": [b"x"] * numel}[field_name]
+    getattr(tensor, field_name).extend(values)
+    folder.save(model)
+
+
+def m_swap_fields(folder: Folder) -> None:
+    """Swap one field (dims, data_type, name, data) between two tensors."""
+    model = folder.load()
+    tensors = _all_tensors(model)
+    if len(tensors) < 2:
+        raise Skip
+    a, b = folder.rng.sample(tensors, 2)
+    what = folder.rng.choice(["dims", "data_type", "name", "data"])
+    if what == "dims":
+        da, db = list(a.dims), list(b.dims)
+        del a.dims[:]
+        del b.dims[:]
+        a.dims.extend(db)
+        b.dims.extend(da)
+    elif what == "data_type":
+        a.data_type, b.data_type = b.data_type, a.data_type
+    elif what == "name":
+        a.name, b.name = b.name, a.name
+    else:
+        copy_a, copy_b = TensorProto(), TensorProto()
+        copy_a.CopyFrom(a)
+        copy_b.CopyFrom(b)
+        for target, source in ((a, copy_b), (b, copy_a)):
+            for name in ("raw_data", "float_data", "external_data", "data_location"):
+                target.ClearField(name)
+            if source.HasField("raw_data"):
+                target.raw_data = source.raw_data
+            target.float_data.extend(source.float_data)
+            target.external_data.extend(source.external_data)
+            if source.HasField("data_location"):
+                target.data_location = source.data_location
+    folder.save(model)
+
+
+def m_swap_node_inputs(folder: Folder) -> None:
+    model = folder.load()
+    nodes = [n for g in _all_graphs(model.graph) for n in g.node if len(n.input) >= 1]
+    if not nodes:
+        raise Skip
+    node = folder.rng.choice(nodes)
+    names = [t.name for t in _all_tensors(model)] + ["", "missing"]
+    node.input[folder.rng.randrange(len(node.input))] = folder.rng.choice(names)
+    folder.save(model)
+
+
+def m_duplicate_names(folder: Folder) -> None:
+    model = folder.load()
+    tensors = _all_tensors(model)
+    if len(tensors) < 2:
+        raise Skip
+    a, b = folder.rng.sample(tensors, 2)
+    b.name = a.name
+    if folder.rng.random() < 0.5:
+        model.graph.initializer.append(a)
+    folder.save(model)
+
+
+# proto-level: sparse tensors and attributes --------------------------------------------
+
+
+def _sparse_or_skip(folder: Folder, model: onnx.ModelProto) -> onnx.SparseTensorProto:
+    sparse = _all_sparse(model)
+    if not sparse:
+        # turn a dense initializer sparse first, so the mutation has something to work on
+        graph = model.graph
+        candidates = [t for t in graph.initializer if t.data_type == F and t.HasField("raw_data")]
+        if not candidates:
+            raise Skip
+        tensor = folder.rng.choice(candidates)
+        graph.sparse_initializer.append(_sparse(tensor.name, numpy_helper.to_array(tensor)))
+        graph.initializer.remove(tensor)
+        return graph.sparse_initializer[-1]
+    return folder.rng.choice(sparse)
+
+
+def _set_indices(sparse: onnx.SparseTensorProto, indices: np.ndarray) -> None:
+    sparse.indices.CopyFrom(numpy_helper.from_array(indices, sparse.indices.name))
+
+
+def m_sparse_indices_range(folder: Folder) -> None:
+    model = folder.load()
+    sparse = _sparse_or_skip(folder, model)
+    numel = int(np.prod(sparse.dims, dtype=np.int64))
+    count = int(np.prod(sparse.values.dims, dtype=np.int64)) if sparse.values.dims else 1
+    indices = np.arange(max(count, 0), dtype=np.int64)
+    if indices.size:
+        indices[folder.rng.randrange(indices.size)] = folder.rng.choice(
+            [numel, numel + 5, -1, -numel - 1, 2**62])
+    _set_indices(sparse, indices)
+    folder.save(model)
+
+
+def m_sparse_indices_count(folder: Folder) -> None:
+    model = folder.load()
+    sparse = _sparse_or_skip(folder, model)
+    count = int(np.prod(sparse.values.dims, dtype=np.int64)) if sparse.values.dims else 1
+    _set_indices(sparse, np.arange(max(0, count + folder.rng.choice([-3, -1, 1, 7])),
+                                   dtype=np.int64))
+    folder.save(model)
+
+
+def m_sparse_indices_form(folder: Folder) -> None:
+    """Indices of another type or rank: float, int32, 2-D with a wrong rank, unsorted."""
+    model = folder.load()
+    sparse = _sparse_or_skip(folder, model)
+    count = int(np.prod(sparse.values.dims, dtype=np.int64)) if sparse.values.dims else 1
+    count = max(count, 0)
+    choice = folder.rng.randrange(5)
+    if choice == 0:
+        indices = np.arange(count, dtype=np.float32)
+    elif choice == 1:
+        indices = np.arange(count, dtype=np.int32)
+    elif choice == 2:
+        indices = np.zeros((count, len(sparse.dims) + 1), np.int64)
+    elif choice == 3:
+        indices = np.arange(count, dtype=np.int64)[::-1].copy()
+    else:
+        indices = np.zeros(count, np.int64)  # duplicates
+    _set_indices(sparse, indices)
+    folder.save(model)
+
+
+def m_sparse_dims(folder: Folder) -> None:
+    model = folder.load()
+    sparse = _sparse_or_skip(folder, model)
+    del sparse.dims[:]
+    sparse.dims.extend(folder.rng.choice([[], [0], [3], [-4, 4], [2**40, 2**40], [1, 2, 3]]))
+    folder.save(model)
+
+
+def m_sparse_values(folder: Folder) -> None:
+    model = folder.load()
+    sparse = _sparse_or_skip(folder, model)
+    choice = folder.rng.randrange(3)
+    if choice == 0:
+        sparse.values.data_type = folder.rng.choice([0, 99, TensorProto.STRING, TensorProto.INT8])
+    elif choice == 1:
+        sparse.values.ClearField("raw_data")
+    else:
+        del sparse.values.dims[:]
+        sparse.values.dims.extend([folder.rng.randint(0, 5000), 2])
+    folder.save(model)
+
+
+def m_sparse_for_tensor(folder: Folder) -> None:
+    """A SparseTensorProto where a tensor was expected, or the other way round."""
+    model = folder.load()
+    nodes = [n for g in _all_graphs(model.graph) for n in g.node if n.op_type == "Constant"]
+    if not nodes:
+        node = helper.make_node("Constant", [], ["fuzz_const"])
+        model.graph.node.insert(0, node)
+        nodes = [node]
+    node = folder.rng.choice(nodes)
+    dense = np.ones((8, 8), np.float32)
+    choice = folder.rng.randrange(4)
+    del node.attribute[:]
+    attr = node.attribute.add()
+    attr.name = folder.rng.choice(["value", "sparse_value"])
+    if choice == 0:  # says TENSOR, holds a sparse tensor
+        attr.type = onnx.AttributeProto.TENSOR
+        attr.sparse_tensor.CopyFrom(_sparse("s", dense))
+    elif choice == 1:  # says SPARSE_TENSOR, holds a tensor
+        attr.type = onnx.AttributeProto.SPARSE_TENSOR
+        attr.t.CopyFrom(numpy_helper.from_array(dense, "t"))
+    elif choice == 2:  # both
+        attr.type = folder.rng.choice([onnx.AttributeProto.TENSOR,
+                                       onnx.AttributeProto.SPARSE_TENSOR])
+        attr.t.CopyFrom(numpy_helper.from_array(dense, "t"))
+        attr.sparse_tensor.CopyFrom(_sparse("s", dense))
+    else:  # type missing or of another kind
+        attr.type = folder.rng.choice([0, onnx.AttributeProto.FLOAT, onnx.AttributeProto.TENSORS,
+                                       onnx.AttributeProto.GRAPH])
+        attr.t.CopyFrom(numpy_helper.from_array(dense, "t"))
+    if folder.rng.random() < 0.3:
+        model.graph.sparse_initializer.append(_sparse("Wextra", dense))
+        model.graph.sparse_initializer[-1].values.name = folder.rng.choice(
+            ["", "Wextra", model.graph.initializer[0].name if model.graph.initializer else "x"])
+    folder.save(model)
+
+
+def m_attribute_type(folder: Folder) -> None:
+    model = folder.load()
+    attrs = [a for g in _all_graphs(model.graph) for n in g.node for a in n.attribute]
+    if not attrs:
+        raise Skip
+    attr = folder.rng.choice(attrs)
+    attr.type = folder.rng.choice([0, *range(1, 15)])
+    folder.save(model)
+
+
+def m_attribute_value(folder: Folder) -> None:
+    """Out-of-range values: group 0 or not dividing, perm not a permutation, axis 99, ..."""
+    model = folder.load()
+    attrs = [a for g in _all_graphs(model.graph) for n in g.node for a in n.attribute
+             if a.type in (onnx.AttributeProto.INT, onnx.AttributeProto.INTS)]
+    if not attrs:
+        raise Skip
+    attr = folder.rng.choice(attrs)
+    weird = [0, -1, 3, 7, 99, -(2**40), 2**40]
+    if attr.type == onnx.AttributeProto.INT:
+        attr.i = folder.rng.choice(weird)
+    else:
+        values = list(attr.ints) or [0]
+        choice = folder.rng.randrange(3)
+        if choice == 0:
+            values[folder.rng.randrange(len(values))] = folder.rng.choice(weird)
+        elif choice == 1:
+            values = values[:-1] if len(values) > 1 else values * 2
+        else:
+            values = [values[0]] * len(values)
+        del attr.ints[:]
+        attr.ints.extend(values)
+    folder.save(model)
+
+
+# compact tensors: their description (JSON in a doc_string) and payload ------------------
+
+
+def _compact_node(folder: Folder, model: onnx.ModelProto) -> onnx.NodeProto:
+    nodes = [n for g in _all_graphs(model.graph) for n in g.node
+             if n.doc_string.startswith("onnxprune:compact {")]
+    if not nodes:
+        raise Skip
+    return folder.rng.choice(nodes)
+
+
+def _mutate_json(rng: random.Random, value, depth: int = 0):
+    """One random edit somewhere in a JSON value."""
+    if isinstance(value, dict) and value:
+        key = rng.choice(sorted(value))
+        if rng.random() < 0.25:
+            del value[key]
+        else:
+            value[key] = _mutate_json(rng, value[key], depth + 1)
+        return value
+    if isinstance(value, list) and value and rng.random() < 0.8:
+        index = rng.randrange(len(value))
+        value[index] = _mutate_json(rng, value[index], depth + 1)
+        return value
+    return rng.choice([0, -1, 1, 3, 99, 2**40, -(2**40), 0.5, "x", None, [], {}, [0, 0],
+                       [5, 2], True, "gaps", "bitmask", "nm", "zeros", "rows"])
+
+
+def m_compact_meta(folder: Folder) -> None:
+    model = folder.load()
+    node = _compact_node(folder, model)
+    head, text = node.doc_string.split(" ", 1)
+    if folder.rng.random() < 0.1:
+        node.doc_string = head + " {" + folder.rng.choice(['"a":', "", '"chunks": 5', "}{"])
+    else:
+        node.doc_string = head + " " + json.dumps(_mutate_json(folder.rng, json.loads(text)))
+    folder.save(model)
+
+
+def m_compact_payload(folder: Folder) -> None:
+    """A payload tensor of a compact form cut short, lengthened, retyped or overwritten."""
+    model = folder.load()
+    node = _compact_node(folder, model)
+    prefix = json.loads(node.doc_string.split(" ", 1)[1]).get("prefix", "") + "/"
+    payload = [t for g in _all_graphs(model.graph) for t in g.initializer
+               if t.name.startswith(prefix)]
+    if not payload:
+        raise Skip
+    tensor = folder.rng.choice(payload)
+    array = numpy_helper.to_array(tensor)
+    choice = folder.rng.randrange(4)
+    if choice == 0:
+        array = array.reshape(-1)[:folder.rng.randrange(array.size + 1)]
+    elif choice == 1:
+        array = np.concatenate([array.reshape(-1), array.reshape(-1)[:7]])
+    elif choice == 2:
+        array = array.astype(folder.rng.choice([np.float32, np.int64, np.uint8, np.int8]))
+    else:
+        flat = array.reshape(-1).copy()
+        if flat.size:
+            info = np.iinfo(flat.dtype) if flat.dtype.kind in "iu" else None
+            flat[folder.rng.randrange(flat.size)] = info.max if info else np.inf
+        array = flat.reshape(array.shape)
+    tensor.CopyFrom(numpy_helper.from_array(array, tensor.name))
+    folder.save(model)
+
+
+# invalid UTF-8 in string fields (written at the wire level: protobuf will not set them) ---
+
+
+def _with_invalid_utf8(folder: Folder, set_marker: Callable[[onnx.ModelProto, str], bool]
+                       ) -> None:
+    model = folder.load()
+    marker = f"FUZZ{folder.rng.randrange(10**8):08d}"
+    if not set_marker(model, marker):
+        raise Skip
+    data = model.SerializeToString()
+    bad = bytes(folder.rng.choice([0xFF, 0xFE, 0xC0, 0x80, 0xED]) for _ in marker)
+    folder.model_path.write_bytes(data.replace(marker.encode(), bad))
+
+
+def m_utf8_name(folder: Folder) -> None:
+    def set_marker(model: onnx.ModelProto, marker: str) -> bool:
+        choice = folder.rng.randrange(5)
+        if choice == 0:
+            tensor = folder.tensor(model)
+            for node in (n for g in _all_graphs(model.graph) for n in g.node):
+                for index, name in enumerate(node.input):
+                    if name == tensor.name and tensor.name:
+                        node.input[index] = marker
+            tensor.name = marker
+        elif choice == 1:
+            folder.rng.choice(list(model.graph.node)).name = marker
+        elif choice == 2:
+            model.producer_name = marker
+        elif choice == 3:
+            model.graph.doc_string = marker
+        else:
+            entry = model.metadata_props.add()
+            entry.key, entry.value = "fuzz", marker
+        return True
+
+    _with_invalid_utf8(folder, set_marker)
+
+
+def m_utf8_location(folder: Folder) -> None:
+    def set_marker(model: onnx.ModelProto, marker: str) -> bool:
+        tensor = folder.tensor(model, min_bytes=1)
+        _make_external(folder, model, tensor)
+        _set_external(tensor, location=marker)
+        return True
+
+    _with_invalid_utf8(folder, set_marker)
+
+
+# external data ---------------------------------------------------------------------------
+
+
+def _external_tensor(folder: Folder, model: onnx.ModelProto) -> TensorProto:
+    tensor = folder.tensor(model, min_bytes=16)
+    _make_external(folder, model, tensor)
+    return tensor
+
+
+def m_ext_symlink_file(folder: Folder) -> None:
+    """A location that is a symlink to a file outside the folder."""
+    model = folder.load()
+    tensor = _external_tensor(folder, model)
+    info = {e.key: e.value for e in tensor.external_data}
+    link = folder.model_dir / "link.bin"
+    link.symlink_to(folder.canary if folder.rng.random() < 0.8 else Path("/etc/passwd"))
+    _set_external(tensor, location="link.bin",
+                  offset="0" if folder.rng.random() < 0.5 else info.get("offset", "0"))
+    folder.save(model)
+
+
+def m_ext_symlink_data_file(folder: Folder) -> None:
+    """The model's own data file replaced by a symlink to a file outside (bytes unchanged)."""
+    model = folder.load()
+    tensor = _external_tensor(folder, model)
+    location = {e.key: e.value for e in tensor.external_data}["location"]
+    source = folder.model_dir / location
+    outside = folder.root / "outside.bin"
+    shutil.copyfile(source, outside)
+    with open(outside, "ab") as fh:  # the canary's marker after the tensor's bytes
+        fh.write(CANARY_BYTES[:4096])
+    source.unlink()
+    source.symlink_to(outside)
+    folder.save(model)
+
+
+def m_ext_symlink_dir(folder: Folder) -> None:
+    """A location through a symlinked directory that points outside the folder."""
+    model = folder.load()
+    tensor = _external_tensor(folder, model)
+    (folder.model_dir / "sub").symlink_to(folder.root, target_is_directory=True)
+    _set_external(tensor, location=f"sub/{CANARY_NAME}", offset="0")
+    folder.save(model)
+
+
+def m_ext_symlink_inside(folder: Folder) -> None:
+    """A symlink that stays inside the folder: allowed."""
+    model = folder.load()
+    tensor = _external_tensor(folder, model)
+    location = {e.key: e.value for e in tensor.external_data}["location"]
+    (folder.model_dir / "alias.bin").symlink_to(location)
+    _set_external(tensor, location="alias.bin")
+    folder.save(model)
+
+
+def m_ext_escape(folder: Folder) -> None:
+    """`..`, absolute, `./../`, and home-relative locations."""
+    model = folder.load()
+    tensor = _external_tensor(folder, model)
+    location = folder.rng.choice([f"../{CANARY_NAME}", str(folder.canary),
+                                  f"./../{CANARY_NAME}", f"sub/../../{CANARY_NAME}",
+                                  f"{folder.model_dir.name}/../../{CANARY_NAME}",
+                                  "~/" + CANARY_NAME, "/etc/passwd", "/dev/zero", "/proc/self/mem"])
+    _set_external(tensor, location=location, offset="0")
+    folder.save(model)
+
+
+def m_ext_offset(folder: Folder) -> None:
+    model = folder.load()
+    tensor = _external_tensor(folder, model)
+    _set_external(tensor, offset=folder.rng.choice(
+        ["-1", "-64", "-9223372036854775808", "abc", "", "1e3", " 12", "0x10", "1.5",
+         "99999999999999999999", str(2**62), str(2**31), "٣", "+0", "0" * 5000]))
+    folder.save(model)
+
+
+def m_ext_length(folder: Folder) -> None:
+    model = folder.load()
+    tensor = _external_tensor(folder, model)
+    info = {e.key: e.value for e in tensor.external_data}
+    length = int(info.get("length", "0"))
+    _set_external(tensor, length=folder.rng.choice(
+        ["-1", "abc", "", str(length + 4), str(max(length - 4, 0)), str(length * 2), "0",
+         str(2**62), str(2**63), "1e9"]))
+    folder.save(model)
+
+
+def m_ext_drop_keys(folder: Folder) -> None:
+    model = folder.load()
+    tensor = _external_tensor(folder, model)
+    entries = [e for e in tensor.external_data]
+    tensor.ClearField("external_data")
+    for entry in entries:
+        if folder.rng.random() < 0.5:
+            tensor.external_data.append(entry)
+    if folder.rng.random() < 0.3:  # a repeated key
+        entry = tensor.external_data.add()
+        entry.key, entry.value = "location", "other.bin"
+    if folder.rng.random() < 0.3:
+        entry = tensor.external_data.add()
+        entry.key, entry.value = "checksum", "x"
+    folder.save(model)
+
+
+def m_ext_location(folder: Folder) -> None:
+    model = folder.load()
+    tensor = _external_tensor(folder, model)
+    location = folder.rng.choice(["x" * 5000, "a" * 255 + ".bin", "", ".", "missing.bin",
+                                  "nul\0byte.bin", "dir", "dir/", MODEL_NAME, "a/" * 2000 + "b",
+                                  "é.bin", "\\..\\" + CANARY_NAME])
+    (folder.model_dir / "dir").mkdir(exist_ok=True)
+    _set_external(tensor, location=location)
+    folder.save(model)
+
+
+def m_ext_truncate_data(folder: Folder) -> None:
+    model = folder.load()
+    tensor = _external_tensor(folder, model)
+    location = {e.key: e.value for e in tensor.external_data}["location"]
+    path = folder.model_dir / location
+    data = path.read_bytes()
+    path.write_bytes(data[:folder.rng.randrange(len(data) + 1)])
+    folder.save(model)
+
+
+def m_ext_data_location_only(folder: Folder) -> None:
+    """data_location says EXTERNAL with no entries, or raw_data alongside external entries."""
+    model = folder.load()
+    tensor = folder.tensor(model)
+    if folder.rng.random() < 0.5:
+        tensor.ClearField("external_data")
+        tensor.data_location = TensorProto.EXTERNAL
+    else:
+        _make_external(folder, model, tensor)
+        tensor.raw_data = b"\0" * 16
+    folder.save(model)
+
+
+MUTATIONS: dict[str, Callable[[Folder], None]] = {
+    name.removeprefix("m_"): function for name, function in globals().items()
+    if name.startswith("m_") and callable(function)
+}
+
+
+# --- running -----------------------------------------------------------------------------
+
+
+@dataclass
+class Outcome:
+    kind: str  # the mutation
+    base: str
+    command: str
+    result: str  # ok | refused | internal | skipped
+    detail: str = ""  # the error line or the exception's site
+    breaches: list[str] = field(default_factory=list)
+
+
+class _OpenWatch:
+    """Records files opened (by path) while armed; an audit hook cannot be removed, so it is
+    installed once and switched on and off."""
+
+    def __init__(self) -> None:
+        self.armed = False
+        self.opened: list[str] = []
+        sys.addaudithook(self._hook)
+
+    def _hook(self, event: str, args: tuple) -> None:
+        if not self.armed or event != "open":
+            return
+        path = args[0]
+        if isinstance(path, (str, bytes, os.PathLike)):
+            self.opened.append(os.fsdecode(path))
+
+
+def _hashes(folder: Path) -> dict[str, str]:
+    found = {}
+    for path in sorted(folder.rglob("*")):
+        if path.is_file() and not path.is_symlink():
+            found[str(path.relative_to(folder))] = hashlib.sha256(path.read_bytes()).hexdigest()
+        elif path.is_symlink():
+            found[str(path.relative_to(folder))] = "-> " + os.readlink(path)
+    return found
+
+
+def _error_site(exc: BaseException) -> str:
+    frames = traceback.extract_tb(exc.__traceback__)
+    ours = [f for f in frames if "onnxprune" in f.filename] or frames
+    frame = ours[-1]
+    where = frame.filename.split("onnxprune/")[-1] if "onnxprune/" in frame.filename \
+        else frame.filename
+    return f"{type(exc).__name__} at {where}:{frame.lineno} ({frame.name})"
+
+
+def run_command(argv: list[str], watch: _OpenWatch) -> tuple[int | None, str, BaseException | None]:
+    from onnxprune.cli import main
+
+    stdout, stderr = io.StringIO(), io.StringIO()
+    watch.opened.clear()
+    watch.armed = True
+    try:
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            code = main(argv + ["-v"])  # -v: an internal error raises, giving its site
+        return code, stderr.getvalue(), None
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else 2, stderr.getvalue(), None
+    except BaseException as exc:  # noqa: BLE001 (an escaping exception is what we look for)
+        return None, stderr.getvalue(), exc
+    finally:
+        watch.armed = False
+
+
+def _allowed_open(path: str, model_dir: Path, out_dir: Path) -> bool:
+    """Files under the model folder or output folder, and anything that is not case data."""
+    resolved = Path(os.path.realpath(path))
+    case_root = model_dir.parent
+    if not str(resolved).startswith(str(case_root.resolve())) and \
+            resolved != Path("/etc/passwd"):
+        return True  # python modules, numba caches, ...
+    return resolved.is_relative_to(model_dir.resolve()) or \
+        resolved.is_relative_to(out_dir.resolve())
+
+
+def run_case(number: int, seed: int, base: Base, kind: str, work: Path,
+             watch: _OpenWatch, commands: list[str]) -> list[Outcome]:
+    rng = random.Random(f"{seed}:{number}")
+    root = work / f"case{number}"
+    model_dir = root / "model"
+    out_dir = root / "out"
+    model_dir.mkdir(parents=True)
+    out_dir.mkdir()
+    (root / CANARY_NAME).write_bytes(CANARY_BYTES)
+    for name, data in base.files.items():
+        (model_dir / name).write_bytes(data)
+    folder = Folder(root, model_dir, rng)
+    try:
+        MUTATIONS[kind](folder)
+    except Skip:
+        shutil.rmtree(root)
+        return [Outcome(kind, base.name, "-", "skipped")]
+    before = _hashes(model_dir)
+    outcomes = []
+    for command in commands:
+        argv = [command, str(folder.model_path)]
+        output = out_dir / "out.onnx"
+        if command in ("prune", "densify"):
+            argv += ["-o", str(output)]
+        if command == "prune":
+            argv += ["--min-size", str(rng.choice([16, 256, 4096]))]
+            argv += ["--format", rng.choice(["dense", "dense", "sparse", "compact"])]
+            if rng.random() < 0.2:
+                argv += ["--pattern", "2:4"]
+        code, stderr, exc = run_command(argv, watch)
+        outcome = Outcome(kind, base.name, command, "ok")
+        lines = [line for line in stderr.splitlines() if line.startswith("onnxprune:")]
+        if exc is not None:
+            outcome.result, outcome.detail = "internal", _error_site(exc)
+        elif code == 0:
+            outcome.result = "ok"
+        elif code == 2 and len(lines) == 1 and lines[0].startswith("onnxprune: error:") \
+                and "Traceback" not in stderr:
+            outcome.result, outcome.detail = "refused", lines[0]
+        else:
+            outcome.result = "internal"
+            outcome.detail = f"exit {code}: {lines[-1] if lines else stderr[-200:]}"
+        outside = sorted({p for p in watch.opened if not _allowed_open(p, model_dir, out_dir)})
+        if outside:
+            outcome.breaches.append(f"opened outside the model folder: {outside[:3]}")
+        if _hashes(model_dir) != before:
+            outcome.breaches.append("input folder changed")
+        written = sorted(p.name for p in out_dir.iterdir())
+        if code != 0 and written:
+            outcome.breaches.append(f"failed run left {written}")
+        for path in out_dir.iterdir():
+            if path.is_file() and CANARY_MARKER in path.read_bytes():
+                outcome.breaches.append(f"canary bytes in {path.name}")
+        for path in list(out_dir.iterdir()):
+            path.unlink()
+        outcomes.append(outcome)
+    shutil.rmtree(root)
+    return outcomes
+
+
+@dataclass
+class Summary:
+    outcomes: list[Outcome] = field(default_factory=list)
+
+    @property
+    def internal(self) -> list[Outcome]:
+        return [o for o in self.outcomes if o.result == "internal"]
+
+    @property
+    def breaches(self) -> list[Outcome]:
+        return [o for o in self.outcomes if o.breaches]
+
+    def report(self) -> str:
+        by_result = collections.Counter(o.result for o in self.outcomes)
+        lines = ["outcomes: " + ", ".join(f"{name} {by_result.get(name, 0)}" for name in
+                                          ("ok", "refused", "internal", "skipped"))]
+        lines.append(f"invariant breaches: {len(self.breaches)}")
+        lines.append(f"{'mutation':<26}{'ok':>7}{'refused':>9}{'internal':>10}{'skipped':>9}")
+        per_kind: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+        for outcome in self.outcomes:
+            per_kind[outcome.kind][outcome.result] += 1
+        for kind in sorted(per_kind):
+            counts = per_kind[kind]
+            lines.append(f"{kind:<26}{counts['ok']:>7}{counts['refused']:>9}"
+                         f"{counts['internal']:>10}{counts['skipped']:>9}")
+        sites = collections.Counter(o.detail for o in self.internal)
+        if sites:
+            lines.append("internal-error sites:")
+            lines += [f"  {count:>5} x {site}" for site, count in sites.most_common()]
+        breaches = collections.Counter(b.split(":")[0] for o in self.breaches for b in o.breaches)
+        if breaches:
+            lines.append("invariant breaches:")
+            lines += [f"  {count:>5} x {what}" for what, count in breaches.most_common()]
+        return "\n".join(lines)
+
+
+def fuzz(cases: int, seed: int = 0, kinds: list[str] | None = None,
+         commands: tuple[str, ...] = ("inspect", "prune", "densify"),
+         verbose: bool = False) -> Summary:
+    """Run `cases` mutated models through the commands; the outcomes, counted."""
+    import logging
+
+    logging.getLogger("onnxprune").setLevel(logging.CRITICAL)
+    names = sorted(k for k in MUTATIONS if not kinds or any(k.startswith(p) for p in kinds))
+    if not names:
+        raise SystemExit(f"no mutation kind matches {kinds}")
+    bases = make_bases()
+    rng = random.Random(seed)
+    watch = _OpenWatch()
+    summary = Summary()
+    with tempfile.TemporaryDirectory(prefix="onnxprune-fuzz-") as work:
+        for number in range(cases):
+            kind = names[number % len(names)]
+            # compact descriptions and payloads exist only in the compact bases
+            base = rng.choice([b for b in bases if "compact" in b.name]
+                              if kind.startswith("compact") else bases)
+            for outcome in run_case(number, seed, base, kind, Path(work), watch,
+                                    list(commands)):
+                summary.outcomes.append(outcome)
+                if verbose and (outcome.result == "internal" or outcome.breaches):
+                    print(f"case {number} {kind} on {base.name}, {outcome.command}: "
+                          f"{outcome.detail} {outcome.breaches}", file=sys.stderr)
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--cases", type=int, default=1000)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--kind", action="append", help="only mutations whose name starts so")
+    parser.add_argument("-v", "--verbose", action="store_true", help="print each failure")
+    args = parser.parse_args(argv)
+    start = time.perf_counter()
+    summary = fuzz(args.cases, args.seed, args.kind, verbose=args.verbose)
+    print(summary.report())
+    print(f"{args.cases} cases, {len(summary.outcomes)} runs in "
+          f"{time.perf_counter() - start:.1f} s")
+    return 1 if summary.internal or summary.breaches else 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(REPO_ROOT))
+    sys.exit(main())
