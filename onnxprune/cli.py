@@ -335,6 +335,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
                     config.pattern, config.pattern.sparsity)
     if config.pattern.is_nm and config.scope == "global":
         log.warning("--scope global has no effect with an N:M pattern")
+    _warn_about_ignored_options(args)
     for option in ("report", "save_masks"):
         if getattr(args, option):
             _check_side_output(getattr(args, option), "--" + option.replace("_", "-"), args)
@@ -366,6 +367,43 @@ def cmd_prune(args: argparse.Namespace) -> int:
     if args.report:
         _write_text_atomically(Path(args.report), report.to_json() + "\n")
     return status
+
+
+# options that only `prune --validate` uses; those that shape synthetic inputs (validation,
+# calibration without --calib); those of calibration. Each with its value when not given.
+_VALIDATION_OPTIONS = {"data": None, "samples": None, "atol": None, "rtol": None,
+                       "min_cosine": None, "min_top1": None}
+_SHAPE_OPTIONS = {"dim": [], "input_shapes": []}
+_CALIBRATION_OPTIONS = {"calib_samples": None, "calib_mode": None}
+
+
+def _warn_about_ignored_options(args: argparse.Namespace) -> None:
+    """One warning line for each group of given options that the run will not use."""
+    from .methods.base import Needs
+    from .registry import METHODS
+
+    def given(options: dict) -> str | None:
+        names = ["--" + name.replace("_", "-") for name, unset in options.items()
+                 if getattr(args, name) != unset]
+        return f"{', '.join(names)} {'is' if len(names) == 1 else 'are'}" if names else None
+
+    # whether anything may calibrate: the method, an update or refinement, an allocation
+    # other than the two that only read the weights, a recipe's per-target overrides
+    calibrates = (args.measure_error or args.method not in METHODS
+                  or METHODS.get(args.method).needs > Needs.NOTHING
+                  or getattr(args, "update", "none") != "none"
+                  or getattr(args, "refine", "none") != "none"
+                  or args.allocation not in (None, "uniform", "global")
+                  or bool(getattr(args, "overrides", ())))
+    unused = given(_VALIDATION_OPTIONS)
+    if unused and not args.validate:
+        log.warning("%s ignored without --validate", unused)
+    unused = given(_SHAPE_OPTIONS)
+    if unused and not args.validate and not (calibrates and args.calib is None):
+        log.warning("%s ignored: no --validate and no synthetic calibration inputs", unused)
+    unused = given(_CALIBRATION_OPTIONS)
+    if unused and not calibrates:
+        log.warning("%s ignored: method %s uses no calibration data", unused, args.method)
 
 
 def _prune_scheduled(args: argparse.Namespace, config, masks, progress):
@@ -476,16 +514,27 @@ def _progress_bar(args: argparse.Namespace, label: str):
 
 
 def _write_text_atomically(path: Path, text: str) -> None:
-    import tempfile
+    """Write `text` to `path` through a temporary file renamed into place.
 
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp",
-                               dir=path.parent if str(path.parent) else ".")
+    The temporary file is created 0666 less the umask, as the model outputs are (mkstemp's
+    0600 would be carried onto the report by the rename).
+    """
+    import secrets
+
+    directory = path.parent if str(path.parent) else Path(".")
+    while True:
+        tmp = directory / f".{path.name}.{secrets.token_hex(4)}.tmp"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            break
+        except FileExistsError:
+            continue
     try:
         with os.fdopen(fd, "w") as fh:
             fh.write(text)
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 
@@ -494,35 +543,103 @@ COMMANDS = {"inspect": cmd_inspect, "prune": cmd_prune, "densify": cmd_densify,
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if not args.command:
-        parser.print_help()
-        return 2
-    from .errors import OnnxPruneError, ValidationFailed
-
+    """Run one command and return its exit status: 0 success, 1 validation failed, 2 user
+    error, 3 internal error (a bug), 130 interrupted, 141 stdout closed by its reader."""
+    args = None
     try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if not args.command:
+            parser.print_help()
+            return 2
         with _logging_to_stderr(args):
             if getattr(args, "recipe", None):  # its values become defaults: options win
                 from .recipe import parse_with_recipe
 
                 args = parse_with_recipe(parser, parser.prune_parser, argv, args.recipe)
             return COMMANDS[args.command](args)
-    except (OnnxPruneError, ValidationFailed) as exc:
-        print(f"onnxprune: error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        print("onnxprune: interrupted", file=sys.stderr)
+    except SystemExit:
+        raise
+    except BaseException as exc:  # every way a command can end gets its exit status here
+        return _exit_status(exc, verbose=getattr(args, "verbose", 0))
+
+
+def _exit_status(exc: BaseException, verbose: int) -> int:
+    """Say in one line on stderr how the command ended, and return its exit status."""
+    from .errors import OnnxPruneError, ValidationFailed
+
+    if _interrupted(exc):
+        _say("onnxprune: interrupted")
         return 130
-    except MemoryError:
-        print("onnxprune: error: out of memory", file=sys.stderr)
+    if isinstance(exc, BrokenPipeError) and _stdout_reader_gone():
+        _discard_stdout()  # what is still buffered cannot be delivered
+        return 141  # 128 + SIGPIPE, as a tool killed by the closed pipe reports
+    if isinstance(exc, (OnnxPruneError, ValidationFailed)):
+        _say(f"onnxprune: error: {exc}")
+        return exc.exit_code
+    if isinstance(exc, MemoryError):
+        _say("onnxprune: error: out of memory")
         return 2
-    except Exception as exc:  # a bug, not a user error: one line, traceback with -v
-        if getattr(args, "verbose", 0):
-            raise
-        print(f"onnxprune: internal error: {type(exc).__name__}: {exc} "
-              "(run with -v for the traceback)", file=sys.stderr)
-        return 3
+    if verbose or not isinstance(exc, Exception):
+        raise exc
+    _say(f"onnxprune: internal error: {type(exc).__name__}: {exc} "
+         "(run with -v for the traceback)")
+    return 3
+
+
+def _interrupted(exc: BaseException) -> bool:
+    """Whether Ctrl-C caused `exc`: a KeyboardInterrupt anywhere in its chain.
+
+    A SIGINT that lands inside compiled code (a numba kernel, onnxruntime) can surface as
+    "SystemError: ... returned a result with an exception set", with the KeyboardInterrupt
+    as its context.
+    """
+    seen: set[int] = set()
+    stack: list[BaseException | None] = [exc]
+    while stack:
+        current = stack.pop()
+        if current is None or id(current) in seen:
+            continue
+        if isinstance(current, KeyboardInterrupt):
+            return True
+        seen.add(id(current))
+        stack += [current.__cause__, current.__context__]
+    return False
+
+
+def _stdout_reader_gone() -> bool:
+    """Whether stdout is a pipe whose reading end was closed (`onnxprune inspect M | head -1`).
+
+    The write end of such a pipe polls as an error; a BrokenPipeError from another pipe
+    (a child process) leaves stdout healthy.
+    """
+    import select
+
+    try:
+        fd = sys.stdout.fileno()
+        poller = select.poll()
+        poller.register(fd, select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poller.poll(0))
+    except (AttributeError, OSError, ValueError):  # no real file behind stdout
+        return False
+
+
+def _discard_stdout() -> None:
+    """Point stdout at /dev/null, so that no later flush raises again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (AttributeError, OSError, ValueError):
+        pass
+
+
+def _say(line: str) -> None:
+    """One line on stderr; a closed stderr leaves nothing to say it on."""
+    try:
+        print(line, file=sys.stderr, flush=True)
+    except (OSError, ValueError):
+        pass
 
 
 def run() -> None:

