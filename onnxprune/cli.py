@@ -514,28 +514,9 @@ def _progress_bar(args: argparse.Namespace, label: str):
 
 
 def _write_text_atomically(path: Path, text: str) -> None:
-    """Write `text` to `path` through a temporary file renamed into place.
+    from .io import write_file_atomically
 
-    The temporary file is created 0666 less the umask, as the model outputs are (mkstemp's
-    0600 would be carried onto the report by the rename).
-    """
-    import secrets
-
-    directory = path.parent if str(path.parent) else Path(".")
-    while True:
-        tmp = directory / f".{path.name}.{secrets.token_hex(4)}.tmp"
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-            break
-        except FileExistsError:
-            continue
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    write_file_atomically(path, lambda fh: fh.write(text), binary=False)
 
 
 COMMANDS = {"inspect": cmd_inspect, "prune": cmd_prune, "densify": cmd_densify,

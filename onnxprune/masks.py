@@ -11,14 +11,14 @@ from __future__ import annotations
 import io
 import json
 import os
-import tempfile
 import zipfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
 
-from .errors import ConfigError, OutputPathError
+from .errors import ConfigError
+from .io import write_file_atomically
 
 INDEX_KEY = "__onnxprune_masks__"
 VERSION = 1
@@ -64,19 +64,7 @@ class MaskSet(Mapping):
                  "shapes": {name: list(shape) for name, shape in self._shapes.items()}}
         arrays = {INDEX_KEY: np.frombuffer(json.dumps(index).encode(), dtype=np.uint8)}
         arrays.update(self._packed)
-        folder = path.parent if str(path.parent) else Path(".")
-        try:
-            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
-        except OSError as exc:
-            raise OutputPathError(f"{path}: cannot write the masks ({exc.strerror})") from None
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                np.savez(fh, **arrays)
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_file_atomically(path, lambda fh: np.savez(fh, **arrays))
         return path
 
     @classmethod

@@ -15,7 +15,13 @@ from .tensors import (
     write_array,
 )
 from .wire import LAZY_MIN_BYTES
-from .writer import EXTERNAL_ALIGNMENT, ModelWriter, check_output_path, save_model
+from .writer import (
+    EXTERNAL_ALIGNMENT,
+    ModelWriter,
+    check_output_path,
+    save_model,
+    write_file_atomically,
+)
 
 __all__ = [
     "EXTERNAL_ALIGNMENT",
@@ -34,4 +40,5 @@ __all__ = [
     "tensor_nbytes",
     "uses_external_data",
     "write_array",
+    "write_file_atomically",
 ]

@@ -620,3 +620,23 @@ def _temp_path(directory: Path, name: str) -> Path:
         return tmp
     raise FileExistsError(f"no free temporary name in {directory}")
 
+
+
+def write_file_atomically(path: str | os.PathLike, write: Callable[[object], None],
+                          binary: bool = True) -> Path:
+    """A small side file (report, masks) written through a temporary file renamed into
+    place, with the mode a model output gets; `write(fh)` fills it."""
+    path = Path(path)
+    directory = path.parent if str(path.parent) else Path(".")
+    try:
+        tmp = _temp_path(directory, path.name)
+    except OSError as exc:
+        raise OutputPathError(f"{path}: cannot write ({exc.strerror or exc})") from None
+    try:
+        with open(tmp, "wb" if binary else "w") as fh:
+            write(fh)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
