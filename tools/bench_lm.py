@@ -79,15 +79,32 @@ def pattern_args(pattern: str) -> list[str]:
     return PATTERN_ARGS.get(pattern, ["--pattern", pattern])
 
 
+# Linux counts a process's RSS before exec into its ru_maxrss, so a child forked from this
+# (large) process would inherit our peak; a small launcher forks the command instead, and
+# reports the command's own peak from wait4.
+LAUNCHER = """
+import os, sys
+pid = os.fork()
+if pid == 0:
+    os.execv(sys.argv[2], sys.argv[2:])
+_, status, usage = os.wait4(pid, 0)
+with open(sys.argv[1], "w") as sink:
+    sink.write(str(usage.ru_maxrss))
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
 def run_prune(command: list[str], log: Path) -> tuple[int, float, float]:
-    """(exit code, wall seconds, peak RSS MB) of a child process, stderr/stdout to log."""
+    """(exit code, wall seconds, peak RSS MB) of command in a child process, output to log."""
+    peak_file = log.with_suffix(".maxrss")
     started = time.perf_counter()
     with open(log, "wb") as sink:
-        child = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT,
-                                 env={**os.environ, "PYTHONPATH": str(ROOT)})
-        _, status, usage = os.wait4(child.pid, 0)
-    child.returncode = os.waitstatus_to_exitcode(status)
-    return child.returncode, time.perf_counter() - started, usage.ru_maxrss / 1024
+        code = subprocess.call([sys.executable, "-c", LAUNCHER, str(peak_file), *command],
+                               stdout=sink, stderr=subprocess.STDOUT,
+                               env={**os.environ, "PYTHONPATH": str(ROOT)})
+    seconds = time.perf_counter() - started
+    peak_kb = float(peak_file.read_text()) if peak_file.exists() else math.nan
+    return code, seconds, peak_kb / 1024
 
 
 def perplexity(model: Path, tokens: np.ndarray, seq: int, threads: int) -> float:
