@@ -277,7 +277,8 @@ class _TargetRuns:
     def __enter__(self):
         graph = self.sweep.loaded.proto.graph
         target = self.target
-        if target.graph is graph and target.source == "initializer":
+        if (target.graph is graph and target.source == "initializer"
+                and self.sweep.loaded.proto.ir_version >= 4):
             self.session = self.sweep._session(_with_weight_as_input(self.sweep.loaded.proto,
                                                                      target))
         else:  # a Constant node or a subgraph's tensor: rewritten per point, put back after
@@ -301,24 +302,19 @@ class _TargetRuns:
 
 
 def _with_weight_as_input(proto: onnx.ModelProto, target: WeightTarget) -> bytes:
-    """The serialized model with the target's initializer turned into a graph input."""
+    """The serialized model with the target's initializer also listed as a graph input: an
+    initializer that is a graph input is a default the run's feed overrides (ONNX IR >= 4).
+    The proto is left as it was (the initializer itself is not touched: targets hold it)."""
     graph = proto.graph
-    position = next(i for i, t in enumerate(graph.initializer) if t.name == target.tensor_name)
-    tensor = graph.initializer[position]
-    listed = any(i.name == target.tensor_name for i in graph.input)
-    # taken out of the proto for the time of serialization, then put back where it was
-    removed = onnx.TensorProto()
-    removed.CopyFrom(tensor)
-    del graph.initializer[position]
-    if not listed:
-        graph.input.append(helper.make_tensor_value_info(target.tensor_name, removed.data_type,
-                                                         list(removed.dims)))
+    if any(i.name == target.tensor_name for i in graph.input):
+        return proto.SerializeToString()
+    tensor = target.tensor
+    graph.input.append(helper.make_tensor_value_info(target.tensor_name, tensor.data_type,
+                                                     list(tensor.dims)))
     try:
         return proto.SerializeToString()
     finally:
-        if not listed:
-            del graph.input[len(graph.input) - 1]
-        graph.initializer.insert(position, removed)
+        del graph.input[len(graph.input) - 1]
 
 
 def plot(result: SensitivityResult, path: str | os.PathLike, labelled: int = LABELLED) -> None:
