@@ -1,11 +1,12 @@
 """Outlier-weighted layer-wise sparsity (OWL; Yin et al., ICML 2024).
 
-Per target, the outlier ratio D is the share of its Wanda scores |W_ij|·‖X_j‖ above
-M × their mean (`--owl-threshold`, M = 5). Targets with more outliers keep more weights:
-the ratios are mapped linearly onto offsets spanning 2λ (`--owl-lambda`, λ = 0.08), the
-most outlier-rich target at −λ from the rest, and one shift of all offsets (the weighted
-mean) makes the overall sparsity exact. The official code ranks transformer blocks; here
-every target is ranked on its own, since ONNX graphs name no blocks.
+Per layer block, the outlier ratio D is the share of the Wanda scores |W_ij|·‖X_j‖ of all
+its targets above M × their mean (`--owl-threshold`, M = 5). Blocks with more outliers keep
+more weights: the ratios are mapped linearly onto offsets spanning 2λ (`--owl-lambda`,
+λ = 0.08), the most outlier-rich block at −λ, and one shift of all offsets makes the overall
+sparsity exact. Blocks are what the official code ranks (transformer layers); they are read
+from the names of the targets or of their consumer nodes (``layer.3``, ``layers_3``,
+``blocks/3``, ``h.3``). Where some target names no block, every target is its own block.
 
 ‖X_j‖² comes from one pass of the dense model over the calibration data, whatever method
 prunes afterwards (wanda, sparsegpt, ...). Targets that cannot be calibrated get the mean
@@ -15,6 +16,7 @@ ratio of the others.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Sequence
 
 import numpy as np
@@ -29,6 +31,26 @@ from .exact import bounds, fit_family, nm_fallback
 
 log = logging.getLogger(__name__)
 
+# a transformer block index in a tensor or node name: layer.3, layers_3, blocks/3, h.3
+_BLOCK = re.compile(r"(?:^|[/._:])(?:layers?|blocks?|h)[/._]+(\d+)(?=[/._:]|$)", re.IGNORECASE)
+
+
+def block_of(target: WeightTarget) -> str | None:
+    """The block index the target's name (or its first consumer's) shows, else None."""
+    for text in (target.name, *(c.node for c in target.consumers)):
+        match = _BLOCK.search(text)
+        if match:
+            return match.group(1)
+    return None
+
+
+def blocks(targets: Sequence[WeightTarget]) -> list[str]:
+    """A block key per target: the named block where every target names one, else itself."""
+    found = [block_of(t) for t in targets]
+    if None in found or len(set(found)) < 2:
+        return [t.name for t in targets]
+    return [f"block {b}" for b in found]
+
 
 def outlier_ratio(scores: np.ndarray, threshold: float) -> float:
     """Share of `scores` above `threshold` × their mean."""
@@ -40,7 +62,8 @@ def outlier_ratio(scores: np.ndarray, threshold: float) -> float:
 
 def outlier_ratios(targets: Sequence[WeightTarget], config: PruneConfig,
                    context: AllocationContext) -> np.ndarray:
-    """D per target (in target order) from Wanda scores on the dense model."""
+    """D per target (in target order; the same for the targets of one block) from Wanda
+    scores on the dense model."""
     from ..calib import load_calibration
     from ..calib.one_pass import dense_statistics
 
@@ -48,8 +71,9 @@ def outlier_ratios(targets: Sequence[WeightTarget], config: PruneConfig,
     feeds = context.feeds if context.feeds is not None else load_calibration(
         config.calib, loaded.proto, config.calib_samples, config.seed)
     found = dense_statistics(loaded, targets, feeds, hessian=False)
-    ratios = np.full(len(targets), np.nan)
-    for i, target in enumerate(targets):
+    keys = blocks(targets)
+    scores_of: dict[str, list[np.ndarray]] = {}
+    for target, key in zip(targets, keys, strict=True):
         entry = found.get(target.name)
         if isinstance(entry, str) or entry is None:
             log.warning("%s: no outlier ratio (%s); it gets the mean of the others",
@@ -57,11 +81,14 @@ def outlier_ratios(targets: Sequence[WeightTarget], config: PruneConfig,
             continue
         view, stats = entry
         obs = view.to_obs(read_array(target.tensor, loaded.base_dir))
-        scores = wanda_scores(obs, stats.sq_norms[:, np.newaxis, :])
-        ratios[i] = outlier_ratio(scores, config.owl_threshold)
-    known = ratios[np.isfinite(ratios)]
-    ratios[~np.isfinite(ratios)] = known.mean() if known.size else 0.0
-    return ratios
+        scores_of.setdefault(key, []).append(
+            wanda_scores(obs, stats.sq_norms[:, np.newaxis, :]).ravel())
+    by_block = {key: outlier_ratio(np.concatenate(parts), config.owl_threshold)
+                for key, parts in scores_of.items()}
+    for key, ratio in by_block.items():
+        log.info("owl %s: outlier ratio %.4g", key, ratio)
+    fallback = float(np.mean(list(by_block.values()))) if by_block else 0.0
+    return np.array([by_block.get(key, fallback) for key in keys])
 
 
 def owl_offsets(ratios: np.ndarray, spread: float) -> np.ndarray:
@@ -89,8 +116,6 @@ class OWL:
         ratios = outlier_ratios(targets, config, context)
         offsets = config.target_sparsity + owl_offsets(ratios, config.owl_lambda)
         low, high = bounds(config)
-        for target, ratio in zip(targets, ratios, strict=True):
-            log.debug("owl %s: outlier ratio %.4g", target.name, ratio)
 
         def sparsities_at(shift: float) -> np.ndarray:
             return np.clip(offsets + shift, low, high)
