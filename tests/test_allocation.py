@@ -14,7 +14,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnxprune.allocation.erk import erk_ratio
 from onnxprune.allocation.exact import round_counts
-from onnxprune.allocation.owl import outlier_ratio, owl_offsets
+from onnxprune.allocation.owl import block_of, blocks, outlier_ratio, owl_offsets
 from onnxprune.allocation.sensitivity import allocate, lower_hull
 from onnxprune.cli import main
 from onnxprune.config import PruneConfig
@@ -23,6 +23,7 @@ from onnxprune.io import load_model, model_from_proto
 from onnxprune.masking import prune_count, row_keep_mask
 from onnxprune.pipeline import run
 from onnxprune.sensitivity import analyze
+from onnxprune.targets import Consumer, WeightTarget
 
 
 def _prune(model: str, **settings):
@@ -101,6 +102,24 @@ def test_owl_offsets_and_outlier_ratio():
     # the most outliers: the least pruned
     np.testing.assert_allclose(offsets, [0.08, -0.08, 0.0], atol=1e-12)
     np.testing.assert_array_equal(owl_offsets(np.array([0.2, 0.2]), 0.08), [0.0, 0.0])
+
+
+def _named(name: str, node: str = "") -> WeightTarget:
+    return WeightTarget(name, "MatMul", (8, 8), "float32", 0, "initializer",
+                        (Consumer(node or f"/{name}/MatMul", "MatMul", 1),))
+
+
+def test_owl_blocks_are_read_from_names():
+    assert block_of(_named("model.layers.12.mlp.up_proj.weight")) == "12"
+    assert block_of(_named("onnx::MatMul_470", "/encoder/layer.0/attention/query/MatMul")) == "0"
+    assert block_of(_named("p_encoder__layer__3__output__dense__weight")) == "3"
+    assert block_of(_named("transformer.h.5.attn.c_attn.weight")) == "5"
+    assert block_of(_named("attn.q_proj.weight")) is None
+    assert block_of(_named("shape.7")) is None and block_of(_named("highway.2")) is None
+    named = [_named(f"layers.{i}.fc{j}") for i in (0, 1) for j in (0, 1)]
+    assert blocks(named) == ["block 0", "block 0", "block 1", "block 1"]
+    mixed = named + [_named("lm_head")]  # one target names no block: each its own
+    assert blocks(mixed) == [t.name for t in mixed]
 
 
 @pytest.mark.parametrize("allocation", ["erk", "owl", "sensitivity"])
