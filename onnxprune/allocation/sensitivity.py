@@ -128,8 +128,8 @@ class SensitivityAllocation:
             check_reachable(total, low_counts, high_counts, config.target_sparsity)
             ideal = allocate(numels, hulls, total, None)
         counts = round_counts(ideal, total, low_counts, high_counts)
-        predicted = np.sqrt(sum(result.curve(t.name).error_at(c / t.numel) ** 2
-                                for t, c in zip(targets, counts, strict=True)))
+        predicted = np.sqrt(sum(np.interp(c / n, xs, ys) for (xs, ys), c, n
+                                in zip(hulls, counts, numels, strict=True)))
         log.info("sensitivity allocation: %d weights pruned, predicted relative L2 %.4g",
                  total, predicted)
         return exact_plan(targets, counts, config, self.name)
