@@ -283,7 +283,7 @@ class _Loop:
                                    lambda pieces: method.score_chunks(target, pieces,
                                                                       self.config.seed))
         else:
-            new_keep = self._keep_mask(job, method)
+            new_keep = keep_mask(job, method)
             if calibrated and self.refine is not None:
                 new_keep = self.refine.refine(job, new_keep)
             if calibrated and self.update is not None:
@@ -325,9 +325,6 @@ class _Loop:
                  time.perf_counter() - started)
         if self.progress:
             self.progress(target)
-
-    def _keep_mask(self, job: Job, method: Method) -> np.ndarray:
-        return keep_mask(job, method)
 
 
 def keep_mask(job: Job, method: Method) -> np.ndarray:
