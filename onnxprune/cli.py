@@ -221,7 +221,32 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("--seed", type=int, default=0, help="seed of synthetic inputs [0]")
     _add_check_options(validate)
     _add_logging_options(validate)
+    _add_sensitivity_parser(commands)
     return parser
+
+
+def _add_sensitivity_parser(commands) -> None:
+    sensitivity = commands.add_parser(
+        "sensitivity", help="per-target sensitivity curves (JSON + PNG)",
+        description="Prune each target alone at each sparsity level and measure how the "
+                    "model's outputs degrade in onnxruntime (relative L2, cosine, top-1); "
+                    "write the curves as DIR/MODEL.sensitivity.json and a plot as "
+                    "DIR/MODEL.sensitivity.png (needs matplotlib: the `plot` extra).")
+    sensitivity.add_argument("model")
+    sensitivity.add_argument("-o", "--output", default=".", metavar="DIR",
+                             help="folder for the JSON and PNG (made if missing) [.]")
+    sensitivity.add_argument("--method", default="magnitude", metavar="M",
+                             help="how each target is pruned [magnitude]")
+    sensitivity.add_argument("--levels", default=None, metavar="S1,S2,...",
+                             help="sparsity levels to sweep [0.3,0.4,0.5,0.6,0.7,0.8,0.9,0.95]")
+    sensitivity.add_argument("--calib", metavar="PATH",
+                             help="inputs: .npz keyed by graph input name, or a folder of "
+                                  ".npz; without it synthetic inputs, with a warning")
+    sensitivity.add_argument("--calib-samples", type=int, metavar="N",
+                             help="use at most N samples")
+    sensitivity.add_argument("--seed", type=int, default=0, help="synthetic inputs [0]")
+    _add_selection_options(sensitivity)
+    _add_logging_options(sensitivity)
 
 
 def _add_logging_options(parser: argparse.ArgumentParser) -> None:
@@ -519,8 +544,70 @@ def _write_text_atomically(path: Path, text: str) -> None:
     write_file_atomically(path, lambda fh: fh.write(text), binary=False)
 
 
+def cmd_sensitivity(args: argparse.Namespace) -> int:
+    _import_numba_without_blas_probe()
+    from .errors import ConfigError
+    from .io import load_model
+    from .sensitivity import DEFAULT_LEVELS, PlotUnavailable, analyze, check_levels, plot
+
+    if args.levels is None:
+        levels = list(DEFAULT_LEVELS)
+    else:
+        try:
+            levels = check_levels(float(v) for v in args.levels.split(",") if v.strip())
+        except ValueError:
+            raise ConfigError(f"--levels must be numbers separated by commas, got "
+                              f"{args.levels!r}") from None
+    config = _config_from(args, method=args.method, calib=args.calib,
+                          calib_samples=args.calib_samples, seed=args.seed)
+    folder = Path(args.output)
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError(f"-o {folder}: not a folder")
+    loaded = load_model(args.model)
+    from .formats import densify_model
+
+    densify_model(loaded.proto, loaded.base_dir)
+    with _sweep_progress(args, levels) as progress:
+        result = analyze(loaded, config, levels=levels, progress=progress)
+    folder.mkdir(parents=True, exist_ok=True)
+    stem = Path(args.model).name.removesuffix(".onnx")
+    json_path = folder / f"{stem}.sensitivity.json"
+    _write_text_atomically(json_path, result.to_json() + "\n")
+    print(f"{args.model}: {len(result.targets)} targets x {len(result.levels)} levels, "
+          f"{result.method} {result.pattern}, {result.samples} samples; wrote {json_path}")
+    for curve in result.most_sensitive(5):
+        print(f"  {curve.name}: relative L2 {curve.worst:.4g} at sparsity "
+              f"{curve.points[-1].sparsity:g}")
+    png_path = folder / f"{stem}.sensitivity.png"
+    try:
+        temporary = folder / f".{png_path.name}.tmp.png"
+        plot(result, temporary)
+        os.replace(temporary, png_path)
+        print(f"wrote {png_path}")
+    except PlotUnavailable as exc:
+        print(f"onnxprune: warning: {exc}", file=sys.stderr)
+    return 0
+
+
+@contextlib.contextmanager
+def _sweep_progress(args: argparse.Namespace, levels: list[float]):
+    """A per-sweep-point progress callback: a tqdm bar on an interactive stderr, else None."""
+    if args.quiet or not sys.stderr.isatty():
+        yield None
+        return
+    from tqdm import tqdm
+
+    with tqdm(desc="sensitivity", unit="point", file=sys.stderr, leave=False) as bar:
+        def advance(target, level, points):
+            bar.total = points  # targets x levels, known once the targets are found
+            bar.set_postfix_str(f"{target.name[-32:]} @ {level:g}")
+            bar.update()
+
+        yield advance
+
+
 COMMANDS = {"inspect": cmd_inspect, "prune": cmd_prune, "densify": cmd_densify,
-            "validate": cmd_validate}
+            "validate": cmd_validate, "sensitivity": cmd_sensitivity}
 
 
 def main(argv: list[str] | None = None) -> int:

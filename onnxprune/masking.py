@@ -51,13 +51,28 @@ def layer_keep_mask(scores: np.ndarray, count: int) -> np.ndarray:
     return kernels.unstructured_keep_mask(scores, threshold.value, count - threshold.n_below)
 
 
-def row_keep_mask(matrix_scores: np.ndarray, sparsity: float) -> np.ndarray:
-    """Prune ``prune_count(inputs, sparsity)`` from every row of [..., rows, inputs] scores."""
+def row_keep_mask(matrix_scores: np.ndarray, sparsity: float,
+                  count: int | None = None) -> np.ndarray:
+    """Prune ``prune_count(inputs, sparsity)`` from every row of [..., rows, inputs] scores.
+
+    With `count` (an allocation's exact count for the whole target), exactly `count` are
+    pruned: q = count // rows from every row, and one more from the `count % rows` rows
+    whose next-lowest score is lowest (ties: lower row first).
+    """
     from .kernels.stats import row_keep_mask as rows_kernel
 
     scores = np.asarray(matrix_scores, dtype=np.float32)
     matrix = scores.reshape(-1, scores.shape[-1])
-    keep = rows_kernel(matrix, prune_count(matrix.shape[1], sparsity))
+    if count is None:
+        return rows_kernel(matrix, prune_count(matrix.shape[1], sparsity)).reshape(scores.shape)
+    rows = matrix.shape[0]
+    per_row, extra = divmod(count, rows) if rows else (0, 0)
+    keep = rows_kernel(matrix, per_row)
+    if extra:
+        more = rows_kernel(matrix, per_row + 1)
+        next_lowest = np.where(keep & ~more, matrix, np.inf).min(axis=1)
+        chosen = np.argsort(next_lowest, kind="stable")[:extra]
+        keep[chosen] = more[chosen]
     return keep.reshape(scores.shape)
 
 

@@ -290,7 +290,7 @@ class _Loop:
                                    lambda pieces: method.score_chunks(target, pieces,
                                                                       self.config.seed))
         else:
-            new_keep = self._keep_mask(job, method)
+            new_keep = keep_mask(job, method)
             if calibrated and self.refine is not None:
                 new_keep = self.refine.refine(job, new_keep)
             if calibrated and self.update is not None:
@@ -335,28 +335,28 @@ class _Loop:
         if self.progress:
             self.progress(target)
 
-    def _keep_mask(self, job: Job, method: Method) -> np.ndarray:
-        """Scores -> keep-mask by the plan's pattern, and-ed with any existing mask."""
-        target, plan = job.target, job.plan
-        scores = mask_scores(np.asarray(method.scores(job), dtype=np.float32), job.keep)
-        if plan.pattern.is_nm:
-            keep = nm_keep_mask(target, scores, plan.pattern)
-        elif method.compare == "row":
-            if job.view is not None:
-                keep = job.view.from_obs(row_keep_mask(job.view.to_obs(scores), plan.sparsity))
-            else:
-                keep = target.from_matrix(row_keep_mask(target.to_matrix(scores),
-                                                        plan.sparsity))
-        else:
-            keep = layer_keep_mask(scores, plan.prune_count(target.numel))
-        if job.keep is not None:
-            keep &= job.keep
-        return keep
+
+def keep_mask(job: Job, method: Method) -> np.ndarray:
+    """Scores -> keep-mask by the plan's pattern, and-ed with any existing mask."""
+    target, plan = job.target, job.plan
+    scores = mask_scores(np.asarray(method.scores(job), dtype=np.float32), job.keep)
+    if plan.pattern.is_nm:
+        keep = nm_keep_mask(target, scores, plan.pattern)
+    elif method.compare == "row":
+        # rows of the calibration matrices where there are some, else of the stored matrix
+        to_rows = job.view.to_obs if job.view is not None else target.to_matrix
+        from_rows = job.view.from_obs if job.view is not None else target.from_matrix
+        keep = from_rows(row_keep_mask(to_rows(scores), plan.sparsity, plan.count))
+    else:
+        keep = layer_keep_mask(scores, plan.prune_count(target.numel))
+    if job.keep is not None:
+        keep &= job.keep
+    return keep
 
 
 def _planned_count(target: WeightTarget, plan: TargetPlan, method: Method, view) -> int:
     """The fewest zeros the plan asks for (N:M is checked group by group instead)."""
-    if method.compare == "row" and not plan.pattern.is_nm:
+    if method.compare == "row" and not plan.pattern.is_nm and plan.count is None:
         features = view.features if view is not None else target.reduction_length
         return target.numel // features * prune_count(features, plan.sparsity)
     return plan.prune_count(target.numel)

