@@ -27,7 +27,8 @@ unless asked; the inline case is also timed with `--fsync` for reference.
 5. Calibrated streaming (``--case calibrated-stream``): a residual stack of --stream-layers
    blocks ``h + Relu(LayerNorm(h) @ W)`` with 2048 x 2048 float32 weights in one external
    data file (56 blocks: 940 MB), pruned by ``prune MODEL -o OUT --method M --format compact
-   --calib CALIB`` (sequential calibration, 8 samples of 64 tokens). Target: peak RSS <=
+   --calib CALIB --calib-mode sequential`` (8 samples of 64 tokens; wanda's default one-pass
+   mode holds every target's statistics at once: 56 x 32 MiB here). Target: peak RSS <=
    0.5x the model file. The output must be identical to the in-memory path's
    (``onnxprune.prune(onnx.load(MODEL))``, then saved): every tensor of both, densified, is
    compared bit for bit.
@@ -354,7 +355,8 @@ def bench_startup(workdir: Path, model: Path, repeat: int, rows: list) -> None:
 PRUNE_IN_MEMORY = """
 import os, sys, onnx, onnxprune
 model, out, method, calib = sys.argv[1:]
-proto, _ = onnxprune.prune(onnx.load(model), method=method, format="compact", calib=calib)
+proto, _ = onnxprune.prune(onnx.load(model), method=method, format="compact", calib=calib,
+                           calib_mode="sequential")
 onnx.save(proto, out, save_as_external_data=True, all_tensors_to_one_file=True,
           location=os.path.basename(out) + ".data")
 """
@@ -397,7 +399,8 @@ def bench_calibrated_stream(workdir: Path, layers: int, methods: list[str], rows
     print(f"{label}: {samples} calibration samples of {tokens} tokens", file=sys.stderr)
     for method in methods:
         streamed, in_memory = workdir / "stack_stream.onnx", workdir / "stack_memory.onnx"
-        options = ("--method", method, "--format", "compact", "--calib", str(calib))
+        options = ("--method", method, "--format", "compact", "--calib", str(calib),
+                   "--calib-mode", "sequential")
         ours = run_child(prune_command(model, streamed, *options))
         memory = run_child([PY, "-c", PRUNE_IN_MEMORY, str(model), str(in_memory), method,
                             str(calib)])
