@@ -405,7 +405,7 @@ def bench_calibrated_stream(workdir: Path, layers: int, methods: list[str], rows
         memory = run_child([PY, "-c", PRUNE_IN_MEMORY, str(model), str(in_memory), method,
                             str(calib)])
         ratio = ours.peak_rss / size
-        rows.append([f"{label}: {method} compact, time", f"{ours.seconds:.1f} s",
+        rows.append([f"{label}: {method} compact, time (one run)", f"{ours.seconds:.1f} s",
                      f"{memory.seconds:.1f} s (in memory)", "-", "-", "info"])
         rows.append([f"{label}: {method} compact, peak RSS", mib(ours.peak_rss),
                      f"{mib(memory.peak_rss)} (in memory)", f"{ratio:.2f}x model",
