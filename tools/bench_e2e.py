@@ -2,6 +2,8 @@
 
 Usage: python tools/bench_e2e.py [--workdir DIR] [--params 100e6] [--external-gb 3.2]
                                  [--repeat 3] [--skip-external] [--skip-torch]
+                                 [--case all|standard|calibrated-stream]
+                                 [--stream-layers 56] [--stream-methods sparsegpt,wanda]
 
 Every figure comes from a fresh child process: wall time (best of --repeat, runs
 interleaved with the baseline's) and peak resident set (``wait4``'s ``ru_maxrss``).
@@ -21,12 +23,22 @@ interleaved with the baseline's) and peak resident set (``wait4``'s ``ru_maxrss`
 
 onnxprune renames its output into place (atomic) and, like the baselines, does not fsync it
 unless asked; the inline case is also timed with `--fsync` for reference.
+
+5. Calibrated streaming (``--case calibrated-stream``): a residual stack of --stream-layers
+   blocks ``h + Relu(LayerNorm(h) @ W)`` with 2048 x 2048 float32 weights in one external
+   data file (56 blocks: 940 MB), pruned by ``prune MODEL -o OUT --method M --format compact
+   --calib CALIB --calib-mode sequential`` (8 samples of 64 tokens; wanda's default one-pass
+   mode holds every target's statistics at once: 56 x 32 MiB here). Target: peak RSS <=
+   0.5x the model file. The output must be identical to the in-memory path's
+   (``onnxprune.prune(onnx.load(MODEL))``, then saved): every tensor of both, densified, is
+   compared bit for bit.
 Models are generated with random weights in a temporary directory, deleted at the end.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import shutil
@@ -50,6 +62,7 @@ TARGET_INLINE_RSS = 2.0
 TARGET_EXTERNAL_RSS = 1.5
 TARGET_TORCH_SPEEDUP = 5.0
 TARGET_HELP_SECONDS = 0.3
+TARGET_STREAM_RSS = 0.5
 
 
 @dataclass
@@ -142,6 +155,46 @@ def write_chain(path: Path, layers: int, side: int, external: bool, seed: int = 
         [helper.make_tensor_value_info(previous, TensorProto.FLOAT, [1, side])], initializers)
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
     return layers * side * side * 4
+
+
+def write_residual_stack(path: Path, layers: int, side: int, seed: int = 0) -> int:
+    """`layers` blocks h + Relu(LayerNorm(h) @ W) on x [batch, tokens, side], the [side, side]
+    float32 weights in one external data file; returns the model's size on disk."""
+    rng = np.random.default_rng(seed)
+    data_name = path.name + ".weights"
+    scale = np.float32(1 / math.sqrt(side))
+    norm = [onnx.numpy_helper.from_array(np.ones(side, np.float32), "norm.scale"),
+            onnx.numpy_helper.from_array(np.zeros(side, np.float32), "norm.bias")]
+    nodes, initializers = [], []
+    previous = "x"
+    with open(path.parent / data_name, "wb") as data:
+        for layer in range(layers):
+            weights = rng.standard_normal((side, side), dtype=np.float32) * scale
+            name = f"layers.{layer}.weight"
+            offset = data.tell()
+            data.write(weights.tobytes())
+            tensor = TensorProto(name=name, data_type=TensorProto.FLOAT, dims=[side, side],
+                                 data_location=TensorProto.EXTERNAL)
+            for key, value in (("location", data_name), ("offset", str(offset)),
+                               ("length", str(weights.nbytes))):
+                entry = tensor.external_data.add()
+                entry.key, entry.value = key, value
+            initializers.append(tensor)
+            block = f"layers.{layer}"
+            nodes += [
+                helper.make_node("LayerNormalization", [previous, "norm.scale", "norm.bias"],
+                                 [f"{block}.norm"], axis=-1),
+                helper.make_node("MatMul", [f"{block}.norm", name], [f"{block}.mm"]),
+                helper.make_node("Relu", [f"{block}.mm"], [f"{block}.act"]),
+                helper.make_node("Add", [previous, f"{block}.act"], [f"{block}.out"])]
+            previous = f"{block}.out"
+    shape = ["batch", "tokens", side]
+    graph = helper.make_graph(
+        nodes, "residual_stack", [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+        [helper.make_tensor_value_info(previous, TensorProto.FLOAT, shape)],
+        norm + initializers)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path.stat().st_size + (path.parent / data_name).stat().st_size
 
 
 # --- rows --------------------------------------------------------------------------------
@@ -297,6 +350,76 @@ def bench_startup(workdir: Path, model: Path, repeat: int, rows: list) -> None:
                  f"{one / times['2, passive']:.2f}x with 2", "-", "info"])
 
 
+# In memory: the whole model is loaded with its external data, pruned as a ModelProto and
+# saved with onnx's own writer (external data, so that a > 2 GB result would also save).
+PRUNE_IN_MEMORY = """
+import os, sys, onnx, onnxprune
+model, out, method, calib = sys.argv[1:]
+proto, _ = onnxprune.prune(onnx.load(model), method=method, format="compact", calib=calib,
+                           calib_mode="sequential")
+onnx.save(proto, out, save_as_external_data=True, all_tensors_to_one_file=True,
+          location=os.path.basename(out) + ".data")
+"""
+
+# sha256 of every tensor of a model after densifying it, and of its graph without them
+DIGEST = """
+import hashlib, json, sys, onnx
+from onnxprune.formats import densify_model
+from onnxprune.io import iter_all_tensors, load_model, read_array
+loaded = load_model(sys.argv[1])
+densify_model(loaded.proto, loaded.base_dir)
+digests = {}
+for tensor in iter_all_tensors(loaded.proto.graph):
+    array = read_array(tensor, loaded.base_dir)
+    digests[tensor.name] = f"{array.dtype}{list(array.shape)}:" + hashlib.sha256(
+        array.tobytes()).hexdigest()
+graph = onnx.GraphProto()
+graph.CopyFrom(loaded.proto.graph)
+del graph.initializer[:]
+digests["<graph>"] = hashlib.sha256(graph.SerializeToString(deterministic=True)).hexdigest()
+print(json.dumps(digests))
+"""
+
+
+def model_digests(model: Path) -> dict[str, str]:
+    done = subprocess.run([PY, "-c", DIGEST, str(model)], capture_output=True, text=True,
+                          check=True, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+    return json.loads(done.stdout)
+
+
+def bench_calibrated_stream(workdir: Path, layers: int, methods: list[str], rows: list,
+                            samples: int = 8, tokens: int = 64) -> None:
+    side = 2048
+    model, calib = workdir / "stack.onnx", workdir / "stack_calib.npz"
+    size = write_residual_stack(model, layers, side)
+    rng = np.random.default_rng(1)
+    np.savez(calib, x=rng.standard_normal((samples, 1, tokens, side), dtype=np.float32))
+    label = (f"calibrated stream, {size / 1e6:.0f} MB external, {layers} x "
+             f"{side * side * 4 / MiB:.0f} MiB")
+    print(f"{label}: {samples} calibration samples of {tokens} tokens", file=sys.stderr)
+    for method in methods:
+        streamed, in_memory = workdir / "stack_stream.onnx", workdir / "stack_memory.onnx"
+        options = ("--method", method, "--format", "compact", "--calib", str(calib),
+                   "--calib-mode", "sequential")
+        ours = run_child(prune_command(model, streamed, *options))
+        memory = run_child([PY, "-c", PRUNE_IN_MEMORY, str(model), str(in_memory), method,
+                            str(calib)])
+        ratio = ours.peak_rss / size
+        rows.append([f"{label}: {method} compact, time (one run)", f"{ours.seconds:.1f} s",
+                     f"{memory.seconds:.1f} s (in memory)", "-", "-", "info"])
+        rows.append([f"{label}: {method} compact, peak RSS", mib(ours.peak_rss),
+                     f"{mib(memory.peak_rss)} (in memory)", f"{ratio:.2f}x model",
+                     f"<= {TARGET_STREAM_RSS}x model", verdict(ratio <= TARGET_STREAM_RSS)])
+        ours_digests, memory_digests = model_digests(streamed), model_digests(in_memory)
+        differ = sorted(name for name in ours_digests.keys() | memory_digests.keys()
+                        if ours_digests.get(name) != memory_digests.get(name))
+        rows.append([f"{label}: {method} compact, output vs in-memory path",
+                     f"{len(ours_digests) - 1} tensors", "-",
+                     f"{len(differ)} differ" + (f" (e.g. {differ[0]})" if differ else ""),
+                     "identical", verdict(not differ)])
+        remove(streamed, in_memory)
+
+
 # --- output ------------------------------------------------------------------------------
 
 def mib(n: int) -> str:
@@ -328,6 +451,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=3, help="runs per measure [3]")
     parser.add_argument("--skip-external", action="store_true")
     parser.add_argument("--skip-torch", action="store_true")
+    parser.add_argument("--case", choices=("all", "standard", "calibrated-stream"),
+                        default="all", help="standard: rows 1-4; calibrated-stream: row 5")
+    parser.add_argument("--stream-layers", type=int, default=56,
+                        help="2048 x 2048 blocks of the calibrated-stream model [56: 940 MB]")
+    parser.add_argument("--stream-methods", default="sparsegpt,wanda",
+                        help="calibrated methods to stream, comma-separated [sparsegpt,wanda]")
     args = parser.parse_args(argv)
 
     workdir = Path(tempfile.mkdtemp(prefix="onnxprune-bench-", dir=args.workdir))
@@ -336,12 +465,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"machine: {os.cpu_count()} cores, load average "
               f"{', '.join(f'{x:.1f}' for x in os.getloadavg())}; models in {workdir}",
               file=sys.stderr)
-        inline = bench_inline(workdir, args.params, args.repeat, rows)
-        if not args.skip_external:
-            bench_external(workdir, args.external_gb, max(1, args.repeat - 1), rows)
-        if not args.skip_torch:
-            bench_torch(inline, args.repeat, rows)
-        bench_startup(workdir, inline, args.repeat, rows)
+        if args.case in ("all", "standard"):
+            inline = bench_inline(workdir, args.params, args.repeat, rows)
+            if not args.skip_external:
+                bench_external(workdir, args.external_gb, max(1, args.repeat - 1), rows)
+            if not args.skip_torch:
+                bench_torch(inline, args.repeat, rows)
+            bench_startup(workdir, inline, args.repeat, rows)
+        if args.case in ("all", "calibrated-stream"):
+            bench_calibrated_stream(workdir, args.stream_layers,
+                                    args.stream_methods.split(","), rows)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     print_table(rows)

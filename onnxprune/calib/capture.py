@@ -219,7 +219,12 @@ class ActivationCapture:
         proto = self.index.model
         index = self.index.dataflow
         node_ids = self._static_producers(stage, self.weights) + stage.nodes
-        graph = onnx.GraphProto(name=f"{proto.graph.name or 'graph'}_stage{stage.number}")
+        # built in place, not by make_model, which would copy the graph and its replacements
+        model = onnx.ModelProto(ir_version=proto.ir_version)
+        model.opset_import.extend(proto.opset_import)
+        model.functions.extend(proto.functions)
+        graph = model.graph
+        graph.name = f"{proto.graph.name or 'graph'}_stage{stage.number}"
         for i in node_ids:
             graph.node.add().CopyFrom(index.nodes[i])
         used = {r for i in node_ids for r in index.reads[i]}
@@ -238,9 +243,6 @@ class ActivationCapture:
                 graph.input.append(helper.make_tensor_value_info(name, elem, None))
         for name in stage.outputs:
             graph.output.append(onnx.ValueInfoProto(name=name))
-        model = helper.make_model(graph, opset_imports=list(proto.opset_import))
-        model.ir_version = proto.ir_version
-        model.functions.extend(proto.functions)
         # idle onnxruntime threads must not spin while numpy sums the statistics;
         # tensors may be external data, or a lazy load's references into the model file
         folder = (self.loaded.base_dir

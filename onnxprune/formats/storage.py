@@ -246,19 +246,24 @@ def _store_compact(target: WeightTarget, weights: np.ndarray, pattern: Pattern,
         position = index
     for offset, node in enumerate(builder.nodes):
         graph.node.insert(position + offset, node)
-    graph.initializer.extend(builder.initializers)
+    size = sum(t.ByteSize() for t in builder.initializers) + \
+        sum(n.ByteSize() for n in builder.nodes) + value_info.ByteSize()
+    streamed = set()
     if write_payload is not None:
-        added = graph.initializer[len(graph.initializer) - len(builder.initializers):]
-        for tensor in added:  # the graph's own copies, which the writer will look for
-            array = builder.arrays[tensor.name]
-            if array.nbytes >= STREAMED_PAYLOAD_BYTES:
-                write_payload(tensor, array)
+        # the bytes must never be copied into the graph: protobuf frees a cleared field's
+        # memory only with the whole model, so the model would grow by a payload per target
+        for tensor in builder.initializers:
+            if builder.arrays[tensor.name].nbytes >= STREAMED_PAYLOAD_BYTES:
                 tensor.ClearField("raw_data")
+                streamed.add(tensor.name)
+    graph.initializer.extend(builder.initializers)
+    added = graph.initializer[len(graph.initializer) - len(builder.initializers):]
+    for tensor in added:  # the graph's own copies, which the writer will look for
+        if tensor.name in streamed:
+            write_payload(tensor, builder.arrays[tensor.name])
     if not any(v.name == target.tensor_name for v in graph.value_info):
         graph.value_info.append(value_info)
     add_metadata_format(model, "compact")
-    size = sum(t.ByteSize() for t in builder.initializers) + \
-        sum(n.ByteSize() for n in builder.nodes) + value_info.ByteSize()
     return StoreResult(best.format, size)
 
 
