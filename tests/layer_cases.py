@@ -27,11 +27,12 @@ def layer_problem(rows: int, cols: int, tokens: int = 400, seed: int = 0, rank: 
 
 
 def prune_matmul(inputs: int = 32, outputs: int = 12, samples: int = 4, seed: int = 0,
-                 **settings):
+                 masks: dict | None = None, fixed_masks: bool = False, **settings):
     """Prune the weight of y = x @ W through the pipeline with in-memory calibration.
 
     Returns (original W as [outputs, inputs] float32, pruned likewise, X [tokens, inputs]
-    float64 exactly as fed, the target's report).
+    float64 exactly as fed, the target's report). `masks` (keep-masks of "w" in its stored
+    [inputs, outputs] layout) and `fixed_masks` go to `pipeline.run`.
     """
     rng = np.random.default_rng(seed)
     weight = rng.standard_normal((inputs, outputs)).astype(np.float32)
@@ -48,7 +49,7 @@ def prune_matmul(inputs: int = 32, outputs: int = 12, samples: int = 4, seed: in
              for _ in range(samples)]
     loaded = model_from_proto(model)
     config = PruneConfig(min_size=0, measure_error=True, **settings)
-    result = run(loaded, config, feeds=feeds)
+    result = run(loaded, config, feeds=feeds, masks=masks, fixed_masks=fixed_masks)
     tensor = next(t for t in loaded.proto.graph.initializer if t.name == "w")
     pruned = read_array(tensor, loaded.base_dir)
     x = np.concatenate([f["x"] for f in feeds]).astype(np.float64)

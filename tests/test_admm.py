@@ -104,6 +104,26 @@ def test_mask_ramps_cubically_and_never_revives():
     assert (pruned[~prior] == 0).all()
 
 
+def test_weights_without_update_stay_bit_identical():
+    weights, hessian, _ = layer_problem(6, 16)
+    keep = naive.lowest_first(np.abs(weights), 40)
+    plain = admm_prune(weights, admm_factor(hessian), MaskRule(fixed=keep), 0)
+    np.testing.assert_array_equal(plain, np.where(keep, weights, 0))
+
+
+@pytest.mark.parametrize("fixed", [True, False])
+def test_given_masks_are_honoured(fixed):
+    rng = np.random.default_rng(5)
+    given = rng.random((32, 12)) < 0.7  # stored layout [inputs, outputs]
+    _, pruned, _, report = prune_matmul(method="admm", masks={"w": given}, fixed_masks=fixed)
+    if fixed:  # exactly this mask, reconstructed
+        np.testing.assert_array_equal(pruned.T != 0, given)
+    else:  # never revived, and the plan's count still met
+        assert not (pruned.T[~given] != 0).any()
+        assert np.count_nonzero(pruned == 0) >= prune_count(pruned.size, 0.5)
+    assert report.meets_plan
+
+
 def test_split_kernel():
     rng = np.random.default_rng(0)
     sums, target = (rng.standard_normal((3, 5)).astype(np.float32) for _ in range(2))

@@ -145,10 +145,10 @@ def admm_prune(weights: np.ndarray, factor: AdmmFactor, rule: MaskRule,
                iters: int = DEFAULT_ITERS) -> np.ndarray:
     """Pruned and reconstructed weights (float32 [rows, cols], pruned positions 0)."""
     scale = factor.scale
-    start = np.ascontiguousarray(weights, dtype=np.float32) * scale  # W₀·D
+    weights = np.ascontiguousarray(weights, dtype=np.float32)
+    start = weights * scale  # W₀·D
     if iters <= 0 or start.size == 0:
-        keep = rule.select(np.abs(start), -1)
-        return np.where(keep, start, np.float32(0.0)) / scale
+        return np.where(rule.select(np.abs(start), -1), weights, np.float32(0.0))
     target = start @ factor.hessian  # W₀ (H + damp·I), normalised
     target += np.float32(factor.damp) * start
     current = start.copy()
@@ -165,10 +165,10 @@ def admm_prune(weights: np.ndarray, factor: AdmmFactor, rule: MaskRule,
     dual += current
     result = np.where(keep, dual, np.float32(0.0))
     del dual, rhs, current
-    masked = np.where(keep, start, np.float32(0.0))
-    if _normal_error(result, start, factor) > _normal_error(masked, start, factor):
+    if _normal_error(result, start, factor) > _normal_error(
+            np.where(keep, start, np.float32(0.0)), start, factor):
         log.debug("ADMM did not beat the masked weights; kept them")
-        result = masked
+        return np.where(keep, weights, np.float32(0.0))
     return result / scale
 
 
