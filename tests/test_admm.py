@@ -4,6 +4,7 @@ the pipeline (`--method admm`, `--update admm`) and the CLI on the demo models."
 from __future__ import annotations
 
 import json
+import logging
 
 import naive_methods as naive
 import numpy as np
@@ -186,3 +187,13 @@ def test_cli_output_runs_in_onnxruntime(tmp_path, model, args):
     session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     outputs = session.run(None, load_calibration(None, proto, samples=1, seed=0)[0])
     assert all(np.isfinite(o).all() for o in outputs)
+
+
+def test_update_calibrates_sequentially(caplog):
+    with caplog.at_level(logging.INFO, logger="onnxprune.pipeline"):
+        prune_matmul(method="ria", update="admm")
+    assert "(sequential)" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="onnxprune.pipeline"):
+        prune_matmul(method="ria", refine="dsnot")
+    assert "(one-pass)" in caplog.text
