@@ -6,11 +6,12 @@ judges a swap by the change of the expected output error Σ_j W_ij E[X_j] (it ke
 means and variances of the inputs). Here XᵀX is at hand, so a swap is judged by the exact
 change of the error it stands for, ‖(W − M ⊙ W) Xᵀ‖² of the row (see
 `onnxprune.kernels.swaps`): every accepted swap lowers it, and it is what the report's
-reconstruction error measures. Each cycle makes at most one swap per row, the best of the
-paper's two greedy orders (grow the weight whose regrowth helps most, prune the cheapest
-after it; or prune first); a row stops once no swap helps, at most ``config.dsnot_iters``
-cycles. N:M: swaps stay inside one group of M, so the pattern holds after every swap.
-Weights an earlier step removed (`job.keep`) never come back.
+reconstruction error measures. Each cycle makes at most one swap per row, the better of two
+greedy pairs (grow the weight whose regrowth helps most, then prune the cheapest one given
+that; or prune the cheapest first, then grow the best one given that); a row stops once no
+swap helps, after at most ``config.dsnot_iters`` cycles. N:M: swaps stay inside one group
+of M, so the pattern holds after every swap. Weights an earlier step removed (`job.keep`)
+never come back.
 
 The gradient (W ⊙ ~M) H is formed a block of rows at a time (float64 GEMM), so beside H
 the refinement holds a few row blocks.
