@@ -172,8 +172,9 @@ def test_bad_settings_are_user_errors():
 
 
 @pytest.mark.parametrize("model", ["transformer.onnx", "cnn.onnx"])
-@pytest.mark.parametrize("args", [["--method", "admm", "--pattern", "2:4"],
-                                  ["--method", "admm", "--admm-fixed-mask"],
+@pytest.mark.parametrize("args", [["--method", "admm", "--pattern", "2:4", "--admm-iters", "6"],
+                                  ["--method", "admm", "--admm-fixed-mask", "--admm-iters",
+                                   "6"],
                                   ["--method", "wanda", "--update", "admm", "--admm-iters",
                                    "5", "--pattern", "2:4"]])
 def test_cli_output_runs_in_onnxruntime(tmp_path, model, args):
