@@ -182,15 +182,17 @@ def build_parser() -> argparse.ArgumentParser:
                             "command-line options win")
     parser.prune_parser = prune  # recipes check their keys against its options
     calib = prune.add_argument_group("calibration (methods that use it: "
-                                     "wanda, obd, sparsegpt and plug-ins)")
+                                     "wanda, obd, sparsegpt, ria, admm, any --update "
+                                     "or --refine, and plug-ins)")
     calib.add_argument("--calib", metavar="PATH",
                        help=".npz keyed by graph input name, or a folder of .npz (one sample "
                             "each); without it synthetic inputs are used, with a warning")
     calib.add_argument("--calib-samples", type=int, metavar="N",
                        help="use at most N calibration samples")
     calib.add_argument("--calib-mode", choices=("sequential", "one-pass"),
-                       help="sequential (default for sparsegpt): each layer calibrated on the "
-                            "already pruned model; one-pass: all on the dense model (faster)")
+                       help="sequential (default for sparsegpt and admm): each layer calibrated "
+                            "on the already pruned model; one-pass: all on the dense model "
+                            "(faster)")
     calib.add_argument("--measure-error", action="store_true",
                        help="calibrate every target to report its reconstruction error, "
                             "also for methods that need no calibration")

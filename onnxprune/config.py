@@ -129,6 +129,10 @@ class PruneConfig:
                     raise ConfigError(f"--{kind} {name} needs a scoring method; "
                                       f"{self.method} rebuilds the weights itself")
                 del part
+        if int(self.admm_iters) < 0 or int(self.dsnot_iters) < 0:
+            raise ConfigError("--admm-iters and --dsnot-iters must be >= 0")
+        if not 0 < float(self.admm_rho) < float("inf"):
+            raise ConfigError(f"--admm-rho must be a positive number, got {self.admm_rho}")
         if self.calib_samples is not None and int(self.calib_samples) < 1:
             raise ConfigError(f"--calib-samples must be >= 1, got {self.calib_samples}")
         if self.calib_mode is not None and self.calib_mode not in CALIB_MODES:

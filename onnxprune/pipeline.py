@@ -220,8 +220,10 @@ class _Loop:
                 views.append(view)
         if not views:
             return
+        # an update that rebuilds the weights wants later layers calibrated on them too
         mode = config.calib_mode or max(
-            (methods[v.target.name].default_calib_mode for v in views),
+            [*(methods[v.target.name].default_calib_mode for v in views),
+             getattr(self.update, "default_calib_mode", "one-pass")],
             key=lambda m: m == "sequential")
         feeds = self.feeds if self.feeds is not None else load_calibration(
             config.calib, self.loaded.proto, config.calib_samples, config.seed)

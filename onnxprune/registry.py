@@ -101,6 +101,8 @@ METHODS = Registry("method", "onnxprune.methods", {
     "wanda": ".methods.wanda:Wanda",
     "obd": ".methods.obd:OBD",
     "sparsegpt": ".methods.sparsegpt:SparseGPT",
+    "ria": ".methods.ria:RIA",
+    "admm": ".methods.admm:Admm",
 })
 
 ALLOCATIONS = Registry("allocation", "onnxprune.allocations", {
@@ -119,8 +121,12 @@ FORMATS = Registry("format", "onnxprune.formats", {
 
 # `--update NAME`: ``update(job, keep) -> new weights`` (stored layout and dtype, zeros where
 # `keep` is False) for a mask chosen by a scoring method; "none" is no update
-UPDATES = Registry("update", "onnxprune.updates", {})
+UPDATES = Registry("update", "onnxprune.updates", {
+    "admm": ".methods.admm:Admm",
+})
 
 # `--refine NAME`: ``refine(job, keep) -> keep`` improves a mask before it is applied (the
 # pattern must still hold); "none" is no refinement
-REFINES = Registry("refine", "onnxprune.refines", {})
+REFINES = Registry("refine", "onnxprune.refines", {
+    "dsnot": ".methods.dsnot:DSnoT",
+})
