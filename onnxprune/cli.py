@@ -359,6 +359,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     _import_numba_without_blas_probe()
     _return_large_blocks_to_the_system()
     from .api import prune
+    from .inputs import parse_dim_overrides, parse_input_shapes
     from .masks import MaskSet
 
     config = _config_from(args, sparsity=args.sparsity, method=args.method, scope=args.scope,
@@ -373,6 +374,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
                           min_target_sparsity=args.min_target_sparsity,
                           max_target_sparsity=args.max_target_sparsity,
                           max_error=args.max_error, sensitivity=args.sensitivity,
+                          synthetic_dims=parse_dim_overrides(args.dim) or None,
+                          synthetic_shapes=parse_input_shapes(args.input_shapes) or None,
                           overrides=getattr(args, "overrides", ()))
     if config.pattern.is_nm and args.sparsity is not None \
             and abs(args.sparsity - config.pattern.sparsity) > 1e-9:

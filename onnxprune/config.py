@@ -76,6 +76,9 @@ class PruneConfig:
     # gather calibration statistics for every target, to report each one's reconstruction
     # error even where the method needs none (magnitude, random)
     measure_error: bool = False
+    # shapes of synthetic calibration inputs (no `calib`): --dim NAME=V, --input-shapes
+    synthetic_dims: dict | None = None
+    synthetic_shapes: dict | None = None
     update: str = "none"  # registry.UPDATES name: reconstruct the kept weights after the mask
     refine: str = "none"  # registry.REFINES name: improve the mask before it is applied
     # settings of particular methods, allocations and updates

@@ -202,7 +202,7 @@ class _Loop:
 
     def _prune_calibrated(self, targets: list[WeightTarget], calibrated: list[WeightTarget],
                           methods: dict[str, Method]) -> None:
-        from .calib import ActivationCapture, GraphIndex, load_calibration, target_view
+        from .calib import ActivationCapture, GraphIndex, calibration_feeds, target_view
 
         config = self.config
         index = GraphIndex(self.loaded.proto)
@@ -225,8 +225,8 @@ class _Loop:
             [*(methods[v.target.name].default_calib_mode for v in views),
              getattr(self.update, "default_calib_mode", "one-pass")],
             key=lambda m: m == "sequential")
-        feeds = self.feeds if self.feeds is not None else load_calibration(
-            config.calib, self.loaded.proto, config.calib_samples, config.seed)
+        feeds = self.feeds if self.feeds is not None else calibration_feeds(
+            config, self.loaded.proto)
         # XᵀX is gathered for every calibrated target: the report gives each one's
         # reconstruction error, which needs it
         capture = ActivationCapture(self.loaded, index, views, feeds,

@@ -140,7 +140,7 @@ def analyze(loaded: LoadedModel, config: PruneConfig, *,
     """The sensitivity curve of every target of `loaded` selected by `config` (its method,
     pattern, selection, calibration); the model is left as it was. With an N:M pattern each
     target has one point, the pattern's own sparsity."""
-    from .calib import load_calibration
+    from .calib import calibration_feeds
     from .pipeline import selection_of
     from .registry import METHODS
     from .targets import discover_targets
@@ -152,7 +152,7 @@ def analyze(loaded: LoadedModel, config: PruneConfig, *,
                                   f"({len(skipped)} skipped; run `onnxprune inspect`)")
     synthetic = feeds is None and config.calib is None
     if feeds is None:
-        feeds = load_calibration(config.calib, loaded.proto, config.calib_samples, config.seed)
+        feeds = calibration_feeds(config, loaded.proto)
     method = METHODS.get(config.method)
     statistics = {}
     if method.needs or method.reconstructs:

@@ -254,3 +254,12 @@ def test_targets_dropped_by_the_pattern_are_warned_about_and_named(tmp_path, cap
     assert "2 reduction axis not a multiple of 7" in err and "--min-size" not in err
     assert main(["prune", str(path), "-o", str(out), "--include", "^zz$"]) == 2
     assert "2 not matched by --include" in capsys.readouterr().err
+
+
+def test_input_shapes_shape_synthetic_calibration(models_dir, tmp_path):
+    report_file = tmp_path / "r.json"
+    assert main(["prune", str(models_dir / "transformer.onnx"), "-o", str(tmp_path / "o.onnx"),
+                 "--method", "wanda", "--calib-samples", "3", "--input-shapes",
+                 "input_ids:[1,7]", "--report", str(report_file), "-q"]) == 0
+    tokens = {t["calibration_tokens"] for t in json.loads(report_file.read_text())["targets"]}
+    assert tokens == {3 * 7}

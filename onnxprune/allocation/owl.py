@@ -64,12 +64,12 @@ def outlier_ratios(targets: Sequence[WeightTarget], config: PruneConfig,
                    context: AllocationContext) -> np.ndarray:
     """D per target (in target order; the same for the targets of one block) from Wanda
     scores on the dense model."""
-    from ..calib import load_calibration
+    from ..calib import calibration_feeds
     from ..calib.one_pass import dense_statistics
 
     loaded = context.loaded
-    feeds = context.feeds if context.feeds is not None else load_calibration(
-        config.calib, loaded.proto, config.calib_samples, config.seed)
+    feeds = context.feeds if context.feeds is not None else calibration_feeds(
+        config, loaded.proto)
     found = dense_statistics(loaded, targets, feeds, hessian=False)
     keys = blocks(targets)
     scores_of: dict[str, list[np.ndarray]] = {}

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from ..graph import GraphIndex
 from .capture import ActivationCapture, Stage
-from .data import DEFAULT_SYNTHETIC_SAMPLES, load_calibration
+from .data import DEFAULT_SYNTHETIC_SAMPLES, calibration_feeds, load_calibration
 from .layouts import (
     CHUNK_ELEMENTS,
     CHUNK_ROWS,
@@ -40,6 +40,7 @@ __all__ = [
     "Stage",
     "TargetView",
     "layer_inputs",
+    "calibration_feeds",
     "load_calibration",
     "relative_output_error",
     "target_view",
