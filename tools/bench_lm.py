@@ -42,7 +42,6 @@ EXPECTED_METHODS = {"ria", "admm"}
 EXPECTED_UPDATES = {"admm"}
 EXPECTED_REFINES = {"dsnot"}
 UNCALIBRATED = {"magnitude", "random"}
-PATTERN_ARGS = {"50%": ["--sparsity", "0.5"]}
 
 
 def registered() -> dict[str, set[str]]:
@@ -76,7 +75,10 @@ def parse_variant(variant: str, known: dict[str, set[str]]) -> dict:
 
 
 def pattern_args(pattern: str) -> list[str]:
-    return PATTERN_ARGS.get(pattern, ["--pattern", pattern])
+    """`50%` (any percentage) is an unstructured sparsity, anything else an N:M pattern."""
+    if pattern.endswith("%"):
+        return ["--sparsity", str(float(pattern[:-1]) / 100)]
+    return ["--pattern", pattern]
 
 
 # Linux counts a process's RSS before exec into its ru_maxrss, so a child forked from this
