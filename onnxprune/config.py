@@ -127,11 +127,10 @@ class PruneConfig:
         for kind, name, registry in (("update", self.update, UPDATES),
                                      ("refine", self.refine, REFINES)):
             if name != "none":
-                part = registry.get(name)
+                registry.get(name)  # an unknown name is a ConfigError listing the choices
                 if method.reconstructs:
                     raise ConfigError(f"--{kind} {name} needs a scoring method; "
                                       f"{self.method} rebuilds the weights itself")
-                del part
         if int(self.admm_iters) < 0 or int(self.dsnot_iters) < 0:
             raise ConfigError("--admm-iters and --dsnot-iters must be >= 0")
         if not 0 < float(self.admm_rho) < float("inf"):
