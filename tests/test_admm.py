@@ -21,7 +21,7 @@ from onnxprune.config import PruneConfig
 from onnxprune.errors import ConfigError
 from onnxprune.kernels.admm import admm_split
 from onnxprune.masking import prune_count
-from onnxprune.methods.admm import MaskRule, admm_factor, admm_prune
+from onnxprune.methods.admm import SAMPLE_SIZE, MaskRule, admm_factor, admm_prune
 from onnxprune.methods.sparsegpt import sparsegpt_prune
 from onnxprune.methods.wanda import wanda_scores
 
@@ -103,6 +103,34 @@ def test_mask_ramps_cubically_and_never_revives():
     assert kept == expected
     pruned = admm_prune(weights, admm_factor(hessian), rule, 8)
     assert (pruned[~prior] == 0).all()
+
+
+@pytest.mark.parametrize("keep_n, group_m", [(0, 0), (2, 4)])
+def test_large_matrices_ramp_by_a_sampled_threshold_and_end_exact(keep_n, group_m):
+    # above SAMPLE_SIZE the intermediate steps take a sampled threshold: near the step's
+    # count, never reviving, the N best of every M kept; the last step is exact
+    rng = np.random.default_rng(3)
+    magnitudes = np.abs(rng.standard_normal((320, 256))).astype(np.float32)
+    assert magnitudes.size > SAMPLE_SIZE
+    prior = rng.random(magnitudes.shape) > 0.1
+    count = _count(magnitudes)
+    rule = MaskRule(prior=prior, count=count, keep_n=keep_n, group_m=group_m, ramp=6)
+    rest = magnitudes.size * (group_m - keep_n) // group_m if group_m else count
+    for step in range(6):
+        keep = rule.select(magnitudes.copy(), step)
+        assert not (keep & ~prior).any()
+        if group_m:
+            best = kernels.nm_keep_mask(np.where(prior, magnitudes, -np.inf), keep_n, group_m)
+            assert (keep[best & prior]).all()
+        share = 1 - (1 - (step + 1) / 6) ** 3
+        expected = magnitudes.size - max(round(rest * share), np.count_nonzero(~prior))
+        if step == 5:
+            ranked = np.where(prior, magnitudes, -np.inf)
+            if group_m:
+                ranked[best] = np.inf
+            np.testing.assert_array_equal(keep, naive.lowest_first(ranked, rest) & prior)
+        else:
+            assert abs(int(keep.sum()) - expected) <= 0.01 * magnitudes.size
 
 
 def test_weights_without_update_stay_bit_identical():

@@ -2,13 +2,14 @@
 
 One ADMM iteration (see `onnxprune.methods.admm`) is a GEMM and an element-wise step over
 the [rows, cols] matrices; done with numpy the step would make several temporaries of the
-weights' size, here it is one pass, one row per ``prange`` iteration.
+weights' size, here it is one pass, on one thread: between two OpenBLAS GEMMs a parallel
+kernel would compete with BLAS's threads (see `blocks.numba_single_thread`).
 """
 
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
 from ..config import NUMBA_CACHE, NUMBA_FASTMATH
 
@@ -34,10 +35,10 @@ def admm_split(sums: np.ndarray, keep: np.ndarray, target: np.ndarray, rho: floa
     _split_kernel(sums, keep, target, np.float32(rho), rhs)
 
 
-@njit(cache=NUMBA_CACHE, fastmath=NUMBA_FASTMATH, parallel=True)
+@njit(cache=NUMBA_CACHE, fastmath=NUMBA_FASTMATH)
 def _split_kernel(sums, keep, target, rho, rhs):
     rows, cols = sums.shape
-    for r in prange(rows):
+    for r in range(rows):
         for c in range(cols):
             v = sums[r, c]
             if keep[r, c]:

@@ -9,14 +9,15 @@ weight W and a masked copy Z, and iterates (U the scaled dual, ρ the penalty)
     Z ← M ⊙ (W + U),   U ← U + W − Z,   W ← (W₀ H + ρ (Z − U)) (H + ρI)⁻¹,
 
 so every iteration costs one GEMM with the inverse, factored once per layer (LAPACK
-Cholesky, float64) and shared by the layers that read the same input; the element-wise
+Cholesky, float32) and shared by the layers that read the same input; the element-wise
 part is one numba pass. The result is Z after the last iteration.
 
 As in the official code: the problem is first normalised by D = diag(√H_jj) (W·D and
 D⁻¹HD⁻¹, so the ranking |W·D| is Wanda's score), H is damped by 0.1 · mean diag, and ρ is
 relative to the mean of the (normalised) diagonal. With gradual selection the mask is
 re-chosen from |W + U| in the first three quarters of the iterations while the sparsity
-ramps up cubically to the target (per layer, an exact count; for N:M the N largest of every
+ramps up cubically to the target (per layer; the last ramp step prunes an exact count and
+the earlier ones about their share, see MaskRule; for N:M the N largest of every
 M are always kept and the others pruned smallest first, so the last ramp step is exactly
 N:M). Otherwise the mask is fixed: Wanda's per-layer choice for `--method admm`, the given
 mask for `--update admm`.
@@ -36,6 +37,7 @@ from scipy.linalg import lapack
 
 from .. import kernels
 from ..kernels.admm import admm_split
+from ..kernels.blocks import numba_single_thread
 from ..masking import MASKED_SCORE, layer_keep_mask
 from .base import Job, Method, Needs
 
@@ -45,6 +47,7 @@ DEFAULT_ITERS = 20
 DEFAULT_RHO = 1.0
 DEFAULT_DAMP = 0.1  # the official code's damping for ADMM (SparseGPT uses 0.01)
 RAMP_SHARE = 0.75  # the mask is re-chosen during the first 3/4 of the iterations (15 of 20)
+SAMPLE_SIZE = 1 << 16  # magnitudes sampled for an intermediate ramp step's threshold
 
 
 @dataclass
@@ -60,11 +63,15 @@ class AdmmFactor:
 
 def admm_factor(hessian: np.ndarray, rho: float = DEFAULT_RHO,
                 damp: float = DEFAULT_DAMP) -> AdmmFactor:
-    """Normalise H and factor it once (float64 Cholesky, inverse kept as float32)."""
+    """Normalise H and factor it once (float32 LAPACK Cholesky and inverse).
+
+    float32 is enough: the normalised H has a unit diagonal and the shift adds damp + ρ
+    times that, so XᵀX + ρI is well conditioned (condition number below size · 1/(damp+ρ)).
+    """
     diagonal = np.diagonal(hessian).astype(np.float64)
     alive = np.isfinite(diagonal) & (diagonal > 0)
     scale = np.where(alive, np.sqrt(np.where(alive, diagonal, 1.0)), 1.0)
-    normal = np.array(hessian, dtype=np.float64, order="C")  # symmetric: C == F
+    normal = np.array(hessian, dtype=np.float64, order="C")  # float64 here, float32 below
     normal[~alive, :] = 0.0
     normal[:, ~alive] = 0.0
     normal /= scale[:, np.newaxis]
@@ -76,9 +83,11 @@ def admm_factor(hessian: np.ndarray, rho: float = DEFAULT_RHO,
     damp_level, rho_level = damp * mean_diagonal, rho * mean_diagonal
     normal32 = normal.astype(np.float32)
     normal.ravel()[::size + 1] += damp_level + rho_level
-    lower, info = lapack.dpotrf(normal, lower=1, clean=0, overwrite_a=1)
+    shifted = normal.astype(np.float32).T  # symmetric: the transpose is LAPACK's F order
+    del normal
+    lower, info = lapack.spotrf(shifted, lower=1, clean=0, overwrite_a=1)
     if info == 0:
-        lower, info = lapack.dpotri(lower, lower=1, overwrite_c=1)
+        lower, info = lapack.spotri(lower, lower=1, overwrite_c=1)
     if info != 0:
         raise np.linalg.LinAlgError(f"ADMM: cannot factor XᵀX + ρI (LAPACK info {info})")
     inverse = _symmetric_from_lower(lower)
@@ -86,7 +95,7 @@ def admm_factor(hessian: np.ndarray, rho: float = DEFAULT_RHO,
 
 
 def _symmetric_from_lower(lower: np.ndarray) -> np.ndarray:
-    """float32 C-order symmetric matrix from LAPACK's lower triangle (F-order float64)."""
+    """float32 C-order symmetric matrix from LAPACK's lower triangle (F-order)."""
     # an F-ordered lower triangle read in C order is the upper triangle
     upper = lower.T
     size = upper.shape[0]
@@ -107,6 +116,11 @@ class MaskRule:
 
     `prior` marks weights that may be kept (an earlier step's mask; None: all). `count` is
     the number to prune from this matrix (unstructured); N:M uses keep_n of group_m.
+
+    Only the last ramp step (and the final mask) prunes an exact count. The steps before it
+    are intermediate, so a matrix larger than SAMPLE_SIZE takes its threshold from a fixed
+    random sample of the magnitudes: one pass instead of an exact selection, which would
+    cost more than the iteration's GEMM.
     """
 
     def __init__(self, *, fixed: np.ndarray | None = None, prior: np.ndarray | None = None,
@@ -117,6 +131,7 @@ class MaskRule:
         self.keep_n = keep_n
         self.group_m = group_m
         self.ramp = ramp
+        self._sample: np.ndarray | None = None
 
     def changes_at(self, iteration: int) -> bool:
         return self.fixed is None and iteration < self.ramp
@@ -129,16 +144,35 @@ class MaskRule:
             1.0 - (1.0 - (iteration + 1) / self.ramp) ** 3)
         if self.prior is not None:
             magnitudes[~self.prior] = MASKED_SCORE
+        best = None
+        count = self.count
         if self.group_m:
             best = kernels.nm_keep_mask(magnitudes, self.keep_n, self.group_m)
-            rest = magnitudes.size * (self.group_m - self.keep_n) // self.group_m
+            count = magnitudes.size * (self.group_m - self.keep_n) // self.group_m
             magnitudes[best] = np.inf  # the N best of every M always stay
-            keep = layer_keep_mask(magnitudes, int(round(rest * share)))
+        count = int(round(count * share))
+        if share < 1.0 and magnitudes.size > SAMPLE_SIZE:
+            keep = self._approximate(magnitudes, count)
+            if best is not None:
+                keep |= best
         else:
-            keep = layer_keep_mask(magnitudes, int(round(self.count * share)))
+            keep = layer_keep_mask(magnitudes, count)
         if self.prior is not None:
             keep &= self.prior
         return keep
+
+    def _approximate(self, magnitudes: np.ndarray, count: int) -> np.ndarray:
+        """Keep those above the sample's quantile of `count` (about `count` pruned)."""
+        flat = magnitudes.reshape(-1)
+        if self._sample is None or self._sample[-1] >= flat.size:
+            rng = np.random.default_rng(flat.size)  # fixed: the same run, the same masks
+            self._sample = np.sort(rng.choice(flat.size, SAMPLE_SIZE, replace=False))
+        if count <= 0:
+            return np.ones(magnitudes.shape, dtype=bool)
+        sample = flat[self._sample]
+        rank = min(SAMPLE_SIZE - 1, count * SAMPLE_SIZE // flat.size)
+        threshold = np.partition(sample, rank)[rank]
+        return magnitudes > threshold
 
 
 def admm_prune(weights: np.ndarray, factor: AdmmFactor, rule: MaskRule,
@@ -155,13 +189,14 @@ def admm_prune(weights: np.ndarray, factor: AdmmFactor, rule: MaskRule,
     dual = np.zeros_like(start)
     rhs = np.empty_like(start)
     keep = None
-    for iteration in range(iters):
-        dual += current  # V = W + U
-        if keep is None or rule.changes_at(iteration):
-            keep = np.ascontiguousarray(rule.select(
-                np.abs(dual), iteration if rule.changes_at(iteration) else -1), dtype=bool)
-        admm_split(dual, keep, target, factor.rho, rhs)  # dual: U; rhs: W₀H + ρ(Z − U)
-        np.matmul(rhs, factor.inverse, out=current)
+    with numba_single_thread():  # the GEMMs have BLAS's threads
+        for iteration in range(iters):
+            dual += current  # V = W + U
+            if keep is None or rule.changes_at(iteration):
+                keep = np.ascontiguousarray(rule.select(
+                    np.abs(dual), iteration if rule.changes_at(iteration) else -1), dtype=bool)
+            admm_split(dual, keep, target, factor.rho, rhs)  # dual: U; rhs: W₀H + ρ(Z − U)
+            np.matmul(rhs, factor.inverse, out=current)
     dual += current
     result = np.where(keep, dual, np.float32(0.0))
     del dual, rhs, current
