@@ -195,7 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "(faster)")
     calib.add_argument("--measure-error", action="store_true",
                        help="calibrate every target to report its reconstruction error, "
-                            "also for methods that need no calibration")
+                            "also for methods that need no calibration and where one-pass "
+                            "calibration would skip it to save memory")
     prune.add_argument("--validate", action="store_true",
                        help="run input and output in onnxruntime and compare; exit 1 if a "
                             "tolerance fails")

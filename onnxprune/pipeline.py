@@ -51,6 +51,8 @@ log = logging.getLogger(__name__)
 Progress = Callable[[WeightTarget], None]
 DenseWriter = Callable[[object, np.ndarray], None]
 CALIB_MODES = ("sequential", "one-pass")
+# XᵀX that one-pass calibration gathers only for the report's errors, at most (bytes)
+ONE_PASS_HESSIAN_BUDGET = 256 << 20
 
 
 @dataclass
@@ -227,10 +229,9 @@ class _Loop:
             key=lambda m: m == "sequential")
         feeds = self.feeds if self.feeds is not None else calibration_feeds(
             config, self.loaded.proto)
-        # XᵀX is gathered for every calibrated target: the report gives each one's
-        # reconstruction error, which needs it
         capture = ActivationCapture(self.loaded, index, views, feeds,
-                                    sequential=mode == "sequential", hessian=True,
+                                    sequential=mode == "sequential",
+                                    hessian=self._gathers_hessians(views, methods, mode),
                                     weights=self.pruned)
         log.info("%d calibrated targets in %d stage(s) over %d samples (%s)", len(views),
                  capture.levels, len(feeds), mode)
@@ -254,6 +255,25 @@ class _Loop:
                                 "out", target.name, stats.nonfinite)
                 self._prune(target, methods[target.name], view, stats,
                             shared.setdefault(view.inputs, {}))
+
+    def _gathers_hessians(self, views: list, methods: dict[str, Method], mode: str) -> bool:
+        """Whether to gather XᵀX: parts that use it need it; otherwise it only serves the
+        report's reconstruction errors, which one-pass mode, holding every input's XᵀX at
+        once, gives up when they would take more than ONE_PASS_HESSIAN_BUDGET."""
+        if (self.update is not None or self.refine is not None or self.config.measure_error
+                or any(methods[v.target.name].needs >= Needs.HESSIAN for v in views)):
+            return True
+        if mode == "sequential":
+            return True
+        inputs = {key: view.groups * view.features ** 2 for view in views for key in view.inputs}
+        size = 8 * sum(inputs.values())  # float64
+        if size <= ONE_PASS_HESSIAN_BUDGET:
+            return True
+        log.warning("reconstruction errors are not measured: in one pass, XᵀX of %d layer "
+                    "inputs would take %.0f MiB (--calib-mode sequential or --measure-error "
+                    "measures them)",
+                    len(inputs), size / 2**20)
+        return False
 
     # ------------------------------------------------------------------ one target
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import subprocess
@@ -13,9 +14,11 @@ import numpy as np
 import onnx
 import pytest
 from conftest import example_feeds
+from layer_cases import prune_matmul
 from onnx import helper, numpy_helper
 
 import onnxprune
+from onnxprune import pipeline
 from onnxprune.cli import main
 from onnxprune.masking import nm_holds, prune_count
 from onnxprune.masks import MaskSet
@@ -263,3 +266,21 @@ def test_input_shapes_shape_synthetic_calibration(models_dir, tmp_path):
                  "input_ids:[1,7]", "--report", str(report_file), "-q"]) == 0
     tokens = {t["calibration_tokens"] for t in json.loads(report_file.read_text())["targets"]}
     assert tokens == {3 * 7}
+
+
+@pytest.mark.parametrize("method, mode, measured", [
+    ("wanda", "one-pass", False), ("ria", "one-pass", False), ("sparsegpt", "one-pass", True),
+    ("wanda", "sequential", True)])
+def test_one_pass_gives_up_errors_beyond_the_hessian_budget(monkeypatch, caplog, method,
+                                                              mode, measured):
+    # XᵀX of every input at once only for the report's errors would not fit a large model;
+    # the mask must not change, and parts that use XᵀX (sparsegpt) still get it
+    settings = {"method": method, "calib_mode": mode, "measure_error": False}
+    _, unlimited, _, full = prune_matmul(**settings)
+    monkeypatch.setattr(pipeline, "ONE_PASS_HESSIAN_BUDGET", 0)
+    with caplog.at_level(logging.WARNING, logger="onnxprune"):
+        _, limited, _, report = prune_matmul(**settings)
+    np.testing.assert_array_equal(limited, unlimited)
+    assert full.reconstruction_error is not None
+    assert (report.reconstruction_error is not None) == measured
+    assert ("errors are not measured" in caplog.text) == (not measured)
