@@ -91,7 +91,9 @@ def prune(model: ModelLike, output: str | os.PathLike | None = None, *,
                     targets=result.targets, skipped=result.skipped,
                     summary=summarize(result.targets, file_bytes, file_bytes_before),
                     output=str(output) if output is not None else None,
-                    config=config.describe(), provenance=read_provenance(proto))
+                    config=config.describe(), provenance=read_provenance(proto),
+                    channel_permutations=result.permutations if config.permute_channels
+                    else None)
     report.masks = result.masks if return_masks else None
     _warn_about_session_start(report)
     return proto, report

@@ -122,6 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--refine", default="none", metavar="R",
                        help="improve the mask before it is applied: "
                             + _choices_help(REFINES, "none", first="none"))
+    prune.add_argument("--permute-channels", action="store_true",
+                       help="N:M: permute input channels where the graph allows it (MLP "
+                            "layers fed through element-wise ops) so groups keep more")
     settings = prune.add_argument_group("method and allocation settings")
     settings.add_argument("--ria-alpha", type=float, default=0.5, metavar="A",
                           help="ria: exponent of the input norm [0.5]")
@@ -368,6 +371,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
                           calib=args.calib, calib_samples=args.calib_samples,
                           calib_mode=args.calib_mode, measure_error=args.measure_error,
                           update=args.update, refine=args.refine, ria_alpha=args.ria_alpha,
+                          permute_channels=args.permute_channels,
                           admm_iters=args.admm_iters, admm_rho=args.admm_rho,
                           admm_gradual=not args.admm_fixed_mask,
                           dsnot_iters=args.dsnot_iters, owl_threshold=args.owl_threshold,

@@ -81,6 +81,8 @@ class PruneConfig:
     synthetic_shapes: dict | None = None
     update: str = "none"  # registry.UPDATES name: reconstruct the kept weights after the mask
     refine: str = "none"  # registry.REFINES name: improve the mask before it is applied
+    # N:M: permute input channels (and where they are made) so each group keeps more score
+    permute_channels: bool = False
     # settings of particular methods, allocations and updates
     ria_alpha: float = 0.5  # RIA: exponent of the input norm
     admm_iters: int = 20  # ADMM update: iterations
@@ -131,6 +133,9 @@ class PruneConfig:
                 if method.reconstructs:
                     raise ConfigError(f"--{kind} {name} needs a scoring method; "
                                       f"{self.method} rebuilds the weights itself")
+        if self.permute_channels and not self.pattern.is_nm and not any(
+                _override_pattern(o) for o in self.overrides):
+            raise ConfigError("--permute-channels needs an N:M --pattern (such as 2:4)")
         if int(self.admm_iters) < 0 or int(self.dsnot_iters) < 0:
             raise ConfigError("--admm-iters and --dsnot-iters must be >= 0")
         if not 0 < float(self.admm_rho) < float("inf"):
@@ -177,3 +182,9 @@ def _as_tuple(value) -> tuple[str, ...]:
     if isinstance(value, str):
         return (value,)
     return tuple(value)
+
+
+def _override_pattern(override) -> object:
+    """The pattern a per-target override sets (recipe.Override or its dict form), if any."""
+    return override.get("pattern") if isinstance(override, dict) else getattr(
+        override, "pattern", None)

@@ -64,6 +64,7 @@ class PruneResult:
     skipped: list[SkipReport]
     plan: PrunePlan
     masks: MaskSet = field(default_factory=MaskSet)
+    permutations: list[dict] = field(default_factory=list)  # --permute-channels, per target
 
 
 class Sink:
@@ -114,11 +115,16 @@ def run(loaded: LoadedModel, config: PruneConfig, *, sink: Sink | None = None,
             log.warning("%d of %d weights skipped: %s", count, count + len(targets), cause)
     masks = _checked_masks(masks or {}, targets)
     plan = make_plan(loaded, targets, config, feeds)
+    permutations: list[dict] = []
+    if config.permute_channels:
+        from .permute import permute_channels
+
+        permutations, feeds = permute_channels(loaded, targets, plan, config, feeds, masks)
     loop = _Loop(loaded, config, plan, sink or Sink(loaded, config.format), masks,
                  fixed_masks, want_masks, progress, feeds)
     reports = loop.run(targets)
     return PruneResult([reports[t.name] for t in targets], [skip_report(s) for s in skipped],
-                       plan, loop.masks_out)
+                       plan, loop.masks_out, permutations)
 
 
 def _dropped_by_selection(skipped: list[SkippedTensor]) -> dict[str, int]:

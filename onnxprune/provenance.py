@@ -21,7 +21,7 @@ PREFIX = "onnxprune:"
 # --update it did not use) must not survive to contradict the new ones
 KEYS = tuple(PREFIX + key for key in (
     "version", "method", "pattern", "allocation", "sparsity", "achieved_sparsity", "format",
-    "targets", "sparsity_digest", "update", "refine"))
+    "targets", "sparsity_digest", "update", "refine", "permute_channels"))
 
 
 def sparsity_digest(counts: Iterable[tuple[str, int, int]]) -> str:
@@ -50,6 +50,8 @@ def provenance_entries(config, targets) -> dict[str, str]:
     for part in ("update", "refine"):  # only when used: most runs have neither
         if getattr(config, part) != "none":
             entries[part] = getattr(config, part)
+    if getattr(config, "permute_channels", False):
+        entries["permute_channels"] = "true"
     return {PREFIX + key: value for key, value in entries.items()}
 
 

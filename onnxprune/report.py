@@ -65,6 +65,9 @@ class Report:
     config: dict | None = None
     validation: dict | None = None
     provenance: dict | None = None  # what prune wrote in the output's metadata_props
+    # --permute-channels: the targets whose input channels were permuted (and by how much
+    # that raised the score their N:M groups keep)
+    channel_permutations: list[dict] | None = None
     masks: object | None = field(default=None, repr=False)  # MaskSet, not serialized
 
     def to_dict(self) -> dict:

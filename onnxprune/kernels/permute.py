@@ -1,0 +1,48 @@
+"""Kernel of the channel permutation search: what each channel would add to each group.
+
+For an N:M pattern a group of M input channels keeps, per output, its N largest scores.
+With M − 1 channels fixed in a group, a candidate channel c adds exactly
+Σ_out max(0, S[c, out] − T[g, out]) to what the group keeps, where T[g, out] is the N-th
+largest score of the fixed channels (the one the candidate would push out). The search
+(`onnxprune.permute`) turns these gains into an assignment problem.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+from ..config import NUMBA_CACHE, NUMBA_FASTMATH
+
+__all__ = ["group_gains"]
+
+
+def group_gains(candidates: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
+    """gains[c, g] = Σ_out max(0, candidates[c, out] − thresholds[g, out]) (float64).
+
+    ``candidates`` [C, outputs] and ``thresholds`` [G, outputs] are float32 matrices.
+    """
+    candidates = np.ascontiguousarray(candidates, dtype=np.float32)
+    thresholds = np.ascontiguousarray(thresholds, dtype=np.float32)
+    if candidates.ndim != 2 or thresholds.ndim != 2 or (
+            candidates.shape[1] != thresholds.shape[1]):
+        raise ValueError(f"shapes {candidates.shape} and {thresholds.shape} do not match")
+    gains = np.empty((candidates.shape[0], thresholds.shape[0]), dtype=np.float64)
+    _gains_kernel(candidates, thresholds, gains)
+    return gains
+
+
+@njit(cache=NUMBA_CACHE, fastmath=NUMBA_FASTMATH, parallel=True)
+def _gains_kernel(candidates, thresholds, gains):
+    n_candidates, outputs = candidates.shape
+    n_groups = thresholds.shape[0]
+    for c in prange(n_candidates):
+        row = candidates[c]
+        for g in range(n_groups):
+            limit = thresholds[g]
+            total = np.float32(0.0)
+            for o in range(outputs):
+                excess = row[o] - limit[o]
+                if excess > 0:
+                    total += excess
+            gains[c, g] = total

@@ -1,0 +1,312 @@
+"""Channel permutation for N:M patterns: group input channels so that more score is kept,
+without changing what the model computes.
+
+An N:M mask keeps the N best of every M consecutive input channels of a weight, so which
+channels share a group matters; RIA (Zhang et al., ICLR 2024) and NVIDIA's ASP permute the
+input channels first. In ONNX the permutation must be made where those channels come from:
+the weight B of y = x·B is permuted along its input axis, and x's channels at their source.
+
+`find_channel_set` accepts a target whose input reaches back, through element-wise ops only
+(activations, sums and products of such channels, scalars, per-channel constants), to
+MatMul/Gemm nodes with constant weights of their own, and whose intermediate values feed
+nothing else. Permuting those producers' output channels (with their biases and per-channel
+constants) and the target's input axis together leaves every output as it was, up to the
+order of float sums. A LLaMA MLP (down_proj after SiLU(gate)·up) and a BERT feed-forward
+(output dense after GELU(dense + bias)) qualify; weights fed by a norm, a reshape or a graph
+input do not.
+
+`choose_permutation` maximises the kept score Σ_groups Σ_outputs (N largest): it starts from
+the better of the identity and a snake deal of channels by total score, then re-deals one
+position of every group at a time by an optimal assignment (scipy's linear_sum_assignment)
+on each channel's exact gain in each group, while that improves. The result never keeps
+less than the unpermuted weight.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+
+from .config import PruneConfig
+from .graph import GraphIndex, attribute, constant_tensor
+from .inputs import Feed
+from .io import LoadedModel, read_array, write_array
+from .kernels.permute import group_gains
+from .methods import Job, Needs
+from .plan import PrunePlan
+from .registry import METHODS
+from .targets import WeightTarget
+
+log = logging.getLogger(__name__)
+
+# Ops that map each channel on its own (one data input).
+UNARY_OPS = frozenset({
+    "Abs", "Cast", "Celu", "Cos", "Elu", "Erf", "Exp", "Gelu", "HardSigmoid", "HardSwish",
+    "Identity", "LeakyRelu", "Mish", "Neg", "Reciprocal", "Relu", "Selu", "Sigmoid", "Sin",
+    "Softplus", "Softsign", "Sqrt", "Tanh", "ThresholdedRelu"})
+# Element-wise ops of two inputs: channels (of the chain), scalars or per-channel constants.
+BINARY_OPS = frozenset({"Add", "Sub", "Mul", "Div"})
+# Positions re-dealt per group in one round, and the rounds at most (each is a full pass).
+MAX_ROUNDS = 3
+# Groups per assignment problem: larger layers are searched in blocks of this many groups.
+BLOCK_GROUPS = 256
+
+
+@dataclass
+class ChannelSet:
+    """A target whose input channels can be permuted, and every tensor axis that must follow.
+
+    `moves` lists (tensor, axis) pairs: the target's weight along its input axis first, then
+    the producers' weights along their output axis and per-channel constants.
+    """
+
+    target: WeightTarget
+    channels: int
+    moves: list[tuple[onnx.TensorProto, int]]
+
+
+def find_channel_set(index: GraphIndex, target: WeightTarget) -> ChannelSet | str:
+    """The target's permutable channel set, or why its input channels cannot be permuted."""
+    main, flow = index.main, index.dataflow
+    uses = main.consumers.get(target.name, [])
+    if len(uses) != 1 or uses[0].scope is not main or target.name in main.escaping:
+        return "its weight is read by more than one node"
+    node, slot = uses[0].node, uses[0].slot
+    dims = list(target.tensor.dims)
+    if slot != 1 or len(dims) != 2 or node.op_type not in ("MatMul", "Gemm") or (
+            node.op_type == "Gemm" and attribute(node, "transA", 0)):
+        return "only the weight of a MatMul or Gemm with a 2-D weight is supported"
+    axis = 1 if node.op_type == "Gemm" and attribute(node, "transB", 0) else 0
+    channels = dims[axis]
+    moves: list[tuple[onnx.TensorProto, int]] = [(target.tensor, axis)]
+    chain_nodes = {id(node)}
+    values: list[str] = []
+    pending = [node.input[0]]
+    while pending:
+        value = pending.pop()
+        if value in values:
+            continue
+        values.append(value)
+        if value in main.escaping:
+            return "its input channels are also a graph output"
+        position = flow.producer.get(value)
+        if position is None:
+            return "its input channels come from a graph input"
+        producer = flow.nodes[position]
+        chain_nodes.add(id(producer))
+        op = producer.op_type
+        if op in ("MatMul", "Gemm"):
+            reason = _producer_moves(index, producer, channels, moves)
+            if reason:
+                return reason
+        elif op in UNARY_OPS and producer.input:
+            pending.append(producer.input[0])
+        elif op in BINARY_OPS and len(producer.input) == 2:
+            for name in producer.input:
+                constant = _constant(index, name)
+                if constant is None:
+                    pending.append(name)
+                    continue
+                reason = _constant_moves(index, name, constant, channels, moves)
+                if reason:
+                    return reason
+        else:
+            return f"a {op} lies between its input channels and where they are made"
+    for value in values:
+        for use in main.consumers.get(value, []):
+            if use.scope is not main or id(use.node) not in chain_nodes:
+                return f"{value!r}, on the way to its input, is also read elsewhere"
+    return ChannelSet(target, channels, moves)
+
+
+def _constant(index: GraphIndex, name: str) -> onnx.TensorProto | None:
+    flow = index.dataflow
+    if name in flow.initializers:
+        return flow.initializers[name]
+    position = flow.producer.get(name)
+    if position is not None and flow.nodes[position].op_type == "Constant":
+        return constant_tensor(flow.nodes[position])
+    return None
+
+
+def _single_use(index: GraphIndex, name: str) -> bool:
+    uses = index.main.consumers.get(name, [])
+    return len(uses) == 1 and uses[0].scope is index.main and name not in index.main.escaping
+
+
+def _producer_moves(index: GraphIndex, node: onnx.NodeProto, channels: int,
+                    moves: list) -> str:
+    weight = _constant(index, node.input[1]) if len(node.input) > 1 else None
+    if weight is None or len(weight.dims) != 2 or not _single_use(index, node.input[1]):
+        return f"{node.op_type} {node.name or node.output[0]!r} has no weight of its own"
+    axis = 0 if node.op_type == "Gemm" and attribute(node, "transB", 0) else 1
+    if weight.dims[axis] != channels:
+        return f"{node.op_type} {node.name or node.output[0]!r} makes other channels"
+    moves.append((weight, axis))
+    if node.op_type == "Gemm" and len(node.input) > 2 and node.input[2]:
+        bias = _constant(index, node.input[2])
+        if bias is None:
+            return f"Gemm {node.name or node.output[0]!r} has a computed bias"
+        return _constant_moves(index, node.input[2], bias, channels, moves)
+    return ""
+
+
+def _constant_moves(index: GraphIndex, name: str, tensor: onnx.TensorProto, channels: int,
+                    moves: list) -> str:
+    dims = list(tensor.dims)
+    if int(np.prod(dims, dtype=np.int64)) == 1:
+        return ""  # a scalar treats every channel alike
+    if dims and dims[-1] == channels and all(d == 1 for d in dims[:-1]):
+        if not _single_use(index, name):
+            return f"the per-channel constant {name!r} is shared"
+        moves.append((tensor, len(dims) - 1))
+        return ""
+    return f"the constant {name!r} does not broadcast per channel"
+
+
+def kept_score(scores: np.ndarray, order: np.ndarray, n: int, m: int) -> float:
+    """Σ over groups and outputs of the n largest of each group of m channels in `order`."""
+    grouped = scores[order].reshape(-1, m, scores.shape[1])
+    return float(np.sort(grouped, axis=1)[:, m - n:, :].sum(dtype=np.float64))
+
+
+def choose_permutation(scores: np.ndarray, n: int, m: int) -> np.ndarray:
+    """An order of the input channels (rows of `scores` [channels, outputs]) for N:M."""
+    scores = np.ascontiguousarray(scores, dtype=np.float32)
+    channels = scores.shape[0]
+    groups = channels // m
+    identity = np.arange(channels)
+    snake = _snake_deal(scores, groups, m)
+    order = max((identity, snake), key=lambda o: kept_score(scores, o, n, m)).copy()
+    best = kept_score(scores, order, n, m)
+    for _ in range(MAX_ROUNDS):
+        for start in range(0, groups, BLOCK_GROUPS):
+            block = order[start * m:min(groups, start + BLOCK_GROUPS) * m].reshape(-1, m)
+            for position in range(m):
+                _redeal(scores, block, position, n, m)
+            order[start * m:start * m + block.size] = block.reshape(-1)
+        now = kept_score(scores, order, n, m)
+        if now <= best * (1 + 1e-6):
+            best = max(best, now)
+            break
+        best = now
+    return order
+
+
+def _snake_deal(scores: np.ndarray, groups: int, m: int) -> np.ndarray:
+    """Channels by total score dealt to groups 0..G-1, then G-1..0, ...: strong channels
+    spread over the groups instead of competing in one."""
+    ranked = np.argsort(-scores.sum(axis=1, dtype=np.float64), kind="stable")
+    table = np.empty((groups, m), dtype=np.int64)
+    for position in range(m):
+        row = ranked[position * groups:(position + 1) * groups]
+        table[:, position] = row if position % 2 == 0 else row[::-1]
+    return table.reshape(-1)
+
+
+def _redeal(scores: np.ndarray, block: np.ndarray, position: int, n: int, m: int) -> None:
+    """Reassign the channels at `position` of the block's groups optimally (in place)."""
+    from scipy.optimize import linear_sum_assignment
+
+    others = np.delete(block, position, axis=1)  # [groups, m - 1]
+    fixed = np.sort(scores[others], axis=1)  # [groups, m - 1, outputs], ascending
+    thresholds = fixed[:, m - 1 - n, :]  # the n-th largest of the fixed channels
+    candidates = block[:, position].copy()
+    gains = group_gains(scores[candidates], thresholds)
+    rows, columns = linear_sum_assignment(gains, maximize=True)
+    block[columns, position] = candidates[rows]
+
+
+def permute_channels(loaded: LoadedModel, targets: Sequence[WeightTarget], plan: PrunePlan,
+                     config: PruneConfig, feeds: Sequence[Feed] | None,
+                     masks: Mapping[str, np.ndarray]) -> tuple[list[dict], Sequence | None]:
+    """Permute the input channels of every N:M target that allows it, in `loaded.proto`.
+
+    Scores come from the target's method (Wanda's |W|·‖X_j‖ for methods that rebuild the
+    weights or need XᵀX), with calibration statistics of the unpruned model. Returns one
+    entry per permuted target for the report, and the calibration samples (loaded here when
+    needed, for the pipeline to reuse).
+    """
+    index = GraphIndex(loaded.proto)
+    chosen: list[ChannelSet] = []
+    for target in targets:
+        pattern = plan[target.name].pattern
+        if not pattern.is_nm or target.name in masks:
+            continue
+        found = find_channel_set(index, target)
+        if isinstance(found, str):
+            log.info("%s: input channels not permuted: %s", target.name, found)
+        elif found.channels % pattern.m == 0:
+            chosen.append(found)
+    if not chosen:
+        log.warning("--permute-channels: no N:M target has input channels that can be "
+                    "permuted (they must come from MatMul/Gemm outputs through element-wise "
+                    "ops only)")
+        return [], feeds
+    stats, feeds = _dense_statistics(loaded, index, chosen, plan, config, feeds)
+    entries = []
+    for found in chosen:
+        target = found.target
+        weights = read_array(target.tensor, loaded.base_dir)
+        pattern = plan[target.name].pattern
+        scores = _channel_scores(found, weights, plan, config, stats.get(target.name))
+        order = choose_permutation(scores, pattern.n, pattern.m)
+        before = kept_score(scores, np.arange(found.channels), pattern.n, pattern.m)
+        after = kept_score(scores, order, pattern.n, pattern.m)
+        if after <= before:
+            continue
+        for tensor, axis in found.moves:
+            values = read_array(tensor, loaded.base_dir)
+            write_array(tensor, np.ascontiguousarray(np.take(values, order, axis=axis)))
+        entries.append({"target": target.name, "channels": found.channels,
+                        "tensors_moved": len(found.moves),
+                        "kept_score_gain": after / before - 1 if before > 0 else 0.0})
+        log.info("%s: input channels permuted, kept score +%.2f%%", target.name,
+                 100 * (after / before - 1) if before > 0 else 0.0)
+    return entries, feeds
+
+
+def _dense_statistics(loaded, index, chosen, plan, config, feeds):
+    """‖X_j‖² of the chosen targets' inputs in the unpruned model (one pass), by name."""
+    from .calib import ActivationCapture, calibration_feeds, target_view
+
+    views = []
+    for found in chosen:
+        if METHODS.get(plan[found.target.name].method).needs > Needs.NOTHING:
+            view = target_view(found.target, index)
+            if not isinstance(view, str):
+                views.append(view)
+    if not views:
+        return {}, feeds
+    feeds = feeds if feeds is not None else calibration_feeds(config, loaded.proto)
+    capture = ActivationCapture(loaded, index, views, feeds, sequential=False, hessian=False,
+                                weights={})
+    stats = {}
+    for stage in capture.stages():
+        for view in stage.views:
+            stats[view.target.name] = (view, capture.stats_of(view))
+    return stats, feeds
+
+
+def _channel_scores(found: ChannelSet, weights: np.ndarray, plan: PrunePlan,
+                    config: PruneConfig, calibration) -> np.ndarray:
+    """Scores as [input channels, outputs] (float32) for the permutation search."""
+    target = found.target
+    target_plan = plan[target.name]
+    method = METHODS.get(target_plan.method)
+    if calibration is None:
+        scores = np.abs(np.asarray(weights, dtype=np.float32))
+    elif method.reconstructs or method.needs >= Needs.HESSIAN:
+        view, stats = calibration
+        norms = np.sqrt(np.maximum(stats.sq_norms[0], 0.0)).astype(np.float32)
+        scores = view.from_obs(np.abs(view.to_obs(weights)) * norms)
+    else:
+        view, stats = calibration
+        scores = method.scores(Job(target, weights, target_plan, config.seed, view, stats,
+                                   config=config))
+    axis = found.moves[0][1]
+    return np.asarray(scores, dtype=np.float32) if axis == 0 else np.asarray(scores.T)

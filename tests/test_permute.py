@@ -1,0 +1,241 @@
+"""Channel permutation for N:M (`--permute-channels`): the gain kernel against its twin, the
+search never keeping less, which graphs qualify, outputs unchanged by a permutation, and the
+pipeline and CLI."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from conftest import MODELS_DIR, example_feeds
+from onnx import TensorProto, helper, numpy_helper
+
+import onnxprune
+from onnxprune import kernels
+from onnxprune.cli import main
+from onnxprune.config import PruneConfig
+from onnxprune.graph import GraphIndex
+from onnxprune.io import load_model, read_array, write_array
+from onnxprune.kernels.permute import group_gains
+from onnxprune.permute import choose_permutation, find_channel_set, kept_score, permute_channels
+from onnxprune.pipeline import make_plan, selection_of
+from onnxprune.targets import discover_targets
+
+
+def _naive_gains(candidates, thresholds):
+    gains = np.zeros((len(candidates), len(thresholds)))
+    for c, g in itertools.product(range(len(candidates)), range(len(thresholds))):
+        gains[c, g] = sum(max(0.0, float(a) - float(b))
+                          for a, b in zip(candidates[c], thresholds[g], strict=True))
+    return gains
+
+
+def test_gains_match_the_written_out_sum():
+    rng = np.random.default_rng(0)
+    candidates = rng.random((7, 5)).astype(np.float32)
+    thresholds = rng.random((6, 5)).astype(np.float32)
+    np.testing.assert_allclose(group_gains(candidates, thresholds),
+                               _naive_gains(candidates, thresholds), rtol=1e-6)
+
+
+def test_gain_is_what_the_group_keeps_more():
+    # adding channel c to a group's m-1 fixed channels adds exactly gains[c, g] to its top-n
+    rng = np.random.default_rng(1)
+    n, m = 2, 4
+    fixed = rng.random((3, m - 1, 6)).astype(np.float32)
+    candidates = rng.random((4, 6)).astype(np.float32)
+    thresholds = np.sort(fixed, axis=1)[:, m - 1 - n, :]
+    gains = group_gains(candidates, thresholds)
+    for c, g in itertools.product(range(4), range(3)):
+        with_c = np.sort(np.vstack([fixed[g], candidates[c][None]]), axis=0)[m - n:].sum()
+        without = np.sort(fixed[g], axis=0)[m - 1 - n:].sum()
+        assert with_c - without == pytest.approx(gains[c, g], rel=1e-5, abs=1e-6)
+
+
+@pytest.mark.parametrize("n, m, channels", [(2, 4, 64), (1, 4, 32), (4, 8, 64), (2, 4, 1200)])
+def test_search_returns_a_permutation_that_never_keeps_less(n, m, channels):
+    rng = np.random.default_rng(channels)
+    # channels of very uneven strength: the identity order wastes some groups
+    scores = (rng.random((channels, 16)) * rng.exponential(1.0, (channels, 1))).astype(
+        np.float32)
+    order = choose_permutation(scores, n, m)
+    assert sorted(order.tolist()) == list(range(channels))
+    identity = kept_score(scores, np.arange(channels), n, m)
+    assert kept_score(scores, order, n, m) > identity
+
+
+def test_search_finds_the_best_grouping_of_a_small_case():
+    # 8 channels, 2:4: every split into two groups of four, brute force
+    rng = np.random.default_rng(4)
+    scores = rng.random((8, 3)).astype(np.float32) ** 3
+    best = max(kept_score(scores, np.array([*first, *[c for c in range(8) if c not in first]]),
+                          2, 4) for first in itertools.combinations(range(8), 4))
+    found = kept_score(scores, choose_permutation(scores, 2, 4), 2, 4)
+    assert found >= best * 0.98
+
+
+def _targets(model):
+    targets, _ = discover_targets(model, selection_of(PruneConfig(pattern="2:4", min_size=0)))
+    return targets
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("mlp.onnx", {"fc2.weight", "fc3.weight"}), ("transformer.onnx", {"ffn.fc2.weight"}),
+    ("cnn.onnx", set())])
+def test_demo_models_offer_the_expected_channel_sets(name, expected):
+    model = onnx.load(MODELS_DIR / name)
+    index = GraphIndex(model)
+    found = {t.name for t in _targets(model)
+             if not isinstance(find_channel_set(index, t), str)}
+    assert found == expected
+
+
+def _gated_mlp(extra_reader: bool = False, output_gate: bool = False):
+    """y = (silu(x·G) * (x·U + b)) · D, as a LLaMA MLP exports (Sigmoid and Mul)."""
+    rng = np.random.default_rng(2)
+    weights = {"G": rng.standard_normal((8, 16)), "U": rng.standard_normal((8, 16)),
+               "b": rng.standard_normal(16), "D": rng.standard_normal((16, 8))}
+    nodes = [helper.make_node("MatMul", ["x", "G"], ["g"]),
+             helper.make_node("Sigmoid", ["g"], ["s"]),
+             helper.make_node("Mul", ["g", "s"], ["silu"]),
+             helper.make_node("MatMul", ["x", "U"], ["u0"]),
+             helper.make_node("Add", ["u0", "b"], ["u"]),
+             helper.make_node("Mul", ["silu", "u"], ["h"]),
+             helper.make_node("MatMul", ["h", "D"], ["y"])]
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)]
+    if extra_reader:
+        nodes.append(helper.make_node("ReduceSum", ["u"], ["side"]))
+        outputs.append(helper.make_tensor_value_info("side", TensorProto.FLOAT, None))
+    if output_gate:
+        outputs.append(helper.make_tensor_value_info("s", TensorProto.FLOAT, None))
+    graph = helper.make_graph(
+        nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 8])], outputs,
+        [numpy_helper.from_array(v.astype(np.float32), k) for k, v in weights.items()])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_gated_mlp_moves_both_producers_and_the_bias():
+    model = _gated_mlp()
+    index = GraphIndex(model)
+    down = next(t for t in _targets(model) if t.name == "D")
+    found = find_channel_set(index, down)
+    assert sorted((tensor.name, axis) for tensor, axis in found.moves) == [
+        ("D", 0), ("G", 1), ("U", 1), ("b", 0)]
+
+
+@pytest.mark.parametrize("settings, reason", [
+    ({"extra_reader": True}, "also read elsewhere"),
+    ({"output_gate": True}, "graph output")])
+def test_channels_read_elsewhere_are_not_permuted(settings, reason):
+    model = _gated_mlp(**settings)
+    down = next(t for t in _targets(model) if t.name == "D")
+    assert reason in find_channel_set(GraphIndex(model), down)
+
+
+def _outputs(model, feeds):
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, feeds)
+
+
+@pytest.mark.parametrize("name", ["mlp.onnx", "transformer.onnx", "gated"])
+def test_any_permutation_of_a_channel_set_leaves_outputs_unchanged(name):
+    model = _gated_mlp() if name == "gated" else onnx.load(MODELS_DIR / name)
+    feeds = ({"x": np.random.default_rng(0).standard_normal((3, 8)).astype(np.float32)}
+             if name == "gated" else example_feeds(MODELS_DIR / name))
+    before = _outputs(model, feeds)
+    index = GraphIndex(model)
+    rng = np.random.default_rng(3)
+    moved = 0
+    for target in _targets(model):
+        found = find_channel_set(index, target)
+        if isinstance(found, str):
+            continue
+        order = rng.permutation(found.channels)
+        for tensor, axis in found.moves:
+            write_array(tensor, np.take(read_array(tensor, MODELS_DIR), order, axis=axis))
+            moved += 1
+    assert moved >= 3
+    after = _outputs(model, feeds)
+    for a, b in zip(before, after, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["magnitude", "wanda"])
+def test_pipeline_keeps_more_and_meets_the_pattern(tmp_path, method):
+    source = MODELS_DIR / "mlp.onnx"
+    results = {}
+    for permute in (False, True):
+        model, report = onnxprune.prune(str(source), str(tmp_path / f"{permute}.onnx"),
+                                        method=method, pattern="2:4", min_size=0,
+                                        permute_channels=permute)
+        model = onnx.load(tmp_path / f"{permute}.onnx")
+        weights = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+        results[permute] = (weights, report)
+    weights, report = results[True]
+    assert {e["target"] for e in report.channel_permutations} == {"fc2.weight", "fc3.weight"}
+    for target in report.targets:
+        array = np.ascontiguousarray(np.moveaxis(weights[target.name],
+                                                 0 if target.name != "fc2.weight" else 1, -1))
+        assert kernels.nm_violations(array.reshape(-1, array.shape[-1]), 2, 4) == 0
+    if method == "magnitude":  # the kept |W| of a permuted target only grows
+        for name in ("fc2.weight", "fc3.weight"):
+            assert np.abs(weights[name]).sum() > np.abs(results[False][0][name]).sum()
+    assert results[False][1].channel_permutations is None
+
+
+@pytest.mark.parametrize("name, method", [("mlp.onnx", "wanda"), ("transformer.onnx", "ria"),
+                                          ("mlp.onnx", "sparsegpt")])
+def test_the_chosen_permutations_alone_leave_outputs_unchanged(name, method):
+    # "sparsity 0": the model as permuted, before any weight is pruned
+    source = MODELS_DIR / name
+    loaded = load_model(source)
+    config = PruneConfig(method=method, pattern="2:4", min_size=0, permute_channels=True)
+    targets, _ = discover_targets(loaded.proto, selection_of(config))
+    plan = make_plan(loaded, targets, config)
+    entries, _ = permute_channels(loaded, targets, plan, config, None, {})
+    assert entries and all(e["kept_score_gain"] > 0 for e in entries)
+    feeds = example_feeds(source)
+    for a, b in zip(_outputs(onnx.load(source), feeds), _outputs(loaded.proto, feeds),
+                    strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_cli_needs_an_nm_pattern(tmp_path, capsys):
+    code = main(["prune", str(MODELS_DIR / "mlp.onnx"), "-o", str(tmp_path / "o.onnx"),
+                 "--permute-channels"])
+    assert code == 2
+    assert "--permute-channels needs an N:M" in capsys.readouterr().err
+    assert not (tmp_path / "o.onnx").exists()
+
+
+def test_cli_reports_the_permuted_targets(tmp_path):
+    report = tmp_path / "r.json"
+    code = main(["prune", str(MODELS_DIR / "mlp.onnx"), "-o", str(tmp_path / "o.onnx"),
+                 "--pattern", "2:4", "--min-size", "0", "--permute-channels",
+                 "--report", str(report)])
+    assert code == 0
+    entries = json.loads(report.read_text())["channel_permutations"]
+    assert {e["target"] for e in entries} == {"fc2.weight", "fc3.weight"}
+    assert all(e["kept_score_gain"] > 0 for e in entries)
+    metadata = {p.key: p.value for p in onnx.load(tmp_path / "o.onnx").metadata_props}
+    assert metadata["onnxprune:permute_channels"] == "true"
+
+
+def test_streamed_external_data_model_gets_the_same_weights(tmp_path):
+    # file to file with external data streams targets; the permuted producers come from
+    # the proto, and must land in the output like the in-memory result
+    model = onnx.load(MODELS_DIR / "mlp.onnx")
+    onnx.save_model(model, tmp_path / "ext.onnx", save_as_external_data=True,
+                    all_tensors_to_one_file=True, location="ext.onnx.data", size_threshold=0)
+    settings = dict(method="magnitude", pattern="2:4", min_size=0, permute_channels=True)
+    onnxprune.prune(str(tmp_path / "ext.onnx"), str(tmp_path / "out.onnx"), **settings)
+    in_memory, _ = onnxprune.prune(onnx.load(MODELS_DIR / "mlp.onnx"), **settings)
+    streamed = onnx.load(tmp_path / "out.onnx")
+    expected = {t.name: numpy_helper.to_array(t) for t in in_memory.graph.initializer}
+    for tensor in streamed.graph.initializer:
+        np.testing.assert_array_equal(numpy_helper.to_array(tensor, tmp_path),
+                                      expected[tensor.name])
