@@ -72,8 +72,11 @@ class ChannelSet:
 def find_channel_set(index: GraphIndex, target: WeightTarget) -> ChannelSet | str:
     """The target's permutable channel set, or why its input channels cannot be permuted."""
     main, flow = index.main, index.dataflow
-    uses = main.consumers.get(target.name, [])
-    if len(uses) != 1 or uses[0].scope is not main or target.name in main.escaping:
+    name = target.tensor.name
+    if target.graph is not None and target.graph is not index.graph:
+        return "it lives in a subgraph"
+    uses = main.consumers.get(name, [])
+    if len(uses) != 1 or uses[0].scope is not main or name in main.escaping:
         return "its weight is read by more than one node"
     node, slot = uses[0].node, uses[0].slot
     dims = list(target.tensor.dims)
@@ -84,13 +87,13 @@ def find_channel_set(index: GraphIndex, target: WeightTarget) -> ChannelSet | st
     channels = dims[axis]
     moves: list[tuple[onnx.TensorProto, int]] = [(target.tensor, axis)]
     chain_nodes = {id(node)}
-    values: list[str] = []
+    values: set[str] = set()
     pending = [node.input[0]]
     while pending:
         value = pending.pop()
         if value in values:
             continue
-        values.append(value)
+        values.add(value)
         if value in main.escaping:
             return "its input channels are also a graph output"
         position = flow.producer.get(value)
@@ -116,7 +119,7 @@ def find_channel_set(index: GraphIndex, target: WeightTarget) -> ChannelSet | st
                     return reason
         else:
             return f"a {op} lies between its input channels and where they are made"
-    for value in values:
+    for value in sorted(values):
         for use in main.consumers.get(value, []):
             if use.scope is not main or id(use.node) not in chain_nodes:
                 return f"{value!r}, on the way to its input, is also read elsewhere"

@@ -229,7 +229,7 @@ def evaluate(embed: Embedder, tasks, reference: dict | None = None
 
 def _print_header(tasks) -> None:
     names = "  ".join(f"{n:>9}" for n in [*tasks, "fidelity"])
-    print(f"{'model':<6} {'method':<10} {'pattern':<12} {'alloc':<8} {'sparsity':>8} {names}  "
+    print(f"{'model':<6} {'method':<16} {'pattern':<12} {'alloc':<8} {'sparsity':>8} {names}  "
           f"{'mean err':>9} {'time s':>7}  vs uniform", flush=True)
 
 
@@ -237,7 +237,7 @@ def _print_row(row, verdict: str = "") -> None:
     label, method, pattern, allocation, sparsity, scores, seconds, error = row
     values = "  ".join(f"{v:9.4f}" for v in scores.values())
     err = "-" if error is None else f"{error:.4f}"
-    print(f"{label:<6} {method:<10} {pattern:<12} {allocation:<8} {sparsity:>8} {values}  "
+    print(f"{label:<6} {method:<16} {pattern:<12} {allocation:<8} {sparsity:>8} {values}  "
           f"{err:>9} {seconds:7.1f}  {verdict}", flush=True)
 
 
@@ -245,7 +245,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=("l3", "l6", "all"), default="all")
     parser.add_argument("--calib-samples", type=int, default=64)
-    parser.add_argument("--methods", default="magnitude,wanda,obd,sparsegpt")
+    parser.add_argument("--methods", default="magnitude,wanda,obd,sparsegpt",
+                        help="comma-separated METHOD[+admm][+dsnot][+perm]: with an ADMM "
+                             "update, a DSnoT refinement, permuted channels (N:M)")
     parser.add_argument("--patterns", default="unstructured,2:4")
     parser.add_argument("--sparsities", default="0.5")
     parser.add_argument("--allocations", default="uniform")
@@ -267,7 +269,8 @@ def main() -> None:
                 for pattern in args.patterns.split(",")
                 for sparsity in map(float, args.sparsities.split(","))
                 for method in args.methods.split(",")
-                for allocation in args.allocations.split(",")]
+                for allocation in args.allocations.split(",")
+                if not ("+perm" in method and pattern == "unstructured")]
     _print_header(tasks)
     models = ["l3", "l6"] if args.model == "all" else [args.model]
     with tempfile.TemporaryDirectory() as workdir:
@@ -302,6 +305,23 @@ def main() -> None:
                 _print_row(row, verdict)
 
 
+def variant_settings(variant: str) -> dict:
+    """PruneConfig settings of METHOD[+PART...]: PART is admm (--update), dsnot (--refine)
+    or perm (--permute-channels)."""
+    method, *parts = variant.split("+")
+    settings = {"method": method}
+    for part in parts:
+        if part == "perm":
+            settings["permute_channels"] = True
+        elif part == "admm":
+            settings["update"] = "admm"
+        elif part == "dsnot":
+            settings["refine"] = "dsnot"
+        else:
+            sys.exit(f"bench_accuracy: unknown part {part!r} in {variant!r}")
+    return settings
+
+
 def _run_one(label, path, output, tok, tasks, reference, feeds, method, pattern, sparsity,
              allocation):
     from onnxprune.config import PruneConfig
@@ -309,8 +329,8 @@ def _run_one(label, path, output, tok, tasks, reference, feeds, method, pattern,
     from onnxprune.pipeline import run
 
     loaded = load_model(path)
-    config = PruneConfig(method=method, pattern=pattern, sparsity=sparsity,
-                         allocation=allocation, measure_error=True)
+    config = PruneConfig(pattern=pattern, sparsity=sparsity, allocation=allocation,
+                         measure_error=True, **variant_settings(method))
     started = time.perf_counter()
     result = run(loaded, config, feeds=feeds)
     seconds = time.perf_counter() - started

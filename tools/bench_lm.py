@@ -11,11 +11,11 @@ non-overlapping windows of --seq tokens of the evaluation text (Lee news corpus)
 calibration windows come from a different text (Wikipedia). The embedding / LM head
 (`lm_head.weight`, tied) is never pruned, as in the SparseGPT and Wanda papers.
 
-A variant is METHOD, or METHOD+PART where PART is a weight update (`--update`, e.g. admm)
-or a mask refinement (`--refine`, e.g. dsnot). A method, update or refinement that this
-onnxprune does not register is reported as "n/a (not available)" instead of failing, so the
-same command runs before and after it lands. The table is printed as markdown; the numbers
-also go to WORKDIR/bench_lm.json.
+A variant is METHOD, or METHOD+PART where PART is a weight update (`--update`, e.g. admm),
+a mask refinement (`--refine`, e.g. dsnot) or `perm` (`--permute-channels`, N:M patterns
+only). A method, update or refinement that this onnxprune does not register is reported
+as "n/a (not available)" instead of failing, so the same command runs before and after it
+lands. The table is printed as markdown; the numbers also go to WORKDIR/bench_lm.json.
 """
 
 from __future__ import annotations
@@ -55,12 +55,16 @@ def registered() -> dict[str, set[str]]:
 def parse_variant(variant: str, known: dict[str, set[str]]) -> dict:
     """{'method', 'update', 'refine', 'missing': [names not registered]} of METHOD[+PART...]."""
     method, *parts = variant.split("+")
-    spec = {"method": method, "update": None, "refine": None, "missing": []}
+    spec = {"method": method, "update": None, "refine": None, "permute": False,
+            "missing": []}
     if method not in known["method"]:
         if method not in EXPECTED_METHODS:
             sys.exit(f"bench_lm: unknown method {method!r} in {variant!r}")
         spec["missing"].append(method)
     for part in parts:
+        if part == "perm":
+            spec["permute"] = True
+            continue
         if part in known["update"] or (part in EXPECTED_UPDATES
                                        and part not in known["refine"]):
             kind = "update"
@@ -185,6 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     for variant in (v for v in variants if v != "dense"):
         spec = parse_variant(variant, known)
         for pattern in patterns:
+            if spec["permute"] and pattern.endswith("%"):
+                continue  # a permutation only changes which channels share an N:M group
             row = {"variant": variant, "pattern": pattern}
             rows.append(row)
             if spec["missing"]:
@@ -201,6 +207,8 @@ def main(argv: list[str] | None = None) -> int:
                 command += ["--update", spec["update"]]
             if spec["refine"]:
                 command += ["--refine", spec["refine"]]
+            if spec["permute"]:
+                command += ["--permute-channels"]
             if spec["method"] not in UNCALIBRATED or spec["update"] or spec["refine"]:
                 command += ["--calib", str(calib), "--calib-samples", str(args.samples)]
             command += args.extra.split()
