@@ -184,7 +184,8 @@ def _as_tuple(value) -> tuple[str, ...]:
     return tuple(value)
 
 
-def _override_pattern(override) -> object:
-    """The pattern a per-target override sets (recipe.Override or its dict form), if any."""
-    return override.get("pattern") if isinstance(override, dict) else getattr(
+def _override_pattern(override) -> bool:
+    """Whether a per-target override (recipe.Override or its dict form) sets an N:M pattern."""
+    text = override.get("pattern") if isinstance(override, dict) else getattr(
         override, "pattern", None)
+    return text is not None and Pattern.parse(text).is_nm

@@ -34,7 +34,7 @@ import onnx
 from .config import PruneConfig
 from .graph import GraphIndex, attribute, constant_tensor
 from .inputs import Feed
-from .io import LoadedModel, read_array, write_array
+from .io import FLOAT_TYPES, LoadedModel, read_array, write_array
 from .kernels.permute import group_gains
 from .methods import Job, Needs
 from .plan import PrunePlan
@@ -72,9 +72,9 @@ class ChannelSet:
 def find_channel_set(index: GraphIndex, target: WeightTarget) -> ChannelSet | str:
     """The target's permutable channel set, or why its input channels cannot be permuted."""
     main, flow = index.main, index.dataflow
-    name = target.tensor.name
-    if target.graph is not None and target.graph is not index.graph:
-        return "it lives in a subgraph"
+    name = target.tensor_name or target.tensor.name
+    if target.graph is not index.graph or name not in flow.initializers:
+        return "only initializers of the main graph are permuted"
     uses = main.consumers.get(name, [])
     if len(uses) != 1 or uses[0].scope is not main or name in main.escaping:
         return "its weight is read by more than one node"
@@ -86,7 +86,10 @@ def find_channel_set(index: GraphIndex, target: WeightTarget) -> ChannelSet | st
     axis = 1 if node.op_type == "Gemm" and attribute(node, "transB", 0) else 0
     channels = dims[axis]
     moves: list[tuple[onnx.TensorProto, int]] = [(target.tensor, axis)]
-    chain_nodes = {id(node)}
+    # (node, input slot) of every read that carries the permuted channels: the reads of
+    # chain values must all be among these (a producer reading one as its own input, or
+    # any other node, would see the channels reordered)
+    edges = {(id(node), 0)}
     values: set[str] = set()
     pending = [node.input[0]]
     while pending:
@@ -100,29 +103,33 @@ def find_channel_set(index: GraphIndex, target: WeightTarget) -> ChannelSet | st
         if position is None:
             return "its input channels come from a graph input"
         producer = flow.nodes[position]
-        chain_nodes.add(id(producer))
         op = producer.op_type
         if op in ("MatMul", "Gemm"):
             reason = _producer_moves(index, producer, channels, moves)
             if reason:
                 return reason
-        elif op in UNARY_OPS and producer.input:
+        elif op in UNARY_OPS and len(producer.input) == 1:
+            edges.add((id(producer), 0))
             pending.append(producer.input[0])
         elif op in BINARY_OPS and len(producer.input) == 2:
-            for name in producer.input:
-                constant = _constant(index, name)
+            for input_slot, input_name in enumerate(producer.input):
+                constant = _constant(index, input_name)
                 if constant is None:
-                    pending.append(name)
+                    edges.add((id(producer), input_slot))
+                    pending.append(input_name)
                     continue
-                reason = _constant_moves(index, name, constant, channels, moves)
+                reason = _constant_moves(index, input_name, constant, channels, moves)
                 if reason:
                     return reason
         else:
             return f"a {op} lies between its input channels and where they are made"
     for value in sorted(values):
         for use in main.consumers.get(value, []):
-            if use.scope is not main or id(use.node) not in chain_nodes:
+            if use.scope is not main or (id(use.node), use.slot) not in edges:
                 return f"{value!r}, on the way to its input, is also read elsewhere"
+    for tensor, _ in moves:
+        if tensor.data_type not in FLOAT_TYPES:
+            return f"{tensor.name!r} is not a float tensor"
     return ChannelSet(target, channels, moves)
 
 
@@ -185,19 +192,18 @@ def choose_permutation(scores: np.ndarray, n: int, m: int) -> np.ndarray:
     identity = np.arange(channels)
     snake = _snake_deal(scores, groups, m)
     order = max((identity, snake), key=lambda o: kept_score(scores, o, n, m)).copy()
-    best = kept_score(scores, order, n, m)
+    best, best_order = kept_score(scores, order, n, m), order.copy()
     for _ in range(MAX_ROUNDS):
         for start in range(0, groups, BLOCK_GROUPS):
+            # a view: the re-deal rewrites `order` in place
             block = order[start * m:min(groups, start + BLOCK_GROUPS) * m].reshape(-1, m)
             for position in range(m):
                 _redeal(scores, block, position, n, m)
-            order[start * m:start * m + block.size] = block.reshape(-1)
         now = kept_score(scores, order, n, m)
         if now <= best * (1 + 1e-6):
-            best = max(best, now)
             break
-        best = now
-    return order
+        best, best_order = now, order.copy()
+    return best_order
 
 
 def _snake_deal(scores: np.ndarray, groups: int, m: int) -> np.ndarray:
@@ -235,17 +241,24 @@ def permute_channels(loaded: LoadedModel, targets: Sequence[WeightTarget], plan:
     needed, for the pipeline to reuse).
     """
     index = GraphIndex(loaded.proto)
+    # given masks are in the stored order: no tensor they cover may move
+    masked = {id(t.tensor) for t in targets if t.name in masks}
     chosen: list[ChannelSet] = []
+    candidates = 0
     for target in targets:
         pattern = plan[target.name].pattern
         if not pattern.is_nm or target.name in masks:
             continue
+        candidates += 1
         found = find_channel_set(index, target)
         if isinstance(found, str):
             log.info("%s: input channels not permuted: %s", target.name, found)
+        elif any(id(tensor) in masked for tensor, _ in found.moves):
+            log.info("%s: input channels not permuted: a tensor that would move has a "
+                     "given mask", target.name)
         elif found.channels % pattern.m == 0:
             chosen.append(found)
-    if not chosen:
+    if not chosen and candidates:
         log.warning("--permute-channels: no N:M target has input channels that can be "
                     "permuted (they must come from MatMul/Gemm outputs through element-wise "
                     "ops only)")
@@ -257,6 +270,10 @@ def permute_channels(loaded: LoadedModel, targets: Sequence[WeightTarget], plan:
         weights = read_array(target.tensor, loaded.base_dir)
         pattern = plan[target.name].pattern
         scores = _channel_scores(found, weights, plan, config, stats.get(target.name))
+        if not np.isfinite(scores).all():
+            log.warning("%s: input channels not permuted: its scores are not all finite",
+                        target.name)
+            continue
         order = choose_permutation(scores, pattern.n, pattern.m)
         before = kept_score(scores, np.arange(found.channels), pattern.n, pattern.m)
         after = kept_score(scores, order, pattern.n, pattern.m)

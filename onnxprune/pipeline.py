@@ -295,7 +295,7 @@ class _Loop:
         keep = self.masks.get(target.name)
         fixed = keep is not None and self.fixed_masks
         original = None
-        if stats is not None:  # the calibration matrices before pruning, for the error
+        if stats is not None and stats.hessian is not None:  # before pruning, for the error
             original = view.to_obs(weights)
             if np.shares_memory(original, weights):  # weights are masked in place below
                 original = original.copy()

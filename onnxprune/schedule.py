@@ -125,6 +125,10 @@ def prune_iterative(model: ModelLike, output: str | os.PathLike | None = None, *
     the end of its stderr; with `keep_last_good` the model of the last completed round is
     written to `output` first.
     """
+    if config.permute_channels:
+        raise ConfigError("--permute-channels cannot be combined with --rounds, --retrain-cmd "
+                          "or --rewind: later rounds and the rewind model use the stored "
+                          "channel order; prune with it once, then iterate on that output")
     proto, base_dir, input_path = _load(model, base_dir, output)
     levels = ([config.target_sparsity] * rounds if config.pattern.is_nm
               else sparsities(config.target_sparsity, rounds, schedule))
@@ -262,7 +266,7 @@ def _mask_only(config: PruneConfig) -> PruneConfig:
     changes = {"overrides": overrides} if hasattr(config, "overrides") else {}
     return config.replace(method="magnitude", scope="layer", allocation="uniform",
                           update="none", refine="none", measure_error=False, calib=None,
-                          format="dense", **changes)
+                          format="dense", permute_channels=False, **changes)
 
 
 def _pass(model: onnx.ModelProto, base_dir, config: PruneConfig, output, masks, *,

@@ -239,3 +239,99 @@ def test_streamed_external_data_model_gets_the_same_weights(tmp_path):
     for tensor in streamed.graph.initializer:
         np.testing.assert_array_equal(numpy_helper.to_array(tensor, tmp_path),
                                       expected[tensor.name])
+
+
+def _chain_model(middle, extra_inits=(), hidden=16):
+    """y = middle(x·W1 [+...]) · W3 with x [3, 8]; `middle` lists nodes from "h" to "s"."""
+    rng = np.random.default_rng(5)
+    inits = [numpy_helper.from_array(rng.standard_normal((8, hidden)).astype(np.float32), "W1"),
+             numpy_helper.from_array(rng.standard_normal((hidden, 8)).astype(np.float32), "W3"),
+             *extra_inits]
+    nodes = [helper.make_node("MatMul", ["x", "W1"], ["h"]), *middle,
+             helper.make_node("MatMul", ["s", "W3"], ["y"])]
+    graph = helper.make_graph(
+        nodes, "chain", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _array(name, shape, seed=6):
+    values = np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+    return numpy_helper.from_array(values, name)
+
+
+@pytest.mark.parametrize("middle, inits, reason", [
+    # a residual: h feeds W2's MatMul as its input, whose input axis would not move
+    ([helper.make_node("Relu", ["h"], ["r"]), helper.make_node("MatMul", ["h", "W2"], ["q"]),
+      helper.make_node("Add", ["r", "q"], ["s"])], [_array("W2", (16, 16))], "read elsewhere"),
+    ([helper.make_node("Softmax", ["h"], ["s"], axis=-1)], [], "a Softmax lies between"),
+    ([helper.make_node("Add", ["h", "c"], ["s"])], [_array("c", (3, 1))],
+     "does not broadcast per channel"),
+    ([helper.make_node("Add", ["h", "c"], ["s"])], [_array("c", (3, 16))],
+     "does not broadcast per channel")])
+def test_chains_that_would_change_outputs_are_refused(middle, inits, reason):
+    model = _chain_model(middle, inits)
+    target = next(t for t in _targets(model) if t.name == "W3")
+    assert reason in find_channel_set(GraphIndex(model), target)
+
+
+def test_shared_producer_weight_is_refused():
+    model = _chain_model([helper.make_node("Relu", ["h"], ["s"]),
+                          helper.make_node("MatMul", ["x", "W1"], ["other"])])
+    model.graph.output.append(helper.make_tensor_value_info("other", TensorProto.FLOAT, None))
+    target = next(t for t in _targets(model) if t.name == "W3")
+    assert "has no weight of its own" in find_channel_set(GraphIndex(model), target)
+
+
+def test_per_channel_constants_move_and_outputs_stay():
+    middle = [helper.make_node("Mul", ["h", "scale"], ["a"]),
+              helper.make_node("Div", ["a", "two"], ["b"]),
+              helper.make_node("Tanh", ["b"], ["s"])]
+    inits = [_array("scale", (1, 16)), numpy_helper.from_array(np.float32(2.0), "two")]
+    model = _chain_model(middle, inits)
+    target = next(t for t in _targets(model) if t.name == "W3")
+    found = find_channel_set(GraphIndex(model), target)
+    assert sorted((t.name, axis) for t, axis in found.moves) == [
+        ("W1", 1), ("W3", 0), ("scale", 1)]
+    feeds = {"x": np.random.default_rng(0).standard_normal((3, 8)).astype(np.float32)}
+    before = _outputs(model, feeds)
+    order = np.random.default_rng(1).permutation(16)
+    for tensor, axis in found.moves:
+        write_array(tensor, np.take(numpy_helper.to_array(tensor), order, axis=axis))
+    np.testing.assert_allclose(_outputs(model, feeds)[0], before[0], rtol=1e-5, atol=1e-5)
+
+
+def test_tensors_under_a_given_mask_never_move(tmp_path):
+    # fc2's channel set would move fc1.weight, whose mask is given in the stored order
+    source = MODELS_DIR / "mlp.onnx"
+    fc1 = numpy_helper.to_array(next(t for t in onnx.load(source).graph.initializer
+                                     if t.name == "fc1.weight"))
+    keep = np.ones(fc1.shape, bool)
+    keep[:, :fc1.shape[1] // 2] = False
+    model, report = onnxprune.prune(str(source), method="magnitude", pattern="2:4",
+                                    min_size=0, permute_channels=True,
+                                    masks={"fc1.weight": keep})
+    moved = {e["target"] for e in report.channel_permutations}
+    assert "fc2.weight" not in moved and "fc3.weight" in moved
+    pruned = numpy_helper.to_array(next(t for t in model.graph.initializer
+                                        if t.name == "fc1.weight"))
+    np.testing.assert_array_equal(pruned != 0, keep & (fc1 != 0))
+
+
+def test_iterative_pruning_refuses_permutation(tmp_path):
+    code = main(["prune", str(MODELS_DIR / "mlp.onnx"), "-o", str(tmp_path / "o.onnx"),
+                 "--pattern", "2:4", "--permute-channels", "--rounds", "2"])
+    assert code == 2
+    assert not (tmp_path / "o.onnx").exists()
+
+
+def test_non_finite_scores_leave_the_channels_alone(caplog):
+    model = _gated_mlp()
+    down = next(t for t in model.graph.initializer if t.name == "D")
+    values = numpy_helper.to_array(down).copy()
+    values[0, 0] = np.inf
+    write_array(down, values)
+    _, report = onnxprune.prune(model, method="magnitude", pattern="2:4", min_size=0,
+                                permute_channels=True)
+    assert report.channel_permutations == []
+    assert "not all finite" in caplog.text

@@ -18,7 +18,9 @@ __all__ = ["group_gains"]
 
 
 def group_gains(candidates: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
-    """gains[c, g] = Σ_out max(0, candidates[c, out] − thresholds[g, out]) (float64).
+    """gains[c, g] = Σ_out max(0, candidates[c, out] − thresholds[g, out]).
+
+    Summed in float32 (vectorised), returned as float64 for the assignment solver.
 
     ``candidates`` [C, outputs] and ``thresholds`` [G, outputs] are float32 matrices.
     """
