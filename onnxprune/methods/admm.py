@@ -137,32 +137,33 @@ class MaskRule:
         return self.fixed is None and iteration < self.ramp
 
     def select(self, magnitudes: np.ndarray, iteration: int) -> np.ndarray:
-        """Keep mask for |W + U| (float32 [rows, cols], overwritten); iteration -1 = final."""
+        """Keep mask for |W + U| (float32 [rows, cols]); iteration -1 = final."""
         if self.fixed is not None:
             return self.fixed
         share = 1.0 if iteration < 0 or iteration >= self.ramp else (
             1.0 - (1.0 - (iteration + 1) / self.ramp) ** 3)
         if self.prior is not None:
-            magnitudes[~self.prior] = MASKED_SCORE
+            magnitudes = np.where(self.prior, magnitudes, MASKED_SCORE)
         best = None
         count = self.count
-        if self.group_m:
+        if self.group_m:  # the N best of every M always stay
             best = kernels.nm_keep_mask(magnitudes, self.keep_n, self.group_m)
             count = magnitudes.size * (self.group_m - self.keep_n) // self.group_m
-            magnitudes[best] = np.inf  # the N best of every M always stay
         count = int(round(count * share))
         if share < 1.0 and magnitudes.size > SAMPLE_SIZE:
-            keep = self._approximate(magnitudes, count)
-            if best is not None:
-                keep |= best
+            keep = self._approximate(magnitudes, count, best)
         else:
+            if best is not None:
+                magnitudes = np.where(best, np.float32(np.inf), magnitudes)
             keep = layer_keep_mask(magnitudes, count)
         if self.prior is not None:
             keep &= self.prior
         return keep
 
-    def _approximate(self, magnitudes: np.ndarray, count: int) -> np.ndarray:
-        """Keep those above the sample's quantile of `count` (about `count` pruned)."""
+    def _approximate(self, magnitudes: np.ndarray, count: int,
+                     best: np.ndarray | None) -> np.ndarray:
+        """Keep `best` and those above the sample's quantile of `count` (about `count`
+        pruned). Only the sample sees `best` as +inf: a full pass would cost more."""
         flat = magnitudes.reshape(-1)
         if self._sample is None or self._sample[-1] >= flat.size:
             rng = np.random.default_rng(flat.size)  # fixed: the same run, the same masks
@@ -170,9 +171,14 @@ class MaskRule:
         if count <= 0:
             return np.ones(magnitudes.shape, dtype=bool)
         sample = flat[self._sample]
+        if best is not None:
+            sample[best.reshape(-1)[self._sample]] = np.inf
         rank = min(SAMPLE_SIZE - 1, count * SAMPLE_SIZE // flat.size)
         threshold = np.partition(sample, rank)[rank]
-        return magnitudes > threshold
+        keep = magnitudes > threshold
+        if best is not None:
+            keep |= best
+        return keep
 
 
 def admm_prune(weights: np.ndarray, factor: AdmmFactor, rule: MaskRule,
