@@ -35,7 +35,7 @@ from .config import PruneConfig
 from .graph import GraphIndex, attribute, constant_tensor
 from .inputs import Feed
 from .io import FLOAT_TYPES, LoadedModel, read_array, write_array
-from .kernels.permute import group_gains
+from .kernels.permute import group_gains, group_thresholds, kept_per_group
 from .methods import Job, Needs
 from .plan import PrunePlan
 from .registry import METHODS
@@ -50,8 +50,10 @@ UNARY_OPS = frozenset({
     "Softplus", "Softsign", "Sqrt", "Tanh", "ThresholdedRelu"})
 # Element-wise ops of two inputs: channels (of the chain), scalars or per-channel constants.
 BINARY_OPS = frozenset({"Add", "Sub", "Mul", "Div"})
-# Positions re-dealt per group in one round, and the rounds at most (each is a full pass).
+# Rounds of re-dealing every position at most, stopping at one that adds less than
+# MIN_ROUND_GAIN (a SmolLM2 down_proj, 2:4: snake +2.8 %, round 1 +3.36 %, 2 +3.42 %, 3 +3.42 %)
 MAX_ROUNDS = 3
+MIN_ROUND_GAIN = 1e-3
 # Groups per assignment problem: larger layers are searched in blocks of this many groups.
 BLOCK_GROUPS = 256
 
@@ -180,8 +182,7 @@ def _constant_moves(index: GraphIndex, name: str, tensor: onnx.TensorProto, chan
 
 def kept_score(scores: np.ndarray, order: np.ndarray, n: int, m: int) -> float:
     """Σ over groups and outputs of the n largest of each group of m channels in `order`."""
-    grouped = scores[order].reshape(-1, m, scores.shape[1])
-    return float(np.sort(grouped, axis=1)[:, m - n:, :].sum(dtype=np.float64))
+    return float(kept_per_group(scores, np.asarray(order).reshape(-1, m), n).sum())
 
 
 def choose_permutation(scores: np.ndarray, n: int, m: int) -> np.ndarray:
@@ -194,15 +195,17 @@ def choose_permutation(scores: np.ndarray, n: int, m: int) -> np.ndarray:
     order = max((identity, snake), key=lambda o: kept_score(scores, o, n, m)).copy()
     best, best_order = kept_score(scores, order, n, m), order.copy()
     for _ in range(MAX_ROUNDS):
+        best_before_round = best
         for start in range(0, groups, BLOCK_GROUPS):
             # a view: the re-deal rewrites `order` in place
             block = order[start * m:min(groups, start + BLOCK_GROUPS) * m].reshape(-1, m)
             for position in range(m):
                 _redeal(scores, block, position, n, m)
         now = kept_score(scores, order, n, m)
-        if now <= best * (1 + 1e-6):
+        if now > best:
+            best, best_order = now, order.copy()
+        if now <= best_before_round * (1 + MIN_ROUND_GAIN):
             break
-        best, best_order = now, order.copy()
     return best_order
 
 
@@ -222,8 +225,7 @@ def _redeal(scores: np.ndarray, block: np.ndarray, position: int, n: int, m: int
     from scipy.optimize import linear_sum_assignment
 
     others = np.delete(block, position, axis=1)  # [groups, m - 1]
-    fixed = np.sort(scores[others], axis=1)  # [groups, m - 1, outputs], ascending
-    thresholds = fixed[:, m - 1 - n, :]  # the n-th largest of the fixed channels
+    thresholds = group_thresholds(scores, others, n)  # the n-th largest of the others
     candidates = block[:, position].copy()
     gains = group_gains(scores[candidates], thresholds)
     rows, columns = linear_sum_assignment(gains, maximize=True)

@@ -335,3 +335,16 @@ def test_non_finite_scores_leave_the_channels_alone(caplog):
                                 permute_channels=True)
     assert report.channel_permutations == []
     assert "not all finite" in caplog.text
+
+
+def test_group_order_statistics_match_numpy():
+    from onnxprune.kernels.permute import group_thresholds, kept_per_group
+
+    rng = np.random.default_rng(7)
+    scores = rng.random((24, 5)).astype(np.float32)
+    members = rng.permutation(24).reshape(6, 4)
+    for n in (1, 2, 3, 4):
+        ordered = np.sort(scores[members], axis=1)  # [groups, 4, outputs]
+        np.testing.assert_array_equal(group_thresholds(scores, members, n), ordered[:, 4 - n])
+        np.testing.assert_allclose(kept_per_group(scores, members, n),
+                                   ordered[:, 4 - n:].sum(axis=(1, 2)), rtol=1e-6)

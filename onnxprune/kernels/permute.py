@@ -4,7 +4,8 @@ For an N:M pattern a group of M input channels keeps, per output, its N largest 
 With M − 1 channels fixed in a group, a candidate channel c adds exactly
 Σ_out max(0, S[c, out] − T[g, out]) to what the group keeps, where T[g, out] is the N-th
 largest score of the fixed channels (the one the candidate would push out). The search
-(`onnxprune.permute`) turns these gains into an assignment problem.
+(`onnxprune.permute`) turns these gains into an assignment problem. The groups are small
+(M values per output), so their order statistics are taken by sorting M values in place.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from numba import njit, prange
 
 from ..config import NUMBA_CACHE, NUMBA_FASTMATH
 
-__all__ = ["group_gains"]
+__all__ = ["group_gains", "group_thresholds", "kept_per_group"]
 
 
 def group_gains(candidates: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
@@ -48,3 +49,57 @@ def _gains_kernel(candidates, thresholds, gains):
                 if excess > 0:
                     total += excess
             gains[c, g] = total
+
+
+def group_thresholds(scores: np.ndarray, members: np.ndarray, n: int) -> np.ndarray:
+    """T[g, out]: the n-th largest of scores[members[g, :], out] (float32 [G, outputs]).
+
+    ``scores`` float32 [channels, outputs]; ``members`` int64 [G, k] with 1 <= n <= k.
+    """
+    scores = np.ascontiguousarray(scores, dtype=np.float32)
+    members = np.ascontiguousarray(members, dtype=np.int64)
+    if not 1 <= n <= members.shape[1]:
+        raise ValueError(f"n = {n} outside 1..{members.shape[1]}")
+    out = np.empty((members.shape[0], scores.shape[1]), dtype=np.float32)
+    _thresholds_kernel(scores, members, n, out)
+    return out
+
+
+def kept_per_group(scores: np.ndarray, members: np.ndarray, n: int) -> np.ndarray:
+    """Σ_out of the n largest of scores[members[g, :], out], per group (float64 [G])."""
+    scores = np.ascontiguousarray(scores, dtype=np.float32)
+    members = np.ascontiguousarray(members, dtype=np.int64)
+    if not 0 <= n <= members.shape[1]:
+        raise ValueError(f"n = {n} outside 0..{members.shape[1]}")
+    out = np.empty(members.shape[0], dtype=np.float64)
+    _kept_kernel(scores, members, n, out)
+    return out
+
+
+@njit(cache=NUMBA_CACHE, parallel=True)
+def _thresholds_kernel(scores, members, n, out):
+    groups, size = members.shape
+    outputs = scores.shape[1]
+    for g in prange(groups):
+        values = np.empty(size, dtype=np.float32)
+        for o in range(outputs):
+            for i in range(size):
+                values[i] = scores[members[g, i], o]
+            values.sort()
+            out[g, o] = values[size - n]
+
+
+@njit(cache=NUMBA_CACHE, parallel=True)
+def _kept_kernel(scores, members, n, out):
+    groups, size = members.shape
+    outputs = scores.shape[1]
+    for g in prange(groups):
+        values = np.empty(size, dtype=np.float32)
+        total = 0.0
+        for o in range(outputs):
+            for i in range(size):
+                values[i] = scores[members[g, i], o]
+            values.sort()
+            for i in range(size - n, size):
+                total += values[i]
+        out[g] = total
