@@ -96,7 +96,9 @@ def run(loaded: LoadedModel, config: PruneConfig, *, sink: Sink | None = None,
     `masks` (keep-masks by target name, stored shape) are honoured: a weight they remove is
     never kept; with `fixed_masks` they are applied exactly (the method only reconstructs,
     if it does). `want_masks` returns the keep-masks of the result. `feeds`: calibration
-    samples already in memory, used instead of `config.calib`.
+    samples already in memory, used instead of `config.calib`. With
+    `config.permute_channels`, the input channels of N:M targets that allow it are permuted
+    in `loaded.proto` after the plan is made and before anything is pruned (`permute.py`).
     """
     if formats.densify_model(loaded.proto, loaded.base_dir):
         log.info("stored sparse/compact tensors turned dense before pruning")
