@@ -56,41 +56,27 @@ def group_thresholds(scores: np.ndarray, members: np.ndarray, n: int) -> np.ndar
 
     ``scores`` float32 [channels, outputs]; ``members`` int64 [G, k] with 1 <= n <= k.
     """
-    scores = np.ascontiguousarray(scores, dtype=np.float32)
-    members = np.ascontiguousarray(members, dtype=np.int64)
-    if not 1 <= n <= members.shape[1]:
-        raise ValueError(f"n = {n} outside 1..{members.shape[1]}")
-    out = np.empty((members.shape[0], scores.shape[1]), dtype=np.float32)
-    _thresholds_kernel(scores, members, n, out)
-    return out
+    return _group_order_statistics(scores, members, n)[0]
 
 
 def kept_per_group(scores: np.ndarray, members: np.ndarray, n: int) -> np.ndarray:
     """Σ_out of the n largest of scores[members[g, :], out], per group (float64 [G])."""
+    return _group_order_statistics(scores, members, n)[1]
+
+
+def _group_order_statistics(scores: np.ndarray, members: np.ndarray, n: int):
     scores = np.ascontiguousarray(scores, dtype=np.float32)
     members = np.ascontiguousarray(members, dtype=np.int64)
-    if not 0 <= n <= members.shape[1]:
-        raise ValueError(f"n = {n} outside 0..{members.shape[1]}")
-    out = np.empty(members.shape[0], dtype=np.float64)
-    _kept_kernel(scores, members, n, out)
-    return out
+    if not 1 <= n <= members.shape[1]:
+        raise ValueError(f"n = {n} outside 1..{members.shape[1]}")
+    thresholds = np.empty((members.shape[0], scores.shape[1]), dtype=np.float32)
+    kept = np.empty(members.shape[0], dtype=np.float64)
+    _order_kernel(scores, members, n, thresholds, kept)
+    return thresholds, kept
 
 
 @njit(cache=NUMBA_CACHE, parallel=True)
-def _thresholds_kernel(scores, members, n, out):
-    groups, size = members.shape
-    outputs = scores.shape[1]
-    for g in prange(groups):
-        values = np.empty(size, dtype=np.float32)
-        for o in range(outputs):
-            for i in range(size):
-                values[i] = scores[members[g, i], o]
-            values.sort()
-            out[g, o] = values[size - n]
-
-
-@njit(cache=NUMBA_CACHE, parallel=True)
-def _kept_kernel(scores, members, n, out):
+def _order_kernel(scores, members, n, thresholds, kept):
     groups, size = members.shape
     outputs = scores.shape[1]
     for g in prange(groups):
@@ -100,6 +86,7 @@ def _kept_kernel(scores, members, n, out):
             for i in range(size):
                 values[i] = scores[members[g, i], o]
             values.sort()
+            thresholds[g, o] = values[size - n]
             for i in range(size - n, size):
                 total += values[i]
-        out[g] = total
+        kept[g] = total
