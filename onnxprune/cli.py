@@ -490,6 +490,11 @@ def _print_prune_result(report, args: argparse.Namespace) -> None:
 
     print(format_prune_table(report, verbose=args.verbose > 0))
     print(format_summary(report))
+    if report.channel_permutations is not None:
+        moved = report.channel_permutations
+        gains = ", ".join(f"{e['target']} +{100 * e['kept_score_gain']:.2f}%" for e in moved)
+        print(f"channels permuted before pruning: {len(moved)} target(s)"
+              + (f" (kept N:M score: {gains})" if moved else ""))
     if args.verbose and report.provenance:
         print(f"metadata_props of {args.output}:")
         for key, value in report.provenance.items():

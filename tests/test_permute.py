@@ -213,12 +213,13 @@ def test_cli_needs_an_nm_pattern(tmp_path, capsys):
     assert not (tmp_path / "o.onnx").exists()
 
 
-def test_cli_reports_the_permuted_targets(tmp_path):
+def test_cli_reports_the_permuted_targets(tmp_path, capsys):
     report = tmp_path / "r.json"
     code = main(["prune", str(MODELS_DIR / "mlp.onnx"), "-o", str(tmp_path / "o.onnx"),
                  "--pattern", "2:4", "--min-size", "0", "--permute-channels",
                  "--report", str(report)])
     assert code == 0
+    assert "channels permuted before pruning: 2 target(s)" in capsys.readouterr().out
     entries = json.loads(report.read_text())["channel_permutations"]
     assert {e["target"] for e in entries} == {"fc2.weight", "fc3.weight"}
     assert all(e["kept_score_gain"] > 0 for e in entries)
