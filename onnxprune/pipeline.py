@@ -51,8 +51,7 @@ log = logging.getLogger(__name__)
 Progress = Callable[[WeightTarget], None]
 DenseWriter = Callable[[object, np.ndarray], None]
 CALIB_MODES = ("sequential", "one-pass")
-# XᵀX of all layer inputs at once that one-pass calibration may hold (bytes): beyond it,
-# parts that need XᵀX calibrate stage by stage and the report's errors are left out
+# XᵀX that one-pass calibration gathers only for the report's errors, at most (bytes)
 ONE_PASS_HESSIAN_BUDGET = 256 << 20
 
 
@@ -236,25 +235,11 @@ class _Loop:
             [*(methods[v.target.name].default_calib_mode for v in views),
              getattr(self.update, "default_calib_mode", "one-pass")],
             key=lambda m: m == "sequential")
-        needs_hessians = self._needs_hessians(views, methods)
-        one_pass_bytes = _one_pass_hessian_bytes(views)
-        if (mode == "one-pass" and needs_hessians and config.calib_mode is None
-                and one_pass_bytes > ONE_PASS_HESSIAN_BUDGET):
-            # memory per layer, not per model: one stage's XᵀX at a time
-            log.warning("calibrating stage by stage: in one pass, XᵀX of every layer input "
-                        "would take %.0f MiB (--calib-mode one-pass keeps one pass)",
-                        one_pass_bytes / 2**20)
-            mode = "sequential"
-        hessian = (needs_hessians or mode == "sequential"
-                   or one_pass_bytes <= ONE_PASS_HESSIAN_BUDGET)
-        if not hessian:
-            log.warning("reconstruction errors are not measured: in one pass, XᵀX of every "
-                        "layer input would take %.0f MiB (--calib-mode sequential or "
-                        "--measure-error measures them)", one_pass_bytes / 2**20)
         feeds = self.feeds if self.feeds is not None else calibration_feeds(
             config, self.loaded.proto)
         capture = ActivationCapture(self.loaded, index, views, feeds,
-                                    sequential=mode == "sequential", hessian=hessian,
+                                    sequential=mode == "sequential",
+                                    hessian=self._gathers_hessians(views, methods, mode),
                                     weights=self.pruned)
         log.info("%d calibrated targets in %d stage(s) over %d samples (%s)", len(views),
                  capture.levels, len(feeds), mode)
@@ -279,12 +264,24 @@ class _Loop:
                 self._prune(target, methods[target.name], view, stats,
                             shared.setdefault(view.inputs, {}))
 
-    def _needs_hessians(self, views: list, methods: dict[str, Method]) -> bool:
-        """Whether a part uses XᵀX (or the user asked for every error): without one, XᵀX
-        only serves the report's reconstruction errors."""
-        return (self.update is not None or self.refine is not None
-                or self.config.measure_error
-                or any(methods[v.target.name].needs >= Needs.HESSIAN for v in views))
+    def _gathers_hessians(self, views: list, methods: dict[str, Method], mode: str) -> bool:
+        """Whether to gather XᵀX: parts that use it need it; otherwise it only serves the
+        report's reconstruction errors, which one-pass mode, holding every input's XᵀX at
+        once, gives up when they would take more than ONE_PASS_HESSIAN_BUDGET."""
+        if (self.update is not None or self.refine is not None or self.config.measure_error
+                or any(methods[v.target.name].needs >= Needs.HESSIAN for v in views)):
+            return True
+        if mode == "sequential":
+            return True
+        inputs = {key: view.groups * view.features ** 2 for view in views for key in view.inputs}
+        size = 8 * sum(inputs.values())  # float64
+        if size <= ONE_PASS_HESSIAN_BUDGET:
+            return True
+        log.warning("reconstruction errors are not measured: in one pass, XᵀX of %d layer "
+                    "inputs would take %.0f MiB (--calib-mode sequential or --measure-error "
+                    "measures them)",
+                    len(inputs), size / 2**20)
+        return False
 
     # ------------------------------------------------------------------ one target
 
@@ -393,12 +390,6 @@ def _planned_count(target: WeightTarget, plan: TargetPlan, method: Method, view)
         features = view.features if view is not None else target.reduction_length
         return target.numel // features * prune_count(features, plan.sparsity)
     return plan.prune_count(target.numel)
-
-
-def _one_pass_hessian_bytes(views: list) -> int:
-    """What XᵀX of every distinct layer input takes at once (float64)."""
-    inputs = {key: view.groups * view.features ** 2 for view in views for key in view.inputs}
-    return 8 * sum(inputs.values())
 
 
 def _relative_error(original: np.ndarray, pruned: np.ndarray, hessians: np.ndarray) -> float:

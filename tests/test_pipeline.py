@@ -284,19 +284,3 @@ def test_one_pass_gives_up_errors_beyond_the_hessian_budget(monkeypatch, caplog,
     assert full.reconstruction_error is not None
     assert (report.reconstruction_error is not None) == measured
     assert ("errors are not measured" in caplog.text) == (not measured)
-
-
-@pytest.mark.parametrize("asked", [None, "one-pass"])
-def test_parts_that_need_hessians_calibrate_by_stage_beyond_the_budget(monkeypatch, caplog,
-                                                                         asked):
-    # DSnoT needs XᵀX: beyond the budget the default one pass becomes stage by stage (same
-    # result as asking for it); an explicit --calib-mode one-pass is kept
-    settings = {"method": "wanda", "refine": "dsnot", "pattern": "2:4"}
-    expected_mode = "sequential" if asked is None else "one-pass"
-    _, expected, _, _ = prune_matmul(**settings, calib_mode=expected_mode)
-    monkeypatch.setattr(pipeline, "ONE_PASS_HESSIAN_BUDGET", 0)
-    with caplog.at_level(logging.WARNING, logger="onnxprune"):
-        _, pruned, _, report = prune_matmul(**settings, calib_mode=asked)
-    np.testing.assert_array_equal(pruned, expected)
-    assert report.reconstruction_error is not None
-    assert ("calibrating stage by stage" in caplog.text) == (asked is None)
