@@ -75,8 +75,8 @@ def find_channel_set(index: GraphIndex, target: WeightTarget) -> ChannelSet | st
     """The target's permutable channel set, or why its input channels cannot be permuted."""
     main, flow = index.main, index.dataflow
     name = target.tensor_name or target.tensor.name
-    if target.graph is not index.graph or name not in flow.initializers:
-        return "only initializers of the main graph are permuted"
+    if target.graph is not index.graph or _constant(index, name) is None:
+        return "only weights of the main graph (initializers, Constant nodes) are permuted"
     uses = main.consumers.get(name, [])
     if len(uses) != 1 or uses[0].scope is not main or name in main.escaping:
         return "its weight is read by more than one node"

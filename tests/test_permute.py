@@ -12,7 +12,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from conftest import MODELS_DIR, example_feeds
+from conftest import MODELS_DIR, example_feeds, real_model
 from onnx import TensorProto, helper, numpy_helper
 
 import onnxprune
@@ -351,3 +351,22 @@ def test_group_order_statistics_match_numpy():
         np.testing.assert_array_equal(group_thresholds(scores, members, n), ordered[:, 4 - n])
         np.testing.assert_allclose(kept_per_group(scores, members, n),
                                    ordered[:, 4 - n:].sum(axis=(1, 2)), rtol=1e-6)
+
+
+def test_real_paddle_export_permutes_constant_node_weights_with_outputs_unchanged():
+    # PP-OCRv4 rec keeps its weights in Constant nodes; its two SVTR MLPs qualify
+    path = real_model("ppocr_rec")
+    model = onnx.load(path)
+    feeds = example_feeds(path)
+    before = _outputs(model, feeds)
+    index = GraphIndex(model)
+    found = [f for f in (find_channel_set(index, t) for t in _targets(model))
+             if not isinstance(f, str)]
+    assert len(found) >= 2
+    rng = np.random.default_rng(0)
+    for channel_set in found:
+        order = rng.permutation(channel_set.channels)
+        for tensor, axis in channel_set.moves:
+            write_array(tensor, np.take(read_array(tensor, path.parent), order, axis=axis))
+    for a, b in zip(before, _outputs(model, feeds), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
