@@ -271,6 +271,15 @@ def main() -> None:
                 for method in args.methods.split(",")
                 for allocation in args.allocations.split(",")
                 if not ("+perm" in method and pattern == "unstructured")]
+    from onnxprune.config import PruneConfig
+    from onnxprune.errors import ConfigError
+
+    for pattern, sparsity, method, allocation in settings:  # fail now, not hours in
+        try:
+            PruneConfig(pattern=pattern, sparsity=sparsity, allocation=allocation,
+                        **variant_settings(method))
+        except ConfigError as error:
+            sys.exit(f"bench_accuracy: {method} at {pattern}: {error}")
     _print_header(tasks)
     models = ["l3", "l6"] if args.model == "all" else [args.model]
     with tempfile.TemporaryDirectory() as workdir:
