@@ -70,7 +70,8 @@ def prune(model: ModelLike, output: str | os.PathLike | None = None, *,
             sink = Sink(loaded, config.format, writer.put, streaming=True)
             result = run(loaded, config, sink=sink, **loop)
             # commit serializes the metadata from the proto
-            stamp_provenance(loaded.proto, provenance_entries(config, result.targets))
+            stamp_provenance(loaded.proto, provenance_entries(config, result.targets,
+                                                            result.permutations))
             writer.commit()
         proto = load_model(Path(output), lazy=True).proto
         file_bytes_before = model_file_bytes(input_path)
@@ -80,7 +81,8 @@ def prune(model: ModelLike, output: str | os.PathLike | None = None, *,
         loaded = _load(model, base_dir, inplace, lazy=output is not None)
         file_bytes_before = model_file_bytes(input_path) if input_path else loaded.proto.ByteSize()
         result = run(loaded, config, **loop)
-        stamp_provenance(loaded.proto, provenance_entries(config, result.targets))
+        stamp_provenance(loaded.proto, provenance_entries(config, result.targets,
+                                                          result.permutations))
         if output is not None:
             save_model(loaded, output, durable=durable)
             file_bytes = model_file_bytes(Path(output))

@@ -30,8 +30,9 @@ def sparsity_digest(counts: Iterable[tuple[str, int, int]]) -> str:
     return "sha256:" + hashlib.sha256("\n".join(lines).encode()).hexdigest()
 
 
-def provenance_entries(config, targets) -> dict[str, str]:
-    """Our metadata for a prune run: `config` a PruneConfig, `targets` its TargetReports."""
+def provenance_entries(config, targets, permutations=()) -> dict[str, str]:
+    """Our metadata for a prune run: `config` a PruneConfig, `targets` its TargetReports,
+    `permutations` the report entries of the targets whose channels were permuted."""
     from . import __version__
 
     params = sum(t.numel for t in targets)
@@ -50,8 +51,8 @@ def provenance_entries(config, targets) -> dict[str, str]:
     for part in ("update", "refine"):  # only when used: most runs have neither
         if getattr(config, part) != "none":
             entries[part] = getattr(config, part)
-    if getattr(config, "permute_channels", False):
-        entries["permute_channels"] = "true"
+    if permutations:  # how many targets had their input channels permuted
+        entries["permute_channels"] = str(len(permutations))
     return {PREFIX + key: value for key, value in entries.items()}
 
 

@@ -224,7 +224,7 @@ def test_cli_reports_the_permuted_targets(tmp_path, capsys):
     assert {e["target"] for e in entries} == {"fc2.weight", "fc3.weight"}
     assert all(e["kept_score_gain"] > 0 for e in entries)
     metadata = {p.key: p.value for p in onnx.load(tmp_path / "o.onnx").metadata_props}
-    assert metadata["onnxprune:permute_channels"] == "true"
+    assert metadata["onnxprune:permute_channels"] == "2"
 
 
 def test_streamed_external_data_model_gets_the_same_weights(tmp_path):
