@@ -1,0 +1,371 @@
+"""One function per subcommand (inspect, prune, densify, validate, sensitivity) and what
+they share: settings from the options, progress bars, printed results."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+log = logging.getLogger("onnxprune")
+
+
+def _config_from(args: argparse.Namespace, **extra):
+    from ..config import PruneConfig
+
+    return PruneConfig(include=tuple(args.include), exclude=tuple(args.exclude),
+                       min_size=args.min_size, pattern=args.pattern, **extra)
+
+
+def _import_numba_without_blas_probe() -> None:
+    """Import numba's array maths with its BLAS probe made to fail.
+
+    numba's first kernel call imports numba.np.arraymath, which probes for BLAS by
+    importing all of scipy.linalg: ~0.3 s of a run here. No onnxprune kernel uses BLAS, and
+    without it numba only computes a few inner products (np.correlate, np.cov) in a plain
+    loop; numba's np.dot still finds BLAS when it is compiled. scipy imports normally
+    afterwards (sparsegpt calls scipy.linalg directly).
+    """
+    probe = "scipy.linalg.cython_blas"
+    if "numba.np.arraymath" in sys.modules or probe in sys.modules:
+        return  # nothing left to save
+    sys.modules[probe] = None  # "import scipy.linalg.cython_blas" now fails at once
+    try:
+        import numba.np.arraymath  # noqa: F401
+    except ImportError:
+        pass  # numba missing or broken: the kernels report it when they are needed
+    finally:
+        del sys.modules[probe]
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    _import_numba_without_blas_probe()
+    from ..api import inspect
+    from ..report import format_skipped, format_targets
+
+    report = inspect(args.model, config=_config_from(args))
+    if args.json:
+        print(report.to_json())
+        return 0
+    s = report.summary
+    print(f"{args.model}: {len(report.targets)} targets, {s.params:,} params, "
+          f"{s.sparsity:.2%} zeros, file {s.file_bytes:,} bytes")
+    _print_provenance(report)
+    if report.targets:
+        print(format_targets(report))
+    print(format_skipped(report))
+    return 0
+
+
+def _print_provenance(report) -> None:
+    """How an already pruned model was made, checked against its weights now."""
+    from ..provenance import describe_provenance
+
+    line = describe_provenance(report.provenance or {}, report.targets)
+    if line:
+        print(line)
+
+
+def _return_large_blocks_to_the_system() -> None:
+    """Have glibc map blocks of 1 MiB and more on their own, and unmap them when freed.
+
+    By default its threshold rises to the largest block freed so far (up to 32 MiB): after
+    the first large target, the arrays of a few MiB that every target, calibration stage
+    and compact payload allocates come from the heap, whose holes are not given back, and a
+    calibrated prune of a 16-layer model wandered 100-150 MiB above its steady size
+    (measured with tools/bench_e2e.py --case calibrated-stream). No-op elsewhere.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None).mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD (malloc.h), 1 MiB
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    _import_numba_without_blas_probe()
+    _return_large_blocks_to_the_system()
+    from ..api import prune
+    from ..inputs import parse_dim_overrides, parse_input_shapes
+    from ..masks import MaskSet
+
+    config = _config_from(args, sparsity=args.sparsity, method=args.method, scope=args.scope,
+                          allocation=args.allocation, format=args.format, seed=args.seed,
+                          calib=args.calib, calib_samples=args.calib_samples,
+                          calib_mode=args.calib_mode, measure_error=args.measure_error,
+                          update=args.update, refine=args.refine, ria_alpha=args.ria_alpha,
+                          permute_channels=args.permute_channels,
+                          admm_iters=args.admm_iters, admm_rho=args.admm_rho,
+                          admm_gradual=not args.admm_fixed_mask,
+                          dsnot_iters=args.dsnot_iters, owl_threshold=args.owl_threshold,
+                          owl_lambda=args.owl_lambda,
+                          min_target_sparsity=args.min_target_sparsity,
+                          max_target_sparsity=args.max_target_sparsity,
+                          max_error=args.max_error, sensitivity=args.sensitivity,
+                          synthetic_dims=parse_dim_overrides(args.dim) or None,
+                          synthetic_shapes=parse_input_shapes(args.input_shapes) or None,
+                          overrides=getattr(args, "overrides", ()))
+    if config.pattern.is_nm and args.sparsity is not None \
+            and abs(args.sparsity - config.pattern.sparsity) > 1e-9:
+        log.warning("--sparsity %s is ignored: pattern %s gives %.4g", args.sparsity,
+                    config.pattern, config.pattern.sparsity)
+    if config.pattern.is_nm and config.scope == "global":
+        log.warning("--scope global has no effect with an N:M pattern")
+    _warn_about_ignored_options(args)
+    for option in ("report", "save_masks"):
+        if getattr(args, option):
+            _check_side_output(getattr(args, option), "--" + option.replace("_", "-"), args)
+    masks = MaskSet.load(args.apply_masks) if args.apply_masks else None
+    feeds_source = _feeds_source(args, args.model, probe=True) if args.validate else None
+    scheduled = bool(args.schedule or args.steps is not None or args.rounds != 1
+                     or args.retrain_cmd or args.rewind)
+    with _progress_bar(args, "prune") as progress:
+        if scheduled:
+            report = _prune_scheduled(args, config, masks, progress)
+        else:
+            _, report = prune(args.model, args.output, config=config, progress=progress,
+                              durable=args.fsync, masks=masks,
+                              return_masks=bool(args.save_masks))
+    if args.save_masks and not scheduled:
+        report.masks.save(args.save_masks)
+    _print_prune_result(report, args)
+    status = 0
+    if args.validate:
+        result = _compare(args.model, args.output, args, feeds_source)
+        report.validation = result.to_dict()
+        from ..validate import format_result
+
+        print(format_result(result))
+        if result.passed is False:
+            status = 1
+            print(f"onnxprune: validation failed; the pruned model is kept at {args.output}",
+                  file=sys.stderr)
+    if args.report:
+        _write_text_atomically(Path(args.report), report.to_json() + "\n")
+    return status
+
+
+# options that only `prune --validate` uses; those that shape synthetic inputs (validation,
+# calibration without --calib); those of calibration. Each with its value when not given.
+_VALIDATION_OPTIONS = {"data": None, "samples": None, "atol": None, "rtol": None,
+                       "min_cosine": None, "min_top1": None}
+_SHAPE_OPTIONS = {"dim": [], "input_shapes": []}
+_CALIBRATION_OPTIONS = {"calib_samples": None, "calib_mode": None}
+
+
+def _warn_about_ignored_options(args: argparse.Namespace) -> None:
+    """One warning line for each group of given options that the run will not use."""
+    from ..methods.base import Needs
+    from ..registry import METHODS
+
+    def given(options: dict) -> str | None:
+        names = ["--" + name.replace("_", "-") for name, unset in options.items()
+                 if getattr(args, name) != unset]
+        return f"{', '.join(names)} {'is' if len(names) == 1 else 'are'}" if names else None
+
+    # whether anything may calibrate: the method, an update or refinement, an allocation
+    # other than the two that only read the weights, a recipe's per-target overrides
+    calibrates = (args.measure_error or args.method not in METHODS
+                  or METHODS.get(args.method).needs > Needs.NOTHING
+                  or getattr(args, "update", "none") != "none"
+                  or getattr(args, "refine", "none") != "none"
+                  or args.allocation not in (None, "uniform", "global")
+                  or bool(getattr(args, "overrides", ())))
+    unused = given(_VALIDATION_OPTIONS)
+    if unused and not args.validate:
+        log.warning("%s ignored without --validate", unused)
+    unused = given(_SHAPE_OPTIONS)
+    if unused and not args.validate and not (calibrates and args.calib is None):
+        log.warning("%s ignored: no --validate and no synthetic calibration inputs", unused)
+    unused = given(_CALIBRATION_OPTIONS)
+    if unused and not calibrates:
+        log.warning("%s ignored: method %s uses no calibration data", unused, args.method)
+
+
+def _prune_scheduled(args: argparse.Namespace, config, masks, progress):
+    """Gradual one-shot (--steps) or iterative pruning (--rounds, --retrain-cmd, --rewind)."""
+    from ..errors import ConfigError
+    from ..schedule import prune_gradual, prune_iterative
+
+    if masks is not None:
+        raise ConfigError("--apply-masks cannot be combined with --schedule, --steps, "
+                          "--rounds, --retrain-cmd or --rewind")
+    common = dict(config=config, progress=progress, durable=args.fsync,
+                  save_masks=args.save_masks)
+    if args.rounds == 1 and not (args.retrain_cmd or args.rewind):
+        if args.steps is None:
+            raise ConfigError("--schedule needs --steps K (gradual one-shot) or --rounds R "
+                              "(iterative pruning)")
+        return prune_gradual(args.model, args.output, steps=args.steps,
+                             schedule=args.schedule or "cubic", **common)[1]
+    if args.steps is not None:
+        raise ConfigError("--steps is for gradual one-shot pruning; with --rounds each round "
+                          "is one step")
+    return prune_iterative(args.model, args.output, rounds=args.rounds,
+                           retrain=args.retrain_cmd, rewind=args.rewind,
+                           schedule=args.schedule or "geometric",
+                           keep_last_good=args.keep_last_good, **common)[1]
+
+
+def _print_prune_result(report, args: argparse.Namespace) -> None:
+    """The per-target table (all targets with -v, the extremes otherwise), then the totals."""
+    from ..report import format_prune_table, format_summary
+
+    print(format_prune_table(report, verbose=args.verbose > 0))
+    print(format_summary(report))
+    if report.channel_permutations is not None:
+        moved = report.channel_permutations
+        gains = ", ".join(f"{e['target']} +{100 * e['kept_score_gain']:.2f}%" for e in moved)
+        print(f"channels permuted before pruning: {len(moved)} target(s)"
+              + (f" (kept N:M score: {gains})" if moved else ""))
+    if args.verbose and report.provenance:
+        print(f"metadata_props of {args.output}:")
+        for key, value in report.provenance.items():
+            print(f"  {key} = {value}")
+
+
+def _check_side_output(path: str, option: str, args: argparse.Namespace) -> None:
+    """A report or mask file must not overwrite the model or the pruned output."""
+    from ..errors import OutputPathError
+    from ..io import check_output_path
+
+    check_output_path(path, args.model)
+    if Path(path).resolve() == Path(args.output).resolve():
+        raise OutputPathError(f"{option} {path} is the output model's path")
+
+
+def cmd_densify(args: argparse.Namespace) -> int:
+    from ..formats import densify_model
+    from ..io import check_output_path, load_model, model_file_bytes, save_model
+
+    output = check_output_path(args.output, args.model)
+    loaded = load_model(args.model)
+    count = densify_model(loaded.proto, loaded.base_dir)
+    save_model(loaded, output, durable=args.fsync)
+    print(f"{args.model}: {count} sparse/compact tensor(s) made dense; wrote {output} "
+          f"({model_file_bytes(output):,} bytes)")
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from ..validate import format_result
+
+    result = _compare(args.reference, args.candidate, args, _feeds_source(args, args.reference))
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2))
+    else:
+        print(format_result(result))
+    return 1 if result.passed is False else 0  # None: no tolerance given, not checked
+
+
+def _feeds_source(args: argparse.Namespace, model: str, probe: bool = False) -> dict:
+    """Parse the input options and build the feeds for `model` up front, so bad values, data
+    files that do not fit the model (names, dtypes, shapes) and, with `probe`, inputs the
+    model cannot run on fail before any work."""
+    from ..errors import ConfigError
+    from ..inputs import parse_dim_overrides, parse_input_shapes
+    from ..validate import check_reference_runs, validation_feeds
+
+    if args.samples is not None and args.samples < 1:
+        raise ConfigError(f"--samples must be at least 1, got {args.samples}")
+    feeds, synthetic = validation_feeds(
+        model, data=args.data, samples=args.samples, seed=getattr(args, "seed", 0),
+        dims=parse_dim_overrides(args.dim), input_shapes=parse_input_shapes(args.input_shapes))
+    if probe:
+        check_reference_runs(model, feeds, synthetic)
+    return {"feeds": feeds, "synthetic": synthetic}
+
+
+def _compare(reference: str, candidate: str, args: argparse.Namespace, source: dict):
+    from ..validate import compare_models
+
+    return compare_models(reference, candidate, source["feeds"], synthetic=source["synthetic"],
+                          atol=args.atol, rtol_l2=args.rtol, min_cosine=args.min_cosine,
+                          min_top1=args.min_top1,
+                          timing_runs=args.timing_runs if args.timing else None)
+
+
+@contextlib.contextmanager
+def _progress_bar(args: argparse.Namespace, label: str):
+    """A per-target progress callback: a bar on an interactive stderr, else None."""
+    from ..progress import progress_bar
+
+    with progress_bar(label, unit="target", quiet=args.quiet) as bar:
+        yield bar.callback() if bar.shown else None
+
+
+def _write_text_atomically(path: Path, text: str) -> None:
+    from ..io import write_file_atomically
+
+    write_file_atomically(path, lambda fh: fh.write(text), binary=False)
+
+
+def cmd_sensitivity(args: argparse.Namespace) -> int:
+    _import_numba_without_blas_probe()
+    from ..errors import ConfigError
+    from ..io import load_model
+    from ..sensitivity import DEFAULT_LEVELS, PlotUnavailable, analyze, check_levels, plot
+
+    if args.levels is None:
+        levels = list(DEFAULT_LEVELS)
+    else:
+        try:
+            levels = check_levels(float(v) for v in args.levels.split(",") if v.strip())
+        except ValueError:
+            raise ConfigError(f"--levels must be numbers separated by commas, got "
+                              f"{args.levels!r}") from None
+    config = _config_from(args, method=args.method, calib=args.calib,
+                          calib_samples=args.calib_samples, seed=args.seed)
+    folder = Path(args.output)
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError(f"-o {folder}: not a folder")
+    loaded = load_model(args.model)
+    from ..formats import densify_model
+
+    densify_model(loaded.proto, loaded.base_dir)
+    with _sweep_progress(args, levels) as progress:
+        result = analyze(loaded, config, levels=levels, progress=progress)
+    folder.mkdir(parents=True, exist_ok=True)
+    stem = Path(args.model).name.removesuffix(".onnx")
+    json_path = folder / f"{stem}.sensitivity.json"
+    _write_text_atomically(json_path, result.to_json() + "\n")
+    print(f"{args.model}: {len(result.targets)} targets x {len(result.levels)} levels, "
+          f"{result.method} {result.pattern}, {result.samples} samples; wrote {json_path}")
+    for curve in result.most_sensitive(5):
+        print(f"  {curve.name}: relative L2 {curve.worst:.4g} at sparsity "
+              f"{curve.points[-1].sparsity:g}")
+    png_path = folder / f"{stem}.sensitivity.png"
+    try:
+        temporary = folder / f".{png_path.name}.tmp.png"
+        plot(result, temporary)
+        os.replace(temporary, png_path)
+        print(f"wrote {png_path}")
+    except PlotUnavailable as exc:
+        print(f"onnxprune: warning: {exc}", file=sys.stderr)
+    return 0
+
+
+@contextlib.contextmanager
+def _sweep_progress(args: argparse.Namespace, levels: list[float]):
+    """A per-sweep-point progress callback: a tqdm bar on an interactive stderr, else None."""
+    if args.quiet or not sys.stderr.isatty():
+        yield None
+        return
+    from tqdm import tqdm
+
+    with tqdm(desc="sensitivity", unit="point", file=sys.stderr, leave=False) as bar:
+        def advance(target, level, points):
+            bar.total = points  # targets x levels, known once the targets are found
+            bar.set_postfix_str(f"{target.name[-32:]} @ {level:g}")
+            bar.update()
+
+        yield advance
+
+
+COMMANDS = {"inspect": cmd_inspect, "prune": cmd_prune, "densify": cmd_densify,
+            "validate": cmd_validate, "sensitivity": cmd_sensitivity}

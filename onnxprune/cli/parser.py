@@ -1,0 +1,248 @@
+"""The argument parser of every subcommand and the options they share."""
+
+from __future__ import annotations
+
+import argparse
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a usage error as one line (and exit 2) instead of a usage dump."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _add_selection_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("target selection")
+    group.add_argument("--include", action="append", default=[], metavar="REGEX",
+                       help="only tensors whose name matches (repeatable); also admits "
+                            "embeddings")
+    group.add_argument("--exclude", action="append", default=[], metavar="REGEX",
+                       help="skip tensors whose name matches (repeatable)")
+    group.add_argument("--min-size", type=int, default=4096, metavar="N",
+                       help="skip tensors with fewer than N elements [4096]")
+    group.add_argument("--pattern", default="unstructured", metavar="P",
+                       help="'unstructured' or N:M such as 2:4 [unstructured]")
+
+
+def _add_check_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("validation inputs and tolerances")
+    group.add_argument("--data", metavar="NPZ",
+                       help="inputs: an .npz keyed by graph input names, or a folder of .npz")
+    group.add_argument("--samples", type=int, default=None, metavar="N",
+                       help="number of samples (synthetic inputs: default 4)")
+    group.add_argument("--dim", action="append", default=[], metavar="NAME=VALUE",
+                       help="value for a named dynamic dimension of synthetic inputs "
+                            "(repeatable)")
+    group.add_argument("--input-shapes", action="append", default=[],
+                       metavar="NAME:[d0,d1,...]",
+                       help="full shape of a synthetic input, named or unnamed dynamic dims "
+                            "alike (repeatable; several separated by spaces in one argument)")
+    group.add_argument("--atol", type=float, default=None,
+                       help="fail if the max abs diff exceeds this")
+    group.add_argument("--rtol", type=float, default=None,
+                       help="fail if the relative L2 error exceeds this")
+    group.add_argument("--min-cosine", type=float, default=None,
+                       help="fail if the cosine similarity is below this")
+    group.add_argument("--min-top1", type=float, default=None,
+                       help="fail if the top-1 agreement is below this")
+    _add_timing_options(parser)
+
+
+def _add_timing_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("timing")
+    group.add_argument("--timing", action="store_true",
+                       help="also time session creation and inference of both models in "
+                            "onnxruntime (CPU), interleaved; pruning alone does not make a "
+                            "model faster there")
+    group.add_argument("--timing-runs", type=int, default=20, metavar="N",
+                       help="timed inference runs per model, after 3 warm-up runs [20]")
+
+
+def _add_fsync_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--fsync", action="store_true",
+                        help="flush OUT to disk before it is renamed into place, so that it "
+                             "survives a power loss (slower; the rename alone already keeps "
+                             "a failed run from leaving a partial file)")
+
+
+def _choices_help(registry, default: str, first: str | None = None) -> str:
+    """`a | b | c [default]` from a registry's names (no part is imported)."""
+    names = ([first] if first else []) + registry.names()
+    return f"{' | '.join(names)} [{default}]"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from ..registry import ALLOCATIONS, FORMATS, METHODS, REFINES, UPDATES
+
+    parser = _Parser(prog="onnxprune",
+                     description="Prune the weights of ONNX models and check them in onnxruntime.")
+    parser.add_argument("--version", action="version", version="onnxprune 0.1.0")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    inspect = commands.add_parser("inspect", help="list prunable targets and skipped tensors",
+                                  description="List every prunable target (op, shape, reduction "
+                                              "axis, sparsity, 2:4, bytes) and every skipped "
+                                              "tensor with the reason.")
+    inspect.add_argument("model")
+    inspect.add_argument("--json", action="store_true", help="print the JSON report only")
+    _add_selection_options(inspect)
+    _add_logging_options(inspect)
+
+    prune = commands.add_parser("prune", help="prune a model and write the result",
+                                description="Prune MODEL and write OUT atomically.")
+    prune.add_argument("model")
+    prune.add_argument("-o", "--output", required=True, metavar="OUT")
+    prune.add_argument("--sparsity", type=float, default=None, metavar="F",
+                       help="fraction of weights set to zero, 0 <= F < 1 [0.5]; N:M patterns "
+                            "set their own")
+    prune.add_argument("--method", default="magnitude", metavar="M",
+                       help=_choices_help(METHODS, "magnitude"))
+    prune.add_argument("--scope", default="layer", choices=("layer", "global"),
+                       help="layer, or global: short for --allocation global [layer]")
+    prune.add_argument("--allocation", default=None, metavar="A",
+                       help=_choices_help(ALLOCATIONS, "uniform"))
+    prune.add_argument("--format", default="dense", metavar="F",
+                       help=_choices_help(FORMATS, "dense"))
+    prune.add_argument("--update", default="none", metavar="U",
+                       help="reconstruct the kept weights after the mask is chosen: "
+                            + _choices_help(UPDATES, "none", first="none"))
+    prune.add_argument("--refine", default="none", metavar="R",
+                       help="improve the mask before it is applied: "
+                            + _choices_help(REFINES, "none", first="none"))
+    prune.add_argument("--permute-channels", action="store_true",
+                       help="N:M: permute input channels where the graph allows it (MLP "
+                            "layers fed through element-wise ops) so groups keep more")
+    settings = prune.add_argument_group("method and allocation settings")
+    settings.add_argument("--ria-alpha", type=float, default=0.5, metavar="A",
+                          help="ria: exponent of the input norm [0.5]")
+    settings.add_argument("--admm-iters", type=int, default=20, metavar="N",
+                          help="admm: iterations [20]")
+    settings.add_argument("--admm-rho", type=float, default=1.0, metavar="RHO",
+                          help="admm: penalty relative to mean diag(X^T X) [1.0]")
+    settings.add_argument("--admm-fixed-mask", action="store_true",
+                          help="admm: keep the first mask instead of choosing it gradually")
+    settings.add_argument("--dsnot-iters", type=int, default=50, metavar="N",
+                          help="dsnot: prune-and-grow cycles per row [50]")
+    settings.add_argument("--owl-threshold", type=float, default=5.0, metavar="M",
+                          help="owl: outliers are scores above M x the layer mean [5]")
+    settings.add_argument("--owl-lambda", type=float, default=0.08, metavar="L",
+                          help="owl: largest departure from the target sparsity [0.08]")
+    settings.add_argument("--min-target-sparsity", type=float, default=None, metavar="F",
+                          help="non-uniform allocations: no target below F")
+    settings.add_argument("--max-target-sparsity", type=float, default=None, metavar="F",
+                          help="non-uniform allocations: no target above F")
+    settings.add_argument("--max-error", type=float, default=None, metavar="E",
+                          help="sensitivity allocation: the highest overall sparsity whose "
+                               "predicted output error stays under E")
+    settings.add_argument("--sensitivity", default=None, metavar="JSON",
+                          help="sensitivity allocation: curves from `onnxprune sensitivity`")
+    prune.add_argument("--seed", type=int, default=0, help="randomness (random method, "
+                                                           "synthetic inputs) [0]")
+    prune.add_argument("--report", metavar="PATH", help="write the JSON report there")
+    masks = prune.add_argument_group("masks")
+    masks.add_argument("--save-masks", metavar="NPZ",
+                       help="write the keep-masks of the result (bit-packed, by target name); "
+                            "with --steps/--rounds a path with {round} gets every pass's")
+    masks.add_argument("--apply-masks", metavar="NPZ",
+                       help="prune exactly the positions these saved masks remove (the method "
+                            "only reconstructs, if it does; targets not in the file are "
+                            "pruned as planned)")
+    _add_fsync_option(prune)
+    steps = prune.add_argument_group("gradual and iterative pruning")
+    steps.add_argument("--schedule", choices=("cubic", "geometric"),
+                       help="sparsity per step or round: cubic (large steps first), geometric "
+                            "(equal fractions of the remaining weights) [steps: cubic, "
+                            "rounds: geometric]")
+    steps.add_argument("--steps", type=int, metavar="K",
+                       help="gradual one-shot: reach the sparsity in K steps, re-scoring "
+                            "between them; masks only grow")
+    steps.add_argument("--rounds", type=int, default=1, metavar="R",
+                       help="iterative pruning: R rounds of prune, retrain, re-apply masks [1]")
+    steps.add_argument("--retrain-cmd", metavar="CMD",
+                       help="shell command run after each round: reads {in}, writes the "
+                            "retrained model to {out}")
+    steps.add_argument("--rewind", metavar="INIT.onnx",
+                       help="lottery ticket: after each round the survivors take their "
+                            "values in INIT.onnx (so do the tensors not pruned)")
+    steps.add_argument("--keep-last-good", action="store_true",
+                       help="when the retrain command fails, write the last completed "
+                            "round's model to OUT")
+    prune.add_argument("--recipe", metavar="FILE.toml",
+                       help="options (and per-target [[override]] tables) from a TOML file; "
+                            "command-line options win")
+    parser.prune_parser = prune  # recipes check their keys against its options
+    calib = prune.add_argument_group("calibration (methods that use it: "
+                                     "wanda, obd, sparsegpt, ria, admm, any --update "
+                                     "or --refine, and plug-ins)")
+    calib.add_argument("--calib", metavar="PATH",
+                       help=".npz keyed by graph input name, or a folder of .npz (one sample "
+                            "each); without it synthetic inputs are used, with a warning")
+    calib.add_argument("--calib-samples", type=int, metavar="N",
+                       help="use at most N calibration samples")
+    calib.add_argument("--calib-mode", choices=("sequential", "one-pass"),
+                       help="sequential (default for sparsegpt and admm): each layer calibrated "
+                            "on the already pruned model; one-pass: all on the dense model "
+                            "(faster)")
+    calib.add_argument("--measure-error", action="store_true",
+                       help="calibrate every target to report its reconstruction error, "
+                            "also for methods that need no calibration and where one-pass "
+                            "calibration would skip it to save memory")
+    prune.add_argument("--validate", action="store_true",
+                       help="run input and output in onnxruntime and compare; exit 1 if a "
+                            "tolerance fails")
+    _add_selection_options(prune)
+    _add_check_options(prune)
+    _add_logging_options(prune)
+
+    densify = commands.add_parser("densify", help="turn sparse and compact tensors dense",
+                                  description="Write MODEL with every sparse tensor and every "
+                                              "onnxprune compact tensor turned back into a "
+                                              "plain dense tensor, bit-exact.")
+    densify.add_argument("model")
+    densify.add_argument("-o", "--output", required=True, metavar="OUT")
+    _add_fsync_option(densify)
+    _add_logging_options(densify)
+
+    validate = commands.add_parser("validate", help="compare two models in onnxruntime",
+                                   description="Run REFERENCE and CANDIDATE on the same inputs "
+                                               "and report max abs diff, relative L2, cosine "
+                                               "and top-1 agreement; exit 1 if a tolerance "
+                                               "fails.")
+    validate.add_argument("reference")
+    validate.add_argument("candidate")
+    validate.add_argument("--json", action="store_true", help="print the JSON result only")
+    validate.add_argument("--seed", type=int, default=0, help="seed of synthetic inputs [0]")
+    _add_check_options(validate)
+    _add_logging_options(validate)
+    _add_sensitivity_parser(commands)
+    return parser
+
+
+def _add_sensitivity_parser(commands) -> None:
+    sensitivity = commands.add_parser(
+        "sensitivity", help="per-target sensitivity curves (JSON + PNG)",
+        description="Prune each target alone at each sparsity level and measure how the "
+                    "model's outputs degrade in onnxruntime (relative L2, cosine, top-1); "
+                    "write the curves as DIR/MODEL.sensitivity.json and a plot as "
+                    "DIR/MODEL.sensitivity.png (needs matplotlib: the `plot` extra).")
+    sensitivity.add_argument("model")
+    sensitivity.add_argument("-o", "--output", default=".", metavar="DIR",
+                             help="folder for the JSON and PNG (made if missing) [.]")
+    sensitivity.add_argument("--method", default="magnitude", metavar="M",
+                             help="how each target is pruned [magnitude]")
+    sensitivity.add_argument("--levels", default=None, metavar="S1,S2,...",
+                             help="sparsity levels to sweep [0.3,0.4,0.5,0.6,0.7,0.8,0.9,0.95]")
+    sensitivity.add_argument("--calib", metavar="PATH",
+                             help="inputs: .npz keyed by graph input name, or a folder of "
+                                  ".npz; without it synthetic inputs, with a warning")
+    sensitivity.add_argument("--calib-samples", type=int, metavar="N",
+                             help="use at most N samples")
+    sensitivity.add_argument("--seed", type=int, default=0, help="synthetic inputs [0]")
+    _add_selection_options(sensitivity)
+    _add_logging_options(sensitivity)
+
+
+def _add_logging_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging")
+    parser.add_argument("-q", "--quiet", action="store_true", help="less logging")
