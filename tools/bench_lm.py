@@ -53,7 +53,8 @@ def registered() -> dict[str, set[str]]:
 
 
 def parse_variant(variant: str, known: dict[str, set[str]]) -> dict:
-    """{'method', 'update', 'refine', 'missing': [names not registered]} of METHOD[+PART...]."""
+    """{'method', 'update', 'refine', 'permute', 'missing': [names not registered]} of
+    METHOD[+PART...], PART an update, a refinement or `perm`."""
     method, *parts = variant.split("+")
     spec = {"method": method, "update": None, "refine": None, "permute": False,
             "missing": []}
@@ -151,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", default="/tmp/onnxprune-lm")
     parser.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
-                        help="comma-separated: dense, METHOD or METHOD+UPDATE/REFINE")
+                        help="comma-separated: dense, METHOD or METHOD+UPDATE/REFINE/perm")
     parser.add_argument("--patterns", default="50%,2:4", help="50%% and/or N:M [50%%,2:4]")
     parser.add_argument("--samples", type=int, default=32, help="calibration windows [32]")
     parser.add_argument("--eval-tokens", type=int, default=16384,
