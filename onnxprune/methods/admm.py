@@ -29,6 +29,7 @@ conditioned layer), W ⊙ M is returned.
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass
 
@@ -166,8 +167,7 @@ class MaskRule:
         pruned). Only the sample sees `best` as +inf: a full pass would cost more."""
         flat = magnitudes.reshape(-1)
         if self._sample is None or self._sample[-1] >= flat.size:
-            rng = np.random.default_rng(flat.size)  # fixed: the same run, the same masks
-            self._sample = np.sort(rng.choice(flat.size, SAMPLE_SIZE, replace=False))
+            self._sample = _sample_positions(flat.size)
         if count <= 0:
             return np.ones(magnitudes.shape, dtype=bool)
         sample = flat[self._sample]
@@ -179,6 +179,16 @@ class MaskRule:
         if best is not None:
             keep |= best
         return keep
+
+
+@functools.lru_cache(maxsize=16)
+def _sample_positions(size: int) -> np.ndarray:
+    """SAMPLE_SIZE sorted positions out of `size`, fixed per size (the same run, the same
+    masks), shared by the matrices of one shape."""
+    positions = np.random.default_rng(size).choice(size, SAMPLE_SIZE, replace=False)
+    positions.sort()
+    positions.flags.writeable = False
+    return positions
 
 
 def admm_prune(weights: np.ndarray, factor: AdmmFactor, rule: MaskRule,

@@ -29,6 +29,7 @@ import math
 import numpy as np
 from scipy.linalg import blas, lapack
 
+from ..kernels.blocks import numba_single_thread
 from ..kernels.stats import obs_sweep_block
 from ..masking import prune_count
 from .base import Job, Method, Needs
@@ -79,6 +80,15 @@ def sparsegpt_prune(weights: np.ndarray, hessian: np.ndarray, *, sparsity: float
     if upper is None:
         upper = inverse_cholesky_upper(hessian, damp, dead).astype(np.float32, order="F")
 
+    with numba_single_thread():
+        _sweep_blocks(weights, upper, pruned, fixed, sparsity, keep_n, group_m, block_size,
+                      already_counted)
+    return weights
+
+
+def _sweep_blocks(weights, upper, pruned, fixed, sparsity, keep_n, group_m, block_size,
+                  already_counted):
+    rows, cols = weights.shape
     for start in range(0, cols, block_size):
         stop = min(cols, start + block_size)
         block = np.ascontiguousarray(weights[:, start:stop])
@@ -104,7 +114,6 @@ def sparsegpt_prune(weights: np.ndarray, hessian: np.ndarray, *, sparsity: float
             later = weights[:, stop:]  # F-contiguous view: sgemm updates it in place
             blas.sgemm(-1.0, errors, upper[start:stop, stop:], beta=1.0, c=later,
                        overwrite_c=True)
-    return weights
 
 
 def dead_inputs(hessian: np.ndarray) -> np.ndarray:
