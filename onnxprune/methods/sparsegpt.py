@@ -80,7 +80,7 @@ def sparsegpt_prune(weights: np.ndarray, hessian: np.ndarray, *, sparsity: float
     if upper is None:
         upper = inverse_cholesky_upper(hessian, damp, dead).astype(np.float32, order="F")
 
-    with numba_single_thread():
+    with numba_single_thread():  # the sgemm updates have BLAS's threads
         _sweep_blocks(weights, upper, pruned, fixed, sparsity, keep_n, group_m, block_size,
                       already_counted)
     return weights
@@ -88,6 +88,7 @@ def sparsegpt_prune(weights: np.ndarray, hessian: np.ndarray, *, sparsity: float
 
 def _sweep_blocks(weights, upper, pruned, fixed, sparsity, keep_n, group_m, block_size,
                   already_counted):
+    """The blocked OBS sweep of `sparsegpt_prune`, in place on `weights`."""
     rows, cols = weights.shape
     for start in range(0, cols, block_size):
         stop = min(cols, start + block_size)
