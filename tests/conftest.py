@@ -240,3 +240,27 @@ def models_dir() -> Path:
 def demo_model_paths(models_dir: Path) -> list[Path]:
     """Paths of the three demo models: mlp, cnn, transformer."""
     return [models_dir / name for name in DEMO_MODEL_NAMES]
+
+
+def prune_cli_and_run(tmp_path: Path, model: str, args: list[str]) -> list[dict]:
+    """`onnxprune prune` a demo model with `args` and 2 calibration samples; assert that it
+    exits 0, every target meets its plan, the output passes the ONNX checker and runs in
+    onnxruntime with finite outputs. Returns the report's targets."""
+    import json
+
+    import onnxruntime as ort
+
+    from onnxprune.calib import load_calibration
+    from onnxprune.cli import main
+
+    out, report = tmp_path / "x.onnx", tmp_path / "r.json"
+    assert main(["prune", str(MODELS_DIR / model), "-o", str(out), *args,
+                 "--calib-samples", "2", "--report", str(report), "-q"]) == 0
+    targets = json.loads(report.read_text())["targets"]
+    assert targets and all(t["meets_plan"] for t in targets)
+    proto = onnx.load(str(out))
+    onnx.checker.check_model(proto)
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    outputs = session.run(None, load_calibration(None, proto, samples=1, seed=0)[0])
+    assert all(np.isfinite(o).all() for o in outputs)
+    return targets

@@ -3,20 +3,15 @@ the pipeline (`--method admm`, `--update admm`) and the CLI on the demo models."
 
 from __future__ import annotations
 
-import json
 import logging
 
 import naive_methods as naive
 import numpy as np
-import onnx
-import onnxruntime as ort
 import pytest
-from conftest import MODELS_DIR
+from conftest import prune_cli_and_run
 from layer_cases import layer_problem, prune_matmul
 
 from onnxprune import kernels
-from onnxprune.calib import load_calibration
-from onnxprune.cli import main
 from onnxprune.config import PruneConfig
 from onnxprune.errors import ConfigError
 from onnxprune.kernels.admm import admm_split
@@ -206,16 +201,7 @@ def test_bad_settings_are_user_errors():
                                   ["--method", "wanda", "--update", "admm", "--admm-iters",
                                    "5", "--pattern", "2:4"]])
 def test_cli_output_runs_in_onnxruntime(tmp_path, model, args):
-    out, report = tmp_path / "x.onnx", tmp_path / "r.json"
-    assert main(["prune", str(MODELS_DIR / model), "-o", str(out), *args,
-                 "--calib-samples", "2", "--report", str(report), "-q"]) == 0
-    targets = json.loads(report.read_text())["targets"]
-    assert targets and all(t["meets_plan"] for t in targets)
-    proto = onnx.load(str(out))
-    onnx.checker.check_model(proto)
-    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
-    outputs = session.run(None, load_calibration(None, proto, samples=1, seed=0)[0])
-    assert all(np.isfinite(o).all() for o in outputs)
+    prune_cli_and_run(tmp_path, model, args)
 
 
 def test_update_calibrates_sequentially(caplog):

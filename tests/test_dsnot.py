@@ -3,19 +3,13 @@ every swap, earlier zeros never revived, the pipeline (`--refine dsnot`) and the
 
 from __future__ import annotations
 
-import json
-
 import naive_methods as naive
 import numpy as np
-import onnx
-import onnxruntime as ort
 import pytest
-from conftest import MODELS_DIR
+from conftest import prune_cli_and_run
 from layer_cases import layer_problem, prune_matmul
 
 from onnxprune import kernels
-from onnxprune.calib import load_calibration
-from onnxprune.cli import main
 from onnxprune.kernels.swaps import prune_and_grow
 from onnxprune.masking import prune_count
 from onnxprune.methods.dsnot import refine_matrix
@@ -102,14 +96,5 @@ def test_refine_then_update():
 
 @pytest.mark.parametrize("model", ["transformer.onnx", "cnn.onnx", "mlp.onnx"])
 def test_cli_output_runs_in_onnxruntime(tmp_path, model):
-    out, report = tmp_path / "x.onnx", tmp_path / "r.json"
-    assert main(["prune", str(MODELS_DIR / model), "-o", str(out), "--method", "wanda",
-                 "--refine", "dsnot", "--dsnot-iters", "20", "--pattern", "2:4",
-                 "--calib-samples", "2", "--report", str(report), "-q"]) == 0
-    targets = json.loads(report.read_text())["targets"]
-    assert targets and all(t["meets_plan"] for t in targets)
-    proto = onnx.load(str(out))
-    onnx.checker.check_model(proto)
-    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
-    outputs = session.run(None, load_calibration(None, proto, samples=1, seed=0)[0])
-    assert all(np.isfinite(o).all() for o in outputs)
+    prune_cli_and_run(tmp_path, model, ["--method", "wanda", "--refine", "dsnot",
+                                        "--dsnot-iters", "20", "--pattern", "2:4"])

@@ -4,14 +4,10 @@ from __future__ import annotations
 
 import naive_methods as naive
 import numpy as np
-import onnx
-import onnxruntime as ort
 import pytest
-from conftest import MODELS_DIR
+from conftest import prune_cli_and_run
 from layer_cases import prune_matmul
 
-from onnxprune.calib import load_calibration
-from onnxprune.cli import main
 from onnxprune.masking import prune_count
 from onnxprune.methods.ria import ria_scores
 
@@ -61,22 +57,6 @@ def test_alpha_changes_the_mask():
 @pytest.mark.parametrize("model", ["transformer.onnx", "cnn.onnx", "mlp.onnx"])
 @pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
 def test_cli_output_runs_in_onnxruntime(tmp_path, model, pattern):
-    out, report = tmp_path / "x.onnx", tmp_path / "r.json"
-    assert main(["prune", str(MODELS_DIR / model), "-o", str(out), "--method", "ria",
-                 "--pattern", pattern, "--calib-samples", "2", "--report", str(report),
-                 "-q"]) == 0
-    _assert_pruned_model_runs(out, report, pattern)
-
-
-def _assert_pruned_model_runs(out, report, pattern):
-    import json
-
-    targets = json.loads(report.read_text())["targets"]
-    assert targets and all(t["meets_plan"] for t in targets)
-    proto = onnx.load(str(out))
-    onnx.checker.check_model(proto)
+    targets = prune_cli_and_run(tmp_path, model, ["--method", "ria", "--pattern", pattern])
     if pattern == "2:4":
         assert all(t["is_2_4"] for t in targets if t["pattern"] == "2:4")
-    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
-    feeds = load_calibration(None, proto, samples=1, seed=0)[0]
-    assert all(np.isfinite(o).all() for o in session.run(None, feeds))
