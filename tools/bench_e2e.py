@@ -122,6 +122,19 @@ def compare(make_baseline, make_ours, outputs: list[Path], repeat: int) -> tuple
 
 # --- models ------------------------------------------------------------------------------
 
+def append_external(data, data_name: str, name: str, weights: np.ndarray) -> TensorProto:
+    """A float32 initializer whose bytes are appended to the open external data file."""
+    offset = data.tell()
+    data.write(weights.tobytes())
+    tensor = TensorProto(name=name, data_type=TensorProto.FLOAT, dims=list(weights.shape),
+                         data_location=TensorProto.EXTERNAL)
+    for key, value in (("location", data_name), ("offset", str(offset)),
+                       ("length", str(weights.nbytes))):
+        entry = tensor.external_data.add()
+        entry.key, entry.value = key, value
+    return tensor
+
+
 def write_chain(path: Path, layers: int, side: int, external: bool, seed: int = 0) -> int:
     """MatMul chain of `layers` [side, side] float32 weights; returns the weight bytes."""
     rng = np.random.default_rng(seed)
@@ -134,14 +147,7 @@ def write_chain(path: Path, layers: int, side: int, external: bool, seed: int = 
             weights = rng.standard_normal((side, side), dtype=np.float32)
             name = f"layers.{layer}.weight"
             if external:
-                offset = data.tell()
-                data.write(weights.tobytes())
-                tensor = TensorProto(name=name, data_type=TensorProto.FLOAT, dims=[side, side],
-                                     data_location=TensorProto.EXTERNAL)
-                for key, value in (("location", data_name), ("offset", str(offset)),
-                                   ("length", str(weights.nbytes))):
-                    entry = tensor.external_data.add()
-                    entry.key, entry.value = key, value
+                tensor = append_external(data, data_name, name, weights)
             else:
                 tensor = onnx.numpy_helper.from_array(weights, name)
             initializers.append(tensor)
@@ -171,15 +177,7 @@ def write_residual_stack(path: Path, layers: int, side: int, seed: int = 0) -> i
         for layer in range(layers):
             weights = rng.standard_normal((side, side), dtype=np.float32) * scale
             name = f"layers.{layer}.weight"
-            offset = data.tell()
-            data.write(weights.tobytes())
-            tensor = TensorProto(name=name, data_type=TensorProto.FLOAT, dims=[side, side],
-                                 data_location=TensorProto.EXTERNAL)
-            for key, value in (("location", data_name), ("offset", str(offset)),
-                               ("length", str(weights.nbytes))):
-                entry = tensor.external_data.add()
-                entry.key, entry.value = key, value
-            initializers.append(tensor)
+            initializers.append(append_external(data, data_name, name, weights))
             block = f"layers.{layer}"
             nodes += [
                 helper.make_node("LayerNormalization", [previous, "norm.scale", "norm.bias"],
