@@ -37,6 +37,7 @@ from .inputs import Feed
 from .io import FLOAT_TYPES, LoadedModel, read_array, write_array
 from .kernels.permute import group_gains, group_thresholds, kept_per_group
 from .methods import Job, Needs
+from .methods.wanda import wanda_scores
 from .plan import PrunePlan
 from .registry import METHODS
 from .targets import WeightTarget
@@ -324,8 +325,8 @@ def _channel_scores(found: ChannelSet, weights: np.ndarray, plan: PrunePlan,
         scores = np.abs(np.asarray(weights, dtype=np.float32))
     elif method.reconstructs or method.needs >= Needs.HESSIAN:
         view, stats = calibration
-        norms = np.sqrt(np.maximum(stats.sq_norms[0], 0.0)).astype(np.float32)
-        scores = view.from_obs(np.abs(view.to_obs(weights)) * norms)
+        scores = view.from_obs(wanda_scores(view.to_obs(weights),
+                                            stats.sq_norms[:, np.newaxis, :]))
     else:
         view, stats = calibration
         scores = method.scores(Job(target, weights, target_plan, config.seed, view, stats,
