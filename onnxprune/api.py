@@ -21,7 +21,7 @@ from .io import (
     model_from_proto,
     save_model,
 )
-from .masks import MaskSet
+from .mask_files import MaskSet
 from .provenance import provenance_entries, read_provenance, stamp_provenance
 from .report import Report, summarize
 

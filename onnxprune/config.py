@@ -1,4 +1,4 @@
-"""The one configuration object shared by the Python API and the CLI, plus numba flags."""
+"""The one configuration object shared by the Python API and the CLI."""
 
 from __future__ import annotations
 
@@ -7,10 +7,6 @@ import re
 from dataclasses import dataclass, field
 
 from .errors import ConfigError
-
-# numba settings in one place: kernels are cached on disk so a second run compiles nothing.
-NUMBA_CACHE = True
-NUMBA_FASTMATH = False  # fastmath would reorder NaN comparisons, which the kernels rely on
 
 # methods, allocations and formats are registered parts: see registry.py
 SCOPES = ("layer", "global")

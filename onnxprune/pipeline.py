@@ -21,13 +21,15 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import formats, kernels, masking
+from . import formats, kernels, patterns
 from .allocation import AllocationContext
 from .config import PruneConfig
 from .errors import ConfigError, NothingToPruneError
 from .inputs import Feed
 from .io import LoadedModel, iter_chunks, read_array, write_array
-from .masking import (
+from .mask_files import MaskSet
+from .methods import Job, Method, Needs
+from .patterns import (
     audit_2_4,
     implies_2_4,
     layer_keep_mask,
@@ -38,8 +40,6 @@ from .masking import (
     prune_streamed,
     row_keep_mask,
 )
-from .masks import MaskSet
-from .methods import Job, Method, Needs
 from .plan import PrunePlan, TargetPlan
 from .recipe import apply_overrides, split_skipped
 from .registry import ALLOCATIONS, FORMATS, METHODS, REFINES, UPDATES
@@ -98,7 +98,8 @@ def run(loaded: LoadedModel, config: PruneConfig, *, sink: Sink | None = None,
     if it does). `want_masks` returns the keep-masks of the result. `feeds`: calibration
     samples already in memory, used instead of `config.calib`. With
     `config.permute_channels`, the input channels of N:M targets that allow it are permuted
-    in `loaded.proto` after the plan is made and before anything is pruned (`permute.py`).
+    in `loaded.proto` after the plan is made and before anything is pruned
+    (`channel_permutation.py`).
     """
     if formats.densify_model(loaded.proto, loaded.base_dir):
         log.info("stored sparse/compact tensors turned dense before pruning")
@@ -119,7 +120,7 @@ def run(loaded: LoadedModel, config: PruneConfig, *, sink: Sink | None = None,
     plan = make_plan(loaded, targets, config, feeds)
     permutations: list[dict] = []
     if config.permute_channels:
-        from .permute import permute_channels
+        from .channel_permutation import permute_channels
 
         permutations, feeds = permute_channels(loaded, targets, plan, config, feeds, masks)
     loop = _Loop(loaded, config, plan, sink or Sink(loaded, config.format), masks,
@@ -155,7 +156,7 @@ def make_plan(loaded: LoadedModel, targets: list[WeightTarget], config: PruneCon
     method = METHODS.get(config.method)
 
     def score_chunks(target: WeightTarget):
-        pieces = iter_chunks(target.tensor, loaded.base_dir, masking.CHUNK_ELEMENTS)
+        pieces = iter_chunks(target.tensor, loaded.base_dir, patterns.CHUNK_ELEMENTS)
         return method.score_chunks(target, pieces, config.seed)
 
     plan = ALLOCATIONS.get(config.allocation).plan(

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .config import Pattern
-from .masking import prune_count
+from .patterns import prune_count
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,7 @@ import onnx
 from .config import PruneConfig
 from .errors import ConfigError, OnnxPruneError
 from .io import check_output_path, load_model, model_file_bytes, model_from_proto, save_model
-from .masks import MaskSet
+from .mask_files import MaskSet
 from .report import Report
 
 log = logging.getLogger(__name__)

@@ -15,10 +15,10 @@ from onnxprune import kernels
 from onnxprune.config import PruneConfig
 from onnxprune.errors import ConfigError
 from onnxprune.kernels.admm import admm_split
-from onnxprune.masking import prune_count
 from onnxprune.methods.admm import SAMPLE_SIZE, MaskRule, admm_factor, admm_prune
 from onnxprune.methods.sparsegpt import sparsegpt_prune
 from onnxprune.methods.wanda import wanda_scores
+from onnxprune.patterns import prune_count
 
 
 def _count(weights, sparsity=0.5):

@@ -20,9 +20,9 @@ from onnxprune.cli import main
 from onnxprune.config import PruneConfig
 from onnxprune.errors import ConfigError
 from onnxprune.io import load_model, model_from_proto
-from onnxprune.masking import prune_count, row_keep_mask
+from onnxprune.patterns import prune_count, row_keep_mask
 from onnxprune.pipeline import run
-from onnxprune.sensitivity import analyze
+from onnxprune.sensitivity_sweep import analyze
 from onnxprune.targets import Consumer, WeightTarget
 
 

@@ -11,9 +11,9 @@ from layer_cases import layer_problem, prune_matmul
 
 from onnxprune import kernels
 from onnxprune.kernels.swaps import prune_and_grow
-from onnxprune.masking import prune_count
 from onnxprune.methods.dsnot import refine_matrix
 from onnxprune.methods.wanda import wanda_scores
+from onnxprune.patterns import prune_count
 
 
 def _wanda_mask(weights, hessian, keep_n=0, group_m=0):

@@ -24,7 +24,7 @@ from digits_mlp import (  # noqa: E402
 
 import onnxprune  # noqa: E402
 from onnxprune.config import PruneConfig  # noqa: E402
-from onnxprune.masks import MaskSet  # noqa: E402
+from onnxprune.mask_files import MaskSet  # noqa: E402
 from onnxprune.schedule import prune_iterative  # noqa: E402
 
 CONFIG = PruneConfig(sparsity=0.9, min_size=0)  # W1 [64, 128] and W2 [128, 10]

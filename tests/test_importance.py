@@ -12,11 +12,11 @@ from onnxprune import kernels
 from onnxprune.calib import load_calibration
 from onnxprune.config import Pattern
 from onnxprune.io import load_model
-from onnxprune.kernels.stats import row_keep_mask
-from onnxprune.masking import prune_count
-from onnxprune.masking import row_keep_mask as per_row_keep_mask
+from onnxprune.kernels.obs_sweep import row_keep_mask
 from onnxprune.methods.obd import obd_scores
 from onnxprune.methods.wanda import wanda_scores
+from onnxprune.patterns import prune_count
+from onnxprune.patterns import row_keep_mask as per_row_keep_mask
 from onnxprune.targets import Selection, discover_targets
 
 RNG = np.random.default_rng(77)

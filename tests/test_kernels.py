@@ -443,7 +443,7 @@ CACHE_PROBE = textwrap.dedent(
     import json
     import numpy as np
     from onnxprune.kernels import count_zeros
-    from onnxprune.kernels.masking import _count_zeros_kernel
+    from onnxprune.kernels.unstructured import _count_zeros_kernel
 
     count_zeros(np.zeros(10, np.float32))
     stats = _count_zeros_kernel.stats

@@ -17,12 +17,17 @@ from onnx import TensorProto, helper, numpy_helper
 
 import onnxprune
 from onnxprune import kernels
+from onnxprune.channel_permutation import (
+    choose_permutation,
+    find_channel_set,
+    kept_score,
+    permute_channels,
+)
 from onnxprune.cli import main
 from onnxprune.config import PruneConfig
 from onnxprune.graph import GraphIndex
 from onnxprune.io import load_model, read_array, write_array
-from onnxprune.kernels.permute import group_gains
-from onnxprune.permute import choose_permutation, find_channel_set, kept_score, permute_channels
+from onnxprune.kernels.permutation_gains import group_gains
 from onnxprune.pipeline import make_plan, selection_of
 from onnxprune.targets import discover_targets
 
@@ -341,7 +346,7 @@ def test_non_finite_scores_leave_the_channels_alone(caplog):
 
 
 def test_group_order_statistics_match_numpy():
-    from onnxprune.kernels.permute import group_thresholds, kept_per_group
+    from onnxprune.kernels.permutation_gains import group_thresholds, kept_per_group
 
     rng = np.random.default_rng(7)
     scores = rng.random((24, 5)).astype(np.float32)

@@ -20,8 +20,8 @@ from onnx import helper, numpy_helper
 import onnxprune
 from onnxprune import pipeline
 from onnxprune.cli import main
-from onnxprune.masking import nm_holds, prune_count
-from onnxprune.masks import MaskSet
+from onnxprune.mask_files import MaskSet
+from onnxprune.patterns import nm_holds, prune_count
 from onnxprune.registry import METHODS
 from onnxprune.targets import discover_targets
 

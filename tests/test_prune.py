@@ -16,7 +16,7 @@ from conftest import DEMO_MODEL_NAMES, MODELS_DIR, REAL_MODELS, example_feeds, r
 import onnxprune
 from onnxprune.config import Pattern
 from onnxprune.io import load_model, read_array
-from onnxprune.masking import prune_count
+from onnxprune.patterns import prune_count
 from onnxprune.targets import Selection, discover_targets
 
 MODEL_CASES = [

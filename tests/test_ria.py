@@ -8,8 +8,8 @@ import pytest
 from conftest import prune_cli_and_run
 from layer_cases import prune_matmul
 
-from onnxprune.masking import prune_count
 from onnxprune.methods.ria import ria_scores
+from onnxprune.patterns import prune_count
 
 
 def test_scores_match_definition():

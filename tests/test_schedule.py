@@ -15,7 +15,7 @@ from onnx import numpy_helper
 from onnxprune.cli import main
 from onnxprune.config import PruneConfig
 from onnxprune.errors import ConfigError
-from onnxprune.masks import MaskSet
+from onnxprune.mask_files import MaskSet
 from onnxprune.schedule import prune_gradual, prune_iterative, sparsities
 
 MLP = MODELS_DIR / "mlp.onnx"

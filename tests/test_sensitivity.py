@@ -13,9 +13,9 @@ from onnxprune.calib import load_calibration
 from onnxprune.cli import main
 from onnxprune.config import PruneConfig
 from onnxprune.io import load_model
-from onnxprune.masking import prune_count
+from onnxprune.patterns import prune_count
 from onnxprune.pipeline import run
-from onnxprune.sensitivity import SensitivityResult, analyze
+from onnxprune.sensitivity_sweep import SensitivityResult, analyze
 from onnxprune.validate import compare_models
 
 

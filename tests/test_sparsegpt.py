@@ -16,9 +16,9 @@ from onnxprune import kernels
 from onnxprune.calib import load_calibration
 from onnxprune.config import Pattern
 from onnxprune.io import load_model, model_from_proto
-from onnxprune.kernels.stats import obs_sweep_block
-from onnxprune.masking import prune_count
+from onnxprune.kernels.obs_sweep import obs_sweep_block
 from onnxprune.methods.sparsegpt import inverse_cholesky_upper, sparsegpt_prune
+from onnxprune.patterns import prune_count
 from onnxprune.targets import Selection, discover_targets
 
 

@@ -20,7 +20,7 @@ from onnx import TensorProto, helper, numpy_helper
 import onnxprune
 import onnxprune.formats.storage as storage_module
 import onnxprune.io as io_module
-import onnxprune.masking as masking_module
+import onnxprune.patterns as masking_module
 from onnxprune.config import PruneConfig
 from onnxprune.errors import OutputPathError
 from onnxprune.formats import densify_model

@@ -120,7 +120,7 @@ def fit_family(targets: Sequence[WeightTarget], config: PruneConfig, name: str,
                geometric: bool = False) -> PrunePlan:
     """The exact plan of a one-parameter family of per-target sparsities (already clipped to
     the bounds, non-decreasing in t) at the t that meets the overall target."""
-    from ..masking import prune_count
+    from ..patterns import prune_count
 
     numels = np.array([t.numel for t in targets], dtype=np.int64)
     low, high = bounds(config)

@@ -15,7 +15,7 @@ import numpy as np
 from .. import kernels
 from ..config import PruneConfig
 from ..errors import ConfigError
-from ..masking import prune_count
+from ..patterns import prune_count
 from ..plan import PrunePlan, TargetPlan
 from ..targets import WeightTarget
 from . import AllocationContext

@@ -19,7 +19,7 @@ import numpy as np
 
 from ..config import PruneConfig
 from ..errors import ConfigError
-from ..masking import prune_count
+from ..patterns import prune_count
 from ..plan import PrunePlan
 from ..targets import WeightTarget
 from . import AllocationContext
@@ -137,7 +137,7 @@ class SensitivityAllocation:
     @staticmethod
     def _curves(targets: Sequence[WeightTarget], config: PruneConfig,
                 context: AllocationContext):
-        from ..sensitivity import SensitivityResult, analyze
+        from ..sensitivity_sweep import SensitivityResult, analyze
 
         if config.sensitivity is not None:
             return SensitivityResult.load(config.sensitivity)

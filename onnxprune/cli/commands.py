@@ -92,7 +92,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     _return_large_blocks_to_the_system()
     from ..api import prune
     from ..inputs import parse_dim_overrides, parse_input_shapes
-    from ..masks import MaskSet
+    from ..mask_files import MaskSet
 
     config = _config_from(args, sparsity=args.sparsity, method=args.method, scope=args.scope,
                           allocation=args.allocation, format=args.format, seed=args.seed,
@@ -309,7 +309,7 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
     _import_numba_without_blas_probe()
     from ..errors import ConfigError
     from ..io import load_model
-    from ..sensitivity import DEFAULT_LEVELS, PlotUnavailable, analyze, check_levels, plot
+    from ..sensitivity_sweep import DEFAULT_LEVELS, PlotUnavailable, analyze, check_levels, plot
 
     if args.levels is None:
         levels = list(DEFAULT_LEVELS)

@@ -21,11 +21,11 @@ from .entropy import binary_entropy, entropy_bound_bytes
 from .folding import unfolded_rebuild_nodes
 from .graphs import bits_of
 from .sparse import sparse_bytes
-from .storage import FORMATS, StoreResult, store
+from .storage import STORED_FORMATS, StoreResult, store
 
 __all__ = [
     "FOLD_CAP_BYTES",
-    "FORMATS",
+    "STORED_FORMATS",
     "StoreResult",
     "StoredInfo",
     "binary_entropy",

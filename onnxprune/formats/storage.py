@@ -68,7 +68,7 @@ from .sparse import make_sparse, set_constant_attribute, sparse_bytes
 log = logging.getLogger(__name__)
 
 DenseWriter = Callable[[TensorProto, np.ndarray], None]
-FORMATS = ("dense", "sparse", "compact")  # what `store` writes
+STORED_FORMATS = ("dense", "sparse", "compact")  # what `store` writes
 STREAMED_PAYLOAD_BYTES = 1 << 16  # smaller compact tensors stay in the proto until it is saved
 
 
@@ -106,8 +106,8 @@ def store(target: WeightTarget, weights: np.ndarray, fmt: str, pattern: Pattern 
     form as soon as it is in the graph (a streaming writer puts it in the output file), and
     the proto keeps it without its bytes.
     """
-    if fmt not in FORMATS:
-        raise ValueError(f"format must be one of {', '.join(FORMATS)}; got {fmt!r}")
+    if fmt not in STORED_FORMATS:
+        raise ValueError(f"format must be one of {', '.join(STORED_FORMATS)}; got {fmt!r}")
     weights = np.ascontiguousarray(weights)
     dtype = FLOAT_DATA_TYPES.get(target.tensor.data_type)
     if dtype is None or weights.dtype != dtype or weights.shape != tuple(target.tensor.dims):

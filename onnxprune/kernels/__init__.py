@@ -1,6 +1,7 @@
 """numba kernels for the hot paths: scores, threshold selection, masks, audits.
 
-Only numpy, numba, ml_dtypes and ``onnxprune.config`` are imported here, never onnx.
+Only numpy, numba, ml_dtypes and the standard library are imported here, never onnx
+or the rest of onnxprune (numba settings live in :mod:`.flags`).
 Every public function validates its arguments (TypeError / ValueError for programmer
 errors) and then runs a private, disk-cached ``@njit`` kernel. Scores are float32 and are
 ordered by the sortable key of their bits (see :mod:`.keys`): NaN is the largest score,
@@ -8,10 +9,10 @@ ordered by the sortable key of their bits (see :mod:`.keys`): NaN is the largest
 """
 
 from .bandwidth import read_bandwidth_probe
-from .masking import apply_mask, count_zeros, unstructured_keep_mask
 from .nm import nm_keep_mask, nm_violations
 from .scores import magnitude_scores, random_scores
 from .select import Threshold, count_below_equal, kth_smallest, kth_smallest_array
+from .unstructured import apply_mask, count_zeros, unstructured_keep_mask
 
 __all__ = [
     "Threshold",

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from ..config import NUMBA_CACHE, NUMBA_FASTMATH
+from .flags import NUMBA_CACHE, NUMBA_FASTMATH
 
 __all__ = ["admm_split"]
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from ..config import NUMBA_CACHE
 from .blocks import block_range, parallel_blocks
+from .flags import NUMBA_CACHE
 
 __all__ = ["read_bandwidth_probe"]
 

@@ -15,8 +15,8 @@ from llvmlite import ir
 from numba import njit, prange, types
 from numba.extending import intrinsic
 
-from ..config import NUMBA_CACHE, NUMBA_FASTMATH
 from .blocks import block_range, parallel_blocks
+from .flags import NUMBA_CACHE, NUMBA_FASTMATH
 from .integer_views import check_float_weights, magnitude_bits_mask, unsigned_view
 from .keys import signed_key, signed_key32
 

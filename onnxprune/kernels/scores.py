@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from ..config import NUMBA_CACHE, NUMBA_FASTMATH
 from .blocks import block_range, parallel_blocks
+from .flags import NUMBA_CACHE, NUMBA_FASTMATH
 from .integer_views import BFLOAT16, check_float_weights
 
 __all__ = ["magnitude_scores", "random_scores"]

@@ -28,8 +28,8 @@ from dataclasses import dataclass
 import numpy as np
 from numba import njit, prange
 
-from ..config import NUMBA_CACHE, NUMBA_FASTMATH
 from .blocks import block_range, parallel_blocks
+from .flags import NUMBA_CACHE, NUMBA_FASTMATH
 from .keys import (
     KEY_MAX,
     KEY_MIN,

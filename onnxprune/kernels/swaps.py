@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from ..config import NUMBA_CACHE, NUMBA_FASTMATH
+from .flags import NUMBA_CACHE, NUMBA_FASTMATH
 
 __all__ = ["prune_and_grow"]
 

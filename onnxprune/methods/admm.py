@@ -39,7 +39,7 @@ from scipy.linalg import lapack
 from .. import kernels
 from ..kernels.admm import admm_split
 from ..kernels.blocks import numba_single_thread
-from ..masking import MASKED_SCORE, layer_keep_mask
+from ..patterns import MASKED_SCORE, layer_keep_mask
 from .base import Job, Method, Needs
 
 log = logging.getLogger(__name__)

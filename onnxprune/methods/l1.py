@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..masking import layer_keep_mask, mask_scores, nm_keep_mask
+from ..patterns import layer_keep_mask, mask_scores, nm_keep_mask
 from .base import Job
 from .magnitude import Magnitude
 

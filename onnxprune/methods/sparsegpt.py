@@ -30,8 +30,8 @@ import numpy as np
 from scipy.linalg import blas, lapack
 
 from ..kernels.blocks import numba_single_thread
-from ..kernels.stats import obs_sweep_block
-from ..masking import prune_count
+from ..kernels.obs_sweep import obs_sweep_block
+from ..patterns import prune_count
 from .base import Job, Method, Needs
 
 log = logging.getLogger(__name__)

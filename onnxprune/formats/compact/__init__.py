@@ -56,11 +56,11 @@ from collections.abc import Callable
 import numpy as np
 
 from ..graphs import COMPACT_MARK, bits_of
-from .base import FORMS, Chunked, CompactForm, Payload, Plan, form_of
+from .base import FORMS, Chunked, CompactForm, EncodingPlan, Payload, form_of
 from .bitmask import Bitmask
 from .builder import TensorBuilder
 from .gaps import AlignedGaps, PackedGaps
-from .nm import NM
+from .nm import NMForm
 from .zeros import Zeros
 
 __all__ = [
@@ -69,13 +69,13 @@ __all__ = [
     "FORMS",
     "LOAD_SLACK",
     "MIN_OPSET",
-    "NM",
+    "NMForm",
     "AlignedGaps",
     "Bitmask",
     "CompactForm",
     "PackedGaps",
     "Payload",
-    "Plan",
+    "EncodingPlan",
     "TensorBuilder",
     "Zeros",
     "choose_plan",
@@ -118,33 +118,33 @@ def chunk_rows(shape: tuple[int, ...], reduction_axis: int | None, m: int = 0
 
 
 def tensor_plans(chunks: list[np.ndarray], reduction_axis: int | None = None,
-                 nm: tuple[int, int] | None = None) -> list[Plan]:
+                 nm: tuple[int, int] | None = None) -> list[EncodingPlan]:
     """Every form's candidate plans for a tensor split into `chunks` (N:M ones where
     `nm` = (N, M) is given and the tensor fits it)."""
     tensor = Chunked(chunks, reduction_axis, nm)
     return [plan for name in PLANNING_ORDER for plan in FORMS[name].plans(tensor)]
 
 
-def unstructured_plans(chunks: list[np.ndarray]) -> list[Plan]:
+def unstructured_plans(chunks: list[np.ndarray]) -> list[EncodingPlan]:
     """The zeros, best packed gaps, aligned gaps and bitmask plans for these chunks."""
     tensor = Chunked(chunks)
     return [plan for name in UNSTRUCTURED_FORMS for plan in FORMS[name].plans(tensor)]
 
 
-def nm_plan(chunks: list[np.ndarray], reduction_axis: int, n: int, m: int) -> Plan | None:
+def nm_plan(chunks: list[np.ndarray], reduction_axis: int, n: int, m: int) -> EncodingPlan | None:
     """The N:M plan, or None when a group holds more than n non-zeros or M is too large."""
     plans = FORMS["nm"].plans(Chunked(chunks, reduction_axis, (n, m)))
     return plans[0] if plans else None
 
 
-def choose_plan(plans: list[Plan]) -> Plan:
+def choose_plan(plans: list[EncodingPlan]) -> EncodingPlan:
     """The smallest plan, or one within LOAD_SLACK of it whose rebuild writes less."""
     smallest = min(plans, key=lambda p: p.bytes)
     close = [p for p in plans if p.bytes <= smallest.bytes * (1 + LOAD_SLACK)]
     return min(close, key=lambda p: (p.load_bytes, p.bytes))
 
 
-def encode_chunk(chunk: np.ndarray, plan: Plan, reduction_axis: int | None) -> Payload:
+def encode_chunk(chunk: np.ndarray, plan: EncodingPlan, reduction_axis: int | None) -> Payload:
     """The payload of one chunk in the plan's form (zeros for a chunk without non-zeros)."""
     bits = bits_of(chunk)
     form = plan.form if plan.kind != "zeros" and bits.any() else form_of("zeros")
@@ -164,7 +164,7 @@ def decode_chunk(meta: dict, number: int, chunk: dict, dtype: np.dtype,
     return form.decode(meta, chunk, shape, np.dtype(dtype), payload)
 
 
-def plan_meta(plan: Plan, reduction_axis: int | None) -> dict:
+def plan_meta(plan: EncodingPlan, reduction_axis: int | None) -> dict:
     """The plan parameters `decode_chunk` needs, for the tensor's JSON description."""
     return plan.form.meta(plan, reduction_axis)
 

@@ -23,7 +23,7 @@ PayloadReader = Callable[[str], np.ndarray]
 
 
 @dataclass(frozen=True)
-class Plan:
+class EncodingPlan:
     """How one tensor is stored: the form, its parameters and the bytes it will take."""
 
     kind: str  # zeros | gaps | bitmask | nm
@@ -125,11 +125,11 @@ class CompactForm:
     tensor_overhead: ClassVar[int]
     chunk_overhead: ClassVar[int]
 
-    def plans(self, tensor: Chunked) -> list[Plan]:
+    def plans(self, tensor: Chunked) -> list[EncodingPlan]:
         """This form's candidate plans for `tensor` (none where the form does not apply)."""
         raise NotImplementedError
 
-    def encode(self, chunk: np.ndarray, bits: np.ndarray, plan: Plan,
+    def encode(self, chunk: np.ndarray, bits: np.ndarray, plan: EncodingPlan,
                reduction_axis: int | None) -> Payload:
         """The payload of one chunk that has non-zeros (`bits`: its flat bit view)."""
         raise NotImplementedError
@@ -145,7 +145,7 @@ class CompactForm:
         """The numpy twin of `build`: the dense chunk from its payload."""
         raise NotImplementedError
 
-    def meta(self, plan: Plan, reduction_axis: int | None) -> dict:
+    def meta(self, plan: EncodingPlan, reduction_axis: int | None) -> dict:
         """The plan parameters `decode` needs, for the tensor's JSON description."""
         return {}
 

@@ -7,7 +7,7 @@ import math
 
 import numpy as np
 
-from .base import Chunked, CompactForm, Payload, PayloadReader, Plan, register
+from .base import Chunked, CompactForm, EncodingPlan, Payload, PayloadReader, register
 from .builder import TensorBuilder
 
 
@@ -17,16 +17,16 @@ class Bitmask(CompactForm):
     tensor_overhead = 900
     chunk_overhead = 500
 
-    def plans(self, tensor: Chunked) -> list[Plan]:
+    def plans(self, tensor: Chunked) -> list[EncodingPlan]:
         if not tensor.nnz:
             return []
         itemsize, numel = tensor.itemsize, tensor.numel
         size = tensor.nnz * itemsize + sum(-(-s.numel // 8) + itemsize for s in tensor.stats)
         # unpacked bits, their reshape, cumulative sum and product (int32), gather and reshape
-        return [Plan("bitmask", size, len(tensor.chunks),
+        return [EncodingPlan("bitmask", size, len(tensor.chunks),
                      load_bytes=16 * numel + 2 * numel * itemsize)]
 
-    def encode(self, chunk: np.ndarray, bits: np.ndarray, plan: Plan,
+    def encode(self, chunk: np.ndarray, bits: np.ndarray, plan: EncodingPlan,
                reduction_axis: int | None) -> Payload:
         mask = bits != 0
         values = np.concatenate([np.zeros(1, chunk.dtype), chunk.reshape(-1)[mask]])

@@ -12,7 +12,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from ..graphs import make_tensor, zero_value
-from .base import Payload, Plan, form_of
+from .base import EncodingPlan, Payload, form_of
 
 BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
 
@@ -24,7 +24,7 @@ class TensorBuilder:
     costs little more than its payload and its own few nodes.
     """
 
-    def __init__(self, prefix: str, plan: Plan, data_type: int, reduction_axis: int | None,
+    def __init__(self, prefix: str, plan: EncodingPlan, data_type: int, reduction_axis: int | None,
                  opset: int | None = None):
         self.prefix = prefix
         self.plan = plan

@@ -22,9 +22,9 @@ from .base import (
     MAX_GAP_WIDTH,
     Chunked,
     CompactForm,
+    EncodingPlan,
     Payload,
     PayloadReader,
-    Plan,
     register,
 )
 from .builder import TensorBuilder
@@ -77,7 +77,7 @@ class _Gaps(CompactForm):
     tensor_overhead = 1200
     chunk_overhead = 900
 
-    def meta(self, plan: Plan, reduction_axis: int | None) -> dict:
+    def meta(self, plan: EncodingPlan, reduction_axis: int | None) -> dict:
         return {"width": plan.width}
 
     @staticmethod
@@ -94,7 +94,7 @@ class _Gaps(CompactForm):
 class PackedGaps(_Gaps):
     name = "gaps"
 
-    def plans(self, tensor: Chunked) -> list[Plan]:
+    def plans(self, tensor: Chunked) -> list[EncodingPlan]:
         """The packed width with the fewest bytes."""
         nnz, stats = tensor.nnz, tensor.stats
         if not nnz:
@@ -109,13 +109,13 @@ class PackedGaps(_Gaps):
             codes = sum(_gap_code_bytes(s.nnz, width) for s in stats)
             # per plane: a table lookup, its reshape and slice, and a sum (int32, nnz each)
             load = gaps_load + 4 * nnz * (1 + 4 * len(part_widths(width)))
-            candidate = Plan("gaps", values + codes + 8 * exceptions, len(stats), width=width,
-                             load_bytes=load)
+            candidate = EncodingPlan("gaps", values + codes + 8 * exceptions, len(stats),
+                                     width=width, load_bytes=load)
             if best is None or candidate.bytes < best.bytes:
                 best = candidate
         return [best]
 
-    def encode(self, chunk: np.ndarray, bits: np.ndarray, plan: Plan,
+    def encode(self, chunk: np.ndarray, bits: np.ndarray, plan: EncodingPlan,
                reduction_axis: int | None) -> Payload:
         width = plan.width
         positions = np.flatnonzero(bits)
@@ -172,7 +172,7 @@ class PackedGaps(_Gaps):
 class AlignedGaps(_Gaps):
     name = "aligned-gaps"
 
-    def plans(self, tensor: Chunked) -> list[Plan]:
+    def plans(self, tensor: Chunked) -> list[EncodingPlan]:
         """One plan per code width (uint8, uint16)."""
         nnz, stats = tensor.nnz, tensor.stats
         if not nnz:
@@ -183,11 +183,12 @@ class AlignedGaps(_Gaps):
         for width in ALIGNED_WIDTHS:
             exceptions = sum(s.too_long[width] + (1 if s.nnz else 0) for s in stats)
             # the Cast of the codes and the exceptions written over them (int32, nnz each)
-            plans.append(Plan("gaps", values + nnz * width // 8 + 8 * exceptions, len(stats),
-                              width=width, aligned=True, load_bytes=gaps_load + 8 * nnz))
+            plans.append(EncodingPlan("gaps", values + nnz * width // 8 + 8 * exceptions,
+                                      len(stats), width=width, aligned=True,
+                                      load_bytes=gaps_load + 8 * nnz))
         return plans
 
-    def encode(self, chunk: np.ndarray, bits: np.ndarray, plan: Plan,
+    def encode(self, chunk: np.ndarray, bits: np.ndarray, plan: EncodingPlan,
                reduction_axis: int | None) -> Payload:
         """Codes gap + 1 as uint8/uint16; the first code and those too long are exceptions,
         stored as (index, code) and written over a zero code by the rebuild."""
@@ -220,5 +221,5 @@ class AlignedGaps(_Gaps):
         out[np.cumsum(steps)] = payload("values")
         return out.reshape(shape)
 
-    def meta(self, plan: Plan, reduction_axis: int | None) -> dict:
+    def meta(self, plan: EncodingPlan, reduction_axis: int | None) -> dict:
         return {"width": plan.width, "codes": "aligned"}

@@ -11,7 +11,7 @@ import numpy as np
 from onnx import TensorProto
 
 from ..graphs import bits_of
-from .base import Chunked, CompactForm, Payload, PayloadReader, Plan, register
+from .base import Chunked, CompactForm, EncodingPlan, Payload, PayloadReader, register
 from .builder import TensorBuilder
 
 MAX_M = 16
@@ -59,7 +59,7 @@ def _group_mask(chunk: np.ndarray, reduction_axis: int, m: int) -> np.ndarray:
     return bits_of(groups).reshape(groups.shape) != 0
 
 
-def _pack_digits(digits: np.ndarray, count: int, plan: Plan) -> np.ndarray:
+def _pack_digits(digits: np.ndarray, count: int, plan: EncodingPlan) -> np.ndarray:
     """Rows of digits packed `per_unit` to a unit (base `count`) along each row."""
     per_unit = plan.per_unit
     rows, columns = digits.shape
@@ -71,12 +71,12 @@ def _pack_digits(digits: np.ndarray, count: int, plan: Plan) -> np.ndarray:
 
 
 @register
-class NM(CompactForm):
+class NMForm(CompactForm):
     name = kind = "nm"
     tensor_overhead = 900
     chunk_overhead = 700
 
-    def plans(self, tensor: Chunked) -> list[Plan]:
+    def plans(self, tensor: Chunked) -> list[EncodingPlan]:
         """The N:M plan; none when the pattern is not N:M, a group holds more than N
         non-zeros, or M is too large."""
         if tensor.nm is None:
@@ -98,15 +98,15 @@ class NM(CompactForm):
             payload += groups * n * chunk.dtype.itemsize + -(-groups // per_unit) * unit_bytes
         numel = tensor.numel
         # the spread digits and value-row indices (int32), then the gathered weights
-        return [Plan("nm", payload, len(chunks), n=n, m=m, unit_bytes=unit_bytes,
-                     per_unit=per_unit, load_bytes=8 * numel + numel * tensor.itemsize)]
+        return [EncodingPlan("nm", payload, len(chunks), n=n, m=m, unit_bytes=unit_bytes,
+                             per_unit=per_unit, load_bytes=8 * numel + numel * tensor.itemsize)]
 
-    def meta(self, plan: Plan, reduction_axis: int | None) -> dict:
+    def meta(self, plan: EncodingPlan, reduction_axis: int | None) -> dict:
         return {"n": plan.n, "m": plan.m, "per_unit": plan.per_unit, "axis": reduction_axis}
 
     # ------------------------------------------------------------------------ encode
 
-    def encode(self, chunk: np.ndarray, bits: np.ndarray, plan: Plan,
+    def encode(self, chunk: np.ndarray, bits: np.ndarray, plan: EncodingPlan,
                reduction_axis: int | None) -> Payload:
         """N values and one combination index per group.
 

@@ -6,7 +6,7 @@ import math
 
 import numpy as np
 
-from .base import Chunked, CompactForm, Payload, PayloadReader, Plan, register
+from .base import Chunked, CompactForm, EncodingPlan, Payload, PayloadReader, register
 from .builder import TensorBuilder
 
 
@@ -16,12 +16,13 @@ class Zeros(CompactForm):
     tensor_overhead = 300
     chunk_overhead = 120
 
-    def plans(self, tensor: Chunked) -> list[Plan]:
+    def plans(self, tensor: Chunked) -> list[EncodingPlan]:
         if tensor.nnz:
             return []
-        return [Plan("zeros", 0, len(tensor.chunks), load_bytes=tensor.numel * tensor.itemsize)]
+        return [EncodingPlan("zeros", 0, len(tensor.chunks),
+                             load_bytes=tensor.numel * tensor.itemsize)]
 
-    def encode(self, chunk: np.ndarray, bits: np.ndarray, plan: Plan,
+    def encode(self, chunk: np.ndarray, bits: np.ndarray, plan: EncodingPlan,
                reduction_axis: int | None) -> Payload:
         return Payload("zeros", tuple(int(d) for d in chunk.shape), params={"nnz": 0})
 

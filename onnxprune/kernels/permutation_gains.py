@@ -4,7 +4,7 @@ For an N:M pattern a group of M input channels keeps, per output, its N largest 
 With M − 1 channels fixed in a group, a candidate channel c adds exactly
 Σ_out max(0, S[c, out] − T[g, out]) to what the group keeps, where T[g, out] is the N-th
 largest score of the fixed channels (the one the candidate would push out). The search
-(`onnxprune.permute`) turns these gains into an assignment problem. The groups are small
+(`onnxprune.channel_permutation`) turns these gains into an assignment problem. The groups are small
 (M values per output), so their order statistics are taken by sorting M values in place.
 """
 
@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from ..config import NUMBA_CACHE, NUMBA_FASTMATH
+from .flags import NUMBA_CACHE, NUMBA_FASTMATH
 
 __all__ = ["group_gains", "group_thresholds", "kept_per_group"]
 

@@ -59,7 +59,7 @@ def row_keep_mask(matrix_scores: np.ndarray, sparsity: float,
     pruned: q = count // rows from every row, and one more from the `count % rows` rows
     whose next-lowest score is lowest (ties: lower row first).
     """
-    from .kernels.stats import row_keep_mask as rows_kernel
+    from .kernels.obs_sweep import row_keep_mask as rows_kernel
 
     scores = np.asarray(matrix_scores, dtype=np.float32)
     matrix = scores.reshape(-1, scores.shape[-1])

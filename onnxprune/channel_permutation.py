@@ -35,7 +35,7 @@ from .config import PruneConfig
 from .graph import GraphIndex, attribute, constant_tensor
 from .inputs import Feed
 from .io import FLOAT_TYPES, LoadedModel, read_array, write_array
-from .kernels.permute import group_gains, group_thresholds, kept_per_group
+from .kernels.permutation_gains import group_gains, group_thresholds, kept_per_group
 from .methods import Job, Needs
 from .methods.wanda import wanda_scores
 from .plan import PrunePlan

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from ..config import NUMBA_CACHE, NUMBA_FASTMATH
 from .blocks import block_range, parallel_blocks
+from .flags import NUMBA_CACHE, NUMBA_FASTMATH
 from .integer_views import check_float_weights, magnitude_bits_mask, unsigned_view
 from .keys import key_of_value, signed_key32
 
