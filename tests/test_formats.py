@@ -447,7 +447,7 @@ def test_aligned_gap_codes_keep_long_gaps_as_exceptions():
     positions = [0, 1, 256, 512, 70_000, 135_535, 199_999]
     weight.reshape(-1)[positions] = np.arange(1, len(positions) + 1)
     for width in (8, 16):
-        plan = compact.Plan("gaps", 0, width=width, aligned=True)
+        plan = compact.EncodingPlan("gaps", 0, width=width, aligned=True)
         payload = compact.encode_chunk(weight, plan, None)
         assert payload.arrays["codes"].dtype == (np.uint8 if width == 8 else np.uint16)
         meta = {"prefix": "p", "shape": list(weight.shape), **compact.plan_meta(plan, None)}
