@@ -56,7 +56,8 @@ def prune(model: ModelLike, output: str | os.PathLike | None = None, *,
     """
     from .pipeline import Sink, run
 
-    config = config.replace(**options) if config is not None else PruneConfig(**options)
+    config = (config.replace(**options) if config is not None
+              else PruneConfig.from_settings(**options))
     if masks is not None and not isinstance(masks, Mapping):
         masks = MaskSet.load(masks)
     input_path = None if isinstance(model, onnx.ModelProto) else Path(model)
@@ -67,7 +68,7 @@ def prune(model: ModelLike, output: str | os.PathLike | None = None, *,
     if output is not None and input_path is not None:
         loaded = load_model(input_path, lazy=True)
         with ModelWriter(loaded, output, None, durable) as writer:
-            sink = Sink(loaded, config.format, writer.put, streaming=True)
+            sink = Sink(loaded, config, writer.put, streaming=True)
             result = run(loaded, config, sink=sink, **loop)
             # commit serializes the metadata from the proto
             stamp_provenance(loaded.proto, provenance_entries(config, result.targets,
@@ -185,7 +186,7 @@ class PrunePass:
                  base_dir: str | os.PathLike | None = None, masks=None,
                  **options):
         self.config = config.replace(**options) if config is not None else \
-            PruneConfig(**options)
+            PruneConfig.from_settings(**options)
         self.inplace = inplace
         self.base_dir = base_dir
         self.masks = masks

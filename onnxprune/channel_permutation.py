@@ -320,7 +320,7 @@ def _channel_scores(found: ChannelSet, weights: np.ndarray, plan: PrunePlan,
     """Scores as [input channels, outputs] (float32) for the permutation search."""
     target = found.target
     target_plan = plan[target.name]
-    method = METHODS.get(target_plan.method)
+    method = METHODS.build(target_plan.method, config.options)
     if calibration is None:
         scores = np.abs(np.asarray(weights, dtype=np.float32))
     elif method.reconstructs or method.needs >= Needs.HESSIAN:

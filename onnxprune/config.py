@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from .errors import ConfigError
 
@@ -79,20 +81,13 @@ class PruneConfig:
     refine: str = "none"  # registry.REFINES name: improve the mask before it is applied
     # N:M: permute input channels (and where they are made) so each group keeps more score
     permute_channels: bool = False
-    # settings of particular methods, allocations and updates
-    ria_alpha: float = 0.5  # RIA: exponent of the input norm
-    admm_iters: int = 20  # ADMM update: iterations
-    admm_rho: float = 1.0  # ADMM update: penalty, relative to the mean of diag(XᵀX)
-    admm_gradual: bool = True  # ADMM: the mask is chosen gradually inside the iterations
-    dsnot_iters: int = 50  # DSnoT: prune-and-grow cycles per row
-    owl_threshold: float = 5.0  # OWL: outliers are scores above M times the layer mean
-    owl_lambda: float = 0.08  # OWL: largest departure from the target sparsity
     min_target_sparsity: float | None = None  # non-uniform allocations stay within these
     max_target_sparsity: float | None = None
-    max_error: float | None = None  # sensitivity allocation: highest sparsity under E
-    sensitivity: str | None = None  # sensitivity curves (JSON of `onnxprune sensitivity`)
     # per-target overrides (recipe.Override, or dicts of match/sparsity/pattern/method/skip)
     overrides: tuple = ()
+    # the options parts declare (`parts.option`), by dest: {"ria_alpha": 0.7}; absent or
+    # None: the part's default. Checked against every registered part's declarations.
+    options: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "pattern", Pattern.parse(self.pattern))
@@ -132,10 +127,7 @@ class PruneConfig:
         if self.permute_channels and not self.pattern.is_nm and not any(
                 _override_pattern(o) for o in self.overrides):
             raise ConfigError("--permute-channels needs an N:M --pattern (such as 2:4)")
-        if int(self.admm_iters) < 0 or int(self.dsnot_iters) < 0:
-            raise ConfigError("--admm-iters and --dsnot-iters must be >= 0")
-        if not 0 < float(self.admm_rho) < float("inf"):
-            raise ConfigError(f"--admm-rho must be a positive number, got {self.admm_rho}")
+        object.__setattr__(self, "options", _checked_options(self.options))
         if self.calib_samples is not None and int(self.calib_samples) < 1:
             raise ConfigError(f"--calib-samples must be >= 1, got {self.calib_samples}")
         if self.calib_mode is not None and self.calib_mode not in CALIB_MODES:
@@ -166,10 +158,64 @@ class PruneConfig:
         values["sparsity"] = self.target_sparsity
         values["include"], values["exclude"] = list(self.include), list(self.exclude)
         values["calib"] = None if self.calib is None else str(self.calib)
+        del values["options"]
+        values.update(self.effective_options())
         return values
 
-    def replace(self, **changes) -> PruneConfig:
-        return dataclasses.replace(self, **changes)
+    def effective_options(self) -> dict[str, Any]:
+        """The options of the parts this run uses, given or default, by dest."""
+        from .registry import ALLOCATIONS, FORMATS, METHODS, REFINES, UPDATES
+
+        used = [(METHODS, self.method), (ALLOCATIONS, self.allocation), (FORMATS, self.format),
+                *((METHODS, str(o.method)) for o in self.overrides if o.method)]
+        used += [(r, n) for r, n in ((UPDATES, self.update), (REFINES, self.refine))
+                 if n != "none"]
+        values: dict[str, Any] = {}
+        for registry, name in used:
+            for spec in registry.option_specs(name):
+                given = self.options.get(spec.dest)
+                values[spec.dest] = spec.default if given is None else given
+        return values
+
+    def replace(self, **changes: Any) -> PruneConfig:
+        """A copy with `changes`: fields, or part options by dest (``ria_alpha=0.7``)."""
+        fields, options = _split_settings(changes)
+        if options:
+            fields["options"] = {**self.options, **fields.get("options", {}), **options}
+        return dataclasses.replace(self, **fields)
+
+    @classmethod
+    def from_settings(cls, **settings: Any) -> PruneConfig:
+        """A config from fields and part options alike (``method="ria", ria_alpha=0.7``)."""
+        fields, options = _split_settings(settings)
+        if options:
+            fields["options"] = {**fields.get("options", {}), **options}
+        return cls(**fields)
+
+
+def _split_settings(settings: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(PruneConfig fields, everything else: part options, checked later)."""
+    names = {f.name for f in dataclasses.fields(PruneConfig)}
+    fields = {k: v for k, v in settings.items() if k in names}
+    return fields, {k: v for k, v in settings.items() if k not in names}
+
+
+def _checked_options(options: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The part options with values of their declared types; a `ConfigError` for a name no
+    registered part declares or a value out of its bounds."""
+    if not options:
+        return {}
+    from .registry import all_option_specs
+
+    specs = {spec.dest: spec for spec in all_option_specs()}
+    checked = {}
+    for dest, value in options.items():
+        spec = specs.get(dest)
+        if spec is None:
+            raise ConfigError(f"unknown option {dest!r}; options of the registered parts: "
+                              f"{', '.join(sorted(specs))}")
+        checked[dest] = None if value is None else spec.check(value)
+    return checked
 
 
 def _as_tuple(value) -> tuple[str, ...]:

@@ -4,7 +4,8 @@ A keep-mask is a boolean array in the stored layout of the weight, True where th
 stays. Every mask here honours an *existing* mask: a weight an earlier step removed is never
 revived (its score is made the lowest, and the new mask is and-ed with the old one).
 
-Patterns are registered parts (`PATTERNS`): `unstructured` prunes an exact count per layer
+Patterns are registered parts (`registry.PATTERNS`, each a `PatternRule`): `unstructured`
+prunes an exact count per layer
 (or per output row, for methods that compare within rows), `n:m` keeps the N best of every
 M consecutive weights along the reduction axis. Each also says whether pruned weights meet
 it (`holds`), which `PrunePass.ensures` and the report rely on.
@@ -12,12 +13,14 @@ it (`holds`), which `PrunePass.ensures` and the report rely on.
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
 
 from . import kernels
 from .config import Pattern
+from .parts import Part
 from .targets import WeightTarget
 
 # Weights per chunk of scores and masks (8 MiB of float32 scores): few enough kernel calls
@@ -219,31 +222,39 @@ def implies_2_4(pattern: Pattern) -> bool:
     return pattern.is_nm and 4 % pattern.m == 0 and pattern.n * (4 // pattern.m) <= 2
 
 
-class Unstructured:
+class PatternRule(Part):
+    """Which positions a pattern lets a pruned target have zeros in."""
+
+    @abstractmethod
+    def holds(self, target: WeightTarget, weights: np.ndarray, pattern: Pattern, zeros: int,
+              planned: int) -> bool:
+        """Whether `weights` (with `zeros` zeros, `planned` of them planned) meet `pattern`."""
+
+
+class UnstructuredRule(PatternRule):
     """Any positions; the planned count is a floor on the zeros (zeros already there count)."""
 
     name = "unstructured"
+    description = "an exact count of weights anywhere in the target"
 
-    @staticmethod
-    def holds(target: WeightTarget, weights: np.ndarray, pattern: Pattern, zeros: int,
+    def holds(self, target: WeightTarget, weights: np.ndarray, pattern: Pattern, zeros: int,
               planned: int) -> bool:
         return zeros >= planned
 
 
-class NM:
+class NMRule(PatternRule):
     """At most N non-zeros in every group of M along the reduction axis."""
 
     name = "n:m"
+    description = "N kept of every M consecutive weights along the reduction axis"
 
-    @staticmethod
-    def holds(target: WeightTarget, weights: np.ndarray, pattern: Pattern, zeros: int,
+    def holds(self, target: WeightTarget, weights: np.ndarray, pattern: Pattern, zeros: int,
               planned: int) -> bool:
         return nm_holds(target, weights, pattern.n, pattern.m)
 
 
-PATTERNS = {Unstructured.name: Unstructured, NM.name: NM}
-
-
-def pattern_kind(pattern: Pattern):
+def pattern_rule(pattern: Pattern) -> PatternRule:
     """The registered check of a pattern: `n:m` for every N:M, else `unstructured`."""
-    return PATTERNS[NM.name if pattern.is_nm else Unstructured.name]
+    from .registry import PATTERNS
+
+    return PATTERNS.build(NMRule.name if pattern.is_nm else UnstructuredRule.name)

@@ -35,7 +35,7 @@ from .patterns import (
     layer_keep_mask,
     mask_scores,
     nm_keep_mask,
-    pattern_kind,
+    pattern_rule,
     prune_count,
     prune_streamed,
     row_keep_mask,
@@ -70,10 +70,10 @@ class PruneResult:
 class Sink:
     """Where pruned weights go: into the proto, or through `write_dense` (a file writer)."""
 
-    def __init__(self, loaded: LoadedModel, format_name: str,
+    def __init__(self, loaded: LoadedModel, config: PruneConfig,
                  write_dense: DenseWriter = write_array, streaming: bool = False):
         self.loaded = loaded
-        self.format = FORMATS.get(format_name)
+        self.format = FORMATS.build(config.format, config.options)
         self.write_dense = write_dense
         # a streaming writer also takes the new tensors of compact forms at once
         self.write_payload = write_dense if streaming else None
@@ -123,7 +123,7 @@ def run(loaded: LoadedModel, config: PruneConfig, *, sink: Sink | None = None,
         from .channel_permutation import permute_channels
 
         permutations, feeds = permute_channels(loaded, targets, plan, config, feeds, masks)
-    loop = _Loop(loaded, config, plan, sink or Sink(loaded, config.format), masks,
+    loop = _Loop(loaded, config, plan, sink or Sink(loaded, config), masks,
                  fixed_masks, want_masks, progress, feeds)
     reports = loop.run(targets)
     return PruneResult([reports[t.name] for t in targets], [skip_report(s) for s in skipped],
@@ -153,13 +153,13 @@ def _dropped_by_selection(skipped: list[SkippedTensor]) -> dict[str, int]:
 def make_plan(loaded: LoadedModel, targets: list[WeightTarget], config: PruneConfig,
               feeds: Sequence[Feed] | None = None) -> PrunePlan:
     """The allocation's plan for `targets`; stored scores are streamed from `loaded`."""
-    method = METHODS.get(config.method)
+    method = METHODS.build(config.method, config.options)
 
     def score_chunks(target: WeightTarget):
         pieces = iter_chunks(target.tensor, loaded.base_dir, patterns.CHUNK_ELEMENTS)
         return method.score_chunks(target, pieces, config.seed)
 
-    plan = ALLOCATIONS.get(config.allocation).plan(
+    plan = ALLOCATIONS.build(config.allocation, config.options).plan(
         targets, config, AllocationContext(score_chunks, loaded, feeds))
     missing = [t.name for t in targets if t.name not in plan]
     if missing:
@@ -189,14 +189,17 @@ class _Loop:
         self.pruned: dict[str, np.ndarray] | None = None
         self.reports: dict[str, TargetReport] = {}
         # a weight update / mask refinement after the scores (they need calibration)
-        self.update = None if config.update == "none" else UPDATES.get(config.update)
-        self.refine = None if config.refine == "none" else REFINES.get(config.refine)
+        self.update = None if config.update == "none" else UPDATES.build(config.update,
+                                                                         config.options)
+        self.refine = None if config.refine == "none" else REFINES.build(config.refine,
+                                                                         config.options)
+        self._methods: dict[str, Method] = {}
 
     def run(self, targets: list[WeightTarget]) -> dict[str, TargetReport]:
         set_total = getattr(self.progress, "set_total", None)
         if set_total is not None:  # a progress bar that can show how far along it is
             set_total(len(targets))
-        methods = {t.name: METHODS.get(self.plan[t.name].method) for t in targets}
+        methods = {t.name: self.method(self.plan[t.name].method) for t in targets}
         calibrated = [t for t in targets if methods[t.name].needs > Needs.NOTHING
                       or self.config.measure_error or self.update or self.refine]
         if self.config.calib is not None and not calibrated:
@@ -208,6 +211,12 @@ class _Loop:
             return self.reports
         self._prune_calibrated(targets, calibrated, methods)
         return self.reports
+
+    def method(self, name: str) -> Method:
+        """The method `name`, made once with the run's options."""
+        if name not in self._methods:
+            self._methods[name] = METHODS.build(name, self.config.options)
+        return self._methods[name]
 
     # ------------------------------------------------------------------ calibration
 
@@ -224,7 +233,7 @@ class _Loop:
             if isinstance(view, str):
                 log.warning("%s: cannot calibrate (%s); pruned by magnitude", target.name,
                             view)
-                self._prune(target, METHODS.get("magnitude"), note=view)
+                self._prune(target, self.method("magnitude"), note=view)
             elif view is None:
                 self._prune(target, methods[target.name])
             else:
@@ -257,7 +266,7 @@ class _Loop:
                 if stats.tokens == 0:
                     note = "no calibration tokens reached this layer"
                     log.warning("%s: %s; pruned by magnitude", target.name, note)
-                    self._prune(target, METHODS.get("magnitude"), note=note)
+                    self._prune(target, self.method("magnitude"), note=note)
                     continue
                 if stats.nonfinite:
                     log.warning("%s: %d calibration tokens had NaN/Inf inputs and were left "
@@ -333,7 +342,7 @@ class _Loop:
         if original is not None and stats.hessian is not None:
             error = _relative_error(original, view.to_obs(weights), stats.hessian)
         del original
-        meets = pattern_kind(plan.pattern).holds(target, weights, plan.pattern, zeros, planned)
+        meets = pattern_rule(plan.pattern).holds(target, weights, plan.pattern, zeros, planned)
         known_2_4 = meets and implies_2_4(plan.pattern) and target.reduction_length % 4 == 0
         report = target_report(target, weights, zeros, "dense", str(plan.pattern),
                                zeros_before, is_2_4=True if known_2_4 else None)

@@ -153,7 +153,7 @@ def analyze(loaded: LoadedModel, config: PruneConfig, *,
     synthetic = feeds is None and config.calib is None
     if feeds is None:
         feeds = calibration_feeds(config, loaded.proto)
-    method = METHODS.get(config.method)
+    method = METHODS.build(config.method, config.options)
     statistics = {}
     if method.needs or method.reconstructs:
         from .calib.one_pass import dense_statistics
@@ -169,7 +169,7 @@ def analyze(loaded: LoadedModel, config: PruneConfig, *,
         view, stats = entry if isinstance(entry, tuple) else (None, None)
         target_method = method
         if (method.needs or method.reconstructs) and view is None:
-            target_method = METHODS.get("magnitude")
+            target_method = METHODS.build("magnitude")
             note = f"{note}; swept by magnitude"
             log.warning("%s: cannot calibrate (%s); swept by magnitude", target.name, entry)
         curve = TargetCurve(target.name, target.op_type, list(target.shape), target.numel,

@@ -48,7 +48,7 @@ def prune_matmul(inputs: int = 32, outputs: int = 12, samples: int = 4, seed: in
     feeds = [{"x": (rng.standard_normal((8, inputs)).astype(np.float32) * scales)}
              for _ in range(samples)]
     loaded = model_from_proto(model)
-    config = PruneConfig(**{"min_size": 0, "measure_error": True, **settings})
+    config = PruneConfig.from_settings(**{"min_size": 0, "measure_error": True, **settings})
     result = run(loaded, config, feeds=feeds, masks=masks, fixed_masks=fixed_masks)
     tensor = next(t for t in loaded.proto.graph.initializer if t.name == "w")
     pruned = read_array(tensor, loaded.base_dir)

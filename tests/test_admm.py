@@ -165,7 +165,7 @@ def test_split_kernel():
 @pytest.mark.parametrize("gradual", [True, False])
 def test_method_in_pipeline_matches_twin(pattern, gradual):
     original, pruned, x, report = prune_matmul(method="admm", pattern=pattern, sparsity=0.5,
-                                               admm_gradual=gradual, admm_iters=12)
+                                               admm_fixed_mask=not gradual, admm_iters=12)
     n, m = (2, 4) if pattern == "2:4" else (0, 0)
     slow, keep = naive.admm(original, x.T @ x, count=_count(original), keep_n=n, group_m=m,
                             iters=12, gradual=gradual)
@@ -189,7 +189,7 @@ def test_update_in_pipeline_keeps_the_methods_mask(method):
 def test_bad_settings_are_user_errors():
     for settings in ({"admm_iters": -1}, {"admm_rho": 0.0}, {"admm_rho": float("nan")}):
         with pytest.raises(ConfigError):
-            PruneConfig(method="admm", **settings)
+            PruneConfig.from_settings(method="admm", **settings)
     with pytest.raises(ConfigError, match="scoring method"):
         PruneConfig(method="admm", update="admm")
 

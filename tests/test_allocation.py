@@ -28,7 +28,7 @@ from onnxprune.targets import Consumer, WeightTarget
 
 def _prune(model: str, **settings):
     loaded = load_model(MODELS_DIR / model)
-    return run(loaded, PruneConfig(**settings))
+    return run(loaded, PruneConfig.from_settings(**settings))
 
 
 def _assert_exact(result, sparsity: float) -> None:

@@ -177,7 +177,7 @@ def test_prune_pass_contract_and_sequence(models_dir):
 
 
 def test_ensures_catches_a_method_that_breaks_the_pattern(models_dir):
-    class Cheat(METHODS.get("magnitude").__class__):
+    class Cheat(METHODS.part_class("magnitude")):
         name = "cheat-revive"
         reconstructs = True
         needs = METHODS.get("sparsegpt").needs
@@ -229,6 +229,46 @@ def test_a_method_from_an_entry_point_runs_from_the_cli(models_dir, tmp_path):
         kept = np.abs(dense[name][weights != 0])
         pruned = np.abs(dense[name][weights == 0])
         assert kept.max() <= pruned.min()  # the largest went
+
+
+def test_a_plugins_option_reaches_help_recipes_and_its_constructor(models_dir, tmp_path):
+    """The README's plug-in declares `power` once, on itself: nothing else is touched."""
+    module, entry_name, entry_value = _readme_plugin()
+    site = tmp_path / "site"
+    (site / "toy_plugin-0.1.dist-info").mkdir(parents=True)
+    (site / "toy_plugin.py").write_text(module)
+    (site / "toy_plugin-0.1.dist-info" / "METADATA").write_text(
+        "Metadata-Version: 2.1\nName: toy-plugin\nVersion: 0.1\n")
+    (site / "toy_plugin-0.1.dist-info" / "entry_points.txt").write_text(
+        f"[onnxprune.methods]\n{entry_name} = {entry_value}\n")
+    env = {**os.environ, "PYTHONPATH": str(site)}
+
+    def onnxprune_cli(*args):
+        return subprocess.run([sys.executable, "-m", "onnxprune", *args], capture_output=True,
+                              text=True, env=env)
+
+    help_text = re.sub(r"\s+", " ", onnxprune_cli("prune", "--help").stdout)
+    assert "--toy-largest-power POWER toy-largest: exponent of the magnitude (>= 0) [1.0]" \
+        in help_text
+    recipe = tmp_path / "recipe.toml"
+    recipe.write_text(f'method = "{entry_name}"\ntoy_largest_power = 2.5\n')
+    out, report = tmp_path / "out.onnx", tmp_path / "report.json"
+    run = onnxprune_cli("prune", str(models_dir / "mlp.onnx"), "-o", str(out), "--recipe",
+                        str(recipe), "--report", str(report))
+    assert run.returncode == 0, run.stderr
+    assert json.loads(report.read_text())["config"]["toy_largest_power"] == 2.5
+    recipe.write_text(f'method = "{entry_name}"\ntoy_largest_power = -1\n')
+    run = onnxprune_cli("prune", str(models_dir / "mlp.onnx"), "-o", str(out), "--recipe",
+                        str(recipe))
+    assert run.returncode == 2
+    assert "line 2: toy_largest_power: must be >= 0, got -1" in run.stderr
+    built = subprocess.run(
+        [sys.executable, "-c", "from onnxprune.config import PruneConfig\n"
+         "from onnxprune.registry import METHODS\n"
+         f"c = PruneConfig.from_settings(method='{entry_name}', toy_largest_power=3)\n"
+         f"print(repr(METHODS.build('{entry_name}', c.options).options))"],
+        capture_output=True, text=True, env=env, check=True).stdout
+    assert built.strip() == "LargestFirst.Options(power=3.0)"
 
 
 def _two_matmuls(path: Path) -> None:

@@ -258,10 +258,10 @@ def test_chunked_scores_equal_whole_target_scores(external_path: Path, method: s
     targets, _ = discover_targets(loaded.proto, Selection(min_size=1))
     for target in targets:
         weights = read_array(target.tensor, loaded.base_dir)
-        whole = METHODS.get(method).scores(Job(target, weights, plan=None, seed=5)).reshape(-1)
+        whole = METHODS.build(method).scores(Job(target, weights, plan=None, seed=5)).reshape(-1)
         for size in (333, 4096, weights.size):
             pieces = iter_chunks(target.tensor, loaded.base_dir, size)
-            chunked = np.concatenate([np.array(s) for s in METHODS.get(method).score_chunks(
+            chunked = np.concatenate([np.array(s) for s in METHODS.build(method).score_chunks(
                 target, pieces, seed=5)])
             assert bits(chunked) == bits(whole), (target.name, size)
 

@@ -1,22 +1,27 @@
 """Allocations spread the requested sparsity over the targets and return a `PrunePlan`.
 
-An allocation is a registered part (`registry.ALLOCATIONS`) with a `name` and
-``plan(targets, config, context) -> PrunePlan``. `context` gives what an allocation may need
-beyond the shapes: the stored scores of a target as a stream of chunks
+An allocation is a registered part (`registry.ALLOCATIONS`): a subclass of `Allocation`
+with a `name` and ``plan(targets, config, context) -> PrunePlan``. `context` gives what an
+allocation may need beyond the shapes: the stored scores of a target as a stream of chunks
 (`context.score_chunks(target)`), for a threshold over all targets.
 """
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ..config import PruneConfig
+from ..parts import Part
 from ..plan import PrunePlan
 from ..targets import WeightTarget
+
+if TYPE_CHECKING:
+    from ..io import LoadedModel
 
 
 @dataclass
@@ -25,13 +30,14 @@ class AllocationContext:
     loaded model, and calibration samples given in memory (None: `config.calib` says)."""
 
     score_chunks: Callable[[WeightTarget], Iterable[np.ndarray]]
-    loaded: object | None = None  # io.LoadedModel
+    loaded: LoadedModel | None = None
     feeds: Sequence | None = None
 
 
-class Allocation(Protocol):
-    name: str
-    description: str
+class Allocation(Part):
+    """How the requested sparsity is spread over the targets (`--allocation`)."""
 
+    @abstractmethod
     def plan(self, targets: Sequence[WeightTarget], config: PruneConfig,
-             context: AllocationContext) -> PrunePlan: ...
+             context: AllocationContext) -> PrunePlan:
+        """Each target's sparsity or exact count."""

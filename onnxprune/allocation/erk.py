@@ -15,7 +15,7 @@ import numpy as np
 from ..config import PruneConfig
 from ..plan import PrunePlan
 from ..targets import WeightTarget
-from . import AllocationContext
+from . import Allocation, AllocationContext
 from .exact import bounds, fit_family, nm_fallback
 
 
@@ -25,7 +25,7 @@ def erk_ratio(shape: Sequence[int]) -> float:
     return float(sum(shape)) / size if size else 0.0
 
 
-class ERK:
+class ERK(Allocation):
     name = "erk"
     description = "density proportional to sum(shape)/prod(shape) (Erdős–Rényi kernel)"
 

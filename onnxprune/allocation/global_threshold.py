@@ -18,10 +18,10 @@ from ..errors import ConfigError
 from ..patterns import prune_count
 from ..plan import PrunePlan, TargetPlan
 from ..targets import WeightTarget
-from . import AllocationContext
+from . import Allocation, AllocationContext
 
 
-class GlobalThreshold:
+class GlobalThreshold(Allocation):
     name = "global"
     description = "one score threshold over all targets (magnitude, random)"
 

@@ -18,18 +18,23 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
 from ..config import PruneConfig
 from ..io import read_array
 from ..methods.wanda import wanda_scores
+from ..parts import option
 from ..plan import PrunePlan
 from ..targets import WeightTarget
-from . import AllocationContext
+from . import Allocation, AllocationContext
 from .exact import bounds, fit_family, nm_fallback
 
 log = logging.getLogger(__name__)
+
+DEFAULT_THRESHOLD = 5.0  # M: the official code's range is 5-7
+DEFAULT_LAMBDA = 0.08
 
 # a transformer block index in a tensor or node name: layer.3, layers_3, blocks/3, h.3
 _BLOCK = re.compile(r"(?:^|[/._:])(?:layers?|blocks?|h)[/._]+(\d+)(?=[/._:]|$)", re.IGNORECASE)
@@ -61,7 +66,8 @@ def outlier_ratio(scores: np.ndarray, threshold: float) -> float:
 
 
 def outlier_ratios(targets: Sequence[WeightTarget], config: PruneConfig,
-                   context: AllocationContext) -> np.ndarray:
+                   context: AllocationContext, threshold: float = DEFAULT_THRESHOLD
+                   ) -> np.ndarray:
     """D per target (in target order; the same for the targets of one block) from Wanda
     scores on the dense model."""
     from ..calib import calibration_feeds
@@ -83,7 +89,7 @@ def outlier_ratios(targets: Sequence[WeightTarget], config: PruneConfig,
         obs = view.to_obs(read_array(target.tensor, loaded.base_dir))
         scores_of.setdefault(key, []).append(
             wanda_scores(obs, stats.sq_norms[:, np.newaxis, :]).ravel())
-    by_block = {key: outlier_ratio(np.concatenate(parts), config.owl_threshold)
+    by_block = {key: outlier_ratio(np.concatenate(parts), threshold)
                 for key, parts in scores_of.items()}
     for key, ratio in by_block.items():
         log.info("owl %s: outlier ratio %.4g", key, ratio)
@@ -100,21 +106,24 @@ def owl_offsets(ratios: np.ndarray, spread: float) -> np.ndarray:
     return spread - (ratios - ratios.min()) / span * 2 * spread
 
 
-class OWL:
+class OWL(Allocation):
     name = "owl"
     description = "lower sparsity where Wanda scores have more outliers (calibrated)"
+
+    @dataclass(frozen=True)
+    class Options:
+        threshold: float = option(DEFAULT_THRESHOLD, minimum=0.0, exclusive_minimum=True,
+                                  metavar="M", help="outliers are scores above M x the layer "
+                                                    "mean")
+        lambda_: float = option(DEFAULT_LAMBDA, minimum=0.0, metavar="L",
+                                help="largest departure from the target sparsity")
 
     def plan(self, targets: Sequence[WeightTarget], config: PruneConfig,
              context: AllocationContext) -> PrunePlan:
         if config.pattern.is_nm:
             return nm_fallback(targets, config, self.name)
-        if config.owl_lambda < 0 or config.owl_threshold <= 0:
-            from ..errors import ConfigError
-
-            raise ConfigError(f"--owl-lambda must be >= 0 and --owl-threshold > 0, got "
-                              f"{config.owl_lambda:g} and {config.owl_threshold:g}")
-        ratios = outlier_ratios(targets, config, context)
-        offsets = config.target_sparsity + owl_offsets(ratios, config.owl_lambda)
+        ratios = outlier_ratios(targets, config, context, self.options.threshold)
+        offsets = config.target_sparsity + owl_offsets(ratios, self.options.lambda_)
         low, high = bounds(config)
 
         def sparsities_at(shift: float) -> np.ndarray:

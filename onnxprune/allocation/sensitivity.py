@@ -14,15 +14,17 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
 from ..config import PruneConfig
 from ..errors import ConfigError
+from ..parts import option
 from ..patterns import prune_count
 from ..plan import PrunePlan
 from ..targets import WeightTarget
-from . import AllocationContext
+from . import Allocation, AllocationContext
 from .exact import bounds, check_reachable, count_bounds, exact_plan, nm_fallback, round_counts
 
 log = logging.getLogger(__name__)
@@ -83,9 +85,18 @@ def allocate(numels: np.ndarray, hulls: Sequence[tuple[np.ndarray, np.ndarray]],
     return counts
 
 
-class SensitivityAllocation:
+class SensitivityAllocation(Allocation):
     name = "sensitivity"
     description = "least predicted output error from per-target sensitivity curves"
+
+    @dataclass(frozen=True)
+    class Options:
+        max_error: float | None = option(None, minimum=0.0, metavar="E", flag="max-error",
+                                         help="the highest overall sparsity whose predicted "
+                                              "output error stays under E")
+        curves: str | None = option(None, metavar="JSON", flag="sensitivity",
+                                    help="curves from `onnxprune sensitivity` (default: "
+                                         "measured now)")
 
     def plan(self, targets: Sequence[WeightTarget], config: PruneConfig,
              context: AllocationContext) -> PrunePlan:
@@ -109,20 +120,18 @@ class SensitivityAllocation:
             highs.append(top)
             hulls.append(energy_curve(curve, min(low, top), top))
         low_counts, high_counts = count_bounds(numels, low, np.array(highs))
-        if config.max_error is not None:
-            if config.max_error < 0:
-                raise ConfigError(f"--max-error must be >= 0, got {config.max_error:g}")
-            ideal = allocate(numels, hulls, None, float(config.max_error) ** 2)
+        if self.options.max_error is not None:
+            ideal = allocate(numels, hulls, None, float(self.options.max_error) ** 2)
             total = int(np.floor(ideal.sum() + 1e-6))
             if config.sparsity is not None:
                 log.warning("--sparsity %g is ignored: --max-error sets the overall sparsity",
                             config.sparsity)
             if total < int(low_counts.sum()):
                 log.warning("--max-error %g cannot be met within --min-target-sparsity; "
-                            "every target is pruned to its minimum", config.max_error)
+                            "every target is pruned to its minimum", self.options.max_error)
                 total = int(low_counts.sum())
             log.info("sensitivity allocation: predicted error %.4g reached at overall "
-                     "sparsity %.4f", config.max_error, total / max(1, int(numels.sum())))
+                     "sparsity %.4f", self.options.max_error, total / max(1, int(numels.sum())))
         else:
             total = prune_count(int(numels.sum()), config.target_sparsity)
             check_reachable(total, low_counts, high_counts, config.target_sparsity)
@@ -134,12 +143,11 @@ class SensitivityAllocation:
                  total, predicted)
         return exact_plan(targets, counts, config, self.name)
 
-    @staticmethod
-    def _curves(targets: Sequence[WeightTarget], config: PruneConfig,
+    def _curves(self, targets: Sequence[WeightTarget], config: PruneConfig,
                 context: AllocationContext):
         from ..sensitivity_sweep import SensitivityResult, analyze
 
-        if config.sensitivity is not None:
-            return SensitivityResult.load(config.sensitivity)
+        if self.options.curves is not None:
+            return SensitivityResult.load(self.options.curves)
         log.info("no --sensitivity curves given: measuring them (%d targets)", len(targets))
         return analyze(context.loaded, config, feeds=context.feeds)

@@ -7,9 +7,10 @@ from collections.abc import Sequence
 from ..config import PruneConfig
 from ..plan import PrunePlan, TargetPlan
 from ..targets import WeightTarget
+from . import Allocation
 
 
-class Uniform:
+class Uniform(Allocation):
     name = "uniform"
     description = "the same sparsity in every target"
 

@@ -21,6 +21,14 @@ def _config_from(args: argparse.Namespace, **extra):
                        min_size=args.min_size, pattern=args.pattern, **extra)
 
 
+def _part_options(args: argparse.Namespace) -> dict:
+    """The options parts declare that the command line (or a recipe) gave, by dest."""
+    from ..registry import all_option_specs
+
+    return {spec.dest: getattr(args, spec.dest) for spec in all_option_specs()
+            if getattr(args, spec.dest, None) is not None}
+
+
 def _import_numba_without_blas_probe() -> None:
     """Import numba's array maths with its BLAS probe made to fail.
 
@@ -98,15 +106,11 @@ def cmd_prune(args: argparse.Namespace) -> int:
                           allocation=args.allocation, format=args.format, seed=args.seed,
                           calib=args.calib, calib_samples=args.calib_samples,
                           calib_mode=args.calib_mode, measure_error=args.measure_error,
-                          update=args.update, refine=args.refine, ria_alpha=args.ria_alpha,
+                          update=args.update, refine=args.refine,
                           permute_channels=args.permute_channels,
-                          admm_iters=args.admm_iters, admm_rho=args.admm_rho,
-                          admm_gradual=not args.admm_fixed_mask,
-                          dsnot_iters=args.dsnot_iters, owl_threshold=args.owl_threshold,
-                          owl_lambda=args.owl_lambda,
                           min_target_sparsity=args.min_target_sparsity,
                           max_target_sparsity=args.max_target_sparsity,
-                          max_error=args.max_error, sensitivity=args.sensitivity,
+                          options=_part_options(args),
                           synthetic_dims=parse_dim_overrides(args.dim) or None,
                           synthetic_shapes=parse_input_shapes(args.input_shapes) or None,
                           overrides=getattr(args, "overrides", ()))
@@ -213,10 +217,12 @@ def _prune_scheduled(args: argparse.Namespace, config, masks, progress):
 
 
 def _print_prune_result(report, args: argparse.Namespace) -> None:
-    """The per-target table (all targets with -v, the extremes otherwise), then the totals."""
+    """The per-target table (all targets with -v, the extremes otherwise, none with -q), then
+    the totals."""
     from ..report import format_prune_table, format_summary
 
-    print(format_prune_table(report, verbose=args.verbose > 0))
+    if not args.quiet:
+        print(format_prune_table(report, verbose=args.verbose > 0))
     print(format_summary(report))
     if report.channel_permutations is not None:
         moved = report.channel_permutations

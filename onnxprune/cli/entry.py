@@ -45,8 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     error, 3 internal error (a bug), 130 interrupted, 141 stdout closed by its reader."""
     args = None
     try:
-        parser = build_parser()
-        args = parser.parse_args(argv)
+        parser, args = _parse(argv)
         if not args.command:
             parser.print_help()
             return 2
@@ -60,6 +59,23 @@ def main(argv: list[str] | None = None) -> int:
         raise
     except BaseException as exc:  # every way a command can end gets its exit status here
         return _exit_status(exc, verbose=getattr(args, "verbose", 0))
+
+
+def _parse(argv: list[str] | None) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
+    """Parse the command line, refusing a bad argument before anything heavy is imported.
+
+    The options parts declare (``--ria-alpha``) need every part class imported, numba and
+    onnx with them: the first pass leaves them out and only checks the other arguments;
+    the whole parser runs when a part option, a recipe or --help is given.
+    """
+    words = sys.argv[1:] if argv is None else list(argv)
+    if not any(word in ("-h", "--help") for word in words):
+        core = build_parser(with_parts=False)
+        args, unknown = core.parse_known_args(words)
+        if not unknown and not getattr(args, "recipe", None):
+            return core, args
+    parser = build_parser()
+    return parser, parser.parse_args(words)
 
 
 def _exit_status(exc: BaseException, verbose: int) -> int:

@@ -19,7 +19,7 @@ def _add_selection_options(parser: argparse.ArgumentParser) -> None:
                             "embeddings")
     group.add_argument("--exclude", action="append", default=[], metavar="REGEX",
                        help="skip tensors whose name matches (repeatable)")
-    group.add_argument("--min-size", type=int, default=4096, metavar="N",
+    group.add_argument("--min-size", type=_at_least(0), default=4096, metavar="N",
                        help="skip tensors with fewer than N elements [4096]")
     group.add_argument("--pattern", default="unstructured", metavar="P",
                        help="'unstructured' or N:M such as 2:4 [unstructured]")
@@ -29,7 +29,7 @@ def _add_check_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("validation inputs and tolerances")
     group.add_argument("--data", metavar="NPZ",
                        help="inputs: an .npz keyed by graph input names, or a folder of .npz")
-    group.add_argument("--samples", type=int, default=None, metavar="N",
+    group.add_argument("--samples", type=_at_least(1), default=None, metavar="N",
                        help="number of samples (synthetic inputs: default 4)")
     group.add_argument("--dim", action="append", default=[], metavar="NAME=VALUE",
                        help="value for a named dynamic dimension of synthetic inputs "
@@ -72,11 +72,83 @@ def _choices_help(registry, default: str, first: str | None = None) -> str:
     return f"{' | '.join(names)} [{default}]"
 
 
-def build_parser() -> argparse.ArgumentParser:
+def fraction(text: str) -> float:
+    """argparse type of a sparsity: a number in [0, 1)."""
+    try:
+        value = float(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from exc
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
+    return value
+
+
+def _at_least(minimum: int):
+    def check(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from exc
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+
+    check.__name__ = "int"  # argparse names the type in its messages
+    return check
+
+
+def add_part_options(parser: argparse.ArgumentParser) -> None:
+    """One argument group per part that declares options (`parts.option`), plug-ins
+    included: its options with their help, bounds and defaults."""
+    from ..errors import ConfigError
+    from ..registry import all_option_specs
+
+    groups: dict[tuple[str, str], argparse._ArgumentGroup] = {}
+    for spec in all_option_specs():
+        key = (spec.kind, spec.part)
+        if key not in groups:
+            groups[key] = parser.add_argument_group(f"options of {spec.kind} {spec.part}")
+        group = groups[key]
+        # default None: the part's declared default applies (one default, on the part)
+        if spec.type is bool:
+            action = "store_true" if spec.default is False else argparse.BooleanOptionalAction
+            group.add_argument(spec.option_string, action=action, default=None,
+                               help=spec.help_text())
+            continue
+
+        def convert(text: str, spec=spec):
+            try:
+                return spec.check(text)
+            except ConfigError as exc:
+                message = str(exc).removeprefix(spec.option_string).removeprefix(":")
+                raise argparse.ArgumentTypeError(message.strip()) from exc
+
+        convert.__name__ = spec.type.__name__
+        group.add_argument(spec.option_string, type=convert, default=None,
+                           metavar=spec.metavar or spec.field.upper(), help=spec.help_text())
+
+
+EXAMPLES = """\
+examples:
+  onnxprune inspect model.onnx
+  onnxprune prune model.onnx -o pruned.onnx --sparsity 0.7 --validate \\
+      --data inputs.npz --min-top1 0.95
+  onnxprune prune model.onnx -o pruned.onnx --pattern 2:4 --method sparsegpt --calib calib.npz
+  onnxprune validate model.onnx pruned.onnx --data inputs.npz --min-cosine 0.99
+
+exit status: 0 success, 1 validation failed, 2 user error (one line on stderr),
+3 internal error, 130 interrupted
+"""
+
+
+def build_parser(with_parts: bool = True) -> argparse.ArgumentParser:
+    """The whole command line; `with_parts=False` leaves out the options parts declare,
+    which needs every part class imported (fast checks of the other arguments)."""
     from ..registry import ALLOCATIONS, FORMATS, METHODS, REFINES, UPDATES
 
     parser = _Parser(prog="onnxprune",
-                     description="Prune the weights of ONNX models and check them in onnxruntime.")
+                     description="Prune the weights of ONNX models and check them in onnxruntime.",
+                     epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version="onnxprune 0.1.0")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
@@ -84,16 +156,20 @@ def build_parser() -> argparse.ArgumentParser:
                                   description="List every prunable target (op, shape, reduction "
                                               "axis, sparsity, 2:4, bytes) and every skipped "
                                               "tensor with the reason.")
-    inspect.add_argument("model")
+    inspect.add_argument("model", help="the .onnx file (external data beside it is read)")
     inspect.add_argument("--json", action="store_true", help="print the JSON report only")
     _add_selection_options(inspect)
     _add_logging_options(inspect)
 
     prune = commands.add_parser("prune", help="prune a model and write the result",
-                                description="Prune MODEL and write OUT atomically.")
-    prune.add_argument("model")
-    prune.add_argument("-o", "--output", required=True, metavar="OUT")
-    prune.add_argument("--sparsity", type=float, default=None, metavar="F",
+                                description="Prune MODEL and write OUT atomically.",
+                                epilog=EXAMPLES,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    prune.add_argument("model", help="the .onnx file to prune (never modified)")
+    prune.add_argument("-o", "--output", required=True, metavar="OUT",
+                       help="where the pruned model is written (atomically: a failed run "
+                            "leaves no file)")
+    prune.add_argument("--sparsity", type=fraction, default=None, metavar="F",
                        help="fraction of weights set to zero, 0 <= F < 1 [0.5]; N:M patterns "
                             "set their own")
     prune.add_argument("--method", default="magnitude", metavar="M",
@@ -113,30 +189,13 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--permute-channels", action="store_true",
                        help="N:M: permute input channels where the graph allows it (MLP "
                             "layers fed through element-wise ops) so groups keep more")
-    settings = prune.add_argument_group("method and allocation settings")
-    settings.add_argument("--ria-alpha", type=float, default=0.5, metavar="A",
-                          help="ria: exponent of the input norm [0.5]")
-    settings.add_argument("--admm-iters", type=int, default=20, metavar="N",
-                          help="admm: iterations [20]")
-    settings.add_argument("--admm-rho", type=float, default=1.0, metavar="RHO",
-                          help="admm: penalty relative to mean diag(X^T X) [1.0]")
-    settings.add_argument("--admm-fixed-mask", action="store_true",
-                          help="admm: keep the first mask instead of choosing it gradually")
-    settings.add_argument("--dsnot-iters", type=int, default=50, metavar="N",
-                          help="dsnot: prune-and-grow cycles per row [50]")
-    settings.add_argument("--owl-threshold", type=float, default=5.0, metavar="M",
-                          help="owl: outliers are scores above M x the layer mean [5]")
-    settings.add_argument("--owl-lambda", type=float, default=0.08, metavar="L",
-                          help="owl: largest departure from the target sparsity [0.08]")
-    settings.add_argument("--min-target-sparsity", type=float, default=None, metavar="F",
-                          help="non-uniform allocations: no target below F")
-    settings.add_argument("--max-target-sparsity", type=float, default=None, metavar="F",
-                          help="non-uniform allocations: no target above F")
-    settings.add_argument("--max-error", type=float, default=None, metavar="E",
-                          help="sensitivity allocation: the highest overall sparsity whose "
-                               "predicted output error stays under E")
-    settings.add_argument("--sensitivity", default=None, metavar="JSON",
-                          help="sensitivity allocation: curves from `onnxprune sensitivity`")
+    bounds = prune.add_argument_group("non-uniform allocations")
+    bounds.add_argument("--min-target-sparsity", type=fraction, default=None, metavar="F",
+                        help="no target below F")
+    bounds.add_argument("--max-target-sparsity", type=fraction, default=None, metavar="F",
+                        help="no target above F")
+    if with_parts:
+        add_part_options(prune)
     prune.add_argument("--seed", type=int, default=0, help="randomness (random method, "
                                                            "synthetic inputs) [0]")
     prune.add_argument("--report", metavar="PATH", help="write the JSON report there")
@@ -178,7 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     calib.add_argument("--calib", metavar="PATH",
                        help=".npz keyed by graph input name, or a folder of .npz (one sample "
                             "each); without it synthetic inputs are used, with a warning")
-    calib.add_argument("--calib-samples", type=int, metavar="N",
+    calib.add_argument("--calib-samples", type=_at_least(1), metavar="N",
                        help="use at most N calibration samples")
     calib.add_argument("--calib-mode", choices=("sequential", "one-pass"),
                        help="sequential (default for sparsegpt and admm): each layer calibrated "
@@ -199,18 +258,23 @@ def build_parser() -> argparse.ArgumentParser:
                                   description="Write MODEL with every sparse tensor and every "
                                               "onnxprune compact tensor turned back into a "
                                               "plain dense tensor, bit-exact.")
-    densify.add_argument("model")
-    densify.add_argument("-o", "--output", required=True, metavar="OUT")
+    densify.add_argument("model", help="a model with sparse or compact tensors")
+    densify.add_argument("-o", "--output", required=True, metavar="OUT",
+                         help="where the dense model is written (atomically)")
     _add_fsync_option(densify)
     _add_logging_options(densify)
 
     validate = commands.add_parser("validate", help="compare two models in onnxruntime",
+                                   epilog=EXAMPLES,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter,
                                    description="Run REFERENCE and CANDIDATE on the same inputs "
                                                "and report max abs diff, relative L2, cosine "
                                                "and top-1 agreement; exit 1 if a tolerance "
                                                "fails.")
-    validate.add_argument("reference")
-    validate.add_argument("candidate")
+    validate.add_argument("reference", help="the model whose outputs are taken as right "
+                                            "(usually the dense one)")
+    validate.add_argument("candidate", help="the model compared with it (usually the pruned "
+                                            "one)")
     validate.add_argument("--json", action="store_true", help="print the JSON result only")
     validate.add_argument("--seed", type=int, default=0, help="seed of synthetic inputs [0]")
     _add_check_options(validate)
@@ -226,7 +290,7 @@ def _add_sensitivity_parser(commands) -> None:
                     "model's outputs degrade in onnxruntime (relative L2, cosine, top-1); "
                     "write the curves as DIR/MODEL.sensitivity.json and a plot as "
                     "DIR/MODEL.sensitivity.png (needs matplotlib: the `plot` extra).")
-    sensitivity.add_argument("model")
+    sensitivity.add_argument("model", help="the .onnx file to analyse")
     sensitivity.add_argument("-o", "--output", default=".", metavar="DIR",
                              help="folder for the JSON and PNG (made if missing) [.]")
     sensitivity.add_argument("--method", default="magnitude", metavar="M",

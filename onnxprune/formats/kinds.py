@@ -1,7 +1,7 @@
 """The storage formats as registered parts (`registry.FORMATS`): what `--format` names.
 
-A format has a `name`, a `description` and ``store(target, weights, pattern, model,
-write_dense, write_payload) -> StoreResult | None`` (None: written dense, as it is):
+A format subclasses `StorageFormat`: ``store(target, weights, pattern, model, write_dense,
+write_payload) -> StoreResult | None`` (None: written dense, as it is).
 `write_dense(tensor, values)` writes a tensor that stays dense, `write_payload` (None, or a
 streaming writer's) takes new tensors a format adds. Plug-ins register their own through
 the ``onnxprune.formats`` entry point group.
@@ -9,10 +9,27 @@ the ``onnxprune.formats`` entry point group.
 
 from __future__ import annotations
 
-from .storage import store
+from abc import abstractmethod
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from ..parts import Part
+from .storage import StoreResult, store
 
 
-class Dense:
+class StorageFormat(Part):
+    """How a pruned weight is written (`--format`)."""
+
+    @abstractmethod
+    def store(self, target: Any, weights: np.ndarray, pattern: Any, model: Any,
+              write_dense: Callable[..., Any], write_payload: Callable[..., Any] | None = None
+              ) -> StoreResult | None:
+        """Write `weights` for `target`; None when they were written dense."""
+
+
+class Dense(StorageFormat):
     name = "dense"
     description = "zeros kept in place"
 
@@ -21,10 +38,8 @@ class Dense:
         return None
 
 
-class _Stored:
+class _Stored(StorageFormat):
     """A format that `storage.store` writes (where it is smaller; dense otherwise)."""
-
-    name = ""
 
     def store(self, target, weights, pattern, model, write_dense, write_payload=None):
         return store(target, weights, self.name, pattern, model=model, write_dense=write_dense,

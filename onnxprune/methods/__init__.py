@@ -7,11 +7,12 @@ pattern turns the scores into a mask and the kept values stay bit-identical) or,
 Methods whose scores need only the weights may also stream them (`score_chunks`), which lets
 the pipeline mask a target chunk by chunk and lets the global allocation rank all targets.
 
-To add one: write a class with the attributes of `Method` in a new module and register it,
+To add one: subclass `Method` in a new module (settings in an `Options` dataclass, see
+`onnxprune.parts`) and register it,
 from a plug-in package through the ``onnxprune.methods`` entry point group (see README,
 "Extending").
 """
 
-from .base import Job, Method, Needs
+from .base import Job, MaskRefinement, Method, Needs, WeightUpdate
 
-__all__ = ["Job", "Method", "Needs"]
+__all__ = ["Job", "MaskRefinement", "Method", "Needs", "WeightUpdate"]

@@ -39,8 +39,9 @@ from scipy.linalg import lapack
 from .. import kernels
 from ..kernels.admm import admm_split
 from ..kernels.blocks import numba_single_thread
+from ..parts import option
 from ..patterns import MASKED_SCORE, layer_keep_mask
-from .base import Job, Method, Needs
+from .base import Job, Method, Needs, WeightUpdate
 
 log = logging.getLogger(__name__)
 
@@ -229,8 +230,9 @@ def _normal_error(pruned: np.ndarray, start: np.ndarray, factor: AdmmFactor) -> 
     return float(np.einsum("ij,ij->", delta @ factor.hessian, delta, dtype=np.float64))
 
 
-class Admm(Method):
-    """`--method admm`: Wanda's ranking, then ADMM reconstruction with a gradual mask."""
+class Admm(Method, WeightUpdate):
+    """`--method admm`: Wanda's ranking, then ADMM reconstruction with a gradual mask;
+    `--update admm`: ADMM reconstruction for the mask a scoring method chose."""
 
     name = "admm"
     description = "ADMM reconstruction with a gradually chosen mask, layer by layer (calibrated)"
@@ -238,19 +240,27 @@ class Admm(Method):
     reconstructs = True
     default_calib_mode = "sequential"
 
+    @dataclass(frozen=True)
+    class Options:
+        iters: int = option(DEFAULT_ITERS, minimum=0, metavar="N", help="iterations")
+        rho: float = option(DEFAULT_RHO, minimum=0.0, exclusive_minimum=True, metavar="RHO",
+                            help="penalty relative to mean diag(X^T X)")
+        fixed_mask: bool = option(False, help="keep the first mask instead of choosing it "
+                                              "gradually")
+
     def reconstruct(self, job: Job) -> np.ndarray:
-        return _reconstruct(job, job.keep if job.fixed else None,
-                            gradual=getattr(job.config, "admm_gradual", True))
+        return _reconstruct(job, job.keep if job.fixed else None, self.options,
+                            gradual=not self.options.fixed_mask)
 
     def update(self, job: Job, keep: np.ndarray) -> np.ndarray:
         """`--update admm`: reconstruct the weights for the mask `keep` (kept as it is)."""
-        return _reconstruct(job, keep, gradual=False)
+        return _reconstruct(job, keep, self.options, gradual=False)
 
 
-def _reconstruct(job: Job, fixed: np.ndarray | None, gradual: bool) -> np.ndarray:
-    view, plan, config = job.view, job.plan, job.config
-    iters = int(getattr(config, "admm_iters", DEFAULT_ITERS))
-    rho = float(getattr(config, "admm_rho", DEFAULT_RHO))
+def _reconstruct(job: Job, fixed: np.ndarray | None, options: Admm.Options,
+                 gradual: bool) -> np.ndarray:
+    view, plan = job.view, job.plan
+    iters, rho = options.iters, options.rho
     obs = view.to_obs(job.weights)
     groups, rows, cols = obs.shape
     fixed_obs = None if fixed is None else view.to_obs(fixed).astype(bool)

@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import enum
+from abc import abstractmethod
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
+from ..parts import Part
 from ..plan import TargetPlan
 from ..targets import WeightTarget
+
+if TYPE_CHECKING:
+    from ..calib import ActivationStats, TargetView
+    from ..config import PruneConfig
 
 
 class Needs(enum.IntEnum):
@@ -29,33 +36,32 @@ class Job:
     [groups, rows, features] matrices the statistics describe. `keep` is an existing mask
     (False = pruned before, never to be revived); with `fixed` it is the exact mask to apply.
     `shared` is a scratch dict shared by targets that read the same layer input. `config`
-    holds the run's settings (method options such as `ria_alpha`).
+    holds the run's settings; a part's own options are on the part (`self.options`).
     """
 
     target: WeightTarget
     weights: np.ndarray
     plan: TargetPlan
     seed: int = 0
-    view: object | None = None  # calib.TargetView
-    stats: object | None = None  # calib.ActivationStats
+    view: TargetView | None = None
+    stats: ActivationStats | None = None
     keep: np.ndarray | None = None
     fixed: bool = False
-    shared: dict = field(default_factory=dict)
-    config: object | None = None  # config.PruneConfig
+    shared: dict[Any, Any] = field(default_factory=dict)
+    config: PruneConfig | None = None
 
 
-class Method:
-    """Base of the built-in methods; plug-ins may subclass it or just match its attributes."""
+class Method(Part):
+    """A pruning method (`--method`): scores weights, or rebuilds them (`reconstructs`)."""
 
-    name: str = ""
-    description: str = ""
-    needs: Needs = Needs.NOTHING
+    needs: ClassVar[Needs] = Needs.NOTHING
     # "layer": unstructured masks prune an exact count of the whole tensor; "row": the same
     # count from every output row (rows of the calibration matrices)
-    compare: str = "layer"
-    reconstructs = False
-    streams_scores = False  # score_chunks is implemented
-    default_calib_mode = "one-pass"  # or "sequential": each stage sees earlier pruned ones
+    compare: ClassVar[str] = "layer"
+    reconstructs: ClassVar[bool] = False
+    streams_scores: ClassVar[bool] = False  # score_chunks is implemented
+    # or "sequential": each stage sees earlier pruned ones
+    default_calib_mode: ClassVar[str] = "one-pass"
 
     def scores(self, job: Job) -> np.ndarray:
         """float32 scores in the stored layout of `job.weights` (higher = more worth keeping)."""
@@ -70,3 +76,25 @@ class Method:
     def reconstruct(self, job: Job) -> np.ndarray:
         """New weights (stored layout and dtype) meeting `job.plan`, pruned positions 0."""
         raise NotImplementedError(f"method {self.name!r} does not reconstruct weights")
+
+
+class WeightUpdate(Part):
+    """`--update`: rebuild the kept weights of a mask a scoring method chose."""
+
+    needs: ClassVar[Needs] = Needs.HESSIAN
+    default_calib_mode: ClassVar[str] = "sequential"  # later layers see the rebuilt weights
+
+    @abstractmethod
+    def update(self, job: Job, keep: np.ndarray) -> np.ndarray:
+        """New weights (stored layout and dtype) for the mask `keep`, zeros where it is
+        False."""
+
+
+class MaskRefinement(Part):
+    """`--refine`: improve a mask before it is applied (its pattern must still hold)."""
+
+    needs: ClassVar[Needs] = Needs.HESSIAN
+
+    @abstractmethod
+    def refine(self, job: Job, keep: np.ndarray) -> np.ndarray:
+        """A better keep-mask than `keep`, never keeping a weight `job.keep` pruned."""

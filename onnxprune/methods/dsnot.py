@@ -9,7 +9,7 @@ change of the error it stands for, ‖(W − M ⊙ W) Xᵀ‖² of the row (see
 reconstruction error measures. Each cycle makes at most one swap per row, the better of two
 greedy pairs (grow the weight whose regrowth helps most, then prune the cheapest one given
 that; or prune the cheapest first, then grow the best one given that); a row stops once no
-swap helps, after at most ``config.dsnot_iters`` cycles. N:M: swaps stay inside one group
+swap helps, after at most ``--dsnot-iters`` cycles. N:M: swaps stay inside one group
 of M, so the pattern holds after every swap. Weights an earlier step removed (`job.keep`)
 never come back.
 
@@ -20,11 +20,13 @@ the refinement holds a few row blocks.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import numpy as np
 
 from ..kernels.swaps import prune_and_grow
-from .base import Job
+from ..parts import option
+from .base import Job, MaskRefinement
 
 log = logging.getLogger(__name__)
 
@@ -32,15 +34,20 @@ DEFAULT_CYCLES = 50
 ROW_BLOCK_ELEMENTS = 1 << 22  # gradient rows per GEMM: 32 MiB of float64
 
 
-class DSnoT:
+class DSnoT(MaskRefinement):
     """`--refine dsnot`: prune-and-grow swaps that lower each row's reconstruction error."""
 
     name = "dsnot"
     description = "prune-and-grow swaps inside each row that lower its output error"
 
+    @dataclass(frozen=True)
+    class Options:
+        iters: int = option(DEFAULT_CYCLES, minimum=0, metavar="N",
+                            help="prune-and-grow cycles per row")
+
     def refine(self, job: Job, keep: np.ndarray) -> np.ndarray:
         view, pattern = job.view, job.plan.pattern
-        cycles = int(getattr(job.config, "dsnot_iters", DEFAULT_CYCLES))
+        cycles = self.options.iters
         weights = view.to_obs(job.weights)
         keep_obs = np.ascontiguousarray(view.to_obs(keep), dtype=bool)
         growable = (np.ones(keep_obs.shape, dtype=bool) if job.keep is None

@@ -8,7 +8,7 @@ plus its share of the total magnitude of its input column,
 
 so a weight counts for more where the rest of its row or column is small (every input and
 every output keeps some connections). The score multiplies it by the input's activation
-norm to the power a (``config.ria_alpha``, 0.5 as in the paper): RI_ij · ‖X_j‖₂^a.
+norm to the power a (``--ria-alpha``, 0.5 as in the paper): RI_ij · ‖X_j‖₂^a.
 
 Like the official code's default, unstructured masks compare the scores of the whole layer
 (an exact count per tensor), and N:M keeps the N best of every M inputs. A row or column
@@ -17,8 +17,11 @@ whose magnitudes are all 0 contributes 0, not NaN.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
+from ..parts import option
 from .base import Job, Method, Needs
 
 DEFAULT_ALPHA = 0.5
@@ -29,10 +32,14 @@ class RIA(Method):
     description = "(|W|/row sum + |W|/column sum) * ||X_j||^a, per layer (calibrated)"
     needs = Needs.SQ_NORMS
 
+    @dataclass(frozen=True)
+    class Options:
+        alpha: float = option(DEFAULT_ALPHA, minimum=0.0, metavar="A",
+                              help="exponent of the input norm")
+
     def scores(self, job: Job) -> np.ndarray:
-        alpha = getattr(job.config, "ria_alpha", DEFAULT_ALPHA)
         obs = job.view.to_obs(job.weights)
-        return job.view.from_obs(ria_scores(obs, job.stats.sq_norms, alpha))
+        return job.view.from_obs(ria_scores(obs, job.stats.sq_norms, self.options.alpha))
 
 
 def ria_scores(weights: np.ndarray, sq_norms: np.ndarray, alpha: float = DEFAULT_ALPHA

@@ -25,12 +25,14 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass
 
 import numpy as np
 from scipy.linalg import blas, lapack
 
 from ..kernels.blocks import numba_single_thread
 from ..kernels.obs_sweep import obs_sweep_block
+from ..parts import option
 from ..patterns import prune_count
 from .base import Job, Method, Needs
 
@@ -172,9 +174,12 @@ class SparseGPT(Method):
     reconstructs = True
     default_calib_mode = "sequential"
 
-    def __init__(self, block_size: int = DEFAULT_BLOCK_SIZE, damp: float = DEFAULT_DAMP):
-        self.block_size = block_size
-        self.damp = damp
+    @dataclass(frozen=True)
+    class Options:
+        block_size: int = option(DEFAULT_BLOCK_SIZE, minimum=1, metavar="N",
+                                 help="columns per lazily updated block")
+        damp: float = option(DEFAULT_DAMP, minimum=0.0, exclusive_minimum=True,
+                             metavar="L", help="damping of XᵀX, relative to its mean diagonal")
 
     def reconstruct(self, job: Job) -> np.ndarray:
         view, plan = job.view, job.plan
@@ -187,10 +192,11 @@ class SparseGPT(Method):
             hessian = job.stats.hessian[group]
             if group not in factors:
                 factors[group] = inverse_cholesky_upper(
-                    hessian, self.damp, dead_inputs(hessian)).astype(np.float32, order="F")
+                    hessian, self.options.damp, dead_inputs(hessian)).astype(np.float32, order="F")
             updated[group] = sparsegpt_prune(
                 obs[group], hessian, sparsity=plan.sparsity, keep_n=plan.pattern.n,
-                group_m=plan.pattern.m, block_size=self.block_size, damp=self.damp,
+                group_m=plan.pattern.m, block_size=self.options.block_size,
+                damp=self.options.damp,
                 already_counted=group * per_group, upper=factors[group],
                 pruned=None if pruned is None else pruned[group], fixed=job.fixed)
         return np.ascontiguousarray(view.from_obs(updated).astype(job.weights.dtype))
