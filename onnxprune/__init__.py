@@ -12,7 +12,7 @@ __version__ = "0.1.0"
 
 _HOMES = {
     "prune": "api", "inspect": "api", "PrunePass": "api", "PassResult": "api",
-    "Sequential": "api", "MaskSet": "masks",
+    "Sequential": "api", "MaskSet": "mask_files",
     "PruneConfig": "config", "Pattern": "config", "WeightTarget": "targets",
     "OnnxPruneError": "errors", "prune_gradual": "schedule", "prune_iterative": "schedule",
 }
