@@ -18,11 +18,12 @@ Target discovery, calibration staging and the storage formats all use this modul
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, replace
-from functools import cached_property
+from functools import cache, cached_property
 
 import onnx
+import onnx.defs
 from onnx import AttributeProto, TensorProto
 
 from .errors import OnnxPruneError
@@ -87,6 +88,61 @@ def constant_tensor(node: onnx.NodeProto) -> TensorProto | None:
         if attr.name == "value" and attr.type == AttributeProto.TENSOR:
             return attr.t
     return None
+
+
+@cache
+def _arity(op_type: str, domain: str, version: int
+           ) -> tuple[int, int, tuple[tuple[int, str], ...], tuple[tuple[int, str], ...]] | None:
+    """(min inputs, min outputs, required input slots, required output slots) of an op at
+    an opset version, or None when onnx does not know the op there. A required slot
+    (position, formal name) must be present and named."""
+    try:  # (a version past int32 means the newest one; odd strings are unknown ops)
+        schema = onnx.defs.get_schema(op_type, min(version, 2**31 - 1), domain)
+    except (onnx.defs.SchemaError, TypeError):
+        return None
+    single = onnx.defs.OpSchema.FormalParameterOption.Single
+
+    def required(formals) -> tuple[tuple[int, str], ...]:
+        return tuple((i, f.name) for i, f in enumerate(formals) if f.option == single)
+
+    return (schema.min_input, schema.min_output, required(schema.inputs),
+            required(schema.outputs))
+
+
+def arity_problem(node: onnx.NodeProto, label: str, opsets: Mapping[str, int]) -> str | None:
+    """Why `node` has fewer inputs or outputs than its op's schema requires (onnx.checker
+    rejects such a node), or None. `opsets` maps domains ("" for ai.onnx) to the model's
+    versions; ops of a domain without a version, or unknown to onnx, are not checked, except
+    that a standard Constant must have its one output."""
+    head = f"node {label!r} ({node.op_type})"
+    if node.op_type == "Constant" and is_onnx_domain(node) and not any(node.output[:1]):
+        return f"{head} has no output"
+    domain = "" if is_onnx_domain(node) else node.domain
+    version = opsets.get(domain)
+    arity = _arity(node.op_type, domain, version) if version else None
+    if arity is None:
+        return None
+    min_inputs, min_outputs, required_inputs, required_outputs = arity
+    for kind, names, least, required in (("input", node.input, min_inputs, required_inputs),
+                                         ("output", node.output, min_outputs,
+                                          required_outputs)):
+        if len(names) < least:
+            have = f"{len(names)} {kind}{'s' if len(names) > 1 else ''}" if names else \
+                f"no {kind}"
+            need = f"; {node.op_type} needs at least {least}" if least > 1 else ""
+            return f"{head} has {have}{need}"
+        for position, formal in required:
+            if position < len(names) and not names[position]:
+                return f"{head} leaves its required {kind} {formal!r} empty"
+    return None
+
+
+def opset_versions(model: onnx.ModelProto | None) -> dict[str, int]:
+    """The model's opset version per domain ("" for ai.onnx); empty without a model."""
+    if model is None:
+        return {}
+    return {("" if entry.domain == "ai.onnx" else entry.domain): entry.version
+            for entry in model.opset_import}
 
 
 def node_reads(node: onnx.NodeProto) -> list[str]:
@@ -212,13 +268,19 @@ class Use:
 
 
 class GraphIndex:
-    """Producers, consumers, scopes and stored tensors of a model, built in one walk."""
+    """Producers, consumers, scopes and stored tensors of a model, built in one walk.
+
+    Raises `GraphError` for a node with fewer inputs or outputs than its op's schema at the
+    model's opset requires (`arity_problem`; a GraphProto alone is checked for Constant
+    nodes without output only): code that reads the index may rely on every required slot.
+    """
 
     def __init__(self, model: onnx.ModelProto | onnx.GraphProto):
         self.model = model if isinstance(model, onnx.ModelProto) else None
         self.graph = model.graph if isinstance(model, onnx.ModelProto) else model
         self.scopes: list[Scope] = []
         self.stored: list[StoredTensor] = []
+        self._opsets = opset_versions(self.model)
         self._walk(self.graph, None, "", "")
 
     @property
@@ -234,6 +296,9 @@ class GraphIndex:
         for tensor in graph.initializer:
             self.stored.append(StoredTensor(tensor.name, tensor, "initializer", scope))
         for index, node in enumerate(graph.node):
+            problem = arity_problem(node, node_label(node, index), self._opsets)
+            if problem is not None:
+                raise GraphError(problem)
             value = constant_tensor(node)
             if value is not None:
                 self.stored.append(StoredTensor(node.output[0], value, "constant", scope))

@@ -216,3 +216,75 @@ def test_defined_names_are_one_graph_only():
     names = defined_names(index.graph)
     assert {"x", "cond", "W", "C", "x2", "y", "add"} <= names
     assert "V" not in names and "t" not in names
+
+
+# --- nodes with fewer inputs or outputs than their schema (issue #17) --------------------------
+
+def _mlp_with(node: onnx.NodeProto, position: int = 0) -> onnx.ModelProto:
+    """A two-node model with `node` inserted at `position` of the main graph."""
+    model = _parse("""
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[2, 4] x) => (float[2, 4] y) {
+            h = MatMul(x, W)
+            y = Relu(h)
+        }""")
+    model.graph.initializer.append(_weight("W"))
+    model.graph.node.insert(position, node)
+    return model
+
+
+def test_constant_without_output_is_a_clean_refusal():
+    model = _mlp_with(helper.make_node("Constant", [], [], name="c0", value=_weight("v")))
+    with pytest.raises(GraphError, match="^node 'c0' \\(Constant\\) has no output$"):
+        GraphIndex(model)
+
+
+def test_constant_without_output_inside_a_subgraph_is_refused():
+    then_branch = _branch("then", [helper.make_node("Constant", [], [], value=_weight("v")),
+                                   helper.make_node("Identity", ["x"], ["t"])], [_value("t")])
+    else_branch = _branch("else", [helper.make_node("Identity", ["x"], ["e"])], [_value("e")])
+    model = _mlp_with(helper.make_node("If", ["cond"], ["z"], name="branch",
+                                       then_branch=then_branch, else_branch=else_branch))
+    model.graph.input.append(helper.make_tensor_value_info("cond", TensorProto.BOOL, []))
+    with pytest.raises(GraphError, match="node 'Constant_0' \\(Constant\\) has no output"):
+        GraphIndex(model)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda node: node.input.pop(), "node 'MatMul_0' \\(MatMul\\) has 1 input; "
+                                    "MatMul needs at least 2"),
+    (lambda node: node.ClearField("input"), "node 'MatMul_0' \\(MatMul\\) has no input; "
+                                            "MatMul needs at least 2"),
+    (lambda node: node.ClearField("output"), "node 'MatMul_0' \\(MatMul\\) has no output"),
+    (lambda node: node.input.__setitem__(1, ""), "node 'MatMul_0' \\(MatMul\\) leaves its "
+                                                 "required input 'B' empty"),
+])
+def test_node_with_fewer_inputs_or_outputs_than_its_schema_is_refused(edit, message):
+    model = _mlp_with(helper.make_node("Identity", ["x"], ["unused"]), position=2)
+    edit(model.graph.node[0])
+    with pytest.raises(GraphError, match=message):
+        GraphIndex(model)
+
+
+def test_omitted_optional_inputs_and_unknown_ops_are_fine():
+    model = _mlp_with(helper.make_node("Gemm", ["x", "W"], ["g"]), position=2)  # no C
+    model.graph.node.append(helper.make_node("Clip", ["x", "", "h"], ["clipped"]))  # no min
+    model.graph.node.append(helper.make_node("Mystery", [], [], domain="custom"))
+    model.graph.node.append(helper.make_node("Dropout", ["x"], ["dropped", ""]))  # no mask
+    index = GraphIndex(model)
+    assert [u.node.op_type for u in index.uses("W")[0]] == ["MatMul", "Gemm"]
+
+
+def test_cli_refuses_a_constant_without_output_in_one_line(tmp_path, capsys):
+    from onnxprune.cli import main
+
+    path = tmp_path / "model.onnx"
+    model = _mlp_with(helper.make_node("Constant", [], [], name="c0",
+                                       value=_weight("v", (64, 64))))
+    path.write_bytes(model.SerializeToString())
+    for argv in (["inspect", str(path)], ["prune", str(path), "-o", str(tmp_path / "o.onnx")]):
+        capsys.readouterr()
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err == ["onnxprune: error: node 'c0' (Constant) has no output"], err
+    assert not (tmp_path / "o.onnx").exists()
