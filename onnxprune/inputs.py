@@ -4,6 +4,15 @@ An `.npz` holds arrays keyed by graph input name. An array with one more axis th
 input holds samples stacked on a new leading axis (sample i = `arr[i]`); an array of the
 input's own rank is a single sample. A folder holds one such `.npz` per sample (a file may
 also stack several); its files are read in name order.
+
+An input whose rank the model does not state cannot tell a stack from one sample: its array
+is read as one sample, with a warning that says so and how to give several (a folder of
+`.npz` files, one sample per file). Guessing "stacked" would split a real batch axis into
+samples of the wrong rank, which onnxruntime may still accept; one sample never changes
+what the user wrote, and the warning makes the choice visible.
+
+Synthetic values are always numpy arrays, 0-d for scalar inputs (onnxruntime refuses numpy
+scalars such as `numpy.bool`).
 """
 
 from __future__ import annotations
@@ -22,6 +31,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from .errors import CalibrationError, ConfigError
+from .graph import GraphIndex, Scope, attribute, is_onnx_domain
 
 log = logging.getLogger(__name__)
 
@@ -100,9 +110,9 @@ def graph_inputs(model: onnx.ModelProto) -> list[InputSpec]:
         tensor_type = value.type.tensor_type
         try:
             dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tensor_type.elem_type))
-        except (KeyError, ValueError, TypeError):
+        except (KeyError, ValueError, TypeError) as exc:
             raise CalibrationError(f"input {value.name!r} has an unknown element type "
-                                   f"{tensor_type.elem_type}") from None
+                                   f"{tensor_type.elem_type}") from exc
         shape = None
         if tensor_type.HasField("shape"):
             shape = tuple(_dim(d) for d in tensor_type.shape.dim)
@@ -130,8 +140,8 @@ def parse_dim_overrides(items: Iterable[str]) -> dict[str, int]:
                 raise ConfigError(f"--dim expects name=value such as batch=1, got {part!r}")
             try:
                 size = int(value)
-            except ValueError:
-                raise ConfigError(f"--dim {name}: size must be an integer, got {value!r}") from None
+            except ValueError as exc:
+                raise ConfigError(f"--dim {name}: size must be an integer, got {value!r}") from exc
             if size < 1:
                 raise ConfigError(f"--dim {name}: size must be at least 1, got {size}")
             if dims.get(name, size) != size:
@@ -170,9 +180,9 @@ def parse_input_shapes(items: Iterable[str]) -> dict[str, tuple[int, ...]]:
 def _shape_size(name: str, text: str) -> int:
     try:
         size = int(text.strip())
-    except ValueError:
+    except ValueError as exc:
         raise ConfigError(f"--input-shapes {name}: sizes must be integers, "
-                          f"got {text.strip()!r}") from None
+                          f"got {text.strip()!r}") from exc
     if size < 0:
         raise ConfigError(f"--input-shapes {name}: sizes must not be negative, got {size}")
     return size
@@ -200,11 +210,101 @@ def synthetic_inputs(model: onnx.ModelProto, samples: int = 1, seed: int = 0,
     dims = dict(dims or {})
     _check_dim_names(specs, dims)
     shapes = resolve_shapes(specs, dims, input_shapes)
-    int_bounds = _gather_bounds(model.graph)
+    int_bounds = _gather_bounds(model)
     rng = np.random.default_rng(seed)
     return [{spec.name: _random_array(spec, shapes[spec.name], int_bounds.get(spec.name), rng)
              for spec in specs}
             for _ in range(samples)]
+
+
+@dataclass(frozen=True)
+class DefaultedDim:
+    """A dynamic dimension of an input that synthetic inputs gave a default size."""
+
+    input: str
+    axis: int
+    name: str | None  # the dimension's name; None: unnamed
+    size: int
+    batch_like: bool  # taken for a batch (size DEFAULT_BATCH_DIM), see `synthetic_inputs`
+
+
+def defaulted_dims(model: onnx.ModelProto, dims: dict[str, int] | None = None,
+                   input_shapes: dict[str, Sequence[int]] | None = None
+                   ) -> list[DefaultedDim]:
+    """The dynamic dimensions that `synthetic_inputs` with these `dims` and `input_shapes`
+    leaves at a default size, in input order."""
+    specs = graph_inputs(model)
+    dims = dict(dims or {})
+    _check_dim_names(specs, dims)
+    defaulted: list[DefaultedDim] = []
+    resolve_shapes(specs, dims, input_shapes, defaulted)
+    return defaulted
+
+
+def defaulted_dims_warning(defaulted: Sequence[DefaultedDim]) -> str | None:
+    """One line naming every dimension of `defaulted` that is not batch-like (a batch of 1
+    changes no sample's values; a length or image size of 16 may make them meaningless),
+    and how to set them; None when there is none."""
+    named: dict[str, list[str]] = {}
+    unnamed: list[str] = []
+    for dim in defaulted:
+        if dim.batch_like:
+            continue
+        if dim.name is None:
+            unnamed.append(f"{dim.input} axis {dim.axis}")
+        else:
+            named.setdefault(dim.name, []).append(f"{dim.input} axis {dim.axis}")
+    if not named and not unnamed:
+        return None
+    listed = [f"{name!r} ({', '.join(places)})" for name, places in named.items()]
+    listed += [f"{place} (unnamed)" for place in unnamed]
+    ways = ["--dim NAME=VALUE"] if named else []
+    ways.append("--input-shapes NAME:[d0,d1,...]")
+    return (f"synthetic inputs: dynamic dimension{'s' if len(listed) > 1 else ''} "
+            f"{', '.join(listed)} set to the default size {DEFAULT_DIM}; set "
+            f"{'them' if len(listed) > 1 else 'it'} with {' or '.join(ways)}, or give real "
+            "inputs with --data")
+
+
+@dataclass(frozen=True)
+class FedInput:
+    """One input as fed over all samples: its dtype and its shape, an axis whose size varies
+    between samples given as (smallest, largest); `shape` None when the rank varies."""
+
+    name: str
+    dtype: str
+    shape: tuple[int | tuple[int, int], ...] | None
+
+    def text(self) -> str:
+        """`x[1,3,16,16] float32`; a varying axis as `7..40`."""
+        if self.shape is None:
+            return f"{self.name}[rank varies] {self.dtype}"
+        sizes = ",".join(f"{size[0]}..{size[1]}" if isinstance(size, tuple) else str(size)
+                         for size in self.shape)
+        return f"{self.name}[{sizes}] {self.dtype}"
+
+    def to_dict(self) -> dict:
+        shape = None if self.shape is None else [list(s) if isinstance(s, tuple) else s
+                                                 for s in self.shape]
+        return {"name": self.name, "dtype": self.dtype, "shape": shape}
+
+
+def fed_inputs(feeds: Sequence[Feed]) -> list[FedInput]:
+    """What `feeds` give each input, in the order of the first feed's names."""
+    if not feeds:
+        return []
+    described = []
+    for name in feeds[0]:
+        arrays = [np.asarray(feed[name]) for feed in feeds if name in feed]
+        shapes = {array.shape for array in arrays}
+        dtype = str(arrays[0].dtype)
+        if len({len(shape) for shape in shapes}) > 1:
+            described.append(FedInput(name, dtype, None))
+            continue
+        shape = tuple(min(sizes) if min(sizes) == max(sizes) else (min(sizes), max(sizes))
+                      for sizes in zip(*shapes, strict=True))
+        described.append(FedInput(name, dtype, shape))
+    return described
 
 
 def describe_feed(feed: Feed) -> str:
@@ -226,10 +326,12 @@ def _check_dim_names(specs: list[InputSpec], dims: dict[str, int]) -> None:
 
 
 def resolve_shapes(specs: list[InputSpec], dims: dict[str, int],
-                   input_shapes: dict[str, Sequence[int]] | None = None
+                   input_shapes: dict[str, Sequence[int]] | None = None,
+                   defaulted: list[DefaultedDim] | None = None
                    ) -> dict[str, tuple[int, ...]]:
     """The concrete shape of every input: given in `input_shapes`, else from the model with
-    dynamic dimensions from `dims` or the defaults (see `synthetic_inputs`)."""
+    dynamic dimensions from `dims` or the defaults (see `synthetic_inputs`). Each dynamic
+    dimension that took a default size is appended to `defaulted` when given."""
     by_name = {spec.name: spec for spec in specs}
     given = {name: tuple(int(size) for size in shape)
              for name, shape in (input_shapes or {}).items()}
@@ -258,7 +360,7 @@ def resolve_shapes(specs: list[InputSpec], dims: dict[str, int],
                 origin[dim] = f"--input-shapes {name}"
     batch_names = _first_axis_names(specs)
     return {spec.name: given[spec.name] if spec.name in given
-            else _resolve_shape(spec, bound, batch_names) for spec in specs}
+            else _resolve_shape(spec, bound, batch_names, defaulted) for spec in specs}
 
 
 def _first_axis_names(specs: list[InputSpec]) -> set[str]:
@@ -271,8 +373,10 @@ def _first_axis_names(specs: list[InputSpec]) -> set[str]:
     return first - elsewhere
 
 
-def _resolve_shape(spec: InputSpec, dims: dict[str, int],
-                   batch_names: set[str]) -> tuple[int, ...]:
+def _resolve_shape(spec: InputSpec, dims: dict[str, int], batch_names: set[str],
+                   defaulted: list[DefaultedDim] | None = None) -> tuple[int, ...]:
+    """The input's shape; each dynamic dimension that took a default size is appended to
+    `defaulted` when given."""
     if spec.shape is None:
         raise CalibrationError(f"input {spec.name!r} has no shape in the model; "
                                "give its shape with --input-shapes or inputs with --data")
@@ -280,20 +384,24 @@ def _resolve_shape(spec: InputSpec, dims: dict[str, int],
     for axis, dim in enumerate(spec.shape):
         if isinstance(dim, int):
             shape.append(dim)
-        elif isinstance(dim, str):
-            shape.append(int(dims[dim]) if dim in dims
-                         else DEFAULT_BATCH_DIM if dim in batch_names
-                         else _default_named(dim))
+            continue
+        if isinstance(dim, str) and dim in dims:
+            shape.append(int(dims[dim]))
+            continue
+        if isinstance(dim, str):
+            batch_like = dim in batch_names or _batch_like_name(dim)
         else:
-            shape.append(DEFAULT_BATCH_DIM if axis == 0 else DEFAULT_DIM)
+            batch_like = axis == 0
+        size = DEFAULT_BATCH_DIM if batch_like else DEFAULT_DIM
+        shape.append(size)
+        if defaulted is not None:
+            defaulted.append(DefaultedDim(spec.name, axis, dim, size, batch_like))
     return tuple(shape)
 
 
-def _default_named(name: str) -> int:
+def _batch_like_name(name: str) -> bool:
     lowered = name.lower()
-    if "batch" in lowered or lowered in {"n", "b", "bs"}:
-        return DEFAULT_BATCH_DIM
-    return DEFAULT_DIM
+    return "batch" in lowered or lowered in {"n", "b", "bs"}
 
 
 def _is_mask(spec: InputSpec) -> bool:
@@ -313,6 +421,12 @@ def _padding_mask(shape: tuple[int, ...], dtype: np.dtype,
 
 def _random_array(spec: InputSpec, shape: tuple[int, ...], int_bound: int | None,
                   rng: np.random.Generator) -> np.ndarray:
+    # numpy's generators return a numpy scalar, not a 0-d array, for some shape-() draws
+    return np.asarray(_random_values(spec, shape, int_bound, rng))
+
+
+def _random_values(spec: InputSpec, shape: tuple[int, ...], int_bound: int | None,
+                   rng: np.random.Generator) -> np.ndarray | np.generic:
     if _is_mask(spec):
         return _padding_mask(shape, spec.dtype, rng)
     if spec.elem_type in _FLOAT_TYPES:
@@ -328,46 +442,64 @@ def _random_array(spec: InputSpec, shape: tuple[int, ...], int_bound: int | None
                            "values can be made; give inputs with --data")
 
 
-def _gather_bounds(graph: onnx.GraphProto) -> dict[str, int]:
-    """Graph input name -> rows of the smallest constant Gather table it indexes (token ids)."""
-    constant_dims: dict[str, list[int]] = {t.name: list(t.dims) for t in graph.initializer}
-    constant_dims.update({t.values.name: list(t.dims) for t in graph.sparse_initializer})
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for node in graph.node:
-        if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
-            for attr in node.attribute:
-                if attr.name == "value" and attr.type == onnx.AttributeProto.TENSOR:
-                    constant_dims[node.output[0]] = list(attr.t.dims)
-        elif node.op_type in _SHAPE_PRESERVING_OPS and node.domain in ("", "ai.onnx") \
-                and node.input and node.input[0] in constant_dims:
-            constant_dims[node.output[0]] = constant_dims[node.input[0]]
-        for name in set(node.input):
-            consumers.setdefault(name, []).append(node)
+def _gather_bounds(model: onnx.ModelProto) -> dict[str, int]:
+    """Graph input name -> rows of the smallest constant Gather table it indexes (token ids).
 
+    The ids are followed through the ops that keep their values (`_ID_PRESERVING_OPS`) into
+    If/Loop/Scan bodies too, where a body reads the input (or a value made from it) from the
+    outer scope; the table may be stored in any scope the Gather sees.
+    """
+    index = GraphIndex(model)
+    tables = _constant_dims(index)
+
+    def table_dims(scope: Scope, name: str) -> list[int] | None:
+        owner = scope.owner_of(name)
+        return None if owner is None else tables.get((id(owner), name))
+
+    main = index.main
     bounds = {}
-    for value in graph.input:
-        if value.name in constant_dims:
+    for value in main.graph.input:
+        if (id(main), value.name) in tables:
             continue
         found = []
-        pending, seen = [value.name], set()
+        pending, seen = [(main, value.name)], set()
         while pending:
-            name = pending.pop()
-            if name in seen:
+            scope, name = pending.pop()
+            if (id(scope), name) in seen:
                 continue
-            seen.add(name)
-            for node in consumers.get(name, ()):
-                if node.domain not in ("", "ai.onnx"):
+            seen.add((id(scope), name))
+            for use in scope.consumers.get(name, ()):
+                node = use.node
+                if not is_onnx_domain(node):
                     continue
-                if node.op_type == "Gather" and len(node.input) > 1 and node.input[1] == name:
-                    table = constant_dims.get(node.input[0])
-                    axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+                if node.op_type == "Gather" and use.slot == 1:
+                    table = table_dims(use.scope, node.input[0])
+                    axis = attribute(node, "axis", 0)
                     if table and -len(table) <= axis < len(table) and table[axis] > 0:
                         found.append(table[axis])
-                elif node.op_type in _ID_PRESERVING_OPS and node.input[0] == name:
-                    pending.extend(node.output)
+                elif node.op_type in _ID_PRESERVING_OPS and use.slot == 0:
+                    # a node's outputs are defined in the scope it lives in
+                    pending.extend((use.scope, out) for out in node.output if out)
         if found:
             bounds[value.name] = min(found)
     return bounds
+
+
+def _constant_dims(index: GraphIndex) -> dict[tuple[int, str], list[int]]:
+    """(id of the defining scope, name) -> dims of every constant tensor: initializers,
+    sparse initializers, Constant values, and what `_SHAPE_PRESERVING_OPS` make of them."""
+    dims = {(id(stored.scope), stored.name): list(stored.tensor.dims)
+            for stored in index.stored}
+    for scope in index.scopes:
+        dims.update(((id(scope), t.values.name), list(t.dims))
+                    for t in scope.graph.sparse_initializer)
+        for node in scope.graph.node:
+            if node.op_type in _SHAPE_PRESERVING_OPS and is_onnx_domain(node) and node.input:
+                owner = scope.owner_of(node.input[0])
+                source = None if owner is None else dims.get((id(owner), node.input[0]))
+                if source is not None:
+                    dims[(id(scope), node.output[0])] = source
+    return dims
 
 
 def load_npz_inputs(path: str | os.PathLike, model: onnx.ModelProto,
@@ -377,6 +509,10 @@ def load_npz_inputs(path: str | os.PathLike, model: onnx.ModelProto,
     int32 data for int64 inputs and float64 data for float32 inputs are cast (with a logged
     warning); any other dtype difference, a missing or unknown key, or a shape that disagrees
     with the model's static dimensions is a `CalibrationError`. At most `samples` feeds.
+
+    An input of unknown rank (no shape in the model) takes each file's array as one sample,
+    whatever its shape: a warning names the input and the shape read, and says that several
+    samples are given as a folder of `.npz` files, one per sample.
     """
     if samples is not None and samples < 1:
         raise ConfigError(f"samples must be at least 1, got {samples}")
@@ -392,23 +528,31 @@ def load_npz_inputs(path: str | os.PathLike, model: onnx.ModelProto,
         files = [path]
     feeds: list[Feed] = []
     casts: set[tuple[str, str, str]] = set()
+    unranked: dict[str, tuple[Path, tuple[int, ...]]] = {}
     for file in files:
         limit = None if samples is None else samples - len(feeds)
-        feeds.extend(_read_npz(file, specs, limit, casts))
+        feeds.extend(_read_npz(file, specs, limit, casts, unranked))
         if samples is not None and len(feeds) >= samples:
             break
     for name, source, target in sorted(casts):
         log.warning("calibration input %r: cast from %s to %s", name, source, target)
+    for name, (file, shape) in unranked.items():
+        log.warning("input %r has no shape in the model: its array in each .npz file is read "
+                    "as one sample (%s in %s); give several samples as a folder of .npz "
+                    "files, one sample per file", name, list(shape), file.name)
     return feeds
 
 
 def _read_npz(file: Path, specs: list[InputSpec], limit: int | None,
-              casts: set[tuple[str, str, str]]) -> list[Feed]:
+              casts: set[tuple[str, str, str]],
+              unranked: dict[str, tuple[Path, tuple[int, ...]]]) -> list[Feed]:
+    """The feeds of one file; each dtype cast made is added to `casts`, and the first
+    array read for an input of unknown rank to `unranked` (name -> file, shape)."""
     try:
         archive = np.load(file, allow_pickle=False)
     except (OSError, ValueError, zipfile.BadZipFile) as exc:
         raise CalibrationError(f"{file}: not a readable .npz archive "
-                               f"({_first_line(exc)})") from None
+                               f"({_first_line(exc)})") from exc
     if not isinstance(archive, np.lib.npyio.NpzFile):
         raise CalibrationError(f"{file}: a single .npy array, not an .npz archive of named inputs")
     with archive:
@@ -430,9 +574,11 @@ def _read_npz(file: Path, specs: list[InputSpec], limit: int | None,
                 array = archive[spec.name]
             except (OSError, ValueError, zipfile.BadZipFile) as exc:
                 raise CalibrationError(f"{file}: cannot read {spec.name!r} "
-                                       f"({_first_line(exc)})") from None
+                                       f"({_first_line(exc)})") from exc
             array = _conform_dtype(array, spec, file, casts)
             stacked[spec.name], counts[spec.name] = _as_stack(array, spec, file)
+            if spec.rank is None:
+                unranked.setdefault(spec.name, (file, array.shape))
     if len(set(counts.values())) > 1:
         listed = ", ".join(f"{name}: {count}" for name, count in counts.items())
         raise CalibrationError(f"{file}: inputs hold different numbers of samples ({listed})")

@@ -1,17 +1,27 @@
-"""The one place that builds onnxruntime sessions: CPU provider, threads, quiet logging, and
-where external (or lazily referenced) tensor data lives.
+"""The one place that builds and runs onnxruntime sessions: CPU provider, threads, quiet
+logging, where external (or lazily referenced) tensor data lives, and how a feed goes in and
+the outputs come out.
 
-Validation, calibration capture and the folding check all build their sessions here, so a
-change of provider, thread policy or log level is made once.
+Validation, calibration capture, the sensitivity sweep and the folding check all build their
+sessions here, so a change of provider, thread policy or log level is made once.
+
+`run_session` takes any feed a caller can hold: numpy arrays, numpy scalars (a 0-d input),
+and ml_dtypes arrays (bfloat16, float8), which numpy cannot hand to onnxruntime and which
+travel as OrtValues; outputs of those types come back as ml_dtypes arrays.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import onnx
 import onnxruntime as ort
+from onnx import helper
 
 from .errors import ModelLoadError
 
@@ -19,6 +29,8 @@ from .errors import ModelLoadError
 # before our one-line message, which already carries their text.
 QUIET = 4
 PROVIDERS = ["CPUExecutionProvider"]
+# Element types numpy cannot hand to onnxruntime directly; they travel as OrtValues.
+ORTVALUE_ONLY_TYPES = ("bfloat16", "float8", "int4", "uint4", "float4")
 
 
 def session_options(*, intra_op_threads: int | None = None, spinning: bool = True,
@@ -63,9 +75,9 @@ def make_session(model: str | os.PathLike | onnx.ModelProto, *,
         label = f"model {model.graph.name!r}" if model.graph.name else "model"
         try:
             source: str | bytes = model.SerializeToString()
-        except ValueError:  # protobuf refuses messages of 2 GiB or more
+        except ValueError as exc:  # protobuf refuses messages of 2 GiB or more
             raise ModelLoadError(f"{label} is over 2 GiB in memory; save it with external "
-                                 "data and pass its path") from None
+                                 "data and pass its path") from exc
     else:
         path = Path(model)
         label = str(path)
@@ -77,7 +89,47 @@ def make_session(model: str | os.PathLike | onnx.ModelProto, *,
     try:
         return create_session(source, options)
     except Exception as exc:  # onnxruntime raises its own unrelated exception types
-        raise ModelLoadError(f"{label}: onnxruntime cannot load it ({first_line(exc)})") from None
+        raise ModelLoadError(f"{label}: onnxruntime cannot load it ({first_line(exc)})") from exc
+
+
+def run_session(session: ort.InferenceSession, feed: Mapping[str, Any]) -> dict[str, Any]:
+    """Run `session` on `feed` (input name -> array or numpy scalar); outputs by name.
+
+    onnxruntime's own exceptions pass through: callers say what failed in their terms.
+    """
+    feed = {name: np.asarray(value) for name, value in feed.items()}  # a scalar: a 0-d array
+    names = [o.name for o in session.get_outputs()]
+    needs_ortvalues = any(array.dtype.kind == "V" for array in feed.values()) or any(
+        kind in o.type for o in session.get_outputs() for kind in ORTVALUE_ONLY_TYPES)
+    if not needs_ortvalues:
+        return dict(zip(names, session.run(names, feed), strict=True))
+    values = session.run_with_ort_values(names, {k: _to_ortvalue(v) for k, v in feed.items()})
+    return {name: _ortvalue_to_numpy(value) for name, value in zip(names, values, strict=True)}
+
+
+def _to_ortvalue(array: np.ndarray) -> ort.OrtValue:
+    array = np.ascontiguousarray(array)
+    if array.dtype.kind != "V":
+        return ort.OrtValue.ortvalue_from_numpy(array)
+    # ml_dtypes arrays (bfloat16, float8): hand over the bits with the ONNX element type.
+    element_type = helper.np_dtype_to_tensor_dtype(array.dtype)
+    bits = array.view(f"u{array.dtype.itemsize}")
+    return ort.OrtValue.ortvalue_from_numpy_with_onnx_type(bits, onnx_element_type=element_type)
+
+
+def _ortvalue_to_numpy(value: ort.OrtValue) -> Any:
+    if not value.is_tensor():
+        return value.numpy()
+    try:
+        return value.numpy()
+    except RuntimeError:  # bfloat16 / float8 have no numpy type in onnxruntime: copy the bits
+        dtype = np.dtype(helper.tensor_dtype_to_np_dtype(value.element_type()))
+        shape = tuple(value.shape())
+        nbytes = value.tensor_size_in_bytes()
+        if nbytes == 0:
+            return np.zeros(shape, dtype)
+        buffer = (ctypes.c_char * nbytes).from_address(value.data_ptr())
+        return np.frombuffer(buffer, dtype=np.uint8).copy().view(dtype).reshape(shape)
 
 
 def first_line(exc: BaseException) -> str:
