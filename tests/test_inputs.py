@@ -93,6 +93,38 @@ def test_graph_inputs_skips_initializers_listed_as_inputs():
     assert spec.shape == (None, 4)
 
 
+def test_npz_unknown_rank_reads_one_sample_and_says_so(tmp_path, caplog):
+    """An input without a shape cannot tell a stack from one sample: one sample, a warning
+    naming the input and the shape read, and how to give several."""
+    model = _model(
+        [helper.make_node("Identity", ["a"], ["b"])],
+        [helper.make_tensor_value_info("a", TensorProto.FLOAT, None)],
+        [helper.make_tensor_value_info("b", TensorProto.FLOAT, None)],
+    )
+    path = tmp_path / "stacked.npz"
+    np.savez(path, a=_x(5, 3))
+    (feed,) = load_npz_inputs(path, model)
+    assert feed["a"].shape == (5, 3)
+    (record,) = caplog.records
+    message = record.getMessage()
+    assert record.levelname == "WARNING" and "\n" not in message
+    assert "'a'" in message and "no shape" in message and "one sample" in message
+    assert "[5, 3] in stacked.npz" in message
+    assert "folder of .npz files, one sample per file" in message
+    caplog.clear()
+    for i in range(3):  # the way to give several: one file per sample, one warning in all
+        np.savez(tmp_path / f"s{i}.npz", a=_x(5, 3) + i)
+    path.unlink()
+    assert len(load_npz_inputs(tmp_path, model)) == 3
+    assert len(caplog.records) == 1
+
+
+def test_npz_known_rank_stack_says_nothing(tmp_path, two_input_model, caplog):
+    np.savez(tmp_path / "calib.npz", x=_x(3, 1, 4), mask=_mask(3, 1, 2))
+    assert len(load_npz_inputs(tmp_path / "calib.npz", two_input_model)) == 3
+    assert caplog.records == []
+
+
 def test_graph_inputs_named_and_unknown_rank():
     model = _model(
         [helper.make_node("Identity", ["a"], ["b"])],
@@ -518,6 +550,68 @@ def test_gather_bound_through_a_dequantized_table_and_moving_ops():
                                    providers=["CPUExecutionProvider"])
     for feed in feeds:
         session.run(None, feed)  # out-of-range ids would make onnxruntime raise
+
+
+def _if_model(then_nodes, else_nodes, outer_nodes=(), outer_initializers=()) -> onnx.ModelProto:
+    """emb = If(flag, then_nodes, else_nodes); both branches read the outer `ids` (or what
+    `outer_nodes` make of it) and return `emb`."""
+
+    def branch(name, nodes):
+        return helper.make_graph(list(nodes), name, [], [helper.make_tensor_value_info(
+            "emb", TensorProto.FLOAT, ["batch", "seq", 4])])
+
+    model = _model(
+        [*outer_nodes, helper.make_node("If", ["flag"], ["emb"],
+                                        then_branch=branch("then", then_nodes),
+                                        else_branch=branch("else", else_nodes))],
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, ["batch", "seq"]),
+         helper.make_tensor_value_info("flag", TensorProto.BOOL, [])],
+        [helper.make_tensor_value_info("emb", TensorProto.FLOAT, ["batch", "seq", 4])],
+        outer_initializers,
+    )
+    onnx.checker.check_model(model)
+    return model
+
+
+def _table_constant(output: str, rows: int) -> onnx.NodeProto:
+    table = numpy_helper.from_array(np.ones((rows, 4), np.float32), output)
+    return helper.make_node("Constant", [], [output], value=table)
+
+
+def _check_ids_run(model: onnx.ModelProto, bound: int) -> None:
+    feeds = synthetic_inputs(model, samples=4, dims={"seq": 200})
+    ids = np.stack([feed["ids"] for feed in feeds])
+    assert ids.min() >= 0 and ids.max() == bound - 1
+    session = ort.InferenceSession(model.SerializeToString(),
+                                   providers=["CPUExecutionProvider"])
+    for feed in feeds:
+        session.run(None, feed)  # out-of-range ids would make onnxruntime raise
+
+
+def test_gather_bound_found_inside_if_branches():
+    """The ids are read only inside the branches, each Gather's table a Constant of its
+    branch (silero-vad keeps its weights so); the smaller table bounds the ids."""
+    model = _if_model(
+        [_table_constant("table", VOCAB), helper.make_node("Gather", ["table", "ids"], ["emb"])],
+        [_table_constant("table", VOCAB + 3),
+         helper.make_node("Cast", ["ids"], ["ids32"], to=TensorProto.INT32),
+         helper.make_node("Gather", ["table", "ids32"], ["emb"])])
+    _check_ids_run(model, VOCAB)
+
+
+def test_gather_bound_through_outer_ops_and_an_outer_table_inside_a_branch():
+    """ids -> Cast (main graph) -> Identity -> Gather in a branch, whose table is a main-graph
+    initializer cast inside the branch; the other branch has a larger table."""
+    table = numpy_helper.from_array(np.ones((VOCAB, 4), np.float16), "table16")
+    then_nodes = [helper.make_node("Identity", ["ids32"], ["ids_b"]),
+                  helper.make_node("Cast", ["table16"], ["table"], to=TensorProto.FLOAT),
+                  helper.make_node("Gather", ["table", "ids_b"], ["emb"])]
+    else_nodes = [_table_constant("table", VOCAB + 3),
+                  helper.make_node("Gather", ["table", "ids32"], ["emb"])]
+    model = _if_model(then_nodes, else_nodes,
+                      [helper.make_node("Cast", ["ids"], ["ids32"], to=TensorProto.INT32)],
+                      [table])
+    _check_ids_run(model, VOCAB)
 
 
 # --- scalar inputs in .npz files --------------------------------------------------------------
