@@ -15,6 +15,7 @@ from onnxprune.errors import CalibrationError, ConfigError, ModelLoadError
 from onnxprune.inputs import synthetic_inputs
 from onnxprune.validate import (
     ValidationResult,
+    check_reference_runs,
     compare_models,
     format_result,
     make_session,
@@ -377,6 +378,57 @@ def test_format_result_lists_outputs_and_verdict():
     assert lines[-1] == "PASSED (atol=0)"
 
 
+def test_format_result_names_the_inputs_fed():
+    synthetic = format_result(compare_models(_linear(), _linear(), _feeds(), synthetic=True))
+    assert "inputs (synthetic): x[6,8] float32" in synthetic.splitlines()
+    varying = [{"x": np.ones((batch, 8), np.float32)} for batch in (2, 5, 3)]
+    result = compare_models(_linear(), _linear(), varying)
+    assert "inputs: x[2..5,8] float32" in format_result(result).splitlines()
+    assert result.to_dict()["inputs"] == [{"name": "x", "dtype": "float32",
+                                           "shape": [[2, 5], 8]}]
+    assert result.to_dict()["synthetic_inputs"] is False
+
+
+def test_reference_session_checked_once_is_reused(monkeypatch):
+    """`check_reference_runs` returns the session it ran; `compare_models` takes it as the
+    reference and builds only the candidate's."""
+    import onnxprune.validate as validate
+
+    built = []
+    real_make_session = validate.make_session
+
+    def counting(model):
+        built.append(model)
+        return real_make_session(model)
+
+    monkeypatch.setattr(validate, "make_session", counting)
+    reference, feeds = _linear(), _feeds()
+    session = check_reference_runs(reference, feeds)
+    assert built == [reference]
+    result = compare_models(session, _linear(), feeds, atol=0.0)
+    assert result.passed and len(built) == 2 and built[-1] is not reference
+    assert check_reference_runs(session, feeds) is session and len(built) == 2
+
+
+def test_errors_keep_the_underlying_error_as_their_cause(tmp_path):
+    """One line for the user, onnxruntime's (or Python's) error chained below for -v."""
+    with pytest.raises(CalibrationError) as excinfo:
+        compare_models(_linear(), _linear(), [{"x": np.zeros((2, 3), np.float32)}])
+    assert excinfo.value.__cause__ is not None  # onnxruntime's own exception
+    assert str(excinfo.value).startswith("the reference model cannot run on sample 0 of the "
+                                         "inputs (x: float32[2, 3]): ")
+    garbage = tmp_path / "garbage.onnx"
+    garbage.write_bytes(b"\x00not onnx\xff" * 20)
+    with pytest.raises(ModelLoadError) as excinfo:
+        make_session(garbage)
+    assert excinfo.value.__cause__ is not None
+    assert str(excinfo.value).startswith(f"{garbage}: onnxruntime cannot load it (")
+    with pytest.raises(ConfigError) as excinfo:
+        compare_models(_linear(), _linear(), _feeds(), atol="loose")
+    assert str(excinfo.value) == "atol must be a number, got 'loose'"
+    assert isinstance(excinfo.value.__cause__, ValueError)
+
+
 # --- the command line: verdicts, exit codes, checks before pruning ----------------------------
 
 TRANSFORMER = MODELS_DIR / "transformer.onnx"
@@ -464,3 +516,45 @@ def test_input_shapes_option_sets_the_synthetic_shape(capsys):
                  "--input-shapes", "input_ids:[2,8]"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["passed"] is True and result["outputs"][0]["shape"] == [2, 8, 512]
+
+
+def test_synthetic_shapes_are_shown_and_defaulted_dims_named(capsys):
+    """The transformer's `seq` is dynamic: left at 16, a warning says so and how to set it;
+    the summary and the JSON give the shape fed."""
+    assert main(["validate", str(TRANSFORMER), str(TRANSFORMER)]) == 0
+    captured = capsys.readouterr()
+    assert "inputs (synthetic): input_ids[1,16] int64" in captured.out.splitlines()
+    (warning,) = [line for line in captured.err.splitlines() if "default size" in line]
+    assert warning == ("WARNING: synthetic inputs: dynamic dimension 'seq' (input_ids axis 1) "
+                       "set to the default size 16; set it with --dim NAME=VALUE or "
+                       "--input-shapes NAME:[d0,d1,...], or give real inputs with --data")
+    assert "'batch'" not in warning  # a batch of 1 changes no sample: not worth a warning
+    assert main(["validate", str(TRANSFORMER), str(TRANSFORMER), "--json",
+                 "--dim", "seq=8"]) == 0
+    captured = capsys.readouterr()
+    assert "default size" not in captured.err
+    result = json.loads(captured.out)
+    assert result["inputs"] == [{"name": "input_ids", "dtype": "int64", "shape": [1, 8]}]
+    assert result["synthetic_inputs"] is True
+
+
+def test_unnamed_defaulted_dims_point_to_input_shapes(caplog):
+    model = _parse("""
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[?, ?] x) => (float[?, ?] y) { y = Identity(x) }
+    """)
+    with caplog.at_level("WARNING", logger="onnxprune"):
+        result = validate_models(model, model, atol=0.0)
+    assert result.passed and result.outputs[0].shape == [1, 16]
+    (message,) = [r.getMessage() for r in caplog.records if "default size" in r.getMessage()]
+    assert "dimension x axis 1 (unnamed) set to the default size 16" in message
+    assert "--input-shapes NAME:[d0,d1,...]" in message and "--dim" not in message
+
+
+def test_validate_with_data_shows_the_shapes_read(tmp_path, capsys):
+    data = tmp_path / "ids.npz"
+    np.savez(data, input_ids=np.zeros((3, 2, 5), np.int64))
+    assert main(["validate", str(TRANSFORMER), str(TRANSFORMER), "--data", str(data)]) == 0
+    captured = capsys.readouterr()
+    assert "inputs: input_ids[2,5] int64" in captured.out.splitlines()
+    assert "default size" not in captured.err
