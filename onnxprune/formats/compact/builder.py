@@ -21,7 +21,10 @@ class TensorBuilder:
     """The nodes and initializers that rebuild one tensor, all named under `prefix`.
 
     Small constants are shared by content and the byte tables built once, so a chunk
-    costs little more than its payload and its own few nodes.
+    costs little more than its payload and its own few nodes. `initializers` holds only
+    what some node reads: a constant made for a chunk and read by none (the chunk's shape,
+    which an N:M rebuild may never need) is left out, so that onnxruntime does not warn
+    about it at every load.
     """
 
     def __init__(self, prefix: str, plan: EncodingPlan, data_type: int, reduction_axis: int | None,
@@ -32,15 +35,21 @@ class TensorBuilder:
         self.reduction_axis = reduction_axis
         self.opset = opset
         self.nodes: list[onnx.NodeProto] = []
-        self.initializers: list[TensorProto] = []
+        self._initializers: list[TensorProto] = []
         self.arrays: dict[str, np.ndarray] = {}  # the values of each initializer, by name
         self._constants: dict[tuple, str] = {}
         self._tables: dict[tuple, str] = {}
         self._values = 0
 
+    @property
+    def initializers(self) -> list[TensorProto]:
+        """The initializers the rebuild nodes read, in the order they were made."""
+        read = {name for node in self.nodes for name in node.input}
+        return [tensor for tensor in self._initializers if tensor.name in read]
+
     def payload(self, field_name: str, array: np.ndarray) -> str:
         name = f"{self.prefix}/{field_name}"
-        self.initializers.append(make_tensor(name, array))
+        self._initializers.append(make_tensor(name, array))
         self.arrays[name] = array
         return name
 
