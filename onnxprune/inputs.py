@@ -365,11 +365,13 @@ def resolve_shapes(specs: list[InputSpec], dims: dict[str, int],
 
 def _first_axis_names(specs: list[InputSpec]) -> set[str]:
     """Dimension names used only as the first axis of inputs of rank 2 or more: batches."""
-    first, elsewhere = set(), set()
+    first: set[str] = set()
+    elsewhere: set[str] = set()
     for spec in specs:
-        for axis, dim in enumerate(spec.shape or ()):
+        shape = spec.shape or ()
+        for axis, dim in enumerate(shape):
             if isinstance(dim, str):
-                (first if axis == 0 and len(spec.shape) >= 2 else elsewhere).add(dim)
+                (first if axis == 0 and len(shape) >= 2 else elsewhere).add(dim)
     return first - elsewhere
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, TypeAlias
 
 import numpy as np
 import onnx
@@ -68,7 +68,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-ModelSource = str | os.PathLike | onnx.ModelProto | ort.InferenceSession
+ModelSource: TypeAlias = str | os.PathLike | onnx.ModelProto | ort.InferenceSession
 
 DEFAULT_SYNTHETIC_SAMPLES = 4  # the CLI help promises 4
 _SYNTHETIC_HINT = ("set the input shapes with --input-shapes NAME:[d0,d1,...] (or --dim "
