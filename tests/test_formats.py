@@ -25,7 +25,7 @@ from onnx import TensorProto, helper, numpy_helper
 from onnxprune import formats
 from onnxprune.config import Pattern
 from onnxprune.formats import compact
-from onnxprune.formats.graphs import METADATA_KEY, bits_of, make_tensor
+from onnxprune.formats.graphs import METADATA_KEY, bits_of, make_tensor, walk_graphs
 from onnxprune.io import (
     load_model,
     model_file_bytes,
@@ -556,3 +556,176 @@ def test_prune_warns_when_compact_tensors_are_slow_to_start(monkeypatch, caplog)
     with caplog.at_level(logging.WARNING, logger="onnxprune.api"):
         api.prune(matmul_model(weight), sparsity=0.5, format="compact")
     assert caplog.records == []
+
+
+# --- no unused initializer, caller's options untouched, chained errors (issue #17) ------------
+
+def unused_initializers(model: onnx.ModelProto) -> list[str]:
+    """Initializers of any graph that no node reads (subgraph nodes included) and no graph
+    returns: onnxruntime removes each with a warning at every load."""
+    graphs = [graph for graph, _ in walk_graphs(model.graph)]
+    read = {name for graph in graphs for node in graph.node for name in node.input}
+    read |= {output.name for graph in graphs for output in graph.output}
+    return sorted(t.name for graph in graphs for t in graph.initializer if t.name not in read)
+
+
+def compact_meta(model: onnx.ModelProto) -> list[dict]:
+    return [compact.parse_meta(node.doc_string) for graph, _ in walk_graphs(model.graph)
+            for node in graph.node if compact.parse_meta(node.doc_string)]
+
+
+# (form as chosen, forms passed to store, sparsity or N:M, load slack): one case per form
+FORM_CASES = {
+    "zeros": (("zeros",), "1.0", None),
+    "gaps": (("gaps",), "0.95", 0.0),  # packed bit planes
+    "aligned-gaps": (("gaps",), "0.9", 1.0),
+    "bitmask": (("bitmask",), "0.5", None),
+    "nm": (("nm",), "2:4", None),
+}
+
+
+def form_name(meta: dict) -> str:
+    kind = meta["format"].removeprefix("compact-")
+    return "aligned-gaps" if kind == "gaps" and meta.get("codes") == "aligned" else kind
+
+
+@pytest.mark.parametrize("chunk", [256, 1 << 20])
+@pytest.mark.parametrize("layout", ["matmul", "gemm", "constant", "conv"])
+@pytest.mark.parametrize("form", sorted(FORM_CASES))
+def test_store_leaves_no_unused_initializer(form, layout, chunk):
+    forms, level, slack = FORM_CASES[form]
+    pattern = Pattern.parse(level) if ":" in level else Pattern()
+    rng = np.random.default_rng(0)
+    if layout == "conv":  # [O, I, kh, kw], N:M along axis 1: the rebuild transposes back
+        weight = random_weights((16, 32, 3, 3), np.float32, rng)
+        graph = helper.make_graph(
+            [helper.make_node("Conv", ["x", "W"], ["y"])], "g",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 32, 5, 5])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 16, 3, 3])],
+            [make_tensor("W", weight, doc="")])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+        axis = 1
+    else:
+        weight = random_weights((64, 32), np.float32, rng)
+        model = constant_model(weight) if layout == "constant" else matmul_model(weight, layout)
+        axis = 1 if layout == "gemm" else 0
+    pruned = np.zeros_like(weight) if level == "1.0" else \
+        prune(weight, 0.0 if pattern.is_nm else float(level), pattern, axis, rng)
+    with chunk_elements(chunk, slack):
+        result = formats.store(only_target(model, pattern), pruned, "compact", pattern,
+                               model=model, forms=forms)
+    assert result.format == "compact-" + forms[0]
+    (meta,) = compact_meta(model)
+    assert form_name(meta) == form
+    assert (len(meta["chunks"]) > 1) == (chunk < weight.size)
+    assert unused_initializers(model) == []
+
+
+def two_layer_model(rng: np.random.Generator, zero_second: bool = False) -> onnx.ModelProto:
+    """x @ W1 (MatMul, [512, 256]) then Gemm with transB (W2 [64, 256]), weights large
+    enough that a streamed prune writes their payloads to the file as it goes."""
+    w1 = random_weights((512, 256), np.float32, rng)
+    w2 = np.zeros((64, 256), np.float32) if zero_second else \
+        random_weights((64, 256), np.float32, rng)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W1"], ["h"]),
+         helper.make_node("Gemm", ["h", "W2"], ["y"], transB=1)], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 512])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, 64])],
+        [make_tensor("W1", w1, doc=""), make_tensor("W2", w2, doc="")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+@pytest.mark.parametrize("form", sorted(FORM_CASES))
+def test_pruned_compact_model_has_no_unused_initializer(tmp_path, form, streamed):
+    """Through `prune`: in memory (ModelProto in, ModelProto out) and streamed from file to
+    file (payloads written to the output as they are made)."""
+    import onnxprune
+
+    _, level, slack = FORM_CASES[form]
+    model = two_layer_model(np.random.default_rng(0), zero_second=form == "zeros")
+    options = dict(format="compact", min_size=1)
+    options.update(pattern=level) if ":" in level else \
+        options.update(sparsity=0.5 if form == "zeros" else float(level))
+    with chunk_elements(1 << 13, slack):
+        if streamed:
+            source = tmp_path / "in.onnx"
+            source.write_bytes(model.SerializeToString())
+            onnxprune.prune(str(source), str(tmp_path / "out.onnx"), **options)
+            pruned = onnx.load(str(tmp_path / "out.onnx"))
+        else:
+            pruned, _ = onnxprune.prune(model, **options)
+    assert form in {form_name(meta) for meta in compact_meta(pruned)}
+    assert all(len(meta["chunks"]) > 1 for meta in compact_meta(pruned))
+    assert unused_initializers(pruned) == []
+    onnx.checker.check_model(pruned, full_check=True)
+
+
+def test_onnxruntime_removes_no_initializer_of_a_two_four_transformer(tmp_path, capfd):
+    """The issue's report: each compacted weight's `.../k0` was 'not used by any node'."""
+    import onnxprune
+
+    from conftest import MODELS_DIR
+
+    out = tmp_path / "t.onnx"
+    onnxprune.prune(str(MODELS_DIR / "transformer.onnx"), str(out), pattern="2:4",
+                    format="compact")
+    assert unused_initializers(onnx.load(str(out))) == []
+    options = ort.SessionOptions()
+    options.log_severity_level = 1
+    capfd.readouterr()
+    ort.InferenceSession(str(out), options, providers=["CPUExecutionProvider"])
+    captured = capfd.readouterr()
+    assert "It is not used by any node" not in captured.err + captured.out
+
+
+def test_folding_check_leaves_the_callers_options_alone():
+    rng = np.random.default_rng(0)
+    pruned = prune(random_weights((64, 16), np.float32, rng), 0.9, Pattern(), 0, rng)
+    model = matmul_model(pruned)
+    formats.store(only_target(model), pruned, "compact", model=model)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.intra_op_num_threads = 1
+    assert formats.unfolded_rebuild_nodes(model, options)  # the caller's level is used
+    assert options.optimized_model_filepath == ""
+    with pytest.raises(Exception, match="does not have configuration"):
+        options.get_session_config_entry(
+            "session.optimized_model_external_initializers_file_name")
+    assert options.graph_optimization_level == ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    assert options.intra_op_num_threads == 1
+    # the same options give the same answer twice (no saved path left from the first call)
+    assert formats.unfolded_rebuild_nodes(model, options)
+
+
+def test_undecodable_compact_tensor_keeps_the_underlying_error():
+    """One line for the user; `-v` (the traceback) shows what failed underneath."""
+    from onnxprune.errors import ModelLoadError
+
+    rng = np.random.default_rng(0)
+    pruned = prune(random_weights((64, 16), np.float32, rng), 0.9, Pattern(), 0, rng)
+    model = matmul_model(pruned)
+    formats.store(only_target(model), pruned, "compact", model=model)
+    (values,) = [t for t in model.graph.initializer if t.name.endswith("/values")]
+    values.CopyFrom(make_tensor(values.name, np.zeros(3, np.float32), doc=""))
+    with pytest.raises(ModelLoadError, match="its stored form cannot be decoded") as caught:
+        formats.stored_formats(model)["W"].dense()
+    assert isinstance(caught.value.__cause__, (IndexError, ValueError, KeyError))
+    assert not caught.value.__suppress_context__ or caught.value.__cause__ is not None
+
+
+def test_densify_refuses_a_sparse_constant_without_output():
+    from onnxprune.errors import OnnxPruneError
+
+    model = constant_model(np.zeros((8, 4), np.float32))
+    (constant,) = [n for n in model.graph.node if n.op_type == "Constant"]
+    sparse = formats.sparse.make_sparse("W", np.eye(8, 4, dtype=np.float32))
+    formats.sparse.set_constant_attribute(constant, helper.make_attribute("sparse_value",
+                                                                          sparse))
+    del constant.output[:]
+    with pytest.raises(OnnxPruneError, match="^node 'the_constant' \\(Constant\\) has no "
+                                             "output$"):
+        formats.densify_model(model)

@@ -21,6 +21,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from ..errors import ModelLoadError
+from ..graph import arity_problem, node_label
 from ..io import read_array, tensor_nbytes
 from ..io.load import check_sparse
 from .compact import decode_chunk, parse_meta
@@ -116,9 +117,12 @@ def _find(model: onnx.ModelProto, base_dir: Path) -> list[_Found]:
         for sparse in graph.sparse_initializer:
             found.append(_Found(_sparse_info(sparse, source, base_dir), graph,
                                 "sparse_initializer"))
-        for node in graph.node:
+        for position, node in enumerate(graph.node):
             sparse = constant_sparse_value(node)
             if sparse is not None:
+                problem = arity_problem(node, node_label(node, position), {})
+                if problem is not None:  # (a Constant without its one output)
+                    raise ModelLoadError(problem)
                 info = _sparse_info(sparse, source if in_subgraph else "constant_node",
                                     base_dir, node.output[0])
                 found.append(_Found(info, graph, "sparse_constant"))
@@ -176,7 +180,7 @@ def _compact_info(meta: dict, initializers: dict[str, TensorProto], source: str,
             text = str(exc).strip().splitlines()
             raise ModelLoadError(f"{label}: its stored form cannot be decoded "
                                  f"({type(exc).__name__}: {_short(text[0] if text else '')})"
-                                 ) from None
+                                 ) from exc
 
     shape = tuple(meta["shape"])
     nnz = sum(chunk.get("nnz", 0) for chunk in meta["chunks"])
