@@ -614,6 +614,24 @@ def test_gather_bound_through_outer_ops_and_an_outer_table_inside_a_branch():
     _check_ids_run(model, VOCAB)
 
 
+@pytest.mark.xfail(strict=True, raises=AttributeError,
+                   reason="graph.Scope reads SparseTensorProto.name, which does not exist "
+                          "(onnxprune/graph.py, Scope.__init__: t.name should be t.values.name)")
+def test_gather_bound_with_a_sparse_table():
+    """A model written with --format sparse keeps its tensors as sparse initializers (a
+    lazily loaded model is read as it is stored): the table is found all the same."""
+    values = numpy_helper.from_array(np.ones(2, np.float32), "table")
+    indices = numpy_helper.from_array(np.array([0, 5], np.int64), "table_indices")
+    sparse = helper.make_sparse_tensor(values, indices, [VOCAB, 4])
+    model = _model(
+        [helper.make_node("Gather", ["table", "ids"], ["emb"], axis=0)],
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, ["batch", "seq"])],
+        [helper.make_tensor_value_info("emb", TensorProto.FLOAT, ["batch", "seq", 4])],
+    )
+    model.graph.sparse_initializer.append(sparse)
+    _check_ids_run(model, VOCAB)
+
+
 # --- scalar inputs in .npz files --------------------------------------------------------------
 
 
