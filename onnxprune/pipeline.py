@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -40,11 +40,18 @@ from .patterns import (
     prune_streamed,
     row_keep_mask,
 )
-from .plan import PrunePlan, TargetPlan
+from .plan import PlanOrigin, PrunePlan, TargetPlan
 from .recipe import apply_overrides, split_skipped
 from .registry import ALLOCATIONS, FORMATS, METHODS, REFINES, UPDATES
 from .report import SkipReport, TargetReport
-from .targets import Selection, SkippedTensor, WeightTarget, discover_targets
+from .targets import (
+    SELECTION_CAUSES,
+    Selection,
+    SkipCause,
+    SkippedTensor,
+    WeightTarget,
+    discover_targets,
+)
 
 log = logging.getLogger(__name__)
 
@@ -109,13 +116,13 @@ def run(loaded: LoadedModel, config: PruneConfig, *, sink: Sink | None = None,
         skipped += skipped_by_override
     dropped = _dropped_by_selection(skipped)
     if not targets:
-        causes = "; ".join(f"{count} {cause}" for cause, count in dropped.items())
+        causes = "; ".join(f"{count} {words}" for (_, words), count in dropped.items())
         raise NothingToPruneError(
             f"nothing to prune: no tensor qualified as a target ({len(skipped)} skipped"
             + (f": {causes}" if causes else "") + "; run `onnxprune inspect` to see why)")
-    for cause, count in dropped.items():
-        if cause.startswith("reduction axis"):
-            log.warning("%d of %d weights skipped: %s", count, count + len(targets), cause)
+    for (cause, words), count in dropped.items():
+        if cause is SkipCause.AXIS_NOT_MULTIPLE:
+            log.warning("%d of %d weights skipped: %s", count, count + len(targets), words)
     masks = _checked_masks(masks or {}, targets)
     plan = make_plan(loaded, targets, config, feeds)
     permutations: list[dict] = []
@@ -130,23 +137,19 @@ def run(loaded: LoadedModel, config: PruneConfig, *, sink: Sink | None = None,
                        plan, loop.masks_out, permutations)
 
 
-def _dropped_by_selection(skipped: list[SkippedTensor]) -> dict[str, int]:
+def _dropped_by_selection(skipped: list[SkippedTensor]) -> dict[tuple[SkipCause, str], int]:
     """Weights that would be targets but for the options (N:M axis, --include, --exclude,
-    --min-size), counted by cause."""
-    causes: dict[str, int] = {}
+    --min-size), counted by cause (and by pattern, for the N:M axis), with its words."""
+    causes: dict[tuple[SkipCause, str], int] = {}
     for item in skipped:
-        reason = item.reason
-        if reason.startswith("reduction axis length"):
-            pattern = reason.rsplit("(pattern ", 1)[-1].rstrip(")")
-            cause = (f"reduction axis not a multiple of {pattern.split(':')[-1]} "
-                     f"(pattern {pattern})")
-        elif reason.startswith("below --min-size"):
-            cause = "below --min-size"
-        elif reason in ("not matched by --include", "excluded by --exclude"):
-            cause = reason
-        else:
+        if item.cause not in SELECTION_CAUSES:
             continue
-        causes[cause] = causes.get(cause, 0) + 1
+        if item.cause is SkipCause.AXIS_NOT_MULTIPLE:
+            pattern = item.detail["pattern"]
+            words = f"reduction axis not a multiple of {pattern.m} (pattern {pattern})"
+        else:
+            words = item.summary
+        causes[item.cause, words] = causes.get((item.cause, words), 0) + 1
     return causes
 
 
@@ -300,8 +303,7 @@ class _Loop:
         started = time.perf_counter()
         plan = self.plan[target.name]
         if method.name != plan.method:
-            plan = TargetPlan(plan.name, plan.sparsity, plan.pattern, method.name, plan.count,
-                              plan.set_by)
+            plan = replace(plan, method=method.name)
         weights = read_array(target.tensor, self.loaded.base_dir, writable=True)
         zeros_before = kernels.count_zeros(weights)
         keep = self.masks.get(target.name)
@@ -355,7 +357,7 @@ class _Loop:
             report.calibration_tokens = stats.tokens if stats is not None else 0
         if note:
             report.note = note
-        if plan.set_by.startswith("override"):  # an override may have chosen the method
+        if plan.origin is PlanOrigin.OVERRIDE:  # an override may have chosen the method
             report.method = method.name
         if self.want_masks:
             self.masks_out.add_packed(target.name, np.packbits(weights.reshape(-1) != 0),
@@ -450,4 +452,4 @@ def target_report(target: WeightTarget, weights: np.ndarray, zeros: int, fmt: st
 
 def skip_report(skipped: SkippedTensor) -> SkipReport:
     return SkipReport(skipped.name, skipped.reason, list(skipped.shape), skipped.dtype,
-                      skipped.source)
+                      skipped.source, skipped.cause.value, skipped.summary)

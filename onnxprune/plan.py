@@ -5,10 +5,19 @@ was achieved.
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
 
 from .config import Pattern
 from .patterns import prune_count
+
+
+class PlanOrigin(enum.Enum):
+    """What decided a plan entry: the allocation, or recipe overrides (which may also have
+    chosen the method)."""
+
+    ALLOCATION = "allocation"
+    OVERRIDE = "override"
 
 
 @dataclass(frozen=True)
@@ -18,7 +27,8 @@ class TargetPlan:
     `sparsity` is the requested fraction of the target's weights (for N:M, the pattern's
     own). `count`, where an allocation fixed it (a global threshold), is the exact number
     of weights to prune; otherwise it follows from the sparsity. `set_by` names what decided
-    this entry (the allocation, or an override).
+    this entry for the report (the allocation, or the overrides), `origin` says which of
+    the two it was.
     """
 
     name: str
@@ -27,6 +37,7 @@ class TargetPlan:
     method: str
     count: int | None = None
     set_by: str = "uniform"
+    origin: PlanOrigin = PlanOrigin.ALLOCATION
 
     def prune_count(self, numel: int) -> int:
         """How many of the target's `numel` weights to prune (unstructured)."""

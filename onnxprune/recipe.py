@@ -95,14 +95,14 @@ def load_recipe(path: str | Path, parser: argparse.ArgumentParser) -> Recipe:
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: no such recipe file") from None
+    except FileNotFoundError as exc:
+        raise ConfigError(f"{path}: no such recipe file") from exc
     except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: cannot read the recipe ({exc})") from None
+        raise ConfigError(f"{path}: cannot read the recipe ({exc})") from exc
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
     lines = _KeyLines(text)
     actions = _recipe_actions(parser)
     options: dict[str, object] = {}
@@ -138,7 +138,7 @@ def parse_with_recipe(parser: argparse.ArgumentParser, prune_parser: argparse.Ar
 def apply_overrides(plan: dict, targets: Sequence, overrides: Sequence[Override]) -> dict:
     """The plan with each target's matching overrides applied in order (skips aside)."""
     from .config import Pattern
-    from .plan import TargetPlan
+    from .plan import PlanOrigin, TargetPlan
 
     result = dict(plan)
     for target in targets:
@@ -165,21 +165,23 @@ def apply_overrides(plan: dict, targets: Sequence, overrides: Sequence[Override]
                 sparsity, count = override.sparsity, None
             method = override.method or method
         set_by = " + ".join(o.label for o in matching)
-        result[target.name] = TargetPlan(target.name, sparsity, pattern, method, count, set_by)
+        result[target.name] = TargetPlan(target.name, sparsity, pattern, method, count, set_by,
+                                         PlanOrigin.OVERRIDE)
     return result
 
 
 def split_skipped(targets: list, overrides: Sequence[Override]) -> tuple[list, list]:
     """(targets kept, `SkippedTensor`s for the targets an override skips)."""
-    from .targets import SkippedTensor
+    from .targets import SkipCause, SkippedTensor
 
     kept, skipped = [], []
     for target in targets:
         matching = [o for o in overrides if o.matches(target.name)]
         skipping = [o for o in matching if o.skip]
         if skipping:
-            skipped.append(SkippedTensor(target.name, f"skipped by {skipping[-1].label}",
-                                         tuple(target.shape), target.dtype, target.source))
+            skipped.append(SkippedTensor(target.name, SkipCause.OVERRIDE_SKIP,
+                                         tuple(target.shape), target.dtype, target.source,
+                                         {"override": skipping[-1].label}))
         else:
             kept.append(target)
     return kept, skipped

@@ -37,11 +37,17 @@ class TargetReport:
 
 @dataclass
 class SkipReport:
+    """One skipped tensor: `reason` in words, `cause` the stable name of its
+    `targets.SkipCause` (what code should test); `summary`, the reason without its
+    particulars, is what the table counts and stays out of the JSON."""
+
     name: str
     reason: str
     shape: list[int] = field(default_factory=list)
     dtype: str = ""
     source: str = ""
+    cause: str = ""
+    summary: str = field(default="", repr=False)
 
 
 @dataclass
@@ -73,6 +79,8 @@ class Report:
     def to_dict(self) -> dict:
         values = asdict(replace(self, masks=None))  # asdict would deep-copy the masks
         values.pop("masks")
+        for skipped in values["skipped"]:
+            skipped.pop("summary")
         return values
 
     def to_json(self) -> str:
@@ -130,15 +138,17 @@ def format_targets(report: Report, max_name: int = 48) -> str:
 
 
 def format_skipped(report: Report, limit: int = 40) -> str:
-    """Skipped tensors with reasons; long lists are cut, with a count per reason."""
+    """Skipped tensors with reasons; long lists are cut, with a count per kind of reason."""
+    from .targets import SkipCause  # onnx only when a table is made
+
     counts: dict[str, int] = {}
     for s in report.skipped:
-        key = s.reason.split(" (")[0]
+        key = s.summary or s.reason
         counts[key] = counts.get(key, 0) + 1
     lines = [f"skipped {len(report.skipped)} tensors: "
              + ", ".join(f"{n} {reason}" for reason, n in sorted(counts.items(),
                                                                   key=lambda kv: -kv[1]))]
-    interesting = [s for s in report.skipped if s.reason != "integer tensor"]
+    interesting = [s for s in report.skipped if s.cause != SkipCause.INTEGER.value]
     for s in interesting[:limit]:
         shape = "x".join(map(str, s.shape)) or "scalar"
         lines.append(f"  {s.name} [{shape} {s.dtype}]: {s.reason}")

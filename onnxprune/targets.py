@@ -3,13 +3,15 @@
 A `WeightTarget` is one stored tensor (an initializer, a Constant node's value, or either of
 those inside an If/Loop/Scan body) together with the nodes that consume it. Every consumer
 says which axis of the weight is its reduction (input-feature) axis; a weight is a target
-only when all consumers agree. Everything else is reported as skipped, with the reason.
+only when all consumers agree. Everything else is reported as skipped, with its cause (a
+`SkipCause` and its particulars, worded by `SkippedTensor.reason`).
 """
 
 from __future__ import annotations
 
+import enum
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -95,13 +97,106 @@ class WeightTarget:
         return np.ascontiguousarray(np.moveaxis(moved, -1, self.reduction_axis))
 
 
+class SkipCause(enum.Enum):
+    """Why a stored tensor is not a target; `SkippedTensor.detail` holds the particulars.
+
+    The value is the stable name reports carry (the "cause" of a skipped entry); the words
+    users read come from the cause and its detail (`SkippedTensor.reason`).
+    """
+
+    INTEGER = "integer"  # an integer or bool tensor
+    NOT_FLOAT = "not_float"  # another type that is not floating point; detail: dtype
+    UNUSED = "unused"
+    GRAPH_OUTPUT = "graph_output"  # only returned by the graph
+    ALSO_GRAPH_OUTPUT = "also_graph_output"  # consumed, and returned by the graph too
+    UNKNOWN_OP = "unknown_op"  # consumed by an op of another domain; detail: op
+    MATMUL_1D = "matmul_1d"  # a 1-D MatMul operand
+    GEMM_NOT_2D = "gemm_not_2d"
+    DATA_INPUT = "data_input"  # the data input of a Conv/ConvTranspose; detail: op
+    LOW_RANK_WEIGHT = "low_rank_weight"  # a Conv weight of rank < 3; detail: op, rank
+    RECURRENT_STATE = "recurrent_state"  # LSTM/GRU/RNN state or lengths; detail: op
+    BIAS = "bias"
+    NORMALIZATION = "normalization"  # a parameter of a normalization op
+    NOT_WEIGHT_INPUT = "not_weight_input"  # detail: op
+    EMBEDDING = "embedding"  # read by Gather and not named by --include
+    AXIS_DISAGREES = "axis_disagrees"  # consumers reduce along different axes; detail: axes
+    NOT_INCLUDED = "not_included"  # --include given and not matching
+    EXCLUDED = "excluded"  # matched by --exclude
+    BELOW_MIN_SIZE = "below_min_size"  # detail: numel, min_size
+    # N:M pattern and a reduction axis (or a group of it) that M does not divide;
+    # detail: length, per_group, group, pattern
+    AXIS_NOT_MULTIPLE = "axis_not_multiple"
+    OVERRIDE_SKIP = "override_skip"  # skip = true in a recipe override; detail: override
+
+
+# causes that the options, not the model, decide: a weight that would otherwise be a target
+SELECTION_CAUSES = frozenset({SkipCause.NOT_INCLUDED, SkipCause.EXCLUDED,
+                              SkipCause.BELOW_MIN_SIZE, SkipCause.AXIS_NOT_MULTIPLE})
+
+# the words of each cause (str.format with the detail); AXIS_NOT_MULTIPLE is worded below
+_REASONS = {
+    SkipCause.INTEGER: "integer tensor",
+    SkipCause.NOT_FLOAT: "{dtype} tensor",
+    SkipCause.UNUSED: "unused",
+    SkipCause.GRAPH_OUTPUT: "graph output",
+    SkipCause.ALSO_GRAPH_OUTPUT: "also a graph output",
+    SkipCause.UNKNOWN_OP: "consumed by {op}, which onnxprune does not know",
+    SkipCause.MATMUL_1D: "1-D MatMul operand",
+    SkipCause.GEMM_NOT_2D: "Gemm operand is not 2-D",
+    SkipCause.DATA_INPUT: "{op} data input",
+    SkipCause.LOW_RANK_WEIGHT: "{op} weight of rank {rank}",
+    SkipCause.RECURRENT_STATE: "{op} state or sequence-length input",
+    SkipCause.BIAS: "bias",
+    SkipCause.NORMALIZATION: "normalization parameter",
+    SkipCause.NOT_WEIGHT_INPUT: "not a weight input (consumed by {op})",
+    SkipCause.EMBEDDING: "embedding (Gather); include it by name with --include to prune it",
+    SkipCause.AXIS_DISAGREES: "consumers disagree on the reduction axis ({axes})",
+    SkipCause.NOT_INCLUDED: "not matched by --include",
+    SkipCause.EXCLUDED: "excluded by --exclude",
+    SkipCause.BELOW_MIN_SIZE: "below --min-size ({numel} < {min_size} elements)",
+    SkipCause.OVERRIDE_SKIP: "skipped by {override}",
+}
+# shorter words where the reason adds particulars in parentheses (counts per kind)
+_SUMMARIES = {
+    SkipCause.NOT_WEIGHT_INPUT: "not a weight input",
+    SkipCause.EMBEDDING: "embedding",
+    SkipCause.AXIS_DISAGREES: "consumers disagree on the reduction axis",
+    SkipCause.BELOW_MIN_SIZE: "below --min-size",
+}
+
+
 @dataclass(frozen=True)
 class SkippedTensor:
+    """A stored tensor that is not a target: why as a `SkipCause`, and its particulars."""
+
     name: str
-    reason: str
+    cause: SkipCause
     shape: tuple[int, ...] = ()
     dtype: str = ""
     source: str = ""
+    detail: Mapping[str, object] = field(default_factory=dict, hash=False)
+
+    @property
+    def reason(self) -> str:
+        """The cause in words, as reports and `inspect` show it."""
+        if self.cause is SkipCause.AXIS_NOT_MULTIPLE:
+            return f"{self._axis_words()} (pattern {self.detail['pattern']})"
+        return _REASONS[self.cause].format(**self.detail)
+
+    @property
+    def summary(self) -> str:
+        """The reason without its particulars in parentheses: what `inspect` counts."""
+        if self.cause is SkipCause.AXIS_NOT_MULTIPLE:
+            return self._axis_words(per_group=False)
+        return _SUMMARIES.get(self.cause) or self.reason
+
+    def _axis_words(self, per_group: bool = True) -> str:
+        length, groups = self.detail["length"], self.detail["group"]
+        each = self.detail["per_group"]
+        if per_group and each != length:
+            length = f"{length} ({each} per group of {groups})"
+        return (f"reduction axis length {length} is not a multiple of "
+                f"{self.detail['pattern'].m}")
 
 
 @dataclass(frozen=True)
@@ -114,47 +209,49 @@ class Selection:
     pattern: Pattern = Pattern()
 
 
-# What a consumer slot means: ("weight", axis_fn) or ("skip", reason).
+# What a consumer slot means: ("weight", axis), ("embedding", axis) or
+# ("skip", (SkipCause, detail)).
 def _classify(node: onnx.NodeProto, slot: int, rank: int):
     op = node.op_type
     if not is_onnx_domain(node):
-        return "skip", f"consumed by {node.domain}.{op}, which onnxprune does not know"
+        return "skip", (SkipCause.UNKNOWN_OP, {"op": f"{node.domain}.{op}"})
     if op == "MatMul":
         if rank < 2:
-            return "skip", "1-D MatMul operand"
+            return "skip", (SkipCause.MATMUL_1D, {})
         return "weight", rank - 2 if slot == 1 else rank - 1
     if op == "Gemm":
         if slot == 2:
-            return "skip", "bias"
+            return "skip", (SkipCause.BIAS, {})
         if rank != 2:
-            return "skip", "Gemm operand is not 2-D"
+            return "skip", (SkipCause.GEMM_NOT_2D, {})
         if slot == 0:
             return "weight", 0 if attribute(node, "transA", 0) else 1
         return "weight", 1 if attribute(node, "transB", 0) else 0
     if op in ("Conv", "ConvTranspose"):
         if slot == 2:
-            return "skip", "bias"
+            return "skip", (SkipCause.BIAS, {})
         if slot != 1:
-            return "skip", f"{op} data input"
+            return "skip", (SkipCause.DATA_INPUT, {"op": op})
         if rank < 3:
-            return "skip", f"{op} weight of rank {rank}"
+            return "skip", (SkipCause.LOW_RANK_WEIGHT, {"op": op, "rank": rank})
         return "weight", 1 if op == "Conv" else 0
     if op in RECURRENT_OPS:
         if slot in (1, 2):
             return "weight", 2
         if slot == 3:
-            return "skip", "bias"
-        return "skip", f"{op} state or sequence-length input"
+            return "skip", (SkipCause.BIAS, {})
+        return "skip", (SkipCause.RECURRENT_STATE, {"op": op})
     if op == "Gather" and slot == 0:
         return "embedding", rank - 1
     if op in NORMALIZATION_OPS:
-        return "skip", "normalization parameter"
+        return "skip", (SkipCause.NORMALIZATION, {})
     if op in ELEMENTWISE_BIAS_OPS and rank <= 1:
-        return "skip", "bias"
-    return "skip", f"not a weight input (consumed by {op})"
+        return "skip", (SkipCause.BIAS, {})
+    return "skip", (SkipCause.NOT_WEIGHT_INPUT, {"op": op})
 
 
-_SKIP_PRIORITY = ("embedding", "normalization parameter", "bias")
+# which cause a weight with several skipping consumers is reported with (else the first's)
+_SKIP_PRIORITY = (SkipCause.NORMALIZATION, SkipCause.BIAS)
 
 
 def discover_targets(model: onnx.ModelProto, selection: Selection | None = None
@@ -175,21 +272,24 @@ def discover_targets(model: onnx.ModelProto, selection: Selection | None = None
         dtype_name = str(dtype) if dtype is not None else _type_name(tensor.data_type)
         source = _source(item)
 
-        def skip(reason: str, name=name, shape=shape, dtype_name=dtype_name,
-                 source=source) -> None:
-            skipped.append(SkippedTensor(name, reason, shape, dtype_name, source))
+        def skip(cause: SkipCause, detail: Mapping[str, object] | None = None, name=name,
+                 shape=shape, dtype_name=dtype_name, source=source) -> None:
+            skipped.append(SkippedTensor(name, cause, shape, dtype_name, source,
+                                         dict(detail or {})))
 
         if dtype is None:
-            kind = "integer tensor" if _is_integer(tensor.data_type) else f"{dtype_name} tensor"
-            skip(kind)
+            if _is_integer(tensor.data_type):
+                skip(SkipCause.INTEGER)
+            else:
+                skip(SkipCause.NOT_FLOAT, {"dtype": dtype_name})
             continue
         rank = len(shape)
         uses, escapes = index.uses(item.name, item.scope)
         if not uses:
-            skip("graph output" if escapes else "unused")
+            skip(SkipCause.GRAPH_OUTPUT if escapes else SkipCause.UNUSED)
             continue
         if escapes:
-            skip("also a graph output")
+            skip(SkipCause.ALSO_GRAPH_OUTPUT)
             continue
         verdicts = []
         for use in uses:
@@ -198,23 +298,23 @@ def discover_targets(model: onnx.ModelProto, selection: Selection | None = None
                 value = axis_through_transposes(value, use.perms, rank)
             verdicts.append((kind, value, use))
         named = any(r.search(name) for r in include)
-        reason = _skip_reason(verdicts, named)
-        if reason:
-            skip(reason)
+        declined = _skip_cause(verdicts, named)
+        if declined:
+            skip(*declined)
             continue
         axes = {value for _, value, _ in verdicts}
         if len(axes) > 1:
-            skip(f"consumers disagree on the reduction axis ({sorted(axes)})")
+            skip(SkipCause.AXIS_DISAGREES, {"axes": sorted(axes)})
             continue
         if include and not named:
-            skip("not matched by --include")
+            skip(SkipCause.NOT_INCLUDED)
             continue
         if any(r.search(name) for r in exclude):
-            skip("excluded by --exclude")
+            skip(SkipCause.EXCLUDED)
             continue
         numel = int(np.prod(shape, dtype=np.int64))
         if numel < selection.min_size:
-            skip(f"below --min-size ({numel} < {selection.min_size} elements)")
+            skip(SkipCause.BELOW_MIN_SIZE, {"numel": numel, "min_size": selection.min_size})
             continue
         axis = axes.pop()
         first = verdicts[0][2].node
@@ -226,10 +326,9 @@ def discover_targets(model: onnx.ModelProto, selection: Selection | None = None
             # straddle two of them (Conv's axis is already one group's channels)
             per_group = shape[axis] // group if first.op_type == "ConvTranspose" else shape[axis]
             if shape[axis] % m or per_group % m:
-                length = (f"{shape[axis]} ({per_group} per group of {group})"
-                          if per_group != shape[axis] else f"{shape[axis]}")
-                skip(f"reduction axis length {length} is not a multiple of {m}"
-                     f" (pattern {selection.pattern})")
+                skip(SkipCause.AXIS_NOT_MULTIPLE, {"length": shape[axis], "per_group": per_group,
+                                                   "group": group,
+                                                   "pattern": selection.pattern})
                 continue
         consumers = tuple(Consumer(use.node.name or use.node.op_type, use.node.op_type, use.slot)
                           for _, _, use in verdicts)
@@ -238,17 +337,20 @@ def discover_targets(model: onnx.ModelProto, selection: Selection | None = None
     return targets, skipped
 
 
-def _skip_reason(verdicts: Sequence, named: bool) -> str | None:
+def _skip_cause(verdicts: Sequence, named: bool
+                ) -> tuple[SkipCause, Mapping[str, object]] | None:
+    """Why the consumers' verdicts make a tensor no target, or None."""
     kinds = [(kind, value) for kind, value, _ in verdicts]
     if any(kind == "embedding" for kind, _ in kinds) and not named:
-        return "embedding (Gather); include it by name with --include to prune it"
-    reasons = [value for kind, value in kinds if kind == "skip"]
-    if not reasons:
+        return SkipCause.EMBEDDING, {}
+    declined = [value for kind, value in kinds if kind == "skip"]
+    if not declined:
         return None
-    for preferred in _SKIP_PRIORITY[1:]:
-        if preferred in reasons:
-            return preferred
-    return reasons[0]
+    for preferred in _SKIP_PRIORITY:
+        for cause, detail in declined:
+            if cause is preferred:
+                return cause, detail
+    return declined[0]
 
 
 def _source(item: StoredTensor) -> str:

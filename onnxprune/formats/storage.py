@@ -11,7 +11,8 @@ Where each kind of stored weight goes (decided here, tested in tests/test_format
   onnxruntime folds rebuilds in subgraphs too.
 - What a weight passes through on its way to the consumer (Cast, Transpose, ...) is left
   as it is: only the stored tensor changes.
-- Stays dense, with the reason in `StoreResult.reason`: a tensor also listed as a graph
+- Stays dense, with the cause in `StoreResult.cause` (a `DenseCause`; `StoreResult.reason`
+  words it): a tensor also listed as a graph
   input (an initializer callers may override: replacing it would change the model's
   interface), an empty or scalar tensor, compact in a model below ai.onnx opset 11 (the
   rebuild ops), a sparse_initializer below IR version 6 or a sparse Constant below opset
@@ -30,9 +31,10 @@ optimizations are disabled.
 
 from __future__ import annotations
 
+import enum
 import logging
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
@@ -72,18 +74,81 @@ STORED_FORMATS = ("dense", "sparse", "compact")  # what `store` writes
 STREAMED_PAYLOAD_BYTES = 1 << 16  # smaller compact tensors stay in the proto until it is saved
 
 
+class DenseCause(enum.Enum):
+    """Why a target stays dense when sparse or compact storage was asked for.
+
+    The particulars are in `StoreResult.detail`; `StoreResult.reason` words both.
+    """
+
+    EMPTY_OR_SCALAR = "empty_or_scalar"
+    STORAGE_NOT_FOUND = "storage_not_found"  # the tensor is not where its target says
+    GRAPH_INPUT = "graph_input"  # an initializer also listed as a graph input
+    COMPACT_NEEDS_OPSET = "compact_needs_opset"  # detail: opset (the model's), needed
+    FOLD_LIMIT = "fold_limit"  # too large for onnxruntime to fold a rebuild; detail: bytes
+    SPARSE_NEEDS_IR_VERSION = "sparse_needs_ir_version"  # detail: ir_version, needed
+    SPARSE_CONSTANT_NEEDS_OPSET = "sparse_constant_needs_opset"  # detail: opset, needed
+    # detail: format (sparse/compact), bytes, dense_bytes, sparsity; encoding (compact form)
+    NOT_SMALLER = "not_smaller"
+
+
+_DENSE_REASONS = {
+    DenseCause.EMPTY_OR_SCALAR: "empty or scalar tensor",
+    DenseCause.STORAGE_NOT_FOUND: "its storage was not found in its graph",
+    DenseCause.GRAPH_INPUT: "also a graph input (an initializer callers may override)",
+    DenseCause.COMPACT_NEEDS_OPSET: "compact storage needs ai.onnx opset >= {needed}; the "
+                                    "model has {opset}",
+    DenseCause.FOLD_LIMIT: "{bytes:,} bytes dense reach onnxruntime's constant-folding limit "
+                           "({limit:,} bytes per node output)",
+    DenseCause.SPARSE_NEEDS_IR_VERSION: "sparse_initializer needs IR version >= {needed}; the "
+                                        "model has {ir_version}",
+    DenseCause.SPARSE_CONSTANT_NEEDS_OPSET: "Constant sparse_value needs ai.onnx opset >= "
+                                            "{needed}; the model has {opset}",
+}
+_NOT_SMALLER = {
+    "sparse": "sparse ({bytes:,} bytes with int64 indices) is not smaller than dense "
+              "({dense_bytes:,} bytes) at {sparsity:.1%} sparsity",
+    "compact": "compact ({bytes:,} bytes as {encoding}) is not smaller than dense "
+               "({dense_bytes:,} bytes) at {sparsity:.1%} sparsity",
+}
+SPARSE_MIN_IR_VERSION = 6  # sparse_initializer
+SPARSE_CONSTANT_MIN_OPSET = 11  # Constant's sparse_value
+
+
+@dataclass(frozen=True)
+class Blocker:
+    """Why one target stays dense: the cause and its particulars."""
+
+    cause: DenseCause
+    detail: Mapping[str, object] = field(default_factory=dict, hash=False)
+
+    @property
+    def reason(self) -> str:
+        if self.cause is DenseCause.NOT_SMALLER:
+            return _NOT_SMALLER[self.detail["format"]].format(**self.detail)
+        return _DENSE_REASONS[self.cause].format(**self.detail)
+
+
 @dataclass(frozen=True)
 class StoreResult:
     """What `store` did with one target.
 
     `format` is what was actually written: dense, sparse, compact-gaps, compact-bitmask,
     compact-nm or compact-zeros; `bytes` the bytes the tensor now takes in the model;
-    `reason` says why it stayed dense when another format was asked for (else None).
+    `blocker` says why it stayed dense when another format was asked for (else None):
+    `cause` is what code tests, `reason` what reports show.
     """
 
     format: str
     bytes: int
-    reason: str | None = None
+    blocker: Blocker | None = None
+
+    @property
+    def cause(self) -> DenseCause | None:
+        return self.blocker.cause if self.blocker is not None else None
+
+    @property
+    def reason(self) -> str | None:
+        return self.blocker.reason if self.blocker is not None else None
 
 
 def store(target: WeightTarget, weights: np.ndarray, fmt: str, pattern: Pattern | None = None,
@@ -114,17 +179,17 @@ def store(target: WeightTarget, weights: np.ndarray, fmt: str, pattern: Pattern 
         raise ValueError(f"{target.name}: weights {weights.dtype}{weights.shape} do not match "
                          f"the stored tensor {dtype}{tuple(target.tensor.dims)}")
     if fmt != "dense":
-        reason = _blocker(target, weights, fmt, model)
-        if reason is None:
+        blocker = _blocker(target, weights, fmt, model)
+        if blocker is None:
             result = (_store_sparse(target, weights, model) if fmt == "sparse" else
                       _store_compact(target, weights, pattern or Pattern(), model, forms,
                                      write_payload))
             if isinstance(result, StoreResult):
                 return result
-            reason = result
-        log.info("%s: stays dense: %s", target.name, reason)
+            blocker = result
+        log.info("%s: stays dense: %s", target.name, blocker.reason)
         write_dense(target.tensor, weights)
-        return StoreResult("dense", weights.nbytes, reason)
+        return StoreResult("dense", weights.nbytes, blocker)
     write_dense(target.tensor, weights)
     return StoreResult("dense", weights.nbytes)
 
@@ -141,41 +206,49 @@ def _location(target: WeightTarget) -> tuple[str, int] | None:
 
 
 def _blocker(target: WeightTarget, weights: np.ndarray, fmt: str,
-             model: onnx.ModelProto | None) -> str | None:
+             model: onnx.ModelProto | None) -> Blocker | None:
     """Why `fmt` cannot be used for this target at all, or None."""
     if weights.ndim == 0 or weights.size == 0:
-        return "empty or scalar tensor"
+        return Blocker(DenseCause.EMPTY_OR_SCALAR)
     location = _location(target) if target.graph is not None else None
     if location is None:
-        return "its storage was not found in its graph"
+        return Blocker(DenseCause.STORAGE_NOT_FOUND)
     if any(i.name == target.tensor_name for i in target.graph.input):
-        return "also a graph input (an initializer callers may override)"
+        return Blocker(DenseCause.GRAPH_INPUT)
     kind = location[0]
     opset = default_opset(model) if model is not None else None
     if fmt == "compact":
         if model is not None and (opset is None or opset < MIN_OPSET):
-            return f"compact storage needs ai.onnx opset >= {MIN_OPSET}; the model has {opset}"
+            return Blocker(DenseCause.COMPACT_NEEDS_OPSET, {"opset": opset, "needed": MIN_OPSET})
         if weights.nbytes >= FOLD_CAP_BYTES:
-            reason = (f"{weights.nbytes:,} bytes dense reach onnxruntime's constant-folding "
-                      f"limit ({FOLD_CAP_BYTES:,} bytes per node output)")
+            blocker = Blocker(DenseCause.FOLD_LIMIT, {"bytes": weights.nbytes,
+                                                      "limit": FOLD_CAP_BYTES})
             log.warning("%s: stays dense: %s; a compact form would be rebuilt at every "
-                        "inference", target.name, reason)
-            return reason
+                        "inference", target.name, blocker.reason)
+            return blocker
     if fmt == "sparse" and model is not None:
-        if kind == "initializer" and model.ir_version < 6:
-            return f"sparse_initializer needs IR version >= 6; the model has {model.ir_version}"
-        if kind == "constant" and (opset is None or opset < 11):
-            return f"Constant sparse_value needs ai.onnx opset >= 11; the model has {opset}"
+        if kind == "initializer" and model.ir_version < SPARSE_MIN_IR_VERSION:
+            return Blocker(DenseCause.SPARSE_NEEDS_IR_VERSION,
+                           {"ir_version": model.ir_version, "needed": SPARSE_MIN_IR_VERSION})
+        if kind == "constant" and (opset is None or opset < SPARSE_CONSTANT_MIN_OPSET):
+            return Blocker(DenseCause.SPARSE_CONSTANT_NEEDS_OPSET,
+                           {"opset": opset, "needed": SPARSE_CONSTANT_MIN_OPSET})
     return None
 
 
+def _not_smaller(fmt: str, size: int, weights: np.ndarray, nnz: int,
+                 **detail: object) -> Blocker:
+    return Blocker(DenseCause.NOT_SMALLER, {"format": fmt, "bytes": size,
+                                            "dense_bytes": weights.nbytes,
+                                            "sparsity": 1 - nnz / weights.size, **detail})
+
+
 def _store_sparse(target: WeightTarget, weights: np.ndarray,
-                  model: onnx.ModelProto | None) -> StoreResult | str:
+                  model: onnx.ModelProto | None) -> StoreResult | Blocker:
     nnz = int(np.count_nonzero(bits_of(weights)))
     size = sparse_bytes(nnz, weights.dtype.itemsize)
     if size >= weights.nbytes:
-        return (f"sparse ({size:,} bytes with int64 indices) is not smaller than dense "
-                f"({weights.nbytes:,} bytes) at {1 - nnz / weights.size:.1%} sparsity")
+        return _not_smaller("sparse", size, weights, nnz)
     graph = target.graph
     kind, index = _location(target)
     sparse = make_sparse(target.tensor_name, weights)
@@ -191,7 +264,7 @@ def _store_sparse(target: WeightTarget, weights: np.ndarray,
 def _store_compact(target: WeightTarget, weights: np.ndarray, pattern: Pattern,
                    model: onnx.ModelProto | None,
                    forms: tuple[str, ...] | None = None,
-                   write_payload: DenseWriter | None = None) -> StoreResult | str:
+                   write_payload: DenseWriter | None = None) -> StoreResult | Blocker:
     axis = target.reduction_axis
     m = pattern.m if pattern.is_nm else 0
     rows = chunk_rows(weights.shape, axis, m)
@@ -202,8 +275,7 @@ def _store_compact(target: WeightTarget, weights: np.ndarray, pattern: Pattern,
     best = choose_plan(plans)
     if forms is None and best.bytes >= weights.nbytes:
         nnz = int(np.count_nonzero(bits_of(weights)))
-        return (f"compact ({best.bytes:,} bytes as {best.format}) is not smaller than dense "
-                f"({weights.nbytes:,} bytes) at {1 - nnz / weights.size:.1%} sparsity")
+        return _not_smaller("compact", best.bytes, weights, nnz, encoding=best.format)
 
     graph = target.graph
     kind, index = _location(target)
