@@ -33,7 +33,7 @@ _SPEC_KEY = "onnxprune.option"
 
 
 @dataclass(frozen=True)
-class _Declared:
+class Declared:
     """What `option` records in a dataclass field's metadata."""
 
     help: str
@@ -55,7 +55,7 @@ def option(default: Any, *, help: str, minimum: float | None = None,
     strict); `choices` lists the allowed values; `flag` is the command-line name without
     ``--`` when it is not ``<part>-<field>`` (an option users already know by that name).
     """
-    declared = _Declared(help, minimum, maximum, exclusive_minimum,
+    declared = Declared(help, minimum, maximum, exclusive_minimum,
                          tuple(choices) if choices is not None else None, metavar, flag)
     return dataclasses.field(default=default, metadata={_SPEC_KEY: declared})
 
@@ -65,22 +65,17 @@ class NoOptions:
     """The options of a part that has none."""
 
 
-@dataclass(frozen=True)
-class OptionSpec:
-    """One declared option of one part, as the command line, recipes and checks see it."""
+@dataclass(frozen=True, kw_only=True)
+class OptionSpec(Declared):
+    """One declared option of one part, as the command line, recipes and checks see it;
+    `flag` is always set (without the leading "--")."""
 
     kind: str  # "method", "allocation", ...
     part: str  # the part's name
     field: str  # the field of the part's Options
     type: type  # bool, int, float or str
     default: Any
-    help: str
-    minimum: float | None = None
-    maximum: float | None = None
-    exclusive_minimum: bool = False
-    choices: tuple[Any, ...] | None = None
-    metavar: str | None = None
-    flag: str = ""  # without the leading "--"
+    flag: str  # the declared flag, or <part>-<field>
 
     @property
     def dest(self) -> str:
@@ -171,16 +166,14 @@ def option_specs(part: type | object, kind: str) -> list[OptionSpec]:
         if declared is None:
             raise TypeError(f"{kind} {name!r}: option {field.name!r} must be made with "
                             "onnxprune.parts.option(...)")
-        kind_of_value = _value_type(field, declared)
         flag = declared.flag or f"{name}-{field.name.rstrip('_')}".replace("_", "-")
-        specs.append(OptionSpec(kind, name, field.name, kind_of_value, field.default,
-                                declared.help, declared.minimum, declared.maximum,
-                                declared.exclusive_minimum, declared.choices,
-                                declared.metavar, flag))
+        specs.append(OptionSpec(**{**vars(declared), "flag": flag}, kind=kind, part=name,
+                                field=field.name, type=_value_type(field, declared),
+                                default=field.default))
     return specs
 
 
-def _value_type(field: dataclasses.Field, declared: _Declared) -> type:
+def _value_type(field: dataclasses.Field, declared: Declared) -> type:
     default = field.default
     if default is dataclasses.MISSING:
         raise TypeError(f"option {field.name!r} needs a default")

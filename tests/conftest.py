@@ -264,3 +264,18 @@ def prune_cli_and_run(tmp_path: Path, model: str, args: list[str]) -> list[dict]
     outputs = session.run(None, load_calibration(None, proto, samples=1, seed=0)[0])
     assert all(np.isfinite(o).all() for o in outputs)
     return targets
+
+
+def plugin_env(folder: Path, module: str, source: str, entry_points: str) -> dict[str, str]:
+    """An environment in which `module` (written from `source`) is an installed package with
+    the given entry_points.txt text: what `pip install` of a plug-in would leave."""
+    import os
+
+    site = folder / "site"
+    info = site / f"{module}-0.1.dist-info"
+    info.mkdir(parents=True)
+    (site / f"{module}.py").write_text(source)
+    (info / "METADATA").write_text(
+        f"Metadata-Version: 2.1\nName: {module.replace('_', '-')}\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text(entry_points)
+    return {**os.environ, "PYTHONPATH": str(site)}

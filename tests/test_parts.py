@@ -4,13 +4,12 @@ before the heavy imports."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
+from conftest import plugin_env
 
 from onnxprune.cli import main
 from onnxprune.config import PruneConfig
@@ -104,19 +103,9 @@ def test_a_built_in_that_cannot_be_imported_is_named_with_its_error():
         assert registry.names() == ["good", "broken"]
 
 
-def _plugin_site(tmp_path: Path, module: str, entries: str) -> dict:
-    site = tmp_path / "site"
-    (site / "toy_broken-0.1.dist-info").mkdir(parents=True)
-    (site / "toy_broken.py").write_text(module)
-    (site / "toy_broken-0.1.dist-info" / "METADATA").write_text(
-        "Metadata-Version: 2.1\nName: toy-broken\nVersion: 0.1\n")
-    (site / "toy_broken-0.1.dist-info" / "entry_points.txt").write_text(entries)
-    return {**os.environ, "PYTHONPATH": str(site)}
-
-
 def test_a_broken_plugin_is_named_with_its_import_error(models_dir, tmp_path):
-    env = _plugin_site(tmp_path, "import no_such_dependency\n",
-                       "[onnxprune.methods]\ntoy-broken = toy_broken:Method\n")
+    env = plugin_env(tmp_path, "toy_broken", "import no_such_dependency\n",
+                     "[onnxprune.methods]\ntoy-broken = toy_broken:Method\n")
     run = subprocess.run([sys.executable, "-m", "onnxprune", "prune",
                           str(models_dir / "mlp.onnx"), "-o", str(tmp_path / "o.onnx"),
                           "--method", "toy-broken"], capture_output=True, text=True, env=env)

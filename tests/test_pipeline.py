@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import subprocess
 import sys
@@ -13,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from conftest import example_feeds
+from conftest import example_feeds, plugin_env
 from layer_cases import prune_matmul
 from onnx import helper, numpy_helper
 
@@ -206,17 +205,16 @@ def _readme_plugin() -> tuple[str, str, str]:
     return module, name, value
 
 
-def test_a_method_from_an_entry_point_runs_from_the_cli(models_dir, tmp_path):
+def _install_readme_plugin(folder: Path) -> tuple[str, dict[str, str]]:
+    """(its entry point's name, an environment where the README's plug-in is installed)."""
     module, entry_name, entry_value = _readme_plugin()
-    site = tmp_path / "site"
-    (site / "toy_plugin-0.1.dist-info").mkdir(parents=True)
-    (site / "toy_plugin.py").write_text(module)
-    (site / "toy_plugin-0.1.dist-info" / "METADATA").write_text(
-        "Metadata-Version: 2.1\nName: toy-plugin\nVersion: 0.1\n")
-    (site / "toy_plugin-0.1.dist-info" / "entry_points.txt").write_text(
-        f"[onnxprune.methods]\n{entry_name} = {entry_value}\n")
+    return entry_name, plugin_env(folder, "toy_plugin", module,
+                                  f"[onnxprune.methods]\n{entry_name} = {entry_value}\n")
+
+
+def test_a_method_from_an_entry_point_runs_from_the_cli(models_dir, tmp_path):
+    entry_name, env = _install_readme_plugin(tmp_path)
     out = tmp_path / "out.onnx"
-    env = {**os.environ, "PYTHONPATH": str(site)}
     help_text = subprocess.run([sys.executable, "-m", "onnxprune", "prune", "--help"],
                                capture_output=True, text=True, env=env, check=True).stdout
     assert "toy-largest" in re.sub(r"-\s+", "-", help_text)  # argparse wraps at hyphens
@@ -233,15 +231,7 @@ def test_a_method_from_an_entry_point_runs_from_the_cli(models_dir, tmp_path):
 
 def test_a_plugins_option_reaches_help_recipes_and_its_constructor(models_dir, tmp_path):
     """The README's plug-in declares `power` once, on itself: nothing else is touched."""
-    module, entry_name, entry_value = _readme_plugin()
-    site = tmp_path / "site"
-    (site / "toy_plugin-0.1.dist-info").mkdir(parents=True)
-    (site / "toy_plugin.py").write_text(module)
-    (site / "toy_plugin-0.1.dist-info" / "METADATA").write_text(
-        "Metadata-Version: 2.1\nName: toy-plugin\nVersion: 0.1\n")
-    (site / "toy_plugin-0.1.dist-info" / "entry_points.txt").write_text(
-        f"[onnxprune.methods]\n{entry_name} = {entry_value}\n")
-    env = {**os.environ, "PYTHONPATH": str(site)}
+    entry_name, env = _install_readme_plugin(tmp_path)
 
     def onnxprune_cli(*args):
         return subprocess.run([sys.executable, "-m", "onnxprune", *args], capture_output=True,
