@@ -100,8 +100,8 @@ class PruneConfig:
         if self.sparsity is not None:
             try:
                 sparsity = float(self.sparsity)
-            except (TypeError, ValueError):
-                raise ConfigError(f"sparsity must be a number, got {self.sparsity!r}") from None
+            except (TypeError, ValueError) as exc:
+                raise ConfigError(f"sparsity must be a number, got {self.sparsity!r}") from exc
             if not 0.0 <= sparsity < 1.0:
                 raise ConfigError(f"sparsity must be in [0, 1), got {self.sparsity}")
             object.__setattr__(self, "sparsity", sparsity)
@@ -142,7 +142,7 @@ class PruneConfig:
             try:
                 re.compile(regex)
             except re.error as exc:
-                raise ConfigError(f"bad regular expression {regex!r}: {exc}") from None
+                raise ConfigError(f"bad regular expression {regex!r}: {exc}") from exc
 
     @property
     def target_sparsity(self) -> float:

@@ -74,10 +74,10 @@ class MaskSet(Mapping):
         try:
             with np.load(path, allow_pickle=False) as npz:
                 arrays = {key: npz[key] for key in npz.files}
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: no such mask file") from None
+        except FileNotFoundError as exc:
+            raise ConfigError(f"{path}: no such mask file") from exc
         except (OSError, ValueError, zipfile.BadZipFile, io.UnsupportedOperation) as exc:
-            raise ConfigError(f"{path}: not a mask .npz file ({exc})") from None
+            raise ConfigError(f"{path}: not a mask .npz file ({exc})") from exc
         if INDEX_KEY not in arrays:
             masks = {}
             for name, array in arrays.items():
@@ -88,8 +88,8 @@ class MaskSet(Mapping):
         try:
             index = json.loads(arrays.pop(INDEX_KEY).tobytes().decode())
             shapes = {name: tuple(shape) for name, shape in index["shapes"].items()}
-        except (ValueError, KeyError, TypeError, AttributeError):
-            raise ConfigError(f"{path}: damaged mask index") from None
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise ConfigError(f"{path}: damaged mask index") from exc
         if index.get("version") != VERSION or set(shapes) != set(arrays):
             raise ConfigError(f"{path}: mask index does not match its arrays")
         for name, packed in arrays.items():

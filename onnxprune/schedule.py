@@ -255,7 +255,7 @@ def _rewound(init: tuple[onnx.ModelProto, Path], config: PruneConfig, masks: Mas
         rewound, _ = _pass(init[0], init[1], config, None, masks, fixed=True, inplace=False)
     except ConfigError as exc:
         name = "model" if isinstance(source, onnx.ModelProto) else str(source)
-        raise ConfigError(f"--rewind {name}: does not fit the pruned model ({exc})") from None
+        raise ConfigError(f"--rewind {name}: does not fit the pruned model ({exc})") from exc
     return rewound
 
 

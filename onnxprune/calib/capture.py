@@ -254,7 +254,7 @@ class ActivationCapture:
             return create_session(data, options)
         except Exception as exc:  # onnxruntime raises its own unrelated types
             raise CalibrationError(f"onnxruntime cannot run calibration stage {stage.number} "
-                                   f"({_first_line(exc)})") from None
+                                   f"({_first_line(exc)})") from exc
 
     def _replacement(self, name: str) -> TensorProto:
         """The initializer a stage uses for `weights[name]`, checked against the tensor
@@ -281,7 +281,7 @@ def _run(session: ort.InferenceSession, inputs: dict[str, np.ndarray]) -> dict[s
         return run_with_ortvalues(session, inputs)
     except Exception as exc:  # a bad sample surfaces here as an onnxruntime error
         raise CalibrationError(f"calibration sample fails in onnxruntime "
-                               f"({_first_line(exc)})") from None
+                               f"({_first_line(exc)})") from exc
 
 
 def _feed_value(feed: Feed, name: str) -> np.ndarray:

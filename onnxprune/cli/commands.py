@@ -322,9 +322,9 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
     else:
         try:
             levels = check_levels(float(v) for v in args.levels.split(",") if v.strip())
-        except ValueError:
+        except ValueError as exc:
             raise ConfigError(f"--levels must be numbers separated by commas, got "
-                              f"{args.levels!r}") from None
+                              f"{args.levels!r}") from exc
     config = _config_from(args, method=args.method, calib=args.calib,
                           calib_samples=args.calib_samples, seed=args.seed)
     folder = Path(args.output)

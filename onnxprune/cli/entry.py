@@ -79,7 +79,11 @@ def _parse(argv: list[str] | None) -> tuple[argparse.ArgumentParser, argparse.Na
 
 
 def _exit_status(exc: BaseException, verbose: int) -> int:
-    """Say in one line on stderr how the command ended, and return its exit status."""
+    """Say in one line on stderr how the command ended, and return its exit status.
+
+    With -v a user error's traceback follows its line, with the error it was raised from
+    (onnx, onnxruntime, the OS); an internal error is re-raised whole.
+    """
     from ..errors import OnnxPruneError, ValidationFailed
 
     if _interrupted(exc):
@@ -90,6 +94,9 @@ def _exit_status(exc: BaseException, verbose: int) -> int:
         return 141  # 128 + SIGPIPE, as a tool killed by the closed pipe reports
     if isinstance(exc, (OnnxPruneError, ValidationFailed)):
         _say(f"onnxprune: error: {exc}")
+        if verbose and isinstance(exc, OnnxPruneError):
+            # where it was raised, and the onnx/onnxruntime/OS error it was chained from
+            _say_traceback(exc)
         return exc.exit_code
     if isinstance(exc, MemoryError):
         _say("onnxprune: error: out of memory")
@@ -152,6 +159,17 @@ def _say(line: str) -> None:
     """One line on stderr; a closed stderr leaves nothing to say it on."""
     try:
         print(line, file=sys.stderr, flush=True)
+    except (OSError, ValueError):
+        pass
+
+
+def _say_traceback(exc: BaseException) -> None:
+    """The traceback of `exc` on stderr, with the exceptions it was raised from."""
+    import traceback
+
+    try:
+        traceback.print_exception(exc, file=sys.stderr)
+        sys.stderr.flush()
     except (OSError, ValueError):
         pass
 

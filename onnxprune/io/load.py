@@ -69,13 +69,13 @@ def load_model(path: str | os.PathLike, lazy: bool = False) -> LoadedModel:
             scan_file(path)  # checks inline tensor sizes without copying them
     except ModelLoadError:
         raise
-    except (DecodeError, WireError):
+    except (DecodeError, WireError) as exc:
         raise ModelLoadError(f"{path}: not a valid ONNX model (protobuf could not be parsed; "
-                             "truncated or not ONNX)") from None
+                             "truncated or not ONNX)") from exc
     except OSError as exc:
-        raise ModelLoadError(f"{path}: cannot read ({exc.strerror or exc})") from None
+        raise ModelLoadError(f"{path}: cannot read ({exc.strerror or exc})") from exc
     except Exception as exc:  # onnx raises several types for corrupt files
-        raise ModelLoadError(f"{path}: not a valid ONNX model ({_one_line(exc)})") from None
+        raise ModelLoadError(f"{path}: not a valid ONNX model ({_one_line(exc)})") from exc
     if not proto.HasField("graph") or (len(proto.graph.node) == 0 and proto.ir_version == 0):
         raise ModelLoadError(f"{path}: not a valid ONNX model (no graph)")
     if proto.ir_version == 0:
@@ -140,9 +140,9 @@ def model_file_bytes(path: str | os.PathLike) -> int:
     path = Path(path)
     try:
         locations = scan_file(path).external_locations
-    except WireError:
+    except WireError as exc:
         raise ModelLoadError(f"{path}: not a valid ONNX model (protobuf could not be parsed; "
-                             "truncated or not ONNX)") from None
+                             "truncated or not ONNX)") from exc
     total = path.stat().st_size
     folder = os.path.realpath(path.parent)
     for location in filter(None, locations):

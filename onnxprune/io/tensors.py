@@ -139,9 +139,9 @@ def element_dtype(tensor: TensorProto, label: str | None = None) -> np.dtype:
         raise ModelLoadError(f"{label} has no data type (0, UNDEFINED)")
     try:
         return np.dtype(helper.tensor_dtype_to_np_dtype(data_type))
-    except (KeyError, ValueError, TypeError):
+    except (KeyError, ValueError, TypeError) as exc:
         raise ModelLoadError(f"{label} has an unknown data type "
-                             f"({data_type})") from None
+                             f"({data_type})") from exc
 
 
 def tensor_numel(tensor: TensorProto, label: str | None = None) -> int:
@@ -273,12 +273,12 @@ def external_range(tensor: TensorProto, base_dir: Path, label: str | None = None
                              f"model's directory (a symbolic link to {_short(real)})")
     try:
         status = os.stat(real)
-    except FileNotFoundError:
+    except FileNotFoundError as exc:
         raise ModelLoadError(f"{label}: external data file {_short(str(file))} is "
-                             "missing") from None
+                             "missing") from exc
     except OSError as exc:
         raise ModelLoadError(f"{label}: external data file {_short(str(file))} cannot be read "
-                             f"({exc.strerror or exc})") from None
+                             f"({exc.strerror or exc})") from exc
     if not stat.S_ISREG(status.st_mode):
         raise ModelLoadError(f"{label}: external data {_short(str(file))} is not a regular file")
     numel = tensor_numel(tensor, label)
@@ -369,7 +369,7 @@ def _decode(tensor: TensorProto, label: str, raw: bytes | None = None) -> np.nda
     except (ValueError, TypeError, KeyError, IndexError, OverflowError) as exc:
         lines = str(exc).strip().splitlines() or [type(exc).__name__]
         raise ModelLoadError(f"{label}: values cannot be read "
-                             f"({_short(lines[0], 120)})") from None
+                             f"({_short(lines[0], 120)})") from exc
 
 
 def iter_chunks(tensor: TensorProto, base_dir: Path, max_elements: int) -> Iterator[np.ndarray]:

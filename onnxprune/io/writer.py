@@ -68,7 +68,7 @@ def check_output_path(output: str | os.PathLike, input_path: str | os.PathLike |
         probe = _temp_path(directory, output.name)
     except OSError as exc:
         raise OutputPathError(f"output directory {directory} is not writable "
-                              f"({exc.strerror or exc})") from None
+                              f"({exc.strerror or exc})") from exc
     probe.unlink()
     return output
 
@@ -142,7 +142,7 @@ class ModelWriter:
                 self._model = self._open_temp(self.output.name, "r+b")
         except OSError as exc:
             self.abort()
-            raise self._error(exc) from None
+            raise self._error(exc) from exc
 
     def __enter__(self) -> ModelWriter:
         return self
@@ -171,7 +171,7 @@ class ModelWriter:
                 where = payload
         except OSError as exc:
             self.abort()
-            raise self._error(exc) from None
+            raise self._error(exc) from exc
         self._pending[id(tensor)] = (tensor, where)
 
     def commit(self) -> Path:
@@ -204,7 +204,7 @@ class ModelWriter:
         except BaseException as exc:
             self.abort()
             if isinstance(exc, OSError):
-                raise self._error(exc) from None
+                raise self._error(exc) from exc
             raise
         self.abort()  # nothing left but a model file superseded by a rewrite, if any
         return self.output
@@ -631,7 +631,7 @@ def write_file_atomically(path: str | os.PathLike, write: Callable[[object], Non
     try:
         tmp = _temp_path(directory, path.name)
     except OSError as exc:
-        raise OutputPathError(f"{path}: cannot write ({exc.strerror or exc})") from None
+        raise OutputPathError(f"{path}: cannot write ({exc.strerror or exc})") from exc
     try:
         with open(tmp, "wb" if binary else "w") as fh:
             write(fh)
