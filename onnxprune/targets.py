@@ -62,6 +62,7 @@ class WeightTarget:
     # the graph that stores the tensor and its name there (for rewriting the storage)
     graph: onnx.GraphProto = field(repr=False, compare=False, default=None)
     tensor_name: str = ""
+    scope_label: str = ""  # the subgraph that stores it, as `source` names it; "" if main
 
     @property
     def numel(self) -> int:
@@ -333,7 +334,8 @@ def discover_targets(model: onnx.ModelProto, selection: Selection | None = None
         consumers = tuple(Consumer(use.node.name or use.node.op_type, use.node.op_type, use.slot)
                           for _, _, use in verdicts)
         targets.append(WeightTarget(name, first.op_type, shape, dtype_name, axis, source,
-                                    consumers, group, tensor, item.scope.graph, item.name))
+                                    consumers, group, tensor, item.scope.graph, item.name,
+                                    "" if item.scope.is_main else item.scope.label))
     return targets, skipped
 
 

@@ -854,6 +854,11 @@ def test_weights_nested_two_levels() -> None:
         "Wc": ("subgraph:inner_if", 0),
         "Wi": ("subgraph:inner_if", 1),
     }
+    # the subgraph as data too, for code that needs it (compact storage names its nodes)
+    assert {name: t.scope_label for name, t in targets.items()} == {
+        "Wb": "loop", "Wc": "inner_if", "Wi": "inner_if"}
+    main_targets, _ = discover(_mixed_model())
+    assert {t.scope_label for t in main_targets.values()} == {""}
 
 
 def _same_name_model() -> onnx.ModelProto:

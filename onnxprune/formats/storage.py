@@ -279,8 +279,7 @@ def _store_compact(target: WeightTarget, weights: np.ndarray, pattern: Pattern,
 
     graph = target.graph
     kind, index = _location(target)
-    label = target.source.removeprefix("subgraph:") if target.source.startswith("subgraph:") \
-        else ""
+    label = target.scope_label
     prefix = _unique_prefix(graph, REBUILD_PREFIX + (f"{label}/" if label else ""))
     opset = default_opset(model) if model is not None else None
     builder = TensorBuilder(prefix, best, target.tensor.data_type, axis, opset)
