@@ -222,10 +222,16 @@ def _option_value_problem(key: str, value, action: argparse.Action) -> str | Non
         items = values
     else:
         items = [value]
+    kind = getattr(action.type, "value_type", action.type)
     for item in items:
-        problem = _scalar_problem(item, action.type)
+        problem = _scalar_problem(item, kind)
         if problem:
             return problem
+        if kind is not action.type:  # a checking type (sparsity in [0, 1), counts >= 1)
+            try:
+                action.type(str(item))
+            except argparse.ArgumentTypeError as exc:
+                return str(exc)
         if action.choices is not None and item not in action.choices:
             return f"expected one of {', '.join(map(str, action.choices))}, got {item!r}"
         problem = _semantic_problem(key, item)

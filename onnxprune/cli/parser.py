@@ -83,6 +83,9 @@ def fraction(text: str) -> float:
     return value
 
 
+fraction.value_type = float  # type: ignore[attr-defined]  # what recipes check values as
+
+
 def _at_least(minimum: int):
     def check(text: str) -> int:
         try:
@@ -94,6 +97,7 @@ def _at_least(minimum: int):
         return value
 
     check.__name__ = "int"  # argparse names the type in its messages
+    check.value_type = int  # type: ignore[attr-defined]  # what recipes check values as
     return check
 
 

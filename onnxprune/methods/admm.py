@@ -259,7 +259,7 @@ class Admm(Method, WeightUpdate):
 
 def _reconstruct(job: Job, fixed: np.ndarray | None, options: Admm.Options,
                  gradual: bool) -> np.ndarray:
-    view, plan = job.view, job.plan
+    view, plan = job.calibration[0], job.plan
     iters, rho = options.iters, options.rho
     obs = view.to_obs(job.weights)
     groups, rows, cols = obs.shape
@@ -272,7 +272,7 @@ def _reconstruct(job: Job, fixed: np.ndarray | None, options: Admm.Options,
     for group in range(groups):
         key = ("admm", group, rho)  # targets reading the same input share the factor
         if key not in job.shared:
-            job.shared[key] = admm_factor(job.stats.hessian[group], rho)
+            job.shared[key] = admm_factor(job.hessians[group], rho)
         # the tensor's exact count split over the groups by cumulative rounding
         count = total * (group + 1) // groups - total * group // groups
         rule = MaskRule(fixed=None if fixed_obs is None else fixed_obs[group],

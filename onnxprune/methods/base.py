@@ -50,6 +50,21 @@ class Job:
     shared: dict[Any, Any] = field(default_factory=dict)
     config: PruneConfig | None = None
 
+    @property
+    def calibration(self) -> tuple[TargetView, ActivationStats]:
+        """(view, stats): set by the pipeline for every part that declares `needs`."""
+        if self.view is None or self.stats is None:
+            raise RuntimeError(f"{self.target.name}: no calibration statistics were gathered")
+        return self.view, self.stats
+
+    @property
+    def hessians(self) -> np.ndarray:
+        """XᵀX per group, [groups, inputs, inputs]: for parts that need `Needs.HESSIAN`."""
+        hessian = self.calibration[1].hessian
+        if hessian is None:
+            raise RuntimeError(f"{self.target.name}: XᵀX was not gathered")
+        return hessian
+
 
 class Method(Part):
     """A pruning method (`--method`): scores weights, or rebuilds them (`reconstructs`)."""

@@ -46,7 +46,7 @@ class DSnoT(MaskRefinement):
                             help="prune-and-grow cycles per row")
 
     def refine(self, job: Job, keep: np.ndarray) -> np.ndarray:
-        view, pattern = job.view, job.plan.pattern
+        view, pattern = job.calibration[0], job.plan.pattern
         cycles = self.options.iters
         weights = view.to_obs(job.weights)
         keep_obs = np.ascontiguousarray(view.to_obs(keep), dtype=bool)
@@ -54,7 +54,7 @@ class DSnoT(MaskRefinement):
                     else np.ascontiguousarray(view.to_obs(job.keep), dtype=bool))
         swaps = 0
         for group in range(weights.shape[0]):
-            swaps += refine_matrix(weights[group], job.stats.hessian[group], keep_obs[group],
+            swaps += refine_matrix(weights[group], job.hessians[group], keep_obs[group],
                                    growable[group], cycles, pattern.n, pattern.m)
         log.debug("%s: dsnot made %d swaps", job.target.name, swaps)
         return np.ascontiguousarray(view.from_obs(keep_obs), dtype=bool)

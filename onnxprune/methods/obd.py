@@ -20,8 +20,9 @@ class OBD(Method):
     needs = Needs.SQ_NORMS
 
     def scores(self, job: Job) -> np.ndarray:
-        obs = job.view.to_obs(job.weights)
-        return job.view.from_obs(obd_scores(obs, job.stats.sq_norms[:, np.newaxis, :]))
+        view, stats = job.calibration
+        obs = view.to_obs(job.weights)
+        return view.from_obs(obd_scores(obs, stats.sq_norms[:, np.newaxis, :]))
 
 
 def obd_scores(weights: np.ndarray, hessian_diagonal: np.ndarray) -> np.ndarray:

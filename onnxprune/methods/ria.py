@@ -38,8 +38,9 @@ class RIA(Method):
                               help="exponent of the input norm")
 
     def scores(self, job: Job) -> np.ndarray:
-        obs = job.view.to_obs(job.weights)
-        return job.view.from_obs(ria_scores(obs, job.stats.sq_norms, self.options.alpha))
+        view, stats = job.calibration
+        obs = view.to_obs(job.weights)
+        return view.from_obs(ria_scores(obs, stats.sq_norms, self.options.alpha))
 
 
 def ria_scores(weights: np.ndarray, sq_norms: np.ndarray, alpha: float = DEFAULT_ALPHA

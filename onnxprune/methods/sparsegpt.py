@@ -182,14 +182,14 @@ class SparseGPT(Method):
                              metavar="L", help="damping of XᵀX, relative to its mean diagonal")
 
     def reconstruct(self, job: Job) -> np.ndarray:
-        view, plan = job.view, job.plan
+        view, plan = job.calibration[0], job.plan
         obs = view.to_obs(job.weights)
         pruned = None if job.keep is None else ~view.to_obs(job.keep).astype(bool)
         updated = np.empty_like(obs)
         per_group = obs.shape[1] * obs.shape[2]
         factors = job.shared  # targets reading the same input share H⁻¹'s factor
         for group in range(obs.shape[0]):
-            hessian = job.stats.hessian[group]
+            hessian = job.hessians[group]
             if group not in factors:
                 factors[group] = inverse_cholesky_upper(
                     hessian, self.options.damp, dead_inputs(hessian)).astype(np.float32, order="F")

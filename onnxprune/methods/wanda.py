@@ -15,8 +15,9 @@ class Wanda(Method):
     compare = "row"
 
     def scores(self, job: Job) -> np.ndarray:
-        obs = job.view.to_obs(job.weights)
-        return job.view.from_obs(wanda_scores(obs, job.stats.sq_norms[:, np.newaxis, :]))
+        view, stats = job.calibration
+        obs = view.to_obs(job.weights)
+        return view.from_obs(wanda_scores(obs, stats.sq_norms[:, np.newaxis, :]))
 
 
 def wanda_scores(weights: np.ndarray, sq_norms: np.ndarray) -> np.ndarray:
