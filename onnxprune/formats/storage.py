@@ -77,7 +77,8 @@ STREAMED_PAYLOAD_BYTES = 1 << 16  # smaller compact tensors stay in the proto un
 class DenseCause(enum.Enum):
     """Why a target stays dense when sparse or compact storage was asked for.
 
-    The particulars are in `StoreResult.detail`; `StoreResult.reason` words both.
+    The particulars are in `Blocker.detail`; `Blocker.reason` (and `StoreResult.reason`)
+    words both.
     """
 
     EMPTY_OR_SCALAR = "empty_or_scalar"
