@@ -228,7 +228,7 @@ class Scope:
         self.path = path
         self.defined: set[str] = {i.name for i in graph.input}
         self.defined.update(t.name for t in graph.initializer)
-        self.defined.update(t.name for t in graph.sparse_initializer if t.values.name)
+        self.defined.update(t.values.name for t in graph.sparse_initializer if t.values.name)
         for node in graph.node:
             self.defined.update(o for o in node.output if o)
         self.consumers: dict[str, list[Use]] = {}

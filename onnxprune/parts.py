@@ -87,42 +87,50 @@ class OptionSpec(Declared):
         return "--" + self.flag
 
     def check(self, value: Any) -> Any:
-        """`value` as this option's type, or a `ConfigError` saying what is wrong."""
-        where = self.option_string
+        """`value` as this option's type, or a `ConfigError` naming the option and what is
+        wrong."""
+        converted, problem = self.convert(value)
+        if problem:
+            raise ConfigError(f"{self.option_string}: {problem}")
+        return converted
+
+    def convert(self, value: Any) -> tuple[Any, str | None]:
+        """(`value` as this option's type, None), or (None, what is wrong with it)."""
         if self.type is bool:
             if not isinstance(value, bool):
-                raise ConfigError(f"{where}: expected true or false, got {value!r}")
-            return value
+                return None, f"expected true or false, got {value!r}"
+            return value, None
         if self.type in (int, float):
+            wanted = "an integer" if self.type is int else "a number"
             if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-                raise ConfigError(f"{where}: expected {_article(self.type)}, got {value!r}")
+                return None, f"expected {wanted}, got {value!r}"
             try:
                 number = self.type(value)
-            except (TypeError, ValueError) as exc:
-                raise ConfigError(f"{where}: expected {_article(self.type)}, got {value!r}"
-                                  ) from exc
+            except (TypeError, ValueError):
+                return None, f"expected {wanted}, got {value!r}"
             if self.type is int and isinstance(value, float) and number != value:
-                raise ConfigError(f"{where}: expected an integer, got {value!r}")
+                return None, f"expected an integer, got {value!r}"
             if isinstance(number, float) and not math.isfinite(number):
-                raise ConfigError(f"{where}: expected a finite number, got {value!r}")
-            self._check_bounds(number)
+                return None, f"expected a finite number, got {value!r}"
+            problem = self._bounds_problem(number)
+            if problem:
+                return None, problem
             value = number
         elif not isinstance(value, str):
-            raise ConfigError(f"{where}: expected a string, got {value!r}")
+            return None, f"expected a string, got {value!r}"
         if self.choices is not None and value not in self.choices:
-            raise ConfigError(f"{where}: expected one of {', '.join(map(str, self.choices))}, "
-                              f"got {value!r}")
-        return value
+            return None, f"expected one of {', '.join(map(str, self.choices))}, got {value!r}"
+        return value, None
 
-    def _check_bounds(self, number: float) -> None:
-        where = self.option_string
+    def _bounds_problem(self, number: float) -> str | None:
         if self.minimum is not None:
             low = self.minimum
             if number < low or (self.exclusive_minimum and number == low):
                 relation = ">" if self.exclusive_minimum else ">="
-                raise ConfigError(f"{where} must be {relation} {low:g}, got {number:g}")
+                return f"must be {relation} {low:g}, got {number:g}"
         if self.maximum is not None and number > self.maximum:
-            raise ConfigError(f"{where} must be <= {self.maximum:g}, got {number:g}")
+            return f"must be <= {self.maximum:g}, got {number:g}"
+        return None
 
     def help_text(self) -> str:
         """The --help line: what it does, its bounds and its default."""
@@ -137,10 +145,6 @@ class OptionSpec(Declared):
         if self.type is not bool and self.default is not None:
             text += f" [{self.default}]"
         return text
-
-
-def _article(kind: type) -> str:
-    return "an integer" if kind is int else "a number"
 
 
 class Part(ABC):  # noqa: B024 (no abstract method here: each kind's base adds its own)

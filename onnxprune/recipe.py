@@ -205,11 +205,7 @@ def _option_value_problem(key: str, value, action: argparse.Action) -> str | Non
 
     spec = next((s for s in all_option_specs() if s.dest == key), None)
     if spec is not None:  # an option a part declares: its own checks
-        try:
-            spec.check(value)
-        except ConfigError as exc:
-            return str(exc).removeprefix(spec.option_string).removeprefix(":").strip()
-        return None
+        return spec.convert(value)[1]
     if isinstance(action, argparse._StoreTrueAction):
         return None if isinstance(value, bool) else f"expected true or false, got {value!r}"
     if isinstance(action, argparse._CountAction):

@@ -120,10 +120,10 @@ class SensitivityResult:
             return cls.from_dict(data)
         except OSError as exc:
             raise ConfigError(f"--sensitivity {path}: cannot read ({exc.strerror or exc})"
-                              ) from None
+                              ) from exc
         except (ValueError, KeyError, TypeError) as exc:
             raise ConfigError(f"--sensitivity {path}: not a sensitivity JSON "
-                              f"({type(exc).__name__}: {exc})") from None
+                              f"({type(exc).__name__}: {exc})") from exc
 
 
 def check_levels(levels: Sequence[float]) -> list[float]:
@@ -225,11 +225,11 @@ class _Sweep:
             return create_session(data, self.options)
         except Exception as exc:  # onnxruntime raises its own unrelated types
             raise ModelLoadError(f"onnxruntime cannot load the model ({first_line(exc)})"
-                                 ) from None
+                                 ) from exc
 
     @staticmethod
     def _outputs(session, feed: Feed) -> list[np.ndarray]:
-        from .validate import run_session
+        from .runtime import run_session
 
         return [np.asarray(v) for v in run_session(session, feed).values()]
 
@@ -325,9 +325,9 @@ def plot(result: SensitivityResult, path: str | os.PathLike, labelled: int = LAB
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-    except ImportError:
+    except ImportError as exc:
         raise PlotUnavailable("the sensitivity plot needs matplotlib: pip install "
-                              "'onnxprune[plot]' (the JSON curves were written)") from None
+                              "'onnxprune[plot]' (the JSON curves were written)") from exc
     named = {c.name for c in result.most_sensitive(labelled)}
     figure, axes = plt.subplots(figsize=(8, 5), dpi=110)
     for curve in result.targets:

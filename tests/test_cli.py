@@ -415,3 +415,22 @@ def test_prune_skips_numbas_scipy_blas_probe_and_sparsegpt_still_imports_scipy(t
     result = run_cli("prune", MLP, "-o", tmp_path / "s.onnx", "--method", "sparsegpt",
                      "--pattern", "2:4", "-q")
     assert result.returncode == 0, result.stderr
+
+
+def test_prune_validate_builds_the_reference_session_once(tmp_path, monkeypatch):
+    """The reference runs once before pruning (to refuse inputs it cannot run on); that
+    session is the one the comparison uses."""
+    import onnxprune.validate as validate
+
+    built = []
+    real = validate.make_session
+
+    def counting(model, *args, **kwargs):
+        built.append(str(model))
+        return real(model, *args, **kwargs)
+
+    monkeypatch.setattr(validate, "make_session", counting)
+    out = tmp_path / "m.onnx"
+    assert main(["prune", str(MLP), "-o", str(out), "--validate", "--min-cosine", "0.5",
+                 "-q"]) == 0
+    assert built == [str(MLP), str(out)]

@@ -614,9 +614,6 @@ def test_gather_bound_through_outer_ops_and_an_outer_table_inside_a_branch():
     _check_ids_run(model, VOCAB)
 
 
-@pytest.mark.xfail(strict=True, raises=AttributeError,
-                   reason="graph.Scope reads SparseTensorProto.name, which does not exist "
-                          "(onnxprune/graph.py, Scope.__init__: t.name should be t.values.name)")
 def test_gather_bound_with_a_sparse_table():
     """A model written with --format sparse keeps its tensors as sparse initializers (a
     lazily loaded model is read as it is stored): the table is found all the same."""

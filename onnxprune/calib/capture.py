@@ -275,7 +275,7 @@ class ActivationCapture:
 
 
 def _run(session: ort.InferenceSession, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    from ..validate import run_session as run_with_ortvalues
+    from ..runtime import run_session as run_with_ortvalues
 
     try:
         return run_with_ortvalues(session, inputs)

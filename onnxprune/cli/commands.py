@@ -22,11 +22,10 @@ def _config_from(args: argparse.Namespace, **extra):
 
 
 def _part_options(args: argparse.Namespace) -> dict:
-    """The options parts declare that the command line (or a recipe) gave, by dest."""
-    from ..registry import all_option_specs
-
-    return {spec.dest: getattr(args, spec.dest) for spec in all_option_specs()
-            if getattr(args, spec.dest, None) is not None}
+    """The options parts declare that the command line (or a recipe) gave, by dest (none
+    when the parser was built without them: then none was given)."""
+    return {dest: getattr(args, dest) for dest in getattr(args, "part_option_dests", ())
+            if getattr(args, dest, None) is not None}
 
 
 def _import_numba_without_blas_probe() -> None:
@@ -275,6 +274,7 @@ def _feeds_source(args: argparse.Namespace, model: str, probe: bool = False) -> 
     model cannot run on fail before any work."""
     from ..errors import ConfigError
     from ..inputs import parse_dim_overrides, parse_input_shapes
+    from ..io import model_file_bytes
     from ..validate import check_reference_runs, validation_feeds
 
     if args.samples is not None and args.samples < 1:
@@ -282,14 +282,25 @@ def _feeds_source(args: argparse.Namespace, model: str, probe: bool = False) -> 
     feeds, synthetic = validation_feeds(
         model, data=args.data, samples=args.samples, seed=getattr(args, "seed", 0),
         dims=parse_dim_overrides(args.dim), input_shapes=parse_input_shapes(args.input_shapes))
+    session = None
     if probe:
-        check_reference_runs(model, feeds, synthetic)
-    return {"feeds": feeds, "synthetic": synthetic}
+        session = check_reference_runs(model, feeds, synthetic)
+        if args.timing or model_file_bytes(model) > KEEP_PROBE_SESSION_BYTES:
+            session = None  # timed sessions are built fresh; a large one would sit in memory
+    return {"feeds": feeds, "synthetic": synthetic, "session": session}
+
+
+# `prune --validate` runs the reference once before pruning, to refuse inputs it cannot run
+# on, and keeps that session for the comparison unless the model is larger than this: the
+# session would otherwise stay in memory beside the whole prune
+KEEP_PROBE_SESSION_BYTES = 512 << 20
 
 
 def _compare(reference: str, candidate: str, args: argparse.Namespace, source: dict):
     from ..validate import compare_models
 
+    if source.get("session") is not None:
+        reference = source["session"]
     return compare_models(reference, candidate, source["feeds"], synthetic=source["synthetic"],
                           atol=args.atol, rtol_l2=args.rtol, min_cosine=args.min_cosine,
                           min_top1=args.min_top1,

@@ -69,7 +69,8 @@ def _parse(argv: list[str] | None) -> tuple[argparse.ArgumentParser, argparse.Na
     the whole parser runs when a part option, a recipe or --help is given.
     """
     words = sys.argv[1:] if argv is None else list(argv)
-    if not any(word in ("-h", "--help") for word in words):
+    helped = any(word in ("-h", "--help") for word in words)
+    if not helped or "prune" not in words:  # only prune's help lists the part options
         core = build_parser(with_parts=False)
         args, unknown = core.parse_known_args(words)
         if not unknown and not getattr(args, "recipe", None):

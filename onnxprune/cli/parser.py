@@ -104,11 +104,13 @@ def _at_least(minimum: int):
 def add_part_options(parser: argparse.ArgumentParser) -> None:
     """One argument group per part that declares options (`parts.option`), plug-ins
     included: its options with their help, bounds and defaults."""
-    from ..errors import ConfigError
     from ..registry import all_option_specs
 
     groups: dict[tuple[str, str], argparse._ArgumentGroup] = {}
-    for spec in all_option_specs():
+    specs = all_option_specs()
+    # the commands read the values by these dests without importing the parts again
+    parser.set_defaults(part_option_dests=tuple(spec.dest for spec in specs))
+    for spec in specs:
         key = (spec.kind, spec.part)
         if key not in groups:
             groups[key] = parser.add_argument_group(f"options of {spec.kind} {spec.part}")
@@ -121,11 +123,10 @@ def add_part_options(parser: argparse.ArgumentParser) -> None:
             continue
 
         def convert(text: str, spec=spec):
-            try:
-                return spec.check(text)
-            except ConfigError as exc:
-                message = str(exc).removeprefix(spec.option_string).removeprefix(":")
-                raise argparse.ArgumentTypeError(message.strip()) from exc
+            value, problem = spec.convert(text)
+            if problem:
+                raise argparse.ArgumentTypeError(problem)
+            return value
 
         convert.__name__ = spec.type.__name__
         group.add_argument(spec.option_string, type=convert, default=None,
