@@ -20,13 +20,15 @@ from onnx import TensorProto, helper, numpy_helper
 
 from ..errors import ModelLoadError
 
-FLOAT_TYPES = {
+# keyed by int: TensorProto.data_type is a plain int in the onnx stubs, not a DataType
+FLOAT_TYPES: dict[int, np.dtype] = {
     TensorProto.FLOAT: np.dtype(np.float32),
     TensorProto.FLOAT16: np.dtype(np.float16),
     TensorProto.DOUBLE: np.dtype(np.float64),
     TensorProto.BFLOAT16: np.dtype(helper.tensor_dtype_to_np_dtype(TensorProto.BFLOAT16)),
 }
-_WRITABLE_INTEGERS = {t: np.dtype(helper.tensor_dtype_to_np_dtype(t)) for t in (
+_WRITABLE_INTEGERS: dict[int, np.dtype] = {
+    t: np.dtype(helper.tensor_dtype_to_np_dtype(t)) for t in (
     TensorProto.UINT8, TensorProto.INT8, TensorProto.UINT16, TensorProto.INT16,
     TensorProto.UINT32, TensorProto.INT32, TensorProto.UINT64, TensorProto.INT64)}
 # element types stored several to a byte: their byte count does not follow from the shape
@@ -39,7 +41,7 @@ PACKED_TYPES = set(_PACKED_BITS)
 _UNSIZED_TYPES = {getattr(TensorProto, name) for name in ("FLOAT6E2M3", "FLOAT6E3M2")
                   if hasattr(TensorProto, name)}
 # where values live when raw_data is not used, and entries per element (default int32_data)
-_TYPED_FIELDS = {
+_TYPED_FIELDS: dict[int, tuple[str, int]] = {
     TensorProto.FLOAT: ("float_data", 1), TensorProto.COMPLEX64: ("float_data", 2),
     TensorProto.DOUBLE: ("double_data", 1), TensorProto.COMPLEX128: ("double_data", 2),
     TensorProto.INT64: ("int64_data", 1), TensorProto.UINT32: ("uint64_data", 1),
@@ -346,9 +348,9 @@ def read_array(tensor: TensorProto, base_dir: Path, writable: bool = False,
         array = _decode(tensor, label)
         return array.copy() if writable else array
     if tensor.HasField("raw_data") or tensor_numel(tensor, label) == 0:
-        raw = tensor.raw_data
-        _check_raw_length(tensor, len(raw), tensor_numel(tensor, label), label)
-        array = np.frombuffer(raw, dtype=dtype).reshape(shape)
+        data = tensor.raw_data
+        _check_raw_length(tensor, len(data), tensor_numel(tensor, label), label)
+        array = np.frombuffer(data, dtype=dtype).reshape(shape)
     else:
         array = _decode(tensor, label)
     return np.array(array, copy=True) if writable else array
@@ -406,7 +408,8 @@ def _read_into(file: Path, offset: int, out: np.ndarray) -> None:
 
 def read_exactly(fh, out: np.ndarray, file: Path) -> None:
     """Fill the uint8 array `out` from the file's current position."""
-    view = memoryview(out).cast("B")
+    # out.data is memoryview(out); numpy's stubs declare ndarray a Buffer only for 3.12+
+    view = out.data.cast("B")
     done = 0
     while done < len(view):
         count = fh.readinto(view[done:])

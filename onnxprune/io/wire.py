@@ -82,7 +82,8 @@ def _read_varint(buf, pos: int, end: int) -> tuple[int, int]:
 def _fields(buf, start: int, end: int) -> Iterator[tuple[int, int, int, int, int]]:
     """(number, wire type, field start, value, field end) for each field in [start, end).
 
-    The value is the integer of a varint field, the payload start of a length-delimited one.
+    The value is the integer of a varint field, the payload start of a length-delimited or
+    fixed-width one.
     """
     pos = start
     while pos < end:
@@ -97,9 +98,9 @@ def _fields(buf, start: int, end: int) -> Iterator[tuple[int, int, int, int, int
             length, pos = _read_varint(buf, pos, end)
             value, pos = pos, pos + length
         elif wire == 1:
-            value, pos = None, pos + 8
+            value, pos = pos, pos + 8
         elif wire == 5:
-            value, pos = None, pos + 4
+            value, pos = pos, pos + 4
         else:
             raise WireError
         if pos > end:

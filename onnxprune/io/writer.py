@@ -13,8 +13,9 @@ import contextlib
 import os
 import secrets
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 import onnx
@@ -128,9 +129,10 @@ class ModelWriter:
         # id(tensor) -> (tensor, offset, length) of its raw bytes in the inline output
         self._slots: dict[int, tuple[TensorProto, int, int]] = {}
         self._temps: list[Path] = []
-        self._data = None  # the data file being appended to (external)
+        self._data: IO[bytes] | None = None  # the data file being appended to (external)
         self._data_offset = 0
-        self._model = None  # the model file being filled in place (inline, lazy input)
+        # the model file being filled in place (inline, lazy input)
+        self._model: IO[bytes] | None = None
         self._done = False
         own = [self.output, self.directory / self.data_name] if external else [self.output]
         _check_not_own_data(loaded.proto, loaded.base_dir, own)
@@ -158,14 +160,19 @@ class ModelWriter:
         values = np.ascontiguousarray(values)
         payload = _ArrayPayload(values)
         slot = self._slots.get(id(tensor))
+        where: _Placed | _Payload
         try:
             if self.external and values.nbytes >= EXTERNAL_THRESHOLD:
                 where = self._append(payload)
             elif slot is not None and slot[2] == values.nbytes:
                 _, offset, length = slot
-                self._model.seek(offset)
-                payload.write_to(self._model)
-                _start_writeback(self._model, offset, length)
+                model = self._model
+                if model is None:  # slots are laid out only with the model file open
+                    raise RuntimeError(f"the writer of {self.output} has slots but no model "
+                                       "file open")
+                model.seek(offset)
+                payload.write_to(model)
+                _start_writeback(model, offset, length)
                 where = _WrittenSlot(offset, length)
             else:
                 where = payload
@@ -180,8 +187,9 @@ class ModelWriter:
         try:
             plan = self._plan()
             if self.external:  # copy the other tensors' bytes to the data file
-                plan = {key: (tensor, self._append(where) if key not in self._pending
-                              else where) for key, (tensor, where) in plan.items()}
+                plan = {key: (tensor, where if key in self._pending
+                              else self._append(_unplaced(where)))
+                        for key, (tensor, where) in plan.items()}
             pieces = _Serializer(plan).model(self.loaded.proto)
             size = _size(pieces)
             if not self.external and size >= 2**31:
@@ -225,7 +233,7 @@ class ModelWriter:
         if self._done:
             raise ValueError(f"the writer of {self.output} has already committed or aborted")
 
-    def _open_temp(self, name: str, mode: str):
+    def _open_temp(self, name: str, mode: str) -> IO[bytes]:
         tmp = _temp_path(self.directory, name)
         self._temps.append(tmp)
         return open(tmp, mode)  # noqa: SIM115 (closed in commit / abort)
@@ -269,14 +277,17 @@ class ModelWriter:
 
     def _append(self, payload: _Payload) -> _Placed:
         """Write the payload at the next aligned offset of the data file."""
+        data = self._data
+        if data is None:  # opened in __init__ when writing external data
+            raise RuntimeError(f"the writer of {self.output} has no data file open")
         padding = (-self._data_offset) % EXTERNAL_ALIGNMENT
         if padding:
-            self._data.write(b"\0" * padding)
+            data.write(b"\0" * padding)
             self._data_offset += padding
         offset = self._data_offset
-        length = payload.write_to(self._data)
+        length = payload.write_to(data)
         self._data_offset += length
-        _start_writeback(self._data, offset, length)
+        _start_writeback(data, offset, length)
         return _Placed(self.data_name, offset, length)
 
     def _plan(self) -> dict[int, tuple[TensorProto, _Placed | _Payload]]:
@@ -333,6 +344,13 @@ class _Placed:
     length: int
 
 
+def _unplaced(where: _Placed | _Payload) -> _Payload:
+    """An untouched tensor's payload (`_plan` places only tensors given with `put`)."""
+    if isinstance(where, _Placed):
+        raise RuntimeError("a tensor not given with put() is already in the data file")
+    return where
+
+
 class _Payload:
     """Bytes of one tensor to be written somewhere; `length` is known before writing."""
 
@@ -349,7 +367,8 @@ class _ArrayPayload(_Payload):
 
     def write_to(self, fh) -> int:
         if self.length:
-            fh.write(memoryview(self.array.reshape(-1).view(np.uint8)))
+            # .data: memoryview(array); numpy's stubs declare ndarray a Buffer only for 3.12+
+            fh.write(self.array.reshape(-1).view(np.uint8).data)
         return self.length
 
 
@@ -378,7 +397,7 @@ class _FilePayload(_Payload):
             for start in range(0, self.length, COPY_CHUNK_BYTES):
                 piece = buffer[:min(COPY_CHUNK_BYTES, self.length - start)]
                 read_exactly(source, piece, self.file)
-                fh.write(memoryview(piece))
+                fh.write(piece.data)  # memoryview(piece), as the stubs accept it
         return self.length
 
 
@@ -439,6 +458,8 @@ class _Nested:
 
     number: int
     parts: list
+    # the content's length in bytes, set by `_size` before `_emit` writes it
+    size: int = field(init=False, repr=False, compare=False)
 
 
 def _is_repeated(fd) -> bool:

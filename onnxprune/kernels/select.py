@@ -220,7 +220,7 @@ def _bracket_select(
     inside_per_chunk = np.diff(inside_so_far[np.concatenate(([0], sample_ends))])
     n_below = n_equal_lo = n_equal_hi = 0
     inside: list[np.ndarray] = []
-    sizes = []
+    sizes: list[int] = []
     for chunk in chunks():
         _check_scores(chunk, "each chunk")
         bits = _as_bits(chunk)
