@@ -6,7 +6,9 @@
 Each case copies one base model into a fresh folder, applies one seeded mutation (bit flips,
 truncations, garbage, swapped fields, huge and negative dims, bad data types, missing or
 miscounted data, corrupt sparse tensors, attributes of the wrong type or with out-of-range
-values, corrupt compact descriptions and payloads, non-UTF-8 text, external-data edits:
+values, corrupt compact descriptions and payloads, non-UTF-8 text, nodes with fewer inputs
+or outputs than their schema (a Constant without output, trailing inputs or outputs
+dropped), external-data edits:
 symlinks out of the folder, `..`, absolute paths, bad offsets and lengths, long or non-UTF-8
 locations), then runs `onnxprune.cli.main` in-process for `inspect`, `prune` (to a temporary
 output, sometimes `--format compact` or `sparse`, sometimes 2:4) and `densify`. Outcomes:
@@ -515,6 +517,44 @@ def m_swap_node_inputs(folder: Folder) -> None:
     node = folder.rng.choice(nodes)
     names = [t.name for t in _all_tensors(model)] + ["", "missing"]
     node.input[folder.rng.randrange(len(node.input))] = folder.rng.choice(names)
+    folder.save(model)
+
+
+def _all_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
+    """Every node: the main graph, subgraphs at any depth, and local function bodies."""
+    nodes = [n for g in _all_graphs(model.graph) for n in g.node]
+    return nodes + [n for function in model.functions for n in function.node]
+
+
+def m_constant_no_output(folder: Folder) -> None:
+    """A Constant node without its output (or with an empty output name): an existing one
+    anywhere, or a new one holding a weight-sized value put somewhere in the main graph."""
+    model = folder.load()
+    nodes = [n for n in _all_nodes(model) if n.op_type == "Constant"]
+    if not nodes or folder.rng.random() < 0.3:
+        value = numpy_helper.from_array(np.ones((64, 64), np.float32), "fuzz_value")
+        node = helper.make_node("Constant", [], ["fuzz_const"], value=value,
+                                name=folder.rng.choice(["", "fuzz_const"]))
+        position = folder.rng.randint(0, len(model.graph.node))
+        model.graph.node.insert(position, node)
+        nodes = [model.graph.node[position]]  # (insert stored a copy)
+    node = folder.rng.choice(nodes)
+    del node.output[:]
+    if folder.rng.random() < 0.2:
+        node.output.append("")
+    folder.save(model)
+
+
+def m_node_arity(folder: Folder) -> None:
+    """A random node with fewer inputs or outputs than its schema: trailing ones dropped."""
+    model = folder.load()
+    nodes = [n for n in _all_nodes(model) if n.input or n.output]
+    if not nodes:
+        raise Skip
+    node = folder.rng.choice(nodes)
+    names = node.input if node.input and (not node.output or folder.rng.random() < 0.6) \
+        else node.output
+    del names[len(names) - folder.rng.randint(1, len(names)):]
     folder.save(model)
 
 
