@@ -21,10 +21,16 @@ import importlib
 import logging
 from collections.abc import Iterator, Mapping
 from importlib.metadata import entry_points
-from typing import Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from .errors import ConfigError
 from .parts import OptionSpec, Part, build_options, option_specs
+
+if TYPE_CHECKING:  # the kinds' base classes, imported with their parts, on first use
+    from .allocation import Allocation
+    from .formats.kinds import StorageFormat
+    from .methods.base import MaskRefinement, Method, WeightUpdate
+    from .patterns import PatternRule
 
 log = logging.getLogger(__name__)
 
@@ -145,7 +151,7 @@ class Registry(Generic[P]):
                 self._broken[entry.name] = why
 
 
-METHODS: Registry = Registry("method", "onnxprune.methods", ".methods.base:Method", {
+METHODS: Registry[Method] = Registry("method", "onnxprune.methods", ".methods.base:Method", {
     "magnitude": ".methods.magnitude:Magnitude",
     "random": ".methods.random:Random",
     "l1": ".methods.l1:L1",
@@ -156,8 +162,8 @@ METHODS: Registry = Registry("method", "onnxprune.methods", ".methods.base:Metho
     "admm": ".methods.admm:Admm",
 })
 
-ALLOCATIONS: Registry = Registry("allocation", "onnxprune.allocations",
-                                 ".allocation:Allocation", {
+ALLOCATIONS: Registry[Allocation] = Registry(
+    "allocation", "onnxprune.allocations", ".allocation:Allocation", {
     "uniform": ".allocation.uniform:Uniform",
     "global": ".allocation.global_threshold:GlobalThreshold",
     "erk": ".allocation.erk:ERK",
@@ -165,30 +171,33 @@ ALLOCATIONS: Registry = Registry("allocation", "onnxprune.allocations",
     "sensitivity": ".allocation.sensitivity:SensitivityAllocation",
 })
 
-FORMATS: Registry = Registry("format", "onnxprune.formats", ".formats.kinds:StorageFormat", {
+FORMATS: Registry[StorageFormat] = Registry(
+    "format", "onnxprune.formats", ".formats.kinds:StorageFormat", {
     "dense": ".formats.kinds:Dense",
     "sparse": ".formats.kinds:Sparse",
     "compact": ".formats.kinds:Compact",
 })
 
 # `--update NAME`: rebuild the kept weights after a scoring method chose the mask
-UPDATES: Registry = Registry("update", "onnxprune.updates", ".methods.base:WeightUpdate", {
+UPDATES: Registry[WeightUpdate] = Registry(
+    "update", "onnxprune.updates", ".methods.base:WeightUpdate", {
     "admm": ".methods.admm:Admm",
 })
 
 # `--refine NAME`: improve a mask before it is applied (the pattern must still hold)
-REFINES: Registry = Registry("refine", "onnxprune.refines", ".methods.base:MaskRefinement", {
+REFINES: Registry[MaskRefinement] = Registry(
+    "refine", "onnxprune.refines", ".methods.base:MaskRefinement", {
     "dsnot": ".methods.dsnot:DSnoT",
 })
 
 # the checks of `--pattern`: built in only (masks are chosen by the loop for these two)
-PATTERNS: Registry = Registry("pattern", None, ".patterns:PatternRule", {
+PATTERNS: Registry[PatternRule] = Registry("pattern", None, ".patterns:PatternRule", {
     "unstructured": ".patterns:UnstructuredRule",
     "n:m": ".patterns:NMRule",
 })
 
 # every kind whose parts may declare options, in the order --help lists them
-OPTION_KINDS: tuple[Registry, ...] = (METHODS, UPDATES, REFINES, ALLOCATIONS, FORMATS,
+OPTION_KINDS: tuple[Registry[Any], ...] = (METHODS, UPDATES, REFINES, ALLOCATIONS, FORMATS,
                                       PATTERNS)
 
 

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+
+from ..config import CALIB_MODES, SCOPES
 
 
 class _Parser(argparse.ArgumentParser):
@@ -19,10 +22,11 @@ def _add_selection_options(parser: argparse.ArgumentParser) -> None:
                             "embeddings")
     group.add_argument("--exclude", action="append", default=[], metavar="REGEX",
                        help="skip tensors whose name matches (repeatable)")
-    group.add_argument("--min-size", type=_at_least(0), default=4096, metavar="N",
-                       help="skip tensors with fewer than N elements [4096]")
-    group.add_argument("--pattern", default="unstructured", metavar="P",
-                       help="'unstructured' or N:M such as 2:4 [unstructured]")
+    group.add_argument("--min-size", type=_at_least(0), default=_default("min_size"),
+                       metavar="N", help="skip tensors with fewer than N elements "
+                                         f"[{_default('min_size')}]")
+    group.add_argument("--pattern", default=str(_default("pattern")), metavar="P",
+                       help=f"'unstructured' or N:M such as 2:4 [{_default('pattern')}]")
 
 
 def _add_check_options(parser: argparse.ArgumentParser) -> None:
@@ -64,6 +68,16 @@ def _add_fsync_option(parser: argparse.ArgumentParser) -> None:
                         help="flush OUT to disk before it is renamed into place, so that it "
                              "survives a power loss (slower; the rename alone already keeps "
                              "a failed run from leaving a partial file)")
+
+
+def _default(name: str):
+    """A `PruneConfig` field's default: the one place it is written."""
+    from ..config import PruneConfig
+
+    field = next(f for f in dataclasses.fields(PruneConfig) if f.name == name)
+    if field.default_factory is not dataclasses.MISSING:
+        return field.default_factory()
+    return field.default
 
 
 def _choices_help(registry, default: str, first: str | None = None) -> str:
@@ -177,20 +191,21 @@ def build_parser(with_parts: bool = True) -> argparse.ArgumentParser:
     prune.add_argument("--sparsity", type=fraction, default=None, metavar="F",
                        help="fraction of weights set to zero, 0 <= F < 1 [0.5]; N:M patterns "
                             "set their own")
-    prune.add_argument("--method", default="magnitude", metavar="M",
-                       help=_choices_help(METHODS, "magnitude"))
-    prune.add_argument("--scope", default="layer", choices=("layer", "global"),
-                       help="layer, or global: short for --allocation global [layer]")
+    prune.add_argument("--method", default=_default("method"), metavar="M",
+                       help=_choices_help(METHODS, _default("method")))
+    prune.add_argument("--scope", default=_default("scope"), choices=SCOPES,
+                       help=f"layer, or global: short for --allocation global "
+                            f"[{_default('scope')}]")
     prune.add_argument("--allocation", default=None, metavar="A",
                        help=_choices_help(ALLOCATIONS, "uniform"))
-    prune.add_argument("--format", default="dense", metavar="F",
-                       help=_choices_help(FORMATS, "dense"))
-    prune.add_argument("--update", default="none", metavar="U",
+    prune.add_argument("--format", default=_default("format"), metavar="F",
+                       help=_choices_help(FORMATS, _default("format")))
+    prune.add_argument("--update", default=_default("update"), metavar="U",
                        help="reconstruct the kept weights after the mask is chosen: "
-                            + _choices_help(UPDATES, "none", first="none"))
-    prune.add_argument("--refine", default="none", metavar="R",
+                            + _choices_help(UPDATES, _default("update"), first="none"))
+    prune.add_argument("--refine", default=_default("refine"), metavar="R",
                        help="improve the mask before it is applied: "
-                            + _choices_help(REFINES, "none", first="none"))
+                            + _choices_help(REFINES, _default("refine"), first="none"))
     prune.add_argument("--permute-channels", action="store_true",
                        help="N:M: permute input channels where the graph allows it (MLP "
                             "layers fed through element-wise ops) so groups keep more")
@@ -244,7 +259,7 @@ def build_parser(with_parts: bool = True) -> argparse.ArgumentParser:
                             "each); without it synthetic inputs are used, with a warning")
     calib.add_argument("--calib-samples", type=_at_least(1), metavar="N",
                        help="use at most N calibration samples")
-    calib.add_argument("--calib-mode", choices=("sequential", "one-pass"),
+    calib.add_argument("--calib-mode", choices=CALIB_MODES,
                        help="sequential (default for sparsegpt and admm): each layer calibrated "
                             "on the already pruned model; one-pass: all on the dense model "
                             "(faster)")
