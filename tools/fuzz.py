@@ -14,7 +14,8 @@ locations), then runs `onnxprune.cli.main` in-process for `inspect`, `prune` (to
 output, sometimes `--format compact` or `sparse`, sometimes 2:4) and `densify`. Outcomes:
 
 - ok: exit 0;
-- refused: exit 2 with exactly one `onnxprune: error:` line and no traceback;
+- refused: exit 2 with exactly one `onnxprune: error:` line and no traceback before it
+  (`-v`, which every run gets, prints the error's own traceback after the line);
 - internal: exit 3, any other exit code, or an exception escaping `main`.
 
 Invariants checked on every run (a breach counts as a failure, whatever the exit code): the
@@ -1046,6 +1047,9 @@ def _error_site(exc: BaseException) -> str:
     return f"{type(exc).__name__} at {where}:{frame.lineno} ({frame.name})"
 
 
+TRACEBACK_HEAD = "Traceback (most recent call last):"
+
+
 def run_command(argv: list[str], watch: _OpenWatch) -> tuple[int | None, str, BaseException | None]:
     from onnxprune.cli import main
 
@@ -1054,7 +1058,9 @@ def run_command(argv: list[str], watch: _OpenWatch) -> tuple[int | None, str, Ba
     watch.armed = True
     try:
         with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
-            code = main(argv + ["-v"])  # -v: an internal error raises, giving its site
+            # -v: an internal error raises, giving its site (a user error still ends
+            # in its one line, then its traceback)
+            code = main(argv + ["-v"])
         return code, stderr.getvalue(), None
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else 2, stderr.getvalue(), None
@@ -1106,13 +1112,15 @@ def run_case(number: int, seed: int, base: Base, kind: str, work: Path,
                 argv += ["--pattern", "2:4"]
         code, stderr, exc = run_command(argv, watch)
         outcome = Outcome(kind, base.name, command, "ok")
-        lines = [line for line in stderr.splitlines() if line.startswith("onnxprune:")]
+        # with -v a user error's traceback (and what it was raised from) follows its line
+        head, _, traceback_text = stderr.partition(TRACEBACK_HEAD)
+        lines = [line for line in head.splitlines() if line.startswith("onnxprune:")]
         if exc is not None:
             outcome.result, outcome.detail = "internal", _error_site(exc)
         elif code == 0:
             outcome.result = "ok"
         elif code == 2 and len(lines) == 1 and lines[0].startswith("onnxprune: error:") \
-                and "Traceback" not in stderr:
+                and (not traceback_text or head.rstrip().endswith(lines[0])):
             outcome.result, outcome.detail = "refused", lines[0]
         else:
             outcome.result = "internal"
