@@ -6,9 +6,12 @@ import dataclasses
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import ConfigError
+
+if TYPE_CHECKING:
+    from .registry import Registry
 
 # methods, allocations and formats are registered parts: see registry.py
 SCOPES = ("layer", "global")
@@ -109,13 +112,14 @@ class PruneConfig:
 
         if self.scope not in SCOPES:
             raise ConfigError(f"scope must be one of {', '.join(SCOPES)}; got {self.scope!r}")
-        if self.allocation is None:
-            object.__setattr__(self, "allocation",
-                               "global" if self.scope == "global" else "uniform")
-        elif self.scope == "global" and self.allocation != "global":
-            raise ConfigError(f"--scope global contradicts --allocation {self.allocation}")
+        allocation = self.allocation
+        if allocation is None:
+            allocation = "global" if self.scope == "global" else "uniform"
+            object.__setattr__(self, "allocation", allocation)
+        elif self.scope == "global" and allocation != "global":
+            raise ConfigError(f"--scope global contradicts --allocation {allocation}")
         method = METHODS.get(self.method)
-        ALLOCATIONS.get(self.allocation)
+        ALLOCATIONS.get(allocation)
         FORMATS.get(self.format)
         for kind, name, registry in (("update", self.update, UPDATES),
                                      ("refine", self.refine, REFINES)):
@@ -145,6 +149,13 @@ class PruneConfig:
                 raise ConfigError(f"bad regular expression {regex!r}: {exc}") from exc
 
     @property
+    def allocation_name(self) -> str:
+        """The allocation this run uses: `allocation` as construction settled it."""
+        if self.allocation is None:  # __post_init__ replaces None with the scope's default
+            raise ValueError("PruneConfig.allocation was not settled on construction")
+        return self.allocation
+
+    @property
     def target_sparsity(self) -> float:
         """The sparsity to reach: the N:M pattern's own, else the requested one (0.5 default)."""
         if self.pattern.is_nm:
@@ -166,8 +177,9 @@ class PruneConfig:
         """The options of the parts this run uses, given or default, by dest."""
         from .registry import ALLOCATIONS, FORMATS, METHODS, REFINES, UPDATES
 
-        used = [(METHODS, self.method), (ALLOCATIONS, self.allocation), (FORMATS, self.format),
-                *((METHODS, str(o.method)) for o in self.overrides if o.method)]
+        used: list[tuple[Registry[Any], str]] = [
+            (METHODS, self.method), (ALLOCATIONS, self.allocation_name), (FORMATS, self.format),
+            *((METHODS, str(o.method)) for o in self.overrides if o.method)]
         used += [(r, n) for r, n in ((UPDATES, self.update), (REFINES, self.refine))
                  if n != "none"]
         values: dict[str, Any] = {}

@@ -18,8 +18,12 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from .errors import ConfigError
+
+if TYPE_CHECKING:
+    from .registry import Registry
 
 try:
     import tomllib
@@ -223,7 +227,8 @@ def _option_value_problem(key: str, value, action: argparse.Action) -> str | Non
         problem = _scalar_problem(item, kind)
         if problem:
             return problem
-        if kind is not action.type:  # a checking type (sparsity in [0, 1), counts >= 1)
+        # a checking type (sparsity in [0, 1), counts >= 1): a callable with a value_type
+        if kind is not action.type and callable(action.type):
             try:
                 action.type(str(item))
             except argparse.ArgumentTypeError as exc:
@@ -254,8 +259,9 @@ def _semantic_problem(key: str, value) -> str | None:
     from .config import Pattern
     from .registry import ALLOCATIONS, FORMATS, METHODS, REFINES, UPDATES
 
-    registries = {"method": METHODS, "allocation": ALLOCATIONS, "format": FORMATS,
-                  "update": UPDATES, "refine": REFINES}
+    registries: dict[str, Registry[Any]] = {
+        "method": METHODS, "allocation": ALLOCATIONS, "format": FORMATS, "update": UPDATES,
+        "refine": REFINES}
     try:
         if key == "sparsity" and not 0.0 <= value < 1.0:
             return f"must be in [0, 1), got {value}"
