@@ -64,7 +64,9 @@ class MaskSet(Mapping):
                  "shapes": {name: list(shape) for name, shape in self._shapes.items()}}
         arrays = {INDEX_KEY: np.frombuffer(json.dumps(index).encode(), dtype=np.uint8)}
         arrays.update(self._packed)
-        write_file_atomically(path, lambda fh: np.savez(fh, **arrays))
+        # allow_pickle given: the packed masks are uint8 (and a mask named "allow_pickle" is
+        # a TypeError here, not an array silently taken as the option)
+        write_file_atomically(path, lambda fh: np.savez(fh, allow_pickle=False, **arrays))
         return path
 
     @classmethod

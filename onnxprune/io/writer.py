@@ -15,7 +15,7 @@ import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import numpy as np
 import onnx
@@ -643,7 +643,7 @@ def _temp_path(directory: Path, name: str) -> Path:
 
 
 
-def write_file_atomically(path: str | os.PathLike, write: Callable[[object], None],
+def write_file_atomically(path: str | os.PathLike, write: Callable[[IO[Any]], object],
                           binary: bool = True) -> Path:
     """A small side file (report, masks) written through a temporary file renamed into
     place, with the mode a model output gets; `write(fh)` fills it."""
