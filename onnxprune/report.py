@@ -91,15 +91,16 @@ def summarize(targets: list[TargetReport], file_bytes: int,
               file_bytes_before: int | None = None) -> Summary:
     params = sum(t.numel for t in targets)
     zeros = sum(t.zeros for t in targets)
+    known_before = [t.zeros_before for t in targets if t.zeros_before is not None]
     before = None
-    if targets and all(t.zeros_before is not None for t in targets):
-        before = sum(t.zeros_before for t in targets)
+    if targets and len(known_before) == len(targets):  # every target counted them
+        before = sum(known_before)
     return Summary(params=params, zeros=zeros, sparsity=zeros / params if params else 0.0,
                    file_bytes=file_bytes, dense_bytes=sum(t.bytes for t in targets),
                    zeros_before=before, file_bytes_before=file_bytes_before)
 
 
-def _human_bytes(n: int | None) -> str:
+def _human_bytes(n: float | None) -> str:
     if n is None:
         return "-"
     for unit in ("B", "KiB", "MiB", "GiB"):
@@ -231,8 +232,8 @@ def format_prune_table(report: Report, verbose: bool = False, ends: int = PRUNE_
 def _totals_row(report: Report, width: int) -> list[str]:
     targets = report.targets
     params = sum(t.numel for t in targets)
-    requested = [t.requested_sparsity for t in targets]
-    asked = (None if not params or any(r is None for r in requested)
+    requested = [t.requested_sparsity for t in targets if t.requested_sparsity is not None]
+    asked = (None if not params or len(requested) != len(targets)  # one not planned
              else sum(r * t.numel for r, t in zip(requested, targets, strict=True)) / params)
     row = [f"total ({len(targets)} targets)", "",
            _requested_achieved(asked, report.summary.sparsity), "", "",

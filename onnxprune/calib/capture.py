@@ -217,6 +217,8 @@ class ActivationCapture:
     def _session(self, stage: Stage, store: list[dict[str, np.ndarray]]
                  ) -> ort.InferenceSession:
         proto = self.index.model
+        if proto is None:  # a stage runs as a model of its own, with the model's opsets
+            raise ValueError("calibration needs the GraphIndex of a model, not of a graph")
         index = self.index.dataflow
         node_ids = self._static_producers(stage, self.weights) + stage.nodes
         # built in place, not by make_model, which would copy the graph and its replacements

@@ -78,8 +78,8 @@ class ConvInput:
             out = tuple(-(-size // s) for size, s in zip(spatial, self.strides, strict=True))
             totals = [max(0, (o - 1) * s + span - size) for o, s, span, size
                       in zip(out, self.strides, spans, spatial, strict=True)]
-            small = [t // 2 for t in totals]
-            large = [t - t // 2 for t in totals]
+            small = tuple(t // 2 for t in totals)
+            large = tuple(t - t // 2 for t in totals)
             begin, end = (small, large) if self.auto_pad == "SAME_UPPER" else (large, small)
             return out, tuple(begin), tuple(end)
         if self.auto_pad == "VALID":
@@ -179,19 +179,21 @@ class TargetView:
 
 def target_view(target: WeightTarget, index: GraphIndex) -> TargetView | str:
     """How `target` lines up with its consumers' inputs, or why it cannot be calibrated."""
-    if target.graph is not index.model.graph or target.source not in ("initializer",
-                                                                      "constant_node"):
+    if target.graph is not index.graph or target.source not in ("initializer",
+                                                                "constant_node"):
         return f"stored in {target.source}; only main-graph weights can be calibrated"
     uses, _ = index.uses(target.tensor_name)
     if any(not use.scope.is_main for use in uses):
         return "some consumers sit inside subgraphs, whose inputs cannot be captured"
     flow = index.dataflow
-    inputs, nodes, consumers = [], [], []
+    inputs: list[tuple[str, Layout]] = []
+    nodes, consumers = [], []
     groups = 1
     features = None
     for use in uses:
         node, slot = use.node, use.slot
-        layout, activation = None, None
+        layout: Layout  # each supported consumer sets both; any other returns
+        activation: str
         if node.op_type == "MatMul" and is_onnx_domain(node):
             if any(d != 1 for d in target.shape[:-2]):
                 return "MatMul weight with batch dimensions"

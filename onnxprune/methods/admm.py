@@ -205,7 +205,7 @@ def admm_prune(weights: np.ndarray, factor: AdmmFactor, rule: MaskRule,
     current = start.copy()
     dual = np.zeros_like(start)
     rhs = np.empty_like(start)
-    keep = None
+    keep: np.ndarray | None = None
     with numba_single_thread():  # the GEMMs have BLAS's threads
         for iteration in range(iters):
             dual += current  # V = W + U
@@ -214,6 +214,8 @@ def admm_prune(weights: np.ndarray, factor: AdmmFactor, rule: MaskRule,
                     np.abs(dual), iteration if rule.changes_at(iteration) else -1), dtype=bool)
             admm_split(dual, keep, target, factor.rho, rhs)  # dual: U; rhs: W₀H + ρ(Z − U)
             np.matmul(rhs, factor.inverse, out=current)
+    if keep is None:  # iters > 0: the first iteration chose it
+        raise RuntimeError("ADMM ran no iteration")
     dual += current
     result = np.where(keep, dual, np.float32(0.0))
     del dual, rhs, current

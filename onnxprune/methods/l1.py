@@ -25,6 +25,8 @@ class L1(Magnitude):
     def reconstruct(self, job: Job) -> np.ndarray:
         target, plan = job.target, job.plan
         if job.fixed:
+            if job.keep is None:  # the pipeline sets `fixed` only with a mask
+                raise RuntimeError(f"{target.name}: a fixed mask was asked for without one")
             keep = job.keep
         else:
             scores = mask_scores(self.scores(job), job.keep)
