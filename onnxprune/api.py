@@ -139,7 +139,7 @@ def inspect(model: ModelLike, *, config: PruneConfig | None = None,
     targets, skipped = discover_targets(loaded.proto, selection_of(config))
     reports = []
     for target in targets:
-        weights = read_array(target.tensor, loaded.base_dir)
+        weights = read_array(target.stored_tensor, loaded.base_dir)
         info = stored.get(target.name) or stored.get(target.tensor_name)
         report = target_report(target, weights, kernels.count_zeros(weights),
                                info.format if info else "dense", str(config.pattern))
@@ -222,6 +222,8 @@ class PrunePass:
 
     def ensures(self, result: PassResult) -> None:
         """Every target meets its planned pattern (checked on the pruned weights)."""
+        if result.report is None:  # call() always reports; None is only Sequential's, empty
+            raise PassError("PrunePass returned no report to check")
         failed = [t.name for t in result.report.targets if t.meets_plan is False]
         if failed:
             raise PassError(f"{len(failed)} target(s) miss their planned pattern, e.g. "

@@ -75,20 +75,20 @@ class ChannelSet:
 def find_channel_set(index: GraphIndex, target: WeightTarget) -> ChannelSet | str:
     """The target's permutable channel set, or why its input channels cannot be permuted."""
     main, flow = index.main, index.dataflow
-    name = target.tensor_name or target.tensor.name
+    name = target.tensor_name or target.stored_tensor.name
     if target.graph is not index.graph or _constant(index, name) is None:
         return "only weights of the main graph (initializers, Constant nodes) are permuted"
     uses = main.consumers.get(name, [])
     if len(uses) != 1 or uses[0].scope is not main or name in main.escaping:
         return "its weight is read by more than one node"
     node, slot = uses[0].node, uses[0].slot
-    dims = list(target.tensor.dims)
+    dims = list(target.stored_tensor.dims)
     if slot != 1 or len(dims) != 2 or node.op_type not in ("MatMul", "Gemm") or (
             node.op_type == "Gemm" and attribute(node, "transA", 0)):
         return "only the weight of a MatMul or Gemm with a 2-D weight is supported"
     axis = 1 if node.op_type == "Gemm" and attribute(node, "transB", 0) else 0
     channels = dims[axis]
-    moves: list[tuple[onnx.TensorProto, int]] = [(target.tensor, axis)]
+    moves: list[tuple[onnx.TensorProto, int]] = [(target.stored_tensor, axis)]
     # (node, input slot) of every read that carries the permuted channels: the reads of
     # chain values must all be among these (a producer reading one as its own input, or
     # any other node, would see the channels reordered)
@@ -270,7 +270,7 @@ def permute_channels(loaded: LoadedModel, targets: Sequence[WeightTarget], plan:
     entries = []
     for found in chosen:
         target = found.target
-        weights = read_array(target.tensor, loaded.base_dir)
+        weights = read_array(target.stored_tensor, loaded.base_dir)
         pattern = plan[target.name].pattern
         scores = _channel_scores(found, weights, plan, config, stats.get(target.name))
         if not np.isfinite(scores).all():

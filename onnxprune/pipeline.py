@@ -18,6 +18,7 @@ import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, TypeAlias
 
 import numpy as np
 
@@ -53,10 +54,13 @@ from .targets import (
     discover_targets,
 )
 
+if TYPE_CHECKING:
+    from onnx import TensorProto
+
 log = logging.getLogger(__name__)
 
 Progress = Callable[[WeightTarget], None]
-DenseWriter = Callable[[object, np.ndarray], None]
+DenseWriter: TypeAlias = "Callable[[TensorProto, np.ndarray], None]"
 CALIB_MODES = ("sequential", "one-pass")
 # XᵀX that one-pass calibration gathers only for the report's errors, at most (bytes)
 ONE_PASS_HESSIAN_BUDGET = 256 << 20
@@ -145,7 +149,7 @@ def _dropped_by_selection(skipped: list[SkippedTensor]) -> dict[tuple[SkipCause,
         if item.cause not in SELECTION_CAUSES:
             continue
         if item.cause is SkipCause.AXIS_NOT_MULTIPLE:
-            pattern = item.detail["pattern"]
+            pattern = item.axis_pattern
             words = f"reduction axis not a multiple of {pattern.m} (pattern {pattern})"
         else:
             words = item.summary
@@ -159,10 +163,10 @@ def make_plan(loaded: LoadedModel, targets: list[WeightTarget], config: PruneCon
     method = METHODS.build(config.method, config.options)
 
     def score_chunks(target: WeightTarget):
-        pieces = iter_chunks(target.tensor, loaded.base_dir, patterns.CHUNK_ELEMENTS)
+        pieces = iter_chunks(target.stored_tensor, loaded.base_dir, patterns.CHUNK_ELEMENTS)
         return method.score_chunks(target, pieces, config.seed)
 
-    plan = ALLOCATIONS.build(config.allocation, config.options).plan(
+    plan = ALLOCATIONS.build(config.allocation_name, config.options).plan(
         targets, config, AllocationContext(score_chunks, loaded, feeds))
     missing = [t.name for t in targets if t.name not in plan]
     if missing:
@@ -304,10 +308,11 @@ class _Loop:
         plan = self.plan[target.name]
         if method.name != plan.method:
             plan = replace(plan, method=method.name)
-        weights = read_array(target.tensor, self.loaded.base_dir, writable=True)
+        weights = read_array(target.stored_tensor, self.loaded.base_dir, writable=True)
         zeros_before = kernels.count_zeros(weights)
         keep = self.masks.get(target.name)
-        fixed = keep is not None and self.fixed_masks
+        fixed_keep = keep if self.fixed_masks else None  # the mask to apply exactly, if any
+        fixed = fixed_keep is not None
         original = None
         if stats is not None and stats.hessian is not None:  # before pruning, for the error
             original = view.to_obs(weights)
@@ -316,7 +321,7 @@ class _Loop:
         job = Job(target, weights, plan, self.config.seed, view, stats, keep, fixed,
                   {} if shared is None else shared, self.config)
         calibrated = view is not None and stats is not None
-        planned = (int(np.count_nonzero(~keep)) if fixed
+        planned = (int(np.count_nonzero(~fixed_keep)) if fixed_keep is not None
                    else _planned_count(target, plan, method, view))
         if method.reconstructs:
             if view is None and method.needs > Needs.NOTHING:
@@ -324,8 +329,8 @@ class _Loop:
                                   "statistics")
             weights = method.reconstruct(job)
             zeros = kernels.count_zeros(weights)
-        elif fixed:
-            zeros = kernels.apply_mask(weights, keep)
+        elif fixed_keep is not None:
+            zeros = kernels.apply_mask(weights, fixed_keep)
         elif method.streams_scores and keep is None and not (calibrated and (
                 self.update or self.refine)):
             zeros = prune_streamed(target, weights, plan.pattern, plan.prune_count(target.numel),

@@ -174,7 +174,7 @@ def analyze(loaded: LoadedModel, config: PruneConfig, *,
             log.warning("%s: cannot calibrate (%s); swept by magnitude", target.name, entry)
         curve = TargetCurve(target.name, target.op_type, list(target.shape), target.numel,
                             note=note)
-        dense = read_array(target.tensor, loaded.base_dir)
+        dense = read_array(target.stored_tensor, loaded.base_dir)
         shared: dict = {}
         with sweep.for_target(target) as run:
             for level in levels:
@@ -282,20 +282,22 @@ class _TargetRuns:
             self.session = self.sweep._session(_with_weight_as_input(self.sweep.loaded.proto,
                                                                      target))
         else:  # a Constant node or a subgraph's tensor: rewritten per point, put back after
-            self.original = read_array(target.tensor, self.sweep.loaded.base_dir).copy()
+            self.original = read_array(target.stored_tensor,
+                                       self.sweep.loaded.base_dir).copy()
         return self.run
 
     def __exit__(self, *exc) -> None:
         if self.original is not None:
-            write_array(self.target.tensor, self.original)
+            write_array(self.target.stored_tensor, self.original)
         self.session = None
 
     def run(self, pruned: np.ndarray) -> tuple[float, float, float | None]:
         pruned = np.ascontiguousarray(pruned)
+        extra: dict[str, np.ndarray]  # the weight fed as an input, or none
         if self.session is not None:
             session, extra = self.session, {self.target.tensor_name: pruned}
         else:
-            write_array(self.target.tensor, pruned)
+            write_array(self.target.stored_tensor, pruned)
             session, extra = self.sweep._session(self.sweep.loaded.proto.SerializeToString()), {}
         outputs = [self.sweep._outputs(session, {**feed, **extra}) for feed in self.sweep.feeds]
         return self.sweep.compare(outputs)
@@ -308,7 +310,7 @@ def _with_weight_as_input(proto: onnx.ModelProto, target: WeightTarget) -> bytes
     graph = proto.graph
     if any(i.name == target.tensor_name for i in graph.input):
         return proto.SerializeToString()
-    tensor = target.tensor
+    tensor = target.stored_tensor
     graph.input.append(helper.make_tensor_value_info(target.tensor_name, tensor.data_type,
                                                      list(tensor.dims)))
     try:

@@ -58,11 +58,19 @@ class WeightTarget:
     source: str
     consumers: tuple[Consumer, ...]
     group: int = 1
-    tensor: TensorProto = field(repr=False, compare=False, default=None)
+    # None only in a target made by hand for its metadata: `stored_tensor` is then an error
+    tensor: TensorProto | None = field(repr=False, compare=False, default=None)
     # the graph that stores the tensor and its name there (for rewriting the storage)
-    graph: onnx.GraphProto = field(repr=False, compare=False, default=None)
+    graph: onnx.GraphProto | None = field(repr=False, compare=False, default=None)
     tensor_name: str = ""
     scope_label: str = ""  # the subgraph that stores it, as `source` names it; "" if main
+
+    @property
+    def stored_tensor(self) -> TensorProto:
+        """The tensor that holds the weights (discovery always records it)."""
+        if self.tensor is None:
+            raise ValueError(f"target {self.name!r} was made without its stored tensor")
+        return self.tensor
 
     @property
     def numel(self) -> int:
@@ -70,7 +78,7 @@ class WeightTarget:
 
     @property
     def nbytes(self) -> int:
-        return tensor_nbytes(self.tensor)
+        return tensor_nbytes(self.stored_tensor)
 
     @property
     def reduction_length(self) -> int:
@@ -197,7 +205,15 @@ class SkippedTensor:
         if per_group and each != length:
             length = f"{length} ({each} per group of {groups})"
         return (f"reduction axis length {length} is not a multiple of "
-                f"{self.detail['pattern'].m}")
+                f"{self.axis_pattern.m}")
+
+    @property
+    def axis_pattern(self) -> Pattern:
+        """The N:M pattern an AXIS_NOT_MULTIPLE skip was checked against (detail "pattern")."""
+        pattern = self.detail.get("pattern")
+        if not isinstance(pattern, Pattern):
+            raise ValueError(f"{self.name}: skip {self.cause.value} records no pattern")
+        return pattern
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,13 @@ class AllocationContext:
     loaded: LoadedModel | None = None
     feeds: Sequence | None = None
 
+    def loaded_model(self, allocation: str) -> LoadedModel:
+        """The loaded model, for an allocation that calibrates on it."""
+        if self.loaded is None:
+            raise ValueError(f"allocation {allocation} needs the loaded model; its "
+                             "AllocationContext has none")
+        return self.loaded
+
 
 class Allocation(Part):
     """How the requested sparsity is spread over the targets (`--allocation`)."""

@@ -73,7 +73,7 @@ def outlier_ratios(targets: Sequence[WeightTarget], config: PruneConfig,
     from ..calib import calibration_feeds
     from ..calib.one_pass import dense_statistics
 
-    loaded = context.loaded
+    loaded = context.loaded_model("owl")
     feeds = context.feeds if context.feeds is not None else calibration_feeds(
         config, loaded.proto)
     found = dense_statistics(loaded, targets, feeds, hessian=False)
@@ -86,7 +86,7 @@ def outlier_ratios(targets: Sequence[WeightTarget], config: PruneConfig,
                         target.name, entry)
             continue
         view, stats = entry
-        obs = view.to_obs(read_array(target.tensor, loaded.base_dir))
+        obs = view.to_obs(read_array(target.stored_tensor, loaded.base_dir))
         scores_of.setdefault(key, []).append(
             wanda_scores(obs, stats.sq_norms[:, np.newaxis, :]).ravel())
     by_block = {key: outlier_ratio(np.concatenate(parts), threshold)

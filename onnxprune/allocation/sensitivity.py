@@ -74,6 +74,8 @@ def allocate(numels: np.ndarray, hulls: Sequence[tuple[np.ndarray, np.ndarray]],
                 break
             part = min(1.0, need / width)
         else:
+            if energy_budget is None:
+                raise ValueError("allocate needs a total count or an energy budget")
             room = energy_budget - energy
             if room <= 0:
                 break
@@ -150,4 +152,4 @@ class SensitivityAllocation(Allocation):
         if self.options.curves is not None:
             return SensitivityResult.load(self.options.curves)
         log.info("no --sensitivity curves given: measuring them (%d targets)", len(targets))
-        return analyze(context.loaded, config, feeds=context.feeds)
+        return analyze(context.loaded_model(self.name), config, feeds=context.feeds)

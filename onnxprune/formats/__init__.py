@@ -57,10 +57,11 @@ def format_bytes_table(array: np.ndarray, dtype: np.dtype | str | None = None,
     itemsize = array.dtype.itemsize
     numel = int(array.size)
     nnz = int(np.count_nonzero(bits_of(array))) if numel else 0
-    table = {"numel": numel, "nnz": nnz, "sparsity": 1.0 - nnz / numel if numel else 0.0,
-             "dense": numel * itemsize, "sparse": sparse_bytes(nnz, itemsize),
-             "compact": None, "compact_format": None,
-             "entropy_bound": entropy_bound_bytes(numel, nnz, itemsize)}
+    table: dict[str, int | float | str | None] = {
+        "numel": numel, "nnz": nnz, "sparsity": 1.0 - nnz / numel if numel else 0.0,
+        "dense": numel * itemsize, "sparse": sparse_bytes(nnz, itemsize),
+        "compact": None, "compact_format": None,
+        "entropy_bound": entropy_bound_bytes(numel, nnz, itemsize)}
     if numel == 0 or array.ndim == 0:
         return table
     axis = reduction_axis % array.ndim

@@ -125,7 +125,7 @@ class Blocker:
     @property
     def reason(self) -> str:
         if self.cause is DenseCause.NOT_SMALLER:
-            return _NOT_SMALLER[self.detail["format"]].format(**self.detail)
+            return _NOT_SMALLER[str(self.detail["format"])].format(**self.detail)
         return _DENSE_REASONS[self.cause].format(**self.detail)
 
 
@@ -175,10 +175,11 @@ def store(target: WeightTarget, weights: np.ndarray, fmt: str, pattern: Pattern 
     if fmt not in STORED_FORMATS:
         raise ValueError(f"format must be one of {', '.join(STORED_FORMATS)}; got {fmt!r}")
     weights = np.ascontiguousarray(weights)
-    dtype = FLOAT_DATA_TYPES.get(target.tensor.data_type)
-    if dtype is None or weights.dtype != dtype or weights.shape != tuple(target.tensor.dims):
+    tensor = target.stored_tensor
+    dtype = FLOAT_DATA_TYPES.get(tensor.data_type)
+    if dtype is None or weights.dtype != dtype or weights.shape != tuple(tensor.dims):
         raise ValueError(f"{target.name}: weights {weights.dtype}{weights.shape} do not match "
-                         f"the stored tensor {dtype}{tuple(target.tensor.dims)}")
+                         f"the stored tensor {dtype}{tuple(tensor.dims)}")
     if fmt != "dense":
         blocker = _blocker(target, weights, fmt, model)
         if blocker is None:
@@ -189,21 +190,31 @@ def store(target: WeightTarget, weights: np.ndarray, fmt: str, pattern: Pattern 
                 return result
             blocker = result
         log.info("%s: stays dense: %s", target.name, blocker.reason)
-        write_dense(target.tensor, weights)
+        write_dense(tensor, weights)
         return StoreResult("dense", weights.nbytes, blocker)
-    write_dense(target.tensor, weights)
+    write_dense(tensor, weights)
     return StoreResult("dense", weights.nbytes)
 
 
-def _location(target: WeightTarget) -> tuple[str, int] | None:
+def _location(graph: onnx.GraphProto, name: str) -> tuple[str, int] | None:
     """("initializer", index in graph.initializer) or ("constant", index in graph.node)."""
-    index = initializer_index(target.graph, target.tensor_name)
+    index = initializer_index(graph, name)
     if index is not None:
         return "initializer", index
-    index = constant_node_index(target.graph, target.tensor_name)
+    index = constant_node_index(graph, name)
     if index is not None:
         return "constant", index
     return None
+
+
+def _stored_at(target: WeightTarget) -> tuple[onnx.GraphProto, str, int]:
+    """The graph, kind and index where `_blocker` found the target's storage."""
+    graph = target.graph
+    location = _location(graph, target.tensor_name) if graph is not None else None
+    if graph is None or location is None:
+        raise ValueError(f"{target.name}: its storage was not found in its graph")
+    kind, index = location
+    return graph, kind, index
 
 
 def _blocker(target: WeightTarget, weights: np.ndarray, fmt: str,
@@ -211,10 +222,11 @@ def _blocker(target: WeightTarget, weights: np.ndarray, fmt: str,
     """Why `fmt` cannot be used for this target at all, or None."""
     if weights.ndim == 0 or weights.size == 0:
         return Blocker(DenseCause.EMPTY_OR_SCALAR)
-    location = _location(target) if target.graph is not None else None
-    if location is None:
+    graph = target.graph
+    location = _location(graph, target.tensor_name) if graph is not None else None
+    if graph is None or location is None:
         return Blocker(DenseCause.STORAGE_NOT_FOUND)
-    if any(i.name == target.tensor_name for i in target.graph.input):
+    if any(i.name == target.tensor_name for i in graph.input):
         return Blocker(DenseCause.GRAPH_INPUT)
     kind = location[0]
     opset = default_opset(model) if model is not None else None
@@ -250,8 +262,7 @@ def _store_sparse(target: WeightTarget, weights: np.ndarray,
     size = sparse_bytes(nnz, weights.dtype.itemsize)
     if size >= weights.nbytes:
         return _not_smaller("sparse", size, weights, nnz)
-    graph = target.graph
-    kind, index = _location(target)
+    graph, kind, index = _stored_at(target)
     sparse = make_sparse(target.tensor_name, weights)
     if kind == "initializer":
         del graph.initializer[index]
@@ -278,12 +289,12 @@ def _store_compact(target: WeightTarget, weights: np.ndarray, pattern: Pattern,
         nnz = int(np.count_nonzero(bits_of(weights)))
         return _not_smaller("compact", best.bytes, weights, nnz, encoding=best.format)
 
-    graph = target.graph
-    kind, index = _location(target)
+    graph, kind, index = _stored_at(target)
     label = target.scope_label
     prefix = _unique_prefix(graph, REBUILD_PREFIX + (f"{label}/" if label else ""))
     opset = default_opset(model) if model is not None else None
-    builder = TensorBuilder(prefix, best, target.tensor.data_type, axis, opset)
+    data_type = target.stored_tensor.data_type
+    builder = TensorBuilder(prefix, best, data_type, axis, opset)
     chunk_metas, outputs = [], []
     for number, ((start, stop), chunk) in enumerate(zip(rows, chunks, strict=True)):
         payload = encode_chunk(chunk, best, axis)
@@ -298,7 +309,7 @@ def _store_compact(target: WeightTarget, weights: np.ndarray, pattern: Pattern,
         builder.op("Concat", outputs, target.tensor_name, axis=0)
 
     meta = {"version": 1, "tensor": target.tensor_name, "prefix": prefix,
-            "format": best.format, "data_type": target.tensor.data_type,
+            "format": best.format, "data_type": data_type,
             "shape": list(weights.shape), "stored_as": kind, **plan_meta(best, axis),
             "chunks": chunk_metas}
     if kind == "constant":
@@ -306,8 +317,7 @@ def _store_compact(target: WeightTarget, weights: np.ndarray, pattern: Pattern,
     final = builder.nodes[-1]
     final.name = f"{prefix}/rebuild"
     final.doc_string = meta_doc(meta)
-    value_info = helper.make_tensor_value_info(target.tensor_name, target.tensor.data_type,
-                                               weights.shape)
+    value_info = helper.make_tensor_value_info(target.tensor_name, data_type, weights.shape)
     value_info.doc_string = COMPACT_MARK
 
     if kind == "initializer":
@@ -320,7 +330,7 @@ def _store_compact(target: WeightTarget, weights: np.ndarray, pattern: Pattern,
         graph.node.insert(position + offset, node)
     size = sum(t.ByteSize() for t in builder.initializers) + \
         sum(n.ByteSize() for n in builder.nodes) + value_info.ByteSize()
-    streamed = set()
+    streamed: set[str] = set()
     if write_payload is not None:
         # the bytes must never be copied into the graph: protobuf frees a cleared field's
         # memory only with the whole model, so the model would grow by a payload per target
@@ -329,10 +339,11 @@ def _store_compact(target: WeightTarget, weights: np.ndarray, pattern: Pattern,
                 tensor.ClearField("raw_data")
                 streamed.add(tensor.name)
     graph.initializer.extend(builder.initializers)
-    added = graph.initializer[len(graph.initializer) - len(builder.initializers):]
-    for tensor in added:  # the graph's own copies, which the writer will look for
-        if tensor.name in streamed:
-            write_payload(tensor, builder.arrays[tensor.name])
+    if write_payload is not None:
+        added = graph.initializer[len(graph.initializer) - len(builder.initializers):]
+        for tensor in added:  # the graph's own copies, which the writer will look for
+            if tensor.name in streamed:
+                write_payload(tensor, builder.arrays[tensor.name])
     if not any(v.name == target.tensor_name for v in graph.value_info):
         graph.value_info.append(value_info)
     add_metadata_format(model, "compact")
