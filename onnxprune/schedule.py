@@ -101,6 +101,8 @@ def prune_gradual(model: ModelLike, output: str | os.PathLike | None = None, *,
         _save_masks(masks, save_masks, step, last)
         log.info("step %d/%d: sparsity %.4f (%d zeros)", step, len(levels), level,
                  report.summary.zeros)
+    if first is None:  # sparsities() gives at least one level
+        raise ConfigError(f"the number of steps must be >= 1, got {steps}")
     info = {"kind": schedule, "steps": steps, "sparsities": levels}
     return proto, _final_report(report, first, input_path, config, info, return_masks)
 
@@ -140,8 +142,8 @@ def prune_iterative(model: ModelLike, output: str | os.PathLike | None = None, *
     folder = Path(output).parent if output is not None else None
     command = retrain if isinstance(retrain, str) else None
     with tempfile.TemporaryDirectory(prefix=".onnxprune-rounds-", dir=folder) as workdir:
-        if command is not None:
-            retrain = command_retrainer(command, Path(workdir))
+        hook = (command_retrainer(retrain, Path(workdir)) if isinstance(retrain, str)
+                else retrain)
         masks = last_masks = None
         completed = 0
         history = []
@@ -157,9 +159,9 @@ def prune_iterative(model: ModelLike, output: str | os.PathLike | None = None, *
             if init is not None:
                 pruned = _rewound(init, apply_config, masks, rewind)
             _save_masks(masks, save_masks, round_number, last=False)
-            if retrain is not None:
+            if hook is not None:
                 try:
-                    trained = retrain(pruned, round_number)
+                    trained = hook(pruned, round_number)
                 except RetrainFailed as exc:
                     _keep_last_good(exc, keep_last_good, completed, proto, base_dir,
                                     apply_config.replace(format=config.format), output,
@@ -176,6 +178,8 @@ def prune_iterative(model: ModelLike, output: str | os.PathLike | None = None, *
             proto, completed, last_masks = pruned, round_number, masks
         proto, report = _pass(proto, base_dir, apply_config.replace(format=config.format),
                               output, masks, fixed=True, progress=None, durable=durable)
+    if first is None or last_round is None:  # no round ran
+        raise ConfigError(f"the number of rounds must be >= 1, got {rounds}")
     for target, planned in zip(report.targets, last_round.targets, strict=True):
         target.requested_sparsity, target.set_by = planned.requested_sparsity, planned.set_by
     _save_masks(report.masks, save_masks, len(levels), last=True)
