@@ -21,7 +21,7 @@ import logging
 import os
 import re
 import zipfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -190,7 +190,7 @@ def _shape_size(name: str, text: str) -> int:
 
 def synthetic_inputs(model: onnx.ModelProto, samples: int = 1, seed: int = 0,
                      dims: dict[str, int] | None = None,
-                     input_shapes: dict[str, Sequence[int]] | None = None) -> list[Feed]:
+                     input_shapes: Mapping[str, Sequence[int]] | None = None) -> list[Feed]:
     """`samples` random feeds for the model's inputs, the same for the same seed.
 
     Shapes: an input named in `input_shapes` takes that full shape (it must fit the model's
@@ -229,7 +229,7 @@ class DefaultedDim:
 
 
 def defaulted_dims(model: onnx.ModelProto, dims: dict[str, int] | None = None,
-                   input_shapes: dict[str, Sequence[int]] | None = None
+                   input_shapes: Mapping[str, Sequence[int]] | None = None
                    ) -> list[DefaultedDim]:
     """The dynamic dimensions that `synthetic_inputs` with these `dims` and `input_shapes`
     leaves at a default size, in input order."""
@@ -326,7 +326,7 @@ def _check_dim_names(specs: list[InputSpec], dims: dict[str, int]) -> None:
 
 
 def resolve_shapes(specs: list[InputSpec], dims: dict[str, int],
-                   input_shapes: dict[str, Sequence[int]] | None = None,
+                   input_shapes: Mapping[str, Sequence[int]] | None = None,
                    defaulted: list[DefaultedDim] | None = None
                    ) -> dict[str, tuple[int, ...]]:
     """The concrete shape of every input: given in `input_shapes`, else from the model with

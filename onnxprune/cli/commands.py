@@ -40,7 +40,9 @@ def _import_numba_without_blas_probe() -> None:
     probe = "scipy.linalg.cython_blas"
     if "numba.np.arraymath" in sys.modules or probe in sys.modules:
         return  # nothing left to save
-    sys.modules[probe] = None  # "import scipy.linalg.cython_blas" now fails at once
+    # "import scipy.linalg.cython_blas" now fails at once (None in sys.modules is the
+    # documented import blocker; typeshed types the values as modules only)
+    sys.modules[probe] = None  # type: ignore[assignment]
     try:
         import numba.np.arraymath  # noqa: F401
     except ImportError:
@@ -138,7 +140,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         report.masks.save(args.save_masks)
     _print_prune_result(report, args)
     status = 0
-    if args.validate:
+    if feeds_source is not None:  # --validate
         result = _compare(args.model, args.output, args, feeds_source)
         report.validation = result.to_dict()
         from ..validate import format_result
@@ -157,7 +159,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
 # calibration without --calib); those of calibration. Each with its value when not given.
 _VALIDATION_OPTIONS = {"data": None, "samples": None, "atol": None, "rtol": None,
                        "min_cosine": None, "min_top1": None}
-_SHAPE_OPTIONS = {"dim": [], "input_shapes": []}
+_SHAPE_OPTIONS: dict[str, list[str]] = {"dim": [], "input_shapes": []}
 _CALIBRATION_OPTIONS = {"calib_samples": None, "calib_mode": None}
 
 
@@ -332,7 +334,7 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
         levels = list(DEFAULT_LEVELS)
     else:
         try:
-            levels = check_levels(float(v) for v in args.levels.split(",") if v.strip())
+            levels = check_levels([float(v) for v in args.levels.split(",") if v.strip()])
         except ValueError as exc:
             raise ConfigError(f"--levels must be numbers separated by commas, got "
                               f"{args.levels!r}") from exc

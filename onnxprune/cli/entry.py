@@ -9,9 +9,13 @@ import contextlib
 import logging
 import os
 import sys
+from typing import TYPE_CHECKING
 
 from .commands import COMMANDS
 from .parser import build_parser
+
+if TYPE_CHECKING:
+    from .parser import _Parser
 
 
 @contextlib.contextmanager
@@ -61,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         return _exit_status(exc, verbose=getattr(args, "verbose", 0))
 
 
-def _parse(argv: list[str] | None) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
+def _parse(argv: list[str] | None) -> tuple[_Parser, argparse.Namespace]:
     """Parse the command line, refusing a bad argument before anything heavy is imported.
 
     The options parts declare (``--ria-alpha``) need every part class imported, numba and

@@ -11,6 +11,9 @@ from ..config import CALIB_MODES, SCOPES
 class _Parser(argparse.ArgumentParser):
     """argparse that reports a usage error as one line (and exit 2) instead of a usage dump."""
 
+    # the `prune` subcommand's parser, set on the top-level parser by `build_parser`
+    prune_parser: argparse.ArgumentParser
+
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
@@ -160,7 +163,7 @@ exit status: 0 success, 1 validation failed, 2 user error (one line on stderr),
 """
 
 
-def build_parser(with_parts: bool = True) -> argparse.ArgumentParser:
+def build_parser(with_parts: bool = True) -> _Parser:
     """The whole command line; `with_parts=False` leaves out the options parts declare,
     which needs every part class imported (fast checks of the other arguments)."""
     from ..registry import ALLOCATIONS, FORMATS, METHODS, REFINES, UPDATES

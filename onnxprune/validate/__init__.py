@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, TypeAlias
 
 import numpy as np
@@ -78,7 +78,7 @@ _SYNTHETIC_HINT = ("set the input shapes with --input-shapes NAME:[d0,d1,...] (o
 def validation_feeds(model: str | os.PathLike | onnx.ModelProto, *,
                      data: str | os.PathLike | None = None, samples: int | None = None,
                      seed: int = 0, dims: dict[str, int] | None = None,
-                     input_shapes: dict[str, Sequence[int]] | None = None
+                     input_shapes: Mapping[str, Sequence[int]] | None = None
                      ) -> tuple[list[Feed], bool]:
     """The feeds to compare on, and whether they are synthetic.
 
@@ -109,7 +109,7 @@ def validate_models(reference: str | os.PathLike | onnx.ModelProto,
                     candidate: str | os.PathLike | onnx.ModelProto, *,
                     data: str | os.PathLike | None = None, samples: int | None = None,
                     seed: int = 0, dims: dict[str, int] | None = None,
-                    input_shapes: dict[str, Sequence[int]] | None = None,
+                    input_shapes: Mapping[str, Sequence[int]] | None = None,
                     atol: float | None = None, rtol_l2: float | None = None,
                     min_cosine: float | None = None,
                     min_top1: float | None = None) -> ValidationResult:
