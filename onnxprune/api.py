@@ -67,6 +67,9 @@ def prune(model: ModelLike, output: str | os.PathLike | None = None, *,
                 progress=progress)
     if output is not None and input_path is not None:
         loaded = load_model(input_path, lazy=True)
+        # measured before anything is written: a tensor the prune never reads can still be
+        # refused here, and a refusal must leave no output behind
+        file_bytes_before = model_file_bytes(input_path)
         with ModelWriter(loaded, output, None, durable) as writer:
             sink = Sink(loaded, config, writer.put, streaming=True)
             result = run(loaded, config, sink=sink, **loop)
@@ -75,7 +78,6 @@ def prune(model: ModelLike, output: str | os.PathLike | None = None, *,
                                                             result.permutations))
             writer.commit()
         proto = load_model(Path(output), lazy=True).proto
-        file_bytes_before = model_file_bytes(input_path)
         file_bytes = model_file_bytes(Path(output))
     else:
         # with an output file the proto need not hold the tensors: read them lazily

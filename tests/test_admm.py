@@ -25,6 +25,7 @@ def _count(weights, sparsity=0.5):
     return prune_count(weights.size, sparsity)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("keep_n, group_m, gradual, iters", [
     (0, 0, True, 20), (0, 0, False, 20), (2, 4, True, 20), (2, 4, False, 8), (1, 4, True, 7),
     (0, 0, True, 0),
@@ -71,6 +72,7 @@ def test_update_gains_a_lot_where_inputs_are_correlated():
         weights, weights * keep, hessian)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("keep_n, group_m", [(0, 0), (2, 4), (4, 8)])
 def test_gradual_beats_sparsegpt_and_meets_the_pattern(keep_n, group_m):
     weights, hessian, _ = layer_problem(32, 64, tokens=1000, rank=16)
@@ -135,6 +137,7 @@ def test_weights_without_update_stay_bit_identical():
     np.testing.assert_array_equal(plain, np.where(keep, weights, 0))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fixed", [True, False])
 def test_given_masks_are_honoured(fixed):
     rng = np.random.default_rng(5)
@@ -194,6 +197,7 @@ def test_bad_settings_are_user_errors():
         PruneConfig(method="admm", update="admm")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", ["transformer.onnx", "cnn.onnx"])
 @pytest.mark.parametrize("args", [["--method", "admm", "--pattern", "2:4", "--admm-iters", "6"],
                                   ["--method", "admm", "--admm-fixed-mask", "--admm-iters",
@@ -204,6 +208,7 @@ def test_cli_output_runs_in_onnxruntime(tmp_path, model, args):
     prune_cli_and_run(tmp_path, model, args)
 
 
+@pytest.mark.slow
 def test_update_calibrates_sequentially(caplog):
     with caplog.at_level(logging.INFO, logger="onnxprune.pipeline"):
         prune_matmul(method="ria", update="admm")

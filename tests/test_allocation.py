@@ -38,6 +38,7 @@ def _assert_exact(result, sparsity: float) -> None:
         assert report.zeros == result.plan[report.name].count
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", ["mlp.onnx", "cnn.onnx", "transformer.onnx"])
 @pytest.mark.parametrize("allocation", ["erk", "owl"])
 @pytest.mark.parametrize("method", ["magnitude", "wanda"])
@@ -49,6 +50,7 @@ def test_overall_sparsity_exact_to_the_weight(model, allocation, method):
         assert len({t.zeros / t.numel for t in result.targets}) > 1  # not uniform
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("allocation", ["erk", "owl", "sensitivity"])
 def test_exact_with_sparsegpt(allocation):
     result = _prune("transformer.onnx", sparsity=0.6, allocation=allocation, method="sparsegpt",
@@ -255,6 +257,7 @@ def _output_error(dense: onnx.ModelProto, pruned: onnx.ModelProto, x: np.ndarray
     return float(np.linalg.norm(outputs[1] - outputs[0]) / np.linalg.norm(outputs[0]))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["magnitude", "wanda"])
 def test_sensitivity_allocation_beats_uniform_on_held_out_inputs(method):
     model, train, held_out = _trained_digits_mlp()

@@ -41,6 +41,7 @@ def _write_calibration(model_path, path, samples: int = 4):
 
 # --------------------------------------------------------------------------- is_2_4
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", ["mlp.onnx", "cnn.onnx"])
 @pytest.mark.parametrize("method", ["magnitude", "random", "wanda"])
 @pytest.mark.parametrize("pattern", ["4:8", "3:8", "2:8", "1:4", "2:4"])

@@ -212,6 +212,7 @@ def _bad_model_cases(tmp_path: Path) -> dict[str, Path]:
     }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "case", ["garbage", "truncated", "empty", "missing external data", "missing"]
 )
@@ -245,6 +246,7 @@ def test_bad_model_file(case, tmp_path):
         ["--include", "("],
     ],
 )
+@pytest.mark.slow
 def test_bad_options(args, tmp_path, model_copy):
     digest = _digest(model_copy)
     out = tmp_path / "out.onnx"
@@ -255,6 +257,7 @@ def test_bad_options(args, tmp_path, model_copy):
     assert [p.name for p in model_copy.parent.iterdir()] == ["mlp.onnx"]
 
 
+@pytest.mark.slow
 def test_output_equal_to_input(model_copy):
     digest = _digest(model_copy)
     for output in (model_copy, model_copy.parent / "." / "mlp.onnx"):
@@ -280,6 +283,7 @@ def _unwritable_directory(tmp_path: Path) -> Path:
     pytest.skip("no unwritable directory available")
 
 
+@pytest.mark.slow
 def test_unwritable_output_directory(tmp_path, model_copy):
     directory = _unwritable_directory(tmp_path)
     result = run_cli("prune", model_copy, "-o", directory / "out.onnx")
@@ -402,6 +406,7 @@ def test_fsync_only_when_asked(tmp_path, model_copy, monkeypatch, command):
         assert out.is_file() and bool(synced) == expected
 
 
+@pytest.mark.slow
 def test_prune_skips_numbas_scipy_blas_probe_and_sparsegpt_still_imports_scipy(tmp_path):
     """The CLI keeps numba from importing scipy.linalg (0.3 s) just to probe for BLAS."""
     result = subprocess.run(

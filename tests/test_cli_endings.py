@@ -138,6 +138,7 @@ def test_report_has_the_output_models_mode(umask, tmp_path, model_copy, capsys):
     assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("delay", [1.5, 2.5])
 def test_real_sigint_during_a_calibrated_prune(delay, tmp_path):
     """A real SIGINT at some point of a run: "interrupted" and exit 130 (or, if the run was

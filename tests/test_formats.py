@@ -666,9 +666,9 @@ def test_pruned_compact_model_has_no_unused_initializer(tmp_path, form, streamed
 
 def test_onnxruntime_removes_no_initializer_of_a_two_four_transformer(tmp_path, capfd):
     """The issue's report: each compacted weight's `.../k0` was 'not used by any node'."""
-    import onnxprune
-
     from conftest import MODELS_DIR
+
+    import onnxprune
 
     out = tmp_path / "t.onnx"
     onnxprune.prune(str(MODELS_DIR / "transformer.onnx"), str(out), pattern="2:4",

@@ -22,6 +22,7 @@ fuzz = sys.modules.setdefault(_spec.name, importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(fuzz)
 
 CASES = 13 * len(fuzz.MUTATIONS)  # 13 of each mutation kind (>= 500 cases)
+pytestmark = pytest.mark.slow  # the slice takes about 40 s on two cores
 
 
 @pytest.fixture(scope="module")
@@ -34,24 +35,8 @@ def test_no_internal_errors(summary) -> None:
     assert not sites, summary.report()
 
 
-# Known, outside the fuzzer's reach: a streamed `prune` commits its output, then api.prune
-# measures the input with `model_file_bytes`, whose wire scan refuses a corrupt tensor the
-# prune never read (here the TENSORS attribute of the custom Holder node cut short), so the
-# run ends in a refusal with its output left behind. To be fixed in api.py (measure the
-# input before writing); remove this entry then.
-KNOWN_BREACHES = {("raw_length", "rich", "prune", "failed run left ['out.onnx']",
-                   "tensor 'Wh' has 931 bytes of data for shape [32, 32]")}
-
-
-def _known(outcome) -> bool:
-    return all(any((outcome.kind, outcome.base, outcome.command, breach) == known[:4]
-                   and known[4] in outcome.detail for known in KNOWN_BREACHES)
-               for breach in outcome.breaches)
-
-
 def test_no_invariant_breaches(summary) -> None:
-    unknown = [outcome for outcome in summary.breaches if not _known(outcome)]
-    assert not unknown, summary.report()
+    assert not summary.breaches, summary.report()
 
 
 def test_the_slice_exercises_every_mutation_and_outcome(summary) -> None:

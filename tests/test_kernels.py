@@ -141,6 +141,7 @@ def test_random_scores_are_seeded_uniform_float32():
     assert 0.0 <= first.min() and first.max() < 1.0
 
 
+@pytest.mark.slow
 def test_read_bandwidth_probe_sums():
     values = np.random.default_rng(0).random(300_001, dtype=np.float32)
     assert kernels.read_bandwidth_probe(values) == pytest.approx(float(values.sum()), rel=1e-4)
@@ -199,6 +200,7 @@ def kth_of_sorted_keys(keys: np.ndarray, k: int) -> tuple[float, int, int]:
     return naive.value_of_key(int(key)), int(first), int(stop - first)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "kind", ["normal", "few_values", "zeros", "nan_and_signed_zeros", "sorted"]
 )
@@ -220,6 +222,7 @@ def test_kth_smallest_large_stream_matches_sort(kind):
         assert len(calls) == 2  # one sampling read, one bracket read: no fallback needed
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["normal", "few_values", "nan_and_signed_zeros"])
 def test_radix_fallback_matches_sort(kind, monkeypatch):
     scores = large_scores(kind, 1_100_000)
@@ -332,6 +335,7 @@ def test_unstructured_keep_mask_rejects_bad_arguments():
 PATTERNS = [(1, 4), (2, 4), (3, 4), (1, 2), (2, 8), (5, 16), (3, 32), (7, 64), (1, 256), (255, 256)]
 
 
+@pytest.mark.slow
 @FAST
 @given(
     data=st.data(),
@@ -347,6 +351,7 @@ def test_nm_keep_mask_matches_naive(data, pattern, rows, groups):
     assert np.array_equal(keep, naive.nm_keep_mask(scores, n, m))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("pattern", [(2, 4), (1, 4), (4, 8), (100, 128)])
 def test_nm_keep_mask_many_blocks_with_ties(pattern):
     n, m = pattern
@@ -382,6 +387,7 @@ def test_nm_keep_mask_rejects_bad_arguments():
     assert kernels.nm_keep_mask(np.zeros((0, 8), np.float32), 2, 4).shape == (0, 8)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", WEIGHT_DTYPES, ids=lambda d: np.dtype(d).name)
 @pytest.mark.parametrize("pattern", [(2, 4), (1, 4), (3, 8)])
 def test_nm_violations_match_naive(dtype, pattern):
@@ -453,6 +459,7 @@ CACHE_PROBE = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_kernels_load_from_disk_cache_on_second_run(tmp_path):
     python_path = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
     env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path), PYTHONPATH=python_path)

@@ -94,6 +94,7 @@ def models(tmp_path_factory: pytest.TempPathFactory):
         path.unlink()
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="ru_maxrss units differ")
 @pytest.mark.parametrize("options", [("--scope", "global"),
                                      ("--pattern", "2:4", "--method", "random")],

@@ -80,6 +80,7 @@ def test_backend_model_without_weights_is_a_clean_refusal(backend_results):
     assert steps["validate"].outcome == "n/a"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dist,relpath", REAL_SLICE, ids=[r.split("/")[-1] for _, r in REAL_SLICE])
 def test_real_model_passes_every_step(dist, relpath):
     try:

@@ -62,6 +62,7 @@ def test_gain_is_what_the_group_keeps_more():
         assert with_c - without == pytest.approx(gains[c, g], rel=1e-5, abs=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("n, m, channels", [(2, 4, 64), (1, 4, 32), (4, 8, 64), (2, 4, 1200)])
 def test_search_returns_a_permutation_that_never_keeps_less(n, m, channels):
     rng = np.random.default_rng(channels)
@@ -193,6 +194,7 @@ def test_pipeline_keeps_more_and_meets_the_pattern(tmp_path, method):
     assert results[False][1].channel_permutations is None
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, method", [("mlp.onnx", "wanda"), ("transformer.onnx", "ria"),
                                           ("mlp.onnx", "sparsegpt")])
 def test_the_chosen_permutations_alone_leave_outputs_unchanged(name, method):

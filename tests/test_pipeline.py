@@ -40,6 +40,7 @@ def _calib(path: Path, tmp_path: Path, samples: int = 4) -> Path:
     return file
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
 @pytest.mark.parametrize("model_name", ["mlp.onnx", "cnn.onnx", "transformer.onnx"])
 def test_saved_masks_reproduce_zero_positions_with_any_method(models_dir, tmp_path, model_name,
@@ -212,6 +213,7 @@ def _install_readme_plugin(folder: Path) -> tuple[str, dict[str, str]]:
                                   f"[onnxprune.methods]\n{entry_name} = {entry_value}\n")
 
 
+@pytest.mark.slow
 def test_a_method_from_an_entry_point_runs_from_the_cli(models_dir, tmp_path):
     entry_name, env = _install_readme_plugin(tmp_path)
     out = tmp_path / "out.onnx"
@@ -229,6 +231,7 @@ def test_a_method_from_an_entry_point_runs_from_the_cli(models_dir, tmp_path):
         assert kept.max() <= pruned.min()  # the largest went
 
 
+@pytest.mark.slow
 def test_a_plugins_option_reaches_help_recipes_and_its_constructor(models_dir, tmp_path):
     """The README's plug-in declares `power` once, on itself: nothing else is touched."""
     entry_name, env = _install_readme_plugin(tmp_path)

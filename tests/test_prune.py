@@ -83,6 +83,7 @@ def test_layer_scope_exact_sparsity(case, tmp_path):
     _check_runs(out, source)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", MODEL_CASES)
 def test_global_scope_exact_total(case, tmp_path):
     source = _path(case)

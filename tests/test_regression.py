@@ -35,7 +35,10 @@ from conftest import MODELS_DIR, example_feeds
 
 # the full matrix takes about a minute on two cores; ONNXPRUNE_FULL_REGRESSION=0 runs a subset
 FULL = os.environ.get("ONNXPRUNE_FULL_REGRESSION", "1") != "0"
-CASES = rc.all_cases() if FULL else rc.default_cases()
+# the cases beyond the default subset are marked slow (`pytest -m "not slow"` leaves them out)
+_DEFAULT = set(rc.default_cases())
+CASES = [case if case in _DEFAULT else pytest.param(case, marks=pytest.mark.slow)
+         for case in (rc.all_cases() if FULL else rc.default_cases())]
 RECORDED: dict[str, dict] = json.loads(rc.HASHES_FILE.read_text())
 MASK_AGREEMENT = 0.999
 ERROR_TOLERANCE = 0.01  # relative

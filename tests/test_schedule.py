@@ -162,6 +162,7 @@ def retrain_script(tmp_path):
     return f"{sys.executable} {path} {{in}} {{out}}"
 
 
+@pytest.mark.slow
 def test_cli_imp_reapplies_masks_after_each_retrain(tmp_path, capsys, retrain_script):
     out = tmp_path / "out.onnx"
     assert main(["prune", str(MLP), "-o", str(out), "--sparsity", "0.8", "--rounds", "3",
@@ -192,6 +193,7 @@ def test_cli_failing_retrain_stops_with_its_exit_code(tmp_path, capsys, retrain_
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_cli_keep_last_good_writes_the_last_completed_round(tmp_path, capsys, retrain_script):
     out = tmp_path / "out.onnx"
     status = main(["prune", str(MLP), "-o", str(out), "--rounds", "3", "--sparsity", "0.8",

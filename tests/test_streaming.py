@@ -163,6 +163,7 @@ def in_memory_prune(path: Path, out: Path, options: dict):
     return report
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_external_streaming_equals_in_memory(external_path: Path, tmp_path: Path,
                                              name: str) -> None:

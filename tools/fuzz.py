@@ -1179,20 +1179,32 @@ class Summary:
         return "\n".join(lines)
 
 
+@contextlib.contextmanager
+def _quiet_logs():
+    """onnxprune's warnings off while the cases run (thousands of them), and back after: a
+    test that runs the fuzzer in-process must not silence the tests after it."""
+    import logging
+
+    logger = logging.getLogger("onnxprune")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def fuzz(cases: int, seed: int = 0, kinds: list[str] | None = None,
          commands: tuple[str, ...] = ("inspect", "prune", "densify"),
          verbose: bool = False) -> Summary:
     """Run `cases` mutated models through the commands; the outcomes, counted."""
-    import logging
-
-    logging.getLogger("onnxprune").setLevel(logging.CRITICAL)
     names = sorted(k for k in MUTATIONS if not kinds or any(k.startswith(p) for p in kinds))
     if not names:
         raise SystemExit(f"no mutation kind matches {kinds}")
     bases = make_bases()
     rng = random.Random(seed)
     summary = Summary()
-    with tempfile.TemporaryDirectory(prefix="onnxprune-fuzz-") as work:
+    with tempfile.TemporaryDirectory(prefix="onnxprune-fuzz-") as work, _quiet_logs():
         for number in range(cases):
             kind = names[number % len(names)]
             # compact descriptions and payloads exist only in the compact bases

@@ -33,7 +33,8 @@ def unfolded_rebuild_nodes(model: str | os.PathLike | onnx.ModelProto,
     """
     import onnxruntime as ort
 
-    from ..runtime import create_session, session_options as quiet_options
+    from ..runtime import create_session
+    from ..runtime import session_options as quiet_options
 
     options = quiet_options()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
