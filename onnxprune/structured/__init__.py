@@ -1,0 +1,16 @@
+"""Structured pruning: coupled channel groups found on the ONNX graph and removed whole, so
+that the smaller dense model runs faster in any runtime (work in progress, issue #18)."""
+
+from .groups import (
+    AttributeEdit,
+    ChannelGroup,
+    DeclineCause,
+    Declined,
+    Member,
+    MemberRole,
+    ShapeEdit,
+    StructureKind,
+)
+
+__all__ = ["AttributeEdit", "ChannelGroup", "DeclineCause", "Declined", "Member", "MemberRole",
+           "ShapeEdit", "StructureKind"]
