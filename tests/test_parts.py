@@ -157,3 +157,12 @@ def test_help_explains_arguments_examples_and_exit_codes(capsys):
         main(["validate", "--help"])
     text = capsys.readouterr().out
     assert "the model whose outputs are taken as right" in text and "exit status" in text
+
+
+def test_an_option_of_a_part_the_run_does_not_use_is_named_in_a_warning(models_dir, tmp_path,
+                                                                         capsys):
+    assert main(["prune", str(models_dir / "mlp.onnx"), "-o", str(tmp_path / "o.onnx"),
+                 "--ria-alpha", "2", "--owl-lambda", "0.1", "--method", "ria"]) == 0
+    err = capsys.readouterr().err
+    assert "--owl-lambda ignored: the run uses method ria, allocation uniform" in err
+    assert "--ria-alpha" not in err

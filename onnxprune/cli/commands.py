@@ -122,6 +122,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     if config.pattern.is_nm and config.scope == "global":
         log.warning("--scope global has no effect with an N:M pattern")
     _warn_about_ignored_options(args)
+    _warn_about_unused_part_options(config)
     for option in ("report", "save_masks"):
         if getattr(args, option):
             _check_side_output(getattr(args, option), "--" + option.replace("_", "-"), args)
@@ -190,6 +191,18 @@ def _warn_about_ignored_options(args: argparse.Namespace) -> None:
     unused = given(_CALIBRATION_OPTIONS)
     if unused and not calibrates:
         log.warning("%s ignored: method %s uses no calibration data", unused, args.method)
+
+
+def _warn_about_unused_part_options(config) -> None:
+    """One warning for the part options given for parts this run does not use."""
+    used = config.effective_options()
+    unused = ["--" + dest.replace("_", "-") for dest in config.options if dest not in used]
+    if unused:
+        log.warning("%s ignored: the run uses method %s, allocation %s, format %s%s",
+                    ", ".join(unused), config.method, config.allocation_name, config.format,
+                    "".join(f", {kind} {name}" for kind, name in
+                            (("update", config.update), ("refine", config.refine))
+                            if name != "none"))
 
 
 def _prune_scheduled(args: argparse.Namespace, config, masks, progress):
