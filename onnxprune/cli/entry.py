@@ -70,7 +70,7 @@ def _parse(argv: list[str] | None) -> tuple[_Parser, argparse.Namespace]:
 
     The options parts declare (``--ria-alpha``) need every part class imported, numba and
     onnx with them: the first pass leaves them out and only checks the other arguments;
-    the whole parser runs when a part option, a recipe or --help is given.
+    the whole parser runs when a part option, a recipe or `prune --help` is given.
     """
     words = sys.argv[1:] if argv is None else list(argv)
     helped = any(word in ("-h", "--help") for word in words)
