@@ -11,6 +11,7 @@ from .groups import (
     ShapeEdit,
     StructureKind,
 )
+from .surgery import SurgeryError, check_shrunk, shrink, zeroed
 
 __all__ = ["AttributeEdit", "ChannelGroup", "DeclineCause", "Declined", "Member", "MemberRole",
-           "ShapeEdit", "StructureKind"]
+           "ShapeEdit", "StructureKind", "SurgeryError", "check_shrunk", "shrink", "zeroed"]

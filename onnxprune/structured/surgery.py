@@ -1,0 +1,353 @@
+"""The rewrite of structured pruning: a model with whole channels removed.
+
+`shrink(model, groups, keep)` is a pure function of the model, its channel groups and the
+channels each group keeps: it returns a new model in which every member tensor of a group
+is cut to the kept positions of its axis, every attribute and shape constant that counts
+the group's channels says the new count, and the shape information that no longer holds
+(`value_info`) is dropped. Tensors are found wherever they are stored: initializers and
+Constant nodes, of the main graph or of any subgraph.
+
+A tensor may carry several groups, or one group several times: a fused QKV weight holds
+one section per projection (members with different offsets), a weight is the output of one
+group along one axis and the input of another along the other. Each (tensor, axis) is cut
+once, with every section of it at the same time; positions outside every section stay.
+
+`zeroed(model, groups, keep)` is the oracle the rewrite is tested against: the original
+model with the removed channels zeroed where they are read, so that they contribute nothing.
+Where no normalization runs over a group's axis, the shrunk model computes what the zeroed
+one computes. `check_shrunk(model)` runs strict shape inference and the full checker.
+
+Not yet here: the streamed rewrite of a model too large for memory (file to file, one
+group at a time); a shrunk external tensor is written inline.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import AttributeProto, TensorProto
+
+from ..errors import OnnxPruneError
+from ..graph import GraphIndex, StoredTensor, node_label, walk_graphs
+from ..io import read_array, uses_external_data, write_array
+from .groups import ChannelGroup, Member, MemberRole
+
+logger = logging.getLogger(__name__)
+
+
+class SurgeryError(OnnxPruneError):
+    """A shrunk model fails shape inference or the ONNX checker."""
+
+
+@dataclass(frozen=True, eq=False)
+class _Section:
+    """The positions of one member on its tensor's axis, and the channels it keeps."""
+
+    group: ChannelGroup
+    member: Member
+    kept: np.ndarray  # sorted channel indices of the group
+
+    @property
+    def span(self) -> range:
+        """Every position of the group's channels on the axis."""
+        start = self.member.offset
+        return range(start, start + self.group.channels * self.member.block)
+
+    def positions(self, channels: np.ndarray) -> np.ndarray:
+        """The positions on the axis of the given channels, in order."""
+        block = self.member.block
+        return (self.member.offset + channels[:, None] * block + np.arange(block)).reshape(-1)
+
+    def removed(self) -> np.ndarray:
+        gone = np.ones(self.group.channels, bool)
+        gone[self.kept] = False
+        return np.flatnonzero(gone)
+
+
+def shrink(model: onnx.ModelProto, groups: Sequence[ChannelGroup],
+           keep: Mapping[str, np.ndarray], *, base_dir: Path | None = None
+           ) -> onnx.ModelProto:
+    """A copy of `model` with the channels of each group named in `keep` cut to the kept
+    ones; `model` itself is left as it was.
+
+    `keep[name]` holds the kept channel indices of group `name`: sorted, unique, at least
+    one, their count a multiple of the group's `multiple_of`. Groups not named in `keep`
+    are left whole. `base_dir` is the folder of a model whose tensors are external data
+    (a cut tensor is then stored inline).
+
+    Raises ValueError where the groups do not fit the model (a member's tensor missing or
+    ambiguous, its axis out of range or too short, two sections overlapping, an attribute's
+    node or a shape entry not found) or a keep set is not valid for its group.
+    """
+    shrunk = onnx.ModelProto()
+    shrunk.CopyFrom(model)
+    index = GraphIndex(shrunk)
+    sections = _sections(index, groups, keep)
+    kept_counts = {group.name: len(kept) for group, kept in _kept_sets(groups, keep)}
+    for stored, axis, parts in sections:
+        array = _read(stored, base_dir)
+        positions = _kept_positions(array.shape[axis], parts)
+        _write(stored.tensor, np.take(array, positions, axis=axis))
+    _edit_attributes(shrunk, groups, kept_counts)
+    _edit_shapes(index, groups, kept_counts, base_dir)
+    _update_initializer_inputs(shrunk)
+    for graph, _ in walk_graphs(shrunk.graph):
+        del graph.value_info[:]
+    logger.debug("shrunk %d tensor axes of %d groups", len(sections), len(kept_counts))
+    return shrunk
+
+
+def zeroed(model: onnx.ModelProto, groups: Sequence[ChannelGroup],
+           keep: Mapping[str, np.ndarray], *, base_dir: Path | None = None
+           ) -> onnx.ModelProto:
+    """A copy of `model` in which the channels `keep` removes are zeroed where they are
+    read: the positions of removed channels in a group's INPUT members (the consumers'
+    weights along their input axis), so that whatever runs between producer and consumer
+    (activations, BatchNormalization, biases), the removed channels never reach the rest of
+    the model. A group without INPUT members (channels that meet only each other, as query
+    and key dimensions do in a dot product) has its OUTPUT and PER_CHANNEL members zeroed
+    instead. Shapes, attributes and shape constants are unchanged.
+
+    For groups with no normalization over their axis, `shrink` with the same arguments
+    computes the same outputs: the oracle of the rewrite.
+    """
+    result = onnx.ModelProto()
+    result.CopyFrom(model)
+    index = GraphIndex(result)
+    sections = _sections(index, groups, keep)
+    has_input = {group.name for group in groups
+                 if any(m.role is MemberRole.INPUT for m in group.members)}
+    for stored, axis, parts in sections:
+        chosen = [part for part in parts
+                  if (part.member.role is MemberRole.INPUT) == (part.group.name in has_input)]
+        if not chosen:
+            continue
+        array = np.array(_read(stored, base_dir), copy=True)
+        moved = np.moveaxis(array, axis, 0)  # a view: writes go to `array`
+        for part in chosen:
+            moved[part.positions(part.removed())] = 0
+        _write(stored.tensor, array)
+    return result
+
+
+def check_shrunk(model: onnx.ModelProto) -> None:
+    """Raise SurgeryError unless the in-memory `model` passes strict shape inference (types
+    checked) and the full ONNX checker."""
+    try:
+        onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
+    except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError) as exc:
+        raise SurgeryError(f"the shrunk model fails shape inference: {_first_line(exc)}"
+                           ) from exc
+    try:
+        onnx.checker.check_model(model, full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+        raise SurgeryError(f"the shrunk model fails the ONNX checker: {_first_line(exc)}"
+                           ) from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[0] if lines else type(exc).__name__
+
+
+def _kept_sets(groups: Sequence[ChannelGroup], keep: Mapping[str, np.ndarray]
+               ) -> list[tuple[ChannelGroup, np.ndarray]]:
+    """Each group named in `keep` with its checked keep set (int64, sorted, unique)."""
+    by_name: dict[str, ChannelGroup] = {}
+    for group in groups:
+        if group.name in by_name:
+            raise ValueError(f"two groups are named {group.name!r}")
+        by_name[group.name] = group
+    unknown = sorted(set(keep) - set(by_name))
+    if unknown:
+        raise ValueError(f"keep names groups that are not given: {unknown}")
+    chosen = []
+    for name, indices in keep.items():
+        group = by_name[name]
+        kept = np.asarray(indices)
+        if kept.ndim != 1 or not np.issubdtype(kept.dtype, np.integer):
+            raise ValueError(f"group {name!r}: kept channels must be a 1-D integer array, "
+                             f"not {kept.dtype}{kept.shape}")
+        kept = kept.astype(np.int64)
+        if kept.size == 0:
+            raise ValueError(f"group {name!r}: no channel kept (at least one must be)")
+        if np.any(np.diff(kept) <= 0):
+            raise ValueError(f"group {name!r}: kept channels must be sorted and unique")
+        if kept[0] < 0 or kept[-1] >= group.channels:
+            raise ValueError(f"group {name!r}: kept channels must lie in [0, "
+                             f"{group.channels}), not {kept[0]}..{kept[-1]}")
+        if kept.size % group.multiple_of:
+            raise ValueError(f"group {name!r}: {kept.size} channels kept, not a multiple of "
+                             f"{group.multiple_of}")
+        chosen.append((group, kept))
+    return chosen
+
+
+def _stored_by_name(index: GraphIndex) -> dict[str, list[StoredTensor]]:
+    stored: dict[str, list[StoredTensor]] = {}
+    for item in index.stored:
+        stored.setdefault(item.name, []).append(item)
+    return stored
+
+
+def _find(stored: Mapping[str, list[StoredTensor]], name: str, what: str) -> StoredTensor:
+    found = stored.get(name, [])
+    if not found:
+        raise ValueError(f"{what}: no initializer or Constant node stores tensor {name!r}")
+    if len(found) > 1:
+        raise ValueError(f"{what}: tensor {name!r} is stored {len(found)} times (in "
+                         "different graphs); the name is ambiguous")
+    return found[0]
+
+
+def _sections(index: GraphIndex, groups: Sequence[ChannelGroup],
+              keep: Mapping[str, np.ndarray]
+              ) -> list[tuple[StoredTensor, int, list[_Section]]]:
+    """The sections to cut, as (stored tensor, axis, its sections), every member checked
+    against its tensor."""
+    stored = _stored_by_name(index)
+    by_axis: dict[tuple[str, int], list[_Section]] = {}
+    tensors: dict[str, StoredTensor] = {}
+    for group, kept in _kept_sets(groups, keep):
+        for member in dict.fromkeys(group.members):  # a member listed twice is cut once
+            what = f"group {group.name!r}, member {member.tensor!r} (axis {member.axis})"
+            found = _find(stored, member.tensor, what)
+            dims = tuple(found.tensor.dims)
+            if not -len(dims) <= member.axis < len(dims):
+                raise ValueError(f"{what}: axis out of range for shape {list(dims)}")
+            if member.offset < 0 or member.block < 1:
+                raise ValueError(f"{what}: offset {member.offset} and block {member.block} "
+                                 "must be >= 0 and >= 1")
+            axis = member.axis % len(dims)
+            needed = member.offset + group.channels * member.block
+            if dims[axis] < needed:
+                raise ValueError(f"{what}: axis length {dims[axis]} is less than offset "
+                                 f"{member.offset} + {group.channels} channels x block "
+                                 f"{member.block} = {needed}")
+            tensors[member.tensor] = found
+            by_axis.setdefault((member.tensor, axis), []).append(_Section(group, member, kept))
+    for (name, axis), parts in by_axis.items():
+        _check_disjoint(name, axis, parts)
+    return [(tensors[name], axis, parts) for (name, axis), parts in by_axis.items()]
+
+
+def _check_disjoint(name: str, axis: int, parts: Sequence[_Section]) -> None:
+    ordered = sorted(parts, key=lambda part: part.span.start)
+    for before, after in zip(ordered, ordered[1:], strict=False):
+        if after.span.start < before.span.stop:
+            raise ValueError(f"tensor {name!r}, axis {axis}: the sections of group "
+                             f"{before.group.name!r} (positions {before.span.start}.."
+                             f"{before.span.stop - 1}) and group {after.group.name!r} "
+                             f"(positions {after.span.start}..{after.span.stop - 1}) overlap")
+
+
+def _kept_positions(length: int, parts: Iterable[_Section]) -> np.ndarray:
+    """The positions of an axis that stay: those of kept channels, and every position that
+    no section covers."""
+    stays = np.ones(length, bool)
+    for part in parts:
+        stays[part.span.start:part.span.stop] = False
+        stays[part.positions(part.kept)] = True
+    return np.flatnonzero(stays)
+
+
+def _read(stored: StoredTensor, base_dir: Path | None) -> np.ndarray:
+    if uses_external_data(stored.tensor) and base_dir is None:
+        raise ValueError(f"tensor {stored.name!r} is external data: pass the model's folder "
+                         "as base_dir")
+    return read_array(stored.tensor, base_dir or Path("."))
+
+
+def _write(tensor: TensorProto, array: np.ndarray) -> None:
+    """Store `array` inline as the tensor's values, its shape included."""
+    del tensor.dims[:]
+    tensor.dims.extend(array.shape)
+    write_array(tensor, array)
+
+
+def _edit_attributes(model: onnx.ModelProto, groups: Sequence[ChannelGroup],
+                     kept_counts: Mapping[str, int]) -> None:
+    nodes: dict[str, list[onnx.NodeProto]] = {}
+    for graph, _ in walk_graphs(model.graph):
+        for position, node in enumerate(graph.node):
+            # an unnamed node by its label, as GraphIndex names it (`<op_type>_<index>`)
+            nodes.setdefault(node_label(node, position), []).append(node)
+    done: dict[tuple[int, str], str] = {}
+    for group in groups:
+        if group.name not in kept_counts:
+            continue
+        kept = kept_counts[group.name]
+        for edit in group.attributes:
+            what = f"group {group.name!r}, attribute {edit.attribute!r} of node {edit.node!r}"
+            found = nodes.get(edit.node, [])
+            if len(found) != 1:
+                raise ValueError(f"{what}: {len(found)} nodes have that name (one is needed)")
+            if edit.channels_per_unit < 1 or kept % edit.channels_per_unit:
+                raise ValueError(f"{what}: {kept} kept channels are not whole units of "
+                                 f"{edit.channels_per_unit}")
+            node = found[0]
+            key = (id(node), edit.attribute)
+            if key in done and done[key] != group.name:
+                raise ValueError(f"{what}: also edited by group {done[key]!r}")
+            done[key] = group.name
+            _set_int_attribute(node, edit.attribute, kept // edit.channels_per_unit, what)
+
+
+def _set_int_attribute(node: onnx.NodeProto, name: str, value: int, what: str) -> None:
+    for attr in node.attribute:
+        if attr.name == name:
+            if attr.type != AttributeProto.INT:
+                raise ValueError(f"{what}: the attribute is not an integer")
+            attr.i = value
+            return
+    node.attribute.append(onnx.helper.make_attribute(name, value))
+
+
+def _edit_shapes(index: GraphIndex, groups: Sequence[ChannelGroup],
+                 kept_counts: Mapping[str, int], base_dir: Path | None) -> None:
+    stored = _stored_by_name(index)
+    entries: dict[str, dict[int, tuple[int, str]]] = {}
+    for group in groups:
+        if group.name not in kept_counts:
+            continue
+        for edit in group.shapes:
+            what = f"group {group.name!r}, shape entry {edit.index} of {edit.tensor!r}"
+            tensor = _find(stored, edit.tensor, what).tensor
+            if len(tensor.dims) != 1 or tensor.data_type not in (TensorProto.INT64,
+                                                                  TensorProto.INT32):
+                raise ValueError(f"{what}: not a 1-D int64/int32 tensor")
+            if not 0 <= edit.index < tensor.dims[0]:
+                raise ValueError(f"{what}: index out of range for {tensor.dims[0]} entries")
+            value = kept_counts[group.name] * edit.per_channel
+            earlier = entries.setdefault(edit.tensor, {}).get(edit.index)
+            if earlier is not None and earlier[1] != group.name:
+                raise ValueError(f"{what}: also edited by group {earlier[1]!r}")
+            entries[edit.tensor][edit.index] = (value, group.name)
+    for name, edits in entries.items():
+        found = stored[name][0]
+        array = np.array(_read(found, base_dir), copy=True)
+        for position, (value, _) in edits.items():
+            array[position] = value
+        _write(found.tensor, array)
+
+
+def _update_initializer_inputs(model: onnx.ModelProto) -> None:
+    """Give a graph input that an initializer of the same name backs (as models before IR 4
+    must list them) the initializer's new shape."""
+    for graph, _ in walk_graphs(model.graph):
+        shapes = {tensor.name: tuple(tensor.dims) for tensor in graph.initializer}
+        for value in graph.input:
+            dims = shapes.get(value.name)
+            if dims is None or not value.type.HasField("tensor_type"):
+                continue
+            shape = value.type.tensor_type.shape
+            if tuple(d.dim_value for d in shape.dim) == dims:
+                continue
+            del shape.dim[:]
+            for size in dims:
+                shape.dim.add().dim_value = size
