@@ -416,6 +416,68 @@ def test_weights_read_inside_if_branches():
     assert _stored(shrunk, "w2").shape == (2, 4)
 
 
+def test_one_tensor_cut_on_two_axes_by_two_groups():
+    """w2 is the consumer of the first hidden layer (axis 0) and the producer of the second
+    (axis 1)."""
+    rng = np.random.default_rng(21)
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["a"]),
+             helper.make_node("Relu", ["a"], ["r"]),
+             helper.make_node("MatMul", ["r", "w2"], ["b"]),
+             helper.make_node("Add", ["b", "b2"], ["c"]),
+             helper.make_node("Sigmoid", ["c"], ["s"]),
+             helper.make_node("MatMul", ["s", "w3"], ["y"])]
+    inits = [_init("w1", _rand(rng, 8, 12)), _init("w2", _rand(rng, 12, 10)),
+             _init("b2", _rand(rng, 10)), _init("w3", _rand(rng, 10, 4))]
+    model = _model(nodes, [_info("x", [2, 8])], [_info("y", [2, 4])], inits)
+    first = _group("first", 12, [Member("w1", 1, OUT), Member("w2", 0, IN)])
+    second = _group("second", 10, [Member("w2", 1, OUT), Member("b2", 0, PER),
+                                   Member("w3", 0, IN)])
+    keep = {"first": _keep(rng, 12, 5), "second": _keep(rng, 10, 3)}
+    shrunk = _check_case(model, [first, second], keep, exact_params=False)
+    np.testing.assert_array_equal(_stored(shrunk, "w2"),
+                                  _stored(model, "w2")[np.ix_(keep["first"], keep["second"])])
+    assert _parameters(model) - _parameters(shrunk) == (
+        7 * 8 + (12 * 10 - 5 * 3) + 7 + 7 * 4)
+
+
+def test_concat_branches_are_sections_of_the_consumer():
+    rng = np.random.default_rng(22)
+    nodes = [helper.make_node("MatMul", ["x", "wa"], ["a"]),
+             helper.make_node("MatMul", ["x", "wb"], ["b"]),
+             helper.make_node("Concat", ["a", "b"], ["c"], axis=1),
+             helper.make_node("Relu", ["c"], ["r"]),
+             helper.make_node("MatMul", ["r", "w2"], ["y"])]
+    inits = [_init("wa", _rand(rng, 8, 6)), _init("wb", _rand(rng, 8, 5)),
+             _init("w2", _rand(rng, 11, 4))]
+    model = _model(nodes, [_info("x", [2, 8])], [_info("y", [2, 4])], inits)
+    branch_a = _group("a", 6, [Member("wa", 1, OUT), Member("w2", 0, IN)])
+    branch_b = _group("b", 5, [Member("wb", 1, OUT), Member("w2", 0, IN, offset=6)])
+    keep = {"a": np.array([0, 5]), "b": np.array([1, 2, 4])}
+    shrunk = _check_case(model, [branch_a, branch_b], keep)
+    np.testing.assert_array_equal(_stored(shrunk, "w2"), _stored(model, "w2")[[0, 5, 7, 8, 10]])
+    # the second branch alone: the first section stays whole
+    shrunk = _check_case(model, [branch_a, branch_b], {"b": np.array([3])})
+    np.testing.assert_array_equal(_stored(shrunk, "w2"),
+                                  _stored(model, "w2")[[0, 1, 2, 3, 4, 5, 9]])
+
+
+def test_group_without_consumer_weights_is_zeroed_at_its_producers():
+    """Query and key dimensions meet in a dot product of two activations: no INPUT member,
+    so the oracle zeroes the producers (and bias) instead."""
+    rng = np.random.default_rng(23)
+    nodes = [helper.make_node("MatMul", ["x", "wq"], ["q0"]),
+             helper.make_node("Add", ["q0", "bq"], ["q"]),
+             helper.make_node("MatMul", ["x", "wk"], ["k"]),
+             helper.make_node("Transpose", ["k"], ["kt"], perm=[1, 0]),
+             helper.make_node("MatMul", ["q", "kt"], ["y"])]
+    inits = [_init("wq", _rand(rng, 8, 10)), _init("bq", _rand(rng, 10)),
+             _init("wk", _rand(rng, 8, 10))]
+    model = _model(nodes, [_info("x", [3, 8])], [_info("y", [3, 3])], inits)
+    group = _group("qk", 10, [Member("wq", 1, OUT), Member("bq", 0, PER),
+                              Member("wk", 1, OUT)])
+    _check_case(model, [group], {"qk": _keep(rng, 10, 4)})
+
+
 def test_initializer_listed_as_graph_input_gets_its_new_shape():
     rng = np.random.default_rng(13)
     model, group = _mlp(rng)
