@@ -354,6 +354,29 @@ def test_heads_through_reshapes_with_shape_edits():
                                   _stored(model, "wv")[:, [3, 4, 5, 9, 10, 11]])
 
 
+def test_attention_heads_edit_two_attributes_of_one_node():
+    """ai.onnx Attention (opset 23) on 3-D q, k, v: a head is dh columns of each projection
+    and dh rows of the output projection; q_num_heads and kv_num_heads count heads."""
+    rng = np.random.default_rng(24)
+    heads, head_dim, hidden = 4, 3, 8
+    nodes = [*(helper.make_node("MatMul", ["x", f"w{p}"], [p]) for p in "qkv"),
+             helper.make_node("Attention", ["q", "k", "v"], ["a"], name="attn",
+                              q_num_heads=heads, kv_num_heads=heads),
+             helper.make_node("MatMul", ["a", "wo"], ["y"])]
+    inits = [*(_init(f"w{p}", _rand(rng, hidden, heads * head_dim)) for p in "qkv"),
+             _init("wo", _rand(rng, heads * head_dim, hidden))]
+    model = _model(nodes, [_info("x", [1, 5, hidden])], [_info("y", [1, 5, hidden])], inits,
+                   opset=23)
+    group = ChannelGroup("heads", StructureKind.HEADS, heads,
+                         (*(Member(f"w{p}", 1, OUT, block=head_dim) for p in "qkv"),
+                          Member("wo", 0, IN, block=head_dim)),
+                         attributes=(AttributeEdit("attn", "q_num_heads"),
+                                     AttributeEdit("attn", "kv_num_heads")))
+    shrunk = _check_case(model, [group], {"heads": np.array([0, 2, 3])})
+    attention = next(n for n in shrunk.graph.node if n.name == "attn")
+    assert {a.name: a.i for a in attention.attribute} == {"q_num_heads": 3, "kv_num_heads": 3}
+
+
 def test_conv_flatten_gemm_channel_is_a_block():
     rng = np.random.default_rng(11)
     nodes = [helper.make_node("Conv", ["x", "w1", "c1"], ["a"], pads=[1, 1, 1, 1]),
