@@ -15,6 +15,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
 import onnx
@@ -75,6 +76,14 @@ class _Found:
     graph: onnx.GraphProto
     kind: str  # sparse_initializer | sparse_constant | compact
     meta: dict | None = None
+
+    @property
+    def compact_meta(self) -> dict:
+        """The description of a compact tensor (found with every compact one)."""
+        if self.meta is None:
+            raise ValueError(f"{self.info.name}: a {self.kind} tensor has no compact "
+                             "description")
+        return self.meta
 
 
 def stored_formats(model: onnx.ModelProto, base_dir: str | os.PathLike = "."
@@ -191,7 +200,7 @@ def _compact_info(meta: dict, initializers: dict[str, TensorProto], source: str,
 def _check_meta(meta: dict, node: onnx.NodeProto) -> None:
     """Refuse a compact description whose fields densify and inspect use directly are
     missing or of the wrong kind (the fields only decoding reads are checked by decoding)."""
-    def fail(what: str) -> None:
+    def fail(what: str) -> NoReturn:
         raise ModelLoadError(f"node {_short(node.name)!r}: its compact tensor description is "
                              f"corrupt ({what})")
 
@@ -251,7 +260,7 @@ def _densify_graph(graph: onnx.GraphProto, items: list[_Found]) -> None:
     compact = [item for item in items if item.kind == "compact"]
     if not compact:
         return
-    stems = {item.meta["prefix"] + "/": item for item in compact}
+    stems = {item.compact_meta["prefix"] + "/": item for item in compact}
     # A Constant goes back where its rebuild began, which is where the Constant was.
     owners: list[_Found | None] = []
     first_node: dict[int, int] = {}
@@ -265,10 +274,10 @@ def _densify_graph(graph: onnx.GraphProto, items: list[_Found]) -> None:
         owner = owners[index]
         if owner is None:
             continue
-        if owner.meta["stored_as"] == "constant" and first_node[id(owner)] == index:
+        if owner.compact_meta["stored_as"] == "constant" and first_node[id(owner)] == index:
             name = owner.info.name
             graph.node[index].CopyFrom(helper.make_node(
-                "Constant", [], [name], name=owner.meta.get("node_name", ""),
+                "Constant", [], [name], name=owner.compact_meta.get("node_name", ""),
                 value=make_tensor(name, dense[id(owner)], doc="")))
         else:
             del graph.node[index]
@@ -282,5 +291,5 @@ def _densify_graph(graph: onnx.GraphProto, items: list[_Found]) -> None:
         if info.name in names and info.doc_string == COMPACT_MARK:
             del graph.value_info[index]
     for item in compact:
-        if item.meta["stored_as"] == "initializer":
+        if item.compact_meta["stored_as"] == "initializer":
             graph.initializer.append(make_tensor(item.info.name, dense[id(item)], doc=""))

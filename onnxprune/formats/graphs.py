@@ -24,7 +24,8 @@ METADATA_KEY = "onnxprune:storage"
 
 # Bit views: a weight is "non-zero" when any bit is set, so -0.0 and NaN payloads survive.
 _UNSIGNED = {2: np.uint16, 4: np.uint32, 8: np.uint64}
-FLOAT_DATA_TYPES = {
+# keyed by int: TensorProto.data_type is a plain int in the onnx stubs, not a DataType
+FLOAT_DATA_TYPES: dict[int, np.dtype] = {
     TensorProto.FLOAT: np.dtype(np.float32),
     TensorProto.FLOAT16: np.dtype(np.float16),
     TensorProto.BFLOAT16: np.dtype(ml_dtypes.bfloat16),

@@ -113,6 +113,8 @@ class PackedGaps(_Gaps):
                                      width=width, load_bytes=load)
             if best is None or candidate.bytes < best.bytes:
                 best = candidate
+        if best is None:  # MAX_GAP_WIDTH >= 1: the loop made one
+            raise RuntimeError("no gap width was tried")
         return [best]
 
     def encode(self, chunk: np.ndarray, bits: np.ndarray, plan: EncodingPlan,

@@ -54,6 +54,13 @@ def _matrix(chunk: np.ndarray, reduction_axis: int) -> np.ndarray:
     return np.ascontiguousarray(moved).reshape(-1, chunk.shape[reduction_axis])
 
 
+def _nm_axis(reduction_axis: int | None) -> int:
+    """The axis the groups run along: N:M is only ever asked for along a reduction axis."""
+    if reduction_axis is None:
+        raise ValueError("the N:M form needs the tensor's reduction axis")
+    return reduction_axis
+
+
 def _group_mask(chunk: np.ndarray, reduction_axis: int, m: int) -> np.ndarray:
     groups = _matrix(chunk, reduction_axis).reshape(-1, m)
     return bits_of(groups).reshape(groups.shape) != 0
@@ -88,6 +95,7 @@ class NMForm(CompactForm):
         count = math.comb(m, n)
         unit_bytes, per_unit = _units_for(count, chunks[0].size // m)
         payload = count * m  # the table
+        reduction_axis = _nm_axis(reduction_axis)
         for chunk in chunks:
             if chunk.shape[reduction_axis] % m:
                 return []
@@ -117,6 +125,7 @@ class NMForm(CompactForm):
         transposes back.
         """
         n, m = plan.n, plan.m
+        reduction_axis = _nm_axis(reduction_axis)
         groups = _matrix(chunk, reduction_axis).reshape(-1, m)
         mask = bits_of(groups).reshape(groups.shape) != 0
         counts = mask.sum(axis=1)
@@ -241,7 +250,7 @@ class NMForm(CompactForm):
     def _matrix(self, builder: TensorBuilder, payload: Payload, names: dict[str, str],
                 digits: str, output: str) -> None:
         """Groups are rows of the [rest, L] matrix; gather, then transpose back."""
-        axis = builder.reduction_axis
+        axis = _nm_axis(builder.reduction_axis)
         groups = payload.params["groups"]
         if payload.arrays["units"].size * builder.plan.per_unit != groups:
             digits = builder.op("Slice", [digits, builder.const(np.array([0], np.int64)),
