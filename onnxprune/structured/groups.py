@@ -117,6 +117,7 @@ class DeclineCause(enum.Enum):
     GROUPS_DISAGREE = "groups_disagree"  # sections or groups that cannot keep one set
     DYNAMIC_SHAPE = "dynamic_shape"  # the channel count is not known statically
     TOO_FEW_CHANNELS = "too_few_channels"
+    SHAPE_READ = "shape_read"  # a Shape/Size op reads the channel count
 
 
 @dataclass(frozen=True)
@@ -126,6 +127,8 @@ class Declined:
     value: str
     cause: DeclineCause
     detail: str = ""
+    # further causes that pin the same candidate (`cause` is the most specific one)
+    also: tuple[DeclineCause, ...] = ()
 
     @property
     def reason(self) -> str:

@@ -1,0 +1,377 @@
+"""structured.analysis.find_groups: coupled channel groups on tiny models written here, each
+decline rule by its cause, and consistency of the groups on the demo and real models."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from conftest import real_model
+from onnx import TensorProto, helper, numpy_helper
+
+from onnxprune.io import load_model
+from onnxprune.structured import (
+    ChannelGroup,
+    DeclineCause,
+    Member,
+    MemberRole,
+    StructureKind,
+)
+from onnxprune.structured.analysis import find_groups
+
+MODELS = Path(__file__).resolve().parent.parent / "models"
+FLOAT = TensorProto.FLOAT
+RNG = np.random.default_rng(0)
+
+
+def weight(name: str, *shape: int) -> TensorProto:
+    return numpy_helper.from_array(RNG.standard_normal(shape).astype(np.float32), name)
+
+
+def model(nodes, inputs, outputs, initializers, opset: int = 17) -> onnx.ModelProto:
+    graph = helper.make_graph(
+        nodes, "g",
+        [helper.make_tensor_value_info(name, FLOAT, shape) for name, shape in inputs],
+        [helper.make_tensor_value_info(name, FLOAT, None) for name in outputs],
+        initializers)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    return proto
+
+
+def node(op, inputs, outputs, **attrs) -> onnx.NodeProto:
+    return helper.make_node(op, inputs, outputs, name=outputs[0] + "_node", **attrs)
+
+
+def mlp(hidden_ops=(), extra_nodes=(), extra_inits=(), outputs=("y",)):
+    """x[1,8] @ W1[8,16] + b1 -> Relu -> (hidden_ops) -> @ W2[16,4] -> y"""
+    nodes = [node("MatMul", ["x", "W1"], ["h0"]), node("Add", ["h0", "b1"], ["h1"]),
+             node("Relu", ["h1"], ["h2"]), *hidden_ops,
+             node("MatMul", ["h9" if hidden_ops else "h2", "W2"], ["y"]), *extra_nodes]
+    inits = [weight("W1", 8, 16), weight("b1", 16), weight("W2", 16, 4), *extra_inits]
+    return model(nodes, [("x", [1, 8])], outputs, inits)
+
+
+def one_group(proto, **options) -> ChannelGroup:
+    groups, _ = find_groups(proto, **options)
+    assert len(groups) == 1, groups
+    return groups[0]
+
+
+def causes(proto, **options) -> dict[str, DeclineCause]:
+    return {d.value: d.cause for d in find_groups(proto, **options)[1]}
+
+
+def test_mlp_is_one_ffn_group_with_its_bias():
+    group = one_group(mlp())
+    assert group.name == "h0"
+    assert group.kind is StructureKind.FFN
+    assert group.channels == 16
+    assert group.members == (Member("W1", 1, MemberRole.OUTPUT),
+                             Member("b1", 0, MemberRole.PER_CHANNEL),
+                             Member("W2", 0, MemberRole.INPUT))
+    assert group.params == 8 * 16 + 16 + 16 * 4
+    assert group.macs == 8 * 16 + 16 * 4
+    assert group.output_preserving
+    assert causes(mlp()) == {"y": DeclineCause.GRAPH_OUTPUT}
+
+
+def test_conv_batchnorm_relu_conv_group_holds_the_batchnorm():
+    bn = [weight(n, 6) for n in ("s", "bias", "mean")]
+    bn.append(numpy_helper.from_array(np.ones(6, np.float32), "var"))
+    nodes = [node("Conv", ["x", "W1", "B1"], ["c1"], pads=[1, 1, 1, 1]),
+             node("BatchNormalization", ["c1", "s", "bias", "mean", "var"], ["n1"]),
+             node("Relu", ["n1"], ["r1"]),
+             node("Conv", ["r1", "W2"], ["y"])]
+    proto = model(nodes, [("x", [1, 3, 8, 8])], ["y"],
+                  [weight("W1", 6, 3, 3, 3), weight("B1", 6), *bn, weight("W2", 5, 6, 1, 1)])
+    group = one_group(proto)
+    assert group.kind is StructureKind.CHANNELS
+    assert set(group.members) == {
+        Member("W1", 0, MemberRole.OUTPUT), Member("B1", 0, MemberRole.PER_CHANNEL),
+        Member("s", 0, MemberRole.PER_CHANNEL), Member("bias", 0, MemberRole.PER_CHANNEL),
+        Member("mean", 0, MemberRole.PER_CHANNEL), Member("var", 0, MemberRole.PER_CHANNEL),
+        Member("W2", 1, MemberRole.INPUT)}
+    assert group.macs == (6 * 3 * 9 + 5 * 6) * 64
+
+
+def test_gemm_with_trans_b_uses_the_rows_of_its_weight():
+    nodes = [node("Gemm", ["x", "W1", "C1"], ["h"], transB=1), node("Relu", ["h"], ["r"]),
+             node("Gemm", ["r", "W2"], ["y"], transB=1)]
+    proto = model(nodes, [("x", [1, 8])], ["y"],
+                  [weight("W1", 16, 8), weight("C1", 16), weight("W2", 4, 16)])
+    group = one_group(proto)
+    assert group.members == (Member("W1", 0, MemberRole.OUTPUT),
+                             Member("C1", 0, MemberRole.PER_CHANNEL),
+                             Member("W2", 1, MemberRole.INPUT))
+
+
+def test_a_transposed_stored_weight_is_a_member_on_its_stored_axis():
+    nodes = [node("Transpose", ["Wt"], ["W1"], perm=[1, 0]), node("MatMul", ["x", "W1"], ["h"]),
+             node("Relu", ["h"], ["r"]), node("MatMul", ["r", "W2"], ["y"])]
+    proto = model(nodes, [("x", [1, 8])], ["y"], [weight("Wt", 16, 8), weight("W2", 16, 4)])
+    assert one_group(proto).members[0] == Member("Wt", 0, MemberRole.OUTPUT)
+
+
+def test_depthwise_conv_passes_the_channels_with_its_weight_and_group():
+    nodes = [node("Conv", ["x", "W1"], ["c1"]),
+             node("Conv", ["c1", "Wd", "Bd"], ["c2"], group=6, pads=[1, 1, 1, 1]),
+             node("Relu", ["c2"], ["r"]),
+             node("Conv", ["r", "W3"], ["y"])]
+    proto = model(nodes, [("x", [1, 3, 8, 8])], ["y"],
+                  [weight("W1", 6, 3, 1, 1), weight("Wd", 6, 1, 3, 3), weight("Bd", 6),
+                   weight("W3", 4, 6, 1, 1)])
+    group = one_group(proto)
+    assert set(group.members) == {
+        Member("W1", 0, MemberRole.OUTPUT), Member("Wd", 0, MemberRole.PER_CHANNEL),
+        Member("Bd", 0, MemberRole.PER_CHANNEL), Member("W3", 1, MemberRole.INPUT)}
+    assert [(a.node, a.attribute) for a in group.attributes] == [("c2_node", "group")]
+
+
+def test_swiglu_gate_and_up_are_one_group():
+    nodes = [node("MatMul", ["x", "Wg"], ["g"]), node("MatMul", ["x", "Wu"], ["u"]),
+             node("Sigmoid", ["g"], ["sg"]), node("Mul", ["g", "sg"], ["silu"]),
+             node("Mul", ["silu", "u"], ["h"]), node("MatMul", ["h", "Wd"], ["y"])]
+    proto = model(nodes, [("x", [1, 5, 8])], ["y"],
+                  [weight("Wg", 8, 16), weight("Wu", 8, 16), weight("Wd", 16, 8)])
+    group = one_group(proto)
+    assert group.kind is StructureKind.FFN
+    assert {m for m in group.members if m.role is MemberRole.OUTPUT} == {
+        Member("Wg", 1, MemberRole.OUTPUT), Member("Wu", 1, MemberRole.OUTPUT)}
+    assert Member("Wd", 0, MemberRole.INPUT) in group.members
+    assert group.macs == 3 * 8 * 16 * 5
+
+
+def test_residual_add_of_two_producers_unions_them():
+    nodes = [node("Conv", ["x", "Wa"], ["a"]), node("Conv", ["x", "Wb"], ["b"]),
+             node("Add", ["a", "b"], ["s"]), node("Relu", ["s"], ["r"]),
+             node("Conv", ["r", "Wc"], ["y"])]
+    proto = model(nodes, [("x", [1, 3, 4, 4])], ["y"],
+                  [weight("Wa", 6, 3, 1, 1), weight("Wb", 6, 3, 1, 1), weight("Wc", 2, 6, 1, 1)])
+    group = one_group(proto)
+    assert group.name == "a" and group.kind is StructureKind.CHANNELS
+    assert {m.tensor for m in group.members} == {"Wa", "Wb", "Wc"}
+
+
+def test_squeeze_excitation_joins_the_gate_to_the_channels():
+    nodes = [node("Conv", ["x", "W1"], ["c"]), node("GlobalAveragePool", ["c"], ["p"]),
+             node("Conv", ["p", "Ws1"], ["s1"]), node("Relu", ["s1"], ["s2"]),
+             node("Conv", ["s2", "Ws2"], ["s3"]), node("Sigmoid", ["s3"], ["s4"]),
+             node("Mul", ["c", "s4"], ["m"]), node("Conv", ["m", "W2"], ["y"])]
+    proto = model(nodes, [("x", [1, 3, 4, 4])], ["y"],
+                  [weight("W1", 8, 3, 1, 1), weight("Ws1", 2, 8, 1, 1),
+                   weight("Ws2", 8, 2, 1, 1), weight("W2", 4, 8, 1, 1)])
+    groups, _ = find_groups(proto)
+    assert [g.name for g in groups] == ["c", "s1"]
+    assert {m.tensor for m in groups[0].members} == {"W1", "Ws1", "Ws2", "W2"}
+
+
+def test_concat_on_the_channel_axis_gives_each_branch_its_offset():
+    nodes = [node("Conv", ["x", "Wa"], ["a"]), node("Conv", ["x", "Wb"], ["b"]),
+             node("Concat", ["a", "b"], ["c"], axis=1), node("Conv", ["c", "Wc"], ["y"])]
+    proto = model(nodes, [("x", [1, 3, 4, 4])], ["y"],
+                  [weight("Wa", 6, 3, 1, 1), weight("Wb", 4, 3, 1, 1),
+                   weight("Wc", 2, 10, 1, 1)])
+    groups, _ = find_groups(proto)
+    assert [(g.name, g.channels) for g in groups] == [("a", 6), ("b", 4)]
+    assert Member("Wc", 1, MemberRole.INPUT, 0) in groups[0].members
+    assert Member("Wc", 1, MemberRole.INPUT, 6) in groups[1].members
+
+
+def test_flatten_after_global_pool_keeps_the_channels():
+    nodes = [node("Conv", ["x", "W1"], ["c"]), node("GlobalAveragePool", ["c"], ["p"]),
+             node("Flatten", ["p"], ["f"]), node("Gemm", ["f", "W2"], ["y"])]
+    proto = model(nodes, [("x", [1, 3, 4, 4])], ["y"],
+                  [weight("W1", 8, 3, 1, 1), weight("W2", 8, 5)])
+    assert {m.tensor for m in one_group(proto).members} == {"W1", "W2"}
+
+
+def test_paddle_style_reshaped_bias_is_a_member_with_a_shape_edit():
+    shape = numpy_helper.from_array(np.array([1, 6, 1, 1], np.int64), "shape")
+    nodes = [node("Conv", ["x", "W1"], ["c"]), node("Reshape", ["b", "shape"], ["b4"]),
+             node("Add", ["c", "b4"], ["a"]), node("Conv", ["a", "W2"], ["y"])]
+    proto = model(nodes, [("x", [1, 3, 4, 4])], ["y"],
+                  [weight("W1", 6, 3, 1, 1), weight("b", 6), shape, weight("W2", 2, 6, 1, 1)])
+    group = one_group(proto)
+    assert Member("b", 0, MemberRole.PER_CHANNEL) in group.members
+    assert [(s.tensor, s.index) for s in group.shapes] == [("shape", 1)]
+
+
+# ---- one test per decline rule -----------------------------------------------------------
+
+
+def test_graph_output_pins_the_channels():
+    assert causes(mlp(outputs=("y", "h2")))["h0"] is DeclineCause.GRAPH_OUTPUT
+
+
+def test_graph_input_meeting_the_channels_pins_them():
+    nodes = [node("MatMul", ["x", "W1"], ["h"]), node("Add", ["h", "z"], ["s"]),
+             node("MatMul", ["s", "W2"], ["y"])]
+    proto = model(nodes, [("x", [1, 8]), ("z", [1, 16])], ["y"],
+                  [weight("W1", 8, 16), weight("W2", 16, 4)])
+    assert causes(proto)["h"] is DeclineCause.GRAPH_INPUT
+
+
+def test_shared_weight_pins_the_channels():
+    extra = [node("MatMul", ["x", "W1"], ["t"])]
+    assert causes(mlp(extra_nodes=extra, outputs=("y", "t")))["h0"] is \
+        DeclineCause.SHARED_WEIGHT
+
+
+def test_a_value_read_inside_an_if_body_pins_the_channels():
+    body = helper.make_graph([node("Identity", ["h2"], ["inner"])], "then", [],
+                             [helper.make_tensor_value_info("inner", FLOAT, None)])
+    other = helper.make_graph([node("Identity", ["x"], ["inner2"])], "else", [],
+                              [helper.make_tensor_value_info("inner2", FLOAT, None)])
+    extra = [node("Constant", [], ["cond"], value=helper.make_tensor("c", TensorProto.BOOL,
+                                                                       [], [True])),
+             node("If", ["cond"], ["branch"], then_branch=body, else_branch=other)]
+    found = causes(mlp(extra_nodes=extra, outputs=("y", "branch")))
+    assert found["h0"] is DeclineCause.SUBGRAPH_CAPTURE
+
+
+def _norm_model(with_residual: bool):
+    nodes = [node("MatMul", ["x", "W1"], ["h"])]
+    if with_residual:
+        nodes += [node("MatMul", ["x", "W0"], ["h0"]), node("Add", ["h", "h0"], ["hs"])]
+    nodes += [node("LayerNormalization", ["hs" if with_residual else "h", "g", "beta"], ["n"],
+                   axis=-1),
+              node("MatMul", ["n", "W2"], ["y"])]
+    return model(nodes, [("x", [1, 5, 8])], ["y"],
+                  [weight("W1", 8, 16), weight("W0", 8, 16), weight("g", 16),
+                   weight("beta", 16), weight("W2", 16, 4)])
+
+
+def test_normalization_over_the_channels_is_declined_unless_allowed():
+    assert causes(_norm_model(False))["h"] is DeclineCause.NORMALIZATION
+    group = one_group(_norm_model(False), allow_norm=True)
+    assert not group.output_preserving
+    assert {Member("g", 0, MemberRole.PER_CHANNEL),
+            Member("beta", 0, MemberRole.PER_CHANNEL)} <= set(group.members)
+
+
+def test_residual_stream_is_declined_unless_hidden_size_allowed():
+    assert causes(_norm_model(True))["h"] is DeclineCause.RESIDUAL_STREAM
+    assert causes(_norm_model(True), allow_norm=True)["h"] is DeclineCause.RESIDUAL_STREAM
+    assert causes(_norm_model(True), allow_hidden=True)["h"] is DeclineCause.NORMALIZATION
+    group = one_group(_norm_model(True), allow_norm=True, allow_hidden=True)
+    assert {m.tensor for m in group.members if m.role is MemberRole.OUTPUT} == {"W1", "W0"}
+    assert group.kind is StructureKind.CHANNELS
+
+
+def test_group_norm_sets_multiple_of_when_allowed():
+    nodes = [node("Conv", ["x", "W1"], ["c"]),
+             node("GroupNormalization", ["c", "s", "b"], ["n"], num_groups=2),
+             node("Conv", ["n", "W2"], ["y"])]
+    proto = model(nodes, [("x", [1, 3, 4, 4])], ["y"],
+                  [weight("W1", 8, 3, 1, 1), weight("s", 8), weight("b", 8),
+                   weight("W2", 2, 8, 1, 1)], opset=21)
+    assert causes(proto)["c"] is DeclineCause.NORMALIZATION
+    assert one_group(proto, allow_norm=True).multiple_of == 2
+
+
+def test_unknown_op_pins_the_channels():
+    extra = [helper.make_node("Mystery", ["h2"], ["h9"], domain="example.custom")]
+    proto = mlp(hidden_ops=extra)
+    assert causes(proto)["h0"] is DeclineCause.UNKNOWN_OP
+
+
+def test_an_op_that_mixes_the_channel_axis_pins_them():
+    shape = numpy_helper.from_array(np.array([1, 4, 4], np.int64), "shape")
+    extra = [node("Reshape", ["h2", "shape"], ["h3"]),
+             node("Reshape", ["h3", "back"], ["h9"])]
+    back = numpy_helper.from_array(np.array([1, 16], np.int64), "back")
+    found = find_groups(mlp(hidden_ops=extra, extra_inits=[shape, back]))[1]
+    assert found[0].value == "h0" and found[0].cause is DeclineCause.AXIS_MIXED
+
+
+def test_a_computed_constant_operand_is_not_per_channel():
+    extra = [node("Neg", ["k"], ["negk"]), node("Mul", ["h2", "negk"], ["h9"])]
+    proto = mlp(hidden_ops=extra, extra_inits=[weight("k", 16)])
+    assert causes(proto)["h0"] is DeclineCause.NOT_PER_CHANNEL
+
+
+def test_a_computed_weight_is_not_a_constant():
+    nodes = [node("Neg", ["W"], ["Wn"]), node("MatMul", ["x", "Wn"], ["y"])]
+    proto = model(nodes, [("x", [1, 8])], ["y"], [weight("W", 8, 4)])
+    assert causes(proto)["y"] is DeclineCause.NOT_A_CONSTANT
+
+
+def test_grouped_conv_is_declined():
+    nodes = [node("Conv", ["x", "W1"], ["c"]), node("Conv", ["c", "Wg"], ["g"], group=2),
+             node("Conv", ["g", "W3"], ["y"])]
+    proto = model(nodes, [("x", [1, 3, 4, 4])], ["y"],
+                  [weight("W1", 8, 3, 1, 1), weight("Wg", 8, 4, 1, 1), weight("W3", 2, 8, 1, 1)])
+    found = causes(proto)
+    assert found["c"] is DeclineCause.GROUPS_DISAGREE
+    assert found["g"] is DeclineCause.GROUPS_DISAGREE
+
+
+def test_a_shape_read_of_the_channels_pins_them():
+    extra = [node("Shape", ["h2"], ["s"]), node("Relu", ["h2"], ["h9"])]
+    assert causes(mlp(hidden_ops=extra, outputs=("y", "s")))["h0"] is DeclineCause.SHAPE_READ
+
+
+def test_one_channel_is_too_few():
+    nodes = [node("MatMul", ["x", "W1"], ["h"]), node("MatMul", ["h", "W2"], ["y"])]
+    proto = model(nodes, [("x", [1, 8])], ["y"], [weight("W1", 8, 1), weight("W2", 1, 4)])
+    assert causes(proto)["h"] is DeclineCause.TOO_FEW_CHANNELS
+
+
+# ---- consistency on demo and real models ---------------------------------------------------
+
+
+def check_consistent(proto: onnx.ModelProto, groups, declined) -> None:
+    """Every member is a stored tensor whose axis holds the group's channels; no (tensor,
+    axis) pair is in two groups; every group has a producer and a consumer; names unique."""
+    stored = {t.name: list(t.dims) for t in proto.graph.initializer}
+    for n in proto.graph.node:
+        if n.op_type == "Constant":
+            for attr in n.attribute:
+                if attr.name == "value":
+                    stored[n.output[0]] = list(attr.t.dims)
+    owners: dict[tuple[str, int, int], str] = {}
+    for group in groups:
+        roles = {m.role for m in group.members}
+        assert MemberRole.OUTPUT in roles and MemberRole.INPUT in roles, group.name
+        assert group.channels >= 2
+        for m in group.members:
+            assert m.tensor in stored, (group.name, m.tensor)
+            assert stored[m.tensor][m.axis] >= m.offset + group.channels * m.block, \
+                (group.name, m)
+            # a tensor axis holds one group, or several side by side (Concat sections)
+            assert owners.setdefault((m.tensor, m.axis, m.offset), group.name) == group.name
+    names = [g.name for g in groups] + [d.value for d in declined]
+    assert len(names) == len(set(names))
+
+
+def _analyse(path: Path):
+    proto = load_model(path, lazy=True).proto
+    groups, declined = find_groups(proto)
+    check_consistent(proto, groups, declined)
+    return groups, declined
+
+
+@pytest.mark.parametrize("name,least", [("mlp", 2), ("cnn", 1), ("transformer", 1),
+                                         ("digits", 2)])
+def test_demo_models(name, least):
+    groups, declined = _analyse(MODELS / f"{name}.onnx")
+    assert len(groups) >= least
+    print(name, len(groups), "groups", len(declined), "declined")
+
+
+@pytest.mark.parametrize("name,least", [("ppocr_cls", 20), ("ppocr_rec", 15),
+                                         ("nudenet_320n", 30), ("mtcnn_onet", 2),
+                                         ("gender_v1", 2), ("silero_vad", 0)])
+def test_real_models(name, least):
+    groups, declined = _analyse(real_model(name))
+    assert len(groups) >= least
+    assert all(d.cause in DeclineCause for d in declined)
+    print(name, len(groups), "groups", len(declined), "declined")
+
+
+def test_order_is_deterministic():
+    path = MODELS / "cnn.onnx"
+    assert find_groups(load_model(path, lazy=True).proto) == \
+        find_groups(load_model(path, lazy=True).proto)
