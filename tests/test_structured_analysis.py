@@ -3,6 +3,7 @@ decline rule by its cause, and consistency of the groups on the demo and real mo
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -375,3 +376,30 @@ def test_order_is_deterministic():
     path = MODELS / "cnn.onnx"
     assert find_groups(load_model(path, lazy=True).proto) == \
         find_groups(load_model(path, lazy=True).proto)
+
+
+# ---- inspect --structured ------------------------------------------------------------------
+
+
+def test_inspect_structured_json(capsys):
+    from onnxprune.cli import main
+
+    assert main(["inspect", str(MODELS / "mlp.onnx"), "--structured", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert [g["name"] for g in report["groups"]] == ["/fc1/MatMul_output_0",
+                                                     "/fc2/Gemm_output_0"]
+    first = report["groups"][0]
+    assert first["kind"] == "ffn" and first["channels"] == 512
+    assert first["members"][0] == {"tensor": "fc1.weight", "axis": 1, "role": "output",
+                                   "offset": 0, "block": 1}
+    assert [(d["value"], d["cause"]) for d in report["declined"]] == [("logits",
+                                                                      "graph_output")]
+
+
+def test_inspect_structured_table(capsys):
+    from onnxprune.cli import main
+
+    assert main(["inspect", str(MODELS / "cnn.onnx"), "--structured"]) == 0
+    out = capsys.readouterr().out
+    assert "/conv4/Conv_output_0" in out and "fc.weight_kn" in out
+    assert "groups disagree" in out and "graph output" in out

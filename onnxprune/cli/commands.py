@@ -52,6 +52,8 @@ def _import_numba_without_blas_probe() -> None:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
+    if getattr(args, "structured", False):
+        return _inspect_structured(args)
     _import_numba_without_blas_probe()
     from ..api import inspect
     from ..report import format_skipped, format_targets
@@ -67,6 +69,54 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     if report.targets:
         print(format_targets(report))
     print(format_skipped(report))
+    return 0
+
+
+def _inspect_structured(args: argparse.Namespace) -> int:
+    """`inspect --structured`: the coupled channel groups and the declined candidates."""
+    import dataclasses
+    import enum
+
+    from ..io import load_model
+    from ..structured import find_groups
+
+    groups, declined = find_groups(load_model(args.model, lazy=True).proto)
+
+    def plain(value):  # enums by their values, for JSON
+        if isinstance(value, enum.Enum):
+            return value.value
+        if isinstance(value, dict):
+            return {key: plain(item) for key, item in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [plain(item) for item in value]
+        return value
+
+    if args.json:
+        print(json.dumps({
+            "groups": [plain(dataclasses.asdict(group)) for group in groups],
+            "declined": [plain(dataclasses.asdict(d)) | {"reason": d.reason} for d in declined],
+        }, indent=2))
+        return 0
+    print(f"{args.model}: {len(groups)} channel groups, {len(declined)} declined candidates")
+    if groups:
+        rows = [("group", "kind", "channels", "members", "params", "MACs")]
+        for g in groups:
+            names = ", ".join(m.tensor for m in g.members[:3])
+            more = f", +{len(g.members) - 3}" if len(g.members) > 3 else ""
+            flags = ("" if g.output_preserving else " (not output-preserving)") + (
+                f" (multiple of {g.multiple_of})" if g.multiple_of > 1 else "")
+            rows.append((g.name, g.kind.value, str(g.channels),
+                         f"{len(g.members)}: {names}{more}{flags}", f"{g.params:,}",
+                         f"{g.macs:,}"))
+        widths = [max(len(row[i]) for row in rows) for i in range(5)]
+        for row in rows:
+            print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=False))
+                  + "  " + row[5])
+    if declined:
+        print("declined:")
+        for d in declined:
+            also = f" (also: {', '.join(c.value for c in d.also)})" if d.also else ""
+            print(f"  {d.value}: {d.reason}{also}")
     return 0
 
 

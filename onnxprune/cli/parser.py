@@ -180,6 +180,10 @@ def build_parser(with_parts: bool = True) -> _Parser:
                                               "tensor with the reason.")
     inspect.add_argument("model", help="the .onnx file (external data beside it is read)")
     inspect.add_argument("--json", action="store_true", help="print the JSON report only")
+    inspect.add_argument("--structured", action="store_true",
+                         help="list coupled channel groups (what structured pruning removes "
+                              "whole: tensors, channels, params, MACs) and every declined "
+                              "candidate with its reason")
     _add_selection_options(inspect)
     _add_logging_options(inspect)
 
