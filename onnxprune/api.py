@@ -22,8 +22,13 @@ from .io import (
     save_model,
 )
 from .mask_files import MaskSet
-from .provenance import provenance_entries, read_provenance, stamp_provenance
-from .report import Report, summarize
+from .provenance import (
+    provenance_entries,
+    read_provenance,
+    stamp_provenance,
+    structured_provenance,
+)
+from .report import Report, Summary, structured_report, summarize
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +68,13 @@ def prune(model: ModelLike, output: str | os.PathLike | None = None, *,
     input_path = None if isinstance(model, onnx.ModelProto) else Path(model)
     if output is not None:
         output = check_output_path(output, input_path)
+    if config.structure != "none":
+        if masks is not None:
+            from .errors import ConfigError
+
+            raise ConfigError("--apply-masks cannot be combined with --structure yet")
+        return _prune_structured(model, output, config, base_dir, inplace, durable,
+                                 return_masks)
     loop = dict(masks=masks, fixed_masks=fixed_masks, want_masks=return_masks,
                 progress=progress)
     if output is not None and input_path is not None:
@@ -102,6 +114,52 @@ def prune(model: ModelLike, output: str | os.PathLike | None = None, *,
     report.masks = result.masks if return_masks else None
     _warn_about_session_start(report)
     return proto, report
+
+
+def _prune_structured(model: ModelLike, output: Path | None, config: PruneConfig,
+                      base_dir, inplace: bool, durable: bool, return_masks: bool
+                      ) -> tuple[onnx.ModelProto, Report]:
+    """`prune` with `config.structure`: whole channels removed (`structured.run`)."""
+    from .structured.run import prune_structured
+    from .structured.surgery import check_shrunk_file
+
+    input_path = None if isinstance(model, onnx.ModelProto) else Path(model)
+    loaded = _load(model, base_dir, inplace, lazy=output is not None)
+    file_bytes_before = model_file_bytes(input_path) if input_path else loaded.proto.ByteSize()
+    result = prune_structured(loaded, config)
+    stamp_provenance(result.model, structured_provenance(config, result))
+    shrunk = LoadedModel(result.model, loaded.path, loaded.base_dir,
+                         loaded.uses_external_data, loaded.lazy)
+    if output is not None:
+        save_model(shrunk, output, durable=durable)
+        check_shrunk_file(Path(output))
+        proto = load_model(Path(output), lazy=True).proto
+        file_bytes = model_file_bytes(Path(output))
+    else:
+        proto, file_bytes = result.model, result.model.ByteSize()
+    summary = Summary(params=result.params_before, zeros=0, sparsity=0.0,
+                      file_bytes=file_bytes, dense_bytes=file_bytes,
+                      file_bytes_before=file_bytes_before)
+    report = Report(model=str(input_path) if input_path else "<ModelProto>", targets=[],
+                    skipped=[], summary=summary,
+                    output=str(output) if output is not None else None,
+                    config=config.describe(), provenance=read_provenance(proto),
+                    structured=structured_report(result))
+    if return_masks:
+        report.masks = MaskSet.from_arrays(_group_masks(result))
+    return proto, report
+
+
+def _group_masks(result) -> dict[str, np.ndarray]:
+    """A keep-mask per pruned group: True for every kept channel."""
+    masks = {}
+    for group in result.groups:
+        mask = np.ones(group.channels, dtype=bool)
+        if group.name in result.keep:
+            mask[:] = False
+            mask[result.keep[group.name]] = True
+        masks[group.name] = mask
+    return masks
 
 
 # Compact forms whose rebuild writes several times the tensor at session start (measured by

@@ -16,8 +16,11 @@ if TYPE_CHECKING:
 # methods, allocations and formats are registered parts: see registry.py
 SCOPES = ("layer", "global")
 CALIB_MODES = ("sequential", "one-pass")
+# what `--structure` removes whole (structured.run maps each to the kinds of groups)
+STRUCTURES = ("channels", "ffn", "heads")
 DEFAULT_MIN_SIZE = 4096
 DEFAULT_SPARSITY = 0.5
+DEFAULT_ROUND_TO = 8  # kept channel counts: multiples of this (tools/bench_round_to.py)
 
 
 @dataclass(frozen=True)
@@ -88,6 +91,10 @@ class PruneConfig:
     max_target_sparsity: float | None = None
     # per-target overrides (recipe.Override, or dicts of match/sparsity/pattern/method/skip)
     overrides: tuple = ()
+    # structured pruning: "none", or what is removed whole ("channels", "ffn", "heads",
+    # comma-separated); kept channel counts are multiples of `round_to`
+    structure: str = "none"
+    round_to: int = DEFAULT_ROUND_TO
     # the options parts declare (`parts.option`), by dest: {"ria_alpha": 0.7}; absent or
     # None: the part's default. Checked against every registered part's declarations.
     options: Mapping[str, Any] = field(default_factory=dict)
@@ -118,6 +125,10 @@ class PruneConfig:
             object.__setattr__(self, "allocation", allocation)
         elif self.scope == "global" and allocation != "global":
             raise ConfigError(f"--scope global contradicts --allocation {allocation}")
+        if self.structure != "none":
+            self._check_structured()
+            object.__setattr__(self, "options", _checked_options(self.options))
+            return
         method = METHODS.get(self.method)
         ALLOCATIONS.get(allocation)
         FORMATS.get(self.format)
@@ -140,6 +151,32 @@ class PruneConfig:
         if self.allocation == "global" and not method.streams_scores \
                 and not self.pattern.is_nm:
             raise ConfigError(f"--scope global is not available with --method {self.method}")
+        if int(self.min_size) < 0:
+            raise ConfigError(f"--min-size must be >= 0, got {self.min_size}")
+        for regex in self.include + self.exclude:
+            try:
+                re.compile(regex)
+            except re.error as exc:
+                raise ConfigError(f"bad regular expression {regex!r}: {exc}") from exc
+
+    def _check_structured(self) -> None:
+        """What --structure takes: a registered channel score, uniform or global allocation,
+        no N:M pattern, update, refinement, permutation or per-target override yet."""
+        from .registry import CHANNEL_SCORES
+
+        structure_names(self.structure)
+        CHANNEL_SCORES.get(self.method)
+        if self.allocation not in ("uniform", "global"):
+            raise ConfigError(f"--allocation {self.allocation} is not available with "
+                              "--structure; choose uniform or global")
+        given = [option for option, used in (
+            ("--pattern", self.pattern.is_nm), ("--update", self.update != "none"),
+            ("--refine", self.refine != "none"), ("--permute-channels", self.permute_channels),
+            ("recipe overrides", bool(self.overrides))) if used]
+        if given:
+            raise ConfigError(f"{', '.join(given)} cannot be combined with --structure yet")
+        if int(self.round_to) < 1:
+            raise ConfigError(f"--round-to must be >= 1, got {self.round_to}")
         if int(self.min_size) < 0:
             raise ConfigError(f"--min-size must be >= 0, got {self.min_size}")
         for regex in self.include + self.exclude:
@@ -175,13 +212,17 @@ class PruneConfig:
 
     def effective_options(self) -> dict[str, Any]:
         """The options of the parts this run uses, given or default, by dest."""
-        from .registry import ALLOCATIONS, FORMATS, METHODS, REFINES, UPDATES
+        from .registry import ALLOCATIONS, CHANNEL_SCORES, FORMATS, METHODS, REFINES, UPDATES
 
-        used: list[tuple[Registry[Any], str]] = [
-            (METHODS, self.method), (ALLOCATIONS, self.allocation_name), (FORMATS, self.format),
-            *((METHODS, str(o.method)) for o in self.overrides if o.method)]
-        used += [(r, n) for r, n in ((UPDATES, self.update), (REFINES, self.refine))
-                 if n != "none"]
+        used: list[tuple[Registry[Any], str]]
+        if self.structure != "none":  # structured runs take a channel score, no other part
+            used = [(CHANNEL_SCORES, self.method)]
+        else:
+            used = [(METHODS, self.method), (ALLOCATIONS, self.allocation_name),
+                    (FORMATS, self.format),
+                    *((METHODS, str(o.method)) for o in self.overrides if o.method)]
+            used += [(r, n) for r, n in ((UPDATES, self.update), (REFINES, self.refine))
+                     if n != "none"]
         values: dict[str, Any] = {}
         for registry, name in used:
             for spec in registry.option_specs(name):
@@ -228,6 +269,16 @@ def _checked_options(options: Mapping[str, Any] | None) -> dict[str, Any]:
                               f"{', '.join(sorted(specs))}")
         checked[dest] = None if value is None else spec.check(value)
     return checked
+
+
+def structure_names(text: str) -> tuple[str, ...]:
+    """The structures `--structure` names (comma-separated); a ConfigError for others."""
+    names = tuple(word.strip() for word in str(text).split(","))
+    for name in names:
+        if name not in STRUCTURES:
+            raise ConfigError(f"--structure {text}: choose from {', '.join(STRUCTURES)} "
+                              "(comma-separated to combine), or none")
+    return names
 
 
 def _as_tuple(value) -> tuple[str, ...]:

@@ -21,7 +21,8 @@ PREFIX = "onnxprune:"
 # --update it did not use) must not survive to contradict the new ones
 KEYS = tuple(PREFIX + key for key in (
     "version", "method", "pattern", "allocation", "sparsity", "achieved_sparsity", "format",
-    "targets", "sparsity_digest", "update", "refine", "permute_channels"))
+    "targets", "sparsity_digest", "update", "refine", "permute_channels", "structure",
+    "round_to", "groups", "params"))
 
 
 def sparsity_digest(counts: Iterable[tuple[str, int, int]]) -> str:
@@ -56,6 +57,31 @@ def provenance_entries(config, targets, permutations=()) -> dict[str, str]:
     return {PREFIX + key: value for key, value in entries.items()}
 
 
+def structured_provenance(config, result) -> dict[str, str]:
+    """Our metadata for a structured run: `result` a `structured.run.StructuredResult`.
+    `achieved_sparsity` is the share of the selected groups' member tensors' parameters
+    removed; `groups`
+    the channels each pruned group kept, `name:before->after` separated by spaces; `params`
+    the model's float parameters before -> after."""
+    from . import __version__
+
+    pruned = [g for g in result.groups if g.kept < g.channels]
+    selected = result.selected_params
+    removed = result.params_before - result.params_after
+    entries = {
+        "version": __version__,
+        "method": config.method,
+        "structure": config.structure,
+        "allocation": config.allocation,
+        "sparsity": f"{config.target_sparsity:.6g}",
+        "achieved_sparsity": f"{removed / selected if selected else 0.0:.6f}",
+        "round_to": str(config.round_to),
+        "groups": " ".join(f"{g.name}:{g.channels}->{g.kept}" for g in pruned),
+        "params": f"{result.params_before}->{result.params_after}",
+    }
+    return {PREFIX + key: value for key, value in entries.items()}
+
+
 def stamp_provenance(model: onnx.ModelProto, entries: Mapping[str, str]) -> None:
     """Put `entries` in the model's metadata_props, replacing those of an earlier run (all
     of `KEYS`); other keys, `onnxprune:storage` among them, are kept."""
@@ -78,6 +104,12 @@ def describe_provenance(entries: Mapping[str, str], targets) -> str | None:
     if PREFIX + "method" not in entries:
         return None
     get = entries.get
+    if PREFIX + "structure" in entries:
+        return (f"pruned by onnxprune {get(PREFIX + 'version', '?')}: --structure "
+                f"{get(PREFIX + 'structure')}, {get(PREFIX + 'method')}, "
+                f"{get(PREFIX + 'allocation', '?')} allocation, "
+                f"{get(PREFIX + 'achieved_sparsity', '?')} of the groups' parameters removed "
+                f"(parameters {get(PREFIX + 'params', '?')})")
     line = (f"pruned by onnxprune {get(PREFIX + 'version', '?')}: {get(PREFIX + 'method')}, "
             f"{get(PREFIX + 'pattern', '?')}, {get(PREFIX + 'allocation', '?')} allocation, "
             f"sparsity {get(PREFIX + 'achieved_sparsity', '?')}")

@@ -8,7 +8,8 @@ Built-in parts are listed as ``"module:Class"`` strings and imported on first us
 packages add parts through Python entry points, one group per kind:
 
 - ``onnxprune.methods``, ``onnxprune.allocations``, ``onnxprune.formats``,
-  ``onnxprune.updates``, ``onnxprune.refines``: a part class (or an instance of one)
+  ``onnxprune.updates``, ``onnxprune.refines``, ``onnxprune.channel_scores``: a part class
+  (or an instance of one)
 
 The entry point's name is the name users type (``--method NAME``). A part declares its
 settings in an `Options` dataclass (`parts.option`); `Registry.build` makes the part with
@@ -31,6 +32,7 @@ if TYPE_CHECKING:  # the kinds' base classes, imported with their parts, on firs
     from .formats.kinds import StorageFormat
     from .methods.base import MaskRefinement, Method, WeightUpdate
     from .patterns import PatternRule
+    from .structured.scores import ChannelScore
 
 log = logging.getLogger(__name__)
 
@@ -196,9 +198,16 @@ PATTERNS: Registry[PatternRule] = Registry("pattern", None, ".patterns:PatternRu
     "n:m": ".patterns:NMRule",
 })
 
+# `--method NAME` with `--structure`: one score per channel of a coupled group
+CHANNEL_SCORES: Registry[ChannelScore] = Registry(
+    "channel score", "onnxprune.channel_scores", ".structured.scores:ChannelScore", {
+    "magnitude": ".structured.scores:GroupMagnitude",
+    "random": ".structured.scores:RandomChannels",
+})
+
 # every kind whose parts may declare options, in the order --help lists them
 OPTION_KINDS: tuple[Registry[Any], ...] = (METHODS, UPDATES, REFINES, ALLOCATIONS, FORMATS,
-                                      PATTERNS)
+                                      PATTERNS, CHANNEL_SCORES)
 
 
 def all_option_specs() -> list[OptionSpec]:

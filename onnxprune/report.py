@@ -74,6 +74,9 @@ class Report:
     # --permute-channels: the targets whose input channels were permuted (and by how much
     # that raised the score their N:M groups keep)
     channel_permutations: list[dict] | None = None
+    # --structure: the groups pruned (channels before -> after, parameters and MACs
+    # removed), the totals, and the declined candidates
+    structured: dict | None = None
     masks: object | None = field(default=None, repr=False)  # MaskSet, not serialized
 
     def to_dict(self) -> dict:
@@ -85,6 +88,54 @@ class Report:
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
+
+
+def structured_report(result) -> dict:
+    """The JSON form of a `structured.run.StructuredResult` (without the model)."""
+    groups = [asdict(g) for g in result.groups]
+    selected = result.selected_params
+    removed = result.params_before - result.params_after
+    macs = sum(g.macs for g in result.groups)
+    return {
+        "groups": groups,
+        "params_before": result.params_before,
+        "params_after": result.params_after,
+        "selected_params": selected,
+        "removed_params": removed,
+        "sparsity": removed / selected if selected else 0.0,
+        "macs_removed": sum(g.macs_removed for g in result.groups),
+        "macs_of_groups": macs,
+        "declined": [{"value": d.value, "cause": d.cause.value, "reason": d.reason}
+                     for d in result.declined],
+        "not_selected": list(result.skipped_groups),
+    }
+
+
+def format_structured(report: Report, verbose: bool = False, limit: int = 20) -> str:
+    """The groups' table (all with -v, else the `limit` largest), then the totals."""
+    data = report.structured or {}
+    groups = sorted(data.get("groups", []), key=lambda g: -g["params"])
+    shown = groups if verbose else groups[:limit]
+    rows = [("group", "kind", "channels", "params removed", "MACs removed")]
+    rows += [(g["name"], g["kind"], f"{g['channels']} -> {g['kept']}",
+              f"{g['params_removed']:,} of {g['params']:,}", f"{g['macs_removed']:,}")
+             for g in shown]
+    widths = [max(len(str(row[i])) for row in rows) for i in range(5)]
+    lines = ["  ".join(str(v).ljust(w) if i == 0 else str(v).rjust(w)
+                       for i, (v, w) in enumerate(zip(row, widths, strict=True)))
+             for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    if len(groups) > len(shown):
+        lines.append(f"... {len(groups) - len(shown)} more groups (-v lists them all)")
+    before, after = data.get("params_before", 0), data.get("params_after", 0)
+    lines.append(f"{len(groups)} groups, {data.get('sparsity', 0.0):.2%} of their parameters "
+                 f"removed; model parameters {before:,} -> {after:,} "
+                 f"({after / before if before else 1.0:.3f}x), file "
+                 f"{_human_bytes(report.summary.file_bytes_before)} -> "
+                 f"{_human_bytes(report.summary.file_bytes)}; "
+                 f"{len(data.get('declined', []))} candidates declined "
+                 "(`onnxprune inspect --structured`)")
+    return "\n".join(lines)
 
 
 def summarize(targets: list[TargetReport], file_bytes: int,

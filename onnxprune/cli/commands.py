@@ -158,6 +158,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
                           calib=args.calib, calib_samples=args.calib_samples,
                           calib_mode=args.calib_mode, measure_error=args.measure_error,
                           update=args.update, refine=args.refine,
+                          structure=args.structure, round_to=args.round_to,
                           permute_channels=args.permute_channels,
                           min_target_sparsity=args.min_target_sparsity,
                           max_target_sparsity=args.max_target_sparsity,
@@ -283,11 +284,15 @@ def _prune_scheduled(args: argparse.Namespace, config, masks, progress):
 def _print_prune_result(report, args: argparse.Namespace) -> None:
     """The per-target table (all targets with -v, the extremes otherwise, none with -q), then
     the totals."""
-    from ..report import format_prune_table, format_summary
+    from ..report import format_prune_table, format_structured, format_summary
 
-    if not args.quiet:
-        print(format_prune_table(report, verbose=args.verbose > 0))
-    print(format_summary(report))
+    if report.structured is not None:
+        text = format_structured(report, verbose=args.verbose > 0)
+        print(text if not args.quiet else text.splitlines()[-1])
+    else:
+        if not args.quiet:
+            print(format_prune_table(report, verbose=args.verbose > 0))
+        print(format_summary(report))
     if report.channel_permutations is not None:
         moved = report.channel_permutations
         gains = ", ".join(f"{e['target']} +{100 * e['kept_score_gain']:.2f}%" for e in moved)

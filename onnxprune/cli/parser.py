@@ -213,6 +213,19 @@ def build_parser(with_parts: bool = True) -> _Parser:
     prune.add_argument("--refine", default=_default("refine"), metavar="R",
                        help="improve the mask before it is applied: "
                             + _choices_help(REFINES, _default("refine"), first="none"))
+    structured = prune.add_argument_group("structured pruning (whole channels removed: a "
+                                          "smaller dense model)")
+    structured.add_argument("--structure", default=_default("structure"), metavar="S",
+                            help="what is removed whole: channels (every coupled channel "
+                                 "group the analysis proves safe), ffn (hidden units of "
+                                 "feed-forward blocks), heads; comma-separated to combine; "
+                                 "none = unstructured [none]. --sparsity is then the "
+                                 "fraction of the groups' parameters removed, --method "
+                                 "magnitude (group norm) or random, --allocation uniform or "
+                                 "global")
+    structured.add_argument("--round-to", type=_at_least(1), default=_default("round_to"),
+                            metavar="N", help="kept channel counts are multiples of N "
+                                              f"[{_default('round_to')}]")
     prune.add_argument("--permute-channels", action="store_true",
                        help="N:M: permute input channels where the graph allows it (MLP "
                             "layers fed through element-wise ops) so groups keep more")

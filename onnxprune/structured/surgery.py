@@ -150,6 +150,15 @@ def check_shrunk(model: onnx.ModelProto) -> None:
                            ) from exc
 
 
+def check_shrunk_file(path: Path) -> None:
+    """`check_shrunk` for a written model (external data and models over 2 GiB included)."""
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+        raise SurgeryError(f"the shrunk model fails the ONNX checker: {_first_line(exc)}"
+                           ) from exc
+
+
 def _first_line(exc: BaseException) -> str:
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     return lines[0] if lines else type(exc).__name__

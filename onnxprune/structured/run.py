@@ -1,0 +1,160 @@
+"""One structured prune: groups → scores → kept channels → the rewrite, and what it removed.
+
+`prune_structured(loaded, config)` finds the coupled channel groups of the model
+(`analysis.find_groups`), keeps those of the structures asked for (`--structure channels`:
+every group but attention heads; `ffn`: hidden units of feed-forward blocks; `heads`) and
+selected by `--include/--exclude` (a regular expression on the group's name or any member
+tensor) and `--min-size` (the group's parameters), scores their channels with the
+registered score `config.method` (`registry.CHANNEL_SCORES`), chooses kept counts
+(`selection`), and returns the shrunk model (`surgery.shrink`, checked by `check_shrunk`)
+with one report entry per group: channels before → after, parameters and estimated MACs
+removed.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+
+from ..config import PruneConfig, structure_names
+from ..errors import NothingToPruneError
+from ..graph import GraphIndex
+from ..io import LoadedModel, read_array
+from ..io.tensors import tensor_numel
+from .analysis import find_groups
+from .groups import ChannelGroup, Declined, Member, StructureKind
+from .selection import check_allocation, global_counts, keep_sets, uniform_counts
+from .surgery import check_shrunk, shrink
+
+log = logging.getLogger(__name__)
+
+# what each --structure names
+STRUCTURES: dict[str, frozenset[StructureKind]] = {
+    "channels": frozenset({StructureKind.CHANNELS, StructureKind.FFN}),
+    "ffn": frozenset({StructureKind.FFN}),
+    "heads": frozenset({StructureKind.HEADS}),
+}
+# models up to this size are checked in memory (onnx.checker cannot take a larger proto)
+CHECK_LIMIT_BYTES = 2_000_000_000
+
+
+@dataclass
+class GroupReport:
+    name: str
+    kind: str
+    channels: int
+    kept: int
+    params: int  # parameters the group's channels carry, before pruning
+    params_removed: int  # as if this group alone were pruned
+    macs: int  # estimated multiply-accumulates per inference (batch 1), before
+    macs_removed: int
+    tensors: list[str]
+    output_preserving: bool = True
+
+
+@dataclass
+class StructuredResult:
+    model: onnx.ModelProto
+    groups: list[GroupReport]
+    declined: list[Declined]
+    keep: dict[str, np.ndarray]  # kept channel indices of every pruned group
+    params_before: int = 0  # every stored float parameter of the model
+    params_after: int = 0
+    # parameters of the selected groups' member tensors (each tensor once: a tensor between
+    # two groups, like the middle weight of a 3-layer MLP, belongs to both)
+    selected_params: int = 0
+    skipped_groups: list[str] = field(default_factory=list)  # found, not selected
+
+
+def parse_structures(text: str) -> frozenset[StructureKind]:
+    """The kinds of groups `channels`, `ffn`, `heads` or a comma-separated combination
+    name; a ConfigError for another word."""
+    return frozenset(kind for name in structure_names(text) for kind in STRUCTURES[name])
+
+
+def prune_structured(loaded: LoadedModel, config: PruneConfig) -> StructuredResult:
+    """The model with the selected groups' weakest channels removed (see the module doc)."""
+    from ..registry import CHANNEL_SCORES
+
+    kinds = parse_structures(config.structure)
+    allocation = check_allocation(config.allocation_name)
+    groups, declined = find_groups(loaded.proto)
+    selected, skipped = _select(groups, kinds, config)
+    if not selected:
+        raise NothingToPruneError(
+            f"nothing to prune: no channel group of --structure {config.structure} qualified "
+            f"({len(groups)} groups found, {len(skipped)} not selected, {len(declined)} "
+            "candidates declined; run `onnxprune inspect --structured` to see why)")
+    tensors = _member_values(loaded, selected)
+    score = CHANNEL_SCORES.build(config.method, config.options)
+    scores = {g.name: score.scores(g, tensors, config.seed) for g in selected}
+    per_channel = {g.name: _params_per_channel(g, tensors) for g in selected}
+    sparsity = config.target_sparsity
+    round_to = config.round_to
+    if allocation == "global":
+        counts = global_counts(selected, scores, per_channel, sparsity, round_to)
+    else:
+        counts = uniform_counts(selected, sparsity, round_to)
+    keep = keep_sets(selected, scores, counts)
+    shrunk = shrink(loaded.proto, selected, keep, base_dir=loaded.base_dir)
+    if not loaded.lazy and shrunk.ByteSize() < CHECK_LIMIT_BYTES:
+        check_shrunk(shrunk)
+    reports = [_report(g, counts[g.name], per_channel[g.name]) for g in selected]
+    return StructuredResult(shrunk, reports, declined, keep, _float_params(loaded.proto),
+                            _float_params(shrunk), sum(a.size for a in tensors.values()),
+                            [g.name for g in skipped])
+
+
+def _select(groups: Sequence[ChannelGroup], kinds: frozenset[StructureKind],
+            config: PruneConfig) -> tuple[list[ChannelGroup], list[ChannelGroup]]:
+    selected: list[ChannelGroup] = []
+    skipped: list[ChannelGroup] = []
+    for group in groups:
+        names = [group.name, *(m.tensor for m in group.members)]
+        included = not config.include or any(re.search(p, n) for p in config.include
+                                             for n in names)
+        excluded = any(re.search(p, n) for p in config.exclude for n in names)
+        wanted = (group.kind in kinds and included and not excluded
+                  and group.params >= config.min_size and group.channels > 1)
+        (selected if wanted else skipped).append(group)
+    return selected, skipped
+
+
+def _member_values(loaded: LoadedModel, groups: Sequence[ChannelGroup]
+                   ) -> dict[str, np.ndarray]:
+    """The stored values of every member tensor, by name (each read once)."""
+    index = GraphIndex(loaded.proto)
+    by_name = {stored.name: stored for stored in index.stored}
+    names = {m.tensor for g in groups for m in g.members}
+    return {name: read_array(by_name[name].tensor, loaded.base_dir) for name in sorted(names)}
+
+
+def _params_per_channel(group: ChannelGroup, tensors: dict[str, np.ndarray]) -> float:
+    """Parameters one channel of the group carries over all its members."""
+    return float(sum(_member_per_channel(m, tensors[m.tensor]) for m in group.members))
+
+
+def _member_per_channel(member: Member, array: np.ndarray) -> int:
+    return array.size // array.shape[member.axis] * member.block
+
+
+def _report(group: ChannelGroup, kept: int, per_channel: float) -> GroupReport:
+    removed = group.channels - kept
+    params = round(per_channel * group.channels)
+    return GroupReport(group.name, group.kind.value, group.channels, kept, params,
+                       round(per_channel * removed), group.macs,
+                       group.macs * removed // max(1, group.channels),
+                       sorted({m.tensor for m in group.members}), group.output_preserving)
+
+
+def _float_params(model: onnx.ModelProto) -> int:
+    """Elements of every stored floating-point tensor (initializers and Constant values)."""
+    floats = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16,
+              onnx.TensorProto.DOUBLE}
+    return sum(tensor_numel(s.tensor) for s in GraphIndex(model).stored
+               if s.tensor.data_type in floats)

@@ -1,0 +1,92 @@
+"""Which channels each group keeps: kept counts from the requested sparsity (uniform, or
+global over per-group normalized scores), rounded for fast kernels, then the best channels.
+
+`sparsity` is the fraction of the selected groups' parameters to remove. Uniform
+allocation removes that fraction of every group's channels (so of its parameters too);
+global allocation ranks every channel of every group by its score divided by the mean score
+of its group (scores of different groups are not on one scale) and removes the lowest until
+the parameters they carry reach the fraction. Either way a kept count is then rounded up to
+a multiple of `round_to` (and of the group's own `multiple_of`), never below one such unit:
+no layer vanishes, and the widths suit onnxruntime's CPU kernels.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from ..errors import ConfigError
+from .groups import ChannelGroup
+
+ALLOCATIONS = ("uniform", "global")
+
+
+def unit(group: ChannelGroup, round_to: int) -> int:
+    """The step of the group's kept counts: a multiple of `round_to` and `multiple_of`."""
+    return math.lcm(max(1, round_to), max(1, group.multiple_of))
+
+
+def rounded_count(group: ChannelGroup, wanted: float, round_to: int) -> int:
+    """`wanted` kept channels rounded up to the group's unit, at least one unit, at most all
+    (all: the group is left whole when its count cannot be rounded below it)."""
+    step = unit(group, round_to)
+    count = max(step, math.ceil(wanted / step - 1e-9) * step)
+    return group.channels if count >= group.channels else count
+
+
+def uniform_counts(groups: Sequence[ChannelGroup], sparsity: float, round_to: int
+                   ) -> dict[str, int]:
+    """Kept channels per group: (1 - sparsity) of each group's channels, rounded."""
+    return {g.name: rounded_count(g, (1.0 - sparsity) * g.channels, round_to) for g in groups}
+
+
+def global_counts(groups: Sequence[ChannelGroup], scores: Mapping[str, np.ndarray],
+                  params_per_channel: Mapping[str, float], sparsity: float, round_to: int
+                  ) -> dict[str, int]:
+    """Kept channels per group from one ranking of every channel by its normalized score,
+    removing the lowest until `sparsity` of the selected parameters is reached (each group
+    keeps at least one unit), then rounded."""
+    entries: list[tuple[float, int, int]] = []  # (normalized score, group index, channel)
+    removable = {}
+    for index, group in enumerate(groups):
+        values = np.asarray(scores[group.name], dtype=np.float64)
+        mean = float(np.mean(values)) if values.size else 0.0
+        normal = values / mean if mean > 0 else np.zeros_like(values)
+        entries.extend((float(s), index, c) for c, s in enumerate(normal))
+        removable[group.name] = group.channels - unit(group, round_to)
+    total = sum(params_per_channel[g.name] * g.channels for g in groups)
+    budget = sparsity * total
+    removed = dict.fromkeys((g.name for g in groups), 0)
+    taken = 0.0
+    for _, index, _ in sorted(entries):
+        if taken >= budget:
+            break
+        group = groups[index]
+        if removed[group.name] >= removable[group.name]:
+            continue
+        removed[group.name] += 1
+        taken += params_per_channel[group.name]
+    return {g.name: rounded_count(g, g.channels - removed[g.name], round_to) for g in groups}
+
+
+def keep_sets(groups: Sequence[ChannelGroup], scores: Mapping[str, np.ndarray],
+              counts: Mapping[str, int]) -> dict[str, np.ndarray]:
+    """The `counts[name]` best-scored channels of each group, sorted (ties: the lower index
+    is kept); groups that keep everything are left out."""
+    result = {}
+    for group in groups:
+        count = counts[group.name]
+        if count >= group.channels:
+            continue
+        order = np.lexsort((np.arange(group.channels), -np.asarray(scores[group.name])))
+        result[group.name] = np.sort(order[:count]).astype(np.int64)
+    return result
+
+
+def check_allocation(name: str) -> str:
+    if name not in ALLOCATIONS:
+        raise ConfigError(f"--allocation {name} is not available with --structure; choose "
+                          f"from {', '.join(ALLOCATIONS)}")
+    return name

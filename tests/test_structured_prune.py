@@ -1,0 +1,162 @@
+"""`prune --structure`: groups scored, kept counts chosen and rounded, the model shrunk, and
+the result equal to the original with the removed channels zeroed."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from conftest import example_feeds
+
+import onnxprune
+from onnxprune.cli import main
+from onnxprune.config import PruneConfig
+from onnxprune.errors import ConfigError
+from onnxprune.io import load_model
+from onnxprune.structured import ChannelGroup, Member, MemberRole, StructureKind
+from onnxprune.structured.run import prune_structured
+from onnxprune.structured.scores import GroupMagnitude, RandomChannels
+from onnxprune.structured.selection import (
+    global_counts,
+    keep_sets,
+    rounded_count,
+    uniform_counts,
+)
+from onnxprune.structured.surgery import zeroed
+
+DEMO = ("digits.onnx", "mlp.onnx", "cnn.onnx", "transformer.onnx")
+
+
+def _group(channels: int, multiple_of: int = 1, name: str = "g") -> ChannelGroup:
+    return ChannelGroup(name, StructureKind.CHANNELS, channels,
+                        (Member("w", 1, MemberRole.OUTPUT),), multiple_of=multiple_of)
+
+
+def test_kept_counts_round_up_to_the_unit_and_never_vanish():
+    assert rounded_count(_group(256), 0.5 * 256, 8) == 128
+    assert rounded_count(_group(256), 100.2, 8) == 104  # up, not down
+    assert rounded_count(_group(256), 0.0, 8) == 8  # one unit at least
+    assert rounded_count(_group(20), 19, 8) == 20  # a rounding above the count keeps all
+    assert rounded_count(_group(96, multiple_of=3), 40, 8) == 48  # lcm(8, 3) = 24
+    counts = uniform_counts([_group(64, name="a"), _group(100, name="b")], 0.25, 8)
+    assert counts == {"a": 48, "b": 80}
+
+
+def test_global_counts_remove_the_lowest_normalized_scores_up_to_the_budget():
+    a, b = _group(8, name="a"), _group(8, name="b")
+    # group a's scores are all alike; b has four channels far below its mean
+    scores = {"a": np.ones(8), "b": np.array([0.01] * 4 + [2.0] * 4)}
+    counts = global_counts([a, b], scores, {"a": 10.0, "b": 10.0}, 0.25, 1)
+    assert counts == {"a": 8, "b": 4}
+
+
+def test_keep_sets_take_the_best_scores_ties_to_the_lower_index():
+    group = _group(6)
+    keep = keep_sets([group], {"g": np.array([3.0, 1.0, 3.0, 5.0, 1.0, 0.0])}, {"g": 3})
+    np.testing.assert_array_equal(keep["g"], [0, 2, 3])
+    assert keep_sets([group], {"g": np.zeros(6)}, {"g": 6}) == {}  # all kept: untouched
+
+
+def test_group_norm_is_the_norm_over_every_member():
+    rng = np.random.default_rng(0)
+    out, into, bias = rng.normal(size=(5, 4)), rng.normal(size=(4, 3)), rng.normal(size=4)
+    group = ChannelGroup("g", StructureKind.CHANNELS, 4, (
+        Member("out", 1, MemberRole.OUTPUT), Member("in", 0, MemberRole.INPUT),
+        Member("b", 0, MemberRole.PER_CHANNEL)))
+    got = GroupMagnitude().scores(group, {"out": out, "in": into, "b": bias})
+    want = [np.sqrt((out[:, c] ** 2).sum() + (into[c] ** 2).sum() + bias[c] ** 2)
+            for c in range(4)]
+    np.testing.assert_allclose(got, want)
+    first = RandomChannels().scores(group, {}, seed=1)
+    assert np.array_equal(first, RandomChannels().scores(group, {}, seed=1))
+    assert not np.array_equal(first, RandomChannels().scores(group, {}, seed=2))
+
+
+@pytest.mark.parametrize("model", DEMO)
+@pytest.mark.parametrize("method", ["magnitude", "random"])
+def test_shrunk_model_computes_what_the_zeroed_model_computes(models_dir, model, method):
+    loaded = load_model(models_dir / model)
+    config = PruneConfig(structure="channels", sparsity=0.5, method=method, min_size=0)
+    result = prune_structured(loaded, config)
+    assert result.keep and result.params_after < result.params_before
+    groups = [g for g in _groups(loaded.proto) if g.name in result.keep]
+    reference = zeroed(loaded.proto, groups, result.keep)
+    feeds = example_feeds(models_dir / model)
+    want = _run(reference, feeds)
+    got = _run(result.model, feeds)
+    for a, b in zip(want, got, strict=True):
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5)
+    for report in result.groups:
+        assert report.kept == report.channels or report.kept % config.round_to == 0
+        assert report.params_removed == report.params * (report.channels - report.kept) \
+            // report.channels
+
+
+def test_cli_prune_structure_reports_groups_masks_and_provenance(models_dir, tmp_path,
+                                                                 capsys):
+    out, report_path, masks_path = (tmp_path / "o.onnx", tmp_path / "r.json",
+                                    tmp_path / "m.npz")
+    status = main(["prune", str(models_dir / "digits.onnx"), "-o", str(out), "--structure",
+                   "channels", "--sparsity", "0.25", "--report", str(report_path),
+                   "--save-masks", str(masks_path), "--validate", "--data",
+                   str(models_dir / "digits-test.npz"), "--min-top1", "0.95"])
+    text = capsys.readouterr().out
+    assert status == 0 and "PASSED" in text
+    report = json.loads(report_path.read_text())["structured"]
+    groups = sorted(report["groups"], key=lambda g: g["channels"])
+    assert [(g["channels"], g["kept"]) for g in groups] == [(128, 96), (256, 192)]
+    assert report["params_after"] == report["params_before"] - report["removed_params"]
+    model = onnx.load(str(out))
+    onnx.checker.check_model(model, full_check=True)
+    props = {p.key: p.value for p in model.metadata_props}
+    assert props["onnxprune:structure"] == "channels"
+    assert sorted(props["onnxprune:groups"].split()) == sorted(
+        f"{g['name']}:{g['channels']}->{g['kept']}" for g in groups)
+    masks = onnxprune.MaskSet.load(masks_path)
+    assert [int(masks[g["name"]].sum()) for g in groups] == [96, 192]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--structure", "rows"], "--structure rows: choose from channels, ffn, heads"),
+    (["--structure", "channels", "--pattern", "2:4"], "--pattern cannot be combined"),
+    (["--structure", "channels", "--method", "sparsegpt"], "unknown channel score"),
+    (["--structure", "channels", "--allocation", "owl"], "choose uniform or global"),
+    (["--structure", "channels", "--include", "no-such-tensor"], "nothing to prune"),
+])
+def test_structured_refusals_are_one_line_errors(models_dir, tmp_path, capsys, args, message):
+    out = tmp_path / "o.onnx"
+    assert main(["prune", str(models_dir / "digits.onnx"), "-o", str(out), *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and not out.exists()
+
+
+def test_python_api_structure(models_dir):
+    with pytest.raises(ConfigError, match="--round-to must be >= 1"):
+        PruneConfig(structure="channels", round_to=0)
+    model, report = onnxprune.prune(str(models_dir / "mlp.onnx"), structure="channels",
+                                    sparsity=0.5, min_size=0)
+    assert report.structured["params_after"] < report.structured["params_before"]
+    onnx.checker.check_model(model, full_check=True)
+
+
+def _groups(model: onnx.ModelProto) -> list[ChannelGroup]:
+    from onnxprune.structured.analysis import find_groups
+
+    return find_groups(model)[0]
+
+
+def _run(model: onnx.ModelProto, feeds: dict) -> list[np.ndarray]:
+    session = ort.InferenceSession(model.SerializeToString(),
+                                   providers=["CPUExecutionProvider"])
+    return session.run(None, feeds)
+
+
+def test_every_structure_name_maps_to_kinds_of_groups():
+    from onnxprune.config import STRUCTURES
+    from onnxprune.structured import run
+
+    assert set(run.STRUCTURES) == set(STRUCTURES)
+    assert run.parse_structures("ffn,heads") == {StructureKind.FFN, StructureKind.HEADS}
