@@ -90,10 +90,12 @@ def prune_structured(loaded: LoadedModel, config: PruneConfig) -> StructuredResu
             f"nothing to prune: no channel group of --structure {config.structure} qualified "
             f"({len(groups)} groups found, {len(skipped)} not selected, {len(declined)} "
             "candidates declined; run `onnxprune inspect --structured` to see why)")
-    tensors = _member_values(loaded, selected)
+    stored = _member_tensors(loaded, selected)
     score = CHANNEL_SCORES.build(config.method, config.options)
-    scores = {g.name: score.scores(g, tensors, config.seed) for g in selected}
-    per_channel = {g.name: _params_per_channel(g, tensors) for g in selected}
+    # one group's members in memory at a time (a tensor between two groups is read twice)
+    scores = {g.name: score.scores(g, _values(g, stored, loaded), config.seed)
+              for g in selected}
+    per_channel = {g.name: _params_per_channel(g, stored) for g in selected}
     sparsity = config.target_sparsity
     round_to = config.round_to
     if allocation == "global":
@@ -106,7 +108,8 @@ def prune_structured(loaded: LoadedModel, config: PruneConfig) -> StructuredResu
         check_shrunk(shrunk)
     reports = [_report(g, counts[g.name], per_channel[g.name]) for g in selected]
     return StructuredResult(shrunk, reports, declined, keep, _float_params(loaded.proto),
-                            _float_params(shrunk), sum(a.size for a in tensors.values()),
+                            _float_params(shrunk),
+                            sum(tensor_numel(t) for t in stored.values()),
                             [g.name for g in skipped])
 
 
@@ -125,22 +128,27 @@ def _select(groups: Sequence[ChannelGroup], kinds: frozenset[StructureKind],
     return selected, skipped
 
 
-def _member_values(loaded: LoadedModel, groups: Sequence[ChannelGroup]
-                   ) -> dict[str, np.ndarray]:
-    """The stored values of every member tensor, by name (each read once)."""
-    index = GraphIndex(loaded.proto)
-    by_name = {stored.name: stored for stored in index.stored}
-    names = {m.tensor for g in groups for m in g.members}
-    return {name: read_array(by_name[name].tensor, loaded.base_dir) for name in sorted(names)}
+def _member_tensors(loaded: LoadedModel, groups: Sequence[ChannelGroup]
+                    ) -> dict[str, onnx.TensorProto]:
+    """The stored tensor of every member, by name (values not read)."""
+    by_name = {stored.name: stored.tensor for stored in GraphIndex(loaded.proto).stored}
+    return {m.tensor: by_name[m.tensor] for g in groups for m in g.members}
 
 
-def _params_per_channel(group: ChannelGroup, tensors: dict[str, np.ndarray]) -> float:
+def _values(group: ChannelGroup, stored: dict[str, onnx.TensorProto], loaded: LoadedModel
+            ) -> dict[str, np.ndarray]:
+    """The values of one group's members, by name."""
+    return {m.tensor: read_array(stored[m.tensor], loaded.base_dir) for m in group.members}
+
+
+def _params_per_channel(group: ChannelGroup, stored: dict[str, onnx.TensorProto]) -> float:
     """Parameters one channel of the group carries over all its members."""
-    return float(sum(_member_per_channel(m, tensors[m.tensor]) for m in group.members))
+    return float(sum(_member_per_channel(m, stored[m.tensor]) for m in group.members))
 
 
-def _member_per_channel(member: Member, array: np.ndarray) -> int:
-    return array.size // array.shape[member.axis] * member.block
+def _member_per_channel(member: Member, tensor: onnx.TensorProto) -> int:
+    dims = list(tensor.dims)
+    return int(np.prod(dims, dtype=np.int64)) // dims[member.axis] * member.block
 
 
 def _report(group: ChannelGroup, kept: int, per_channel: float) -> GroupReport:
