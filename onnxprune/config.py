@@ -95,6 +95,10 @@ class PruneConfig:
     # comma-separated); kept channel counts are multiples of `round_to`
     structure: str = "none"
     round_to: int = DEFAULT_ROUND_TO
+    # structured: let groups run through a norm over their channels (not output-preserving)
+    # / let a transformer's residual stream be a group
+    allow_norm: bool = False
+    allow_hidden: bool = False
     # the options parts declare (`parts.option`), by dest: {"ria_alpha": 0.7}; absent or
     # None: the part's default. Checked against every registered part's declarations.
     options: Mapping[str, Any] = field(default_factory=dict)

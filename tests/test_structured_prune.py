@@ -160,3 +160,15 @@ def test_every_structure_name_maps_to_kinds_of_groups():
 
     assert set(run.STRUCTURES) == set(STRUCTURES)
     assert run.parse_structures("ffn,heads") == {StructureKind.FFN, StructureKind.HEADS}
+
+
+def test_allow_hidden_lifts_the_residual_stream_decline(models_dir, capsys):
+    causes = {}
+    for flags in ([], ["--allow-hidden", "--allow-norm"]):
+        assert main(["inspect", str(models_dir / "transformer.onnx"), "--structured",
+                     "--json", *flags]) == 0
+        causes[bool(flags)] = [d["cause"] for d in json.loads(capsys.readouterr().out)
+                               ["declined"]]
+    assert "residual_stream" in causes[False] and "residual_stream" not in causes[True]
+    config = PruneConfig(structure="ffn", allow_norm=True, allow_hidden=True)
+    assert config.allow_norm and config.allow_hidden

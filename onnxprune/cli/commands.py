@@ -80,7 +80,8 @@ def _inspect_structured(args: argparse.Namespace) -> int:
     from ..io import load_model
     from ..structured import find_groups
 
-    groups, declined = find_groups(load_model(args.model, lazy=True).proto)
+    groups, declined = find_groups(load_model(args.model, lazy=True).proto,
+                                   allow_norm=args.allow_norm, allow_hidden=args.allow_hidden)
 
     def plain(value):  # enums by their values, for JSON
         if isinstance(value, enum.Enum):
@@ -159,6 +160,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
                           calib_mode=args.calib_mode, measure_error=args.measure_error,
                           update=args.update, refine=args.refine,
                           structure=args.structure, round_to=args.round_to,
+                          allow_norm=args.allow_norm, allow_hidden=args.allow_hidden,
                           permute_channels=args.permute_channels,
                           min_target_sparsity=args.min_target_sparsity,
                           max_target_sparsity=args.max_target_sparsity,

@@ -118,6 +118,15 @@ def _at_least(minimum: int):
     return check
 
 
+def _add_structure_permissions(group) -> None:
+    group.add_argument("--allow-norm", action="store_true",
+                       help="let groups run through a normalization over their channels "
+                            "(its scale and bias are cut too); the outputs then differ from "
+                            "the dense model's with those channels zeroed")
+    group.add_argument("--allow-hidden", action="store_true",
+                       help="let a transformer's residual stream (its hidden size) be a group")
+
+
 def add_part_options(parser: argparse.ArgumentParser) -> None:
     """One argument group per part that declares options (`parts.option`), plug-ins
     included: its options with their help, bounds and defaults."""
@@ -180,6 +189,7 @@ def build_parser(with_parts: bool = True) -> _Parser:
                                               "tensor with the reason.")
     inspect.add_argument("model", help="the .onnx file (external data beside it is read)")
     inspect.add_argument("--json", action="store_true", help="print the JSON report only")
+    _add_structure_permissions(inspect)
     inspect.add_argument("--structured", action="store_true",
                          help="list coupled channel groups (what structured pruning removes "
                               "whole: tensors, channels, params, MACs) and every declined "
@@ -226,6 +236,7 @@ def build_parser(with_parts: bool = True) -> _Parser:
     structured.add_argument("--round-to", type=_at_least(1), default=_default("round_to"),
                             metavar="N", help="kept channel counts are multiples of N "
                                               f"[{_default('round_to')}]")
+    _add_structure_permissions(structured)
     prune.add_argument("--permute-channels", action="store_true",
                        help="N:M: permute input channels where the graph allows it (MLP "
                             "layers fed through element-wise ops) so groups keep more")

@@ -83,7 +83,8 @@ def prune_structured(loaded: LoadedModel, config: PruneConfig) -> StructuredResu
 
     kinds = parse_structures(config.structure)
     allocation = check_allocation(config.allocation_name)
-    groups, declined = find_groups(loaded.proto)
+    groups, declined = find_groups(loaded.proto, allow_norm=config.allow_norm,
+                                   allow_hidden=config.allow_hidden)
     selected, skipped = _select(groups, kinds, config)
     if not selected:
         raise NothingToPruneError(
