@@ -155,6 +155,10 @@ class PruneConfig:
         if self.allocation == "global" and not method.streams_scores \
                 and not self.pattern.is_nm:
             raise ConfigError(f"--scope global is not available with --method {self.method}")
+        self._check_selection()
+
+    def _check_selection(self) -> None:
+        """--min-size and the --include/--exclude regular expressions."""
         if int(self.min_size) < 0:
             raise ConfigError(f"--min-size must be >= 0, got {self.min_size}")
         for regex in self.include + self.exclude:
@@ -181,13 +185,7 @@ class PruneConfig:
             raise ConfigError(f"{', '.join(given)} cannot be combined with --structure yet")
         if int(self.round_to) < 1:
             raise ConfigError(f"--round-to must be >= 1, got {self.round_to}")
-        if int(self.min_size) < 0:
-            raise ConfigError(f"--min-size must be >= 0, got {self.min_size}")
-        for regex in self.include + self.exclude:
-            try:
-                re.compile(regex)
-            except re.error as exc:
-                raise ConfigError(f"bad regular expression {regex!r}: {exc}") from exc
+        self._check_selection()
 
     @property
     def allocation_name(self) -> str:

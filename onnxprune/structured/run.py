@@ -28,7 +28,7 @@ from ..io import LoadedModel, read_array
 from ..io.tensors import tensor_numel
 from .analysis import find_groups
 from .groups import ChannelGroup, Declined, Member, StructureKind
-from .selection import check_allocation, global_counts, keep_sets, uniform_counts
+from .selection import global_counts, keep_sets, uniform_counts
 from .surgery import check_shrunk, shrink
 
 log = logging.getLogger(__name__)
@@ -82,7 +82,6 @@ def prune_structured(loaded: LoadedModel, config: PruneConfig) -> StructuredResu
     from ..registry import CHANNEL_SCORES
 
     kinds = parse_structures(config.structure)
-    allocation = check_allocation(config.allocation_name)
     groups, declined = find_groups(loaded.proto, allow_norm=config.allow_norm,
                                    allow_hidden=config.allow_hidden)
     selected, skipped = _select(groups, kinds, config)
@@ -99,7 +98,7 @@ def prune_structured(loaded: LoadedModel, config: PruneConfig) -> StructuredResu
     per_channel = {g.name: _params_per_channel(g, stored) for g in selected}
     sparsity = config.target_sparsity
     round_to = config.round_to
-    if allocation == "global":
+    if config.allocation_name == "global":
         counts = global_counts(selected, scores, per_channel, sparsity, round_to)
     else:
         counts = uniform_counts(selected, sparsity, round_to)

@@ -17,10 +17,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from ..errors import ConfigError
 from .groups import ChannelGroup
-
-ALLOCATIONS = ("uniform", "global")
 
 
 def unit(group: ChannelGroup, round_to: int) -> int:
@@ -83,10 +80,3 @@ def keep_sets(groups: Sequence[ChannelGroup], scores: Mapping[str, np.ndarray],
         order = np.lexsort((np.arange(group.channels), -np.asarray(scores[group.name])))
         result[group.name] = np.sort(order[:count]).astype(np.int64)
     return result
-
-
-def check_allocation(name: str) -> str:
-    if name not in ALLOCATIONS:
-        raise ConfigError(f"--allocation {name} is not available with --structure; choose "
-                          f"from {', '.join(ALLOCATIONS)}")
-    return name
