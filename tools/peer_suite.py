@@ -1,7 +1,8 @@
 """Peer suite: every command of onnxprune over models others made.
 
 Usage: python tools/peer_suite.py [--filter REGEX] [--no-backend] [--no-real] [--list]
-                                  [--calibrated] [--keep DIR] [-v]
+                                  [--calibrated] [--structured [--all-structures]]
+                                  [--keep DIR] [-v]
 
 Models:
 - every ``model.onnx`` of the onnx package's backend test data (its inputs come from the
@@ -25,6 +26,24 @@ With ``--calibrated`` also ``prune --method wanda`` and ``--method sparsegpt``, 
 the suite's inputs (``--calib INPUTS``; n/a where they cannot be saved as npz). Slow: about
 ten minutes here, most of it on the larger real models.
 
+With ``--structured`` the steps are those of structured pruning instead (issue #18):
+
+  inspect-s  ``inspect MODEL --structured``, then ``--structured --json`` (must parse as JSON
+             with ``groups`` and ``declined``)
+  channels   ``prune --structure channels --sparsity 0.5``
+  then one of, in rotation over the models (every one with ``--all-structures``):
+  ffn        ``prune --structure ffn --sparsity 0.5``
+  heads      ``prune --structure heads --sparsity 0.5``
+  global     ``prune --structure channels --sparsity 0.5 --allocation global``
+  random     ``prune --structure channels --sparsity 0.5 --method random``
+  validate-s ``validate MODEL CHANNELS --data INPUTS`` of the channels output: exit 0
+
+A structured output must pass ``onnx.checker.check_model(full_check=True)`` (unless the
+original fails it as well; the detail says so), declare the graph outputs of the original
+(names and types: graph outputs are never pruned) and, wherever the original runs in
+onnxruntime, run on the same inputs with outputs of the original's names, dtypes and shapes.
+Its outputs are not compared with the original's: whole channels are gone.
+
 Every prune uses ``--min-size 0``, so that the small weights of the test models are targets.
 A pruned model must pass ``onnx.checker`` (unless the original fails it as well) and run in
 onnxruntime with the outputs' names, shapes and dtypes of the original wherever the
@@ -44,11 +63,13 @@ import contextlib
 import glob
 import importlib.metadata
 import io
+import json
 import re
 import shutil
 import sys
 import tempfile
 import time
+import zlib
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -248,7 +269,8 @@ class Result:
         outcomes = [s.outcome for s in self.steps]
         if "fail" in outcomes:
             return "fail"
-        prunes = [s.outcome for s in self.steps if s.name in PRUNES | CALIBRATED]
+        prunes = [s.outcome for s in self.steps
+                  if s.name in PRUNES | CALIBRATED | STRUCTURED_PRUNES]
         return "pass" if "pass" in prunes else "refused"
 
 
@@ -263,6 +285,24 @@ CALIBRATED: dict[str, list[str]] = {
     "wanda": ["--sparsity", "0.5", "--method", "wanda"],
     "sparsegpt": ["--sparsity", "0.5", "--method", "sparsegpt"],
 }
+
+# with --structured: "channels" on every model, then the others in rotation (all of them
+# with --all-structures)
+STRUCTURED_PRUNES: dict[str, list[str]] = {
+    "channels": ["--structure", "channels", "--sparsity", "0.5"],
+    "ffn": ["--structure", "ffn", "--sparsity", "0.5"],
+    "heads": ["--structure", "heads", "--sparsity", "0.5"],
+    "global": ["--structure", "channels", "--sparsity", "0.5", "--allocation", "global"],
+    "random": ["--structure", "channels", "--sparsity", "0.5", "--method", "random"],
+}
+ROTATION = ["ffn", "heads", "global", "random"]
+
+
+def structured_prunes(case: Case, every: bool = False) -> list[str]:
+    """The structured prunes of `case`: "channels" and one of ROTATION, by a hash of the
+    model's name (the same whatever --filter selects), or all of them."""
+    turn = zlib.crc32(f"{case.source}:{case.name}".encode()) % len(ROTATION)
+    return ["channels", *(ROTATION if every else [ROTATION[turn]])]
 
 
 @dataclass
@@ -320,9 +360,9 @@ def run_model(path: Path, feeds: Feeds) -> list:
     return _session(path).run(None, feeds)
 
 
-def _checker_error(path: Path) -> str | None:
+def _checker_error(path: Path, full_check: bool = False) -> str | None:
     try:
-        onnx.checker.check_model(str(path))
+        onnx.checker.check_model(str(path), full_check=full_check)
     except Exception as exc:  # onnx raises ValidationError and others
         return _first_line(exc)
     return None
@@ -343,12 +383,23 @@ def _signature(outputs: list) -> list:
             for o in outputs]
 
 
-class ModelRun:
-    """The steps on one model, in `workdir`."""
+def _declared_outputs(path: Path) -> list[tuple[str, bytes]]:
+    """The graph outputs' names and types as the model declares them."""
+    graph = onnx.load(str(path), load_external_data=False).graph
+    return [(value.name, value.type.SerializeToString(deterministic=True))
+            for value in graph.output]
 
-    def __init__(self, case: Case, workdir: Path, calibrated: bool = False):
+
+class ModelRun:
+    """The steps on one model, in `workdir`. `structured`: the names of the structured prunes
+    to run (instead of the unstructured steps)."""
+
+    def __init__(self, case: Case, workdir: Path, calibrated: bool = False,
+                 structured: list[str] | None = None):
         self.case = case
         self.calibrated = calibrated
+        self.structured = structured
+        self._full_check_error: str | None | bool = False  # False: not checked yet
         self.workdir = workdir
         self.steps: list[Step] = []
         self.feeds: Feeds | None = None
@@ -361,6 +412,12 @@ class ModelRun:
 
     def run(self) -> list[Step]:
         self._prepare_inputs()
+        if self.structured is not None:
+            self.step("inspect-s", self._inspect_structured)
+            for name in self.structured:
+                self.step(name, lambda n=name: self._structured_prune(n))
+            self.step("validate-s", lambda: self._validate("channels"))
+            return self.steps
         self.step("inspect", self._inspect)
         for name, options in PRUNES.items():
             self.step(name, lambda n=name, o=options: self._prune(n, o))
@@ -401,6 +458,65 @@ class ModelRun:
     def _inspect(self) -> Step:
         run = run_cli("inspect", self.case.path)
         return cli_outcome(run) or Step("", "pass")
+
+    def _inspect_structured(self) -> Step:
+        failed = cli_outcome(run_cli("inspect", self.case.path, "--structured"))
+        if failed:
+            return failed
+        run = run_cli("inspect", self.case.path, "--structured", "--json")
+        failed = cli_outcome(run)
+        if failed:
+            return Step("", failed.outcome, f"--json: {failed.detail}")
+        try:
+            found = json.loads(run.stdout)
+        except ValueError as exc:
+            return Step("", "fail", f"--json does not print JSON: {_first_line(exc)}")
+        if not isinstance(found, dict) or not {"groups", "declined"} <= found.keys():
+            return Step("", "fail", "--json: no 'groups' and 'declined'")
+        return Step("", "pass", f"{len(found['groups'])} groups, "
+                                f"{len(found['declined'])} declined")
+
+    @property
+    def original_full_check_error(self) -> str | None:
+        if self._full_check_error is False:
+            self._full_check_error = _checker_error(self.case.path, full_check=True)
+        return self._full_check_error  # type: ignore[return-value]
+
+    def _structured_prune(self, name: str) -> Step:
+        out = self.workdir / f"{name}.onnx"
+        run = run_cli("prune", self.case.path, "-o", out, "--min-size", "0",
+                      *STRUCTURED_PRUNES[name])
+        failed = cli_outcome(run)
+        if failed:
+            if out.exists():
+                failed = Step("", "fail", f"{failed.outcome} ({failed.detail}), yet an "
+                                          f"output was written")
+            return failed
+        if not out.is_file():
+            return Step("", "fail", "exit 0 but no output file")
+        notes = []
+        error = _checker_error(out, full_check=True)
+        if error:
+            if not self.original_full_check_error:
+                return Step("", "fail", f"onnx.checker (full_check): {error}")
+            notes.append(f"the original fails the full check as well: "
+                         f"{self.original_full_check_error}")
+        if _declared_outputs(out) != _declared_outputs(self.case.path):
+            return Step("", "fail", "graph outputs (names or types) differ from the "
+                                    "original's")
+        if self.reference is None:
+            notes.append("original does not run in onnxruntime: pruned not run")
+            return Step("", "pass", "; ".join(notes))
+        try:
+            outputs = run_model(out, self.feeds)
+        except Exception as exc:
+            return Step("", "fail", f"onnxruntime runs the original, not this: "
+                                    f"{_first_line(exc)}")
+        if _signature(outputs) != _signature(self.reference):
+            return Step("", "fail", f"outputs {_signature(outputs)} != original's "
+                                    f"{_signature(self.reference)}")
+        self.outputs[name] = outputs
+        return Step("", "pass", "; ".join(notes))
 
     def _prune(self, name: str, options: list[str]) -> Step:
         out = self.workdir / f"{name.replace(':', 'of')}.onnx"
@@ -473,8 +589,8 @@ class ModelRun:
                                     "prune's")
         return Step("", "pass")
 
-    def _validate(self) -> Step:
-        pruned = self.workdir / "s50.onnx"
+    def _validate(self, pruned_name: str = "s50") -> Step:
+        pruned = self.workdir / f"{pruned_name}.onnx"
         if not pruned.is_file():
             return Step("", "n/a", "no pruned model")
         if self.data is None:
@@ -486,11 +602,14 @@ class ModelRun:
         return cli_outcome(run) or Step("", "pass")
 
 
-def run_case(case: Case, keep: Path | None = None, calibrated: bool = False) -> Result:
+def run_case(case: Case, keep: Path | None = None, calibrated: bool = False,
+             structured: list[str] | None = None) -> Result:
+    """The steps on `case`; the structured ones when `structured` names the structured prunes
+    to run (`structured_prunes`)."""
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="peer-") as tmp:
         workdir = Path(tmp)
-        steps = ModelRun(case, workdir, calibrated).run()
+        steps = ModelRun(case, workdir, calibrated, structured).run()
         if keep:
             target = keep / re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{case.source}_{case.name}")
             shutil.copytree(workdir, target, dirs_exist_ok=True)
@@ -499,7 +618,8 @@ def run_case(case: Case, keep: Path | None = None, calibrated: bool = False) -> 
 
 # --- reporting ------------------------------------------------------------------------------
 
-STEP_NAMES = ["inspect", *PRUNES, *CALIBRATED, "densify", "validate"]
+STEP_NAMES = ["inspect", *PRUNES, *CALIBRATED, "densify", "validate", "inspect-s",
+              *STRUCTURED_PRUNES, "validate-s"]
 _MARK = {"pass": "ok", "refused": "ref", "fail": "FAIL", "n/a": "-"}
 
 
@@ -572,6 +692,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--list", action="store_true", help="list the models and stop")
     parser.add_argument("--calibrated", action="store_true",
                         help="also prune with wanda and sparsegpt on the suite's inputs (slow)")
+    parser.add_argument("--structured", action="store_true",
+                        help="the structured steps instead: inspect --structured, prune "
+                             "--structure channels and one other structured prune per model "
+                             "in rotation")
+    parser.add_argument("--all-structures", action="store_true",
+                        help="with --structured: every structured prune on every model")
     parser.add_argument("--keep", type=Path, metavar="DIR",
                         help="keep every model's outputs and inputs under DIR")
     parser.add_argument("-v", "--verbose", action="store_true",
@@ -585,7 +711,9 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     start = time.perf_counter()
     for case in cases:
-        result = run_case(case, args.keep, args.calibrated)
+        structured = structured_prunes(case, args.all_structures) if args.structured \
+            else None
+        result = run_case(case, args.keep, args.calibrated, structured)
         results.append(result)
         print(format_line(result), flush=True)
         if args.verbose:
