@@ -2,6 +2,7 @@
 
     python tools/fuzz.py --cases 10000 --seed 0      # prints counts; exit 1 on any failure
     python tools/fuzz.py --cases 200 --kind ext_ -v  # only kinds whose name starts so
+    python tools/fuzz.py --structured --cases 600 --seed 3  # structured commands as well
 
 Each case copies one base model into a fresh folder, applies one seeded mutation (bit flips,
 truncations, garbage, swapped fields, huge and negative dims, bad data types, missing or
@@ -11,7 +12,10 @@ or outputs than their schema (a Constant without output, trailing inputs or outp
 dropped), external-data edits:
 symlinks out of the folder, `..`, absolute paths, bad offsets and lengths, long or non-UTF-8
 locations), then runs `onnxprune.cli.main` in-process for `inspect`, `prune` (to a temporary
-output, sometimes `--format compact` or `sparse`, sometimes 2:4) and `densify`. Outcomes:
+output, sometimes `--format compact` or `sparse`, sometimes 2:4) and `densify`; with
+`--structured` also `inspect --structured` (sometimes `--json`) and `prune --structure ...
+--sparsity 0.5`, one of `channels`, `ffn`, `heads`, `channels --allocation global` and
+`channels --method random` per case. Outcomes:
 
 - ok: exit 0;
 - refused: exit 2 with exactly one `onnxprune: error:` line and no traceback before it
@@ -22,6 +26,12 @@ Invariants checked on every run (a breach counts as a failure, whatever the exit
 model folder's files are unchanged (sha256 before and after), a failed run leaves no file
 in the output folder, no file outside the model folder is opened (an audit hook watches
 `open`), and the bytes of a canary file beside the model folder never appear in an output.
+A structured prune that exits 0 must also write a model that passes
+`onnx.checker.check_model(full_check=True)` (unless the mutated input fails it as well),
+declares the input's graph outputs (names and types) and, wherever the input runs in
+onnxruntime on inputs drawn from its graph, runs on the same inputs with outputs of the
+same names, dtypes and shapes; these checks run in a child process (`--check-worker`), so
+that onnxruntime crashing or hanging on a mutated model is seen, not fatal.
 Base models are the demo models in models/, small models built here (external data, sparse
 initializers, Constant nodes, an If subgraph, a local function and a TENSORS attribute), and
 the mlp demo model stored compact (gap codes, bitmask, 2:4) and sparse by onnxprune itself.
@@ -37,7 +47,9 @@ import io
 import json
 import os
 import random
+import select
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -999,6 +1011,7 @@ class Outcome:
     result: str  # ok | refused | internal | skipped
     detail: str = ""  # the error line or the exception's site
     breaches: list[str] = field(default_factory=list)
+    argv: str = ""  # the whole command line (the case's folders as MODEL_DIR, OUT_DIR)
 
 
 class _OpenWatch:
@@ -1070,6 +1083,220 @@ def run_command(argv: list[str], watch: _OpenWatch) -> tuple[int | None, str, Ba
         watch.armed = False
 
 
+# --- structured runs ---------------------------------------------------------------------
+
+STRUCTURED_COMMANDS = ("inspect-structured", "prune-structured")
+# the structured prunes, one per case (all at --sparsity 0.5)
+STRUCTURES = (("--structure", "channels"), ("--structure", "ffn"), ("--structure", "heads"),
+              ("--structure", "channels", "--allocation", "global"),
+              ("--structure", "channels", "--method", "random"))
+CHECK_TIMEOUT_S = 60.0
+MAX_FEED_ELEMENTS = 1 << 22
+
+
+def _graph_feeds(model: onnx.ModelProto) -> dict[str, np.ndarray] | None:
+    """Inputs drawn from the graph (dynamic dims 1, seeded), None where an input is not a
+    plain tensor of a numeric type or the inputs would be too large."""
+    rng = np.random.default_rng(0)
+    initializers = {t.name for t in model.graph.initializer}
+    feeds = {}
+    for value in model.graph.input:
+        if value.name in initializers:
+            continue
+        if not value.type.HasField("tensor_type"):
+            return None
+        tensor_type = value.type.tensor_type
+        shape = tuple(d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else 1
+                      for d in tensor_type.shape.dim)
+        if int(np.prod(shape, dtype=np.float64)) > MAX_FEED_ELEMENTS:
+            return None
+        try:
+            dtype = helper.tensor_dtype_to_np_dtype(tensor_type.elem_type)
+        except Exception:  # noqa: BLE001 (an unknown or mutated type: nothing to feed)
+            return None
+        if np.issubdtype(dtype, np.floating):
+            feeds[value.name] = rng.standard_normal(shape).astype(dtype)
+        elif dtype == np.bool_:
+            feeds[value.name] = rng.random(shape) < 0.5
+        elif np.issubdtype(dtype, np.integer):
+            feeds[value.name] = np.zeros(shape, dtype)
+        else:
+            return None
+    return feeds
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else type(exc).__name__
+
+
+def _run_in_ort(path: str, feeds_from: str) -> list[list]:
+    """The outputs' [name, dtype, shape] of `path` in onnxruntime on inputs drawn from the
+    graph of `feeds_from` (an exception when it does not run)."""
+    import onnxruntime as ort
+
+    feeds = _graph_feeds(onnx.load(feeds_from, load_external_data=False))
+    if feeds is None:
+        raise ValueError("no plain inputs to draw")
+    options = ort.SessionOptions()
+    options.log_severity_level = 4
+    options.intra_op_num_threads = 1
+    session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    outputs = session.run(None, feeds)
+    return [[name, o.dtype.str, list(o.shape)] if isinstance(o, np.ndarray)
+            else [name, type(o).__name__, None] for name, o in zip(names, outputs, strict=True)]
+
+
+def _declared_outputs(path: str) -> list[tuple[str, bytes]]:
+    graph = onnx.load(path, load_external_data=False).graph
+    return [(v.name, v.type.SerializeToString(deterministic=True)) for v in graph.output]
+
+
+def _checker_error(path: str) -> str | None:
+    try:
+        onnx.checker.check_model(path, full_check=True)
+    except Exception as exc:  # noqa: BLE001 (onnx raises ValidationError and others)
+        return _first_line(exc)
+    return None
+
+
+def check_request(request: dict) -> dict:
+    """One request of the check worker: {"op": "run", "model", "feeds_from"} gives
+    {"outputs"} or {"error"}; {"op": "check", "output", "original"} gives {"problems"} (the
+    checker's error unless the original has one too, changed graph outputs)."""
+    try:
+        if request["op"] == "run":
+            return {"outputs": _run_in_ort(request["model"], request["feeds_from"])}
+        problems = []
+        error = _checker_error(request["output"])
+        if error and not _checker_error(request["original"]):
+            problems.append(f"bad output: onnx.checker (full_check): {error}")
+        try:
+            original_outputs = _declared_outputs(request["original"])
+        except Exception:  # noqa: BLE001 (a mutated input onnx cannot load: nothing to compare)
+            original_outputs = None
+        if original_outputs is not None and _declared_outputs(request["output"]) != \
+                original_outputs:
+            problems.append("bad output: graph outputs (names or types) differ from the "
+                            "input's")
+        return {"problems": problems}
+    except Exception as exc:  # noqa: BLE001 (reported to the parent)
+        return {"error": f"{type(exc).__name__}: {_first_line(exc)}"}
+
+
+def check_worker() -> int:
+    """The child process's loop: one JSON request a line on stdin, one JSON answer a line on
+    stdout."""
+    try:
+        import resource
+
+        limit = 8 << 30  # a mutated model must not take the machine's memory
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    except (ImportError, ValueError, OSError):
+        pass
+    for line in sys.stdin:
+        answer = check_request(json.loads(line))
+        sys.stdout.write(json.dumps(answer) + "\n")
+        sys.stdout.flush()
+    return 0
+
+
+class OutputChecker:
+    """Checks structured outputs in a child process (`check_worker`), restarted after it
+    crashes or hangs."""
+
+    def __init__(self) -> None:
+        self.process: subprocess.Popen | None = None
+
+    def _ask(self, request: dict) -> dict:
+        if self.process is None or self.process.poll() is not None:
+            self.process = subprocess.Popen(
+                [sys.executable, str(Path(__file__).resolve()), "--check-worker"],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                text=True)
+        assert self.process.stdin is not None and self.process.stdout is not None
+        try:
+            self.process.stdin.write(json.dumps(request) + "\n")
+            self.process.stdin.flush()
+            ready, _, _ = select.select([self.process.stdout], [], [], CHECK_TIMEOUT_S)
+            line = self.process.stdout.readline() if ready else ""
+        except (BrokenPipeError, OSError):
+            line = ""
+        if line:
+            return json.loads(line)
+        status = self.process.poll()
+        self.close()
+        return {"crash": f"the check process died (exit {status})" if status is not None
+                else f"no answer in {CHECK_TIMEOUT_S:.0f} s"}
+
+    def problems(self, original: Path, output: Path) -> list[str]:
+        """What is wrong with the structured `output` of `original` (empty: nothing)."""
+        answer = self._ask({"op": "check", "output": str(output), "original": str(original)})
+        if "problems" not in answer:
+            return [f"bad output: checking it: {answer.get('crash') or answer.get('error')}"]
+        problems = list(answer["problems"])
+        ran = self._ask({"op": "run", "model": str(original), "feeds_from": str(original)})
+        if "outputs" not in ran:  # the original does not run (or crashes) in onnxruntime
+            return problems
+        again = self._ask({"op": "run", "model": str(output), "feeds_from": str(original)})
+        if "outputs" not in again:
+            problems.append(f"bad output: onnxruntime runs the input, not the output: "
+                            f"{again.get('crash') or again.get('error')}")
+        elif again["outputs"] != ran["outputs"]:
+            problems.append(f"bad output: outputs {again['outputs']} != the input's "
+                            f"{ran['outputs']}")
+        return problems
+
+    def close(self) -> None:
+        if self.process is not None:
+            if self.process.poll() is None:
+                self.process.kill()
+            self.process.wait()
+            for stream in (self.process.stdin, self.process.stdout):
+                with contextlib.suppress(OSError):
+                    if stream is not None:
+                        stream.close()
+            self.process = None
+
+
+def command_argv(command: str, model: Path, output: Path, rng: random.Random) -> list[str]:
+    """The argument list of one fuzzed `command` (random options drawn from `rng`)."""
+    if command == "inspect-structured":
+        return ["inspect", str(model), "--structured", *(["--json"] if rng.random() < 0.5
+                                                         else [])]
+    if command == "prune-structured":
+        return ["prune", str(model), "-o", str(output), "--sparsity", "0.5",
+                "--min-size", str(rng.choice([0, 16, 256, 4096])), *rng.choice(STRUCTURES),
+                "--format", rng.choice(["dense", "dense", "dense", "sparse", "compact"])]
+    argv = [command, str(model)]
+    if command in ("prune", "densify"):
+        argv += ["-o", str(output)]
+    if command == "prune":
+        argv += ["--min-size", str(rng.choice([16, 256, 4096]))]
+        argv += ["--format", rng.choice(["dense", "dense", "sparse", "compact"])]
+        if rng.random() < 0.2:
+            argv += ["--pattern", "2:4"]
+    return argv
+
+
+def _describe(command: str, argv: list[str]) -> str:
+    """The command as the summary counts it: its name, and for a structured command the
+    options that choose what it does."""
+    if command == "prune-structured":
+        chosen = argv[argv.index("--structure"):argv.index("--format")]
+        return " ".join(["prune", *chosen])
+    if command == "inspect-structured":
+        return "inspect --structured"
+    return command
+
+
+def _shown(argv: list[str], model_dir: Path, out_dir: Path) -> str:
+    """The command line with the case's folders as MODEL_DIR and OUT_DIR."""
+    text = " ".join(argv)
+    return text.replace(str(model_dir), "MODEL_DIR").replace(str(out_dir), "OUT_DIR")
+
+
 def _allowed_open(path: str, model_dir: Path, out_dir: Path) -> bool:
     """Files under the model folder or output folder, and anything that is not case data."""
     resolved = Path(os.path.realpath(path))
@@ -1082,7 +1309,8 @@ def _allowed_open(path: str, model_dir: Path, out_dir: Path) -> bool:
 
 
 def run_case(number: int, seed: int, base: Base, kind: str, work: Path,
-             watch: _OpenWatch, commands: list[str]) -> list[Outcome]:
+             watch: _OpenWatch, commands: list[str],
+             checker: OutputChecker | None = None) -> list[Outcome]:
     rng = random.Random(f"{seed}:{number}")
     root = work / f"case{number}"
     model_dir = root / "model"
@@ -1101,17 +1329,11 @@ def run_case(number: int, seed: int, base: Base, kind: str, work: Path,
     before = _hashes(model_dir)
     outcomes = []
     for command in commands:
-        argv = [command, str(folder.model_path)]
         output = out_dir / "out.onnx"
-        if command in ("prune", "densify"):
-            argv += ["-o", str(output)]
-        if command == "prune":
-            argv += ["--min-size", str(rng.choice([16, 256, 4096]))]
-            argv += ["--format", rng.choice(["dense", "dense", "sparse", "compact"])]
-            if rng.random() < 0.2:
-                argv += ["--pattern", "2:4"]
+        argv = command_argv(command, folder.model_path, output, rng)
         code, stderr, exc = run_command(argv, watch)
-        outcome = Outcome(kind, base.name, command, "ok")
+        outcome = Outcome(kind, base.name, _describe(command, argv), "ok",
+                          argv=_shown(argv, model_dir, out_dir))
         # with -v a user error's traceback (and what it was raised from) follows its line
         head, _, traceback_text = stderr.partition(TRACEBACK_HEAD)
         lines = [line for line in head.splitlines() if line.startswith("onnxprune:")]
@@ -1136,6 +1358,16 @@ def run_case(number: int, seed: int, base: Base, kind: str, work: Path,
         for path in out_dir.iterdir():
             if path.is_file() and CANARY_MARKER in path.read_bytes():
                 outcome.breaches.append(f"canary bytes in {path.name}")
+        if command == "prune-structured" and code == 0 and exc is None:
+            if not output.is_file():
+                outcome.breaches.append("bad output: exit 0 but no output file")
+            else:
+                owned = checker is None
+                checker = checker or OutputChecker()
+                outcome.breaches += checker.problems(folder.model_path, output)
+                if owned:
+                    checker.close()
+                    checker = None
         for path in list(out_dir.iterdir()):
             path.unlink()
         outcomes.append(outcome)
@@ -1168,6 +1400,18 @@ class Summary:
             counts = per_kind[kind]
             lines.append(f"{kind:<26}{counts['ok']:>7}{counts['refused']:>9}"
                          f"{counts['internal']:>10}{counts['skipped']:>9}")
+        per_command: dict[str, collections.Counter] = collections.defaultdict(
+            collections.Counter)
+        for outcome in self.outcomes:
+            if outcome.result != "skipped":
+                per_command[outcome.command][outcome.result] += 1
+                per_command[outcome.command]["breaches"] += bool(outcome.breaches)
+        lines.append(f"{'command':<64}{'ok':>7}{'refused':>9}{'internal':>10}"
+                     f"{'breaches':>10}")
+        for command in sorted(per_command):
+            counts = per_command[command]
+            lines.append(f"{command:<64}{counts['ok']:>7}{counts['refused']:>9}"
+                         f"{counts['internal']:>10}{counts['breaches']:>10}")
         sites = collections.Counter(o.detail for o in self.internal)
         if sites:
             lines.append("internal-error sites:")
@@ -1196,25 +1440,30 @@ def _quiet_logs():
 
 def fuzz(cases: int, seed: int = 0, kinds: list[str] | None = None,
          commands: tuple[str, ...] = ("inspect", "prune", "densify"),
-         verbose: bool = False) -> Summary:
-    """Run `cases` mutated models through the commands; the outcomes, counted."""
+         verbose: bool = False, structured: bool = False) -> Summary:
+    """Run `cases` mutated models through the commands (and `STRUCTURED_COMMANDS` as well
+    with `structured`); the outcomes, counted."""
+    if structured:
+        commands = (*commands, *(c for c in STRUCTURED_COMMANDS if c not in commands))
     names = sorted(k for k in MUTATIONS if not kinds or any(k.startswith(p) for p in kinds))
     if not names:
         raise SystemExit(f"no mutation kind matches {kinds}")
     bases = make_bases()
     rng = random.Random(seed)
     summary = Summary()
-    with tempfile.TemporaryDirectory(prefix="onnxprune-fuzz-") as work, _quiet_logs():
+    checker = OutputChecker()
+    with tempfile.TemporaryDirectory(prefix="onnxprune-fuzz-") as work, _quiet_logs(), \
+            contextlib.closing(checker):
         for number in range(cases):
             kind = names[number % len(names)]
             # compact descriptions and payloads exist only in the compact bases
             base = rng.choice([b for b in bases if "compact" in b.name]
                               if kind.startswith("compact") else bases)
             for outcome in run_case(number, seed, base, kind, Path(work), open_watch(),
-                                    list(commands)):
+                                    list(commands), checker):
                 summary.outcomes.append(outcome)
                 if verbose and (outcome.result == "internal" or outcome.breaches):
-                    print(f"case {number} {kind} on {base.name}, {outcome.command}: "
+                    print(f"case {number} {kind} on {base.name}, {outcome.argv}: "
                           f"{outcome.detail} {outcome.breaches}", file=sys.stderr)
     return summary
 
@@ -1224,10 +1473,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cases", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--kind", action="append", help="only mutations whose name starts so")
+    parser.add_argument("--structured", action="store_true",
+                        help="also run inspect --structured and prune --structure ... on each "
+                             "case, checking the output in the checker and onnxruntime")
     parser.add_argument("-v", "--verbose", action="store_true", help="print each failure")
+    parser.add_argument("--check-worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.check_worker:
+        return check_worker()
     start = time.perf_counter()
-    summary = fuzz(args.cases, args.seed, args.kind, verbose=args.verbose)
+    summary = fuzz(args.cases, args.seed, args.kind, verbose=args.verbose,
+                   structured=args.structured)
     print(summary.report())
     print(f"{args.cases} cases, {len(summary.outcomes)} runs in "
           f"{time.perf_counter() - start:.1f} s")
