@@ -14,10 +14,12 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnxprune.io import load_model
 from onnxprune.structured import (
+    AttributeEdit,
     ChannelGroup,
     DeclineCause,
     Member,
     MemberRole,
+    ShapeEdit,
     StructureKind,
 )
 from onnxprune.structured.analysis import find_groups
@@ -199,6 +201,146 @@ def test_paddle_style_reshaped_bias_is_a_member_with_a_shape_edit():
     assert [(s.tensor, s.index) for s in group.shapes] == [("shape", 1)]
 
 
+# ---- Split and Slice on the channel axis ---------------------------------------------------
+
+
+def ints(name: str, *values: int) -> TensorProto:
+    return numpy_helper.from_array(np.array(values, np.int64), name)
+
+
+def c2f(split_attr: bool = False, shared_sizes: bool = False):
+    """YOLOv8's C2f: Conv W1 (2c) -> Split [c, c] -> a, b; b -> Conv Wm -> Add(b, m) ->
+    Concat(a, b, add) -> Conv W3. With `shared_sizes`, a second Split reads the same sizes."""
+    c = 4
+    split = (node("Split", ["h"], ["a", "b"], axis=1, split=[c, c]) if split_attr
+             else node("Split", ["h", "sizes"], ["a", "b"], axis=1))
+    nodes = [node("Conv", ["x", "W1"], ["h"]), split,
+             node("Conv", ["b", "Wm"], ["m"]), node("Add", ["b", "m"], ["r"]),
+             node("Concat", ["a", "b", "r"], ["cat"], axis=1), node("Conv", ["cat", "W3"], ["y"])]
+    inits = [weight("W1", 2 * c, 3, 1, 1), weight("Wm", c, c, 1, 1),
+             weight("W3", 5, 3 * c, 1, 1)]
+    if not split_attr:
+        inits.append(ints("sizes", c, c))
+    if shared_sizes:
+        nodes += [node("Conv", ["x", "V1"], ["v"]), node("Split", ["v", "sizes"], ["va", "vb"],
+                                                          axis=1),
+                  node("Concat", ["va", "vb"], ["vc"], axis=1), node("Conv", ["vc", "V2"], ["z"])]
+        inits += [weight("V1", 2 * c, 3, 1, 1), weight("V2", 5, 2 * c, 1, 1)]
+    outputs = ["y", "z"] if shared_sizes else ["y"]
+    return model(nodes, [("x", [1, 3, 4, 4])], outputs, inits, opset=11 if split_attr else 17)
+
+
+def test_c2f_split_gives_each_section_its_own_group_with_its_size_edited():
+    groups, declined = find_groups(c2f())
+    assert [(d.value, d.cause) for d in declined] == [("y", DeclineCause.GRAPH_OUTPUT)]
+    first, second = groups
+    assert first.name == "h[0:4]" and first.channels == 4
+    assert set(first.members) == {Member("W1", 0, MemberRole.OUTPUT, 0),
+                                  Member("W3", 1, MemberRole.INPUT, 0)}
+    assert first.shapes == (ShapeEdit("sizes", 0),)
+    assert second.name == "h[4:8]"
+    # the second section meets the bottleneck in the residual Add: one keep set, read by the
+    # last Conv twice (as b and as b + m)
+    assert set(second.members) == {
+        Member("W1", 0, MemberRole.OUTPUT, 4), Member("Wm", 0, MemberRole.OUTPUT),
+        Member("Wm", 1, MemberRole.INPUT), Member("W3", 1, MemberRole.INPUT, 4),
+        Member("W3", 1, MemberRole.INPUT, 8)}
+    assert second.shapes == (ShapeEdit("sizes", 1),)
+
+
+def test_split_sizes_as_an_attribute_are_attribute_edits():
+    groups, _ = find_groups(c2f(split_attr=True))
+    assert [g.attributes for g in groups] == [(AttributeEdit("a_node", "split", 1, 0),),
+                                              (AttributeEdit("a_node", "split", 1, 1),)]
+
+
+def test_split_sizes_read_by_two_splits_are_edited_per_reader():
+    groups, _ = find_groups(c2f(shared_sizes=True))
+    edits = {g.name: g.shapes for g in groups}
+    assert edits["h[0:4]"] == (ShapeEdit("sizes", 0, 1, "a_node"),)
+    assert edits["v[4:8]"] == (ShapeEdit("sizes", 1, 1, "va_node"),)
+
+
+def fused_gate_up():
+    """x @ W1[8, 12] -> Split into two equal parts (no sizes) -> SiLU(gate) * up -> @ W2."""
+    nodes = [node("MatMul", ["x", "W1"], ["h"]),
+             node("Split", ["h"], ["g", "u"], axis=-1, num_outputs=2),
+             node("Sigmoid", ["g"], ["sg"]), node("Mul", ["g", "sg"], ["silu"]),
+             node("Mul", ["silu", "u"], ["gu"]), node("MatMul", ["gu", "W2"], ["y"])]
+    return model(nodes, [("x", [2, 8])], ["y"], [weight("W1", 8, 12), weight("W2", 6, 8)],
+                 opset=18)
+
+
+def test_split_into_equal_parts_without_sizes_keeps_one_set():
+    group = one_group(fused_gate_up())
+    assert group.channels == 6 and group.name == "h[0:6]"
+    assert {(m.tensor, m.offset) for m in group.members} == {("W1", 0), ("W1", 6), ("W2", 0)}
+    assert group.shapes == () and group.attributes == ()
+
+
+def test_split_along_another_axis_passes_the_channels():
+    nodes = [node("MatMul", ["x", "W1"], ["h"]),
+             node("Split", ["h", "rows"], ["p", "q"], axis=0),
+             node("Concat", ["p", "q"], ["c"], axis=0), node("MatMul", ["c", "W2"], ["y"])]
+    proto = model(nodes, [("x", [4, 8])], ["y"],
+                  [weight("W1", 8, 6), weight("W2", 6, 3), ints("rows", 1, 3)])
+    assert {m.tensor for m in one_group(proto).members} == {"W1", "W2"}
+
+
+def sliced(start: int, end: int):
+    """x @ W1[8, 10] sliced on the channel axis [start:end] (and the rest dropped), @ W2."""
+    nodes = [node("MatMul", ["x", "W1"], ["h"]),
+             node("Slice", ["h", "starts", "ends", "axes"], ["s"]),
+             node("MatMul", ["s", "W2"], ["y"])]
+    width = (end % 10 if end < 0 else min(end, 10)) - start % 10
+    return model(nodes, [("x", [2, 8])], ["y"],
+                 [weight("W1", 8, 10), weight("W2", width, 3), ints("starts", start),
+                  ints("ends", end), ints("axes", -1)])
+
+
+def test_slice_of_a_prefix_edits_its_end():
+    groups, declined = find_groups(sliced(0, 4))
+    assert [(g.name, g.channels) for g in groups] == [("h[0:4]", 4)]
+    assert groups[0].shapes == (ShapeEdit("ends", 0),)
+    # the channels the Slice drops are read by no one
+    assert [(d.value, d.cause) for d in declined] == [("h[4:10]", DeclineCause.UNKNOWN_OP),
+                                                      ("y", DeclineCause.GRAPH_OUTPUT)]
+
+
+def test_slice_of_a_suffix_edits_its_start_through_the_channels_before():
+    groups, declined = find_groups(sliced(4, 2**63 - 1))
+    assert [(g.name, g.shapes) for g in groups] == [("h[4:10]", ())]
+    assert declined[0].value == "h[0:4]" and declined[0].cause is DeclineCause.UNKNOWN_OP
+    # from the end: the start counts the kept channels of the suffix itself
+    group = one_group(sliced(-6, 2**63 - 1))
+    assert group.name == "h[4:10]" and group.shapes == (ShapeEdit("starts", 0, -1),)
+
+
+def test_slice_of_a_middle_range_is_declined():
+    # its end counts the channels before it and in it: two groups, no one count
+    assert causes(sliced(2, 6))["h[2:6]"] is DeclineCause.GROUPS_DISAGREE
+    assert causes(sliced(-6, -2))["h[4:8]"] is DeclineCause.GROUPS_DISAGREE
+
+
+def test_slice_with_a_step_on_the_channels_is_declined():
+    nodes = [node("MatMul", ["x", "W1"], ["h"]),
+             node("Slice", ["h", "starts", "ends", "axes", "steps"], ["s"]),
+             node("MatMul", ["s", "W2"], ["y"])]
+    proto = model(nodes, [("x", [2, 8])], ["y"],
+                  [weight("W1", 8, 10), weight("W2", 5, 3), ints("starts", 0),
+                   ints("ends", 10), ints("axes", 1), ints("steps", 2)])
+    assert causes(proto)["h"] is DeclineCause.AXIS_MIXED
+
+
+def test_computed_split_sizes_are_not_a_constant():
+    nodes = [node("MatMul", ["x", "W1"], ["h"]), node("Neg", ["neg"], ["sizes"]),
+             node("Split", ["h", "sizes"], ["a", "b"], axis=1),
+             node("Concat", ["a", "b"], ["c"], axis=1), node("MatMul", ["c", "W2"], ["y"])]
+    proto = model(nodes, [("x", [2, 8])], ["y"],
+                  [weight("W1", 8, 6), weight("W2", 6, 3), ints("neg", -3, -3)])
+    assert causes(proto)["h"] is DeclineCause.NOT_A_CONSTANT
+
+
 # ---- one test per decline rule -----------------------------------------------------------
 
 
@@ -370,6 +512,15 @@ def test_real_models(name, least):
     assert len(groups) >= least
     assert all(d.cause in DeclineCause for d in declined)
     print(name, len(groups), "groups", len(declined), "declined")
+
+
+def test_yolov8_c2f_splits_are_followed():
+    groups, declined = _analyse(real_model("nudenet_320n"))
+    # every C2f block: both sections of its first Conv are groups
+    assert sum(1 for g in groups if g.name.endswith("]") and "/cv1/conv/" in g.name) == 16
+    # what stays declined is the detection head's output convs (box bins, class scores)
+    # and the DFL's one-channel conv
+    assert all("/model.22/" in d.value for d in declined)
 
 
 def test_order_is_deterministic():

@@ -94,14 +94,20 @@ def _run(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray]) -> list[np.nda
 
 
 def _parameters(model: onnx.ModelProto) -> int:
-    return sum(math.prod(item.tensor.dims) for item in GraphIndex(model).stored)
+    """Stored float values (int64 shape constants, which a rewrite may copy, are not parameters)."""
+    return sum(math.prod(item.tensor.dims) for item in GraphIndex(model).stored
+               if item.tensor.data_type not in _INTEGER_TYPES)
+
+
+_INTEGER_TYPES = {TensorProto.INT64}
 
 
 def _expected_removed(model: onnx.ModelProto, groups: Sequence[ChannelGroup],
                       keep: Mapping[str, np.ndarray]) -> int:
     """Parameters the kept sets remove: each member's axis loses the removed channels' blocks
     (sections of one axis add up), and a tensor loses what its new shape no longer holds."""
-    dims = {item.name: tuple(item.tensor.dims) for item in GraphIndex(model).stored}
+    dims = {item.name: tuple(item.tensor.dims) for item in GraphIndex(model).stored
+            if item.tensor.data_type not in _INTEGER_TYPES}
     shrunk = {name: list(shape) for name, shape in dims.items()}
     for group in groups:
         if group.name not in keep:
@@ -715,3 +721,59 @@ def test_found_groups_on_real_models(name):
 
     path = real_model(name)
     _check_found_groups(path, REAL_MODELS[name].make_feeds(np.random.default_rng(0)))
+
+
+# --- Split and Slice sections, found by the analysis ----------------------------------------
+
+def _check_found_on(model: onnx.ModelProto, seeds: Sequence[int] = (0, 1, 2)
+                    ) -> list[onnx.ModelProto]:
+    """find_groups on a hand-built model, then shrink vs zeroed with random keep sets."""
+    inferred = onnx.shape_inference.infer_shapes(model)
+    del model.graph.output[:]  # the checker wants the outputs' shapes
+    model.graph.output.extend(inferred.graph.output)
+    groups = _groups_from(_find_groups()(model))
+    assert groups
+    return [_check_case(model, groups, _random_keep(groups, np.random.default_rng(seed)))
+            for seed in seeds]
+
+
+@pytest.mark.parametrize("form", ["input", "attribute", "shared"])
+def test_c2f_split_sections(form):
+    from test_structured_analysis import c2f
+
+    model = c2f(split_attr=form == "attribute", shared_sizes=form == "shared")
+    for shrunk in _check_found_on(model):
+        splits = [n for n in shrunk.graph.node if n.op_type == "Split"]
+        if form == "shared":  # each Split reads sizes of its own
+            assert len({n.input[1] for n in splits}) == 2
+
+
+def test_slices_of_the_channels_and_equal_parts():
+    from test_structured_analysis import fused_gate_up, sliced
+
+    _check_found_on(fused_gate_up())
+    for start, end in [(0, 4), (4, 2**63 - 1), (-6, 2**63 - 1)]:
+        _check_found_on(sliced(start, end))
+
+
+def test_split_attribute_entry_is_rewritten_and_a_shared_shape_copied():
+    rng = np.random.default_rng(3)
+    model, group = _mlp(rng)
+    sizes = _init("sizes", np.array([16, 0], np.int64))
+    model.graph.initializer.append(sizes)
+    model.graph.node.append(helper.make_node("Identity", ["sizes"], ["s1"], name="first"))
+    model.graph.node.append(helper.make_node("Identity", ["sizes"], ["s2"], name="second"))
+    model.graph.output.extend([_info("s1", [2], TensorProto.INT64),
+                               _info("s2", [2], TensorProto.INT64)])
+    model.graph.node.append(helper.make_node("Split", ["h2"], ["p", "q"], name="split",
+                                             axis=1, split=[10, 6]))
+    edited = _group("hidden", 16, group.members,
+                    attributes=(AttributeEdit("split", "split", 1, 0),),
+                    shapes=(ShapeEdit("sizes", 0, 1, "second"),))
+    shrunk = shrink(model, [edited], {"hidden": np.arange(5)})
+    split = next(n for n in shrunk.graph.node if n.name == "split")
+    assert list(helper.get_attribute_value(split.attribute[1])) == [5, 6]
+    second = next(n for n in shrunk.graph.node if n.name == "second")
+    assert second.input[0] != "sizes"
+    assert list(_stored(shrunk, second.input[0])) == [5, 0]
+    assert list(_stored(shrunk, "sizes")) == [16, 0]

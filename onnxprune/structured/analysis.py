@@ -18,7 +18,8 @@ The parts: `propagation` (spaces, flows, union-find and the moves rules share), 
 (which ops the rules know), `shapes` (static shapes and small constants), and one module of
 rules per concern: `rules_layers` (producers and consumers), `rules_pointwise` (ops that
 keep each channel to itself, meeting flows), `rules_norms` (normalizations, reductions),
-`rules_layout` (Transpose, Reshape, Concat, shape reads). This module walks the graph,
+`rules_layout` (Transpose, Reshape, Concat, shape reads), `rules_sections` (Split,
+Slice). This module walks the graph,
 sends each node to its rule and turns the spaces into results.
 """
 
@@ -45,6 +46,7 @@ from .rules_layers import layer
 from .rules_layout import concat, reshape, shape_read, transpose
 from .rules_norms import norm, reduce, softmax
 from .rules_pointwise import at_axis_one, elementwise, quantize, spatial, unary, unknown
+from .rules_sections import slice_channels, split
 from .shapes import infer_shapes
 
 __all__ = ["find_groups", "infer_shapes"]
@@ -128,6 +130,10 @@ class _Analysis(Walk):
             reshape(self, index, node, flow)
         elif standard and op == "Concat":
             concat(self, index, node)
+        elif standard and op == "Split" and flow is not None:
+            split(self, index, node, flow)
+        elif standard and op == "Slice" and flow is not None:
+            slice_channels(self, index, node, flow)
         elif standard and op in ("Shape", "Size") and flow is not None:
             shape_read(self, index, node, flow)
         else:
@@ -154,6 +160,8 @@ class _Analysis(Walk):
 
     def _finish(self, space: Space, first: int) -> ChannelGroup | Declined:
         name = self.dataflow.nodes[first].output[0]
+        if space.section is not None:  # a piece of the producers' channels (Split, Slice)
+            name += f"[{space.section[0]}:{space.section[1]}]"
         pins = list(space.pins)
         if space.residual and space.hidden and not self.allow_hidden:
             pins.append((DeclineCause.RESIDUAL_STREAM,
@@ -178,7 +186,7 @@ class _Analysis(Walk):
             name=name, kind=StructureKind.FFN if ffn else StructureKind.CHANNELS,
             channels=space.channels, members=members,
             attributes=tuple(sorted(space.attributes.values(),
-                                    key=lambda a: (a.node, a.attribute))),
+                                    key=lambda a: (a.node, a.attribute, a.index or 0))),
             shapes=tuple(sorted(space.shapes.values(), key=lambda s: (s.tensor, s.index))),
             multiple_of=space.multiple_of, params=params, macs=space.macs,
             output_preserving=space.preserving)

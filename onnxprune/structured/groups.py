@@ -60,21 +60,29 @@ class Member:
 class AttributeEdit:
     """An integer attribute of a node that counts the group's channels: after pruning it
     becomes ``kept // channels_per_unit`` (a grouped Conv's `group` when every group keeps
-    the same count; `num_heads` of an attention op, with `channels_per_unit` = 1 head)."""
+    the same count; `num_heads` of an attention op, with `channels_per_unit` = 1 head).
+    Where `index` is set the attribute is a list of integers and only that entry counts the
+    channels (a section's size in the `split` attribute of a Split before opset 13)."""
 
     node: str  # the node's name
     attribute: str
     channels_per_unit: int = 1
+    index: int | None = None
 
 
 @dataclass(frozen=True)
 class ShapeEdit:
-    """An entry of a shape constant (a Reshape target, stored as `tensor`) that counts the
-    group's channels: after pruning it becomes ``kept * per_channel``."""
+    """An entry of a shape constant (a Reshape target, a Split's sizes, a Slice's starts or
+    ends, stored as `tensor`) that counts the group's channels: after pruning it becomes
+    ``kept * per_channel`` (negative for a position counted from the end). Where `node` is
+    set, the edit is of that node's reading of the tensor: if other nodes read the tensor
+    too (exporters share equal shape constants between layers), the node is given a copy
+    of its own."""
 
     tensor: str
     index: int
     per_channel: int = 1
+    node: str | None = None  # the reading node's name
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import onnx
@@ -30,7 +30,7 @@ class Space:
     channels: int
     producers: list[int] = field(default_factory=list)  # dataflow indices
     members: dict[tuple[str, int, int], Member] = field(default_factory=dict)
-    attributes: dict[tuple[str, str], AttributeEdit] = field(default_factory=dict)
+    attributes: dict[tuple[str, str, int | None], AttributeEdit] = field(default_factory=dict)
     shapes: dict[tuple[str, int], ShapeEdit] = field(default_factory=dict)
     pins: list[tuple[DeclineCause, str]] = field(default_factory=list)
     consumers: list[str] = field(default_factory=list)  # op types reading the channels
@@ -39,6 +39,9 @@ class Space:
     residual: bool = False  # two spaces were added together
     hidden: bool = False  # the channels reach a LayerNorm-family norm
     macs: int = 0
+    # the positions of the producers' output channels this space holds, where a Split or
+    # Slice divided them (None: all of them)
+    section: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -111,6 +114,56 @@ class Walk:
         keep.residual = keep.residual or gone.residual or residual
         keep.hidden = keep.hidden or gone.hidden
         keep.macs += gone.macs
+
+    def divide(self, space: int, cuts: Sequence[int]) -> list[tuple[int, int]]:
+        """Cut the channels of `space` at the increasing positions `cuts` (each strictly
+        inside) into new spaces, one per piece, returned as (space, first channel). Each piece
+        holds every member at the piece's offset and every pin, and every flow that carried
+        the space carries the pieces instead; the divided space is left empty. Attributes and
+        shape constants that count all the channels cannot follow the pieces: they pin them."""
+        root = self.root(space)
+        whole = self.spaces[root]
+        bounds = [0, *cuts, whole.channels]
+        base = whole.section[0] if whole.section else 0
+        pieces: list[tuple[int, int]] = []
+        for start, stop in zip(bounds, bounds[1:], strict=False):
+            piece_id = self.new_space(stop - start)
+            piece = self.spaces[piece_id]
+            piece.producers = list(whole.producers)
+            piece.section = (base + start, base + stop)
+            for member in whole.members.values():
+                offset = member.offset + start * member.block
+                piece.members[(member.tensor, member.axis, offset)] = replace(member,
+                                                                              offset=offset)
+            piece.pins = list(whole.pins)
+            piece.consumers = list(whole.consumers)
+            piece.multiple_of = whole.multiple_of
+            piece.preserving, piece.residual = whole.preserving, whole.residual
+            piece.hidden = whole.hidden
+            piece.macs = whole.macs * (stop - start) // whole.channels
+            if (stop - start) % whole.multiple_of:
+                piece.pins.append((DeclineCause.GROUPS_DISAGREE,
+                                   f"{stop - start} channels, not a multiple of "
+                                   f"{whole.multiple_of}"))
+            counts = [f"attribute {edit.attribute} of {edit.node}"
+                      for edit in whole.attributes.values()]
+            counts += [f"shape {edit.tensor}" for edit in whole.shapes.values()]
+            for where in counts:
+                piece.pins.append((DeclineCause.GROUPS_DISAGREE,
+                                   f"{where} counts channels that a Split or Slice divides"))
+            pieces.append((piece_id, start))
+        self.spaces[root] = Space(whole.channels)  # empty: no producer, not a result
+        for name, flow in list(self.flows.items()):
+            if all(self.root(s) != root for s, _ in flow.sections):
+                continue
+            sections: list[tuple[int, int]] = []
+            for s, offset in flow.sections:
+                if self.root(s) == root:
+                    sections.extend((piece, offset + start) for piece, start in pieces)
+                else:
+                    sections.append((s, offset))
+            self.flows[name] = Flow(tuple(sections), flow.channels, flow.axis, flow.rank)
+        return pieces
 
     def pin(self, flow: Flow | None, cause: DeclineCause, detail: str) -> None:
         if flow is None:

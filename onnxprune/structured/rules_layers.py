@@ -194,7 +194,7 @@ def conv(walk: Walk, index: int, node: onnx.NodeProto, data: Flow | None, weight
             walk.add_member(flow, bias, 0, MemberRole.PER_CHANNEL)
         for space, _ in flow.sections:
             target = walk.space(space)
-            target.attributes[(label, "group")] = AttributeEdit(label, "group", 1)
+            target.attributes[(label, "group", None)] = AttributeEdit(label, "group", 1)
             target.macs += macs
         return
     detail = f"{op} {label} has {group} groups"

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import AttributeProto, TensorProto
+from onnx import AttributeProto, TensorProto, numpy_helper
 
 from ..errors import OnnxPruneError
 from ..graph import GraphIndex, StoredTensor, node_label, walk_graphs
@@ -94,7 +94,7 @@ def shrink(model: onnx.ModelProto, groups: Sequence[ChannelGroup],
         positions = _kept_positions(array.shape[axis], parts)
         _write(stored.tensor, np.take(array, positions, axis=axis))
     _edit_attributes(shrunk, groups, kept_counts)
-    _edit_shapes(index, groups, kept_counts, base_dir)
+    _edit_shapes(shrunk, index, groups, kept_counts, base_dir)
     _update_initializer_inputs(shrunk)
     for graph, _ in walk_graphs(shrunk.graph):
         del graph.value_info[:]
@@ -281,12 +281,9 @@ def _write(tensor: TensorProto, array: np.ndarray) -> None:
 
 def _edit_attributes(model: onnx.ModelProto, groups: Sequence[ChannelGroup],
                      kept_counts: Mapping[str, int]) -> None:
-    nodes: dict[str, list[onnx.NodeProto]] = {}
-    for graph, _ in walk_graphs(model.graph):
-        for position, node in enumerate(graph.node):
-            # an unnamed node by its label, as GraphIndex names it (`<op_type>_<index>`)
-            nodes.setdefault(node_label(node, position), []).append(node)
-    done: dict[tuple[int, str], str] = {}
+    nodes = {label: [node for node, _ in found]
+             for label, found in _nodes_by_label(model).items()}
+    done: dict[tuple[int, str, int | None], str] = {}
     for group in groups:
         if group.name not in kept_counts:
             continue
@@ -300,27 +297,39 @@ def _edit_attributes(model: onnx.ModelProto, groups: Sequence[ChannelGroup],
                 raise ValueError(f"{what}: {kept} kept channels are not whole units of "
                                  f"{edit.channels_per_unit}")
             node = found[0]
-            key = (id(node), edit.attribute)
+            key = (id(node), edit.attribute, edit.index)
             if key in done and done[key] != group.name:
                 raise ValueError(f"{what}: also edited by group {done[key]!r}")
             done[key] = group.name
-            _set_int_attribute(node, edit.attribute, kept // edit.channels_per_unit, what)
+            _set_int_attribute(node, edit.attribute, kept // edit.channels_per_unit, what,
+                               edit.index)
 
 
-def _set_int_attribute(node: onnx.NodeProto, name: str, value: int, what: str) -> None:
+def _set_int_attribute(node: onnx.NodeProto, name: str, value: int, what: str,
+                       index: int | None = None) -> None:
+    """Set integer attribute `name`, or entry `index` of integer-list attribute `name`."""
     for attr in node.attribute:
-        if attr.name == name:
+        if attr.name != name:
+            continue
+        if index is None:
             if attr.type != AttributeProto.INT:
                 raise ValueError(f"{what}: the attribute is not an integer")
             attr.i = value
-            return
+        else:
+            if attr.type != AttributeProto.INTS or not 0 <= index < len(attr.ints):
+                raise ValueError(f"{what}: entry {index} of an integer list not found")
+            attr.ints[index] = value
+        return
+    if index is not None:
+        raise ValueError(f"{what}: the node has no such attribute")
     node.attribute.append(onnx.helper.make_attribute(name, value))
 
 
-def _edit_shapes(index: GraphIndex, groups: Sequence[ChannelGroup],
+def _edit_shapes(model: onnx.ModelProto, index: GraphIndex, groups: Sequence[ChannelGroup],
                  kept_counts: Mapping[str, int], base_dir: Path | None) -> None:
     stored = _stored_by_name(index)
-    entries: dict[str, dict[int, tuple[int, str]]] = {}
+    # (tensor, reading node or None) -> entry -> (value, group)
+    entries: dict[tuple[str, str | None], dict[int, tuple[int, str]]] = {}
     for group in groups:
         if group.name not in kept_counts:
             continue
@@ -333,16 +342,57 @@ def _edit_shapes(index: GraphIndex, groups: Sequence[ChannelGroup],
             if not 0 <= edit.index < tensor.dims[0]:
                 raise ValueError(f"{what}: index out of range for {tensor.dims[0]} entries")
             value = kept_counts[group.name] * edit.per_channel
-            earlier = entries.setdefault(edit.tensor, {}).get(edit.index)
+            edits = entries.setdefault((edit.tensor, edit.node), {})
+            earlier = edits.get(edit.index)
             if earlier is not None and earlier[1] != group.name:
                 raise ValueError(f"{what}: also edited by group {earlier[1]!r}")
-            entries[edit.tensor][edit.index] = (value, group.name)
-    for name, edits in entries.items():
+            edits[edit.index] = (value, group.name)
+    readers = _nodes_by_label(model) if any(node for _, node in entries) else {}
+    for (name, reader), edits in entries.items():
         found = stored[name][0]
         array = np.array(_read(found, base_dir), copy=True)
         for position, (value, _) in edits.items():
             array[position] = value
-        _write(found.tensor, array)
+        if reader is None:
+            _write(found.tensor, array)
+            continue
+        nodes = readers.get(reader, [])
+        if len(nodes) != 1 or name not in nodes[0][0].input:
+            raise ValueError(f"shape edits of {name!r}: {len(nodes)} nodes named {reader!r} "
+                             "read it (one is needed)")
+        node, graph = nodes[0]
+        # read now by others (earlier readers may have been given copies already)?
+        shared = name in index.main.escaping or any(
+            other is not node and name in other.input
+            for readers_of in readers.values() for other, _ in readers_of)
+        if not shared:
+            _write(found.tensor, array)
+            continue
+        private = _unique_name(model, f"{name}__{reader}")
+        graph.initializer.append(numpy_helper.from_array(array, private))
+        for slot, value_name in enumerate(node.input):
+            if value_name == name:
+                node.input[slot] = private
+
+
+def _nodes_by_label(model: onnx.ModelProto
+                    ) -> dict[str, list[tuple[onnx.NodeProto, onnx.GraphProto]]]:
+    """Every node by its label (an unnamed node as GraphIndex names it), with its graph."""
+    nodes: dict[str, list[tuple[onnx.NodeProto, onnx.GraphProto]]] = {}
+    for graph, _ in walk_graphs(model.graph):
+        for position, node in enumerate(graph.node):
+            nodes.setdefault(node_label(node, position), []).append((node, graph))
+    return nodes
+
+
+def _unique_name(model: onnx.ModelProto, wanted: str) -> str:
+    taken = {tensor.name for graph, _ in walk_graphs(model.graph) for tensor in graph.initializer}
+    taken |= {name for graph, _ in walk_graphs(model.graph) for node in graph.node
+              for name in node.output}
+    name, count = wanted, 1
+    while name in taken:
+        name, count = f"{wanted}_{count}", count + 1
+    return name
 
 
 def _update_initializer_inputs(model: onnx.ModelProto) -> None:
