@@ -136,8 +136,9 @@ def interleaved(dense, pruned, feeds: Feeds, rounds: int, warmup: int, max_secon
             break
     dense_ms = statistics.median(times[0]) * 1e3
     pruned_ms = statistics.median(times[1]) * 1e3
+    paired = statistics.median(p / d for d, p in zip(times[0], times[1], strict=True))
     return {"dense_ms": dense_ms, "pruned_ms": pruned_ms, "ratio": pruned_ms / dense_ms,
-            "rounds": done, "load": [load_before, load_average()]}
+            "paired_ratio": paired, "rounds": done, "load": [load_before, load_average()]}
 
 
 # ------------------------------------------------------------------ MACs
@@ -175,20 +176,20 @@ def count_macs(path: Path, shapes: dict[str, tuple[int, ...]], feeds: Feeds) -> 
 
 
 def _inferred_shapes(model) -> dict[str, tuple]:
-    try:  # the analysis' helper infers on a copy without the large tensors' data
-        from onnxprune.structured.analysis import infer_shapes
+    import importlib
 
-        return dict(infer_shapes(model))
-    except ImportError:
-        import onnx
+    for module in ("onnxprune.structured.shapes", "onnxprune.structured.analysis"):
+        # the analysis' helper infers on a copy without the large tensors' data
+        with contextlib.suppress(ImportError, AttributeError):
+            return dict(importlib.import_module(module).infer_shapes(model))
+    import onnx  # no helper (an older onnxprune): onnx's own inference on the whole model
 
-        inferred = onnx.shape_inference.infer_shapes(model)
-        graph = inferred.graph
-        shapes = {v.name: tuple(d.dim_value if d.HasField("dim_value") else None
-                                for d in v.type.tensor_type.shape.dim)
-                  for v in [*graph.input, *graph.value_info, *graph.output]}
-        shapes.update({t.name: tuple(t.dims) for t in graph.initializer})
-        return shapes
+    graph = onnx.shape_inference.infer_shapes(model).graph
+    shapes = {v.name: tuple(d.dim_value if d.HasField("dim_value") else None
+                            for d in v.type.tensor_type.shape.dim)
+              for v in [*graph.input, *graph.value_info, *graph.output]}
+    shapes.update({t.name: tuple(t.dims) for t in graph.initializer})
+    return shapes
 
 
 def _static(shape) -> bool:
@@ -296,6 +297,7 @@ def _yolo_shapes(args, path: Path) -> list[tuple[str, Feeds]]:
 def _yolo_accuracy(args, path: Path, dense) -> tuple[str, Callable[[Path, object], dict]]:
     images, source = _photos(320, 4 if args.quick else 12)
     reference = [dense.run(None, {"images": image[None]})[0] for image in images]
+    top = float(np.mean([r[0, 4:].max() for r in reference]))
 
     def evaluate(pruned_path: Path, pruned) -> dict:
         outputs = [pruned.run(None, {"images": image[None]})[0] for image in images]
@@ -305,7 +307,7 @@ def _yolo_accuracy(args, path: Path, dense) -> tuple[str, Callable[[Path, object
         return {"fidelity": float(full), "score_fidelity": float(scores),
                 "text": f"cos {full:.4f}, scores {scores:.4f}"}
 
-    return f"fidelity on {source}", evaluate
+    return f"fidelity on {source} (mean top class score {top:.2f})", evaluate
 
 
 # --- PP-OCRv4 rec (rapidocr)
@@ -431,8 +433,10 @@ def _rec_accuracy(args, path: Path, dense) -> tuple[str, Callable[[Path, object]
         text = decoded(outputs)
         match = float(np.mean([a == b for a, b in zip(text, truth, strict=True)]))
         agree = float(np.mean([a == b for a, b in zip(text, dense_text, strict=True)]))
-        return {"exact_match": match, "agreement": agree,
-                "text": f"exact {match:.1%}, = dense {agree:.1%}"}
+        fidelity = float(np.mean([cosine(a, b) for x, y in zip(reference, outputs, strict=True)
+                                  for a, b in zip(x, y, strict=True)]))
+        return {"exact_match": match, "agreement": agree, "fidelity": fidelity,
+                "text": f"exact {match:.1%}, = dense {agree:.1%}, cos {fidelity:.3f}"}
 
     return f"exact {dense_match:.1%} on {count} rendered texts ({font_name})", evaluate
 
@@ -666,7 +670,8 @@ def bench_model(bench: Bench, args, workdir: Path, log) -> list[Row]:
                 timing["shape"] = label
                 row.latency.append(timing)
                 log(f"{bench.name} {level:.0%} {label}: dense {timing['dense_ms']:.2f} ms, "
-                    f"pruned {timing['pruned_ms']:.2f} ms ({timing['ratio']:.3f}x), "
+                    f"pruned {timing['pruned_ms']:.2f} ms ({timing['ratio']:.3f}x; median "
+                    f"of per-round ratios {timing['paired_ratio']:.3f}), "
                     f"{timing['rounds']} rounds, load {timing['load'][0]:.1f} -> "
                     f"{timing['load'][1]:.1f}")
             del pruned
