@@ -341,6 +341,34 @@ def test_computed_split_sizes_are_not_a_constant():
     assert causes(proto)["h"] is DeclineCause.NOT_A_CONSTANT
 
 
+def conv_flatten_gemm(flatten: bool = True):
+    """Conv W1 (6 channels of 2x2) -> Flatten (or Reshape to [1, 24]) -> Gemm W2[24, 5]."""
+    merge = (node("Flatten", ["c"], ["f"]) if flatten
+             else node("Reshape", ["c", "shape"], ["f"]))
+    nodes = [node("Conv", ["x", "W1"], ["c"]), merge, node("Gemm", ["f", "W2"], ["y"])]
+    inits = [weight("W1", 6, 3, 3, 3), weight("W2", 24, 5)]
+    if not flatten:
+        inits.append(ints("shape", 1, 24))
+    return model(nodes, [("x", [1, 3, 4, 4])], ["y"], inits)
+
+
+def test_flatten_of_channels_and_space_makes_each_channel_a_block():
+    group = one_group(conv_flatten_gemm())
+    assert set(group.members) == {Member("W1", 0, MemberRole.OUTPUT),
+                                  Member("W2", 0, MemberRole.INPUT, 0, 4)}
+    assert group.params == 6 * 27 + 24 * 5
+    reshaped = one_group(conv_flatten_gemm(flatten=False))
+    assert reshaped.shapes == (ShapeEdit("shape", 1, 4),)
+
+
+def test_blocked_channels_are_not_followed_through_other_ops():
+    nodes = [node("Conv", ["x", "W1"], ["c"]), node("Flatten", ["c"], ["f"]),
+             node("Softmax", ["f"], ["s"]), node("Gemm", ["s", "W2"], ["y"])]
+    proto = model(nodes, [("x", [1, 3, 4, 4])], ["y"],
+                  [weight("W1", 6, 3, 3, 3), weight("W2", 24, 5)])
+    assert causes(proto)["c"] is DeclineCause.AXIS_MIXED
+
+
 # ---- one test per decline rule -----------------------------------------------------------
 
 

@@ -777,3 +777,10 @@ def test_split_attribute_entry_is_rewritten_and_a_shared_shape_copied():
     assert second.input[0] != "sizes"
     assert list(_stored(shrunk, second.input[0])) == [5, 0]
     assert list(_stored(shrunk, "sizes")) == [16, 0]
+
+
+@pytest.mark.parametrize("flatten", [True, False])
+def test_flattened_channels_as_blocks(flatten):
+    from test_structured_analysis import conv_flatten_gemm
+
+    _check_found_on(conv_flatten_gemm(flatten))

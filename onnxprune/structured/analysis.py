@@ -103,7 +103,13 @@ class _Analysis(Walk):
         flow = self.flows.get(node.input[0]) if node.input else None
         standard = is_onnx_domain(node)
         microsoft = node.domain == "com.microsoft"
-        if (standard or microsoft) and op in ELEMENTWISE_OPS:
+        blocked = [self.flows[name] for name in self.dataflow.reads[index]
+                   if name in self.flows and self.flows[name].block > 1]
+        if blocked and not (standard and op in UNARY_OPS | ELEMENTWISE_OPS):
+            for each in blocked:  # channels of several positions each: few rules follow them
+                self.pin(each, DeclineCause.AXIS_MIXED, f"{op} {self.labels[index]} reads "
+                         f"channels of {each.block} positions each")
+        elif (standard or microsoft) and op in ELEMENTWISE_OPS:
             elementwise(self, index, node)
         elif (standard or microsoft) and op in UNARY_OPS and flow is not None:
             unary(self, index, node, flow)

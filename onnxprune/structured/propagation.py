@@ -47,15 +47,18 @@ class Space:
 @dataclass(frozen=True)
 class Flow:
     """The channels an activation carries: `sections` (space, offset) side by side along
-    `axis` (negative: counted from the end), `channels` in all; `rank` when known."""
+    `axis` (negative: counted from the end), `channels` in all; `rank` when known. Where a
+    Flatten or Reshape merged the channel axis with the axes after it, each channel is
+    `block` consecutive positions of `axis` (offsets still count channels)."""
 
     sections: tuple[tuple[int, int], ...]
     channels: int
     axis: int
     rank: int | None = None
+    block: int = 1
 
     def moved(self, axis: int, rank: int | None) -> Flow:
-        return Flow(self.sections, self.channels, axis, rank)
+        return Flow(self.sections, self.channels, axis, rank, self.block)
 
 
 class Walk:
@@ -162,7 +165,8 @@ class Walk:
                     sections.extend((piece, offset + start) for piece, start in pieces)
                 else:
                     sections.append((s, offset))
-            self.flows[name] = Flow(tuple(sections), flow.channels, flow.axis, flow.rank)
+            self.flows[name] = Flow(tuple(sections), flow.channels, flow.axis, flow.rank,
+                                    flow.block)
         return pieces
 
     def pin(self, flow: Flow | None, cause: DeclineCause, detail: str) -> None:
@@ -176,12 +180,14 @@ class Walk:
         return len(self.index.main.consumers.get(name, ())) + (name in self.index.main.escaping)
 
     def add_member(self, flow: Flow, tensor: str, axis: int, role: MemberRole) -> None:
-        """Add `tensor` (channel axis `axis`) to every space of `flow`, at its offsets."""
+        """Add `tensor` (channel axis `axis`) to every space of `flow`, at its offsets (in
+        positions: a channel of a blocked flow is `block` positions)."""
         shared = self.uses(tensor) > 1
         for space, offset in flow.sections:
             target = self.space(space)
-            target.members.setdefault((tensor, axis, offset),
-                                      Member(tensor, axis, role, offset))
+            start = offset * flow.block
+            target.members.setdefault((tensor, axis, start),
+                                      Member(tensor, axis, role, start, flow.block))
             if shared:
                 target.pins.append((DeclineCause.SHARED_WEIGHT,
                                     f"{tensor} is also read by another node"))

@@ -21,6 +21,10 @@ def layer(walk: Walk, index: int, node: onnx.NodeProto) -> None:
     weight_name = node.input[1]
     weight = walk.stored.get(weight_name)
     output = node.output[0]
+    if data is not None and data.block > 1 and op not in ("MatMul", "Gemm"):
+        walk.pin(data, DeclineCause.AXIS_MIXED,
+                 f"{op} {label} reads channels of {data.block} positions each")
+        data = None
     if weight_name in walk.flows:
         walk.pin(walk.flows[weight_name], DeclineCause.AXIS_MIXED,
                   f"{op} {label} reads the channels as its weight")

@@ -10,7 +10,7 @@ from ..graph import attribute
 from .groups import DeclineCause, ShapeEdit
 from .propagation import Flow, Walk
 from .rules_pointwise import meet, operand
-from .shapes import product
+from .shapes import Dim, product
 
 
 def transpose(walk: Walk, index: int, node: onnx.NodeProto, flow: Flow) -> None:
@@ -46,14 +46,20 @@ def reshape(walk: Walk, index: int, node: onnx.NodeProto, flow: Flow) -> None:
         walk.pin(flow, DeclineCause.AXIS_MIXED, f"{op} {label}: channel axis lost")
         return
     lead = product(before[:channel])
-    target = None
+    target, block = None, 1
     for position, dim in enumerate(after):
-        if dim == flow.channels and product(after[:position]) == lead and lead is not None:
+        if lead is None or product(after[:position]) != lead or not isinstance(dim, int):
+            continue
+        if dim == flow.channels:
             target = position
             break
-    if target is None:
+        block = _merged_block(before[channel + 1:], dim, flow.channels)
+        if block > 1:  # the channel axis merged with (some of) the axes after it
+            target = position
+            break
+    if target is None or flow.block > 1:
         walk.pin(flow, DeclineCause.AXIS_MIXED,
-                  f"{op} {label} merges or splits the channel axis")
+                 f"{op} {label} merges or splits the channel axis")
         return
     if op == "Reshape":
         shape_name = node.input[1]
@@ -62,21 +68,34 @@ def reshape(walk: Walk, index: int, node: onnx.NodeProto, flow: Flow) -> None:
             walk.pin(flow, DeclineCause.NOT_A_CONSTANT, f"Reshape {label}: target computed")
             return
         values = values.reshape(-1)
-        if len(values) == len(after) and int(values[target]) == flow.channels:
-            if walk.uses(shape_name) > 1:
-                walk.pin(flow, DeclineCause.SHARED_WEIGHT,
-                          f"Reshape {label}: target {shape_name} also read elsewhere")
+        if len(values) == len(after) and int(values[target]) == flow.channels * block:
             if len(flow.sections) > 1:
                 walk.pin(flow, DeclineCause.GROUPS_DISAGREE,
-                          f"Reshape {label} of concatenated channels")
+                         f"Reshape {label} of concatenated channels")
+            reader = label if walk.uses(shape_name) > 1 else None
             for space, _ in flow.sections:
                 walk.space(space).shapes[(shape_name, target)] = ShapeEdit(
-                    shape_name, target)
+                    shape_name, target, block, reader)
         elif len(values) == len(after) and int(values[target]) == 0 and target != channel:
             walk.pin(flow, DeclineCause.AXIS_MIXED, f"Reshape {label} copies a dim")
             return
-    walk.flows[node.output[0]] = flow.moved(target - len(after), len(after))
+    walk.flows[node.output[0]] = Flow(flow.sections, flow.channels, target - len(after),
+                                      len(after), block)
 
+
+def _merged_block(trailing: tuple[Dim, ...], merged: int, channels: int) -> int:
+    """How many positions a channel takes where the channel axis and the first axes of
+    `trailing` are merged into one axis of `merged` (1 where they are not)."""
+    block = 1
+    for dim in trailing:
+        if not isinstance(dim, int):
+            return 1
+        block *= dim
+        if channels * block == merged:
+            return block
+        if channels * block > merged:
+            return 1
+    return 1
 
 
 def squeeze(walk: Walk, node: onnx.NodeProto, flow: Flow) -> Flow | None:

@@ -71,7 +71,7 @@ def meet(walk: Walk, a: Flow, b: Flow, residual: bool, where: str) -> Flow:
         small, large = (a, b) if a.channels == 1 else (b, a)
         walk.pin(small, DeclineCause.TOO_FEW_CHANNELS, f"one channel broadcast at {where}")
         return large
-    if a.axis != b.axis:
+    if a.axis != b.axis or a.block != b.block:
         walk.pin(a, DeclineCause.AXIS_MIXED, f"{where} meets channels on another axis")
         walk.pin(b, DeclineCause.AXIS_MIXED, f"{where} meets channels on another axis")
         return a
@@ -96,15 +96,15 @@ def operand(walk: Walk, flow: Flow, name: str, where: str) -> None:
     tensor = walk.stored.get(name)
     if tensor is not None:
         dims = list(tensor.dims)
-        if dim == flow.channels:
+        if dim == flow.channels * flow.block:
             walk.add_member(flow, name, len(dims) + flow.axis, MemberRole.PER_CHANNEL)
         else:
             walk.pin(flow, DeclineCause.NOT_PER_CHANNEL,
                       f"{where}: constant {name} of shape {dims}")
         return
     if name in walk.dataflow.static:
-        reshaped = reshaped_constant(walk, name, flow.channels) if dim == flow.channels \
-            else None
+        reshaped = (reshaped_constant(walk, name, flow.channels)
+                    if dim == flow.channels and flow.block == 1 else None)
         if reshaped is None:
             walk.pin(flow, DeclineCause.NOT_PER_CHANNEL,
                       f"{where}: {name} is computed from constants, not stored")
