@@ -469,14 +469,40 @@ def test_a_computed_weight_is_not_a_constant():
     assert causes(proto)["y"] is DeclineCause.NOT_A_CONSTANT
 
 
-def test_grouped_conv_is_declined():
+def grouped_conv():
+    """Conv W1 (8) -> Conv Wg (8 -> 8, group 2) -> Conv W3."""
+    nodes = [node("Conv", ["x", "W1"], ["c"]), node("Conv", ["c", "Wg", "Bg"], ["g"], group=2),
+             node("Conv", ["g", "W3"], ["y"])]
+    return model(nodes, [("x", [1, 3, 4, 4])], ["y"],
+                 [weight("W1", 8, 3, 1, 1), weight("Wg", 8, 4, 1, 1), weight("Bg", 8),
+                  weight("W3", 2, 8, 1, 1)])
+
+
+def test_grouped_conv_keeps_one_set_in_every_group():
+    groups, _ = find_groups(grouped_conv())
+    into, out = groups
+    # the input's two sections read the same weight columns: one keep set of 4
+    assert into.name == "c[0:4]" and into.channels == 4
+    assert set(into.members) == {Member("W1", 0, MemberRole.OUTPUT, 0),
+                                 Member("W1", 0, MemberRole.OUTPUT, 4),
+                                 Member("Wg", 1, MemberRole.INPUT)}
+    # the output: 4 channels per group, the same in both
+    assert out.name == "g" and out.channels == 4 and out.attributes == ()
+    assert {(m.tensor, m.offset) for m in out.members} == {
+        ("Wg", 0), ("Wg", 4), ("Bg", 0), ("Bg", 4), ("W3", 0), ("W3", 4)}
+
+
+def test_grouped_conv_of_unequal_groups_is_declined():
     nodes = [node("Conv", ["x", "W1"], ["c"]), node("Conv", ["c", "Wg"], ["g"], group=2),
              node("Conv", ["g", "W3"], ["y"])]
+    # the input is cut differently from the groups: a Concat of 3 + 5 channels
+    nodes[0:1] = [node("Conv", ["x", "Wa"], ["a"]), node("Conv", ["x", "Wb"], ["b"]),
+                  node("Concat", ["a", "b"], ["c"], axis=1)]
     proto = model(nodes, [("x", [1, 3, 4, 4])], ["y"],
-                  [weight("W1", 8, 3, 1, 1), weight("Wg", 8, 4, 1, 1), weight("W3", 2, 8, 1, 1)])
+                  [weight("Wa", 3, 3, 1, 1), weight("Wb", 5, 3, 1, 1),
+                   weight("Wg", 8, 4, 1, 1), weight("W3", 2, 8, 1, 1)])
     found = causes(proto)
-    assert found["c"] is DeclineCause.GROUPS_DISAGREE
-    assert found["g"] is DeclineCause.GROUPS_DISAGREE
+    assert found["a"] is DeclineCause.GROUPS_DISAGREE
 
 
 def test_a_shape_read_of_the_channels_pins_them():

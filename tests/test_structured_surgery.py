@@ -784,3 +784,9 @@ def test_flattened_channels_as_blocks(flatten):
     from test_structured_analysis import conv_flatten_gemm
 
     _check_found_on(conv_flatten_gemm(flatten))
+
+
+def test_grouped_conv_found_groups():
+    from test_structured_analysis import grouped_conv
+
+    _check_found_on(grouped_conv())

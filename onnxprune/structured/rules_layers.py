@@ -13,6 +13,8 @@ import onnx
 from ..graph import attribute, is_onnx_domain
 from .groups import AttributeEdit, DeclineCause, Declined, MemberRole
 from .propagation import Flow, Walk
+from .rules_pointwise import meet
+from .rules_sections import cut
 
 
 def layer(walk: Walk, index: int, node: onnx.NodeProto) -> None:
@@ -196,12 +198,50 @@ def conv(walk: Walk, index: int, node: onnx.NodeProto, data: Flow | None, weight
         walk.add_member(flow, weight, axes[0], MemberRole.PER_CHANNEL)
         if bias in walk.stored:
             walk.add_member(flow, bias, 0, MemberRole.PER_CHANNEL)
+        if len(flow.sections) > 1:  # `group` counts the channels of every section
+            walk.pin(flow, DeclineCause.GROUPS_DISAGREE,
+                     f"{op} {label}: depthwise over channels of several sections")
         for space, _ in flow.sections:
             target = walk.space(space)
             target.attributes[(label, "group", None)] = AttributeEdit(label, "group", 1)
             target.macs += macs
         return
-    detail = f"{op} {label} has {group} groups"
-    walk.pin(data, DeclineCause.GROUPS_DISAGREE, detail)
-    flow = open_space(walk, index, out_channels, output, axis, rank, [], macs)
-    walk.pin(flow, DeclineCause.GROUPS_DISAGREE, detail)
+    grouped(walk, index, node, data, weight, dims, axes, macs)
+
+
+def grouped(walk: Walk, index: int, node: onnx.NodeProto, data: Flow | None, weight: str,
+            dims: list[int], axes: list[int], macs: int) -> None:
+    """A Conv of `group` > 1 groups, not depthwise: every group reads its section of the
+    input through the same weight columns and makes its section of the output, so the
+    sections keep one set (the same channels in every group; `group` is unchanged). The
+    input's sections are joined into one keep set; the output is one space of O/group
+    channels repeated in `group` sections."""
+    label, output = walk.labels[index], node.output[0]
+    group, rank = attribute(node, "group", 1), len(dims)
+    axis = 1 - rank
+    detail = f"{node.op_type} {label} has {group} groups"
+    if node.op_type != "Conv" or dims[0] % group:
+        walk.pin(data, DeclineCause.GROUPS_DISAGREE, detail)
+        flow = open_space(walk, index, dims[0], output, axis, rank, [], macs)
+        walk.pin(flow, DeclineCause.GROUPS_DISAGREE, detail)
+        return
+    if data is not None:
+        if data.channels != dims[1] * group:
+            walk.pin(data, DeclineCause.GROUPS_DISAGREE, detail)
+        else:
+            size = dims[1]
+            parts = cut(walk, node.input[0], [(k * size, (k + 1) * size)
+                                              for k in range(group)], rank)
+            merged = parts[0]
+            for part in parts[1:]:
+                merged = meet(walk, merged, part, False, detail)
+            consume(walk, merged, node, weight, axes[1], macs)
+    per_group = dims[0] // group
+    space = walk.new_space(per_group, index)
+    flow = Flow(tuple((space, k * per_group) for k in range(group)), dims[0], axis, rank)
+    walk.add_member(flow, weight, axes[0], MemberRole.OUTPUT)
+    bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
+    if bias in walk.stored:
+        walk.add_member(flow, bias, 0, MemberRole.PER_CHANNEL)
+    walk.spaces[space].macs += macs
+    walk.flows[output] = flow

@@ -40,7 +40,7 @@ def split(walk: Walk, index: int, node: onnx.NodeProto, flow: Flow) -> None:
                  f"Split {label}: sizes {sizes} do not cut {flow.channels} channels")
         return
     bounds = [sum(sizes[:k]) for k in range(len(sizes) + 1)]
-    parts = _cut(walk, node.input[0], list(zip(bounds, bounds[1:], strict=False)), rank)
+    parts = cut(walk, node.input[0], list(zip(bounds, bounds[1:], strict=False)), rank)
     if spelled_by is None:  # equal parts: one keep set keeps them equal
         merged = parts[0]
         for part in parts[1:]:
@@ -106,7 +106,7 @@ def slice_channels(walk: Walk, index: int, node: onnx.NodeProto, flow: Flow) -> 
                  f"Slice {label}: step {steps[k]} or an empty range on the channel axis")
         return
     pieces = [(0, first), (first, last), (last, total)]
-    before, inside, after = _cut(walk, node.input[0], pieces, rank)
+    before, inside, after = cut(walk, node.input[0], pieces, rank)
     walk.flows[node.output[0]] = inside
     if len(node.input) < 3:  # before opset 10: the bounds are attributes
         for value, name in ((start, "starts"), (end, "ends")):
@@ -160,7 +160,7 @@ def _slice_bounds(walk: Walk, node: onnx.NodeProto
     return (starts, ends, axes or list(range(len(starts))), steps or [1] * len(starts))
 
 
-def _cut(walk: Walk, name: str, ranges: list[tuple[int, int]], rank: int) -> list[Flow]:
+def cut(walk: Walk, name: str, ranges: list[tuple[int, int]], rank: int) -> list[Flow]:
     """The flow of value `name` cut into consecutive channel ranges: spaces that a bound
     falls inside are divided first; each range's flow holds the sections in it."""
     flow = walk.flows[name]
