@@ -47,6 +47,7 @@ import io
 import json
 import os
 import random
+import re
 import select
 import shutil
 import subprocess
@@ -1186,8 +1187,9 @@ def check_request(request: dict) -> dict:
 
 
 def check_worker() -> int:
-    """The child process's loop: one JSON request a line on stdin, one JSON answer a line on
-    stdout."""
+    """The child process's loop: one JSON request a line on stdin, one JSON answer a line
+    (with the request's "id") on what was stdout; whatever onnx or onnxruntime print to
+    file descriptor 1 goes to stderr instead, so that it cannot be taken for an answer."""
     try:
         import resource
 
@@ -1195,10 +1197,14 @@ def check_worker() -> int:
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     except (ImportError, ValueError, OSError):
         pass
+    sys.stdout.flush()
+    answers = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
     for line in sys.stdin:
-        answer = check_request(json.loads(line))
-        sys.stdout.write(json.dumps(answer) + "\n")
-        sys.stdout.flush()
+        request = json.loads(line)
+        answer = check_request(request) | {"id": request.get("id")}
+        answers.write(json.dumps(answer) + "\n")
+        answers.flush()
     return 0
 
 
@@ -1208,6 +1214,7 @@ class OutputChecker:
 
     def __init__(self) -> None:
         self.process: subprocess.Popen | None = None
+        self.requests = 0
 
     def _ask(self, request: dict) -> dict:
         if self.process is None or self.process.poll() is not None:
@@ -1216,15 +1223,24 @@ class OutputChecker:
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                 text=True)
         assert self.process.stdin is not None and self.process.stdout is not None
+        self.requests += 1
+        request = request | {"id": self.requests}
+        deadline = time.monotonic() + CHECK_TIMEOUT_S
         try:
             self.process.stdin.write(json.dumps(request) + "\n")
             self.process.stdin.flush()
-            ready, _, _ = select.select([self.process.stdout], [], [], CHECK_TIMEOUT_S)
-            line = self.process.stdout.readline() if ready else ""
+            while True:
+                left = deadline - time.monotonic()
+                ready, _, _ = select.select([self.process.stdout], [], [], max(left, 0.0))
+                line = self.process.stdout.readline() if ready else ""
+                if not line:
+                    break
+                with contextlib.suppress(ValueError):
+                    answer = json.loads(line)
+                    if isinstance(answer, dict) and answer.pop("id", None) == request["id"]:
+                        return answer
         except (BrokenPipeError, OSError):
-            line = ""
-        if line:
-            return json.loads(line)
+            pass
         status = self.process.poll()
         self.close()
         return {"crash": f"the check process died (exit {status})" if status is not None
@@ -1375,6 +1391,14 @@ def run_case(number: int, seed: int, base: Base, kind: str, work: Path,
     return outcomes
 
 
+def _refusal_kind(line: str) -> str:
+    """A refusal line without its case-specific parts, to count alike ones together."""
+    text = line.removeprefix("onnxprune: error: ")
+    if text.startswith("nothing to prune"):
+        return text.split(" (")[0]
+    return re.sub(r"\d+", "N", re.sub(r"'[^']*'|\S*/\S*", "X", text))[:90]
+
+
 @dataclass
 class Summary:
     outcomes: list[Outcome] = field(default_factory=list)
@@ -1412,6 +1436,13 @@ class Summary:
             counts = per_command[command]
             lines.append(f"{command:<64}{counts['ok']:>7}{counts['refused']:>9}"
                          f"{counts['internal']:>10}{counts['breaches']:>10}")
+        refusals = collections.Counter(
+            (o.command, _refusal_kind(o.detail)) for o in self.outcomes
+            if o.result == "refused" and o.command.startswith("prune --structure"))
+        if refusals:
+            lines.append("structured prune refusals (most common):")
+            lines += [f"  {count:>5} x {command}: {reason}"
+                      for (command, reason), count in refusals.most_common(12)]
         sites = collections.Counter(o.detail for o in self.internal)
         if sites:
             lines.append("internal-error sites:")
