@@ -10,13 +10,16 @@ nothing outside the model's folder and copy no byte of the canary file beside it
 from __future__ import annotations
 
 import collections
+import contextlib
 import importlib.util
 import sys
 from pathlib import Path
 
+import onnx
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+MODELS_DIR = REPO_ROOT / "models"
 _spec = importlib.util.spec_from_file_location("onnxprune_fuzz", REPO_ROOT / "tools" / "fuzz.py")
 fuzz = sys.modules.setdefault(_spec.name, importlib.util.module_from_spec(_spec))
 _spec.loader.exec_module(fuzz)
@@ -88,3 +91,163 @@ def test_arity_mutations_leave_a_node_short(tmp_path: Path) -> None:
             else:
                 assert arity != was and sum(i + o for _, i, o in arity) < \
                     sum(i + o for _, i, o in was)
+
+
+# --- structured mode (--structured, issue #18) ----------------------------------------------
+
+STRUCTURED_CASES = len(fuzz.MUTATIONS)  # one of each mutation kind
+
+
+@pytest.fixture(scope="module")
+def structured_summary():
+    """Only the structured commands (the others run in the slice above)."""
+    return fuzz.fuzz(STRUCTURED_CASES, seed=20261130, commands=(), structured=True)
+
+
+def _known_partial_output(outcome) -> bool:
+    """The breach of test_structured_checker_refusal_leaves_no_output (an onnxprune bug:
+    the output is written before the checker refuses it)."""
+    return outcome.detail.startswith("onnxprune: error: the shrunk model fails the ONNX "
+                                     "checker") and \
+        all(b.startswith("failed run left") for b in outcome.breaches)
+
+
+def test_structured_no_internal_errors(structured_summary) -> None:
+    sites = collections.Counter(o.detail for o in structured_summary.internal)
+    assert not sites, structured_summary.report()
+
+
+def test_structured_outputs_pass_the_checker_and_run(structured_summary) -> None:
+    """Every structured prune that exits 0 writes a model that passes the full checker,
+    keeps the graph outputs and runs where its input runs; no other invariant breaks."""
+    breaches = [(o.argv, o.breaches) for o in structured_summary.breaches
+                if not _known_partial_output(o)]
+    assert not breaches, structured_summary.report()
+
+
+def test_structured_slice_runs_both_commands(structured_summary) -> None:
+    commands = collections.Counter(o.command.split(" --")[0] for o in structured_summary.outcomes
+                                   if o.result != "skipped")
+    assert set(commands) == {"inspect", "prune"}
+    results = collections.Counter(o.result for o in structured_summary.outcomes
+                                  if o.command.startswith("prune --structure"))
+    assert results["ok"] > 0 and results["refused"] > 0, structured_summary.report()
+    assert {o.command for o in structured_summary.outcomes if o.command != "-"} <= {
+        "inspect --structured", *("prune " + " ".join(s) for s in fuzz.STRUCTURES)}
+
+
+@pytest.fixture(scope="module")
+def checker():
+    with contextlib.closing(fuzz.OutputChecker()) as checker:
+        yield checker
+
+
+def _structured_output(tmp_path: Path, corrupt=None) -> Path:
+    from onnxprune.cli import main
+
+    out = tmp_path / "out.onnx"
+    assert main(["prune", str(MODELS_DIR / "mlp.onnx"), "-o", str(out), "--structure",
+                 "channels", "-q"]) == 0
+    if corrupt is not None:
+        model = onnx.load(str(out))
+        corrupt(model)
+        onnx.save(model, str(out))
+    return out
+
+
+def test_output_checker_passes_a_good_output(tmp_path: Path, checker) -> None:
+    assert checker.problems(MODELS_DIR / "mlp.onnx", _structured_output(tmp_path)) == []
+
+
+def test_output_checker_sees_a_full_check_failure(tmp_path: Path, checker) -> None:
+    def corrupt(model):  # only the full check (shape inference) sees the contradiction
+        model.graph.value_info.append(onnx.helper.make_tensor_value_info(
+            "stale", onnx.TensorProto.FLOAT, [3]))
+        model.graph.node.append(onnx.helper.make_node("Shape", [model.graph.output[0].name],
+                                                      ["stale"]))
+
+    problems = checker.problems(MODELS_DIR / "mlp.onnx", _structured_output(tmp_path, corrupt))
+    assert problems and problems[0].startswith("bad output: onnx.checker (full_check)")
+
+
+def test_output_checker_sees_other_outputs(tmp_path: Path, checker) -> None:
+    def corrupt(model):  # one more graph output, which onnxruntime computes
+        model.graph.output.append(onnx.helper.make_tensor_value_info(
+            model.graph.input[0].name, onnx.TensorProto.FLOAT, None))
+
+    problems = checker.problems(MODELS_DIR / "mlp.onnx", _structured_output(tmp_path, corrupt))
+    assert any("graph outputs" in p for p in problems), problems
+    assert any(p.startswith("bad output: outputs ") for p in problems), problems
+
+
+def test_output_checker_survives_a_hang(tmp_path: Path, monkeypatch) -> None:
+    """A check process that does not answer in time (here: a fresh one, still importing
+    onnx, given no time) is killed and reported, and the next check gets a fresh one."""
+    out = _structured_output(tmp_path)
+    with contextlib.closing(fuzz.OutputChecker()) as checker:
+        monkeypatch.setattr(fuzz, "CHECK_TIMEOUT_S", 0.0)
+        answer = checker._ask({"op": "run", "model": str(out), "feeds_from": str(out)})
+        assert answer == {"crash": "no answer in 0 s"}
+        assert checker.process is None
+        monkeypatch.setattr(fuzz, "CHECK_TIMEOUT_S", 60.0)
+        assert checker.problems(MODELS_DIR / "mlp.onnx", out) == []
+
+
+# found by `python tools/fuzz.py --structured --cases 600 --seed 3`; bugs of onnxprune's
+# structured path (not of the fuzzer): remove the marker when fixed
+
+def _bad_const(model) -> None:
+    """An unused Constant node with two values: onnx.checker rejects the model."""
+    model.graph.node.append(onnx.helper.make_node("Constant", [], ["junk"], value_float=1.0,
+                                                  value_int=2))
+
+
+def _transb_undefined(model) -> None:
+    """Gemm's transB attribute with type UNDEFINED (checker: type and data mismatch)."""
+    gemm = next(n for n in model.graph.node if n.op_type == "Gemm" and n.input[1] ==
+                "fc2.weight")
+    next(a for a in gemm.attribute if a.name == "transB").type = \
+        onnx.AttributeProto.UNDEFINED
+
+
+def _biases_swapped(model) -> None:
+    """conv3 given conv4's bias (128 values for 64 channels) and conv4 conv3's; passes the
+    full checker, fails in onnxruntime."""
+    names = {"conv3.bias": "conv4.bias", "conv4.bias": "conv3.bias"}
+    for tensor in model.graph.initializer:
+        tensor.name = names.get(tensor.name, tensor.name)
+
+
+@pytest.mark.parametrize("base,mutate", [
+    pytest.param("mlp", _bad_const, marks=pytest.mark.xfail(
+        strict=True, reason="onnxprune bug: api._prune_structured saves the output, then "
+                            "check_shrunk_file refuses it (exit 2) and the file stays")),
+    pytest.param("mlp", _transb_undefined, marks=pytest.mark.xfail(
+        strict=True, reason="onnxprune bug: internal error (exit 3), ValueError at "
+                            "structured/surgery.py _sections: fc2.weight axis 0 has 256, "
+                            "not 512")),
+    pytest.param("cnn", _biases_swapped, marks=pytest.mark.xfail(
+        strict=True, reason="onnxprune bug: internal error (exit 3), ValueError at "
+                            "structured/scores.py channel_slices: cannot reshape 64 into "
+                            "(128, -1)")),
+], ids=["checker-refusal-leaves-output", "gemm-transB-undefined", "conv-bias-length"])
+def test_structured_prune_of_an_invalid_model_refuses_cleanly(tmp_path: Path, capsys, base,
+                                                              mutate) -> None:
+    """A structured prune of a model whose tensors contradict its graph ends in exit 0
+    (the bad part declined) or a one-line exit-2 refusal, with no output left behind."""
+    from onnxprune.cli import main
+
+    model = onnx.load(str(MODELS_DIR / f"{base}.onnx"))
+    mutate(model)
+    path = tmp_path / "model.onnx"
+    onnx.save(model, str(path))
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    code = main(["prune", str(path), "-o", str(out_dir / "out.onnx"), "--structure",
+                 "channels", "-q"])
+    errors = [line for line in capsys.readouterr().err.splitlines()
+              if line.startswith("onnxprune:")]
+    assert code in (0, 2), errors
+    if code == 2:
+        assert len(errors) == 1 and errors[0].startswith("onnxprune: error: "), errors
+        assert not list(out_dir.iterdir())
