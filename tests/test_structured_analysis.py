@@ -369,6 +369,138 @@ def test_blocked_channels_are_not_followed_through_other_ops():
     assert causes(proto)["c"] is DeclineCause.AXIS_MIXED
 
 
+def rope(x: str, out: str, head_dim: int) -> list[onnx.NodeProto]:
+    """Rotary embedding on the last axis (D): x * cos + rotate_half(x) * sin."""
+    return [node("Split", [x, "rope_split"], [f"{x}_lo", f"{x}_hi"], axis=-1),
+            node("Neg", [f"{x}_hi"], [f"{x}_neg"]),
+            node("Concat", [f"{x}_neg", f"{x}_lo"], [f"{x}_rot"], axis=-1),
+            node("Mul", [x, "cos"], [f"{x}_cos"]), node("Mul", [f"{x}_rot", "sin"], [f"{x}_sin"]),
+            node("Add", [f"{x}_cos", f"{x}_sin"], [out])]
+
+
+def attention(kv_heads: int = 4, group: int = 1, head_dim: int = 4, hidden: int = 16,
+              seq: int = 5, rope_on: bool = True, bias: bool = True):
+    """Decomposed attention as exporters write it: q/k/v MatMul (+ bias) -> Reshape into
+    heads -> Transpose -> RoPE on D -> Q @ Kᵀ / scale + mask -> Softmax -> @ V -> Transpose
+    -> Reshape -> o_proj. With `group` 1, multi-head attention in [B, H, S, D]; above 1,
+    grouped-query attention as SmolLM2's export writes it: q [B, KV, G, S, D], k and v
+    [B, KV, 1, S, D] broadcast over the G query heads of each KV head (one shape constant
+    for k and v). Values: q0 ... y."""
+    heads = kv_heads * group
+    nodes = [node("MatMul", ["x", "Wq"], ["q0"]), node("MatMul", ["x", "Wk"], ["k0"]),
+             node("MatMul", ["x", "Wv"], ["v0"])]
+    if bias:
+        nodes += [node("Add", ["q0", "bq"], ["q1"]), node("Add", ["k0", "bk"], ["k1"]),
+                  node("Add", ["v0", "bv"], ["v1"])]
+    p = "1" if bias else "0"
+    if group == 1:
+        split = ints("split_heads", 0, 0, heads, head_dim)
+        shapes = [split, ints("merge_heads", 0, 0, heads * head_dim)]
+        nodes += [node("Reshape", [f"{x}{p}", "split_heads"], [f"{x}2"]) for x in "qkv"]
+        nodes += [node("Transpose", [f"{x}2"], [f"{x}3"], perm=[0, 2, 1, 3]) for x in "qkv"]
+        last, back = [0, 1, 3, 2], [0, 2, 1, 3]
+    else:
+        shapes = [ints("shape_q", 1, 0, kv_heads, group, head_dim),
+                  ints("shape_kv", 1, 0, kv_heads, 1, head_dim),
+                  ints("merge_heads", 1, 0, heads * head_dim)]
+        nodes += [node("Reshape", [f"q{p}", "shape_q"], ["q2"]),
+                  node("Reshape", [f"k{p}", "shape_kv"], ["k2"]),
+                  node("Reshape", [f"v{p}", "shape_kv"], ["v2"])]
+        nodes += [node("Transpose", [f"{x}2"], [f"{x}3"], perm=[0, 2, 3, 1, 4]) for x in "qkv"]
+        last, back = [0, 1, 2, 4, 3], [0, 3, 1, 2, 4]
+    if rope_on:
+        nodes += rope("q3", "q4", head_dim) + rope("k3", "k4", head_dim)
+    else:
+        nodes += [node("Identity", ["q3"], ["q4"]), node("Identity", ["k3"], ["k4"])]
+    nodes += [node("Transpose", ["k4"], ["kt"], perm=last),
+              node("MatMul", ["q4", "kt"], ["s0"]), node("Div", ["s0", "scale"], ["s1"]),
+              node("Add", ["s1", "mask"], ["s2"]), node("Softmax", ["s2"], ["p"], axis=-1),
+              node("MatMul", ["p", "v3"], ["c0"]), node("Transpose", ["c0"], ["c1"], perm=back),
+              node("Reshape", ["c1", "merge_heads"], ["c2"]), node("MatMul", ["c2", "Wo"], ["y"])]
+    inits = [weight("Wq", hidden, heads * head_dim), weight("Wk", hidden, kv_heads * head_dim),
+             weight("Wv", hidden, kv_heads * head_dim), weight("Wo", heads * head_dim, hidden),
+             weight("cos", seq, head_dim), weight("sin", seq, head_dim),
+             ints("rope_split", head_dim // 2, head_dim // 2),
+             numpy_helper.from_array(np.array(2.0, np.float32), "scale"),
+             numpy_helper.from_array(np.triu(np.full((seq, seq), -1e4, np.float32), 1),
+                                     "mask"), *shapes]
+    if bias:
+        inits += [weight("bq", heads * head_dim), weight("bk", kv_heads * head_dim),
+                  weight("bv", kv_heads * head_dim)]
+    return model(nodes, [("x", [1, seq, hidden])], ["y"], inits)
+
+
+def test_multi_head_attention_is_one_heads_group():
+    """A head is D columns of q, k, v (and their biases) and D rows of o_proj; the Reshape
+    into heads (one constant read by three Reshapes: an edit per reader) and back count
+    heads."""
+    group = one_group(attention())
+    assert group.kind is StructureKind.HEADS and group.channels == 4
+    out, per, inp = MemberRole.OUTPUT, MemberRole.PER_CHANNEL, MemberRole.INPUT
+    assert set(group.members) == {*(Member(f"W{x}", 1, out, 0, 4) for x in "qkv"),
+                                  *(Member(f"b{x}", 0, per, 0, 4) for x in "qkv"),
+                                  Member("Wo", 0, inp, 0, 4)}
+    assert set(group.shapes) == {*(ShapeEdit("split_heads", 2, 1, f"{x}2_node") for x in "qkv"),
+                                 ShapeEdit("merge_heads", 2, 4)}
+    assert group.params == 4 * 4 * (3 * 16 + 3 + 16)
+
+
+def test_grouped_query_attention_group_is_a_kv_head_with_its_query_heads():
+    """SmolLM2's layout, 2 KV heads of 3 query heads: a channel is one KV head (D columns of
+    k and v) with its query heads (3·D consecutive columns of q, 3·D rows of o_proj)."""
+    group = one_group(attention(kv_heads=2, group=3, head_dim=4, hidden=12, bias=False))
+    assert group.kind is StructureKind.HEADS and group.channels == 2
+    out, inp = MemberRole.OUTPUT, MemberRole.INPUT
+    assert set(group.members) == {Member("Wq", 1, out, 0, 12), Member("Wk", 1, out, 0, 4),
+                                  Member("Wv", 1, out, 0, 4), Member("Wo", 0, inp, 0, 12)}
+    assert set(group.shapes) == {ShapeEdit("shape_q", 2, 1), ShapeEdit("merge_heads", 2, 12),
+                                 ShapeEdit("shape_kv", 2, 1, "k2_node"),
+                                 ShapeEdit("shape_kv", 2, 1, "v2_node")}
+
+
+def test_heads_on_the_contracted_axis_of_a_matmul_are_mixed():
+    """Q @ Kᵀ without a Reshape into heads contracts the channels: both pinned."""
+    nodes = [node("MatMul", ["x", "Wq"], ["q"]), node("MatMul", ["x", "Wk"], ["k"]),
+             node("Transpose", ["k"], ["kt"], perm=[0, 2, 1]), node("MatMul", ["q", "kt"], ["s"]),
+             node("MatMul", ["s", "x"], ["c"]), node("MatMul", ["c", "Wo"], ["y"])]
+    proto = model(nodes, [("x", [1, 5, 8])], ["y"],
+                  [weight("Wq", 8, 8), weight("Wk", 8, 8), weight("Wo", 8, 8)])
+    found = causes(proto)
+    assert found["q"] is DeclineCause.AXIS_MIXED and found["k"] is DeclineCause.AXIS_MIXED
+
+
+def test_a_head_split_with_a_computed_target_is_not_a_constant():
+    computed = attention()
+    shape = next(n for n in computed.graph.node if n.output[0] == "q2")
+    computed.graph.node.insert(0, node("Identity", ["split_heads"], ["computed_split"]))
+    shape.input[1] = "computed_split"
+    computed.graph.value_info.append(helper.make_tensor_value_info("q2", FLOAT, [1, 5, 4, 4]))
+    assert causes(computed)["q0"] is DeclineCause.NOT_A_CONSTANT
+
+
+def test_a_head_split_of_concatenated_channels_is_declined():
+    nodes = [node("MatMul", ["x", "Wq"], ["q"]), node("MatMul", ["x", "Wk"], ["k"]),
+             node("Concat", ["q", "k"], ["qk"], axis=-1), node("Reshape", ["qk", "split"], ["h"]),
+             node("Reshape", ["h", "merge"], ["m"]), node("MatMul", ["m", "Wo"], ["y"])]
+    proto = model(nodes, [("x", [1, 5, 8])], ["y"],
+                  [weight("Wq", 8, 8), weight("Wk", 8, 8), weight("Wo", 16, 8),
+                   ints("split", 0, 0, 4, 4), ints("merge", 0, 0, 16)])
+    assert causes(proto)["q"] is DeclineCause.GROUPS_DISAGREE
+
+
+def test_heads_met_by_a_graph_input_on_their_axis_pin_them():
+    """A batched MatMul whose other operand has the head axis but carries no flow."""
+    nodes = [node("MatMul", ["x", "Wv"], ["v0"]), node("Reshape", ["v0", "split"], ["v1"]),
+             node("Transpose", ["v1"], ["v2"], perm=[0, 2, 1, 3]),
+             node("MatMul", ["p", "v2"], ["c0"]),
+             node("Transpose", ["c0"], ["c1"], perm=[0, 2, 1, 3]),
+             node("Reshape", ["c1", "merge"], ["c2"]), node("MatMul", ["c2", "Wo"], ["y"])]
+    proto = model(nodes, [("x", [1, 5, 8]), ("p", [1, 2, 5, 5])], ["y"],
+                  [weight("Wv", 8, 8), weight("Wo", 8, 8), ints("split", 0, 0, 2, 4),
+                   ints("merge", 0, 0, 8)])
+    assert causes(proto)["v0"] is DeclineCause.GRAPH_INPUT
+
+
 # ---- one test per decline rule -----------------------------------------------------------
 
 
@@ -556,6 +688,34 @@ def test_demo_models(name, least):
     groups, declined = _analyse(MODELS / f"{name}.onnx")
     assert len(groups) >= least
     print(name, len(groups), "groups", len(declined), "declined")
+
+
+def test_transformer_attention_heads_are_a_group():
+    groups, declined = _analyse(MODELS / "transformer.onnx")
+    heads = [g for g in groups if g.kind is StructureKind.HEADS]
+    assert len(heads) == 1 and heads[0].channels == 4
+    assert {m.block for m in heads[0].members} == {32}
+    assert {d.cause for d in declined} == {DeclineCause.RESIDUAL_STREAM,
+                                           DeclineCause.GRAPH_OUTPUT}
+
+
+SMOLLM2 = Path("/tmp/onnxprune-lm/smollm2-135m.onnx")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not SMOLLM2.exists(), reason="SmolLM2 not exported (tools/export_lm.py)")
+def test_smollm2_grouped_query_heads():
+    """30 layers of 3 KV heads with 3 query heads each (head_dim 64): one heads group and
+    one FFN group per layer; only the residual stream and the tied lm_head are declined."""
+    groups, declined = _analyse(SMOLLM2)
+    heads = [g for g in groups if g.kind is StructureKind.HEADS]
+    assert len(heads) == 30 and len(groups) == 60
+    assert all(g.channels == 3 for g in heads)
+    blocks = {m.tensor.rsplit(".", 2)[-2]: m.block for m in heads[0].members}
+    assert blocks == {"q_proj": 192, "k_proj": 64, "v_proj": 64, "o_proj": 192}
+    assert len(heads[0].shapes) == 4  # shape_q, shape_kv (k and v), the merge
+    assert {d.cause for d in declined} == {DeclineCause.RESIDUAL_STREAM,
+                                           DeclineCause.SHARED_WEIGHT}
 
 
 @pytest.mark.parametrize("name,least", [("ppocr_cls", 20), ("ppocr_rec", 15),

@@ -725,15 +725,17 @@ def test_found_groups_on_real_models(name):
 
 # --- Split and Slice sections, found by the analysis ----------------------------------------
 
-def _check_found_on(model: onnx.ModelProto, seeds: Sequence[int] = (0, 1, 2)
+def _check_found_on(model: onnx.ModelProto, seeds: Sequence[int] = (0, 1, 2), **check
                     ) -> list[onnx.ModelProto]:
-    """find_groups on a hand-built model, then shrink vs zeroed with random keep sets."""
+    """find_groups on a hand-built model, then shrink vs zeroed with random keep sets
+    (`check`: more arguments of `_check_case`)."""
     inferred = onnx.shape_inference.infer_shapes(model)
     del model.graph.output[:]  # the checker wants the outputs' shapes
     model.graph.output.extend(inferred.graph.output)
     groups = _groups_from(_find_groups()(model))
     assert groups
-    return [_check_case(model, groups, _random_keep(groups, np.random.default_rng(seed)))
+    return [_check_case(model, groups, _random_keep(groups, np.random.default_rng(seed)),
+                        **check)
             for seed in seeds]
 
 
@@ -790,3 +792,55 @@ def test_grouped_conv_found_groups():
     from test_structured_analysis import grouped_conv
 
     _check_found_on(grouped_conv())
+
+
+# --- attention heads, found by the analysis -------------------------------------------------
+
+@pytest.mark.parametrize("kv_heads,group,rope_on", [(4, 1, True), (4, 1, False), (2, 3, True),
+                                                    (3, 2, False)])
+def test_attention_heads_found_groups(kv_heads, group, rope_on):
+    """Multi-head and grouped-query attention (RoPE on D or not): random head keep sets,
+    shrink == zeroed; the shape constants that count heads say the kept count."""
+    from test_structured_analysis import attention
+
+    model = attention(kv_heads=kv_heads, group=group, rope_on=rope_on)
+    for shrunk in _check_found_on(model):
+        wk = _stored(shrunk, "Wk")
+        kept = wk.shape[1] // 4
+        assert _stored(shrunk, "Wq").shape[1] == kept * group * 4
+        merges = [n for n in shrunk.graph.node if n.output[0] == "c2"]
+        assert _stored(shrunk, merges[0].input[1])[-1] == kept * group * 4
+        splits = [n for n in shrunk.graph.node if n.output[0] in ("q2", "k2", "v2")]
+        assert all(_stored(shrunk, n.input[1])[2] == kept for n in splits)
+
+
+SMOLLM2 = Path("/tmp/onnxprune-lm/smollm2-135m.onnx")
+
+
+def _first_layers(model: onnx.ModelProto, layers: int) -> onnx.ModelProto:
+    """The decoder up to the residual stream after layer `layers` - 1 (its graph output)."""
+    weight = f"model.layers.{layers - 1}.mlp.down_proj.weight"
+    nodes = list(model.graph.node)
+    down = next(k for k, n in enumerate(nodes) if weight in n.input)
+    end = next(k for k in range(down + 1, len(nodes))
+               if nodes[k].op_type == "Add" and nodes[down].output[0] in nodes[k].input)
+    kept = nodes[:end + 1]
+    read = {name for n in kept for name in n.input}
+    graph = helper.make_graph(kept, "first_layers", list(model.graph.input),
+                              [_info(kept[-1].output[0], None)],
+                              [t for t in model.graph.initializer if t.name in read])
+    first = helper.make_model(graph, opset_imports=list(model.opset_import))
+    first.ir_version = model.ir_version
+    return first
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not SMOLLM2.exists(), reason="SmolLM2 not exported (tools/export_lm.py)")
+def test_smollm2_heads_and_ffn_found_groups():
+    """SmolLM2-135M's first three layers (grouped-query attention, 3 KV heads of 3 query
+    heads, RoPE; SwiGLU FFN), 8 tokens: random keep sets on every heads and FFN group."""
+    model = _first_layers(onnx.load(str(SMOLLM2)), 3)
+    tokens = np.random.default_rng(0).integers(0, 49152, (1, 8)).astype(np.int64)
+    shrunk = _check_found_on(model, seeds=(0, 1), feeds_list=[{"input_ids": tokens}],
+                             rtol=1e-4, atol=1e-4)
+    assert _stored(shrunk[0], "model.layers.0.self_attn.k_proj.weight").shape[1] < 192

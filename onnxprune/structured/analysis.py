@@ -42,7 +42,8 @@ from .op_tables import (
     UNARY_OPS,
 )
 from .propagation import Space, Walk
-from .rules_layers import layer
+from .rules_attention import batched_matmul
+from .rules_layers import layer, through_transposes
 from .rules_layout import concat, reshape, shape_read, transpose
 from .rules_norms import norm, reduce, softmax
 from .rules_pointwise import at_axis_one, elementwise, quantize, spatial, unary, unknown
@@ -82,12 +83,21 @@ class _Analysis(Walk):
         for index, node in enumerate(self.dataflow.nodes):
             if index in self.dataflow.static_nodes:
                 continue
-            if is_onnx_domain(node) and node.op_type in PRODUCER_OPS:
+            if is_onnx_domain(node) and node.op_type == "MatMul" and self._computed(node):
+                batched_matmul(self, index, node)
+            elif is_onnx_domain(node) and node.op_type in PRODUCER_OPS:
                 layer(self, index, node)
             elif any(name in self.flows for name in self.dataflow.reads[index]):
                 self._propagate(index, node)
         self._pin_escapes()
         return self._results()
+
+    def _computed(self, node: onnx.NodeProto) -> bool:
+        """Both operands of a MatMul are activations (neither stored, seen through
+        Transposes or computed from constants only)."""
+        return not any(name in self.stored or name in self.dataflow.static
+                       or through_transposes(self, name) is not None
+                       for name in node.input[:2])
 
     def _pin_escapes(self) -> None:
         main = self.index.main
@@ -188,12 +198,15 @@ class _Analysis(Walk):
                and space.consumers[0] in ("MatMul", "Gemm") and not space.residual
                and len(space.producers) <= 2)
         params = sum(self._carried(member, space.channels) for member in members)
+        kind = (StructureKind.HEADS if space.heads else StructureKind.FFN if ffn
+                else StructureKind.CHANNELS)
         return ChannelGroup(
-            name=name, kind=StructureKind.FFN if ffn else StructureKind.CHANNELS,
+            name=name, kind=kind,
             channels=space.channels, members=members,
             attributes=tuple(sorted(space.attributes.values(),
                                     key=lambda a: (a.node, a.attribute, a.index or 0))),
-            shapes=tuple(sorted(space.shapes.values(), key=lambda s: (s.tensor, s.index))),
+            shapes=tuple(sorted(space.shapes.values(), key=lambda s: (s.tensor, s.index,
+                                                                  s.node or ""))),
             multiple_of=space.multiple_of, params=params, macs=space.macs,
             output_preserving=space.preserving)
 

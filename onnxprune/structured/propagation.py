@@ -31,7 +31,8 @@ class Space:
     producers: list[int] = field(default_factory=list)  # dataflow indices
     members: dict[tuple[str, int, int], Member] = field(default_factory=dict)
     attributes: dict[tuple[str, str, int | None], AttributeEdit] = field(default_factory=dict)
-    shapes: dict[tuple[str, int], ShapeEdit] = field(default_factory=dict)
+    # by (tensor, entry, reading node): a shared constant is edited per reader
+    shapes: dict[tuple[str, int, str | None], ShapeEdit] = field(default_factory=dict)
     pins: list[tuple[DeclineCause, str]] = field(default_factory=list)
     consumers: list[str] = field(default_factory=list)  # op types reading the channels
     multiple_of: int = 1
@@ -42,6 +43,7 @@ class Space:
     # the positions of the producers' output channels this space holds, where a Split or
     # Slice divided them (None: all of them)
     section: tuple[int, int] | None = None
+    heads: bool = False  # attention heads: the channels meet on a batch axis of a MatMul
 
 
 @dataclass(frozen=True)
@@ -116,6 +118,7 @@ class Walk:
         keep.preserving = keep.preserving and gone.preserving
         keep.residual = keep.residual or gone.residual or residual
         keep.hidden = keep.hidden or gone.hidden
+        keep.heads = keep.heads or gone.heads
         keep.macs += gone.macs
 
     def divide(self, space: int, cuts: Sequence[int]) -> list[tuple[int, int]]:
@@ -142,7 +145,7 @@ class Walk:
             piece.consumers = list(whole.consumers)
             piece.multiple_of = whole.multiple_of
             piece.preserving, piece.residual = whole.preserving, whole.residual
-            piece.hidden = whole.hidden
+            piece.hidden, piece.heads = whole.hidden, whole.heads
             piece.macs = whole.macs * (stop - start) // whole.channels
             if (stop - start) % whole.multiple_of:
                 piece.pins.append((DeclineCause.GROUPS_DISAGREE,
@@ -168,6 +171,35 @@ class Walk:
             self.flows[name] = Flow(tuple(sections), flow.channels, flow.axis, flow.rank,
                                     flow.block)
         return pieces
+
+    def reblock(self, space: int, factor: int) -> str | None:
+        """Make every `factor` consecutive channels of `space` one channel (a Reshape that
+        splits the channels into heads of `factor` each): its members' blocks, shape edits
+        and every flow that carries it follow. Returns why it cannot, or None where done: a
+        count that `factor` does not divide, a member or a flow that holds the space at an
+        offset inside a unit, an attribute that counts the channels."""
+        root = self.root(space)
+        whole = self.spaces[root]
+        if whole.channels % factor:
+            return f"{whole.channels} channels are not whole units of {factor}"
+        if whole.attributes:
+            return "an attribute counts the channels one by one"
+        if any(member.offset % (member.block * factor) for member in whole.members.values()):
+            return "a member holds the channels at an offset inside a unit"
+        carrying = {name: flow for name, flow in self.flows.items()
+                    if any(self.root(s) == root for s, _ in flow.sections)}
+        if any(len(flow.sections) != 1 or flow.sections[0][1] for flow in carrying.values()):
+            return "the channels are concatenated with others"
+        whole.channels //= factor
+        whole.members = {key: replace(member, block=member.block * factor)
+                         for key, member in whole.members.items()}
+        whole.shapes = {key: replace(edit, per_channel=edit.per_channel * factor)
+                        for key, edit in whole.shapes.items()}
+        whole.multiple_of //= math.gcd(whole.multiple_of, factor)
+        for name, flow in carrying.items():
+            self.flows[name] = Flow(flow.sections, flow.channels // factor, flow.axis,
+                                    flow.rank, flow.block * factor)
+        return None
 
     def pin(self, flow: Flow | None, cause: DeclineCause, detail: str) -> None:
         if flow is None:

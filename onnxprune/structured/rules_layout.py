@@ -9,6 +9,7 @@ import onnx
 from ..graph import attribute
 from .groups import DeclineCause, ShapeEdit
 from .propagation import Flow, Walk
+from .rules_attention import find_split, split_heads
 from .rules_pointwise import meet, operand
 from .shapes import Dim, product
 
@@ -57,6 +58,11 @@ def reshape(walk: Walk, index: int, node: onnx.NodeProto, flow: Flow) -> None:
         if block > 1:  # the channel axis merged with (some of) the axes after it
             target = position
             break
+    if target is None and flow.block == 1:
+        split = find_split(before, after, channel, flow.channels)
+        if split is not None:  # into heads: the first of the new axes holds the channels
+            split_heads(walk, index, node, flow, after, *split)
+            return
     if target is None or flow.block > 1:
         walk.pin(flow, DeclineCause.AXIS_MIXED,
                  f"{op} {label} merges or splits the channel axis")
@@ -74,7 +80,7 @@ def reshape(walk: Walk, index: int, node: onnx.NodeProto, flow: Flow) -> None:
                          f"Reshape {label} of concatenated channels")
             reader = label if walk.uses(shape_name) > 1 else None
             for space, _ in flow.sections:
-                walk.space(space).shapes[(shape_name, target)] = ShapeEdit(
+                walk.space(space).shapes[(shape_name, target, reader)] = ShapeEdit(
                     shape_name, target, block, reader)
         elif len(values) == len(after) and int(values[target]) == 0 and target != channel:
             walk.pin(flow, DeclineCause.AXIS_MIXED, f"Reshape {label} copies a dim")

@@ -116,7 +116,7 @@ def operand(walk: Walk, flow: Flow, name: str, where: str) -> None:
                 walk.pin(flow, DeclineCause.GROUPS_DISAGREE,
                           f"{where}: reshaped constant over concatenated channels")
             for space, _ in flow.sections:
-                walk.space(space).shapes[(edit.tensor, edit.index)] = edit
+                walk.space(space).shapes[(edit.tensor, edit.index, edit.node)] = edit
         return
     cause, detail = walk.origin(name)
     walk.pin(flow, cause, f"{where} {detail}")

@@ -191,4 +191,4 @@ def _shape_edit(walk: Walk, flow: Flow, tensor: str, position: int, per_channel:
         return
     space = walk.space(flow.sections[0][0])
     node = reader if walk.uses(tensor) > 1 else None
-    space.shapes[(tensor, position)] = ShapeEdit(tensor, position, per_channel, node)
+    space.shapes[(tensor, position, node)] = ShapeEdit(tensor, position, per_channel, node)
