@@ -501,6 +501,52 @@ def test_heads_met_by_a_graph_input_on_their_axis_pin_them():
     assert causes(proto)["v0"] is DeclineCause.GRAPH_INPUT
 
 
+def fused_attention(kv_heads: int = 2, group: int = 2, head_dim: int = 3, hidden: int = 8,
+                    microsoft: bool = False):
+    """q/k/v MatMuls -> ai.onnx Attention (opset 23; q_num_heads, kv_num_heads) or
+    com.microsoft MultiHeadAttention (num_heads) on [B, S, heads·D] -> o_proj."""
+    heads = kv_heads * group
+    if microsoft:
+        attention_node = helper.make_node("MultiHeadAttention", ["q", "k", "v"], ["a"],
+                                          name="attn", domain="com.microsoft",
+                                          num_heads=heads)
+    else:
+        attention_node = helper.make_node("Attention", ["q", "k", "v"], ["a"], name="attn",
+                                          q_num_heads=heads, kv_num_heads=kv_heads)
+    nodes = [node("MatMul", ["x", "Wq"], ["q"]), node("MatMul", ["x", "Wk"], ["k"]),
+             node("MatMul", ["x", "Wv"], ["v"]), attention_node,
+             node("MatMul", ["a", "Wo"], ["y"])]
+    inits = [weight("Wq", hidden, heads * head_dim), weight("Wk", hidden, kv_heads * head_dim),
+             weight("Wv", hidden, kv_heads * head_dim), weight("Wo", heads * head_dim, hidden)]
+    proto = model(nodes, [("x", [1, 5, hidden])], ["y"], inits, opset=17 if microsoft else 23)
+    if microsoft:
+        proto.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    return proto
+
+
+@pytest.mark.parametrize("microsoft", [False, True])
+def test_fused_attention_heads_are_attribute_edits(microsoft):
+    """A channel is a KV head with its query heads; q_num_heads counts `group` per channel."""
+    kv_heads, group_size = (4, 1) if microsoft else (2, 2)
+    group = one_group(fused_attention(kv_heads, group_size, microsoft=microsoft))
+    assert group.kind is StructureKind.HEADS and group.channels == kv_heads
+    out, inp = MemberRole.OUTPUT, MemberRole.INPUT
+    assert set(group.members) == {Member("Wq", 1, out, 0, 3 * group_size),
+                                  Member("Wk", 1, out, 0, 3), Member("Wv", 1, out, 0, 3),
+                                  Member("Wo", 0, inp, 0, 3 * group_size)}
+    expected = ((AttributeEdit("attn", "num_heads"),) if microsoft else
+                (AttributeEdit("attn", "kv_num_heads"),
+                 AttributeEdit("attn", "q_num_heads", 1, None, 2)))
+    assert group.attributes == expected
+
+
+def test_fused_attention_with_present_key_values_is_declined():
+    proto = fused_attention()
+    attention_node = next(n for n in proto.graph.node if n.name == "attn")
+    attention_node.output.extend(["present_k", "present_v"])
+    assert causes(proto)["q"] is DeclineCause.AXIS_MIXED
+
+
 # ---- one test per decline rule -----------------------------------------------------------
 
 

@@ -844,3 +844,20 @@ def test_smollm2_heads_and_ffn_found_groups():
     shrunk = _check_found_on(model, seeds=(0, 1), feeds_list=[{"input_ids": tokens}],
                              rtol=1e-4, atol=1e-4)
     assert _stored(shrunk[0], "model.layers.0.self_attn.k_proj.weight").shape[1] < 192
+
+
+@pytest.mark.parametrize("kv_heads,group,microsoft", [(2, 2, False), (3, 1, False),
+                                                      (4, 1, True)])
+def test_fused_attention_heads_found_groups(kv_heads, group, microsoft):
+    """ai.onnx Attention (q_num_heads = kept KV heads x group, kv_num_heads) and
+    com.microsoft MultiHeadAttention (num_heads): shrink == zeroed."""
+    from test_structured_analysis import fused_attention
+
+    model = fused_attention(kv_heads, group, microsoft=microsoft)
+    model.graph.output[0].CopyFrom(_info("y", [1, 5, 8]))  # onnx cannot infer contrib ops
+    for shrunk in _check_found_on(model):
+        kept = _stored(shrunk, "Wk").shape[1] // 3
+        attention = next(n for n in shrunk.graph.node if n.name == "attn")
+        values = {a.name: a.i for a in attention.attribute}
+        assert values == ({"num_heads": kept} if microsoft else
+                          {"q_num_heads": kept * group, "kv_num_heads": kept})

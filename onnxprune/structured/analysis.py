@@ -42,7 +42,7 @@ from .op_tables import (
     UNARY_OPS,
 )
 from .propagation import Space, Walk
-from .rules_attention import batched_matmul
+from .rules_attention import FUSED_ATTENTION, batched_matmul, fused_attention
 from .rules_layers import layer, through_transposes
 from .rules_layout import concat, reshape, shape_read, transpose
 from .rules_norms import norm, reduce, softmax
@@ -119,6 +119,9 @@ class _Analysis(Walk):
             for each in blocked:  # channels of several positions each: few rules follow them
                 self.pin(each, DeclineCause.AXIS_MIXED, f"{op} {self.labels[index]} reads "
                          f"channels of {each.block} positions each")
+        elif (("" if standard else node.domain, op) in FUSED_ATTENTION
+              and (not standard or self.opset >= 23)):
+            fused_attention(self, index, node)
         elif (standard or microsoft) and op in ELEMENTWISE_OPS:
             elementwise(self, index, node)
         elif (standard or microsoft) and op in UNARY_OPS and flow is not None:

@@ -62,12 +62,16 @@ class AttributeEdit:
     becomes ``kept // channels_per_unit`` (a grouped Conv's `group` when every group keeps
     the same count; `num_heads` of an attention op, with `channels_per_unit` = 1 head).
     Where `index` is set the attribute is a list of integers and only that entry counts the
-    channels (a section's size in the `split` attribute of a Split before opset 13)."""
+    channels (a section's size in the `split` attribute of a Split before opset 13). Where
+    one channel is several units (a KV head with its query heads: `q_num_heads` counts
+    `units_per_channel` per channel) it becomes ``kept * units_per_channel //
+    channels_per_unit``."""
 
     node: str  # the node's name
     attribute: str
     channels_per_unit: int = 1
     index: int | None = None
+    units_per_channel: int = 1
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import onnx
 
-from .groups import DeclineCause, ShapeEdit
+from .groups import AttributeEdit, DeclineCause, ShapeEdit
 from .propagation import Flow, Walk
 from .rules_pointwise import meet
 from .shapes import Dim, product
@@ -121,3 +121,89 @@ def batched_matmul(walk: Walk, index: int, node: onnx.NodeProto) -> None:
         target.heads = True
         target.macs += macs * target.channels // merged.channels
     walk.flows[output] = merged.moved(merged.axis, walk.rank(merged, output))
+
+
+# The heads attributes of attention ops on 3-D q, k, v ([B, S, heads·D]): the query heads'
+# attribute and the KV heads' (None: the same as the query heads'), and the inputs that may
+# be given besides q, k, v (masks and biases broadcast over the heads, checked by shape).
+FUSED_ATTENTION = {
+    ("", "Attention"): ("q_num_heads", "kv_num_heads", (3,)),
+    ("com.microsoft", "MultiHeadAttention"): ("num_heads", None, (4, 5)),
+}
+
+
+def fused_attention(walk: Walk, index: int, node: onnx.NodeProto) -> None:
+    """ai.onnx Attention (opset 23) and com.microsoft MultiHeadAttention on 3-D q, k, v:
+    the projections' columns are split into heads by the op itself. A channel is a KV head
+    with its G query heads (G·D columns of q, D of k and v, G·Dv of the output); the heads
+    attributes become attribute edits. Past/present key values, a packed or 4-D layout and
+    a mask or bias per head are not followed."""
+    label = walk.labels[index]
+    domain = "" if node.domain in ("", "ai.onnx") else node.domain
+    q_attr, kv_attr, optional = FUSED_ATTENTION[(domain, node.op_type)]
+    reads = [walk.flows.get(name) for name in node.input[:3]]
+    everything = [walk.flows[name] for name in walk.dataflow.reads[index] if name in walk.flows]
+    why = _fused_layout(walk, node, reads, optional)
+    heads = _int_attribute(node, q_attr)
+    kv_heads = _int_attribute(node, kv_attr) if kv_attr else heads
+    if why is None and (not heads or not kv_heads or heads % kv_heads):
+        why = f"heads attributes {q_attr}={heads}, {kv_attr}={kv_heads}"
+    if why is not None:
+        for flow in everything:
+            walk.pin(flow, DeclineCause.AXIS_MIXED, f"{node.op_type} {label}: {why}")
+        return
+    q, k, v = (flow for flow in reads if flow is not None)
+    group = heads // kv_heads
+    units = [(q, q.channels // kv_heads), (k, k.channels // kv_heads),
+             (v, v.channels // kv_heads)]
+    for flow, factor in units:
+        reason: str | None
+        if flow.channels % kv_heads or (flow is q and (flow.channels // heads) * heads
+                                        != flow.channels):
+            reason = f"{flow.channels} columns are not whole heads"
+        else:
+            reason = walk.reblock(flow.sections[0][0], factor)
+        if reason is not None:
+            for each in everything:
+                walk.pin(each, DeclineCause.GROUPS_DISAGREE,
+                         f"{node.op_type} {label} splits the columns into heads: {reason}")
+            return
+    first = q.sections[0][0]
+    for flow, _ in units[1:]:
+        walk.union(first, flow.sections[0][0], False)
+    space = walk.space(first)
+    space.heads = True
+    space.attributes[(label, q_attr, None)] = AttributeEdit(label, q_attr, 1, None, group)
+    if kv_attr:
+        space.attributes[(label, kv_attr, None)] = AttributeEdit(label, kv_attr)
+    walk.flows[node.output[0]] = Flow(q.sections, kv_heads, -1, 3,
+                                      group * (v.channels // kv_heads))
+
+
+def _fused_layout(walk: Walk, node: onnx.NodeProto, reads: list[Flow | None],
+                  optional: tuple[int, ...]) -> str | None:
+    """Why the inputs and outputs of a fused attention op are not followed, or None."""
+    if any(flow is None for flow in reads):
+        return "q, k and v are not all projections"
+    if any(flow.axis != -1 or flow.block > 1 or len(flow.sections) != 1
+           or walk.rank(flow, name) != 3 for flow, name in zip(reads, node.input, strict=False)
+           if flow is not None):
+        return "q, k and v are not [B, S, heads·D] projections"
+    roots = {walk.root(flow.sections[0][0]) for flow in reads if flow is not None}
+    if len(roots) != 3:
+        return "q, k and v share their columns"
+    for slot, name in enumerate(node.input):
+        if slot < 3 or not name:
+            continue
+        if slot not in optional or name in walk.flows or walk.dim_at(name, -3) != 1:
+            return f"input {slot} ({name}) is per head or not followed"
+    if any(name for name in node.output[1:]):
+        return "present key values or scores are outputs"
+    return None
+
+
+def _int_attribute(node: onnx.NodeProto, name: str) -> int:
+    for attr in node.attribute:
+        if attr.name == name:
+            return int(attr.i)
+    return 0

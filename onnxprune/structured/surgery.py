@@ -293,7 +293,9 @@ def _edit_attributes(model: onnx.ModelProto, groups: Sequence[ChannelGroup],
             found = nodes.get(edit.node, [])
             if len(found) != 1:
                 raise ValueError(f"{what}: {len(found)} nodes have that name (one is needed)")
-            if edit.channels_per_unit < 1 or kept % edit.channels_per_unit:
+            units = kept * edit.units_per_channel
+            if edit.channels_per_unit < 1 or edit.units_per_channel < 1 or (
+                    units % edit.channels_per_unit):
                 raise ValueError(f"{what}: {kept} kept channels are not whole units of "
                                  f"{edit.channels_per_unit}")
             node = found[0]
@@ -301,7 +303,7 @@ def _edit_attributes(model: onnx.ModelProto, groups: Sequence[ChannelGroup],
             if key in done and done[key] != group.name:
                 raise ValueError(f"{what}: also edited by group {done[key]!r}")
             done[key] = group.name
-            _set_int_attribute(node, edit.attribute, kept // edit.channels_per_unit, what,
+            _set_int_attribute(node, edit.attribute, units // edit.channels_per_unit, what,
                                edit.index)
 
 
