@@ -218,6 +218,14 @@ def _biases_swapped(model) -> None:
         tensor.name = names.get(tensor.name, tensor.name)
 
 
+def _bad_perm(model) -> None:
+    """A Transpose on the attention's value path with perm [0, 0, 0, 0] (the full check
+    rejects it; the plain checker and `inspect` do not)."""
+    node = next(n for n in model.graph.node
+                if n.op_type == "Transpose" and "v_proj" in n.output[0])
+    next(a for a in node.attribute if a.name == "perm").ints[:] = [0, 0, 0, 0]
+
+
 @pytest.mark.parametrize("base,mutate", [
     pytest.param("mlp", _bad_const, marks=pytest.mark.xfail(
         strict=True, reason="onnxprune bug: api._prune_structured saves the output, then "
@@ -230,11 +238,17 @@ def _biases_swapped(model) -> None:
         strict=True, reason="onnxprune bug: internal error (exit 3), ValueError at "
                             "structured/scores.py channel_slices: cannot reshape 64 into "
                             "(128, -1)")),
-], ids=["checker-refusal-leaves-output", "gemm-transB-undefined", "conv-bias-length"])
+    pytest.param("transformer", _bad_perm, marks=pytest.mark.xfail(
+        strict=True, reason="onnxprune bug: internal error (exit 3) in inspect --structured "
+                            "and prune --structure, ValueError '2 is not in list' at "
+                            "structured/rules_layout.py transpose (perm.index)")),
+], ids=["checker-refusal-leaves-output", "gemm-transB-undefined", "conv-bias-length",
+        "transpose-perm-not-a-permutation"])
 def test_structured_prune_of_an_invalid_model_refuses_cleanly(tmp_path: Path, capsys, base,
                                                               mutate) -> None:
-    """A structured prune of a model whose tensors contradict its graph ends in exit 0
-    (the bad part declined) or a one-line exit-2 refusal, with no output left behind."""
+    """`inspect --structured` and a structured prune of a model whose tensors or attributes
+    contradict its graph end in exit 0 (the bad part declined) or a one-line exit-2
+    refusal, with no output left behind."""
     from onnxprune.cli import main
 
     model = onnx.load(str(MODELS_DIR / f"{base}.onnx"))
@@ -243,11 +257,13 @@ def test_structured_prune_of_an_invalid_model_refuses_cleanly(tmp_path: Path, ca
     onnx.save(model, str(path))
     out_dir = tmp_path / "out"
     out_dir.mkdir()
-    code = main(["prune", str(path), "-o", str(out_dir / "out.onnx"), "--structure",
-                 "channels", "-q"])
-    errors = [line for line in capsys.readouterr().err.splitlines()
-              if line.startswith("onnxprune:")]
-    assert code in (0, 2), errors
-    if code == 2:
-        assert len(errors) == 1 and errors[0].startswith("onnxprune: error: "), errors
-        assert not list(out_dir.iterdir())
+    for argv in (["inspect", str(path), "--structured"],
+                 ["prune", str(path), "-o", str(out_dir / "out.onnx"), "--structure",
+                  "channels", "-q"]):
+        code = main(argv)
+        errors = [line for line in capsys.readouterr().err.splitlines()
+                  if line.startswith("onnxprune:")]
+        assert code in (0, 2), (argv[0], errors)
+        if code == 2:
+            assert len(errors) == 1 and errors[0].startswith("onnxprune: error: "), errors
+            assert not list(out_dir.iterdir())
