@@ -41,6 +41,9 @@ def test_kept_counts_round_up_to_the_unit_and_never_vanish():
     assert rounded_count(_group(256), 0.0, 8) == 8  # one unit at least
     assert rounded_count(_group(20), 19, 8) == 20  # a rounding above the count keeps all
     assert rounded_count(_group(96, multiple_of=3), 40, 8) == 48  # lcm(8, 3) = 24
+    heads = ChannelGroup("h", StructureKind.HEADS, 3, (Member("q", 1, MemberRole.OUTPUT, 0, 192),
+                                                      Member("k", 1, MemberRole.OUTPUT, 0, 64)))
+    assert rounded_count(heads, 1.5, 8) == 2  # a head of 64 columns is already 8-aligned
     counts = uniform_counts([_group(64, name="a"), _group(100, name="b")], 0.25, 8)
     assert counts == {"a": 48, "b": 80}
 

@@ -21,8 +21,13 @@ from .groups import ChannelGroup
 
 
 def unit(group: ChannelGroup, round_to: int) -> int:
-    """The step of the group's kept counts: a multiple of `round_to` and `multiple_of`."""
-    return math.lcm(max(1, round_to), max(1, group.multiple_of))
+    """The step of the group's kept counts (in channels): the kept widths of its tensors are
+    multiples of `round_to` positions, and the count a multiple of `multiple_of`. A channel
+    of `block` positions (an attention head of 64 columns) already is one for any
+    `round_to` dividing its block."""
+    block = min((m.block for m in group.members), default=1)
+    positions = math.lcm(max(1, round_to), max(1, block))
+    return math.lcm(positions // max(1, block), max(1, group.multiple_of))
 
 
 def rounded_count(group: ChannelGroup, wanted: float, round_to: int) -> int:
