@@ -498,11 +498,17 @@ def test_metadata_marks_the_formats_used():
     assert not model.graph.value_info
 
 
-def test_folding_check_sees_unfolded_rebuilds():
+def _compact_matmul_model() -> onnx.ModelProto:
+    """A MatMul whose weight (90 % pruned) is stored compact: a rebuild to fold."""
     rng = np.random.default_rng(0)
     pruned = prune(random_weights((64, 16), np.float32, rng), 0.9, Pattern(), 0, rng)
     model = matmul_model(pruned)
     formats.store(only_target(model), pruned, "compact", model=model)
+    return model
+
+
+def test_folding_check_sees_unfolded_rebuilds():
+    model = _compact_matmul_model()
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     assert formats.unfolded_rebuild_nodes(model, options)
@@ -683,10 +689,7 @@ def test_onnxruntime_removes_no_initializer_of_a_two_four_transformer(tmp_path, 
 
 
 def test_folding_check_leaves_the_callers_options_alone():
-    rng = np.random.default_rng(0)
-    pruned = prune(random_weights((64, 16), np.float32, rng), 0.9, Pattern(), 0, rng)
-    model = matmul_model(pruned)
-    formats.store(only_target(model), pruned, "compact", model=model)
+    model = _compact_matmul_model()
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     options.intra_op_num_threads = 1
