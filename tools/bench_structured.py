@@ -717,13 +717,16 @@ def _pruned_summary(data: dict, prune_s: float) -> dict:
     kinds = Counter(g["kind"] for g in groups)
     channels = sum(g["channels"] for g in groups)
     kept = sum(g["kept"] for g in groups)
+    per_kind = {kind: (sum(g["channels"] for g in groups if g["kind"] == kind),
+                       sum(g["kept"] for g in groups if g["kind"] == kind))
+                for kind in sorted(kinds)}
     declined = Counter(d["cause"] for d in data.get("declined", []))
-    text = (", ".join(f"{n} {k} groups" for k, n in sorted(kinds.items()))
-            + f", channels {channels} -> {kept}; "
-            + f"{data.get('sparsity', 0.0):.1%} of the groups' parameters removed; "
+    text = ("; ".join(f"{kinds[k]} {k} groups, {k} channels {before} -> {after}"
+                      for k, (before, after) in per_kind.items())
+            + f"; {data.get('sparsity', 0.0):.1%} of the groups' parameters removed; "
             + f"{len(data.get('not_selected', []))} groups not selected; declined: "
             + (", ".join(f"{n} {c}" for c, n in declined.most_common()) or "none"))
-    return {"groups": dict(kinds), "channels": channels, "kept": kept,
+    return {"groups": dict(kinds), "channels": channels, "kept": kept, "per_kind": per_kind,
             "group_sparsity": data.get("sparsity"), "declined": dict(declined),
             "not_selected": len(data.get("not_selected", [])),
             "report_macs_removed": data.get("macs_removed"),
@@ -793,6 +796,24 @@ def markdown(rows: list[Row]) -> str:
                       f"{min(loads):.1f}-{max(loads):.1f}" if loads else ""]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines)
+
+
+# issue #18's targets: latency at batch 1 (SmolLM2: 128 tokens) as a ratio to dense
+TARGETS = {("yolov8n", "50%"): 0.55, ("yolov8n", "25%"): 0.85,
+           ("smollm2", "50%"): 0.70, ("smollm2", "25%"): 0.85}
+
+
+def target_lines(rows: list[Row]) -> list[str]:
+    lines = []
+    for row in rows:
+        limit = TARGETS.get((row.model, row.level))
+        if limit is None or not row.latency:
+            continue
+        ratio = row.latency[0]["ratio"]
+        verdict = "meets" if ratio <= limit else "MISSES"
+        lines.append(f"- target {row.model} {row.level} ({row.structure}), latency x dense "
+                     f"at {row.latency[0]['shape']} <= {limit}: {ratio:.3f}, {verdict} it")
+    return ["", "Issue #18 targets:", *lines] if lines else []
 
 
 def machine() -> str:
@@ -893,6 +914,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"({counted['source']}, {counted['unknown_nodes']} unknown)")
         elif row.pruned.get("text"):
             print(f"- {row.model} {row.level}: {row.pruned['text']}")
+    for line in target_lines(rows):
+        print(line)
     if args.json:
         Path(args.json).write_text(json.dumps(
             {"machine": machine(), "threads": args.threads, "runs": args.runs,
