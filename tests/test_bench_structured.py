@@ -65,3 +65,12 @@ def test_unknown_model_is_a_usage_error():
     with pytest.raises(SystemExit) as exc:
         _tool().main(["--models", "no-such-model"])
     assert exc.value.code == 2
+
+
+def test_a_refused_prune_is_a_row_not_a_crash(capsys):
+    # the demo MLP has no attention heads: onnxprune refuses, the table says so
+    assert _tool().main(["--quick", "--models", "digits", "--levels", "0.5",
+                         "--structure", "heads"]) == 0
+    rows = _table(capsys.readouterr().out)[2:]
+    assert [row[2] for row in rows] == ["dense", "50%"]
+    assert rows[1][3].startswith("failed: NothingToPruneError")
