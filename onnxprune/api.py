@@ -121,18 +121,27 @@ def _prune_structured(model: ModelLike, output: Path | None, config: PruneConfig
                       ) -> tuple[onnx.ModelProto, Report]:
     """`prune` with `config.structure`: whole channels removed (`structured.run`)."""
     from .structured.run import prune_structured
-    from .structured.surgery import check_shrunk_file
+    from .structured.surgery import SurgeryError, check_shrunk_file
 
     input_path = None if isinstance(model, onnx.ModelProto) else Path(model)
     loaded = _load(model, base_dir, inplace, lazy=output is not None)
     file_bytes_before = model_file_bytes(input_path) if input_path else loaded.proto.ByteSize()
-    result = prune_structured(loaded, config)
-    stamp_provenance(result.model, structured_provenance(config, result))
-    shrunk = LoadedModel(result.model, loaded.path, loaded.base_dir,
-                         loaded.uses_external_data, loaded.lazy)
+    try:
+        result = prune_structured(loaded, config)
+        stamp_provenance(result.model, structured_provenance(config, result))
+        shrunk = LoadedModel(result.model, loaded.path, loaded.base_dir,
+                             loaded.uses_external_data, loaded.lazy)
+        if output is not None:
+            save_model(shrunk, output, durable=durable)
+            try:
+                check_shrunk_file(Path(output))
+            except SurgeryError:
+                _discard_output(Path(output))  # a failed run leaves no output behind
+                raise
+    except SurgeryError as exc:
+        _refuse_if_input_invalid(input_path, loaded, exc)
+        raise
     if output is not None:
-        save_model(shrunk, output, durable=durable)
-        check_shrunk_file(Path(output))
         proto = load_model(Path(output), lazy=True).proto
         file_bytes = model_file_bytes(Path(output))
     else:
@@ -148,6 +157,28 @@ def _prune_structured(model: ModelLike, output: Path | None, config: PruneConfig
     if return_masks:
         report.masks = MaskSet.from_arrays(_group_masks(result))
     return proto, report
+
+
+def _discard_output(output: Path) -> None:
+    for path in (output, output.with_name(output.name + ".data")):
+        path.unlink(missing_ok=True)
+
+
+def _refuse_if_input_invalid(input_path: Path | None, loaded: LoadedModel,
+                             error: Exception) -> None:
+    """Say so when the model given already fails the ONNX checker (the rewrite needs one
+    that passes it); otherwise the shrunk model's failure stands."""
+    from .errors import ConfigError
+
+    try:
+        onnx.checker.check_model(str(input_path) if input_path else loaded.proto,
+                                 full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+        first = next((line.strip() for line in str(exc).splitlines() if line.strip()),
+                     type(exc).__name__)
+        name = input_path or "the model"
+        raise ConfigError(f"{name} fails the ONNX checker ({first}); structured pruning "
+                          "rewrites shapes and needs a model that passes it") from error
 
 
 def _group_masks(result) -> dict[str, np.ndarray]:

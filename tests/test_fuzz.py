@@ -104,14 +104,6 @@ def structured_summary():
     return fuzz.fuzz(STRUCTURED_CASES, seed=20261130, commands=(), structured=True)
 
 
-def _known_partial_output(outcome) -> bool:
-    """The breach of test_structured_checker_refusal_leaves_no_output (an onnxprune bug:
-    the output is written before the checker refuses it)."""
-    return outcome.detail.startswith("onnxprune: error: the shrunk model fails the ONNX "
-                                     "checker") and \
-        all(b.startswith("failed run left") for b in outcome.breaches)
-
-
 def test_structured_no_internal_errors(structured_summary) -> None:
     sites = collections.Counter(o.detail for o in structured_summary.internal)
     assert not sites, structured_summary.report()
@@ -120,9 +112,7 @@ def test_structured_no_internal_errors(structured_summary) -> None:
 def test_structured_outputs_pass_the_checker_and_run(structured_summary) -> None:
     """Every structured prune that exits 0 writes a model that passes the full checker,
     keeps the graph outputs and runs where its input runs; no other invariant breaks."""
-    breaches = [(o.argv, o.breaches) for o in structured_summary.breaches
-                if not _known_partial_output(o)]
-    assert not breaches, structured_summary.report()
+    assert not structured_summary.breaches, structured_summary.report()
 
 
 def test_structured_slice_runs_both_commands(structured_summary) -> None:
@@ -193,8 +183,8 @@ def test_output_checker_survives_a_hang(tmp_path: Path, monkeypatch) -> None:
         assert checker.problems(MODELS_DIR / "mlp.onnx", out) == []
 
 
-# found by `python tools/fuzz.py --structured --cases 600 --seed 3`; bugs of onnxprune's
-# structured path (not of the fuzzer): remove the marker when fixed
+# found by `python tools/fuzz.py --structured --cases 600 --seed 3` (each failed before the
+# fix: an output left behind after a refusal, or an internal error)
 
 def _bad_const(model) -> None:
     """An unused Constant node with two values: onnx.checker rejects the model."""
@@ -227,21 +217,8 @@ def _bad_perm(model) -> None:
 
 
 @pytest.mark.parametrize("base,mutate", [
-    pytest.param("mlp", _bad_const, marks=pytest.mark.xfail(
-        strict=True, reason="onnxprune bug: api._prune_structured saves the output, then "
-                            "check_shrunk_file refuses it (exit 2) and the file stays")),
-    pytest.param("mlp", _transb_undefined, marks=pytest.mark.xfail(
-        strict=True, reason="onnxprune bug: internal error (exit 3), ValueError at "
-                            "structured/surgery.py _sections: fc2.weight axis 0 has 256, "
-                            "not 512")),
-    pytest.param("cnn", _biases_swapped, marks=pytest.mark.xfail(
-        strict=True, reason="onnxprune bug: internal error (exit 3), ValueError at "
-                            "structured/scores.py channel_slices: cannot reshape 64 into "
-                            "(128, -1)")),
-    pytest.param("transformer", _bad_perm, marks=pytest.mark.xfail(
-        strict=True, reason="onnxprune bug: internal error (exit 3) in inspect --structured "
-                            "and prune --structure, ValueError '2 is not in list' at "
-                            "structured/rules_layout.py transpose (perm.index)")),
+    ("mlp", _bad_const), ("mlp", _transb_undefined), ("cnn", _biases_swapped),
+    ("transformer", _bad_perm),
 ], ids=["checker-refusal-leaves-output", "gemm-transB-undefined", "conv-bias-length",
         "transpose-perm-not-a-permutation"])
 def test_structured_prune_of_an_invalid_model_refuses_cleanly(tmp_path: Path, capsys, base,

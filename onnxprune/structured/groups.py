@@ -129,6 +129,9 @@ class DeclineCause(enum.Enum):
     GROUPS_DISAGREE = "groups_disagree"  # sections or groups that cannot keep one set
     DYNAMIC_SHAPE = "dynamic_shape"  # the channel count is not known statically
     TOO_FEW_CHANNELS = "too_few_channels"
+    # a member's stored shape does not hold the group's channels (a model onnxruntime would
+    # refuse, or attributes read another way than the tensors were made for)
+    SHAPE_MISMATCH = "shape_mismatch"
     SHAPE_READ = "shape_read"  # a Shape/Size op reads the channel count
 
 

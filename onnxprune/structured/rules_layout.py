@@ -22,6 +22,10 @@ def transpose(walk: Walk, index: int, node: onnx.NodeProto, flow: Flow) -> None:
                   f"Transpose {walk.labels[index]}: rank unknown")
         return
     perm = list(perm) if perm else list(reversed(range(rank)))
+    if sorted(perm) != list(range(rank)):  # an invalid model: nothing can be proven
+        walk.pin(flow, DeclineCause.AXIS_MIXED,
+                 f"Transpose {walk.labels[index]}: perm {perm} is not a permutation")
+        return
     channel = perm.index(flow.axis + rank)
     walk.flows[node.output[0]] = flow.moved(channel - rank, rank)
 

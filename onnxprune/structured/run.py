@@ -27,7 +27,7 @@ from ..graph import GraphIndex
 from ..io import LoadedModel, read_array
 from ..io.tensors import tensor_numel
 from .analysis import find_groups
-from .groups import ChannelGroup, Declined, Member, StructureKind
+from .groups import ChannelGroup, DeclineCause, Declined, Member, StructureKind
 from .selection import global_counts, keep_sets, uniform_counts
 from .surgery import check_shrunk, shrink
 
@@ -85,6 +85,8 @@ def prune_structured(loaded: LoadedModel, config: PruneConfig) -> StructuredResu
     groups, declined = find_groups(loaded.proto, allow_norm=config.allow_norm,
                                    allow_hidden=config.allow_hidden)
     selected, skipped = _select(groups, kinds, config)
+    selected, misfits = _fitting(selected, _member_tensors(loaded, groups, strict=False))
+    declined = [*declined, *misfits]
     if not selected:
         raise NothingToPruneError(
             f"nothing to prune: no channel group of --structure {config.structure} qualified "
@@ -128,11 +130,42 @@ def _select(groups: Sequence[ChannelGroup], kinds: frozenset[StructureKind],
     return selected, skipped
 
 
-def _member_tensors(loaded: LoadedModel, groups: Sequence[ChannelGroup]
+def _member_tensors(loaded: LoadedModel, groups: Sequence[ChannelGroup], strict: bool = True
                     ) -> dict[str, onnx.TensorProto]:
-    """The stored tensor of every member, by name (values not read)."""
+    """The stored tensor of every member, by name (values not read); with `strict` False
+    a member not found is left out."""
     by_name = {stored.name: stored.tensor for stored in GraphIndex(loaded.proto).stored}
-    return {m.tensor: by_name[m.tensor] for g in groups for m in g.members}
+    return {m.tensor: by_name[m.tensor] for g in groups for m in g.members
+            if strict or m.tensor in by_name}
+
+
+def _fitting(groups: Sequence[ChannelGroup], stored: dict[str, onnx.TensorProto]
+             ) -> tuple[list[ChannelGroup], list[Declined]]:
+    """The groups whose members' stored shapes hold their channels, and declines for the
+    others (a bias of the wrong length, a transpose attribute of an unreadable type)."""
+    fitting: list[ChannelGroup] = []
+    misfits: list[Declined] = []
+    for group in groups:
+        problem = next((_misfit(group, m, stored.get(m.tensor)) for m in group.members
+                        if _misfit(group, m, stored.get(m.tensor))), None)
+        if problem:
+            misfits.append(Declined(group.name, DeclineCause.SHAPE_MISMATCH, problem))
+        else:
+            fitting.append(group)
+    return fitting, misfits
+
+
+def _misfit(group: ChannelGroup, member: Member, tensor: onnx.TensorProto | None) -> str:
+    if tensor is None:
+        return f"{member.tensor} is not a stored tensor"
+    dims = list(tensor.dims)
+    if not 0 <= member.axis < len(dims):
+        return f"{member.tensor} has no axis {member.axis}"
+    needed = member.offset + group.channels * member.block
+    if dims[member.axis] < needed:
+        return (f"axis {member.axis} of {member.tensor} has {dims[member.axis]} positions, "
+                f"the group needs {needed}")
+    return ""
 
 
 def _values(group: ChannelGroup, stored: dict[str, onnx.TensorProto], loaded: LoadedModel
