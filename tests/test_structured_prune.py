@@ -175,3 +175,19 @@ def test_allow_hidden_lifts_the_residual_stream_decline(models_dir, capsys):
     assert "residual_stream" in causes[False] and "residual_stream" not in causes[True]
     config = PruneConfig(structure="ffn", allow_norm=True, allow_hidden=True)
     assert config.allow_norm and config.allow_hidden
+
+
+def test_a_group_whose_tensors_cannot_hold_its_channels_is_declined(models_dir):
+    """conv3 and conv4 given each other's bias: the group of conv3's channels would cut a
+    bias of the wrong length, so it is declined (SHAPE_MISMATCH), not an internal error."""
+    from onnxprune.io import model_from_proto
+    from onnxprune.structured import DeclineCause
+
+    model = onnx.load(str(models_dir / "cnn.onnx"))
+    swap = {"conv3.bias": "conv4.bias", "conv4.bias": "conv3.bias"}
+    for tensor in model.graph.initializer:
+        tensor.name = swap.get(tensor.name, tensor.name)
+    config = PruneConfig(structure="channels", sparsity=0.5, min_size=0)
+    result = prune_structured(model_from_proto(model), config)
+    (misfit,) = [d for d in result.declined if d.cause is DeclineCause.SHAPE_MISMATCH]
+    assert "conv4.bias" in misfit.detail
