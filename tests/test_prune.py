@@ -22,7 +22,10 @@ from onnxprune.targets import Selection, discover_targets
 MODEL_CASES = [
     pytest.param(("demo", name), id=name.removesuffix(".onnx")) for name in DEMO_MODEL_NAMES
 ]
-MODEL_CASES += [pytest.param(("real", name), id=name) for name in sorted(REAL_MODELS)]
+# PicoDet runs on 800x608 images: its cases take seconds each
+MODEL_CASES += [pytest.param(("real", name), id=name,
+                             marks=[pytest.mark.slow] if name == "picodet_layout" else [])
+                for name in sorted(REAL_MODELS)]
 
 
 def _path(case):

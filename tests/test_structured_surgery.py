@@ -715,7 +715,9 @@ def test_found_groups_on_demo_models(models_dir, name):
 
 
 @pytest.mark.parametrize("name", ["ppocr_rec", "ppocr_cls", "nudenet_320n", "mtcnn_onet",
-                                  "gender_v1", "silero_vad"])
+                                  "gender_v1", "silero_vad", "ppocr_det", "mtcnn_rnet",
+                                  "orientation",
+                                  pytest.param("picodet_layout", marks=pytest.mark.slow)])
 def test_found_groups_on_real_models(name):
     from conftest import REAL_MODELS, real_model
 
