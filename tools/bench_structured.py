@@ -23,10 +23,12 @@ the model's accuracy proxy. Every figure of a pruned model is a ratio to the den
   warmed up, then timed in interleaved rounds (dense then pruned, the order alternating
   every round) until `--runs` rounds or `--max-seconds` per shape (25 s, 60 s for
   smollm2); the ratio is median(pruned) / median(dense) (the median of the per-round
-  ratios is logged and in the JSON). The 1-minute load average is read before and after:
-  on a shared machine, rerun when it is high. Shapes: batch 1 and `--batch` (8) for the
-  image models, 8 x 128 tokens for MiniLM-L3; SmolLM2's export fixes batch at 1, so its
-  two shapes are 1 x 128 (the issue's target) and 1 x 256 tokens.
+  ratios is logged and in the JSON). Before each shape the tool waits (`--wait-idle`, up
+  to 60 s) until other processes use < 0.3 cores, and reports the cores they used while
+  it timed (from /proc/stat, minus this process; "-" under a second of timing): on a
+  shared machine, rerun when high. Shapes: batch 1 and `--batch` (8) for the image
+  models, 8 x 128 tokens for MiniLM-L3; SmolLM2's export fixes batch at 1, so its two
+  shapes are 1 x 128 (the issue's target) and 1 x 256 tokens.
 - Accuracy proxies: yolov8n, fidelity (cosine of the raw output [1, 4+C, anchors] and of
   its class scores alone, mean over 12 crops of three real photographs shipped by
   scikit-learn and matplotlib; uniform noise where neither is installed); ppocr_rec,
@@ -119,6 +121,40 @@ def load_average() -> float:
         return math.nan
 
 
+def cpu_seconds() -> tuple[float, float]:
+    """(CPU seconds the whole machine has been busy, CPU seconds of this process, all its
+    threads); the machine's is NaN without /proc/stat."""
+    own = time.process_time()
+    try:
+        with open("/proc/stat") as stat:
+            values = [int(v) for v in stat.readline().split()[1:9]]
+    except (OSError, ValueError):
+        return math.nan, own
+    idle = values[3] + (values[4] if len(values) > 4 else 0)  # idle + iowait
+    return (sum(values) - idle) / os.sysconf("SC_CLK_TCK"), own
+
+
+def others_cores(seconds: float) -> float:
+    """Cores other processes keep busy over the next `seconds` (we sleep meanwhile)."""
+    before, _ = cpu_seconds()
+    time.sleep(seconds)
+    after, _ = cpu_seconds()
+    return max(0.0, (after - before) / seconds)
+
+
+def wait_idle(max_wait: float, limit: float, log) -> float:
+    """Wait up to `max_wait` s until other processes use < `limit` cores; the last reading."""
+    if max_wait <= 0:
+        return math.nan
+    end = time.monotonic() + max_wait
+    use = others_cores(1.0)
+    while use >= limit and time.monotonic() < end:
+        use = others_cores(2.0)
+    if use >= limit:
+        log(f"  (other processes still use {use:.1f} cores after {max_wait:g} s: timing anyway)")
+    return use
+
+
 def interleaved(dense, pruned, feeds: Feeds, rounds: int, warmup: int, max_seconds: float
                 ) -> dict:
     """Median latencies (ms) of two sessions on the same feeds, timed in alternating
@@ -129,6 +165,7 @@ def interleaved(dense, pruned, feeds: Feeds, rounds: int, warmup: int, max_secon
     times: dict[int, list[float]] = {0: [], 1: []}
     sessions = (dense, pruned)
     load_before = load_average()
+    busy_before, own_before = cpu_seconds()
     started = time.perf_counter()
     done = 0
     while done < rounds:
@@ -140,11 +177,17 @@ def interleaved(dense, pruned, feeds: Feeds, rounds: int, warmup: int, max_secon
         done += 1
         if done >= 5 and time.perf_counter() - started > max_seconds:
             break
+    wall = time.perf_counter() - started
+    busy_after, own_after = cpu_seconds()
+    # /proc/stat counts in clock ticks (10 ms): a shorter window says nothing
+    others = (max(0.0, (busy_after - busy_before) - (own_after - own_before)) / wall
+              if wall >= 1.0 else math.nan)
     dense_ms = statistics.median(times[0]) * 1e3
     pruned_ms = statistics.median(times[1]) * 1e3
     paired = statistics.median(p / d for d, p in zip(times[0], times[1], strict=True))
     return {"dense_ms": dense_ms, "pruned_ms": pruned_ms, "ratio": pruned_ms / dense_ms,
-            "paired_ratio": paired, "rounds": done, "load": [load_before, load_average()]}
+            "paired_ratio": paired, "rounds": done, "load": [load_before, load_average()],
+            "others_cores": others}
 
 
 # ------------------------------------------------------------------ MACs
@@ -672,6 +715,7 @@ def bench_model(bench: Bench, args, workdir: Path, log) -> list[Row]:
             row.accuracy = evaluate(out, pruned)
             row.accuracy["eval_s"] = round(time.perf_counter() - started, 1)
             for label, feeds in shapes:
+                wait_idle(args.wait_idle, args.idle_cores, log)
                 timing = interleaved(dense, pruned, feeds, args.runs, args.warmup,
                                      args.max_seconds or bench.max_seconds)
                 timing["shape"] = label
@@ -679,7 +723,8 @@ def bench_model(bench: Bench, args, workdir: Path, log) -> list[Row]:
                 log(f"{bench.name} {level:.0%} {label}: dense {timing['dense_ms']:.2f} ms, "
                     f"pruned {timing['pruned_ms']:.2f} ms ({timing['ratio']:.3f}x; median "
                     f"of per-round ratios {timing['paired_ratio']:.3f}), "
-                    f"{timing['rounds']} rounds, load {timing['load'][0]:.1f} -> "
+                    f"{timing['rounds']} rounds, other processes used "
+                    f"{timing['others_cores']:.2f} cores, load {timing['load'][0]:.1f} -> "
                     f"{timing['load'][1]:.1f}")
             del pruned
         except Exception as exc:  # a colleague's analysis may decline or fail: report it
@@ -752,7 +797,7 @@ def _float_params(path: Path) -> int:
 # ------------------------------------------------------------------ table
 
 COLUMNS = ("model", "structure", "level", "params ×", "file ×", "MACs ×", "latency × b1",
-           "latency × batched", "accuracy proxy", "load")
+           "latency × batched", "accuracy proxy", "others' cores")
 
 
 def _ms(value: float) -> str:
@@ -788,12 +833,12 @@ def markdown(rows: list[Row]) -> str:
             ref = dense if dense is not None and dense.model == row.model else None
             latency = [f"{t['ratio']:.3f}" for t in row.latency]
             latency += ["-"] * (2 - len(latency))
-            loads = [v for t in row.latency for v in t["load"]]
+            loads = [t["others_cores"] for t in row.latency]
             cells += [_ratio(row.params, ref and ref.params),
                       _ratio(row.file_bytes, ref and ref.file_bytes),
                       _ratio(row.macs, ref and ref.macs), *latency,
                       row.accuracy.get("text", ""),
-                      f"{min(loads):.1f}-{max(loads):.1f}" if loads else ""]
+                      "/".join("-" if math.isnan(v) else f"{v:.1f}" for v in loads)]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines)
 
@@ -854,6 +899,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--round-to", type=int, default=None,
                         help="kept channel multiple [onnxprune's default]")
     parser.add_argument("--threads", type=int, default=2, help="intra-op threads [2]")
+    parser.add_argument("--wait-idle", type=float, default=None,
+                        help="before timing each shape, wait up to this many seconds until "
+                             "other processes use < --idle-cores [60; 0 with --quick]")
+    parser.add_argument("--idle-cores", type=float, default=0.3,
+                        help="what counts as idle for --wait-idle [0.3]")
     parser.add_argument("--batch", type=int, default=8, help="batched shape's batch [8]")
     parser.add_argument("--lm-workdir", default="/tmp/onnxprune-lm",
                         help="where tools/export_lm.py wrote SmolLM2 [/tmp/onnxprune-lm]")
@@ -874,6 +924,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if unknown:
         parser.error(f"--models: unknown {', '.join(unknown)}; known: {', '.join(BENCHES)}")
     args.runs = args.runs or (5 if args.quick else 50)
+    if args.wait_idle is None:
+        args.wait_idle = 0.0 if args.quick else 60.0
     args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 3)
     args.max_seconds = args.max_seconds or (2.0 if args.quick else None)
     return args
@@ -901,8 +953,9 @@ def main(argv: list[str] | None = None) -> int:
           f"{args.warmup} warm-up runs, then up to {args.runs} interleaved rounds per shape "
           f"(<= {cap} s), ratio of medians; "
           f"method {args.method}, "
-          f"allocation {args.allocation or 'uniform'}; load = 1-min load average around "
-          f"the timings; total {elapsed:.0f} s")
+          f"allocation {args.allocation or 'uniform'}; others' cores = CPU cores other "
+          f"processes kept busy while each shape was timed (b1/batched; /proc/stat); "
+          f"total {elapsed:.0f} s")
     print()
     print(markdown(rows))
     print()
