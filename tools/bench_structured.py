@@ -682,16 +682,27 @@ def bench_model(bench: Bench, args, workdir: Path, log) -> list[Row]:
         log(f"{bench.name}: skipped ({exc})")
         return [Row(bench.name, structure, "-", status=f"skipped: {exc}")]
     log(f"{bench.name}: {bench.note}: {path}")
-    dense = make_session(path, args.threads)
-    shapes = bench.shapes(args, path)
-    batch1 = {name: tuple(value.shape) for name, value in shapes[0][1].items()}
-    dense_row = Row(bench.name, structure, "dense", file_bytes=model_file_bytes(path))
-    dense_macs = count_macs(path, batch1, shapes[0][1])
-    dense_row.macs = dense_macs["macs"]
-    dense_row.pruned = {"macs_count": dense_macs, "shapes": [label for label, _ in shapes]}
-    started = time.perf_counter()
-    dense_text, evaluate = bench.accuracy(args, path, dense)
-    dense_row.accuracy = {"text": dense_text, "eval_s": round(time.perf_counter() - started, 1)}
+    try:
+        dense = make_session(path, args.threads)
+        shapes = bench.shapes(args, path)
+        batch1 = {name: tuple(value.shape) for name, value in shapes[0][1].items()}
+        dense_row = Row(bench.name, structure, "dense", file_bytes=model_file_bytes(path))
+        dense_macs = count_macs(path, batch1, shapes[0][1])
+        dense_row.macs = dense_macs["macs"]
+        dense_row.pruned = {"macs_count": dense_macs, "shapes": [label for label, _ in shapes]}
+        started = time.perf_counter()
+        dense_text, evaluate = bench.accuracy(args, path, dense)
+        dense_row.accuracy = {"text": dense_text,
+                              "eval_s": round(time.perf_counter() - started, 1)}
+    except Skip as exc:
+        log(f"{bench.name}: skipped ({exc})")
+        return [Row(bench.name, structure, "-", status=f"skipped: {exc}")]
+    except Exception as exc:
+        status = f"failed (dense model): {_error_line(exc)}"
+        log(f"{bench.name}: {status}")
+        if args.verbose:
+            traceback.print_exc()
+        return [Row(bench.name, structure, "-", status=status)]
     rows = [dense_row]
     for level in args.levels:
         row = Row(bench.name, structure, f"{level:.0%}")
@@ -728,7 +739,7 @@ def bench_model(bench: Bench, args, workdir: Path, log) -> list[Row]:
                     f"{timing['load'][1]:.1f}")
             del pruned
         except Exception as exc:  # a colleague's analysis may decline or fail: report it
-            row.status = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
+            row.status = f"failed: {_error_line(exc)}"
             log(f"{bench.name} {level:.0%}: {row.status}")
             if args.verbose:
                 traceback.print_exc()
@@ -743,6 +754,11 @@ def bench_model(bench: Bench, args, workdir: Path, log) -> list[Row]:
         if medians:
             dense_row.latency.append({"shape": label, "dense_ms": statistics.median(medians)})
     return rows
+
+
+def _error_line(exc: BaseException) -> str:
+    first = (str(exc).splitlines() or [""])[0]
+    return f"{type(exc).__name__}: {first[:160]}"
 
 
 def _prune(path: Path, out: Path, structure: str, level: float, args):
