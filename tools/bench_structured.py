@@ -782,7 +782,7 @@ def _pruned_summary(data: dict, prune_s: float) -> dict:
                        sum(g["kept"] for g in groups if g["kind"] == kind))
                 for kind in sorted(kinds)}
     declined = Counter(d["cause"] for d in data.get("declined", []))
-    text = ("; ".join(f"{kinds[k]} {k} groups, {k} channels {before} -> {after}"
+    text = ("; ".join(f"{kinds[k]} {k} groups ({before} -> {after} channels)"
                       for k, (before, after) in per_kind.items())
             + f"; {data.get('sparsity', 0.0):.1%} of the groups' parameters removed; "
             + f"{len(data.get('not_selected', []))} groups not selected; declined: "
