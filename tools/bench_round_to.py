@@ -213,6 +213,9 @@ def session(model: bytes, threads: int) -> ort.InferenceSession:
     so.inter_op_num_threads = 1
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.log_severity_level = 3
+    # one pool per session: with spinning on, the idle workers of the width just run keep
+    # spinning while the next width runs, so the sweep would time its own contention
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
 
 
