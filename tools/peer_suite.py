@@ -504,19 +504,30 @@ class ModelRun:
         if _declared_outputs(out) != _declared_outputs(self.case.path):
             return Step("", "fail", "graph outputs (names or types) differ from the "
                                     "original's")
-        if self.reference is None:
+        outputs, failed = self._run_like_the_original(out)
+        if failed:
+            return failed
+        if outputs is None:
             notes.append("original does not run in onnxruntime: pruned not run")
-            return Step("", "pass", "; ".join(notes))
+        else:
+            self.outputs[name] = outputs
+        return Step("", "pass", "; ".join(notes))
+
+    def _run_like_the_original(self, out: Path) -> tuple[list | None, Step | None]:
+        """(outputs of `out` on the original's inputs, None), or (None, the failing step)
+        where they differ in kind from the original's; (None, None) where the original does
+        not run in onnxruntime."""
+        if self.reference is None:
+            return None, None
         try:
             outputs = run_model(out, self.feeds)
         except Exception as exc:
-            return Step("", "fail", f"onnxruntime runs the original, not this: "
-                                    f"{_first_line(exc)}")
+            return None, Step("", "fail", f"onnxruntime runs the original, not this: "
+                                          f"{_first_line(exc)}")
         if _signature(outputs) != _signature(self.reference):
-            return Step("", "fail", f"outputs {_signature(outputs)} != original's "
-                                    f"{_signature(self.reference)}")
-        self.outputs[name] = outputs
-        return Step("", "pass", "; ".join(notes))
+            return None, Step("", "fail", f"outputs {_signature(outputs)} != original's "
+                                          f"{_signature(self.reference)}")
+        return outputs, None
 
     def _prune(self, name: str, options: list[str]) -> Step:
         out = self.workdir / f"{name.replace(':', 'of')}.onnx"
@@ -529,16 +540,11 @@ class ModelRun:
         error = _checker_error(out)
         if error and not self.original_checker_error:
             return Step("", "fail", f"onnx.checker: {error}")
-        if self.reference is None:
+        outputs, failed = self._run_like_the_original(out)
+        if failed:
+            return failed
+        if outputs is None:
             return Step("", "pass", "original does not run in onnxruntime: pruned not run")
-        try:
-            outputs = run_model(out, self.feeds)
-        except Exception as exc:
-            return Step("", "fail", f"onnxruntime runs the original, not this: "
-                                    f"{_first_line(exc)}")
-        if _signature(outputs) != _signature(self.reference):
-            return Step("", "fail", f"outputs {_signature(outputs)} != original's "
-                                    f"{_signature(self.reference)}")
         self.outputs[name] = outputs
         if name == "compact":
             failed = cli_outcome(run_cli("inspect", out))
