@@ -962,12 +962,12 @@ def main(argv: list[str] | None = None) -> int:
         for name in args.models:
             rows += bench_model(BENCHES[name], args, workdir, log)
     elapsed = time.perf_counter() - started
-    cap = (f"{args.max_seconds:g}" if args.max_seconds else
-           ", ".join(f"{BENCHES[m].max_seconds:g} for {m}" for m in args.models))
+    cap = (f"{args.max_seconds:g} s" if args.max_seconds else
+           ", ".join(f"{m} {BENCHES[m].max_seconds:g} s" for m in args.models))
     print(f"machine: {machine()}")
     print(f"latency: onnxruntime CPU, {args.threads} intra-op threads, 1 inter-op; "
           f"{args.warmup} warm-up runs, then up to {args.runs} interleaved rounds per shape "
-          f"(<= {cap} s), ratio of medians; "
+          f"(<= {cap}), ratio of medians; "
           f"method {args.method}, "
           f"allocation {args.allocation or 'uniform'}; others' cores = CPU cores other "
           f"processes kept busy while each shape was timed (b1/batched; /proc/stat); "
