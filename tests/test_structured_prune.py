@@ -35,17 +35,20 @@ def _group(channels: int, multiple_of: int = 1, name: str = "g") -> ChannelGroup
                         (Member("w", 1, MemberRole.OUTPUT),), multiple_of=multiple_of)
 
 
-def test_kept_counts_round_up_to_the_unit_and_never_vanish():
+def test_kept_counts_round_to_the_nearest_unit_and_never_vanish():
     assert rounded_count(_group(256), 0.5 * 256, 8) == 128
-    assert rounded_count(_group(256), 100.2, 8) == 104  # up, not down
+    assert rounded_count(_group(256), 100.2, 8) == 104  # 12.53 units: 13
+    assert rounded_count(_group(256), 99.0, 8) == 96  # 12.38 units: 12
+    assert rounded_count(_group(256), 100.0, 8) == 104  # a half keeps more
     assert rounded_count(_group(256), 0.0, 8) == 8  # one unit at least
-    assert rounded_count(_group(20), 19, 8) == 20  # a rounding above the count keeps all
+    assert rounded_count(_group(22), 21, 8) == 22  # a rounding above the count keeps all
     assert rounded_count(_group(96, multiple_of=3), 40, 8) == 48  # lcm(8, 3) = 24
     heads = ChannelGroup("h", StructureKind.HEADS, 3, (Member("q", 1, MemberRole.OUTPUT, 0, 192),
                                                       Member("k", 1, MemberRole.OUTPUT, 0, 64)))
     assert rounded_count(heads, 1.5, 8) == 2  # a head of 64 columns is already 8-aligned
+    assert rounded_count(heads, 0.75 * 3, 8) == 2  # 25 % of 3 heads: one goes
     counts = uniform_counts([_group(64, name="a"), _group(100, name="b")], 0.25, 8)
-    assert counts == {"a": 48, "b": 80}
+    assert counts == {"a": 48, "b": 72}  # 75 wanted: 9.4 units of 8
 
 
 def test_global_counts_remove_the_lowest_normalized_scores_up_to_the_budget():

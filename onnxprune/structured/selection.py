@@ -5,9 +5,10 @@ global over per-group normalized scores), rounded for fast kernels, then the bes
 allocation removes that fraction of every group's channels (so of its parameters too);
 global allocation ranks every channel of every group by its score divided by the mean score
 of its group (scores of different groups are not on one scale) and removes the lowest until
-the parameters they carry reach the fraction. Either way a kept count is then rounded up to
-a multiple of `round_to` (and of the group's own `multiple_of`), never below one such unit:
-no layer vanishes, and the widths suit onnxruntime's CPU kernels.
+the parameters they carry reach the fraction. Either way a kept count is then rounded to
+the nearest multiple of the group's unit (`round_to` positions, and the group's own
+`multiple_of`), never below one unit: no layer vanishes, and the widths suit onnxruntime's
+CPU kernels.
 """
 
 from __future__ import annotations
@@ -31,10 +32,11 @@ def unit(group: ChannelGroup, round_to: int) -> int:
 
 
 def rounded_count(group: ChannelGroup, wanted: float, round_to: int) -> int:
-    """`wanted` kept channels rounded up to the group's unit, at least one unit, at most all
-    (all: the group is left whole when its count cannot be rounded below it)."""
+    """`wanted` kept channels rounded to the nearest multiple of the group's unit (a half
+    keeps more), at least one unit, at most all. Nearest, not up: a group of 3 attention
+    heads asked to keep 2.25 keeps 2, so small groups do not all keep everything."""
     step = unit(group, round_to)
-    count = max(step, math.ceil(wanted / step - 1e-9) * step)
+    count = max(step, math.floor(wanted / step + 0.5 + 1e-9) * step)
     return group.channels if count >= group.channels else count
 
 
