@@ -203,6 +203,7 @@ CHANNEL_SCORES: Registry[ChannelScore] = Registry(
     "channel score", "onnxprune.channel_scores", ".structured.scores:ChannelScore", {
     "magnitude": ".structured.scores:GroupMagnitude",
     "random": ".structured.scores:RandomChannels",
+    "wanda": ".structured.scores:StructuredWanda",
 })
 
 # every kind whose parts may declare options, in the order --help lists them

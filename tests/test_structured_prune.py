@@ -194,3 +194,35 @@ def test_a_group_whose_tensors_cannot_hold_its_channels_is_declined(models_dir):
     result = prune_structured(model_from_proto(model), config)
     (misfit,) = [d for d in result.declined if d.cause is DeclineCause.SHAPE_MISMATCH]
     assert "conv4.bias" in misfit.detail
+
+
+def test_structured_wanda_keeps_the_channels_its_written_out_score_ranks_first(models_dir):
+    """Σ_n |W[c, n]|·‖X_c‖ over the consumer MatMul's input X (its rows on the dense model,
+    every calibration sample), computed here with onnxruntime and numpy, picks the same
+    kept channels as `--method wanda`."""
+    path, calib = models_dir / "digits.onnx", models_dir / "digits-test.npz"
+    loaded = load_model(path)
+    config = PruneConfig(structure="channels", sparsity=0.5, method="wanda",
+                         calib=str(calib), min_size=0)
+    result = prune_structured(loaded, config)
+    model = onnx.load(str(path))
+    weights = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+    consumers = {n.input[1]: n.input[0] for n in model.graph.node if n.op_type == "MatMul"}
+    groups = {g.name: g for g in _groups(model)}
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    probe.graph.output.extend(onnx.helper.make_empty_tensor_value_info(x)
+                              for x in consumers.values())
+    names = [o.name for o in probe.graph.output]
+    with np.load(calib) as data:
+        values = dict(zip(names, _run(probe, {k: data[k] for k in data.files}), strict=True))
+    checked = 0
+    for name, kept in result.keep.items():
+        (consumer,) = [m.tensor for m in groups[name].members if m.role is MemberRole.INPUT]
+        activations = values[consumers[consumer]].reshape(-1, weights[consumer].shape[0])
+        norms = np.sqrt((activations.astype(np.float64) ** 2).sum(axis=0))
+        naive = (np.abs(weights[consumer]).astype(np.float64) * norms[:, None]).sum(axis=1)
+        want = np.sort(np.argsort(-naive, kind="stable")[:len(kept)])
+        np.testing.assert_array_equal(kept, want)
+        checked += 1
+    assert checked == 2

@@ -26,8 +26,9 @@ from ..errors import NothingToPruneError
 from ..graph import GraphIndex
 from ..io import LoadedModel, read_array
 from ..io.tensors import tensor_numel
+from ..methods.base import Needs
 from .analysis import find_groups
-from .groups import ChannelGroup, DeclineCause, Declined, Member, StructureKind
+from .groups import ChannelGroup, DeclineCause, Declined, Member, MemberRole, StructureKind
 from .selection import global_counts, keep_sets, uniform_counts
 from .surgery import check_shrunk, shrink
 
@@ -94,8 +95,10 @@ def prune_structured(loaded: LoadedModel, config: PruneConfig) -> StructuredResu
             "candidates declined; run `onnxprune inspect --structured` to see why)")
     stored = _member_tensors(loaded, selected)
     score = CHANNEL_SCORES.build(config.method, config.options)
+    calibration = (_consumer_statistics(loaded, selected, config)
+                   if score.needs > Needs.NOTHING else None)
     # one group's members in memory at a time (a tensor between two groups is read twice)
-    scores = {g.name: score.scores(g, _values(g, stored, loaded), config.seed)
+    scores = {g.name: score.scores(g, _values(g, stored, loaded), config.seed, calibration)
               for g in selected}
     per_channel = {g.name: _params_per_channel(g, stored) for g in selected}
     sparsity = config.target_sparsity
@@ -166,6 +169,26 @@ def _misfit(group: ChannelGroup, member: Member, tensor: onnx.TensorProto | None
         return (f"axis {member.axis} of {member.tensor} has {dims[member.axis]} positions, "
                 f"the group needs {needed}")
     return ""
+
+
+def _consumer_statistics(loaded: LoadedModel, groups: Sequence[ChannelGroup],
+                         config: PruneConfig) -> dict:
+    """(view, ‖X_j‖²) of every consumer weight of the groups, on the dense model, in one
+    pass over the calibration data (`--calib`, or synthetic inputs with a warning)."""
+    from ..calib import calibration_feeds
+    from ..calib.one_pass import dense_statistics
+    from ..config import Pattern
+    from ..targets import Selection, discover_targets
+
+    consumers = {m.tensor for g in groups for m in g.members if m.role is MemberRole.INPUT}
+    targets, _ = discover_targets(loaded.proto, Selection((), (), 0, Pattern()))
+    chosen = [t for t in targets if t.name in consumers]
+    feeds = calibration_feeds(config, loaded.proto)
+    found = dense_statistics(loaded, chosen, feeds)
+    for name, entry in found.items():
+        if isinstance(entry, str):
+            log.warning("%s: not calibrated (%s)", name, entry)
+    return {name: entry for name, entry in found.items() if not isinstance(entry, str)}
 
 
 def _values(group: ChannelGroup, stored: dict[str, onnx.TensorProto], loaded: LoadedModel
