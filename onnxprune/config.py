@@ -169,7 +169,8 @@ class PruneConfig:
 
     def _check_structured(self) -> None:
         """What --structure takes: a registered channel score, uniform or global allocation,
-        no N:M pattern, update, refinement, permutation or per-target override yet."""
+        no N:M pattern, update, refinement, permutation, per-target override or storage
+        format other than dense yet (a shrunk model has no zeros to store otherwise)."""
         from .registry import CHANNEL_SCORES
 
         structure_names(self.structure)
@@ -180,7 +181,8 @@ class PruneConfig:
         given = [option for option, used in (
             ("--pattern", self.pattern.is_nm), ("--update", self.update != "none"),
             ("--refine", self.refine != "none"), ("--permute-channels", self.permute_channels),
-            ("recipe overrides", bool(self.overrides))) if used]
+            ("recipe overrides", bool(self.overrides)),
+            (f"--format {self.format}", self.format != "dense")) if used]
         if given:
             raise ConfigError(f"{', '.join(given)} cannot be combined with --structure yet")
         if int(self.round_to) < 1:
