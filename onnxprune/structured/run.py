@@ -86,14 +86,15 @@ def prune_structured(loaded: LoadedModel, config: PruneConfig) -> StructuredResu
     groups, declined = find_groups(loaded.proto, allow_norm=config.allow_norm,
                                    allow_hidden=config.allow_hidden)
     selected, skipped = _select(groups, kinds, config)
-    selected, misfits = _fitting(selected, _member_tensors(loaded, groups, strict=False))
+    found = _member_tensors(loaded, selected)
+    selected, misfits = _fitting(selected, found)
     declined = [*declined, *misfits]
     if not selected:
         raise NothingToPruneError(
             f"nothing to prune: no channel group of --structure {config.structure} qualified "
             f"({len(groups)} groups found, {len(skipped)} not selected, {len(declined)} "
             "candidates declined; run `onnxprune inspect --structured` to see why)")
-    stored = _member_tensors(loaded, selected)
+    stored = {m.tensor: found[m.tensor] for g in selected for m in g.members}
     score = CHANNEL_SCORES.build(config.method, config.options)
     calibration = (_consumer_statistics(loaded, selected, config)
                    if score.needs > Needs.NOTHING else None)
@@ -133,13 +134,12 @@ def _select(groups: Sequence[ChannelGroup], kinds: frozenset[StructureKind],
     return selected, skipped
 
 
-def _member_tensors(loaded: LoadedModel, groups: Sequence[ChannelGroup], strict: bool = True
+def _member_tensors(loaded: LoadedModel, groups: Sequence[ChannelGroup]
                     ) -> dict[str, onnx.TensorProto]:
-    """The stored tensor of every member, by name (values not read); with `strict` False
-    a member not found is left out."""
+    """The stored tensor of every member that is stored, by name (values not read)."""
     by_name = {stored.name: stored.tensor for stored in GraphIndex(loaded.proto).stored}
     return {m.tensor: by_name[m.tensor] for g in groups for m in g.members
-            if strict or m.tensor in by_name}
+            if m.tensor in by_name}
 
 
 def _fitting(groups: Sequence[ChannelGroup], stored: dict[str, onnx.TensorProto]
@@ -149,8 +149,8 @@ def _fitting(groups: Sequence[ChannelGroup], stored: dict[str, onnx.TensorProto]
     fitting: list[ChannelGroup] = []
     misfits: list[Declined] = []
     for group in groups:
-        problem = next((_misfit(group, m, stored.get(m.tensor)) for m in group.members
-                        if _misfit(group, m, stored.get(m.tensor))), None)
+        problems = (_misfit(group, m, stored.get(m.tensor)) for m in group.members)
+        problem = next((p for p in problems if p), "")
         if problem:
             misfits.append(Declined(group.name, DeclineCause.SHAPE_MISMATCH, problem))
         else:
