@@ -58,6 +58,10 @@ def prune(model: ModelLike, output: str | os.PathLike | None = None, *,
 
     The pruned model's `metadata_props` record how it was made (`provenance.py`); the
     report's `provenance` holds the same entries.
+
+    With `structure="channels"` (or "ffn", "heads"), whole channels are removed instead
+    (`structured.run`): the returned model is a new, smaller one (the input is never
+    changed) and `report.structured` says what was removed.
     """
     from .pipeline import Sink, run
 
@@ -338,6 +342,8 @@ class Sequential:
 
 
 def _modified(report: Report) -> bool:
+    if report.structured is not None:  # channels removed: the model is smaller
+        return report.structured["params_after"] < report.structured["params_before"]
     return any(t.zeros != t.zeros_before for t in report.targets)
 
 

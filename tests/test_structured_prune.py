@@ -147,6 +147,10 @@ def test_python_api_structure(models_dir):
                                     sparsity=0.5, min_size=0)
     assert report.structured["params_after"] < report.structured["params_before"]
     onnx.checker.check_model(model, full_check=True)
+    source = onnx.load(str(models_dir / "mlp.onnx"))
+    result = onnxprune.PrunePass(structure="channels", sparsity=0.5, min_size=0)(source)
+    assert result.modified and result.report.structured["params_after"] < \
+        result.report.structured["params_before"]
 
 
 def _groups(model: onnx.ModelProto) -> list[ChannelGroup]:
