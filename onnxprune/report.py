@@ -118,7 +118,8 @@ def format_structured(report: Report, verbose: bool = False, limit: int = 20) ->
     shown = groups if verbose else groups[:limit]
     rows = [("group", "kind", "channels", "params removed", "MACs removed")]
     rows += [(g["name"], g["kind"], f"{g['channels']} -> {g['kept']}",
-              f"{g['params_removed']:,} of {g['params']:,}", f"{g['macs_removed']:,}")
+              f"{g['params_removed']:,} of {g['params']:,}",
+              f"{g['macs_removed']:,}" if g["macs"] else "?")
              for g in shown]
     widths = [max(len(str(row[i])) for row in rows) for i in range(5)]
     lines = ["  ".join(str(v).ljust(w) if i == 0 else str(v).rjust(w)

@@ -108,11 +108,13 @@ def _inspect_structured(args: argparse.Namespace) -> int:
                 f" (multiple of {g.multiple_of})" if g.multiple_of > 1 else "")
             rows.append((g.name, g.kind.value, str(g.channels),
                          f"{len(g.members)}: {names}{more}{flags}", f"{g.params:,}",
-                         f"{g.macs:,}"))
+                         f"{g.macs:,}" if g.macs else "?"))
         widths = [max(len(row[i]) for row in rows) for i in range(5)]
         for row in rows:
             print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=False))
                   + "  " + row[5])
+        if any(not g.macs for g in groups):
+            print("MACs ?: not known from the model's static shapes (dynamic image sizes)")
     if declined:
         print("declined:")
         for d in declined:

@@ -96,7 +96,8 @@ class ChannelGroup:
     `channels` is their number before pruning; a kept count must be a multiple of
     `multiple_of` (a GroupNorm's groups, a grouped Conv's groups) and at least one.
     `params` counts the members' parameters that carry the channels, `macs` an estimate
-    of the multiply-accumulates per inference they take part in (batch 1). Where the user
+    of the multiply-accumulates per inference they take part in (batch 1; 0 where the
+    model's static shapes do not tell, as with dynamic image sizes). Where the user
     allowed a normalization over the channel axis to be shrunk, `output_preserving` is
     False: the pruned model's outputs then differ from the zeroed model's.
     """
