@@ -125,7 +125,7 @@ def _prune_structured(model: ModelLike, output: Path | None, config: PruneConfig
                       ) -> tuple[onnx.ModelProto, Report]:
     """`prune` with `config.structure`: whole channels removed (`structured.run`)."""
     from .structured.run import prune_structured
-    from .structured.surgery import SurgeryError, check_shrunk_file
+    from .structured.surgery import SurgeryError, check_shrunk, check_shrunk_file
 
     input_path = None if isinstance(model, onnx.ModelProto) else Path(model)
     loaded = _load(model, base_dir, inplace, lazy=output is not None)
@@ -135,13 +135,10 @@ def _prune_structured(model: ModelLike, output: Path | None, config: PruneConfig
         stamp_provenance(result.model, structured_provenance(config, result))
         shrunk = LoadedModel(result.model, loaded.path, loaded.base_dir,
                              loaded.uses_external_data, loaded.lazy)
-        if output is not None:
-            save_model(shrunk, output, durable=durable)
-            try:
-                check_shrunk_file(Path(output))
-            except SurgeryError:
-                _discard_output(Path(output))  # a failed run leaves no output behind
-                raise
+        if output is not None:  # checked before it is renamed into place
+            save_model(shrunk, output, durable=durable, verify=check_shrunk_file)
+        else:
+            check_shrunk(result.model)
     except SurgeryError as exc:
         _refuse_if_input_invalid(input_path, loaded, exc)
         raise
@@ -161,11 +158,6 @@ def _prune_structured(model: ModelLike, output: Path | None, config: PruneConfig
     if return_masks:
         report.masks = MaskSet.from_arrays(_group_masks(result))
     return proto, report
-
-
-def _discard_output(output: Path) -> None:
-    for path in (output, output.with_name(output.name + ".data")):
-        path.unlink(missing_ok=True)
 
 
 def _refuse_if_input_invalid(input_path: Path | None, loaded: LoadedModel,

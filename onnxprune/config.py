@@ -129,6 +129,11 @@ class PruneConfig:
             object.__setattr__(self, "allocation", allocation)
         elif self.scope == "global" and allocation != "global":
             raise ConfigError(f"--scope global contradicts --allocation {allocation}")
+        if self.calib_samples is not None and int(self.calib_samples) < 1:
+            raise ConfigError(f"--calib-samples must be >= 1, got {self.calib_samples}")
+        if self.calib_mode is not None and self.calib_mode not in CALIB_MODES:
+            raise ConfigError(f"calib mode must be one of {', '.join(CALIB_MODES)}; "
+                              f"got {self.calib_mode!r}")
         if self.structure != "none":
             self._check_structured()
             object.__setattr__(self, "options", _checked_options(self.options))
@@ -147,11 +152,6 @@ class PruneConfig:
                 _override_pattern(o) for o in self.overrides):
             raise ConfigError("--permute-channels needs an N:M --pattern (such as 2:4)")
         object.__setattr__(self, "options", _checked_options(self.options))
-        if self.calib_samples is not None and int(self.calib_samples) < 1:
-            raise ConfigError(f"--calib-samples must be >= 1, got {self.calib_samples}")
-        if self.calib_mode is not None and self.calib_mode not in CALIB_MODES:
-            raise ConfigError(f"calib mode must be one of {', '.join(CALIB_MODES)}; "
-                              f"got {self.calib_mode!r}")
         if self.allocation == "global" and not method.streams_scores \
                 and not self.pattern.is_nm:
             raise ConfigError(f"--scope global is not available with --method {self.method}")
@@ -185,8 +185,9 @@ class PruneConfig:
             (f"--format {self.format}", self.format != "dense")) if used]
         if given:
             raise ConfigError(f"{', '.join(given)} cannot be combined with --structure yet")
-        if int(self.round_to) < 1:
-            raise ConfigError(f"--round-to must be >= 1, got {self.round_to}")
+        if isinstance(self.round_to, bool) or not isinstance(self.round_to, int) \
+                or self.round_to < 1:
+            raise ConfigError(f"--round-to must be an integer >= 1, got {self.round_to!r}")
         self._check_selection()
 
     @property

@@ -127,6 +127,9 @@ def prune_iterative(model: ModelLike, output: str | os.PathLike | None = None, *
     the end of its stderr; with `keep_last_good` the model of the last completed round is
     written to `output` first.
     """
+    if config.structure != "none":
+        raise ConfigError("--rounds, --retrain-cmd and --rewind cannot be combined with "
+                          "--structure yet")
     if config.permute_channels:
         raise ConfigError("--permute-channels cannot be combined with --rounds, --retrain-cmd "
                           "or --rewind: later rounds and the rewind model use the stored "
@@ -298,6 +301,8 @@ def _load(model: ModelLike, base_dir, output=None) -> tuple[onnx.ModelProto, Pat
 
 
 def _check_pattern(config: PruneConfig, option: str) -> None:
+    if config.structure != "none":
+        raise ConfigError(f"{option} cannot be combined with --structure yet")
     if config.pattern.is_nm:
         raise ConfigError(f"{option} needs an unstructured pattern: N:M pattern "
                           f"{config.pattern} has one sparsity, there is nothing to schedule")

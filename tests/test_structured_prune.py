@@ -47,6 +47,11 @@ def test_kept_counts_round_to_the_nearest_unit_and_never_vanish():
                                                       Member("k", 1, MemberRole.OUTPUT, 0, 64)))
     assert rounded_count(heads, 1.5, 8) == 2  # a head of 64 columns is already 8-aligned
     assert rounded_count(heads, 0.75 * 3, 8) == 2  # 25 % of 3 heads: one goes
+    assert rounded_count(_group(99), 99.0, 8) == 99  # sparsity 0 keeps all, not 96
+    assert rounded_count(_group(99), 97.0, 1) == 97
+    mixed = ChannelGroup("m", StructureKind.HEADS, 8, (Member("q", 1, MemberRole.OUTPUT, 0, 96),
+                                                      Member("k", 1, MemberRole.OUTPUT, 0, 64)))
+    assert rounded_count(mixed, 3, 128) == 4  # q: 4 x 96 = 384 = 3 x 128; k: 256
     counts = uniform_counts([_group(64, name="a"), _group(100, name="b")], 0.25, 8)
     assert counts == {"a": 48, "b": 72}  # 75 wanted: 9.4 units of 8
 
@@ -127,6 +132,8 @@ def test_cli_prune_structure_reports_groups_masks_and_provenance(models_dir, tmp
 
 @pytest.mark.parametrize("args, message", [
     (["--structure", "rows"], "--structure rows: choose from channels, ffn, heads"),
+    (["--structure", "channels", "--steps", "3"], "cannot be combined with --structure"),
+    (["--structure", "channels", "--rounds", "2"], "cannot be combined with --structure"),
     (["--structure", "channels", "--pattern", "2:4"], "--pattern cannot be combined"),
     (["--structure", "channels", "--method", "sparsegpt"], "unknown channel score"),
     (["--structure", "channels", "--allocation", "owl"], "choose uniform or global"),
@@ -141,8 +148,11 @@ def test_structured_refusals_are_one_line_errors(models_dir, tmp_path, capsys, a
 
 
 def test_python_api_structure(models_dir):
-    with pytest.raises(ConfigError, match="--round-to must be >= 1"):
-        PruneConfig(structure="channels", round_to=0)
+    for bad in (0, 8.5, True):
+        with pytest.raises(ConfigError, match="--round-to must be an integer >= 1"):
+            PruneConfig(structure="channels", round_to=bad)
+    with pytest.raises(ConfigError, match="--calib-samples must be >= 1"):
+        PruneConfig(structure="channels", method="wanda", calib_samples=0)
     model, report = onnxprune.prune(str(models_dir / "mlp.onnx"), structure="channels",
                                     sparsity=0.5, min_size=0)
     assert report.structured["params_after"] < report.structured["params_before"]
@@ -231,3 +241,20 @@ def test_structured_wanda_keeps_the_channels_its_written_out_score_ranks_first(m
         np.testing.assert_array_equal(kept, want)
         checked += 1
     assert checked == 2
+
+
+def test_a_refused_output_leaves_the_file_already_there_untouched(models_dir, tmp_path,
+                                                                  capsys):
+    """The shrunk model is checked before it is renamed into place: when the check refuses
+    it (here because the input already fails the ONNX checker), OUT keeps its old bytes."""
+    model = onnx.load(str(models_dir / "mlp.onnx"))
+    model.graph.node.append(onnx.helper.make_node("Constant", [], ["junk"], value_float=1.0,
+                                                  value_int=2))
+    source, out = tmp_path / "bad.onnx", tmp_path / "out.onnx"
+    onnx.save(model, str(source))
+    out.write_bytes(b"an earlier result")
+    assert main(["prune", str(source), "-o", str(out), "--structure", "channels"]) == 2
+    err = capsys.readouterr().err
+    assert "fails the ONNX checker" in err and "needs a model that passes it" in err
+    assert out.read_bytes() == b"an earlier result"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.onnx", "out.onnx"]

@@ -230,9 +230,9 @@ def build_parser(with_parts: bool = True) -> _Parser:
                                  "group the analysis proves safe), ffn (hidden units of "
                                  "feed-forward blocks), heads; comma-separated to combine; "
                                  "none = unstructured [none]. --sparsity is then the "
-                                 "fraction of the groups' parameters removed, --method "
-                                 "magnitude (group norm) or random, --allocation uniform or "
-                                 "global")
+                                 "fraction of every group's channels removed (uniform) or of "
+                                 "the groups' parameters (global); --method magnitude (group "
+                                 "norm), wanda (calibrated) or random")
     structured.add_argument("--round-to", type=_at_least(1), default=_default("round_to"),
                             metavar="N", help="kept channel counts are multiples of N "
                                               f"[{_default('round_to')}]")

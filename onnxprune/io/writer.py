@@ -75,14 +75,16 @@ def check_output_path(output: str | os.PathLike, input_path: str | os.PathLike |
 
 
 def save_model(loaded: LoadedModel, output: str | os.PathLike,
-               external: bool | None = None, durable: bool = False) -> Path:
+               external: bool | None = None, durable: bool = False,
+               verify: Callable[[Path], object] | None = None) -> Path:
     """Write atomically. External data is used when asked, when the input had it, or > 2 GiB.
 
     The proto is not modified; tensor data is streamed, never serialized all at once. With
-    `durable` the files are fsynced before they are renamed into place (see `ModelWriter`).
+    `durable` the files are fsynced before they are renamed into place (see `ModelWriter`);
+    `verify` checks the written model before its rename (`ModelWriter.commit`).
     """
     with ModelWriter(loaded, output, external, durable) as writer:
-        return writer.commit()
+        return writer.commit(verify)
 
 # the fields of a TensorProto that hold (or point to) its values
 _DATA_FIELDS = frozenset({"raw_data", "float_data", "int32_data", "string_data", "int64_data",
@@ -181,8 +183,10 @@ class ModelWriter:
             raise self._error(exc) from exc
         self._pending[id(tensor)] = (tensor, where)
 
-    def commit(self) -> Path:
-        """Write everything not yet written and rename the files into place."""
+    def commit(self, verify: Callable[[Path], object] | None = None) -> Path:
+        """Write everything not yet written and rename the files into place; `verify(path)`
+        is called on the written model before its rename and may refuse it by raising (the
+        output is then not written, and a file already at its path is left as it was)."""
         self._check_open()
         try:
             plan = self._plan()
@@ -205,6 +209,8 @@ class ModelWriter:
                 os.replace(self._temps[0], self.directory / self.data_name)
                 # from here the data file is in place: remove it too if the model cannot follow
                 self._temps[0] = self.directory / self.data_name
+            if verify is not None:
+                verify(model_tmp)
             os.replace(model_tmp, self.output)
             self._temps.remove(model_tmp)
             if self.external:

@@ -6,9 +6,9 @@ every group but attention heads; `ffn`: hidden units of feed-forward blocks; `he
 selected by `--include/--exclude` (a regular expression on the group's name or any member
 tensor) and `--min-size` (the group's parameters), scores their channels with the
 registered score `config.method` (`registry.CHANNEL_SCORES`), chooses kept counts
-(`selection`), and returns the shrunk model (`surgery.shrink`, checked by `check_shrunk`)
-with one report entry per group: channels before → after, parameters and estimated MACs
-removed.
+(`selection`), and returns the shrunk model (`surgery.shrink`; the caller checks it, on
+its file or in memory) with one report entry per group: channels before → after,
+parameters and estimated MACs removed.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from ..methods.base import Needs
 from .analysis import find_groups
 from .groups import ChannelGroup, DeclineCause, Declined, Member, MemberRole, StructureKind
 from .selection import global_counts, keep_sets, uniform_counts
-from .surgery import check_shrunk, shrink
+from .surgery import shrink
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +40,6 @@ STRUCTURES: dict[str, frozenset[StructureKind]] = {
     "ffn": frozenset({StructureKind.FFN}),
     "heads": frozenset({StructureKind.HEADS}),
 }
-# models up to this size are checked in memory (onnx.checker cannot take a larger proto)
-CHECK_LIMIT_BYTES = 2_000_000_000
 
 
 @dataclass
@@ -110,8 +108,6 @@ def prune_structured(loaded: LoadedModel, config: PruneConfig) -> StructuredResu
         counts = uniform_counts(selected, sparsity, round_to)
     keep = keep_sets(selected, scores, counts)
     shrunk = shrink(loaded.proto, selected, keep, base_dir=loaded.base_dir)
-    if not loaded.lazy and shrunk.ByteSize() < CHECK_LIMIT_BYTES:
-        check_shrunk(shrunk)
     reports = [_report(g, counts[g.name], per_channel[g.name]) for g in selected]
     return StructuredResult(shrunk, reports, declined, keep, _float_params(loaded.proto),
                             _float_params(shrunk),

@@ -1,14 +1,14 @@
 """Which channels each group keeps: kept counts from the requested sparsity (uniform, or
 global over per-group normalized scores), rounded for fast kernels, then the best channels.
 
-`sparsity` is the fraction of the selected groups' parameters to remove. Uniform
-allocation removes that fraction of every group's channels (so of its parameters too);
-global allocation ranks every channel of every group by its score divided by the mean score
-of its group (scores of different groups are not on one scale) and removes the lowest until
-the parameters they carry reach the fraction. Either way a kept count is then rounded to
-the nearest multiple of the group's unit (`round_to` positions, and the group's own
-`multiple_of`), never below one unit: no layer vanishes, and the widths suit onnxruntime's
-CPU kernels.
+Uniform allocation removes the fraction `sparsity` of every group's channels (a weight
+between two groups loses rows and columns, so more of the parameters go); global
+allocation ranks every channel of every group by its score divided by the mean score of
+its group (scores of different groups are not on one scale) and removes the lowest until
+the parameters they carry reach that fraction of the groups' parameters. Either way a
+kept count is then rounded to the nearest multiple of the group's unit (`round_to`
+positions, and the group's own `multiple_of`), never below one unit: no layer vanishes,
+and the widths suit onnxruntime's CPU kernels.
 """
 
 from __future__ import annotations
@@ -26,9 +26,11 @@ def unit(group: ChannelGroup, round_to: int) -> int:
     multiples of `round_to` positions, and the count a multiple of `multiple_of`. A channel
     of `block` positions (an attention head of 64 columns) already is one for any
     `round_to` dividing its block."""
-    block = min((m.block for m in group.members), default=1)
-    positions = math.lcm(max(1, round_to), max(1, block))
-    return math.lcm(positions // max(1, block), max(1, group.multiple_of))
+    step = max(1, group.multiple_of)
+    for member in group.members:  # channels so that this member's width is aligned
+        block = max(1, member.block)
+        step = math.lcm(step, max(1, round_to) // math.gcd(max(1, round_to), block))
+    return step
 
 
 def rounded_count(group: ChannelGroup, wanted: float, round_to: int) -> int:
@@ -36,6 +38,8 @@ def rounded_count(group: ChannelGroup, wanted: float, round_to: int) -> int:
     keeps more), at least one unit, at most all. Nearest, not up: a group of 3 attention
     heads asked to keep 2.25 keeps 2, so small groups do not all keep everything."""
     step = unit(group, round_to)
+    if wanted >= group.channels - step / 2:  # all channels is the nearest choice too
+        return group.channels
     count = max(step, math.floor(wanted / step + 0.5 + 1e-9) * step)
     return group.channels if count >= group.channels else count
 
