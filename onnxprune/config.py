@@ -182,7 +182,12 @@ class PruneConfig:
             ("--pattern", self.pattern.is_nm), ("--update", self.update != "none"),
             ("--refine", self.refine != "none"), ("--permute-channels", self.permute_channels),
             ("recipe overrides", bool(self.overrides)),
-            (f"--format {self.format}", self.format != "dense")) if used]
+            (f"--format {self.format}", self.format != "dense"),
+            ("--calib-mode", self.calib_mode is not None),
+            ("--measure-error", self.measure_error),
+            ("--min-target-sparsity/--max-target-sparsity",
+             self.min_target_sparsity is not None or self.max_target_sparsity is not None))
+            if used]
         if given:
             raise ConfigError(f"{', '.join(given)} cannot be combined with --structure yet")
         if isinstance(self.round_to, bool) or not isinstance(self.round_to, int) \

@@ -52,6 +52,7 @@ class Registry(Generic[P]):
         self._lazy = dict(builtins)  # name -> "module:Class", imported on first use
         self._parts: dict[str, type[P] | P] = {}
         self._broken: dict[str, str] = {}  # name -> why it cannot be loaded
+        self._entries: dict[str, Any] = {}  # plug-in name -> its entry point, not yet loaded
         self._plugins_loaded = False
 
     # ------------------------------------------------------------------ registering
@@ -71,6 +72,7 @@ class Registry(Generic[P]):
         option_specs(part, self.kind)  # a bad Options declaration fails here, not later
         self._lazy.pop(name, None)
         self._broken.pop(name, None)
+        self._entries.pop(name, None)
         self._parts[name] = part
         return part
 
@@ -79,13 +81,14 @@ class Registry(Generic[P]):
         self._parts.pop(name, None)
         self._lazy.pop(name, None)
         self._broken.pop(name, None)
+        self._entries.pop(name, None)
 
     # ------------------------------------------------------------------ looking up
     def names(self) -> list[str]:
         """Every registered name, built-ins first in their listed order, then plug-ins
         (those that cannot be loaded included: asking for one says why)."""
         self._load_plugins()
-        return list(dict.fromkeys([*self._lazy, *self._parts, *self._broken]))
+        return list(dict.fromkeys([*self._lazy, *self._parts, *self._entries, *self._broken]))
 
     def __contains__(self, name: object) -> bool:
         return name in self.names()
@@ -108,6 +111,8 @@ class Registry(Generic[P]):
                                   f"{type(exc).__name__}: {exc}") from exc
             return self.register(part, name, replace=True)
         self._load_plugins()
+        if name in self._entries:
+            self._load_entry(name)
         if name in self._broken:
             raise ConfigError(self._broken[name])
         if name in self._parts or name in self._lazy:
@@ -136,6 +141,8 @@ class Registry(Generic[P]):
         return getattr(importlib.import_module(module, __package__), attribute)
 
     def _load_plugins(self) -> None:
+        """Note the plug-ins' entry points; each is imported when it is asked for, so that
+        listing names (the command line's choices) imports no plug-in."""
         if self._plugins_loaded or self.group is None:
             return
         self._plugins_loaded = True
@@ -144,13 +151,17 @@ class Registry(Generic[P]):
                 log.warning("%s plug-in %r (%s) ignored: the name is taken", self.kind,
                             entry.name, entry.value)
                 continue
-            try:
-                self.register(entry.load(), entry.name)
-            except Exception as exc:  # a broken plug-in must not break the other parts
-                why = (f"{self.kind} plug-in {entry.name!r} ({entry.value}) cannot be loaded: "
-                       f"{type(exc).__name__}: {exc}")
-                log.warning("%s", why)
-                self._broken[entry.name] = why
+            self._entries[entry.name] = entry
+
+    def _load_entry(self, name: str) -> None:
+        entry = self._entries.pop(name)
+        try:
+            self.register(entry.load(), name)
+        except Exception as exc:  # a broken plug-in must not break the other parts
+            why = (f"{self.kind} plug-in {name!r} ({entry.value}) cannot be loaded: "
+                   f"{type(exc).__name__}: {exc}")
+            log.warning("%s", why)
+            self._broken[name] = why
 
 
 METHODS: Registry[Method] = Registry("method", "onnxprune.methods", ".methods.base:Method", {

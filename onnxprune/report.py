@@ -111,8 +111,10 @@ def structured_report(result) -> dict:
     }
 
 
-def format_structured(report: Report, verbose: bool = False, limit: int = 20) -> str:
-    """The groups' table (all with -v, else the `limit` largest), then the totals."""
+def format_structured(report: Report, verbose: bool = False, limit: int = 20,
+                      totals_only: bool = False) -> str:
+    """The groups' table (all with -v, else the `limit` largest; none with `totals_only`),
+    then the totals."""
     data = report.structured or {}
     groups = sorted(data.get("groups", []), key=lambda g: -g["params"])
     shown = groups if verbose else groups[:limit]
@@ -128,13 +130,15 @@ def format_structured(report: Report, verbose: bool = False, limit: int = 20) ->
     lines.insert(1, "  ".join("-" * w for w in widths))
     if len(groups) > len(shown):
         lines.append(f"... {len(groups) - len(shown)} more groups (-v lists them all)")
+    if totals_only:
+        lines = []
     before, after = data.get("params_before", 0), data.get("params_after", 0)
     lines.append(f"{len(groups)} groups, {data.get('sparsity', 0.0):.2%} of their parameters "
                  f"removed; model parameters {before:,} -> {after:,} "
                  f"({after / before if before else 1.0:.3f}x), file "
                  f"{_human_bytes(report.summary.file_bytes_before)} -> "
                  f"{_human_bytes(report.summary.file_bytes)}; "
-                 f"{len(data.get('declined', []))} candidates declined "
+                 f"declined candidates: {len(data.get('declined', []))} "
                  "(`onnxprune inspect --structured`)")
     return "\n".join(lines)
 

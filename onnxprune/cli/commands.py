@@ -291,8 +291,7 @@ def _print_prune_result(report, args: argparse.Namespace) -> None:
     from ..report import format_prune_table, format_structured, format_summary
 
     if report.structured is not None:
-        text = format_structured(report, verbose=args.verbose > 0)
-        print(text if not args.quiet else text.splitlines()[-1])
+        print(format_structured(report, verbose=args.verbose > 0, totals_only=args.quiet))
     else:
         if not args.quiet:
             print(format_prune_table(report, verbose=args.verbose > 0))

@@ -125,7 +125,7 @@ def _select(groups: Sequence[ChannelGroup], kinds: frozenset[StructureKind],
                                              for n in names)
         excluded = any(re.search(p, n) for p in config.exclude for n in names)
         wanted = (group.kind in kinds and included and not excluded
-                  and group.params >= config.min_size and group.channels > 1)
+                  and group.params >= config.min_size)
         (selected if wanted else skipped).append(group)
     return selected, skipped
 
