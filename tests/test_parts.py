@@ -166,3 +166,28 @@ def test_an_option_of_a_part_the_run_does_not_use_is_named_in_a_warning(models_d
     err = capsys.readouterr().err
     assert "--owl-lambda ignored: the run uses method ria, allocation uniform" in err
     assert "--ria-alpha" not in err
+
+
+def test_a_plugin_is_imported_only_when_asked_for(models_dir, tmp_path):
+    marker = tmp_path / "imported"
+    env = plugin_env(tmp_path, "toy_lazy",
+                     f"open({str(marker)!r}, 'w').close()\n"
+                     "import numpy as np\n"
+                     "from onnxprune.methods import Method\n"
+                     "class Toy(Method):\n    name = 'toy-lazy'\n"
+                     "    def scores(self, job):\n"
+                     "        return np.abs(job.weights.astype(np.float32))\n",
+                     "[onnxprune.methods]\ntoy-lazy = toy_lazy:Toy\n")
+
+    def onnxprune_cli(*args):
+        return subprocess.run([sys.executable, "-m", "onnxprune", *args], capture_output=True,
+                              text=True, env=env)
+
+    out = str(tmp_path / "o.onnx")
+    assert onnxprune_cli("prune", str(models_dir / "mlp.onnx"), "-o", out,
+                         "--sparsity", "2").returncode == 2
+    assert onnxprune_cli("--help").returncode == 0
+    assert not marker.exists()
+    assert onnxprune_cli("prune", str(models_dir / "mlp.onnx"), "-o", out,
+                         "--method", "toy-lazy").returncode == 0
+    assert marker.exists()
