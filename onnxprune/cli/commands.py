@@ -11,6 +11,8 @@ import os
 import sys
 from pathlib import Path
 
+from ..config import DEFAULT_ROUND_TO
+
 log = logging.getLogger("onnxprune")
 
 
@@ -217,6 +219,8 @@ _VALIDATION_OPTIONS = {"data": None, "samples": None, "atol": None, "rtol": None
                        "min_cosine": None, "min_top1": None}
 _SHAPE_OPTIONS: dict[str, list[str]] = {"dim": [], "input_shapes": []}
 _CALIBRATION_OPTIONS = {"calib_samples": None, "calib_mode": None}
+_STRUCTURED_OPTIONS = {"round_to": DEFAULT_ROUND_TO, "allow_norm": False,
+                       "allow_hidden": False}
 
 
 def _warn_about_ignored_options(args: argparse.Namespace) -> None:
@@ -246,6 +250,9 @@ def _warn_about_ignored_options(args: argparse.Namespace) -> None:
     unused = given(_CALIBRATION_OPTIONS)
     if unused and not calibrates:
         log.warning("%s ignored: method %s uses no calibration data", unused, args.method)
+    unused = given(_STRUCTURED_OPTIONS)
+    if unused and args.structure == "none":
+        log.warning("%s ignored without --structure", unused)
 
 
 def _warn_about_unused_part_options(config) -> None:

@@ -227,7 +227,8 @@ def build_parser(with_parts: bool = True) -> _Parser:
                                           "smaller dense model)")
     structured.add_argument("--structure", default=_default("structure"), metavar="S",
                             help="what is removed whole: channels (every coupled channel "
-                                 "group the analysis proves safe), ffn (hidden units of "
+                                 "group the analysis proves safe, feed-forward units "
+                                 "included, attention heads not), ffn (hidden units of "
                                  "feed-forward blocks), heads; comma-separated to combine; "
                                  "none = unstructured [none]. --sparsity is then the "
                                  "fraction of every group's channels removed (uniform) or of "
