@@ -42,7 +42,14 @@ from .op_tables import (
     UNARY_OPS,
 )
 from .propagation import Space, Walk
-from .rules_attention import FUSED_ATTENTION, batched_matmul, fused_attention
+from .rules_attention import (
+    FUSED_ATTENTION,
+    batched_matmul,
+    expand,
+    finish_repeats,
+    fused_attention,
+    packed_attention,
+)
 from .rules_layers import layer, through_transposes
 from .rules_layout import concat, reshape, shape_read, transpose
 from .rules_norms import norm, reduce, softmax
@@ -87,8 +94,11 @@ class _Analysis(Walk):
                 batched_matmul(self, index, node)
             elif is_onnx_domain(node) and node.op_type in PRODUCER_OPS:
                 layer(self, index, node)
+            elif node.domain == "com.microsoft" and node.op_type == "Attention":
+                packed_attention(self, index, node)
             elif any(name in self.flows for name in self.dataflow.reads[index]):
                 self._propagate(index, node)
+        finish_repeats(self)
         self._pin_escapes()
         return self._results()
 
@@ -147,6 +157,8 @@ class _Analysis(Walk):
             transpose(self, index, node, flow)
         elif standard and op in RESHAPE_OPS and flow is not None:
             reshape(self, index, node, flow)
+        elif standard and op == "Expand" and flow is not None:
+            expand(self, index, node, flow)
         elif standard and op == "Concat":
             concat(self, index, node)
         elif standard and op == "Split" and flow is not None:
