@@ -131,12 +131,18 @@ def _prune_structured(model: ModelLike, output: Path | None, config: PruneConfig
     loaded = _load(model, base_dir, inplace, lazy=output is not None)
     file_bytes_before = model_file_bytes(input_path) if input_path else loaded.proto.ByteSize()
     try:
-        result = prune_structured(loaded, config)
+        # with an output file the cut tensors go from the input to the output one at a time
+        result = prune_structured(loaded, config, stream=output is not None)
         stamp_provenance(result.model, structured_provenance(config, result))
-        shrunk = LoadedModel(result.model, loaded.path, loaded.base_dir,
-                             loaded.uses_external_data, loaded.lazy)
-        if output is not None:  # checked before it is renamed into place
-            save_model(shrunk, output, durable=durable, verify=check_shrunk_file)
+        if result.shrinking is not None and output is not None:
+            shrunk = LoadedModel(result.model, loaded.path, loaded.base_dir,
+                                 loaded.uses_external_data, loaded.lazy)
+            with ModelWriter(shrunk, output, durable=durable,
+                             expect=result.shrinking.tensors) as writer:
+                for stored, values in result.shrinking.values():
+                    writer.put(stored.tensor, values)
+                    del values  # one tensor in memory at a time
+                writer.commit(verify=check_shrunk_file)  # checked before the rename
         else:
             check_shrunk(result.model)
     except SurgeryError as exc:

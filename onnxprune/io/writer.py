@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -109,12 +109,18 @@ class ModelWriter:
     rename, so that a power loss cannot leave a renamed but unwritten file (slower: the
     run then waits for the disk, ~0.5 s per 400 MB here).
 
+    `expect`: tensors of the proto that hold no values yet, only their dims (a structured
+    rewrite's cut tensors, `structured.surgery.Shrinking`): each must be given with `put`
+    before `commit`. In a model file filled in place their room is reserved at the size
+    their dims give, so that their values, too, go straight to their place.
+
     Layout of the data file: tensors given with `put` in that order, then the others in
     `iter_model_tensors` order, each at a multiple of `EXTERNAL_ALIGNMENT`.
     """
 
     def __init__(self, loaded: LoadedModel, output: str | os.PathLike,
-                 external: bool | None = None, durable: bool = False):
+                 external: bool | None = None, durable: bool = False,
+                 expect: Iterable[TensorProto] = ()):
         self.loaded = loaded
         self.durable = durable
         self.output = Path(output)
@@ -130,6 +136,8 @@ class ModelWriter:
         self._pending: dict[int, tuple[TensorProto, _Placed | _Payload]] = {}
         # id(tensor) -> (tensor, offset, length) of its raw bytes in the inline output
         self._slots: dict[int, tuple[TensorProto, int, int]] = {}
+        # id(tensor) -> tensor, for the tensors announced with `expect`
+        self._expected = {id(tensor): tensor for tensor in expect}
         self._temps: list[Path] = []
         self._data: IO[bytes] | None = None  # the data file being appended to (external)
         self._data_offset = 0
@@ -296,9 +304,10 @@ class ModelWriter:
         _start_writeback(data, offset, length)
         return _Placed(self.data_name, offset, length)
 
-    def _plan(self) -> dict[int, tuple[TensorProto, _Placed | _Payload]]:
+    def _plan(self, reserve: bool = False) -> dict[int, tuple[TensorProto, _Placed | _Payload]]:
         """Each tensor whose bytes are not serialized with the proto, by id, with where its
-        bytes are: given with `put`, or where they are now (a file, the proto)."""
+        bytes are: given with `put`, or where they are now (a file, the proto). An expected
+        tensor not given yet is an error, or with `reserve` room of its size (a layout)."""
         plan: dict[int, tuple[TensorProto, _Placed | _Payload]] = {}
         base_dir = self.loaded.base_dir
         for tensor in iter_model_tensors(self.loaded.proto):
@@ -309,17 +318,25 @@ class ModelWriter:
             if pending is not None:
                 plan[key] = pending
                 continue
+            if key in self._expected:
+                if not reserve:
+                    raise ValueError(f"tensor {tensor.name!r} was expected but not given with "
+                                     "put()")
+                plan[key] = (tensor, _Reserved(tensor_nbytes(tensor)))
+                continue
             payload = _untouched_payload(tensor, base_dir, self.external)
             if payload is not None:
                 plan[key] = (tensor, payload)
         missing = [t.name for key, (t, _) in self._pending.items() if key not in plan]
+        missing += [t.name for key, t in self._expected.items() if key not in plan]
         if missing:
-            raise ValueError(f"put() was given tensors that are not in the model: {missing}")
+            raise ValueError(f"put() was given or expects tensors that are not in the model: "
+                             f"{sorted(set(missing))}")
         return plan
 
     def _layout(self) -> dict[int, tuple[TensorProto, int, int]]:
         """Where each tensor's raw bytes will lie in the inline output, as the proto is now."""
-        plan = self._plan()
+        plan = self._plan(reserve=True)
         pieces = _Serializer(plan).model(self.loaded.proto)
         _size(pieces)
         offsets = _payload_offsets(pieces)
@@ -376,6 +393,16 @@ class _ArrayPayload(_Payload):
             # .data: memoryview(array); numpy's stubs declare ndarray a Buffer only for 3.12+
             fh.write(self.array.reshape(-1).view(np.uint8).data)
         return self.length
+
+
+class _Reserved(_Payload):
+    """Room for the values of an expected tensor, in a layout: never written."""
+
+    def __init__(self, length: int):
+        self.length = length
+
+    def write_to(self, fh) -> int:
+        raise RuntimeError("an expected tensor's values were never given")
 
 
 class _WrittenSlot(_Payload):

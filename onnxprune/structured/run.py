@@ -6,9 +6,10 @@ every group but attention heads; `ffn`: hidden units of feed-forward blocks; `he
 selected by `--include/--exclude` (a regular expression on the group's name or any member
 tensor) and `--min-size` (the group's parameters), scores their channels with the
 registered score `config.method` (`registry.CHANNEL_SCORES`), chooses kept counts
-(`selection`), and returns the shrunk model (`surgery.shrink`; the caller checks it, on
+(`selection`), and returns the shrunk model (`surgery.Shrinking`; the caller checks it, on
 its file or in memory) with one report entry per group: channels before → after,
-parameters and estimated MACs removed.
+parameters and estimated MACs removed. With `stream`, the cut tensors' values are left
+for the caller to write one at a time (`StructuredResult.shrinking`).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from ..methods.base import Needs
 from .analysis import find_groups
 from .groups import ChannelGroup, DeclineCause, Declined, Member, MemberRole, StructureKind
 from .selection import global_counts, keep_sets, uniform_counts
-from .surgery import shrink
+from .surgery import Shrinking
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +69,8 @@ class StructuredResult:
     # two groups, like the middle weight of a 3-layer MLP, belongs to both)
     selected_params: int = 0
     skipped_groups: list[str] = field(default_factory=list)  # found, not selected
+    # with `stream`: the rewrite whose cut tensors `model` does not hold yet
+    shrinking: Shrinking | None = None
 
 
 def parse_structures(text: str) -> frozenset[StructureKind]:
@@ -76,8 +79,14 @@ def parse_structures(text: str) -> frozenset[StructureKind]:
     return frozenset(kind for name in structure_names(text) for kind in STRUCTURES[name])
 
 
-def prune_structured(loaded: LoadedModel, config: PruneConfig) -> StructuredResult:
-    """The model with the selected groups' weakest channels removed (see the module doc)."""
+def prune_structured(loaded: LoadedModel, config: PruneConfig, *, stream: bool = False
+                     ) -> StructuredResult:
+    """The model with the selected groups' weakest channels removed (see the module doc).
+
+    With `stream`, `result.model` holds the cut tensors' new dims but not their values:
+    `result.shrinking.values()` gives them one at a time (for a `ModelWriter` made with
+    `expect=result.shrinking.tensors`), read from `loaded`, which must not change until then.
+    """
     from ..registry import CHANNEL_SCORES
 
     kinds = parse_structures(config.structure)
@@ -107,12 +116,15 @@ def prune_structured(loaded: LoadedModel, config: PruneConfig) -> StructuredResu
     else:
         counts = uniform_counts(selected, sparsity, round_to)
     keep = keep_sets(selected, scores, counts)
-    shrunk = shrink(loaded.proto, selected, keep, base_dir=loaded.base_dir)
+    shrinking = Shrinking(loaded.proto, selected, keep, base_dir=loaded.base_dir)
+    if not stream:
+        shrinking.store()
+    shrunk = shrinking.model
     reports = [_report(g, counts[g.name], per_channel[g.name]) for g in selected]
     return StructuredResult(shrunk, reports, declined, keep, _float_params(loaded.proto),
                             _float_params(shrunk),
                             sum(tensor_numel(t) for t in stored.values()),
-                            [g.name for g in skipped])
+                            [g.name for g in skipped], shrinking if stream else None)
 
 
 def _select(groups: Sequence[ChannelGroup], kinds: frozenset[StructureKind],

@@ -12,19 +12,26 @@ one section per projection (members with different offsets), a weight is the out
 group along one axis and the input of another along the other. Each (tensor, axis) is cut
 once, with every section of it at the same time; positions outside every section stay.
 
+The rewrite comes in two steps, so that a model larger than memory can be written from
+file to file: `Shrinking(model, groups, keep)` checks everything and builds the new model's
+structure (cut tensors with their new dims and no values yet), and `Shrinking.values()`
+reads, cuts and hands over the cut tensors one at a time, for a `ModelWriter` to stream
+to the output (`api._prune_structured`) or for `store()` to keep inline (what `shrink`
+does). `replace` gives final values a later step computed for some tensors (a consumer's
+reconstructed kept columns, in the shrunk shape), written instead of the plain cut.
+
 `zeroed(model, groups, keep)` is the oracle the rewrite is tested against: the original
 model with the removed channels zeroed where they are read, so that they contribute nothing.
 Where no normalization runs over a group's axis, the shrunk model computes what the zeroed
 one computes. `check_shrunk(model)` runs strict shape inference and the full checker.
-
-Not yet here: the streamed rewrite of a model too large for memory (file to file, one
-group at a time); a shrunk external tensor is written inline.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping, Sequence
+import os
+import tempfile
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,7 +41,8 @@ from onnx import AttributeProto, TensorProto, numpy_helper
 
 from ..errors import OnnxPruneError
 from ..graph import GraphIndex, StoredTensor, node_label, walk_graphs
-from ..io import read_array, uses_external_data, write_array
+from ..io import load_model, read_array, uses_external_data, write_array
+from ..io.tensors import external_info, iter_model_tensors
 from .groups import ChannelGroup, Member, MemberRole
 
 logger = logging.getLogger(__name__)
@@ -70,36 +78,110 @@ class _Section:
 
 
 def shrink(model: onnx.ModelProto, groups: Sequence[ChannelGroup],
-           keep: Mapping[str, np.ndarray], *, base_dir: Path | None = None
-           ) -> onnx.ModelProto:
+           keep: Mapping[str, np.ndarray], *, base_dir: Path | None = None,
+           replace: Mapping[str, np.ndarray] | None = None) -> onnx.ModelProto:
     """A copy of `model` with the channels of each group named in `keep` cut to the kept
     ones; `model` itself is left as it was.
 
     `keep[name]` holds the kept channel indices of group `name`: sorted, unique, at least
     one, their count a multiple of the group's `multiple_of`. Groups not named in `keep`
     are left whole. `base_dir` is the folder of a model whose tensors are external data
-    (a cut tensor is then stored inline).
+    (a cut tensor is then stored inline). `replace[tensor]`: values to store instead of the
+    plain cut (see `Shrinking`).
 
     Raises ValueError where the groups do not fit the model (a member's tensor missing or
     ambiguous, its axis out of range or too short, two sections overlapping, an attribute's
-    node or a shape entry not found) or a keep set is not valid for its group.
+    node or a shape entry not found), a keep set is not valid for its group, or a
+    replacement does not fit its tensor.
     """
-    shrunk = onnx.ModelProto()
-    shrunk.CopyFrom(model)
-    index = GraphIndex(shrunk)
-    sections = _sections(index, groups, keep)
-    kept_counts = {group.name: len(kept) for group, kept in _kept_sets(groups, keep)}
-    for stored, axis, parts in sections:
-        array = _read(stored, base_dir)
-        positions = _kept_positions(array.shape[axis], parts)
-        _write(stored.tensor, np.take(array, positions, axis=axis))
-    _edit_attributes(shrunk, groups, kept_counts)
-    _edit_shapes(shrunk, index, groups, kept_counts, base_dir)
-    _update_initializer_inputs(shrunk)
-    for graph, _ in walk_graphs(shrunk.graph):
-        del graph.value_info[:]
-    logger.debug("shrunk %d tensor axes of %d groups", len(sections), len(kept_counts))
-    return shrunk
+    shrinking = Shrinking(model, groups, keep, base_dir=base_dir, replace=replace)
+    shrinking.store()
+    return shrinking.model
+
+
+class Shrinking:
+    """The rewrite of `shrink` in two steps: the new model's structure at once, the values
+    of its cut tensors one at a time (`values()`), so that they can be streamed to a file.
+
+    On construction every argument is checked (the errors of `shrink`) and `model` (the
+    copy; the input is left as it was) gets its final structure: attributes, shape
+    constants, graph inputs and `value_info` edited, and every tensor it cuts or replaces
+    given its new dims and no values (`tensors`). `values()` then yields, one at a time, each
+    such tensor (a `StoredTensor` of `model`) with its final values, read from the input model
+    (which must not change until then) and cut, or taken from `replace`. Until they are
+    stored (`store()`, or a `ModelWriter` given `tensors` as `expect` and each value with
+    `put`), `model` is not a valid model.
+
+    `replace[name]`: the final values of stored tensor `name`, of its dtype: in the shrunk
+    shape for a cut tensor (a consumer's reconstructed kept columns), in its stored shape
+    for one that no group cuts (a bias that compensates the removed channels).
+    """
+
+    def __init__(self, model: onnx.ModelProto, groups: Sequence[ChannelGroup],
+                 keep: Mapping[str, np.ndarray], *, base_dir: Path | None = None,
+                 replace: Mapping[str, np.ndarray] | None = None):
+        self.source = model
+        self.base_dir = base_dir
+        self.model = onnx.ModelProto()
+        self.model.CopyFrom(model)
+        index = GraphIndex(self.model)
+        sections = _sections(index, groups, keep)
+        kept_counts = {group.name: len(kept) for group, kept in _kept_sets(groups, keep)}
+        stored = _stored_by_name(index)
+        # tensor name -> (axis, its sections), in the order they are cut (a tensor cut on two
+        # axes has two entries)
+        self._cuts: dict[str, list[tuple[int, list[_Section]]]] = {}
+        self._pending: dict[str, StoredTensor] = {}
+        shapes: dict[str, tuple[int, ...]] = {}
+        for found, axis, parts in sections:
+            if base_dir is None and uses_external_data(found.tensor):
+                raise ValueError(f"tensor {found.name!r} is external data: pass the model's "
+                                 "folder as base_dir")
+            dims = list(shapes.get(found.name, tuple(found.tensor.dims)))
+            dims[axis] = len(_kept_positions(dims[axis], parts))
+            shapes[found.name] = tuple(dims)
+            self._cuts.setdefault(found.name, []).append((axis, parts))
+            self._pending[found.name] = found
+        self._replace = dict(replace or {})
+        for name, values in self._replace.items():
+            found = _find(stored, name, "replace")
+            shape = shapes.get(name, tuple(found.tensor.dims))
+            array = np.asarray(values)
+            if array.shape != shape or array.dtype != _dtype(found.tensor):
+                raise ValueError(f"replace: tensor {name!r} needs {_dtype(found.tensor)}"
+                                 f"{shape}, not {array.dtype}{array.shape}")
+            shapes[name] = shape
+            self._pending[name] = found
+        for name, found in self._pending.items():
+            _clear_values(found.tensor, shapes[name])
+        _edit_attributes(self.model, groups, kept_counts)
+        _edit_shapes(self.model, index, groups, kept_counts, base_dir)
+        _update_initializer_inputs(self.model)
+        for graph, _ in walk_graphs(self.model.graph):
+            del graph.value_info[:]
+        logger.debug("shrinking %d tensor axes of %d groups", len(sections), len(kept_counts))
+
+    @property
+    def tensors(self) -> list[TensorProto]:
+        """The tensors of `model` whose values `values()` gives (none stored yet)."""
+        return [found.tensor for found in self._pending.values()]
+
+    def values(self) -> Iterator[tuple[StoredTensor, np.ndarray]]:
+        """Each pending tensor of `model` with its final values, one at a time."""
+        sources = _stored_by_name(GraphIndex(self.source))
+        for name, found in self._pending.items():
+            array = self._replace.get(name)
+            if array is None:
+                array = _read(sources[name][0], self.base_dir)
+                for axis, parts in self._cuts[name]:
+                    array = np.take(array, _kept_positions(array.shape[axis], parts),
+                                    axis=axis)
+            yield found, np.asarray(array)
+
+    def store(self) -> None:
+        """Store every pending tensor's values inline in `model`."""
+        for found, array in self.values():
+            write_array(found.tensor, array)
 
 
 def zeroed(model: onnx.ModelProto, groups: Sequence[ChannelGroup],
@@ -151,12 +233,37 @@ def check_shrunk(model: onnx.ModelProto) -> None:
 
 
 def check_shrunk_file(path: Path) -> None:
-    """`check_shrunk` for a written model (external data and models over 2 GiB included)."""
+    """`check_shrunk` for a written model (external data and models over 2 GiB included).
+
+    The checker is given the model's graph without its weights: the model read lazily
+    (`load_model(lazy=True)`: tensors of `LAZY_MIN_BYTES` or more become references into
+    the file; integer ones, which shape inference may need the values of, are read back),
+    saved beside it for the check only (onnx looks for external data beside the file it
+    checks). onnx's own check of the file would parse every inline tensor: about 1.2 x the
+    output's size in memory for SmolLM2-135M, more than the rewrite itself needs.
+    """
+    loaded = load_model(path, lazy=True)
+    for tensor in iter_model_tensors(loaded.proto):
+        if (tensor.data_type in _SHAPE_TYPES and uses_external_data(tensor)
+                and external_info(tensor).get("location") == path.name):
+            values = read_array(tensor, loaded.base_dir)
+            for name in ("external_data", "data_location"):
+                tensor.ClearField(name)
+            tensor.raw_data = np.ascontiguousarray(values).tobytes()
+    handle, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".check")
     try:
-        onnx.checker.check_model(str(path), full_check=True)
+        with os.fdopen(handle, "wb") as fh:
+            fh.write(loaded.proto.SerializeToString())
+        onnx.checker.check_model(name, full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
         raise SurgeryError(f"the shrunk model fails the ONNX checker: {_first_line(exc)}"
                            ) from exc
+    finally:
+        os.unlink(name)
+
+
+# the element types of shape constants (Reshape targets, Slice starts, ...)
+_SHAPE_TYPES = frozenset({TensorProto.INT64, TensorProto.INT32})
 
 
 def _first_line(exc: BaseException) -> str:
@@ -270,6 +377,19 @@ def _read(stored: StoredTensor, base_dir: Path | None) -> np.ndarray:
         raise ValueError(f"tensor {stored.name!r} is external data: pass the model's folder "
                          "as base_dir")
     return read_array(stored.tensor, base_dir or Path("."))
+
+
+def _dtype(tensor: TensorProto) -> np.dtype:
+    return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type))
+
+
+def _clear_values(tensor: TensorProto, dims: Sequence[int]) -> None:
+    """Give the tensor new dims and no values (whichever field held them)."""
+    for name in ("raw_data", "float_data", "int32_data", "string_data", "int64_data",
+                 "double_data", "uint64_data", "external_data", "data_location"):
+        tensor.ClearField(name)
+    del tensor.dims[:]
+    tensor.dims.extend(dims)
 
 
 def _write(tensor: TensorProto, array: np.ndarray) -> None:
