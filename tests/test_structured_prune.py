@@ -259,3 +259,36 @@ def test_a_refused_output_leaves_the_file_already_there_untouched(models_dir, tm
     assert "fails the ONNX checker" in err and "needs a model that passes it" in err
     assert out.read_bytes() == b"an earlier result"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.onnx", "out.onnx"]
+
+
+@pytest.mark.parametrize("selection, causes", [
+    (["--exclude", "conv1"], {"/conv1/Conv_output_0[0:16]": "exclude"}),
+    (["--include", "conv4"], {"/conv1/Conv_output_0[0:16]": "include"}),
+    (["--min-size", "12000"], {"/conv1/Conv_output_0[0:16]": "min_size"}),
+    (["--min-size", "20000"], {"/conv1/Conv_output_0[0:16]": "min_size",
+                               "/conv4/Conv_output_0": "min_size"}),
+])
+def test_inspect_structured_selects_groups_as_prune_does(models_dir, tmp_path, capsys,
+                                                          selection, causes):
+    """`inspect --structured` honours --include/--exclude/--min-size the way `prune
+    --structure` does (one function, `run.select_groups`), and lists the groups they leave
+    out as not selected, with why (as data in --json)."""
+    model = str(models_dir / "cnn.onnx")
+    assert main(["inspect", model, "--structured", "--json", *selection]) == 0
+    found = json.loads(capsys.readouterr().out)
+    assert {g["name"]: g["cause"] for g in found["not_selected"]} == causes
+    selected = {g["name"] for g in found["groups"]}
+    assert selected.isdisjoint(causes) and len(selected) + len(causes) == 2
+    assert main(["inspect", model, "--structured", *selection]) == 0
+    text = capsys.readouterr().out
+    assert "not selected:" in text and all(f"  {name} (" in text for name in causes)
+    report_path = tmp_path / "r.json"
+    status = main(["prune", model, "-o", str(tmp_path / "o.onnx"), "--structure", "channels",
+                   "--report", str(report_path), *selection])
+    capsys.readouterr()
+    if not selected:
+        assert status == 2
+        return
+    report = json.loads(report_path.read_text())["structured"]
+    assert status == 0 and sorted(report["not_selected"]) == sorted(causes)
+    assert {g["name"] for g in report["groups"]} == selected

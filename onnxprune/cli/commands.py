@@ -75,15 +75,19 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def _inspect_structured(args: argparse.Namespace) -> int:
-    """`inspect --structured`: the coupled channel groups and the declined candidates."""
+    """`inspect --structured`: the coupled channel groups, those `--include/--exclude/
+    --min-size` leave out (as `prune --structure` selects them), and the declined
+    candidates."""
     import dataclasses
     import enum
 
     from ..io import load_model
     from ..structured import find_groups
+    from ..structured.run import select_groups
 
     groups, declined = find_groups(load_model(args.model, lazy=True).proto,
                                    allow_norm=args.allow_norm, allow_hidden=args.allow_hidden)
+    groups, unselected = select_groups(groups, _config_from(args))
 
     def plain(value):  # enums by their values, for JSON
         if isinstance(value, enum.Enum):
@@ -97,10 +101,13 @@ def _inspect_structured(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({
             "groups": [plain(dataclasses.asdict(group)) for group in groups],
+            "not_selected": [plain(dataclasses.asdict(group)) | {"cause": cause.value}
+                             for group, cause in unselected],
             "declined": [plain(dataclasses.asdict(d)) | {"reason": d.reason} for d in declined],
         }, indent=2))
         return 0
-    print(f"{args.model}: {len(groups)} channel groups, {len(declined)} declined candidates")
+    print(f"{args.model}: {len(groups)} channel groups, {len(unselected)} not selected, "
+          f"{len(declined)} declined candidates")
     if groups:
         rows = [("group", "kind", "channels", "members", "params", "MACs")]
         for g in groups:
@@ -117,12 +124,24 @@ def _inspect_structured(args: argparse.Namespace) -> int:
                   + "  " + row[5])
         if any(not g.macs for g in groups):
             print("MACs ?: not known from the model's static shapes (dynamic image sizes)")
+    if unselected:
+        print("not selected:")
+        for group, cause in unselected:
+            print(f"  {group.name} ({group.kind.value}, {group.channels} channels, "
+                  f"{group.params:,} params): {_UNSELECTED_WORDS[cause.value]}")
     if declined:
         print("declined:")
         for d in declined:
             also = f" (also: {', '.join(c.value for c in d.also)})" if d.also else ""
             print(f"  {d.value}: {d.reason}{also}")
     return 0
+
+
+# how `inspect --structured` says why a group is not selected (by `run.Unselected` value)
+_UNSELECTED_WORDS = {"kind": "not of the kinds --structure names",
+                     "exclude": "matched by --exclude",
+                     "include": "matched by no --include",
+                     "min_size": "fewer parameters than --min-size"}
 
 
 def _print_provenance(report) -> None:

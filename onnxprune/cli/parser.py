@@ -192,8 +192,10 @@ def build_parser(with_parts: bool = True) -> _Parser:
     _add_structure_permissions(inspect)
     inspect.add_argument("--structured", action="store_true",
                          help="list coupled channel groups (what structured pruning removes "
-                              "whole: tensors, channels, params, MACs) and every declined "
-                              "candidate with its reason")
+                              "whole: tensors, channels, params, MACs), those --include/"
+                              "--exclude (on a group's or member's name) and --min-size (its "
+                              "params) leave out, as prune --structure does, and every "
+                              "declined candidate with its reason")
     _add_selection_options(inspect)
     _add_logging_options(inspect)
 

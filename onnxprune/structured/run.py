@@ -4,7 +4,8 @@
 (`analysis.find_groups`), keeps those of the structures asked for (`--structure channels`:
 every group but attention heads; `ffn`: hidden units of feed-forward blocks; `heads`) and
 selected by `--include/--exclude` (a regular expression on the group's name or any member
-tensor) and `--min-size` (the group's parameters), scores their channels with the
+tensor) and `--min-size` (the group's parameters; `select_groups`, which `inspect
+--structured` uses too), scores their channels with the
 registered score `config.method` (`registry.CHANNEL_SCORES`), chooses kept counts
 (`selection`), and returns the shrunk model (`surgery.Shrinking`; the caller checks it, on
 its file or in memory) with one report entry per group: channels before → after,
@@ -14,6 +15,7 @@ for the caller to write one at a time (`StructuredResult.shrinking`).
 
 from __future__ import annotations
 
+import enum
 import logging
 import re
 from collections.abc import Sequence
@@ -92,7 +94,7 @@ def prune_structured(loaded: LoadedModel, config: PruneConfig, *, stream: bool =
     kinds = parse_structures(config.structure)
     groups, declined = find_groups(loaded.proto, allow_norm=config.allow_norm,
                                    allow_hidden=config.allow_hidden)
-    selected, skipped = _select(groups, kinds, config)
+    selected, skipped = select_groups(groups, config, kinds)
     found = _member_tensors(loaded, selected)
     selected, misfits = _fitting(selected, found)
     declined = [*declined, *misfits]
@@ -124,21 +126,40 @@ def prune_structured(loaded: LoadedModel, config: PruneConfig, *, stream: bool =
     return StructuredResult(shrunk, reports, declined, keep, _float_params(loaded.proto),
                             _float_params(shrunk),
                             sum(tensor_numel(t) for t in stored.values()),
-                            [g.name for g in skipped], shrinking if stream else None)
+                            [g.name for g, _ in skipped], shrinking if stream else None)
 
 
-def _select(groups: Sequence[ChannelGroup], kinds: frozenset[StructureKind],
-            config: PruneConfig) -> tuple[list[ChannelGroup], list[ChannelGroup]]:
+class Unselected(enum.Enum):
+    """Why a group that the analysis found is left whole (the first that applies)."""
+
+    KIND = "kind"  # not of a kind that --structure names
+    EXCLUDE = "exclude"  # an --exclude pattern matches its name or a member's
+    INCLUDE = "include"  # no --include pattern matches its name or a member's
+    MIN_SIZE = "min_size"  # fewer parameters than --min-size
+
+
+def select_groups(groups: Sequence[ChannelGroup], config: PruneConfig,
+                  kinds: frozenset[StructureKind] | None = None
+                  ) -> tuple[list[ChannelGroup], list[tuple[ChannelGroup, Unselected]]]:
+    """The groups a structured prune removes channels of, and the others with why not:
+    of `kinds` (every kind when None, as `inspect --structured` lists them), their name or
+    a member tensor's matched by an `--include` pattern (when there are any) and by no
+    `--exclude` pattern, with at least `--min-size` parameters."""
     selected: list[ChannelGroup] = []
-    skipped: list[ChannelGroup] = []
+    skipped: list[tuple[ChannelGroup, Unselected]] = []
     for group in groups:
         names = [group.name, *(m.tensor for m in group.members)]
-        included = not config.include or any(re.search(p, n) for p in config.include
-                                             for n in names)
-        excluded = any(re.search(p, n) for p in config.exclude for n in names)
-        wanted = (group.kind in kinds and included and not excluded
-                  and group.params >= config.min_size)
-        (selected if wanted else skipped).append(group)
+        if kinds is not None and group.kind not in kinds:
+            skipped.append((group, Unselected.KIND))
+        elif any(re.search(p, n) for p in config.exclude for n in names):
+            skipped.append((group, Unselected.EXCLUDE))
+        elif config.include and not any(re.search(p, n) for p in config.include
+                                        for n in names):
+            skipped.append((group, Unselected.INCLUDE))
+        elif group.params < config.min_size:
+            skipped.append((group, Unselected.MIN_SIZE))
+        else:
+            selected.append(group)
     return selected, skipped
 
 
