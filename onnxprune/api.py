@@ -125,6 +125,7 @@ def _prune_structured(model: ModelLike, output: Path | None, config: PruneConfig
                       ) -> tuple[onnx.ModelProto, Report]:
     """`prune` with `config.structure`: whole channels removed (`structured.run`)."""
     from .structured.run import prune_structured
+    from .structured.shapes import macs_input_shapes
     from .structured.surgery import SurgeryError, check_shrunk, check_shrunk_file
 
     input_path = None if isinstance(model, onnx.ModelProto) else Path(model)
@@ -160,7 +161,9 @@ def _prune_structured(model: ModelLike, output: Path | None, config: PruneConfig
                     skipped=[], summary=summary,
                     output=str(output) if output is not None else None,
                     config=config.describe(), provenance=read_provenance(proto),
-                    structured=structured_report(result))
+                    structured=structured_report(result) | {"macs_at": {
+                        name: list(shape) for name, shape in
+                        macs_input_shapes(loaded.proto).items()}})
     if return_masks:
         report.masks = MaskSet.from_arrays(_group_masks(result))
     return proto, report

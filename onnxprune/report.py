@@ -140,6 +140,9 @@ def format_structured(report: Report, verbose: bool = False, limit: int = 20,
                  f"{_human_bytes(report.summary.file_bytes)}; "
                  f"declined candidates: {len(data.get('declined', []))} "
                  "(`onnxprune inspect --structured`)")
+    if data.get("macs_at"):  # set by the caller that knows the model
+        shapes = ", ".join(f"{name} {shape}" for name, shape in data["macs_at"].items())
+        lines.append(f"MACs estimated at {shapes} (the model's input sizes are dynamic)")
     return "\n".join(lines)
 
 

@@ -16,8 +16,8 @@ the model's accuracy proxy. Every figure of a pruned model is a ratio to the den
   graph at the batch-1 shape, counted from static shapes (onnx shape inference with the
   inputs fixed; where it leaves a shape unknown, the shape onnxruntime computes) on the
   dense and on the pruned file, so the attention products and the unpruned layers count.
-  The report's own estimate (`macs_removed`, per group as if alone, 0 where the model's
-  dims are symbolic) goes to the JSON only.
+  The report's own estimate (`macs_removed`, per group as if alone; with dynamic input
+  sizes at the report's `macs_at` shape) goes to the JSON only.
 - Latency: both sessions (CPUExecutionProvider, `--threads` intra-op threads, 2 by
   default, one inter-op thread, default graph optimizations, intra-op spinning off: with
   it on, the workers of the session that just ran spin on the cores the other one needs;

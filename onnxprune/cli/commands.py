@@ -84,10 +84,13 @@ def _inspect_structured(args: argparse.Namespace) -> int:
     from ..io import load_model
     from ..structured import find_groups
     from ..structured.run import select_groups
+    from ..structured.shapes import describe_input_shapes, macs_input_shapes
 
-    groups, declined = find_groups(load_model(args.model, lazy=True).proto,
-                                   allow_norm=args.allow_norm, allow_hidden=args.allow_hidden)
+    proto = load_model(args.model, lazy=True).proto
+    groups, declined = find_groups(proto, allow_norm=args.allow_norm,
+                                   allow_hidden=args.allow_hidden)
     groups, unselected = select_groups(groups, _config_from(args))
+    macs_at = macs_input_shapes(proto)
 
     def plain(value):  # enums by their values, for JSON
         if isinstance(value, enum.Enum):
@@ -104,6 +107,8 @@ def _inspect_structured(args: argparse.Namespace) -> int:
             "not_selected": [plain(dataclasses.asdict(group)) | {"cause": cause.value}
                              for group, cause in unselected],
             "declined": [plain(dataclasses.asdict(d)) | {"reason": d.reason} for d in declined],
+            # the input shapes MACs are estimated at, where the model's are dynamic
+            "macs_at": {name: list(shape) for name, shape in macs_at.items()},
         }, indent=2))
         return 0
     print(f"{args.model}: {len(groups)} channel groups, {len(unselected)} not selected, "
@@ -122,8 +127,11 @@ def _inspect_structured(args: argparse.Namespace) -> int:
         for row in rows:
             print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=False))
                   + "  " + row[5])
+        if macs_at:
+            print(f"MACs estimated at {describe_input_shapes(macs_at)} (the model's input "
+                  "sizes are dynamic)")
         if any(not g.macs for g in groups):
-            print("MACs ?: not known from the model's static shapes (dynamic image sizes)")
+            print("MACs ?: not known from the model's shapes")
     if unselected:
         print("not selected:")
         for group, cause in unselected:

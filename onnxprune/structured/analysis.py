@@ -26,6 +26,7 @@ sends each node to its rule and turns the spaces into results.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import onnx
 
@@ -55,7 +56,7 @@ from .rules_layout import concat, reshape, shape_read, transpose
 from .rules_norms import norm, reduce, softmax
 from .rules_pointwise import at_axis_one, elementwise, quantize, spatial, unary, unknown
 from .rules_sections import slice_channels, split
-from .shapes import infer_shapes
+from .shapes import infer_shapes, macs_input_shapes
 
 __all__ = ["find_groups", "infer_shapes"]
 
@@ -85,6 +86,28 @@ def find_groups(model: onnx.ModelProto, *, allow_norm: bool = False,
 
 class _Analysis(Walk):
     """The walk in topological order, each node to its rule, then the spaces as results."""
+
+    def __init__(self, model: onnx.ModelProto, allow_norm: bool, allow_hidden: bool):
+        super().__init__(model, allow_norm, allow_hidden)
+        # MACs need every dim: where inputs are dynamic, shapes at one concrete input shape
+        concrete = macs_input_shapes(model)
+        self.mac_shapes = infer_shapes(model, concrete) if concrete else self.shapes
+
+    def macs_factor(self, name: str, skip_axes: Sequence[int]) -> int:
+        """Product of the output's dims other than `skip_axes` (batch taken as 1), at the
+        concrete input shapes of `macs_input_shapes`; 0 where one is still unknown."""
+        shape = self.mac_shapes.get(name)
+        if shape is None:
+            return 0
+        factor = 1
+        for position, dim in enumerate(shape):
+            if position in skip_axes or position - len(shape) in skip_axes:
+                continue
+            if isinstance(dim, int) and dim > 0:
+                factor *= dim
+            elif position != 0:
+                return 0
+        return factor
 
     def run(self) -> tuple[list[ChannelGroup], list[Declined]]:
         for index, node in enumerate(self.dataflow.nodes):
