@@ -83,7 +83,9 @@ class PruneConfig:
     # shapes of synthetic calibration inputs (no `calib`): --dim NAME=V, --input-shapes
     synthetic_dims: dict | None = None
     synthetic_shapes: dict | None = None
-    update: str = "none"  # registry.UPDATES name: reconstruct the kept weights after the mask
+    # registry.UPDATES name: reconstruct the kept weights after the mask (with --structure,
+    # registry.STRUCTURED_UPDATES: refit the consumers after the channels are chosen)
+    update: str = "none"
     refine: str = "none"  # registry.REFINES name: improve the mask before it is applied
     # N:M: permute input channels (and where they are made) so each group keeps more score
     permute_channels: bool = False
@@ -168,22 +170,24 @@ class PruneConfig:
                 raise ConfigError(f"bad regular expression {regex!r}: {exc}") from exc
 
     def _check_structured(self) -> None:
-        """What --structure takes: a registered channel score, uniform or global allocation,
-        no N:M pattern, update, refinement, permutation, per-target override or storage
-        format other than dense yet (a shrunk model has no zeros to store otherwise)."""
-        from .registry import CHANNEL_SCORES
+        """What --structure takes: a registered channel score and structured update, uniform
+        or global allocation, no N:M pattern, refinement, permutation, per-target override
+        or storage format other than dense yet (a shrunk model has no zeros to store
+        otherwise)."""
+        from .registry import CHANNEL_SCORES, STRUCTURED_UPDATES
 
         structure_names(self.structure)
         CHANNEL_SCORES.get(self.method)
+        if self.update != "none":
+            STRUCTURED_UPDATES.get(self.update)
         if self.allocation not in ("uniform", "global"):
             raise ConfigError(f"--allocation {self.allocation} is not available with "
                               "--structure; choose uniform or global")
         given = [option for option, used in (
-            ("--pattern", self.pattern.is_nm), ("--update", self.update != "none"),
+            ("--pattern", self.pattern.is_nm),
             ("--refine", self.refine != "none"), ("--permute-channels", self.permute_channels),
             ("recipe overrides", bool(self.overrides)),
             (f"--format {self.format}", self.format != "dense"),
-            ("--calib-mode", self.calib_mode is not None),
             ("--measure-error", self.measure_error),
             ("--min-target-sparsity/--max-target-sparsity",
              self.min_target_sparsity is not None or self.max_target_sparsity is not None))
@@ -222,11 +226,21 @@ class PruneConfig:
 
     def effective_options(self) -> dict[str, Any]:
         """The options of the parts this run uses, given or default, by dest."""
-        from .registry import ALLOCATIONS, CHANNEL_SCORES, FORMATS, METHODS, REFINES, UPDATES
+        from .registry import (
+            ALLOCATIONS,
+            CHANNEL_SCORES,
+            FORMATS,
+            METHODS,
+            REFINES,
+            STRUCTURED_UPDATES,
+            UPDATES,
+        )
 
         used: list[tuple[Registry[Any], str]]
-        if self.structure != "none":  # structured runs take a channel score, no other part
+        if self.structure != "none":  # structured runs take a channel score and an update
             used = [(CHANNEL_SCORES, self.method)]
+            if self.update != "none":
+                used.append((STRUCTURED_UPDATES, self.update))
         else:
             used = [(METHODS, self.method), (ALLOCATIONS, self.allocation_name),
                     (FORMATS, self.format),

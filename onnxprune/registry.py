@@ -33,6 +33,7 @@ if TYPE_CHECKING:  # the kinds' base classes, imported with their parts, on firs
     from .methods.base import MaskRefinement, Method, WeightUpdate
     from .patterns import PatternRule
     from .structured.scores import ChannelScore
+    from .structured.updates import StructuredUpdate
 
 log = logging.getLogger(__name__)
 
@@ -215,11 +216,19 @@ CHANNEL_SCORES: Registry[ChannelScore] = Registry(
     "magnitude": ".structured.scores:GroupMagnitude",
     "random": ".structured.scores:RandomChannels",
     "wanda": ".structured.scores:StructuredWanda",
+    "flap": ".structured.scores:Flap",
+})
+
+# `--update NAME` with `--structure`: rebuild the consumers once the kept channels are chosen
+STRUCTURED_UPDATES: Registry[StructuredUpdate] = Registry(
+    "structured update", "onnxprune.structured_updates",
+    ".structured.updates:StructuredUpdate", {
+    "least-squares": ".structured.updates:LeastSquares",
 })
 
 # every kind whose parts may declare options, in the order --help lists them
 OPTION_KINDS: tuple[Registry[Any], ...] = (METHODS, UPDATES, REFINES, ALLOCATIONS, FORMATS,
-                                      PATTERNS, CHANNEL_SCORES)
+                                      PATTERNS, CHANNEL_SCORES, STRUCTURED_UPDATES)
 
 
 def all_option_specs() -> list[OptionSpec]:

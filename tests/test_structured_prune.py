@@ -138,7 +138,7 @@ def test_cli_prune_structure_reports_groups_masks_and_provenance(models_dir, tmp
     (["--structure", "channels", "--method", "sparsegpt"], "unknown channel score"),
     (["--structure", "channels", "--allocation", "owl"], "choose uniform or global"),
     (["--structure", "channels", "--format", "compact"], "--format compact cannot be"),
-    (["--structure", "channels", "--calib-mode", "one-pass"], "--calib-mode cannot be"),
+    (["--structure", "channels", "--update", "admm"], "unknown structured update"),
     (["--structure", "channels", "--include", "no-such-tensor"], "nothing to prune"),
 ])
 def test_structured_refusals_are_one_line_errors(models_dir, tmp_path, capsys, args, message):

@@ -1,4 +1,5 @@
-"""Streaming statistics of layer inputs: ‖X_j‖² per input feature and, where asked, H = XᵀX.
+"""Streaming statistics of layer inputs: ‖X_j‖² and ΣX_j per input feature and, where asked,
+H = XᵀX.
 
 Only running sums are kept per target input (float64 sums of float32 products over chunks
 of at most `layouts.CHUNK_ROWS` tokens); the activations are dropped as soon as they are
@@ -13,7 +14,8 @@ from .layouts import Layout
 
 
 class ActivationStats:
-    """Running sums over calibration tokens of one layer input: ‖X_j‖² and optionally XᵀX."""
+    """Running sums over calibration tokens of one layer input: ‖X_j‖², ΣX_j (for means and
+    variances: structured pruning's FLAP score and bias compensation) and optionally XᵀX."""
 
     def __init__(self, groups: int, features: int, hessian: bool):
         self.groups = groups
@@ -21,6 +23,7 @@ class ActivationStats:
         self.tokens = 0
         self.nonfinite = 0
         self._sq_norms = np.zeros((groups, features), dtype=np.float64)
+        self.sums = np.zeros((groups, features), dtype=np.float64)
         self.hessian = (np.zeros((groups, features, features), dtype=np.float64)
                         if hessian else None)
 
@@ -32,6 +35,7 @@ class ActivationStats:
             rows = rows[~bad]
         if group == 0:
             self.tokens += rows.shape[0]
+        self.sums[group] += rows.sum(axis=0, dtype=np.float64)
         if self.hessian is not None:
             gram = rows.T @ rows
             self.hessian[group] += gram
@@ -49,11 +53,23 @@ class ActivationStats:
             return np.diagonal(self.hessian, axis1=1, axis2=2).copy()
         return self._sq_norms
 
+    @property
+    def means(self) -> np.ndarray:
+        """E[X_j] per group and input feature over the tokens, [groups, features] float64."""
+        return self.sums / max(self.tokens, 1)
+
+    @property
+    def variances(self) -> np.ndarray:
+        """Var(X_j) per group and input feature over the tokens (population), float64."""
+        tokens = max(self.tokens, 1)
+        return np.maximum(self.sq_norms / tokens - self.means ** 2, 0.0)
+
     def merge(self, other: ActivationStats) -> None:
         """Add another consumer's sums (a weight shared by several nodes)."""
         self.tokens += other.tokens
         self.nonfinite += other.nonfinite
         self._sq_norms += other._sq_norms
+        self.sums += other.sums
         if self.hessian is not None and other.hessian is not None:
             self.hessian += other.hessian
 

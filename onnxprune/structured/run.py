@@ -114,11 +114,15 @@ def prune_structured(loaded: LoadedModel, config: PruneConfig, *, stream: bool =
     sparsity = config.target_sparsity
     round_to = config.round_to
     if config.allocation_name == "global":
-        counts = global_counts(selected, scores, per_channel, sparsity, round_to)
+        counts = global_counts(selected, scores, per_channel, sparsity, round_to,
+                               score.normalization)
     else:
         counts = uniform_counts(selected, sparsity, round_to)
     keep = keep_sets(selected, scores, counts)
-    shrinking = Shrinking(loaded.proto, selected, keep, base_dir=loaded.base_dir)
+    source, groups_cut = loaded.proto, selected
+    if keep and (config.update != "none" or score.compensates):
+        source, groups_cut = _refitted(loaded, selected, keep, config, score.compensates)
+    shrinking = Shrinking(source, groups_cut, keep, base_dir=loaded.base_dir)
     if not stream:
         shrinking.store()
     shrunk = shrinking.model
@@ -127,6 +131,33 @@ def prune_structured(loaded: LoadedModel, config: PruneConfig, *, stream: bool =
                             _float_params(shrunk),
                             sum(tensor_numel(t) for t in stored.values()),
                             [g.name for g, _ in skipped], shrinking if stream else None)
+
+
+def _refitted(loaded: LoadedModel, groups: Sequence[ChannelGroup], keep: dict[str, np.ndarray],
+              config: PruneConfig, compensate: bool
+              ) -> tuple[onnx.ModelProto, list[ChannelGroup]]:
+    """The model with the pruned groups' consumers refitted in the zeroed form (`refit`),
+    and its groups: found again, as the bias slots it gained are members of some."""
+    from ..calib import calibration_feeds
+    from ..registry import STRUCTURED_UPDATES
+    from .refit import RefitSettings, refit_consumers
+
+    update = (STRUCTURED_UPDATES.build(config.update, config.options)
+              if config.update != "none" else None)
+    settings = RefitSettings(least_squares=update is not None, compensate=compensate,
+                             damp=update.damp if update is not None else 0.0,
+                             sequential=config.calib_mode != "one-pass")
+    refit = refit_consumers(loaded, groups, keep, calibration_feeds(config, loaded.proto),
+                            settings)
+    log.info("%d consumer weights refitted, %d cut only", len(refit.refitted),
+             len(refit.notes))
+    found, _ = find_groups(refit.model, allow_norm=config.allow_norm,
+                           allow_hidden=config.allow_hidden)
+    by_name = {group.name: group for group in found}
+    missing = sorted(g.name for g in groups if g.name not in by_name)
+    if missing:  # the slots only add members; a group that vanished is a bug
+        raise RuntimeError(f"groups lost by adding bias slots: {missing}")
+    return refit.model, [by_name[g.name] for g in groups]
 
 
 class Unselected(enum.Enum):

@@ -8,6 +8,13 @@ importance with p = 2); `random` is the baseline, seeded by the run's seed and t
 `wanda` (calibrated) is Wanda's score in structured form: channel c of the group is input
 feature c of its consumers, and its score is Σ_i |W_ic|·‖X_c‖₂ over every consumer weight
 (the consumer's layer input X gathered on the dense model, as `--method wanda` does).
+`flap` (calibrated) is FLAP's fluctuation metric: Σ_i W_ic²·Var(X_c) over every consumer
+weight, the channels whose removal changes the consumers' output least *around its mean*;
+the mean part is restored by bias compensation (`--bias-compensation`, on by default: the
+removed channels' mean contribution is added to the consumers' biases, see `refit`).
+FLAP's scores are standardized per group (column by column, then averaged over a channel's
+columns) before global allocation ranks them across groups, as FLAP's adaptive structure
+does.
 """
 
 from __future__ import annotations
@@ -16,13 +23,14 @@ import logging
 import zlib
 from abc import abstractmethod
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 
 from ..methods.base import Needs
 from ..methods.wanda import wanda_scores
-from ..parts import Part
+from ..parts import Part, option
 from .groups import ChannelGroup, Member, MemberRole
 
 if TYPE_CHECKING:
@@ -47,6 +55,15 @@ class ChannelScore(Part):
     `needs` calibration statistics gets them for the group's consumer weights."""
 
     needs: ClassVar[Needs] = Needs.NOTHING
+    # how global allocation puts different groups' scores on one scale: divided by their
+    # group's mean ("mean"), standardized within their group ("standard"), or as they are
+    # ("none": the score already puts them on one)
+    normalization: ClassVar[str] = "mean"
+
+    @property
+    def compensates(self) -> bool:
+        """Whether the consumers' biases take the removed channels' mean contribution."""
+        return bool(getattr(self.options, "bias_compensation", False))
 
     @abstractmethod
     def scores(self, group: ChannelGroup, tensors: Mapping[str, np.ndarray],
@@ -97,7 +114,63 @@ class StructuredWanda(ChannelScore):
             total += channel_slices(member, stored, group.channels).sum(axis=1)
             used += 1
         if not used:  # no consumer weight could be calibrated: the group norm decides
-            log.warning("%s: no consumer weight was calibrated; channels scored by "
-                        "magnitude", group.name)
-            return GroupMagnitude().scores(group, tensors, seed)
+            return _uncalibrated(group, tensors, seed)
         return total
+
+
+class Flap(ChannelScore):
+    name = "flap"
+    description = ("FLAP's fluctuation: sum over the consumers' input column of "
+                   "W²·Var(X_j), standardized per group, with bias compensation (calibrated)")
+    needs = Needs.SQ_NORMS
+    normalization = "none"  # the scores are standardized already (see `scores`)
+
+    @dataclass(frozen=True)
+    class Options:
+        bias_compensation: bool = option(
+            True, flag="bias-compensation",
+            help="add the removed channels' mean contribution to the consumers' biases "
+                 "(an Add is inserted where a consumer has none)")
+
+    def scores(self, group: ChannelGroup, tensors: Mapping[str, np.ndarray],
+               seed: int = 0, calibration: Calibration | None = None) -> np.ndarray:
+        """Per channel, the mean over its input columns of each column's fluctuation
+        standardized over every column of the group (FLAP standardizes columns, then
+        averages a head's): a head of many columns is judged by how its columns compare
+        with all the layer's columns, not only with the layer's few other heads. Higher =
+        keep; on one scale across groups, as global allocation needs."""
+        columns: np.ndarray | None = None  # [channels, block]: fluctuation per column
+        for member in group.members:
+            found = (calibration or {}).get(member.tensor)
+            if member.role is not MemberRole.INPUT or found is None:
+                continue
+            view, stats = found
+            obs = view.to_obs(tensors[member.tensor]).astype(np.float64)
+            stored = view.from_obs(obs ** 2 * stats.variances[:, np.newaxis, :])
+            per_column = channel_slices(member, stored, group.channels).reshape(
+                group.channels, member.block, -1).sum(axis=2)
+            if columns is not None and columns.shape != per_column.shape:
+                # consumers that block the channels differently: one value per channel
+                columns = columns.sum(axis=1, keepdims=True)
+                per_column = per_column.sum(axis=1, keepdims=True)
+            columns = per_column if columns is None else columns + per_column
+        if columns is None:
+            return _normalized_fallback(group, tensors, seed)
+        spread = float(np.std(columns))
+        standard = ((columns - np.mean(columns)) / spread if spread > 0
+                    else np.zeros_like(columns))
+        return standard.mean(axis=1)
+
+
+def _normalized_fallback(group: ChannelGroup, tensors: Mapping[str, np.ndarray], seed: int
+                         ) -> np.ndarray:
+    from .selection import normalized
+
+    return normalized(_uncalibrated(group, tensors, seed), "standard")
+
+
+def _uncalibrated(group: ChannelGroup, tensors: Mapping[str, np.ndarray], seed: int
+                  ) -> np.ndarray:
+    log.warning("%s: no consumer weight was calibrated; channels scored by magnitude",
+                group.name)
+    return GroupMagnitude().scores(group, tensors, seed)

@@ -4,7 +4,8 @@ global over per-group normalized scores), rounded for fast kernels, then the bes
 Uniform allocation removes the fraction `sparsity` of every group's channels (a weight
 between two groups loses rows and columns, so more of the parameters go); global
 allocation ranks every channel of every group by its score divided by the mean score of
-its group (scores of different groups are not on one scale) and removes the lowest until
+its group, or standardized within it for scores that ask so (FLAP's) — scores of
+different groups are not on one scale — and removes the lowest until
 the parameters they carry reach that fraction of the groups' parameters. Either way a
 kept count is then rounded to the nearest multiple of the group's unit (`round_to`
 positions, and the group's own `multiple_of`), never below one unit: no layer vanishes,
@@ -50,18 +51,30 @@ def uniform_counts(groups: Sequence[ChannelGroup], sparsity: float, round_to: in
     return {g.name: rounded_count(g, (1.0 - sparsity) * g.channels, round_to) for g in groups}
 
 
+def normalized(values: np.ndarray, normalization: str = "mean") -> np.ndarray:
+    """A group's scores on the scale shared by every group: divided by their mean,
+    standardized ((s − mean) / std), or as they are ("none"); a group whose scores are all
+    equal (or all zero) gets zeros."""
+    values = np.asarray(values, dtype=np.float64)
+    if not values.size or normalization == "none":
+        return values
+    mean = float(np.mean(values))
+    if normalization == "standard":
+        spread = float(np.std(values))
+        return (values - mean) / spread if spread > 0 else np.zeros_like(values)
+    return values / mean if mean > 0 else np.zeros_like(values)
+
+
 def global_counts(groups: Sequence[ChannelGroup], scores: Mapping[str, np.ndarray],
-                  params_per_channel: Mapping[str, float], sparsity: float, round_to: int
-                  ) -> dict[str, int]:
-    """Kept channels per group from one ranking of every channel by its normalized score,
-    removing the lowest until `sparsity` of the selected parameters is reached (each group
-    keeps at least one unit), then rounded."""
+                  params_per_channel: Mapping[str, float], sparsity: float, round_to: int,
+                  normalization: str = "mean") -> dict[str, int]:
+    """Kept channels per group from one ranking of every channel by its normalized score
+    (`normalized`), removing the lowest until `sparsity` of the selected parameters is
+    reached (each group keeps at least one unit), then rounded."""
     entries: list[tuple[float, int, int]] = []  # (normalized score, group index, channel)
     removable = {}
     for index, group in enumerate(groups):
-        values = np.asarray(scores[group.name], dtype=np.float64)
-        mean = float(np.mean(values)) if values.size else 0.0
-        normal = values / mean if mean > 0 else np.zeros_like(values)
+        normal = normalized(scores[group.name], normalization)
         entries.extend((float(s), index, c) for c, s in enumerate(normal))
         removable[group.name] = group.channels - unit(group, round_to)
     total = sum(params_per_channel[g.name] * g.channels for g in groups)
