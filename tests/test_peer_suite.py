@@ -119,7 +119,7 @@ def _mlp_case(tmp_path: Path):
     shutil.copy(MODELS_DIR / "mlp.onnx", path)
     rng = np.random.default_rng(0)
     model = onnx.load(str(path), load_external_data=False)
-    feeds = suite._graph_feeds(model)
+    feeds = suite.graph_feeds(model)
     feeds = {name: rng.standard_normal(value.shape).astype(value.dtype)
              for name, value in feeds.items()}
     return suite.Case("test", "mlp", path, lambda model: feeds)

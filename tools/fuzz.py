@@ -63,6 +63,10 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+# the tools' shared modules (in this folder) are imported as plain modules
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from graph_feeds import graph_feeds  # noqa: E402
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEMO_MODELS = sorted((REPO_ROOT / "models").glob("*.onnx"))
 MODEL_NAME = "model.onnx"
@@ -1095,37 +1099,6 @@ CHECK_TIMEOUT_S = 60.0
 MAX_FEED_ELEMENTS = 1 << 22
 
 
-def _graph_feeds(model: onnx.ModelProto) -> dict[str, np.ndarray] | None:
-    """Inputs drawn from the graph (dynamic dims 1, seeded), None where an input is not a
-    plain tensor of a numeric type or the inputs would be too large."""
-    rng = np.random.default_rng(0)
-    initializers = {t.name for t in model.graph.initializer}
-    feeds = {}
-    for value in model.graph.input:
-        if value.name in initializers:
-            continue
-        if not value.type.HasField("tensor_type"):
-            return None
-        tensor_type = value.type.tensor_type
-        shape = tuple(d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else 1
-                      for d in tensor_type.shape.dim)
-        if int(np.prod(shape, dtype=np.float64)) > MAX_FEED_ELEMENTS:
-            return None
-        try:
-            dtype = helper.tensor_dtype_to_np_dtype(tensor_type.elem_type)
-        except Exception:  # noqa: BLE001 (an unknown or mutated type: nothing to feed)
-            return None
-        if np.issubdtype(dtype, np.floating):
-            feeds[value.name] = rng.standard_normal(shape).astype(dtype)
-        elif dtype == np.bool_:
-            feeds[value.name] = rng.random(shape) < 0.5
-        elif np.issubdtype(dtype, np.integer):
-            feeds[value.name] = np.zeros(shape, dtype)
-        else:
-            return None
-    return feeds
-
-
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0][:300] if text else type(exc).__name__
@@ -1136,7 +1109,7 @@ def _run_in_ort(path: str, feeds_from: str) -> list[list]:
     graph of `feeds_from` (an exception when it does not run)."""
     import onnxruntime as ort
 
-    feeds = _graph_feeds(onnx.load(feeds_from, load_external_data=False))
+    feeds = graph_feeds(onnx.load(feeds_from, load_external_data=False), MAX_FEED_ELEMENTS)
     if feeds is None:
         raise ValueError("no plain inputs to draw")
     options = ort.SessionOptions()

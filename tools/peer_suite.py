@@ -80,6 +80,10 @@ import onnx
 import onnxruntime as ort
 from onnx import numpy_helper
 
+# the tools' shared modules (in this folder) are imported as plain modules
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from graph_feeds import graph_feeds  # noqa: E402
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 REAL_MODELS_LIST = REPO_ROOT / "tests" / "real-models.txt"
 
@@ -133,7 +137,7 @@ def _speech_embedding(rng: np.random.Generator) -> Feeds:
 
 
 # Inputs by the model's path inside its distribution. Models not listed get inputs drawn
-# from the graph (`_graph_feeds`).
+# from the graph (`graph_feeds`).
 REAL_INPUTS: dict[str, FeedMaker] = {
     "silero_vad/data/silero_vad.onnx": _silero(512),
     "silero_vad/data/silero_vad_16k_op15.onnx": _silero(512),
@@ -182,7 +186,7 @@ def _test_data_feeds(path: Path) -> Callable[[onnx.ModelProto], Feeds | None]:
                        key=lambda f: int(f.stem.split("_")[1]))
         inputs = _runtime_inputs(model)
         if not files or len(files) != len(inputs):
-            return _graph_feeds(model)
+            return graph_feeds(model)
         if any(not value.type.HasField("tensor_type") for value in inputs):
             return None  # a sequence or optional input: no plain tensor to feed
         feeds = {}
@@ -212,7 +216,7 @@ def real_cases(listing: Path = REAL_MODELS_LIST) -> tuple[list[Case], list[str]]
             if str(file).endswith(".onnx"):
                 maker = REAL_INPUTS.get(str(file))
                 cases.append(Case(dist_name, str(file), Path(dist.locate_file(file)),
-                                  _seeded(maker) if maker else _graph_feeds))
+                                  _seeded(maker) if maker else graph_feeds))
     return cases, missing
 
 
@@ -224,29 +228,6 @@ def _runtime_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
     """The graph inputs a caller feeds (IR < 4 lists initializers among the inputs)."""
     initializers = {t.name for t in model.graph.initializer}
     return [value for value in model.graph.input if value.name not in initializers]
-
-
-def _graph_feeds(model: onnx.ModelProto) -> Feeds | None:
-    """Inputs drawn from the graph: dynamic dims 1, floats N(0, 1), integers 0, booleans
-    random. None when an input is not a plain tensor."""
-    rng = np.random.default_rng(0)
-    feeds = {}
-    for value in _runtime_inputs(model):
-        if not value.type.HasField("tensor_type"):
-            return None
-        tensor_type = value.type.tensor_type
-        shape = tuple(d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else 1
-                      for d in tensor_type.shape.dim)
-        dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type)
-        if np.issubdtype(dtype, np.floating):
-            feeds[value.name] = rng.standard_normal(shape).astype(dtype)
-        elif dtype == np.bool_:
-            feeds[value.name] = rng.random(shape) < 0.5
-        elif np.issubdtype(dtype, np.integer):
-            feeds[value.name] = np.zeros(shape, dtype)
-        else:
-            return None
-    return feeds
 
 
 # --- running the steps ----------------------------------------------------------------------
