@@ -32,6 +32,30 @@ def _save_external(model: onnx.ModelProto, path: Path) -> Path:
     return path
 
 
+def _as_constants(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The model with every initializer stored in a Constant node instead."""
+    nodes = [onnx.helper.make_node("Constant", [], [t.name], value=t)
+             for t in model.graph.initializer]
+    nodes += model.graph.node
+    del model.graph.initializer[:]
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    return model
+
+
+def test_constant_node_weights_stream_like_initializers(models_dir, tmp_path):
+    source = tmp_path / "constants.onnx"
+    onnx.save(_as_constants(onnx.load(str(models_dir / "mlp.onnx"))), str(source))
+    config = PruneConfig(structure="ffn", sparsity=0.5, min_size=0)
+    onnxprune.prune(source, tmp_path / "out.onnx", config=config)
+    want = _in_memory(source, config)
+    got = _values(tmp_path / "out.onnx")
+    assert sorted(got) == sorted(want) and not load_model(tmp_path / "out.onnx"
+                                                          ).proto.graph.initializer
+    for tensor, values in want.items():
+        np.testing.assert_array_equal(got[tensor], values, err_msg=tensor)
+
+
 def _values(path: Path) -> dict[str, np.ndarray]:
     loaded = load_model(path)
     return {s.name: np.array(read_array(s.tensor, loaded.base_dir))
