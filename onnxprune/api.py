@@ -154,6 +154,9 @@ def _prune_structured(model: ModelLike, output: Path | None, config: PruneConfig
         file_bytes = model_file_bytes(Path(output))
     else:
         proto, file_bytes = result.model, result.model.ByteSize()
+    if result.latency is not None:  # --latency-budget: the output timed against dense
+        result.latency.update(_measured_latency(loaded, input_path, output, result.model,
+                                                config))
     summary = Summary(params=result.params_before, zeros=0, sparsity=0.0,
                       file_bytes=file_bytes, dense_bytes=file_bytes,
                       file_bytes_before=file_bytes_before)
@@ -167,6 +170,24 @@ def _prune_structured(model: ModelLike, output: Path | None, config: PruneConfig
     if return_masks:
         report.masks = MaskSet.from_arrays(_group_masks(result))
     return proto, report
+
+
+def _measured_latency(loaded: LoadedModel, input_path: Path | None, output: Path | None,
+                      shrunk: onnx.ModelProto, config: PruneConfig) -> dict:
+    """The pruned model's onnxruntime latency against the dense one's, measured in this
+    process on the timing feed (interleaved rounds, medians), as report entries."""
+    from .structured.latency import measure_ratio, timing_feeds
+
+    feed = timing_feeds(loaded.proto, config.synthetic_dims, config.synthetic_shapes,
+                        config.seed)
+    dense = str(input_path) if input_path is not None else loaded.proto.SerializeToString()
+    pruned = str(output) if output is not None else shrunk.SerializeToString()
+    timed = measure_ratio(dense, pruned, feed, threads=config.latency_threads,
+                          data_folder=loaded.base_dir)
+    log.info("latency: %.2f ms -> %.2f ms (%.3f x dense)", timed["dense_ms"],
+             timed["pruned_ms"], timed["ratio"])
+    return {"measured_dense_ms": timed["dense_ms"], "measured_ms": timed["pruned_ms"],
+            "measured_ratio": timed["ratio"]}
 
 
 def _refuse_if_input_invalid(input_path: Path | None, loaded: LoadedModel,

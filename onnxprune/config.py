@@ -97,6 +97,13 @@ class PruneConfig:
     # comma-separated); kept channel counts are multiples of `round_to`
     structure: str = "none"
     round_to: int = DEFAULT_ROUND_TO
+    # structured: kept counts chosen so that the predicted onnxruntime CPU latency is at
+    # most this fraction of the dense model's (instead of --sparsity), from per-group
+    # tables measured here (cached, or in `latency_table`), sessions with `latency_threads`
+    # intra-op threads (None: onnxruntime's default)
+    latency_budget: float | None = None
+    latency_table: str | None = None
+    latency_threads: int | None = None
     # structured: let groups run through a norm over their channels (not output-preserving)
     # / let a transformer's residual stream be a group
     allow_norm: bool = False
@@ -140,6 +147,10 @@ class PruneConfig:
             self._check_structured()
             object.__setattr__(self, "options", _checked_options(self.options))
             return
+        if self.latency_budget is not None or self.latency_table is not None \
+                or self.latency_threads is not None:
+            raise ConfigError("--latency-budget, --latency-table and --latency-threads need "
+                              "--structure")
         method = METHODS.get(self.method)
         ALLOCATIONS.get(allocation)
         FORMATS.get(self.format)
@@ -197,7 +208,32 @@ class PruneConfig:
         if isinstance(self.round_to, bool) or not isinstance(self.round_to, int) \
                 or self.round_to < 1:
             raise ConfigError(f"--round-to must be an integer >= 1, got {self.round_to!r}")
+        self._check_latency()
         self._check_selection()
+
+    def _check_latency(self) -> None:
+        """--latency-budget R: 0 < R <= 1, the target instead of --sparsity (both given is
+        a contradiction); --latency-table and --latency-threads only with it."""
+        if self.latency_budget is None:
+            if self.latency_table is not None or self.latency_threads is not None:
+                raise ConfigError("--latency-table and --latency-threads need "
+                                  "--latency-budget")
+            return
+        try:
+            budget = float(self.latency_budget)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"--latency-budget must be a number, got "
+                              f"{self.latency_budget!r}") from exc
+        if not 0.0 < budget <= 1.0:
+            raise ConfigError(f"--latency-budget must be in (0, 1], got {self.latency_budget}")
+        object.__setattr__(self, "latency_budget", budget)
+        if self.sparsity is not None:
+            raise ConfigError("--latency-budget replaces --sparsity as the target: give one "
+                              "of them")
+        threads = self.latency_threads
+        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int)
+                                    or threads < 1):
+            raise ConfigError(f"--latency-threads must be an integer >= 1, got {threads!r}")
 
     @property
     def allocation_name(self) -> str:
@@ -217,7 +253,8 @@ class PruneConfig:
         """The settings as plain JSON values, for the report."""
         values = dataclasses.asdict(self)
         values["pattern"] = str(self.pattern)
-        values["sparsity"] = self.target_sparsity
+        # under a latency budget the allocation, not a sparsity, sets the counts
+        values["sparsity"] = self.target_sparsity if self.latency_budget is None else None
         values["include"], values["exclude"] = list(self.include), list(self.exclude)
         values["calib"] = None if self.calib is None else str(self.calib)
         del values["options"]

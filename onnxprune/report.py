@@ -108,6 +108,7 @@ def structured_report(result) -> dict:
         "declined": [{"value": d.value, "cause": d.cause.value, "reason": d.reason}
                      for d in result.declined],
         "not_selected": list(result.skipped_groups),
+        **({"latency": result.latency} if result.latency is not None else {}),
     }
 
 
@@ -140,6 +141,17 @@ def format_structured(report: Report, verbose: bool = False, limit: int = 20,
                  f"{_human_bytes(report.summary.file_bytes)}; "
                  f"declined candidates: {len(data.get('declined', []))} "
                  "(`onnxprune inspect --structured`)")
+    latency = data.get("latency")
+    if latency:  # --latency-budget
+        measured = latency.get("measured_ratio")
+        lines.append(
+            f"latency budget {latency['budget']:g} x dense: predicted "
+            f"{latency['predicted_ratio']:.3f} x, measured "
+            + (f"{measured:.3f} x ({latency['measured_dense_ms']:.2f} -> "
+               f"{latency['measured_ms']:.2f} ms)" if measured is not None else "-")
+            + f"; tables {latency['table_seconds']:.1f} s ({latency['regions_timed']} "
+            f"regions timed, {latency['tables_reused']} reused, {len(latency['untimed'])} "
+            "groups untimed)")
     if data.get("macs_at"):  # set by the caller that knows the model
         shapes = ", ".join(f"{name} {shape}" for name, shape in data["macs_at"].items())
         lines.append(f"MACs estimated at {shapes} (the model's input sizes are dynamic)")

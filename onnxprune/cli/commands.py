@@ -191,6 +191,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
                           calib_mode=args.calib_mode, measure_error=args.measure_error,
                           update=args.update, refine=args.refine,
                           structure=args.structure, round_to=args.round_to,
+                          latency_budget=args.latency_budget,
+                          latency_table=args.latency_table,
+                          latency_threads=args.latency_threads,
                           allow_norm=args.allow_norm, allow_hidden=args.allow_hidden,
                           permute_channels=args.permute_channels,
                           min_target_sparsity=args.min_target_sparsity,
@@ -272,7 +275,9 @@ def _warn_about_ignored_options(args: argparse.Namespace) -> None:
     if unused and not args.validate:
         log.warning("%s ignored without --validate", unused)
     unused = given(_SHAPE_OPTIONS)
-    if unused and not args.validate and not (calibrates and args.calib is None):
+    # --latency-budget times the model on synthetic inputs of these shapes
+    if unused and not args.validate and not (calibrates and args.calib is None) \
+            and getattr(args, "latency_budget", None) is None:
         log.warning("%s ignored: no --validate and no synthetic calibration inputs", unused)
     unused = given(_CALIBRATION_OPTIONS)
     if unused and not calibrates:

@@ -103,6 +103,20 @@ def fraction(text: str) -> float:
 fraction.value_type = float  # type: ignore[attr-defined]  # what recipes check values as
 
 
+def budget_fraction(text: str) -> float:
+    """argparse type of a latency budget: a number in (0, 1]."""
+    try:
+        value = float(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from exc
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return value
+
+
+budget_fraction.value_type = float  # type: ignore[attr-defined]  # what recipes check
+
+
 def _at_least(minimum: int):
     def check(text: str) -> int:
         try:
@@ -239,6 +253,20 @@ def build_parser(with_parts: bool = True) -> _Parser:
     structured.add_argument("--round-to", type=_at_least(1), default=_default("round_to"),
                             metavar="N", help="kept channel counts are multiples of N "
                                               f"[{_default('round_to')}]")
+    structured.add_argument("--latency-budget", type=budget_fraction, default=None,
+                            metavar="R",
+                            help="instead of --sparsity: keep the channels so that the "
+                                 "output's onnxruntime CPU latency is at most R x the dense "
+                                 "model's (0 < R <= 1), removing the least score per latency "
+                                 "saved, by per-group latency tables measured here at the "
+                                 "shapes of --dim/--input-shapes (cached per model and "
+                                 "machine); the report gives predicted and measured latency")
+    structured.add_argument("--latency-table", default=None, metavar="FILE",
+                            help="read and write the latency tables in FILE (JSON) instead "
+                                 "of the cache folder")
+    structured.add_argument("--latency-threads", type=_at_least(1), default=None,
+                            metavar="N", help="intra-op threads of the timed onnxruntime "
+                                              "sessions [onnxruntime's default]")
     _add_structure_permissions(structured)
     prune.add_argument("--permute-channels", action="store_true",
                        help="N:M: permute input channels where the graph allows it (MLP "

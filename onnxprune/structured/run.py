@@ -7,7 +7,8 @@ selected by `--include/--exclude` (a regular expression on the group's name or a
 tensor) and `--min-size` (the group's parameters; `select_groups`, which `inspect
 --structured` uses too), scores their channels with the
 registered score `config.method` (`registry.CHANNEL_SCORES`), chooses kept counts
-(`selection`), and returns the shrunk model (`surgery.Shrinking`; the caller checks it, on
+(`selection`; under `--latency-budget`, from latency tables measured on this machine,
+`latency`), and returns the shrunk model (`surgery.Shrinking`; the caller checks it, on
 its file or in memory) with one report entry per group: channels before → after,
 parameters and estimated MACs removed. With `stream`, the cut tensors' values are left
 for the caller to write one at a time (`StructuredResult.shrinking`).
@@ -32,7 +33,13 @@ from ..io.tensors import tensor_numel
 from ..methods.base import Needs
 from .analysis import find_groups
 from .groups import ChannelGroup, DeclineCause, Declined, Member, MemberRole, StructureKind
-from .selection import global_counts, keep_sets, uniform_counts
+from .selection import (
+    budget_counts,
+    global_counts,
+    keep_sets,
+    predicted_latency,
+    uniform_counts,
+)
 from .surgery import Shrinking
 
 log = logging.getLogger(__name__)
@@ -73,6 +80,9 @@ class StructuredResult:
     skipped_groups: list[str] = field(default_factory=list)  # found, not selected
     # with `stream`: the rewrite whose cut tensors `model` does not hold yet
     shrinking: Shrinking | None = None
+    # with --latency-budget: the budget, dense and predicted latency, the tables and what
+    # they took (`_budget_counts`); the caller adds the measured latency of the output
+    latency: dict | None = None
 
 
 def parse_structures(text: str) -> frozenset[StructureKind]:
@@ -113,7 +123,11 @@ def prune_structured(loaded: LoadedModel, config: PruneConfig, *, stream: bool =
     per_channel = {g.name: _params_per_channel(g, stored) for g in selected}
     sparsity = config.target_sparsity
     round_to = config.round_to
-    if config.allocation_name == "global":
+    latency = None
+    if config.latency_budget is not None:
+        counts, latency = _budget_counts(loaded, selected, scores, config,
+                                         score.normalization)
+    elif config.allocation_name == "global":
         counts = global_counts(selected, scores, per_channel, sparsity, round_to,
                                score.normalization)
     else:
@@ -130,7 +144,36 @@ def prune_structured(loaded: LoadedModel, config: PruneConfig, *, stream: bool =
     return StructuredResult(shrunk, reports, declined, keep, _float_params(loaded.proto),
                             _float_params(shrunk),
                             sum(tensor_numel(t) for t in stored.values()),
-                            [g.name for g, _ in skipped], shrinking if stream else None)
+                            [g.name for g, _ in skipped], shrinking if stream else None,
+                            latency)
+
+
+def _budget_counts(loaded: LoadedModel, groups: Sequence[ChannelGroup],
+                   scores: dict[str, np.ndarray], config: PruneConfig, normalization: str
+                   ) -> tuple[dict[str, int], dict]:
+    """Kept counts under `--latency-budget` (`selection.budget_counts` over the groups'
+    measured latency tables, `latency.measure_tables`), and what the report says of it."""
+    from .latency import measure_tables, timing_feeds
+
+    budget = float(config.latency_budget or 1.0)
+    feed = timing_feeds(loaded.proto, config.synthetic_dims, config.synthetic_shapes,
+                        config.seed)
+    measured = measure_tables(loaded, groups, feed, round_to=config.round_to,
+                              threads=config.latency_threads, table_file=config.latency_table)
+    counts = budget_counts(groups, scores, measured.tables, measured.dense_ms, budget,
+                           config.round_to, normalization)
+    predicted = predicted_latency(groups, measured.tables, measured.dense_ms, counts)
+    if predicted > budget * measured.dense_ms * (1 + 1e-9):
+        log.warning("--latency-budget %g is not reachable by the tables: the least latency "
+                    "they predict is %.3f x dense", budget, predicted / measured.dense_ms)
+    return counts, {
+        "budget": budget, "dense_ms": measured.dense_ms, "predicted_ms": predicted,
+        "predicted_ratio": predicted / measured.dense_ms,
+        "table_seconds": measured.seconds, "regions_timed": measured.timed,
+        "tables_reused": measured.reused, "untimed": dict(measured.untimed),
+        "table_file": measured.cache, "threads": measured.threads,
+        "input_shapes": measured.input_shapes,
+        "tables": {name: table.to_json() for name, table in measured.tables.items()}}
 
 
 def _refitted(loaded: LoadedModel, groups: Sequence[ChannelGroup], keep: dict[str, np.ndarray],

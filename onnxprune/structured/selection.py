@@ -1,5 +1,6 @@
 """Which channels each group keeps: kept counts from the requested sparsity (uniform, or
-global over per-group normalized scores), rounded for fast kernels, then the best channels.
+global over per-group normalized scores) or from a latency budget (`budget_counts`, over
+measured per-group latency tables), rounded for fast kernels, then the best channels.
 
 Uniform allocation removes the fraction `sparsity` of every group's channels (a weight
 between two groups loses rows and columns, so more of the parameters go); global
@@ -15,7 +16,7 @@ and the widths suit onnxruntime's CPU kernels.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -104,3 +105,80 @@ def keep_sets(groups: Sequence[ChannelGroup], scores: Mapping[str, np.ndarray],
         order = np.lexsort((np.arange(group.channels), -np.asarray(scores[group.name])))
         result[group.name] = np.sort(order[:count]).astype(np.int64)
     return result
+
+
+def allowed_widths(group: ChannelGroup, round_to: int) -> list[int]:
+    """The kept counts an allocation may choose for the group, widest first: all its
+    channels, then every multiple of its unit below them down to one unit."""
+    step = unit(group, round_to)
+    below = range((group.channels - 1) // step * step, 0, -step)
+    return [group.channels, *below]
+
+
+def predicted_latency(groups: Sequence[ChannelGroup],
+                      tables: Mapping[str, Callable[[float], float]], dense_latency: float,
+                      counts: Mapping[str, int]) -> float:
+    """The dense latency less what each group saves at its kept count by its table
+    (`tables[name](width)`: the group's latency at that width); groups without a table save
+    nothing."""
+    saved = sum(tables[g.name](g.channels) - tables[g.name](counts[g.name])
+                for g in groups if g.name in tables)
+    return dense_latency - saved
+
+
+def budget_counts(groups: Sequence[ChannelGroup], scores: Mapping[str, np.ndarray],
+                  tables: Mapping[str, Callable[[float], float]], dense_latency: float,
+                  budget: float, round_to: int, normalization: str = "mean"
+                  ) -> dict[str, int]:
+    """Kept channels per group so that the predicted latency (`predicted_latency`) is at
+    most `budget` × `dense_latency`, removing the least score per latency saved.
+
+    From every channel kept, each step removes channels of the group whose next move has
+    the lowest cost / predicted saving: a move goes to the next allowed width
+    (`allowed_widths`) at which the table predicts a saving (across a flat stretch of the
+    table, to the first width past it), and costs the normalized scores (`normalized`,
+    shifted so that the lowest is 0: a negative cost would rank a larger saving lower) of
+    the lowest-scored channels it removes. It stops once the prediction meets the budget,
+    or when no move saves anything (the budget is then not reachable: the counts predict
+    the least latency the greedy found). No group falls below one unit; groups without a
+    table keep every channel. The sequence of moves does not depend on `budget`, so a
+    larger budget never keeps fewer channels in any group.
+    """
+    counts = {g.name: g.channels for g in groups}
+    timed = [g for g in groups if g.name in tables]
+    if not timed:
+        return counts
+    normal = {g.name: normalized(scores[g.name], normalization) for g in timed}
+    lowest = min((float(v.min()) for v in normal.values() if v.size), default=0.0)
+    prefix = {name: np.concatenate(([0.0], np.cumsum(np.sort(v) - lowest)))
+              for name, v in normal.items()}
+    widths = {g.name: allowed_widths(g, round_to) for g in timed}
+    position = dict.fromkeys(widths, 0)  # index into widths: the current kept count
+    target = budget * dense_latency
+    latency = dense_latency
+
+    def move(group: ChannelGroup) -> tuple[float, float, int] | None:
+        """(cost per saving, saving, new position) of the group's next move, or None."""
+        options, here = widths[group.name], position[group.name]
+        table = tables[group.name]
+        now = table(options[here])
+        for after in range(here + 1, len(options)):
+            saving = now - table(options[after])
+            if saving > 0:
+                removed = group.channels - options[here], group.channels - options[after]
+                cost = prefix[group.name][removed[1]] - prefix[group.name][removed[0]]
+                return cost / saving, saving, after
+        return None
+
+    moves = {g.name: move(g) for g in timed}
+    while latency > target:
+        candidates = [(found, index, g) for index, g in enumerate(timed)
+                      if (found := moves[g.name]) is not None]
+        if not candidates:
+            break
+        (_, saving, after), _, best = min(candidates, key=lambda c: (c[0][0], c[1]))
+        position[best.name] = after
+        counts[best.name] = widths[best.name][after]
+        latency -= saving
+        moves[best.name] = move(best)
+    return counts
