@@ -267,3 +267,41 @@ def test_least_squares_is_a_structured_update_only():
         PruneConfig(update="least-squares")  # unstructured updates are other parts
     with pytest.raises(ConfigError, match="admm"):
         PruneConfig(structure="channels", update="admm")
+
+
+def test_flap_standardizes_columns_before_averaging_a_heads_columns():
+    """A head of 2 columns: each column's fluctuation is standardized over all 6 columns of
+    the group, then the head's score is the mean of its two (FLAP's head metric)."""
+    from onnxprune.calib.layouts import MatrixInput, TargetView
+    from onnxprune.structured.groups import ChannelGroup, Member, MemberRole, StructureKind
+    from onnxprune.structured.scores import Flap
+
+    rng = np.random.default_rng(7)
+    weights = rng.normal(size=(6, 4)).astype(np.float32)  # o_proj [K = 3 heads x 2, N]
+    inputs = rng.normal(size=(50, 6)) * np.array([1, 2, 3, 0.5, 1, 4])
+    stats = ActivationStats(1, 6, hessian=False)
+    stats.add(0, inputs.astype(np.float32))
+    target = next(iter(_targets_of(weights)))
+    view = TargetView(target, (("x", MatrixInput(6, transposed=False)),), (0,), 1, 6)
+    group = ChannelGroup("heads", StructureKind.HEADS, 3,
+                         (Member("o", 0, MemberRole.INPUT, 0, 2),))
+    scores = Flap().scores(group, {"o": weights}, 0, {"o": (view, stats)})
+    columns = inputs.var(axis=0) * (weights.astype(np.float64) ** 2).sum(axis=1)
+    standard = (columns - columns.mean()) / columns.std()
+    np.testing.assert_allclose(scores, standard.reshape(3, 2).mean(axis=1), rtol=1e-4,
+                               atol=1e-6)
+
+
+def _targets_of(weights: np.ndarray):
+    """The MatMul weight `o` of a one-node model, as target discovery finds it."""
+    from onnxprune.config import Pattern
+    from onnxprune.targets import Selection, discover_targets
+
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "o"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [5, 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [5, 4])],
+        [numpy_helper.from_array(weights, "o")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    targets, _ = discover_targets(model, Selection((), (), 0, Pattern()))
+    return targets

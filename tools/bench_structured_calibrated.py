@@ -1,0 +1,153 @@
+"""Calibrated structured pruning on SmolLM2-135M: perplexity, prune time and peak memory of
+each structured method, beside the official FLAP code's perplexity and sparsegpt's time.
+
+    python tools/export_lm.py --workdir /tmp/onnxprune-lm          # the model and texts
+    python tools/flap_reference.py --workdir /tmp/onnxprune-lm \\
+        --flap-dir /tmp/FLAP --out /tmp/flap_ref.json              # optional: official FLAP
+    python tools/bench_structured_calibrated.py [--flap-ref /tmp/flap_ref.json]
+        [--levels decoder20,ffn50] [--variants wanda,flap,flap+ls,wanda+ls]
+        [--eval-tokens 16384] [--samples 32]
+
+Levels (issue #19's done-means):
+- `decoder20`: 20 % of the decoder's parameters removed (`--structure ffn,heads
+  --allocation global --sparsity 0.2`: the selected groups are every attention block and
+  feed-forward block, whose parameters are the decoder's linear layers);
+- `ffn50`: 50 % of the feed-forward units (`--structure ffn --sparsity 0.5`, uniform).
+
+Variants: a channel score, optionally `+ls` for `--update least-squares`; `flap` keeps its
+bias compensation (on by default), `flap-nobc` turns it off. Every prune runs as the
+command line does, in a child process (wall time and peak RSS), on `--samples` calibration
+windows of 256 tokens. Perplexity: tools/bench_lm.py's (non-overlapping windows of 256 over
+the first `--eval-tokens` of the evaluation text). The table gives each variant's
+perplexity as a ratio to structured wanda's (no reconstruction) and to the official FLAP
+code's at the same level (from `--flap-ref`, the JSON of tools/flap_reference.py), and its
+prune time as a ratio to unstructured sparsegpt's at 50 % on the same model (timed here).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_lm import MODEL_FILE, perplexity, run_prune  # noqa: E402
+
+LEVELS = {
+    "decoder20": ["--structure", "ffn,heads", "--allocation", "global", "--sparsity", "0.2"],
+    "ffn50": ["--structure", "ffn", "--sparsity", "0.5"],
+}
+# the keys of tools/flap_reference.py's JSON holding the official code's perplexity per level
+FLAP_KEYS = {"decoder20": "flap_20", "ffn50": "flap_ffn50"}
+DEFAULT_VARIANTS = "wanda,flap,flap-nobc,wanda+ls,flap+ls"
+
+
+def variant_args(variant: str) -> list[str]:
+    method, _, update = variant.partition("+")
+    args = ["--method", "flap" if method == "flap-nobc" else method]
+    if method == "flap-nobc":
+        args.append("--no-bias-compensation")
+    if update == "ls":
+        args += ["--update", "least-squares"]
+    elif update:
+        raise SystemExit(f"bench_structured_calibrated: unknown update {update!r} in {variant}")
+    return args
+
+
+def reference_perplexity(path: str | None, level: str) -> float | None:
+    if not path:
+        return None
+    data = json.loads(Path(path).read_text())
+    entry = data.get(FLAP_KEYS[level])
+    if isinstance(entry, dict):
+        entry = entry.get("perplexity")
+    return float(entry) if isinstance(entry, (int, float)) else None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--workdir", default="/tmp/onnxprune-lm")
+    parser.add_argument("--levels", default="decoder20,ffn50")
+    parser.add_argument("--variants", default=DEFAULT_VARIANTS)
+    parser.add_argument("--flap-ref", default=None, help="tools/flap_reference.py's JSON")
+    parser.add_argument("--samples", type=int, default=32, help="calibration windows [32]")
+    parser.add_argument("--eval-tokens", type=int, default=16384)
+    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--no-sparsegpt", action="store_true",
+                        help="skip timing unstructured sparsegpt (the time baseline)")
+    parser.add_argument("--json", default=None, help="write every number here")
+    args = parser.parse_args(argv)
+
+    workdir = Path(args.workdir)
+    model = workdir / MODEL_FILE
+    if not model.exists():
+        sys.exit(f"bench_structured_calibrated: {model} not found; run tools/export_lm.py")
+    tokens = np.load(workdir / "eval_tokens.npy")[:args.eval_tokens]
+    out_dir, log_dir = workdir / "pruned", workdir / "logs"
+    out_dir.mkdir(exist_ok=True)
+    log_dir.mkdir(exist_ok=True)
+    calib = ["--calib", str(workdir / "calib.npz"), "--calib-samples", str(args.samples)]
+
+    def prune(stem: str, options: list[str]) -> dict:
+        output = out_dir / f"{stem}.onnx"
+        command = [sys.executable, "-m", "onnxprune", "prune", str(model), "-o", str(output),
+                   "-q", *options, *calib]
+        code, seconds, peak = run_prune(command, log_dir / f"{stem}.log")
+        row: dict = {"prune_s": round(seconds, 1), "peak_mb": round(peak)}
+        if code != 0:
+            row["status"] = f"failed (exit {code}, see {log_dir / (stem + '.log')})"
+            return row
+        started = time.perf_counter()
+        row["perplexity"] = perplexity(output, tokens, args.seq, args.threads)
+        row["eval_s"] = round(time.perf_counter() - started, 1)
+        output.unlink()
+        return row
+
+    dense = perplexity(model, tokens, args.seq, args.threads)
+    print(f"dense perplexity {dense:.2f} ({len(tokens) // args.seq} x {args.seq} tokens)",
+          file=sys.stderr)
+    baseline = None
+    if not args.no_sparsegpt:
+        baseline = prune("sparsegpt_50", ["--method", "sparsegpt", "--sparsity", "0.5",
+                                          "--exclude", "lm_head"])
+        print(f"sparsegpt 50 %: {baseline}", file=sys.stderr)
+    rows = []
+    for level in (x.strip() for x in args.levels.split(",") if x.strip()):
+        for variant in (v.strip() for v in args.variants.split(",") if v.strip()):
+            row = {"level": level, "variant": variant,
+                   **prune(f"{level}_{variant.replace('+', '_')}",
+                           [*LEVELS[level], *variant_args(variant)])}
+            rows.append(row)
+            print(f"{level} {variant}: {row}", file=sys.stderr)
+    lines = [f"dense perplexity {dense:.2f}; sparsegpt 50 % (unstructured) prune "
+             f"{baseline['prune_s'] if baseline else '-'} s, peak "
+             f"{baseline['peak_mb'] if baseline else '-'} MB",
+             "", "| level | variant | perplexity | ÷ wanda | ÷ official FLAP | prune s "
+             "| ÷ sparsegpt time | peak MB |", "|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        ppl = row.get("perplexity")
+        wanda = next((r.get("perplexity") for r in rows
+                      if r["level"] == row["level"] and r["variant"] == "wanda"), None)
+        flap = reference_perplexity(args.flap_ref, row["level"])
+
+        def ratio(base, value=ppl):
+            return f"{value / base:.2f}" if base and value else "-"
+
+        time_ratio = ratio(baseline.get("prune_s") if baseline else None, row["prune_s"])
+        lines.append(f"| {row['level']} | {row['variant']} | "
+                     f"{f'{ppl:.2f}' if ppl else row.get('status', '-')} | {ratio(wanda)} | "
+                     f"{ratio(flap)} | {row['prune_s']} | {time_ratio} | {row['peak_mb']} |")
+    print("\n".join(lines))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"dense": dense, "sparsegpt": baseline,
+                                               "rows": rows}, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
