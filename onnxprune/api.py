@@ -187,7 +187,8 @@ def _measured_latency(loaded: LoadedModel, input_path: Path | None, output: Path
     log.info("latency: %.2f ms -> %.2f ms (%.3f x dense)", timed["dense_ms"],
              timed["pruned_ms"], timed["ratio"])
     return {"measured_dense_ms": timed["dense_ms"], "measured_ms": timed["pruned_ms"],
-            "measured_ratio": timed["ratio"]}
+            "measured_ratio": timed["ratio"], "measured_fastest_ratio": timed["fastest_ratio"],
+            "measured_rounds": timed["rounds"]}
 
 
 def _refuse_if_input_invalid(input_path: Path | None, loaded: LoadedModel,

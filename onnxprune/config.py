@@ -104,6 +104,8 @@ class PruneConfig:
     latency_budget: float | None = None
     latency_table: str | None = None
     latency_threads: int | None = None
+    # correct the tables' prediction once by timing the model at the counts they chose
+    latency_calibrate: bool = True
     # structured: let groups run through a norm over their channels (not output-preserving)
     # / let a transformer's residual stream be a group
     allow_norm: bool = False

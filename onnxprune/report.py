@@ -144,11 +144,15 @@ def format_structured(report: Report, verbose: bool = False, limit: int = 20,
     latency = data.get("latency")
     if latency:  # --latency-budget
         measured = latency.get("measured_ratio")
+        calibrated = latency.get("calibrated_ratio")
         lines.append(
             f"latency budget {latency['budget']:g} x dense: predicted "
-            f"{latency['predicted_ratio']:.3f} x, measured "
-            + (f"{measured:.3f} x ({latency['measured_dense_ms']:.2f} -> "
-               f"{latency['measured_ms']:.2f} ms)" if measured is not None else "-")
+            f"{latency['predicted_ratio']:.3f} x by the tables"
+            + (f", {calibrated:.3f} x calibrated" if calibrated is not None else "")
+            + ", measured "
+            + (f"{measured:.3f} x (medians {latency['measured_dense_ms']:.3g} -> "
+               f"{latency['measured_ms']:.3g} ms; fastest runs "
+               f"{latency['measured_fastest_ratio']:.3f} x)" if measured is not None else "-")
             + f"; tables {latency['table_seconds']:.1f} s ({latency['regions_timed']} "
             f"regions timed, {latency['tables_reused']} reused, {len(latency['untimed'])} "
             "groups untimed)")

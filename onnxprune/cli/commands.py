@@ -194,6 +194,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
                           latency_budget=args.latency_budget,
                           latency_table=args.latency_table,
                           latency_threads=args.latency_threads,
+                          latency_calibrate=args.latency_calibrate,
                           allow_norm=args.allow_norm, allow_hidden=args.allow_hidden,
                           permute_channels=args.permute_channels,
                           min_target_sparsity=args.min_target_sparsity,

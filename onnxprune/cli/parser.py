@@ -264,6 +264,11 @@ def build_parser(with_parts: bool = True) -> _Parser:
     structured.add_argument("--latency-table", default=None, metavar="FILE",
                             help="read and write the latency tables in FILE (JSON) instead "
                                  "of the cache folder")
+    structured.add_argument("--no-latency-calibration", dest="latency_calibrate",
+                            action="store_false",
+                            help="trust the tables' prediction: do not time the model at "
+                                 "the counts they chose and allocate once more when it "
+                                 "misses the budget")
     structured.add_argument("--latency-threads", type=_at_least(1), default=None,
                             metavar="N", help="intra-op threads of the timed onnxruntime "
                                               "sessions [onnxruntime's default]")

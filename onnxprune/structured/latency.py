@@ -13,7 +13,14 @@ float inputs are fed random values of their shape. The region is then shrunk wit
 `surgery.shrink` (keep = its first w channels) at widths the allocation can choose
 (`table_widths`: every eighth of the channels, rounded as `selection.rounded_count` rounds,
 and one unit) and each width is timed: all widths of a region in one process, warmed up,
-then in interleaved rounds (the order rotating every round), the median per width.
+then in interleaved rounds (the order rotating every round), the fastest run per width.
+The fastest, not the median: on this 2-core machine with other processes busy, 2/3 of the
+runs of a 3x3 Conv of YOLOv8n waited for a core and took 3x as long, and the median of
+25 rounds jumped between the two modes from one width to the next (1.7 or 5.8 ms at the
+same width), while the fastest run was within 10 % across repeats. On a quiet machine the
+two agree. The dense model's latency that the prediction starts from is its fastest run
+too; the output is then timed against dense by medians (and fastest runs) as
+tools/bench_structured.py times.
 
 Regions of the same structure (op types, attributes, wiring, member and input shapes: a
 transformer's identical blocks) share one table, timed once. Tables are cached in a JSON
@@ -53,11 +60,13 @@ from .selection import rounded_count, unit
 log = logging.getLogger(__name__)
 
 CACHE_FORMAT = 1
+FLOAT_TYPES = frozenset({onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16,
+                         onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE})
 TABLE_STEPS = 8  # a table measures every 1/TABLE_STEPS of the channels
 WARMUP = 2  # runs of every session before timing
-ROUNDS = 15  # timed rounds of a table (at least MIN_ROUNDS when slow)
+ROUNDS = 25  # timed rounds of a table (at least MIN_ROUNDS when slow)
 MIN_ROUNDS = 5
-TABLE_SECONDS = 4.0  # a table stops after this much timing once it has MIN_ROUNDS
+TABLE_SECONDS = 5.0  # a table stops after this much timing once it has MIN_ROUNDS
 MODEL_ROUNDS = 30  # whole-model timing (dense, and the output against it)
 MODEL_SECONDS = 30.0
 
@@ -65,10 +74,14 @@ MODEL_SECONDS = 30.0
 class LatencyTable:
     """Measured latency (ms) of a region at kept widths, linearly interpolated between them.
 
-    Measured medians are noisy, so the table used is their envelope from above that never
-    grows when channels are removed: each width takes the least latency of itself and every
-    wider one. `latency(w)` for a width between two measured ones interpolates; a width
-    outside the measured range takes the nearest end."""
+    Medians on a busy machine still hold outliers (a width timed while another process took
+    a core: 3x its neighbours), and a greedy allocation exploits every one, as a large
+    saving for a few channels. So the table used is the measured one with outliers replaced
+    by a robust line through all widths (Theil-Sen: median slope; an outlier is off it by
+    more than 3 robust standard deviations and 5 % of the median latency), then made never
+    to grow when channels are removed (each width takes the least latency of itself and
+    every wider one). `latency(w)` for a width between two measured ones interpolates; a
+    width outside the measured range takes the nearest end."""
 
     def __init__(self, widths: Sequence[int], ms: Sequence[float]):
         if len(widths) != len(ms) or not widths:
@@ -76,7 +89,8 @@ class LatencyTable:
         order = np.argsort(widths)
         self.widths = np.asarray(widths, dtype=np.float64)[order]
         self.measured = np.asarray(ms, dtype=np.float64)[order]
-        self.ms = np.minimum.accumulate(self.measured[::-1])[::-1]
+        cleaned = _without_outliers(self.widths, self.measured)
+        self.ms = np.minimum.accumulate(cleaned[::-1])[::-1]
 
     def __call__(self, width: float) -> float:
         return float(np.interp(width, self.widths, self.ms))
@@ -88,6 +102,19 @@ class LatencyTable:
     @classmethod
     def from_json(cls, data: Mapping) -> LatencyTable:
         return cls([int(w) for w in data["widths"]], [float(t) for t in data["ms"]])
+
+
+def _without_outliers(widths: np.ndarray, ms: np.ndarray) -> np.ndarray:
+    """`ms` with the points far off a Theil-Sen line through (widths, ms) put on it (see
+    `LatencyTable`); unchanged under 4 points."""
+    if len(ms) < 4:
+        return ms
+    pairs = [(j, i) for i in range(len(ms)) for j in range(i + 1, len(ms))]
+    slope = float(np.median([(ms[j] - ms[i]) / (widths[j] - widths[i]) for j, i in pairs]))
+    fit = float(np.median(ms - slope * widths)) + slope * widths
+    off = np.abs(ms - fit)
+    limit = max(3 * 1.4826 * float(np.median(off)), 0.05 * float(np.median(ms)))
+    return np.where(off > limit, fit, ms)
 
 
 @dataclass
@@ -190,8 +217,8 @@ def measure_tables(loaded: LoadedModel, groups: Sequence[ChannelGroup], feed: Fe
     dense = cache.setdefault("dense_ms", {})
     if dense_key not in dense:
         session = _session(_model_source(loaded), loaded, threads)
-        dense[dense_key] = _median_times([session], feed, rounds=MODEL_ROUNDS,
-                                         max_seconds=MODEL_SECONDS)[0]
+        runs = _timed_runs([session], feed, rounds=MODEL_ROUNDS, max_seconds=MODEL_SECONDS)
+        dense[dense_key] = min(runs[0]) * 1e3
         _write_cache(path, cache)
     result.dense_ms = float(dense[dense_key])
     result.seconds = time.perf_counter() - started
@@ -205,14 +232,17 @@ def measure_tables(loaded: LoadedModel, groups: Sequence[ChannelGroup], feed: Fe
 def measure_ratio(dense: str | bytes, pruned: str | bytes, feed: Feed, *,
                   threads: int | None = None, data_folder: str | os.PathLike | None = None,
                   rounds: int = MODEL_ROUNDS, max_seconds: float = MODEL_SECONDS) -> dict:
-    """Median latencies (ms) of two models (paths or serialized) on the same feed, timed in
-    interleaved rounds after warm-up, and their ratio."""
+    """Latencies (ms) of two models (paths or serialized) on the same feed, timed in
+    interleaved rounds after warm-up: medians and their ratio, fastest runs and theirs."""
     sessions = [create_session(source, session_options(
         intra_op_threads=threads, spinning=False,
         data_folder=data_folder if isinstance(source, bytes) else None))
         for source in (dense, pruned)]
-    dense_ms, pruned_ms = _median_times(sessions, feed, rounds=rounds, max_seconds=max_seconds)
-    return {"dense_ms": dense_ms, "pruned_ms": pruned_ms, "ratio": pruned_ms / dense_ms}
+    before, after = _timed_runs(sessions, feed, rounds=rounds, max_seconds=max_seconds)
+    dense_ms, pruned_ms = statistics.median(before) * 1e3, statistics.median(after) * 1e3
+    return {"dense_ms": dense_ms, "pruned_ms": pruned_ms, "ratio": pruned_ms / dense_ms,
+            "dense_fastest_ms": min(before) * 1e3, "pruned_fastest_ms": min(after) * 1e3,
+            "fastest_ratio": min(after) / min(before), "rounds": len(before)}
 
 
 def table_widths(group: ChannelGroup, round_to: int) -> list[int]:
@@ -385,8 +415,9 @@ def _signature(model: onnx.ModelProto, group: ChannelGroup, fixed: Mapping[str, 
                  if value.name in fixed else "")
         parts.append(("input", canonical(value.name), elem, dims, extra))
     for tensor in graph.initializer:
-        values = ""
-        if not tensor.external_data and tensor.ByteSize() <= 4096:  # shape constants
+        values = ""  # weights count by their shape; the values of shape constants matter
+        if tensor.data_type not in FLOAT_TYPES and not tensor.external_data \
+                and tensor.ByteSize() <= 4096:
             nameless = onnx.TensorProto()
             nameless.CopyFrom(tensor)
             nameless.name = ""
@@ -428,15 +459,16 @@ def _time_region(loaded: LoadedModel, group: ChannelGroup, region: Region, round
             region.model, [group], {group.name: np.arange(width, dtype=np.int64)},
             base_dir=loaded.base_dir)
         sessions.append(_session(model.SerializeToString(), loaded, threads))
-    ms = _median_times(sessions, feed, rounds=ROUNDS, max_seconds=TABLE_SECONDS)
+    ms = [min(runs) * 1e3 for runs in _timed_runs(sessions, feed, rounds=ROUNDS,
+                                                  max_seconds=TABLE_SECONDS)]
     log.debug("group %s: %s", group.name,
               ", ".join(f"{w}: {t:.3f} ms" for w, t in zip(widths, ms, strict=True)))
     return LatencyTable(widths, ms)
 
 
-def _median_times(sessions: Sequence[ort.InferenceSession], feed: Feed, *, rounds: int,
-                  max_seconds: float) -> list[float]:
-    """Median latency (ms) of each session on `feed`: every session warmed up, then timed
+def _timed_runs(sessions: Sequence[ort.InferenceSession], feed: Feed, *, rounds: int,
+                max_seconds: float) -> list[list[float]]:
+    """The run times (s) of each session on `feed`: every session warmed up, then timed
     in rounds, the order rotating every round; stops after `rounds` rounds, or once
     `max_seconds` have passed after at least MIN_ROUNDS."""
     for session in sessions:
@@ -452,7 +484,7 @@ def _median_times(sessions: Sequence[ort.InferenceSession], feed: Feed, *, round
             times[which].append(time.perf_counter() - begin)
         if done + 1 >= MIN_ROUNDS and time.perf_counter() - started > max_seconds:
             break
-    return [statistics.median(t) * 1e3 for t in times]
+    return times
 
 
 def _session(source: str | bytes, loaded: LoadedModel, threads: int | None
@@ -512,3 +544,66 @@ def _cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+# ------------------------------------------------------------------ allocation
+
+# a trial within this much of the budget (ratio to dense) is not allocated again
+CALIBRATION_TOLERANCE = 0.02
+
+
+def allocate(loaded: LoadedModel, groups: Sequence[ChannelGroup],
+             scores: Mapping[str, np.ndarray], feed: Feed, *, budget: float, round_to: int,
+             normalization: str = "mean", threads: int | None = None,
+             table_file: str | os.PathLike | None = None, calibrate: bool = True
+             ) -> tuple[dict[str, int], dict]:
+    """Kept counts under a latency budget, and what the report says of them.
+
+    The tables (`measure_tables`) predict each group's saving alone; the savings of a
+    whole model differ (a layer between two groups loses input and output channels; an op
+    in the full model runs with colder caches than in its region), so with `calibrate` the
+    model is shrunk at the counts the tables chose and timed against dense (interleaved,
+    fastest runs, as the tables are timed); where that misses the budget by more than
+    `CALIBRATION_TOLERANCE`, the tables' savings are scaled by measured / predicted saving
+    and the counts chosen once more for the budget those scaled savings must meet."""
+    from .selection import budget_counts, keep_sets, predicted_latency
+    from .surgery import shrink
+
+    measured = measure_tables(loaded, groups, feed, round_to=round_to, threads=threads,
+                              table_file=table_file)
+    dense_ms = measured.dense_ms
+    counts = budget_counts(groups, scores, measured.tables, dense_ms, budget, round_to,
+                           normalization)
+    predicted = predicted_latency(groups, measured.tables, dense_ms, counts) / dense_ms
+    info: dict = {
+        "budget": budget, "dense_ms": dense_ms, "table_seconds": measured.seconds,
+        "regions_timed": measured.timed, "tables_reused": measured.reused,
+        "untimed": dict(measured.untimed), "table_file": measured.cache,
+        "threads": measured.threads, "input_shapes": measured.input_shapes}
+    if calibrate and predicted < 1.0:
+        started = time.perf_counter()
+        trial = shrink(loaded.proto, groups, keep_sets(groups, scores, counts),
+                       base_dir=loaded.base_dir)
+        timed = measure_ratio(_model_source(loaded), trial.SerializeToString(), feed,
+                              threads=threads, data_folder=loaded.base_dir)
+        del trial
+        factor = (1.0 - timed["fastest_ratio"]) / (1.0 - predicted)
+        calibration = {"trial_predicted_ratio": predicted,
+                       "trial_measured_ratio": timed["fastest_ratio"], "factor": factor}
+        if abs(timed["fastest_ratio"] - budget) > CALIBRATION_TOLERANCE and factor > 0:
+            # predicted savings × factor must reach (1 - budget) of dense
+            target = max(0.0, 1.0 - (1.0 - budget) / factor)
+            counts = budget_counts(groups, scores, measured.tables, dense_ms, target,
+                                   round_to, normalization)
+            calibration["table_budget"] = target
+        calibration["seconds"] = time.perf_counter() - started
+        info["calibration"] = calibration
+        predicted = predicted_latency(groups, measured.tables, dense_ms, counts) / dense_ms
+        info["calibrated_ratio"] = 1.0 - factor * (1.0 - predicted)
+    info["predicted_ms"] = predicted * dense_ms
+    info["predicted_ratio"] = predicted
+    if info.get("calibrated_ratio", predicted) > budget + CALIBRATION_TOLERANCE:
+        log.warning("--latency-budget %g is not reachable by the tables: they predict "
+                    "%.3f x dense at best", budget, info.get("calibrated_ratio", predicted))
+    info["tables"] = {name: table.to_json() for name, table in measured.tables.items()}
+    return counts, info

@@ -33,13 +33,7 @@ from ..io.tensors import tensor_numel
 from ..methods.base import Needs
 from .analysis import find_groups
 from .groups import ChannelGroup, DeclineCause, Declined, Member, MemberRole, StructureKind
-from .selection import (
-    budget_counts,
-    global_counts,
-    keep_sets,
-    predicted_latency,
-    uniform_counts,
-)
+from .selection import global_counts, keep_sets, uniform_counts
 from .surgery import Shrinking
 
 log = logging.getLogger(__name__)
@@ -151,29 +145,17 @@ def prune_structured(loaded: LoadedModel, config: PruneConfig, *, stream: bool =
 def _budget_counts(loaded: LoadedModel, groups: Sequence[ChannelGroup],
                    scores: dict[str, np.ndarray], config: PruneConfig, normalization: str
                    ) -> tuple[dict[str, int], dict]:
-    """Kept counts under `--latency-budget` (`selection.budget_counts` over the groups'
-    measured latency tables, `latency.measure_tables`), and what the report says of it."""
-    from .latency import measure_tables, timing_feeds
+    """Kept counts under `--latency-budget` (`latency.allocate`: measured latency tables,
+    `selection.budget_counts`, one calibration by a timed trial), and what the report says
+    of it."""
+    from .latency import allocate, timing_feeds
 
-    budget = float(config.latency_budget or 1.0)
     feed = timing_feeds(loaded.proto, config.synthetic_dims, config.synthetic_shapes,
                         config.seed)
-    measured = measure_tables(loaded, groups, feed, round_to=config.round_to,
-                              threads=config.latency_threads, table_file=config.latency_table)
-    counts = budget_counts(groups, scores, measured.tables, measured.dense_ms, budget,
-                           config.round_to, normalization)
-    predicted = predicted_latency(groups, measured.tables, measured.dense_ms, counts)
-    if predicted > budget * measured.dense_ms * (1 + 1e-9):
-        log.warning("--latency-budget %g is not reachable by the tables: the least latency "
-                    "they predict is %.3f x dense", budget, predicted / measured.dense_ms)
-    return counts, {
-        "budget": budget, "dense_ms": measured.dense_ms, "predicted_ms": predicted,
-        "predicted_ratio": predicted / measured.dense_ms,
-        "table_seconds": measured.seconds, "regions_timed": measured.timed,
-        "tables_reused": measured.reused, "untimed": dict(measured.untimed),
-        "table_file": measured.cache, "threads": measured.threads,
-        "input_shapes": measured.input_shapes,
-        "tables": {name: table.to_json() for name, table in measured.tables.items()}}
+    return allocate(loaded, groups, scores, feed, budget=float(config.latency_budget or 1.0),
+                    round_to=config.round_to, normalization=normalization,
+                    threads=config.latency_threads, table_file=config.latency_table,
+                    calibrate=config.latency_calibrate)
 
 
 def _refitted(loaded: LoadedModel, groups: Sequence[ChannelGroup], keep: dict[str, np.ndarray],
