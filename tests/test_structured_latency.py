@@ -171,22 +171,24 @@ def _group(name: str, channels: int, block: int = 1) -> ChannelGroup:
                         (Member(f"{name}.w", 1, MemberRole.OUTPUT, block=block),))
 
 
-def _cost(groups, scores, counts, normalization="mean") -> float:
+def _cost(groups, scores, params, counts, normalization="mean") -> float:
     """The naive cost of removing channels: the normalized scores of the lowest-scored
-    channels each group removes, shifted as budget_counts shifts them (lowest is 0)."""
+    channels each group removes, shifted as budget_counts shifts them (lowest is 0), times
+    the parameters per channel of their group."""
     normal = {g.name: normalized(scores[g.name], normalization) for g in groups}
     lowest = min(float(v.min()) for v in normal.values())
-    return sum(float(np.sort(normal[g.name] - lowest)[:g.channels - counts[g.name]].sum())
-               for g in groups)
+    return sum(params[g.name] * float(np.sort(normal[g.name] - lowest)[
+        :g.channels - counts[g.name]].sum()) for g in groups)
 
 
-def _exhaustive(groups, scores, tables, dense, budget, round_to, normalization="mean"):
+def _exhaustive(groups, scores, params, tables, dense, budget, round_to,
+                normalization="mean"):
     """The least cost over every combination of allowed widths meeting the budget."""
     best = None
     for widths in itertools.product(*(allowed_widths(g, round_to) for g in groups)):
         counts = {g.name: w for g, w in zip(groups, widths, strict=True)}
         if predicted_latency(groups, tables, dense, counts) <= budget * dense + 1e-9:
-            cost = _cost(groups, scores, counts, normalization)
+            cost = _cost(groups, scores, params, counts, normalization)
             best = cost if best is None else min(best, cost)
     return best
 
@@ -199,6 +201,7 @@ def test_budget_counts_match_exhaustive_search(seed, normalization):
     rng = np.random.default_rng(seed)
     groups = [_group(f"g{i}", int(rng.integers(2, 6)) * 8) for i in range(3)]
     scores = {g.name: rng.random(g.channels) for g in groups}
+    params = {g.name: float(rng.integers(1, 100)) for g in groups}
     per_unit = 0.5
     tables = {g.name: LatencyTable(allowed_widths(g, 8)[::-1],
                                    [per_unit * w / 8 for w in allowed_widths(g, 8)[::-1]])
@@ -207,11 +210,11 @@ def test_budget_counts_match_exhaustive_search(seed, normalization):
     floor = predicted_latency(groups, tables, dense,
                               {g.name: allowed_widths(g, 8)[-1] for g in groups}) / dense
     budget = float(rng.uniform(floor, 0.98))
-    counts = budget_counts(groups, scores, tables, dense, budget, 8, normalization)
-    best = _exhaustive(groups, scores, tables, dense, budget, 8, normalization)
+    counts = budget_counts(groups, scores, params, tables, dense, budget, 8, normalization)
+    best = _exhaustive(groups, scores, params, tables, dense, budget, 8, normalization)
     assert best is not None
     assert predicted_latency(groups, tables, dense, counts) <= budget * dense + 1e-9
-    assert _cost(groups, scores, counts, normalization) == pytest.approx(best)
+    assert _cost(groups, scores, params, counts, normalization) == pytest.approx(best)
 
 
 @pytest.mark.parametrize("seed", range(20))
@@ -220,6 +223,7 @@ def test_budget_counts_properties(seed):
     groups = [_group(f"g{i}", int(rng.integers(1, 9)) * 8 + int(rng.integers(0, 8)))
               for i in range(int(rng.integers(1, 5)))]
     scores = {g.name: rng.random(g.channels) * rng.uniform(0.1, 10) for g in groups}
+    params = {g.name: float(rng.integers(1, 1000)) for g in groups}
     tables = {}
     for group in groups:  # noisy, not linear, sometimes flat
         widths = sorted({max(8, int(w)) for w in np.linspace(8, group.channels, 5)}
@@ -231,7 +235,7 @@ def test_budget_counts_properties(seed):
                               {g.name: allowed_widths(g, 8)[-1] for g in groups}) / dense
     previous = None
     for budget in sorted(rng.uniform(0.2, 1.0, 6)) + [1.0]:
-        counts = budget_counts(groups, scores, tables, dense, budget, 8)
+        counts = budget_counts(groups, scores, params, tables, dense, budget, 8)
         for group in groups:
             assert counts[group.name] in allowed_widths(group, 8)  # >= one unit
         predicted = predicted_latency(groups, tables, dense, counts) / dense
@@ -247,7 +251,7 @@ def test_budget_counts_skip_groups_without_table():
     groups = [_group("a", 32), _group("b", 32)]
     scores = {"a": np.arange(32.0), "b": np.arange(32.0)}
     tables = {"a": LatencyTable([8, 32], [1.0, 4.0])}
-    counts = budget_counts(groups, scores, tables, 10.0, 0.8, 8)
+    counts = budget_counts(groups, scores, {"a": 1.0, "b": 1.0}, tables, 10.0, 0.8, 8)
     assert counts["b"] == 32 and counts["a"] < 32
 
 

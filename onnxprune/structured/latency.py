@@ -553,7 +553,8 @@ CALIBRATION_TOLERANCE = 0.02
 
 
 def allocate(loaded: LoadedModel, groups: Sequence[ChannelGroup],
-             scores: Mapping[str, np.ndarray], feed: Feed, *, budget: float, round_to: int,
+             scores: Mapping[str, np.ndarray], params_per_channel: Mapping[str, float],
+             feed: Feed, *, budget: float, round_to: int,
              normalization: str = "mean", threads: int | None = None,
              table_file: str | os.PathLike | None = None, calibrate: bool = True
              ) -> tuple[dict[str, int], dict]:
@@ -572,8 +573,8 @@ def allocate(loaded: LoadedModel, groups: Sequence[ChannelGroup],
     measured = measure_tables(loaded, groups, feed, round_to=round_to, threads=threads,
                               table_file=table_file)
     dense_ms = measured.dense_ms
-    counts = budget_counts(groups, scores, measured.tables, dense_ms, budget, round_to,
-                           normalization)
+    counts = budget_counts(groups, scores, params_per_channel, measured.tables, dense_ms,
+                           budget, round_to, normalization)
     predicted = predicted_latency(groups, measured.tables, dense_ms, counts) / dense_ms
     info: dict = {
         "budget": budget, "dense_ms": dense_ms, "table_seconds": measured.seconds,
@@ -593,8 +594,8 @@ def allocate(loaded: LoadedModel, groups: Sequence[ChannelGroup],
         if abs(timed["fastest_ratio"] - budget) > CALIBRATION_TOLERANCE and factor > 0:
             # predicted savings × factor must reach (1 - budget) of dense
             target = max(0.0, 1.0 - (1.0 - budget) / factor)
-            counts = budget_counts(groups, scores, measured.tables, dense_ms, target,
-                                   round_to, normalization)
+            counts = budget_counts(groups, scores, params_per_channel, measured.tables,
+                                   dense_ms, target, round_to, normalization)
             calibration["table_budget"] = target
         calibration["seconds"] = time.perf_counter() - started
         info["calibration"] = calibration

@@ -119,7 +119,7 @@ def prune_structured(loaded: LoadedModel, config: PruneConfig, *, stream: bool =
     round_to = config.round_to
     latency = None
     if config.latency_budget is not None:
-        counts, latency = _budget_counts(loaded, selected, scores, config,
+        counts, latency = _budget_counts(loaded, selected, scores, per_channel, config,
                                          score.normalization)
     elif config.allocation_name == "global":
         counts = global_counts(selected, scores, per_channel, sparsity, round_to,
@@ -143,8 +143,8 @@ def prune_structured(loaded: LoadedModel, config: PruneConfig, *, stream: bool =
 
 
 def _budget_counts(loaded: LoadedModel, groups: Sequence[ChannelGroup],
-                   scores: dict[str, np.ndarray], config: PruneConfig, normalization: str
-                   ) -> tuple[dict[str, int], dict]:
+                   scores: dict[str, np.ndarray], per_channel: dict[str, float],
+                   config: PruneConfig, normalization: str) -> tuple[dict[str, int], dict]:
     """Kept counts under `--latency-budget` (`latency.allocate`: measured latency tables,
     `selection.budget_counts`, one calibration by a timed trial), and what the report says
     of it."""
@@ -152,10 +152,10 @@ def _budget_counts(loaded: LoadedModel, groups: Sequence[ChannelGroup],
 
     feed = timing_feeds(loaded.proto, config.synthetic_dims, config.synthetic_shapes,
                         config.seed)
-    return allocate(loaded, groups, scores, feed, budget=float(config.latency_budget or 1.0),
-                    round_to=config.round_to, normalization=normalization,
-                    threads=config.latency_threads, table_file=config.latency_table,
-                    calibrate=config.latency_calibrate)
+    return allocate(loaded, groups, scores, per_channel, feed,
+                    budget=float(config.latency_budget or 1.0), round_to=config.round_to,
+                    normalization=normalization, threads=config.latency_threads,
+                    table_file=config.latency_table, calibrate=config.latency_calibrate)
 
 
 def _refitted(loaded: LoadedModel, groups: Sequence[ChannelGroup], keep: dict[str, np.ndarray],
