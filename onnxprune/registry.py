@@ -217,6 +217,7 @@ CHANNEL_SCORES: Registry[ChannelScore] = Registry(
     "random": ".structured.scores:RandomChannels",
     "wanda": ".structured.scores:StructuredWanda",
     "flap": ".structured.scores:Flap",
+    "obs": ".structured.scores:StructuredObs",
 })
 
 # `--update NAME` with `--structure`: rebuild the consumers once the kept channels are chosen

@@ -24,6 +24,7 @@ from onnxprune.structured.reconstruction import (
 )
 from onnxprune.structured.run import prune_structured
 from onnxprune.structured.selection import normalized
+from onnxprune.structured.surgery import zeroed
 
 # ---------------------------------------------------------------- the arithmetic
 
@@ -37,13 +38,14 @@ def _data(seed: int, tokens: int = 300, features: int = 12, rows: int = 5):
 
 
 def _naive_least_squares(inputs, weights, kept, damp):
-    """min ‖X W'ᵀ − X Wᵀ‖² + λ‖W'‖² over the kept columns, by lstsq on stacked rows."""
+    """min ‖X (W − W')ᵀ‖² + λ‖W − W'‖² over the kept columns (W' zero elsewhere), by lstsq
+    on stacked rows."""
     hessian = inputs.T @ inputs
-    lam = damp * np.mean(np.diagonal(hessian)[kept])
+    lam = damp * np.mean(np.diagonal(hessian))
     design = np.vstack([inputs[:, kept], np.sqrt(lam) * np.eye(len(kept))])
     fitted = np.zeros_like(weights)
     for row in range(weights.shape[0]):
-        target = np.concatenate([inputs @ weights[row], np.zeros(len(kept))])
+        target = np.concatenate([inputs @ weights[row], np.sqrt(lam) * weights[row, kept]])
         fitted[row, kept] = np.linalg.lstsq(design, target, rcond=None)[0]
     return fitted
 
@@ -305,3 +307,62 @@ def _targets_of(weights: np.ndarray):
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     targets, _ = discover_targets(model, Selection((), (), 0, Pattern()))
     return targets
+
+
+# ---------------------------------------------------------------- structured OBS
+
+
+def _naive_obs(inputs, weights, blocks, count, damp):
+    """One channel at a time: try removing each remaining channel, refit the rest by damped
+    least squares on the kept features, keep the removal of least error."""
+    hessian = inputs.T @ inputs
+    damped = hessian + damp * np.mean(np.diagonal(hessian)) * np.eye(len(hessian))
+    alive = list(range(len(blocks)))
+    while len(alive) > count:
+        best = None
+        for channel in alive:
+            kept = np.sort(np.concatenate([blocks[c] for c in alive if c != channel]))
+            fitted = np.linalg.solve(damped[np.ix_(kept, kept)],
+                                     (weights @ damped[:, kept]).T).T
+            full = np.zeros_like(weights)
+            full[:, kept] = fitted
+            delta = weights - full
+            error = np.einsum("rf,fg,rg->", delta, damped, delta)
+            if best is None or error < best[0]:
+                best = (error, channel)
+        alive.remove(best[1])
+    return np.array(alive)
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("per", [1, 3])
+def test_structured_obs_removes_what_a_brute_force_greedy_removes(seed, per):
+    from onnxprune.structured.reconstruction import obs_select
+
+    inputs, weights = _data(seed, tokens=200, features=6 * per, rows=4)
+    blocks = np.arange(6 * per).reshape(6, per)
+    kept, (refit,) = obs_select([weights], [inputs.T @ inputs], [blocks], 3, damp=0.01,
+                                rounds=10)  # one channel per round: the exact greedy
+    np.testing.assert_array_equal(kept, _naive_obs(inputs, weights, list(blocks), 3, 0.01))
+    removed = blocks[np.setdiff1d(np.arange(6), kept)].reshape(-1)
+    assert np.all(refit[:, removed] == 0)
+    # the weights left are the damped least-squares refit of the kept channels
+    expected = least_squares(weights, inputs.T @ inputs, blocks[kept].reshape(-1), 0.01)
+    np.testing.assert_allclose(refit, expected, rtol=1e-6, atol=1e-8)
+
+
+def test_obs_chooses_channels_and_refits_no_worse_than_cutting_them(tmp_path):
+    """End to end, `--method obs` keeps the allocated count, chooses which channels on the
+    calibration data, and the refitted output beats cutting the same channels plainly."""
+    model = _mlp(seed=8, hidden=32)
+    calib, x = _calibration(tmp_path, seed=9)
+    dense = _run(model, x)
+    chosen = _prune(model, calib, method="obs", sparsity=0.5, bias_compensation=False)
+    (name,) = chosen.keep
+    assert len(chosen.keep[name]) == 16
+    zeroed_model = zeroed(model, find_groups(model)[0], chosen.keep)
+    error_obs = np.linalg.norm(_run(chosen.model, x) - dense)
+    error_cut = np.linalg.norm(_run(zeroed_model, x) - dense)
+    assert error_obs < error_cut
+    scored = _prune(model, calib, method="wanda", sparsity=0.5, update="least-squares")
+    assert error_obs <= 1.05 * np.linalg.norm(_run(scored.model, x) - dense)

@@ -33,6 +33,7 @@ from ..io.tensors import tensor_numel
 from ..methods.base import Needs
 from .analysis import find_groups
 from .groups import ChannelGroup, DeclineCause, Declined, Member, MemberRole, StructureKind
+from .scores import ChannelScore
 from .selection import global_counts, keep_sets, uniform_counts
 from .surgery import Shrinking
 
@@ -128,8 +129,8 @@ def prune_structured(loaded: LoadedModel, config: PruneConfig, *, stream: bool =
         counts = uniform_counts(selected, sparsity, round_to)
     keep = keep_sets(selected, scores, counts)
     source, groups_cut = loaded.proto, selected
-    if keep and (config.update != "none" or score.compensates):
-        source, groups_cut = _refitted(loaded, selected, keep, config, score.compensates)
+    if keep and (config.update != "none" or score.compensates or score.selects):
+        source, groups_cut, keep = _refitted(loaded, selected, keep, config, score)
     shrinking = Shrinking(source, groups_cut, keep, base_dir=loaded.base_dir)
     if not stream:
         shrinking.store()
@@ -159,30 +160,33 @@ def _budget_counts(loaded: LoadedModel, groups: Sequence[ChannelGroup],
 
 
 def _refitted(loaded: LoadedModel, groups: Sequence[ChannelGroup], keep: dict[str, np.ndarray],
-              config: PruneConfig, compensate: bool
-              ) -> tuple[onnx.ModelProto, list[ChannelGroup]]:
+              config: PruneConfig, score: ChannelScore
+              ) -> tuple[onnx.ModelProto, list[ChannelGroup], dict[str, np.ndarray]]:
     """The model with the pruned groups' consumers refitted in the zeroed form (`refit`),
-    and its groups: found again, as the bias slots it gained are members of some."""
+    its groups (found again, as the bias slots it gained are members of some) and the kept
+    channels (chosen again by a score that `selects`)."""
     from ..calib import calibration_feeds
     from ..registry import STRUCTURED_UPDATES
     from .refit import RefitSettings, refit_consumers
 
     update = (STRUCTURED_UPDATES.build(config.update, config.options)
               if config.update != "none" else None)
-    settings = RefitSettings(least_squares=update is not None, compensate=compensate,
-                             damp=update.damp if update is not None else 0.0,
-                             sequential=config.calib_mode != "one-pass")
+    damp = update.damp if update is not None else float(getattr(score.options, "damp", 0.01))
+    settings = RefitSettings(least_squares=update is not None or score.selects,
+                             compensate=score.compensates, damp=damp,
+                             sequential=config.calib_mode != "one-pass", select=score.selects)
     refit = refit_consumers(loaded, groups, keep, calibration_feeds(config, loaded.proto),
                             settings)
-    log.info("%d consumer weights refitted, %d cut only", len(refit.refitted),
-             len(refit.notes))
+    log.info("%d consumer weights refitted, %d cut only%s", len(refit.refitted),
+             len(refit.notes), f", channels of {len(refit.selected)} groups chosen by OBS"
+             if score.selects else "")
     found, _ = find_groups(refit.model, allow_norm=config.allow_norm,
                            allow_hidden=config.allow_hidden)
     by_name = {group.name: group for group in found}
     missing = sorted(g.name for g in groups if g.name not in by_name)
     if missing:  # the slots only add members; a group that vanished is a bug
         raise RuntimeError(f"groups lost by adding bias slots: {missing}")
-    return refit.model, [by_name[g.name] for g in groups]
+    return refit.model, [by_name[g.name] for g in groups], refit.keep
 
 
 class Unselected(enum.Enum):

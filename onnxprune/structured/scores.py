@@ -59,6 +59,9 @@ class ChannelScore(Part):
     # group's mean ("mean"), standardized within their group ("standard"), or as they are
     # ("none": the score already puts them on one)
     normalization: ClassVar[str] = "mean"
+    # the channels are chosen again while the consumers are refitted (structured OBS): the
+    # scores here only allocate how many each group keeps
+    selects: ClassVar[bool] = False
 
     @property
     def compensates(self) -> bool:
@@ -118,6 +121,10 @@ class StructuredWanda(ChannelScore):
         return total
 
 
+BIAS_COMPENSATION_HELP = ("add the removed channels' mean contribution to the consumers' "
+                          "biases (an Add is inserted where a consumer has none)")
+
+
 class Flap(ChannelScore):
     name = "flap"
     description = ("FLAP's fluctuation: sum over the consumers' input column of "
@@ -127,10 +134,8 @@ class Flap(ChannelScore):
 
     @dataclass(frozen=True)
     class Options:
-        bias_compensation: bool = option(
-            True, flag="bias-compensation",
-            help="add the removed channels' mean contribution to the consumers' biases "
-                 "(an Add is inserted where a consumer has none)")
+        bias_compensation: bool = option(True, flag="bias-compensation",
+                                         help=BIAS_COMPENSATION_HELP)
 
     def scores(self, group: ChannelGroup, tensors: Mapping[str, np.ndarray],
                seed: int = 0, calibration: Calibration | None = None) -> np.ndarray:
@@ -160,6 +165,38 @@ class Flap(ChannelScore):
         standard = ((columns - np.mean(columns)) / spread if spread > 0
                     else np.zeros_like(columns))
         return standard.mean(axis=1)
+
+
+class StructuredObs(ChannelScore):
+    name = "obs"
+    description = ("structured OBS (ZipLM): channels removed by the smallest OBS error "
+                   "from each stage's XᵀX, the consumers updated after each (calibrated)")
+    needs = Needs.SQ_NORMS
+    selects = True
+
+    @dataclass(frozen=True)
+    class Options:
+        damp: float = option(0.01, minimum=0.0, metavar="D",
+                             help="damping, as a fraction of XᵀX's mean diagonal")
+        bias_compensation: bool = option(True, flag="bias-compensation",
+                                         help=BIAS_COMPENSATION_HELP)
+
+    def scores(self, group: ChannelGroup, tensors: Mapping[str, np.ndarray],
+               seed: int = 0, calibration: Calibration | None = None) -> np.ndarray:
+        """For allocation only: the diagonal OBS error Σ_i W_ic²·‖X_c‖² of each channel on
+        the dense model (the exact choice is made stage by stage, see `refit`)."""
+        total = np.zeros(group.channels, dtype=np.float64)
+        used = 0
+        for member in group.members:
+            found = (calibration or {}).get(member.tensor)
+            if member.role is not MemberRole.INPUT or found is None:
+                continue
+            view, stats = found
+            obs = view.to_obs(tensors[member.tensor]).astype(np.float64)
+            stored = view.from_obs(obs ** 2 * stats.sq_norms[:, np.newaxis, :])
+            total += channel_slices(member, stored, group.channels).sum(axis=1)
+            used += 1
+        return total if used else _uncalibrated(group, tensors, seed)
 
 
 def _normalized_fallback(group: ChannelGroup, tensors: Mapping[str, np.ndarray], seed: int
