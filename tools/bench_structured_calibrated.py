@@ -14,7 +14,8 @@ Levels (issue #19's done-means):
   feed-forward block, whose parameters are the decoder's linear layers);
 - `ffn50`: 50 % of the feed-forward units (`--structure ffn --sparsity 0.5`, uniform).
 
-Variants: a channel score, optionally `+ls` for `--update least-squares`; `flap` keeps its
+Variants: a channel score (`obs` chooses and refits by itself), optionally `+ls` for
+`--update least-squares`; `flap` keeps its
 bias compensation (on by default), `flap-nobc` turns it off. Every prune runs as the
 command line does, in a child process (wall time and peak RSS), on `--samples` calibration
 windows of 256 tokens. Perplexity: tools/bench_lm.py's (non-overlapping windows of 256 over
@@ -43,7 +44,7 @@ LEVELS = {
 }
 # the keys of tools/flap_reference.py's JSON holding the official code's perplexity per level
 FLAP_KEYS = {"decoder20": "flap_20", "ffn50": "flap_ffn50"}
-DEFAULT_VARIANTS = "wanda,flap,flap-nobc,wanda+ls,flap+ls"
+DEFAULT_VARIANTS = "wanda,flap,flap-nobc,wanda+ls,flap+ls,obs"
 
 
 def variant_args(variant: str) -> list[str]:
