@@ -12,6 +12,7 @@ import numpy as np
 import onnx
 
 from .config import PruneConfig
+from .errors import NothingToPruneError
 from .io import (
     LoadedModel,
     ModelWriter,
@@ -25,6 +26,7 @@ from .mask_files import MaskSet
 from .provenance import (
     provenance_entries,
     read_provenance,
+    staged_provenance,
     stamp_provenance,
     structured_provenance,
 )
@@ -61,10 +63,11 @@ def prune(model: ModelLike, output: str | os.PathLike | None = None, *,
 
     With `structure="channels"` (or "ffn", "heads"), whole channels are removed instead
     (`structured.run`): the returned model is a new, smaller one (the input is never
-    changed) and `report.structured` says what was removed.
+    changed) and `report.structured` says what was removed. An N:M `pattern`, a `format`
+    other than dense or per-target `overrides` then apply to the shrunk model as a second
+    stage (`stages.py`; `sparsity` is the structured share): `report.targets` and
+    `report.summary` give its results, `report.structured["then"]` its settings.
     """
-    from .pipeline import Sink, run
-
     config = (config.replace(**options) if config is not None
               else PruneConfig.from_settings(**options))
     if masks is not None and not isinstance(masks, Mapping):
@@ -73,12 +76,36 @@ def prune(model: ModelLike, output: str | os.PathLike | None = None, *,
     if output is not None:
         output = check_output_path(output, input_path)
     if config.structure != "none":
+        from .stages import has_second_stage
+
         if masks is not None:
             from .errors import ConfigError
 
             raise ConfigError("--apply-masks cannot be combined with --structure yet")
+        if has_second_stage(config):
+            return _prune_structured_then(model, output, config, base_dir, inplace, durable,
+                                          return_masks, progress)
         return _prune_structured(model, output, config, base_dir, inplace, durable,
                                  return_masks)
+    return _prune_unstructured(model, output, config, base_dir, inplace, durable, masks,
+                               fixed_masks, return_masks, progress)
+
+
+def _prune_unstructured(model: ModelLike, output: Path | None, config: PruneConfig,
+                        base_dir, inplace: bool, durable: bool,
+                        masks: Mapping[str, np.ndarray] | None, fixed_masks: bool,
+                        return_masks: bool, progress, structured_entries: Mapping[str, str]
+                        | None = None) -> tuple[onnx.ModelProto, Report]:
+    """`prune` without `config.structure`: the pipeline's loop (`pipeline.run`).
+    `structured_entries`: the provenance of a structured stage that made `model`, kept
+    beside this run's (`provenance.staged_provenance`)."""
+    from .pipeline import Sink, run
+
+    def entries(result) -> dict[str, str]:
+        own = provenance_entries(config, result.targets, result.permutations)
+        return staged_provenance(structured_entries, own) if structured_entries else own
+
+    input_path = None if isinstance(model, onnx.ModelProto) else Path(model)
     loop = dict(masks=masks, fixed_masks=fixed_masks, want_masks=return_masks,
                 progress=progress)
     if output is not None and input_path is not None:
@@ -90,8 +117,7 @@ def prune(model: ModelLike, output: str | os.PathLike | None = None, *,
             sink = Sink(loaded, config, writer.put, streaming=True)
             result = run(loaded, config, sink=sink, **loop)
             # commit serializes the metadata from the proto
-            stamp_provenance(loaded.proto, provenance_entries(config, result.targets,
-                                                            result.permutations))
+            stamp_provenance(loaded.proto, entries(result))
             writer.commit()
         proto = load_model(Path(output), lazy=True).proto
         file_bytes = model_file_bytes(Path(output))
@@ -100,8 +126,7 @@ def prune(model: ModelLike, output: str | os.PathLike | None = None, *,
         loaded = _load(model, base_dir, inplace, lazy=output is not None)
         file_bytes_before = model_file_bytes(input_path) if input_path else loaded.proto.ByteSize()
         result = run(loaded, config, **loop)
-        stamp_provenance(loaded.proto, provenance_entries(config, result.targets,
-                                                          result.permutations))
+        stamp_provenance(loaded.proto, entries(result))
         if output is not None:
             save_model(loaded, output, durable=durable)
             file_bytes = model_file_bytes(Path(output))
@@ -169,6 +194,61 @@ def _prune_structured(model: ModelLike, output: Path | None, config: PruneConfig
                         macs_input_shapes(loaded.proto).items()}})
     if return_masks:
         report.masks = MaskSet.from_arrays(_group_masks(result))
+    return proto, report
+
+
+def _prune_structured_then(model: ModelLike, output: Path | None, config: PruneConfig,
+                           base_dir, inplace: bool, durable: bool, return_masks: bool,
+                           progress) -> tuple[onnx.ModelProto, Report]:
+    """`prune` with `config.structure` and a second stage (`stages.py`): the shrunk model,
+    then its N:M prune and storage format. With an output file the shrunk model is written
+    to a temporary folder beside it (removed on every path) and the second stage streams
+    from there to `output`, which appears only when both stages succeed; without one both
+    stages run in memory."""
+    import shutil
+    import tempfile
+
+    from .stages import second_stage, structured_stage
+
+    then = second_stage(config)
+    input_path = None if isinstance(model, onnx.ModelProto) else Path(model)
+    stage_dir = None
+    try:
+        if output is None:
+            shrunk, first = _prune_structured(model, None, structured_stage(config), base_dir,
+                                              inplace, durable, return_masks)
+            folder = input_path.parent if input_path is not None else (base_dir or ".")
+            source: ModelLike = shrunk
+        else:
+            stage_dir = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".shrunk",
+                                              dir=output.parent if str(output.parent)
+                                              else "."))
+            source = stage_dir / output.name
+            _, first = _prune_structured(model, source, structured_stage(config), base_dir,
+                                         inplace, False, return_masks)
+            folder = None
+        try:
+            proto, report = _prune_unstructured(source, output, then, folder, True, durable,
+                                                None, False, return_masks, progress,
+                                                first.provenance or {})
+        except NothingToPruneError as exc:  # the shrink alone would have found targets
+            raise NothingToPruneError(f"after --structure, {exc}") from exc
+    finally:
+        if stage_dir is not None:
+            shutil.rmtree(stage_dir, ignore_errors=True)
+    if not config.pattern.is_nm and report.summary.zeros == 0:
+        log.warning("--format %s after --structure: the shrunk model has no zeros, so every "
+                    "tensor stays dense (an N:M --pattern gives the format zeros to drop)",
+                    config.format)
+    report.model = first.model
+    report.summary.file_bytes_before = first.summary.file_bytes_before  # the input's
+    report.config = config.describe()
+    # what ran on the shrunk model: `targets` and `summary` give its results
+    report.structured = (first.structured or {}) | {"then": {
+        "method": then.method, "pattern": str(then.pattern), "format": then.format,
+        "sparsity": then.target_sparsity}}
+    if isinstance(first.masks, MaskSet) and isinstance(report.masks, MaskSet):
+        report.masks = first.masks.merged(report.masks)  # groups and targets: no name in both
     return proto, report
 
 

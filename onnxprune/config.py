@@ -184,23 +184,21 @@ class PruneConfig:
 
     def _check_structured(self) -> None:
         """What --structure takes: a registered channel score and structured update, uniform
-        or global allocation, no N:M pattern, refinement, permutation, per-target override
-        or storage format other than dense yet (a shrunk model has no zeros to store
-        otherwise)."""
-        from .registry import CHANNEL_SCORES, STRUCTURED_UPDATES
+        or global allocation, no refinement or permutation yet. An N:M pattern, a storage
+        format and per-target overrides are the second stage's, on the shrunk model
+        (`stages.py`)."""
+        from .registry import CHANNEL_SCORES, FORMATS, STRUCTURED_UPDATES
 
         structure_names(self.structure)
         CHANNEL_SCORES.get(self.method)
+        FORMATS.get(self.format)
         if self.update != "none":
             STRUCTURED_UPDATES.get(self.update)
         if self.allocation not in ("uniform", "global"):
             raise ConfigError(f"--allocation {self.allocation} is not available with "
                               "--structure; choose uniform or global")
         given = [option for option, used in (
-            ("--pattern", self.pattern.is_nm),
             ("--refine", self.refine != "none"), ("--permute-channels", self.permute_channels),
-            ("recipe overrides", bool(self.overrides)),
-            (f"--format {self.format}", self.format != "dense"),
             ("--measure-error", self.measure_error),
             ("--min-target-sparsity/--max-target-sparsity",
              self.min_target_sparsity is not None or self.max_target_sparsity is not None))
@@ -246,8 +244,10 @@ class PruneConfig:
 
     @property
     def target_sparsity(self) -> float:
-        """The sparsity to reach: the N:M pattern's own, else the requested one (0.5 default)."""
-        if self.pattern.is_nm:
+        """The sparsity to reach: the N:M pattern's own, else the requested one (0.5 default).
+        With --structure the requested one is the structured share, whatever the pattern
+        of the second stage."""
+        if self.pattern.is_nm and self.structure == "none":
             return self.pattern.sparsity
         return DEFAULT_SPARSITY if self.sparsity is None else self.sparsity
 
@@ -280,6 +280,11 @@ class PruneConfig:
             used = [(CHANNEL_SCORES, self.method)]
             if self.update != "none":
                 used.append((STRUCTURED_UPDATES, self.update))
+            from .stages import has_second_stage, unstructured_method
+
+            if has_second_stage(self):  # N:M and the format on the shrunk model
+                used += [(METHODS, unstructured_method(self.method)[0]), (FORMATS, self.format),
+                         *((METHODS, str(o.method)) for o in self.overrides if o.method)]
         else:
             used = [(METHODS, self.method), (ALLOCATIONS, self.allocation_name),
                     (FORMATS, self.format),

@@ -43,6 +43,14 @@ class MaskSet(Mapping):
         self._packed[name] = packed
         self._shapes[name] = tuple(shape)
 
+    def merged(self, other: MaskSet) -> MaskSet:
+        """Both sets' masks in one (a structured stage's group masks and the N:M stage's
+        target masks); a ValueError when a name is in both."""
+        both = sorted(set(self._packed) & set(other._packed))
+        if both:
+            raise ValueError(f"mask {both[0]!r} is in both sets")
+        return MaskSet({**self._packed, **other._packed}, {**self._shapes, **other._shapes})
+
     def shape(self, name: str) -> tuple[int, ...]:
         return self._shapes[name]
 

@@ -22,7 +22,12 @@ PREFIX = "onnxprune:"
 KEYS = tuple(PREFIX + key for key in (
     "version", "method", "pattern", "allocation", "sparsity", "achieved_sparsity", "format",
     "targets", "sparsity_digest", "update", "refine", "permute_channels", "structure",
-    "round_to", "groups", "params"))
+    "round_to", "groups", "params", "structure_method", "structure_allocation",
+    "structure_sparsity", "structure_achieved_sparsity"))
+# the keys a structured run and an unstructured one both write: in a model made by both
+# stages (`stages.py`) the structured stage's carry a `structure_` prefix, and the plain
+# keys describe the zeros the weights hold now (what the digest checks)
+SHARED_KEYS = ("method", "allocation", "sparsity", "achieved_sparsity")
 
 
 def sparsity_digest(counts: Iterable[tuple[str, int, int]]) -> str:
@@ -82,6 +87,16 @@ def structured_provenance(config, result) -> dict[str, str]:
     return {PREFIX + key: value for key, value in entries.items()}
 
 
+def staged_provenance(structured: Mapping[str, str], unstructured: Mapping[str, str]
+                      ) -> dict[str, str]:
+    """The metadata of a structured stage followed by an N:M / format stage: both sets of
+    entries, the structured stage's `SHARED_KEYS` renamed `structure_<key>`."""
+    renamed = {PREFIX + "structure_" + key[len(PREFIX):]
+               if key[len(PREFIX):] in SHARED_KEYS else key: value
+               for key, value in structured.items() if key != PREFIX + "version"}
+    return {**unstructured, **renamed}
+
+
 def stamp_provenance(model: onnx.ModelProto, entries: Mapping[str, str]) -> None:
     """Put `entries` in the model's metadata_props, replacing those of an earlier run (all
     of `KEYS`); other keys, `onnxprune:storage` among them, are kept."""
@@ -104,13 +119,18 @@ def describe_provenance(entries: Mapping[str, str], targets) -> str | None:
     if PREFIX + "method" not in entries:
         return None
     get = entries.get
-    if PREFIX + "structure" in entries:
-        return (f"pruned by onnxprune {get(PREFIX + 'version', '?')}: --structure "
-                f"{get(PREFIX + 'structure')}, {get(PREFIX + 'method')}, "
-                f"{get(PREFIX + 'allocation', '?')} allocation, "
-                f"{get(PREFIX + 'achieved_sparsity', '?')} of the groups' parameters removed "
-                f"(parameters {get(PREFIX + 'params', '?')})")
-    line = (f"pruned by onnxprune {get(PREFIX + 'version', '?')}: {get(PREFIX + 'method')}, "
+    staged = PREFIX + "structure_method" in entries  # structured, then N:M / format
+    shrink = "structure_" if staged else ""
+    structured = (f"--structure {get(PREFIX + 'structure')}, "
+                  f"{get(PREFIX + shrink + 'method')}, "
+                  f"{get(PREFIX + shrink + 'allocation', '?')} allocation, "
+                  f"{get(PREFIX + shrink + 'achieved_sparsity', '?')} of the groups' "
+                  f"parameters removed (parameters {get(PREFIX + 'params', '?')})")
+    if PREFIX + "structure" in entries and not staged:
+        return f"pruned by onnxprune {get(PREFIX + 'version', '?')}: {structured}"
+    line = (f"pruned by onnxprune {get(PREFIX + 'version', '?')}: "
+            + (f"{structured}, then " if staged else "")
+            + f"{get(PREFIX + 'method')}, "
             f"{get(PREFIX + 'pattern', '?')}, {get(PREFIX + 'allocation', '?')} allocation, "
             f"sparsity {get(PREFIX + 'achieved_sparsity', '?')}")
     recorded = get(PREFIX + "sparsity_digest")

@@ -134,10 +134,10 @@ def test_cli_prune_structure_reports_groups_masks_and_provenance(models_dir, tmp
     (["--structure", "rows"], "--structure rows: choose from channels, ffn, heads"),
     (["--structure", "channels", "--steps", "3"], "cannot be combined with --structure"),
     (["--structure", "channels", "--rounds", "2"], "cannot be combined with --structure"),
-    (["--structure", "channels", "--pattern", "2:4"], "--pattern cannot be combined"),
+    (["--structure", "channels", "--permute-channels"], "--permute-channels cannot be"),
     (["--structure", "channels", "--method", "sparsegpt"], "unknown channel score"),
     (["--structure", "channels", "--allocation", "owl"], "choose uniform or global"),
-    (["--structure", "channels", "--format", "compact"], "--format compact cannot be"),
+    (["--structure", "channels", "--format", "packed"], "unknown format 'packed'"),
     (["--structure", "channels", "--update", "admm"], "unknown structured update"),
     (["--structure", "channels", "--include", "no-such-tensor"], "nothing to prune"),
 ])

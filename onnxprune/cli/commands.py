@@ -203,7 +203,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
                           synthetic_dims=parse_dim_overrides(args.dim) or None,
                           synthetic_shapes=parse_input_shapes(args.input_shapes) or None,
                           overrides=getattr(args, "overrides", ()))
-    if config.pattern.is_nm and args.sparsity is not None \
+    # with --structure, --sparsity is the structured share and the pattern the second stage's
+    if config.pattern.is_nm and args.sparsity is not None and config.structure == "none" \
             and abs(args.sparsity - config.pattern.sparsity) > 1e-9:
         log.warning("--sparsity %s is ignored: pattern %s gives %.4g", args.sparsity,
                     config.pattern, config.pattern.sparsity)
@@ -332,7 +333,7 @@ def _print_prune_result(report, args: argparse.Namespace) -> None:
 
     if report.structured is not None:
         print(format_structured(report, verbose=args.verbose > 0, totals_only=args.quiet))
-    else:
+    if report.structured is None or "then" in report.structured:  # the N:M / format stage
         if not args.quiet:
             print(format_prune_table(report, verbose=args.verbose > 0))
         print(format_summary(report))

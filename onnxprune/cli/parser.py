@@ -223,7 +223,8 @@ def build_parser(with_parts: bool = True) -> _Parser:
                             "leaves no file)")
     prune.add_argument("--sparsity", type=fraction, default=None, metavar="F",
                        help="fraction of weights set to zero, 0 <= F < 1 [0.5]; N:M patterns "
-                            "set their own")
+                            "set their own. With --structure: the structured share (an N:M "
+                            "--pattern then sets the second stage's own)")
     prune.add_argument("--method", default=_default("method"), metavar="M",
                        help=_choices_help(METHODS, _default("method")))
     prune.add_argument("--scope", default=_default("scope"), choices=SCOPES,
@@ -249,7 +250,9 @@ def build_parser(with_parts: bool = True) -> _Parser:
                                  "none = unstructured [none]. --sparsity is then the "
                                  "fraction of every group's channels removed (uniform) or of "
                                  "the groups' parameters (global); --method magnitude (group "
-                                 "norm), wanda (calibrated) or random")
+                                 "norm), wanda (calibrated) or random. An N:M --pattern and "
+                                 "--format then apply to the shrunk model (its N:M method: "
+                                 "--method's unstructured namesake, wanda for flap)")
     structured.add_argument("--round-to", type=_at_least(1), default=_default("round_to"),
                             metavar="N", help="kept channel counts are multiples of N "
                                               f"[{_default('round_to')}]")
