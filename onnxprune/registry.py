@@ -234,7 +234,8 @@ OPTION_KINDS: tuple[Registry[Any], ...] = (METHODS, UPDATES, REFINES, ALLOCATION
 
 def all_option_specs() -> list[OptionSpec]:
     """Every option of every registered part that can be loaded, one per dest (a part
-    registered under two kinds, such as admm, declares its options once)."""
+    registered under two kinds, such as admm, declares its options once; parts may share a
+    flag they declare alike, as flap and obs share --bias-compensation)."""
     seen: dict[str, OptionSpec] = {}
     for registry in OPTION_KINDS:
         for name in registry.names():
@@ -246,8 +247,17 @@ def all_option_specs() -> list[OptionSpec]:
                 earlier = seen.get(spec.dest)
                 if earlier is None:
                     seen[spec.dest] = spec
-                elif (earlier.part, earlier.field) != (spec.part, spec.field):
+                elif (earlier.part, earlier.field) != (spec.part, spec.field) \
+                        and not _same_option(earlier, spec):
                     log.warning("%s %r: option %s is also declared by %s %r; the first is used",
                                 spec.kind, spec.part, spec.option_string, earlier.kind,
                                 earlier.part)
     return list(seen.values())
+
+
+def _same_option(first: OptionSpec, second: OptionSpec) -> bool:
+    """Whether two parts declare one flag with the same type, default, bounds and choices
+    (one option, read by both)."""
+    return all(getattr(first, key) == getattr(second, key)
+               for key in ("type", "default", "minimum", "maximum", "exclusive_minimum",
+                           "choices"))
