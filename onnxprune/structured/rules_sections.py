@@ -6,6 +6,14 @@ space, the space is divided (`Walk.divide`). The sizes that spell a section's co
 `split` input or attribute, a Slice's starts and ends) become edits of the one space that
 section is, or pin the channels where a size spans several spaces. A Split without sizes
 (equal parts) keeps one set in every part, so that the parts stay equal.
+
+A Slice of a middle range cuts the space in three: the channels before the range, the
+range, the channels after it; each is a section of its own, and one that nothing else reads
+is declined alone (no consumer) without pinning the range. A start counted from the
+beginning counts the channels before the range, an end counted from the end those after
+it, so `x[:, a:-r]` is rewritten; an end counted from the beginning (or a start from the
+end) counts the kept channels of two sections, which one shape edit (a count of one group)
+cannot say, so that range is declined.
 """
 
 from __future__ import annotations
@@ -80,7 +88,9 @@ def _split_sizes(walk: Walk, node: onnx.NodeProto, channels: int, count: int
 def slice_channels(walk: Walk, index: int, node: onnx.NodeProto, flow: Flow) -> None:
     """Slice with constant starts, ends, axes and steps: along other axes the channels pass;
     on the channel axis (step 1) the output carries the sections of the sliced range, and a
-    bound inside the channels becomes an edit of the one space before (or after) it."""
+    bound inside the channels becomes an edit of the one section it counts (a shape edit of
+    the `starts`/`ends` input, or before opset 10 an edit of the attribute when the bound is
+    counted from the beginning); a bound that counts several sections pins them all."""
     label = walk.labels[index]
     rank = walk.rank(flow, node.input[0])
     if rank is None:
@@ -101,32 +111,51 @@ def slice_channels(walk: Walk, index: int, node: onnx.NodeProto, flow: Flow) -> 
     start, end = starts[k], ends[k]
     first = max(0, min(total, start + total if start < 0 else start))
     last = max(0, min(total, end + total if end < 0 else end))
-    if steps[k] != 1 or first >= last:
+    if steps[k] != 1:  # every step-th channel: no range of sections
         walk.pin(flow, DeclineCause.AXIS_MIXED,
-                 f"Slice {label}: step {steps[k]} or an empty range on the channel axis")
+                 f"Slice {label}: step {steps[k]} on the channel axis")
+        return
+    if first >= last:
+        walk.pin(flow, DeclineCause.AXIS_MIXED,
+                 f"Slice {label}: [{start}:{end}] takes none of the {total} channels")
         return
     pieces = [(0, first), (first, last), (last, total)]
     before, inside, after = cut(walk, node.input[0], pieces, rank)
     walk.flows[node.output[0]] = inside
-    if len(node.input) < 3:  # before opset 10: the bounds are attributes
-        for value, name in ((start, "starts"), (end, "ends")):
-            if value != 0 and -total < value < total:
-                walk.pin(inside, DeclineCause.GROUPS_DISAGREE,
-                         f"Slice {label}: {name} attribute inside the channels")
-        return
+    attributes = len(node.input) < 3  # before opset 10 the bounds are attributes
     # a bound spells the kept count of the channels before it (or, counted from the end,
-    # of those after it): fine where they are one space
+    # of those after it): fine where they are one section. Where they are several, each of
+    # them is pinned: one that is a group of its own would change the count unseen.
     spelled_by = {(True, True): before, (False, True): _joined(before, inside),
                   (True, False): _joined(inside, after), (False, False): after}
-    for value, name, is_start in ((start, node.input[1], True), (end, node.input[2], False)):
+    for value, name, is_start in ((start, "starts", True), (end, "ends", False)):
         if value == 0 or not -total < value < total:
             continue  # the start of the axis, or its end, whatever its new length
         counted = spelled_by[(is_start, value > 0)]
         if len(counted.sections) != 1:
-            walk.pin(inside, DeclineCause.GROUPS_DISAGREE,
-                     f"Slice {label}: bound {value} counts channels of several groups")
-            continue
-        _shape_edit(walk, counted, name, k, 1 if value > 0 else -1, label)
+            spans = ", ".join(_span(walk, space, offset, counted.channels)
+                              for space, offset in counted.sections)
+            walk.pin(counted, DeclineCause.GROUPS_DISAGREE,
+                     f"Slice {label}: {name} {value} counts the kept channels of several "
+                     f"sections ({spans})")
+        elif attributes and value < 0:  # an attribute edit writes a count, never negative
+            walk.pin(counted, DeclineCause.GROUPS_DISAGREE,
+                     f"Slice {label}: {name} attribute {value} counts from the end")
+        elif attributes:
+            walk.space(counted.sections[0][0]).attributes[(label, name, k)] = AttributeEdit(
+                label, name, 1, k)
+        else:
+            tensor = node.input[1] if is_start else node.input[2]
+            _shape_edit(walk, counted, tensor, k, 1 if value > 0 else -1, label)
+
+
+def _span(walk: Walk, space: int, offset: int, channels: int) -> str:
+    """A section as the producers' positions it holds (where a Split or Slice divided
+    them), else as its place in the counted range."""
+    section = walk.space(space).section
+    if section is not None:
+        return f"[{section[0]}:{section[1]}]"
+    return f"[{offset}:{offset + walk.space(space).channels}] of {channels}"
 
 
 def _joined(first: Flow, second: Flow) -> Flow:
