@@ -14,7 +14,8 @@ the mean part is restored by bias compensation (`--bias-compensation`, on by def
 removed channels' mean contribution is added to the consumers' biases, see `refit`).
 FLAP's scores are standardized per group (column by column, then averaged over a channel's
 columns) before global allocation ranks them across groups, as FLAP's adaptive structure
-does.
+does. `obs` (calibrated) allocates with FLAP's scores, then chooses each group's channels
+while its consumers are refitted, by structured OBS on each stage's XᵀX (`refit`).
 """
 
 from __future__ import annotations
@@ -139,39 +140,47 @@ class Flap(ChannelScore):
 
     def scores(self, group: ChannelGroup, tensors: Mapping[str, np.ndarray],
                seed: int = 0, calibration: Calibration | None = None) -> np.ndarray:
-        """Per channel, the mean over its input columns of each column's fluctuation
-        standardized over every column of the group (FLAP standardizes columns, then
-        averages a head's): a head of many columns is judged by how its columns compare
-        with all the layer's columns, not only with the layer's few other heads. Higher =
-        keep; on one scale across groups, as global allocation needs."""
-        columns: np.ndarray | None = None  # [channels, block]: fluctuation per column
-        for member in group.members:
-            found = (calibration or {}).get(member.tensor)
-            if member.role is not MemberRole.INPUT or found is None:
-                continue
-            view, stats = found
-            obs = view.to_obs(tensors[member.tensor]).astype(np.float64)
-            stored = view.from_obs(obs ** 2 * stats.variances[:, np.newaxis, :])
-            per_column = channel_slices(member, stored, group.channels).reshape(
-                group.channels, member.block, -1).sum(axis=2)
-            if columns is not None and columns.shape != per_column.shape:
-                # consumers that block the channels differently: one value per channel
-                columns = columns.sum(axis=1, keepdims=True)
-                per_column = per_column.sum(axis=1, keepdims=True)
-            columns = per_column if columns is None else columns + per_column
-        if columns is None:
-            return _normalized_fallback(group, tensors, seed)
-        spread = float(np.std(columns))
-        standard = ((columns - np.mean(columns)) / spread if spread > 0
-                    else np.zeros_like(columns))
-        return standard.mean(axis=1)
+        return standardized_fluctuation(group, tensors, seed, calibration)
+
+
+def standardized_fluctuation(group: ChannelGroup, tensors: Mapping[str, np.ndarray],
+                             seed: int = 0, calibration: Calibration | None = None
+                             ) -> np.ndarray:
+    """FLAP's score: per channel, the mean over its input columns of each column's
+    fluctuation Σ_i W_ij²·Var(X_j), standardized over every column of the group (FLAP
+    standardizes columns, then averages a head's): a head of many columns is judged by how
+    its columns compare with all the layer's columns, not only with the layer's few other
+    heads. Higher = keep; on one scale across groups, as global allocation needs."""
+    columns: np.ndarray | None = None  # [channels, block]: fluctuation per column
+    for member in group.members:
+        found = (calibration or {}).get(member.tensor)
+        if member.role is not MemberRole.INPUT or found is None:
+            continue
+        view, stats = found
+        obs = view.to_obs(tensors[member.tensor]).astype(np.float64)
+        stored = view.from_obs(obs ** 2 * stats.variances[:, np.newaxis, :])
+        per_column = channel_slices(member, stored, group.channels).reshape(
+            group.channels, member.block, -1).sum(axis=2)
+        if columns is not None and columns.shape != per_column.shape:
+            # consumers that block the channels differently: one value per channel
+            columns = columns.sum(axis=1, keepdims=True)
+            per_column = per_column.sum(axis=1, keepdims=True)
+        columns = per_column if columns is None else columns + per_column
+    if columns is None:
+        return _normalized_fallback(group, tensors, seed)
+    spread = float(np.std(columns))
+    standard = ((columns - np.mean(columns)) / spread if spread > 0
+                else np.zeros_like(columns))
+    return standard.mean(axis=1)
 
 
 class StructuredObs(ChannelScore):
     name = "obs"
     description = ("structured OBS (ZipLM): channels removed by the smallest OBS error "
-                   "from each stage's XᵀX, the consumers updated after each (calibrated)")
+                   "from each stage's XᵀX, the consumers updated after each; counts "
+                   "allocated by FLAP's score (calibrated)")
     needs = Needs.SQ_NORMS
+    normalization = "none"
     selects = True
 
     @dataclass(frozen=True)
@@ -183,20 +192,11 @@ class StructuredObs(ChannelScore):
 
     def scores(self, group: ChannelGroup, tensors: Mapping[str, np.ndarray],
                seed: int = 0, calibration: Calibration | None = None) -> np.ndarray:
-        """For allocation only: the diagonal OBS error Σ_i W_ic²·‖X_c‖² of each channel on
-        the dense model (the exact choice is made stage by stage, see `refit`)."""
-        total = np.zeros(group.channels, dtype=np.float64)
-        used = 0
-        for member in group.members:
-            found = (calibration or {}).get(member.tensor)
-            if member.role is not MemberRole.INPUT or found is None:
-                continue
-            view, stats = found
-            obs = view.to_obs(tensors[member.tensor]).astype(np.float64)
-            stored = view.from_obs(obs ** 2 * stats.sq_norms[:, np.newaxis, :])
-            total += channel_slices(member, stored, group.channels).sum(axis=1)
-            used += 1
-        return total if used else _uncalibrated(group, tensors, seed)
+        """For allocation only (how many channels each group keeps): FLAP's standardized
+        fluctuation, whose adaptive structure allocated best on SmolLM2 (the diagonal OBS
+        error, mean-normalized, emptied single FFN blocks); which channels go is chosen
+        stage by stage by OBS (see `refit`)."""
+        return standardized_fluctuation(group, tensors, seed, calibration)
 
 
 def _normalized_fallback(group: ChannelGroup, tensors: Mapping[str, np.ndarray], seed: int
