@@ -42,8 +42,9 @@ LEVELS = {
     "decoder20": ["--structure", "ffn,heads", "--allocation", "global", "--sparsity", "0.2"],
     "ffn50": ["--structure", "ffn", "--sparsity", "0.5"],
 }
-# the keys of tools/flap_reference.py's JSON holding the official code's perplexity per level
-FLAP_KEYS = {"decoder20": "flap_20", "ffn50": "flap_ffn50"}
+# which run of tools/flap_reference.py's JSON is the official code at each level: at 20 %
+# the run whose real count of removed decoder parameters matched (its `params_run_matched`)
+FLAP_RUNS = {"decoder20": None, "ffn50": "flap_AL-MM_ffn0.5"}
 DEFAULT_VARIANTS = "wanda,flap,flap-nobc,wanda+ls,flap+ls,obs"
 
 
@@ -60,13 +61,13 @@ def variant_args(variant: str) -> list[str]:
 
 
 def reference_perplexity(path: str | None, level: str) -> float | None:
+    """The official FLAP code's perplexity at `level`, from tools/flap_reference.py's JSON."""
     if not path:
         return None
     data = json.loads(Path(path).read_text())
-    entry = data.get(FLAP_KEYS[level])
-    if isinstance(entry, dict):
-        entry = entry.get("perplexity")
-    return float(entry) if isinstance(entry, (int, float)) else None
+    wanted = FLAP_RUNS[level] or data.get("params_run_matched")
+    run = next((r for r in data.get("runs", []) if r.get("run") == wanted), None)
+    return float(run["perplexity"]) if run and "perplexity" in run else None
 
 
 def main(argv: list[str] | None = None) -> int:
