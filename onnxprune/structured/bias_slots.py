@@ -9,8 +9,10 @@ main graph, so the analysis run again on the model finds them like any other bia
 per-channel member of the consumer's own output group, where it has one) and the rewrite
 cuts them with it.
 
-Where a consumer cannot be given a bias (its weight is not read directly by one MatMul,
-Gemm or Conv node of the main graph) it has no slot and its shift is not written.
+Weights and biases may be initializers or Constant-node values of the main graph. Where a
+consumer cannot be given a bias (its weight is not read directly by one MatMul, Gemm or
+Conv node of the main graph, or its bias is computed) it has no slot: its shift is not
+written, and its refit is made without an intercept.
 """
 
 from __future__ import annotations
@@ -21,14 +23,20 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from ..graph import attribute, is_onnx_domain, walk_graphs
+from ..graph import attribute, constant_tensor, is_onnx_domain, walk_graphs
 
 
 def add_bias_slots(model: onnx.ModelProto, weights: Iterable[str]) -> dict[str, str]:
     """Give each consumer weight of `weights` a bias in `model` (edited in place): by
     weight name, the name of the initializer [outputs] that is its bias."""
     graph = model.graph
+    # stored tensors of the main graph: initializers and Constant nodes' values (Paddle
+    # exports hold every weight in Constant nodes)
     initializers = {t.name: t for t in graph.initializer}
+    for node in graph.node:
+        value = constant_tensor(node)
+        if value is not None and node.output:
+            initializers.setdefault(node.output[0], value)
     readers: dict[str, list[onnx.NodeProto]] = {}
     for each, _ in walk_graphs(graph):
         for node in each.node:
@@ -72,7 +80,8 @@ def _slot(graph: onnx.GraphProto, node: onnx.NodeProto, weight: str,
 def _bias_input(graph: onnx.GraphProto, node: onnx.NodeProto, slot: int, outputs: int,
                 dtype, initializers: dict[str, onnx.TensorProto],
                 readers: dict[str, list[onnx.NodeProto]], taken: set[str]) -> str | None:
-    """The node's own bias initializer at input `slot`: as it is, copied, or added."""
+    """The node's own bias at input `slot` (an initializer or Constant value read by it
+    alone) as it is, else a copy of it or zeros, added as an initializer."""
     name = node.input[slot] if len(node.input) > slot else ""
     if name and name not in initializers:
         return None  # a computed bias: no place to write a constant shift

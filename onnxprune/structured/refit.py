@@ -78,6 +78,8 @@ def refit_consumers(loaded: LoadedModel, groups: Sequence[ChannelGroup],
     model = onnx.ModelProto()
     model.CopyFrom(loaded.proto)
     slots = add_bias_slots(model, consumers) if settings.compensate else {}
+    for name in sorted(set(consumers) - set(slots) if settings.compensate else ()):
+        log.info("%s: not compensated (no bias can be written for its node)", name)
     copy = LoadedModel(model, loaded.path, loaded.base_dir, loaded.uses_external_data,
                        loaded.lazy)
     index = GraphIndex(model)
@@ -188,7 +190,7 @@ def _select(group: ChannelGroup, keep: dict[str, np.ndarray],
             return f"{member.tensor}: no usable XᵀX"
         weights = np.asarray(read_array(stored[member.tensor], loaded.base_dir))
         hessian = stats.hessian[0]
-        if settings.compensate:
+        if settings.compensate and member.tensor in slots:
             hessian = centred(hessian, stats.sums[0], stats.tokens)
         matrices.append(view.to_obs(weights)[0].astype(np.float64))
         hessians.append(hessian)
@@ -241,7 +243,7 @@ def _refit(view: TargetView, stats: ActivationStats, stored: Mapping[str, onnx.T
     matrix = view.to_obs(weights)[0].astype(np.float64)
     if settings.least_squares and stats.hessian is not None:
         hessian = stats.hessian[0]
-        if settings.compensate:
+        if settings.compensate and slot is not None:  # an intercept only where it lands
             hessian = centred(hessian, stats.sums[0], stats.tokens)
         refitted = least_squares(matrix, hessian, kept, settings.damp)
     else:
