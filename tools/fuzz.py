@@ -15,7 +15,12 @@ locations), then runs `onnxprune.cli.main` in-process for `inspect`, `prune` (to
 output, sometimes `--format compact` or `sparse`, sometimes 2:4) and `densify`; with
 `--structured` also `inspect --structured` (sometimes `--json`) and `prune --structure ...
 --sparsity 0.5`, one of `channels`, `ffn`, `heads`, `channels --allocation global` and
-`channels --method random` per case. Outcomes:
+`channels --method random` per case; a share of these also draw the calibrated channel
+scores (`--method flap|obs|wanda`, flap and obs sometimes with `--[no-]bias-compensation`),
+`--update least-squares`, an N:M second stage (`--pattern 2:4` with the drawn `--format`) and,
+rarely, `--latency-budget R` instead of `--sparsity` (tables in a file of their own beside
+the case's folder, one onnxruntime thread), calibrated on synthetic inputs (no `--calib`);
+the summary counts each drawn option. Outcomes:
 
 - ok: exit 0;
 - refused: exit 2 with exactly one `onnxprune: error:` line and no traceback before it
@@ -1095,6 +1100,10 @@ STRUCTURED_COMMANDS = ("inspect-structured", "prune-structured")
 STRUCTURES = (("--structure", "channels"), ("--structure", "ffn"), ("--structure", "heads"),
               ("--structure", "channels", "--allocation", "global"),
               ("--structure", "channels", "--method", "random"))
+# the options of structured pruning a share of those prunes also draw (`_structured_extras`)
+STRUCTURED_METHODS = ("flap", "obs", "wanda")
+STRUCTURED_EXTRA_SHARES = {"method": 0.4, "bias": 0.3, "update": 0.25, "pattern": 0.2,
+                           "latency": 0.04}  # latency budgets are rare: they time the model
 CHECK_TIMEOUT_S = 60.0
 MAX_FEED_ELEMENTS = 1 << 22
 
@@ -1255,9 +1264,10 @@ def command_argv(command: str, model: Path, output: Path, rng: random.Random) ->
         return ["inspect", str(model), "--structured", *(["--json"] if rng.random() < 0.5
                                                          else [])]
     if command == "prune-structured":
-        return ["prune", str(model), "-o", str(output), "--sparsity", "0.5",
+        argv = ["prune", str(model), "-o", str(output), "--sparsity", "0.5",
                 "--min-size", str(rng.choice([0, 16, 256, 4096])), *rng.choice(STRUCTURES),
                 "--format", rng.choice(["dense", "dense", "dense", "sparse", "compact"])]
+        return _structured_extras(argv, output, rng)
     argv = [command, str(model)]
     if command in ("prune", "densify"):
         argv += ["-o", str(output)]
@@ -1267,6 +1277,58 @@ def command_argv(command: str, model: Path, output: Path, rng: random.Random) ->
         if rng.random() < 0.2:
             argv += ["--pattern", "2:4"]
     return argv
+
+
+def _structured_extras(argv: list[str], output: Path, rng: random.Random) -> list[str]:
+    """`argv` of a structured prune with the newer options a share of cases draw, after
+    `--format` (drawn after the other options, so that a seed's earlier draws stay as they
+    were): a calibrated channel score where the structure names no method, its bias
+    compensation, the least-squares update, a 2:4 second stage and a latency budget in place
+    of `--sparsity`, its tables in a file beside the case's folder (so neither the default
+    cache nor the output folder gets them)."""
+    shares = STRUCTURED_EXTRA_SHARES
+    extras: list[str] = []
+    if "--method" not in argv and rng.random() < shares["method"]:
+        method = rng.choice(STRUCTURED_METHODS)
+        extras += ["--method", method]
+        if method in ("flap", "obs") and rng.random() < shares["bias"]:
+            extras.append(rng.choice(["--bias-compensation", "--no-bias-compensation"]))
+    if rng.random() < shares["update"]:
+        extras += ["--update", "least-squares"]
+        if rng.random() < 0.3:
+            extras += ["--least-squares-damp", rng.choice(["0", "0.1"])]
+    if rng.random() < shares["pattern"]:
+        extras += ["--pattern", "2:4"]
+    if rng.random() < shares["latency"]:
+        at = argv.index("--sparsity")
+        del argv[at:at + 2]
+        case = output.parent.parent
+        extras += ["--latency-budget", rng.choice(["0.5", "0.7", "0.9"]),
+                   "--latency-table", str(case.parent / f"{case.name}-latency.json"),
+                   "--latency-threads", "1"]
+        if rng.random() < 0.5:
+            extras.append("--no-latency-calibration")
+    return argv + extras
+
+
+def _drawn_options(argv: str) -> list[str]:
+    """The options of `_structured_extras` in a structured prune's command line, as the
+    summary counts them (`--pattern` with the `--format` it goes with)."""
+    words = argv.split()
+    if "--structure" not in words or "--format" not in words:
+        return []
+    at = words.index("--format")
+    form, extras = words[at + 1], words[at + 2:]
+    drawn = []
+    for i, word in enumerate(extras):
+        if word in ("--method", "--update"):
+            drawn.append(f"{word} {extras[i + 1]}")
+        elif word == "--pattern":
+            drawn.append(f"--pattern {extras[i + 1]} --format {form}")
+        elif word in ("--bias-compensation", "--no-bias-compensation", "--latency-budget",
+                      "--least-squares-damp", "--no-latency-calibration"):
+            drawn.append(word)
+    return drawn
 
 
 def _describe(command: str, argv: list[str]) -> str:
@@ -1344,6 +1406,12 @@ def run_case(number: int, seed: int, base: Base, kind: str, work: Path,
         written = sorted(p.name for p in out_dir.iterdir())
         if code != 0 and written:
             outcome.breaches.append(f"failed run left {written}")
+        # a structured prune with an N:M second stage shrinks into a temporary folder
+        # beside OUT (.OUT.*.shrunk): a successful run leaves only OUT and its data there
+        left = [p.name for p in out_dir.iterdir()
+                if p.is_dir() or not p.name.startswith(output.name)]
+        if command == "prune-structured" and code == 0 and left:
+            outcome.breaches.append(f"run left {sorted(left)}")
         for path in out_dir.iterdir():
             if path.is_file() and CANARY_MARKER in path.read_bytes():
                 outcome.breaches.append(f"canary bytes in {path.name}")
@@ -1358,7 +1426,10 @@ def run_case(number: int, seed: int, base: Base, kind: str, work: Path,
                     checker.close()
                     checker = None
         for path in list(out_dir.iterdir()):
-            path.unlink()
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
         outcomes.append(outcome)
     shutil.rmtree(root)
     return outcomes
@@ -1409,6 +1480,20 @@ class Summary:
             counts = per_command[command]
             lines.append(f"{command:<64}{counts['ok']:>7}{counts['refused']:>9}"
                          f"{counts['internal']:>10}{counts['breaches']:>10}")
+        per_option: dict[str, collections.Counter] = collections.defaultdict(
+            collections.Counter)
+        for outcome in self.outcomes:
+            if outcome.result != "skipped":
+                for option in _drawn_options(outcome.argv):
+                    per_option[option][outcome.result] += 1
+                    per_option[option]["breaches"] += bool(outcome.breaches)
+        if per_option:
+            lines.append(f"{'structured prune drawing':<64}{'ok':>7}{'refused':>9}"
+                         f"{'internal':>10}{'breaches':>10}")
+            for option in sorted(per_option):
+                counts = per_option[option]
+                lines.append(f"{option:<64}{counts['ok']:>7}{counts['refused']:>9}"
+                             f"{counts['internal']:>10}{counts['breaches']:>10}")
         refusals = collections.Counter(
             (o.command, _refusal_kind(o.detail)) for o in self.outcomes
             if o.result == "refused" and o.command.startswith("prune --structure"))
