@@ -250,9 +250,11 @@ def build_parser(with_parts: bool = True) -> _Parser:
                                  "none = unstructured [none]. --sparsity is then the "
                                  "fraction of every group's channels removed (uniform) or of "
                                  "the groups' parameters (global); --method magnitude (group "
-                                 "norm), wanda (calibrated) or random. An N:M --pattern and "
-                                 "--format then apply to the shrunk model (its N:M method: "
-                                 "--method's unstructured namesake, wanda for flap)")
+                                 "norm), random, or calibrated: wanda, flap (with bias "
+                                 "compensation), obs (structured OBS, chooses and refits); "
+                                 "--update least-squares refits the consumers. An N:M "
+                                 "--pattern and --format then apply to the shrunk model (its "
+                                 "N:M method: --method's unstructured namesake, else wanda)")
     structured.add_argument("--round-to", type=_at_least(1), default=_default("round_to"),
                             metavar="N", help="kept channel counts are multiples of N "
                                               f"[{_default('round_to')}]")
