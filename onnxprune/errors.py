@@ -27,6 +27,10 @@ class CalibrationError(OnnxPruneError):
     """Calibration inputs are missing, or do not match the graph's inputs."""
 
 
+class TimingError(OnnxPruneError):
+    """onnxruntime cannot run the model (or a part of it) at the shapes it is timed at."""
+
+
 class ValidationFailed(Exception):
     """The candidate model did not meet the requested tolerance (exit code 1, not a user error)."""
 

@@ -50,6 +50,7 @@ import onnx
 import onnxruntime as ort
 from onnx import helper
 
+from ..errors import TimingError
 from ..graph import Dataflow, GraphIndex, node_label
 from ..inputs import Feed, synthetic_inputs
 from ..io import LoadedModel
@@ -393,7 +394,13 @@ def _run_with_outputs(loaded: LoadedModel, names: Sequence[str], feed: Feed
         if name not in present:
             model.graph.output.append(onnx.ValueInfoProto(name=name))
     session = _session(model.SerializeToString(), loaded, None)
-    outputs = session.run(list(names), feed)
+    try:
+        outputs = session.run(list(names), feed)
+    except Exception as exc:  # onnxruntime raises its own unrelated types
+        shapes = ", ".join(f"{k} {list(np.shape(v))}" for k, v in feed.items())
+        raise TimingError(f"onnxruntime cannot run the model at the timing shapes ({shapes}: "
+                          f"{first_line(exc)}); give the sizes with --dim or "
+                          "--input-shapes") from exc
     return dict(zip(names, outputs, strict=True))
 
 
@@ -492,8 +499,12 @@ def _session(source: str | bytes, loaded: LoadedModel, threads: int | None
     """A timing session: CPU, `threads` intra-op threads, no spinning; the tensors a lazy
     load or external data reference are found in the model's folder."""
     folder = loaded.base_dir if (loaded.lazy or loaded.uses_external_data) else None
-    return create_session(source, session_options(intra_op_threads=threads, spinning=False,
-                                                  data_folder=folder))
+    try:
+        return create_session(source, session_options(intra_op_threads=threads,
+                                                      spinning=False, data_folder=folder))
+    except Exception as exc:  # onnxruntime raises its own unrelated types
+        raise TimingError(f"onnxruntime cannot load the model to time it "
+                          f"({first_line(exc)})") from exc
 
 
 def _model_source(loaded: LoadedModel) -> str | bytes:

@@ -49,6 +49,15 @@ def layer(walk: Walk, index: int, node: onnx.NodeProto) -> None:
     stored_dims = list(weight.dims)
     axes = axes or list(range(len(stored_dims)))
     dims = [stored_dims[axis] for axis in axes]
+    fewest = 2 if op in ("MatMul", "Gemm") else 3  # a Conv weight has its kernel axes too
+    if len(dims) < fewest:  # a model onnxruntime would refuse (or a vector MatMul)
+        if data is not None:
+            walk.pin(data, DeclineCause.AXIS_MIXED,
+                     f"{op} {label}: weight of rank {len(dims)} not followed")
+        walk.not_candidates.append((index, Declined(
+            output, DeclineCause.AXIS_MIXED,
+            f"{op} {label}: weight of rank {len(dims)} not followed")))
+        return
     if op == "MatMul":
         matmul(walk, index, node, data, weight_name, dims, axes)
     elif op == "Gemm":

@@ -26,7 +26,7 @@ import numpy as np
 import onnx
 
 from ..config import PruneConfig, structure_names
-from ..errors import NothingToPruneError
+from ..errors import ConfigError, NothingToPruneError
 from ..graph import GraphIndex
 from ..io import LoadedModel, read_array
 from ..io.tensors import tensor_numel
@@ -96,6 +96,9 @@ def prune_structured(loaded: LoadedModel, config: PruneConfig, *, stream: bool =
     """
     from ..registry import CHANNEL_SCORES
 
+    if _has_sparse_initializers(loaded.proto):  # calibration and timing read them dense
+        raise ConfigError("structured pruning needs dense initializers; the model holds "
+                          "sparse ones (`onnxprune densify` writes a dense copy)")
     kinds = parse_structures(config.structure)
     groups, declined = find_groups(loaded.proto, allow_norm=config.allow_norm,
                                    allow_hidden=config.allow_hidden)
@@ -221,6 +224,12 @@ def select_groups(groups: Sequence[ChannelGroup], config: PruneConfig,
         else:
             selected.append(group)
     return selected, skipped
+
+
+def _has_sparse_initializers(model: onnx.ModelProto) -> bool:
+    from ..graph import walk_graphs
+
+    return any(len(graph.sparse_initializer) for graph, _ in walk_graphs(model.graph))
 
 
 def _member_tensors(loaded: LoadedModel, groups: Sequence[ChannelGroup]
