@@ -26,7 +26,6 @@ sends each node to its rule and turns the spaces into results.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 
 import onnx
 
@@ -92,22 +91,6 @@ class _Analysis(Walk):
         # MACs need every dim: where inputs are dynamic, shapes at one concrete input shape
         concrete = macs_input_shapes(model)
         self.mac_shapes = infer_shapes(model, concrete) if concrete else self.shapes
-
-    def macs_factor(self, name: str, skip_axes: Sequence[int]) -> int:
-        """Product of the output's dims other than `skip_axes` (batch taken as 1), at the
-        concrete input shapes of `macs_input_shapes`; 0 where one is still unknown."""
-        shape = self.mac_shapes.get(name)
-        if shape is None:
-            return 0
-        factor = 1
-        for position, dim in enumerate(shape):
-            if position in skip_axes or position - len(shape) in skip_axes:
-                continue
-            if isinstance(dim, int) and dim > 0:
-                factor *= dim
-            elif position != 0:
-                return 0
-        return factor
 
     def run(self) -> tuple[list[ChannelGroup], list[Declined]]:
         for index, node in enumerate(self.dataflow.nodes):

@@ -78,6 +78,7 @@ class Walk:
         self.shapes = infer_shapes(model)
         for name, tensor in self.stored.items():
             self.shapes[name] = tuple(tensor.dims)
+        self.mac_shapes = self.shapes  # the shapes MACs are counted at (see `macs_factor`)
         positions = {id(node): position for position, node in enumerate(model.graph.node)}
         self.labels = [node_label(node, positions[id(node)]) for node in self.dataflow.nodes]
         self.spaces: list[Space] = []
@@ -258,9 +259,9 @@ class Walk:
         return shape[axis] if len(shape) + axis >= 0 else 1
 
     def macs_factor(self, name: str, skip_axes: Sequence[int]) -> int:
-        """Product of the output's dims other than `skip_axes` (batch taken as 1); 0 where
-        one is unknown."""
-        shape = self.shapes.get(name)
+        """Product of the output's dims other than `skip_axes` (batch taken as 1) in
+        `mac_shapes`; 0 where one is unknown."""
+        shape = self.mac_shapes.get(name)
         if shape is None:
             return 0
         factor = 1
