@@ -183,10 +183,10 @@ class PruneConfig:
                 raise ConfigError(f"bad regular expression {regex!r}: {exc}") from exc
 
     def _check_structured(self) -> None:
-        """What --structure takes: a registered channel score and structured update, uniform
-        or global allocation, no refinement or permutation yet. An N:M pattern, a storage
-        format and per-target overrides are the second stage's, on the shrunk model
-        (`stages.py`)."""
+        """What --structure takes: a registered channel score and structured update, uniform,
+        global or sensitivity allocation, no refinement or permutation yet. An N:M pattern,
+        a storage format and per-target overrides are the second stage's, on the shrunk
+        model (`stages.py`)."""
         from .registry import CHANNEL_SCORES, FORMATS, STRUCTURED_UPDATES
 
         structure_names(self.structure)
@@ -194,9 +194,9 @@ class PruneConfig:
         FORMATS.get(self.format)
         if self.update != "none":
             STRUCTURED_UPDATES.get(self.update)
-        if self.allocation not in ("uniform", "global"):
+        if self.allocation not in ("uniform", "global", "sensitivity"):
             raise ConfigError(f"--allocation {self.allocation} is not available with "
-                              "--structure; choose uniform or global")
+                              "--structure; choose uniform, global or sensitivity")
         given = [option for option, used in (
             ("--refine", self.refine != "none"), ("--permute-channels", self.permute_channels),
             ("--measure-error", self.measure_error),
@@ -278,6 +278,8 @@ class PruneConfig:
         used: list[tuple[Registry[Any], str]]
         if self.structure != "none":  # structured runs take a channel score and an update
             used = [(CHANNEL_SCORES, self.method)]
+            if self.allocation_name == "sensitivity":  # its curves and --max-error
+                used.append((ALLOCATIONS, "sensitivity"))
             if self.update != "none":
                 used.append((STRUCTURED_UPDATES, self.update))
             from .stages import has_second_stage, unstructured_method

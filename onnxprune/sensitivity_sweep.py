@@ -16,8 +16,9 @@ import json
 import logging
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from typing import Protocol
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +27,7 @@ from onnx import helper
 
 from .config import PruneConfig
 from .errors import ConfigError, NothingToPruneError, OnnxPruneError
+from .graph import StoredTensor
 from .inputs import Feed
 from .io import LoadedModel, read_array, write_array
 from .plan import TargetPlan
@@ -37,8 +39,16 @@ DEFAULT_LEVELS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
 FORMAT_VERSION = 1
 LABELLED = 5  # the most sensitive curves named in the plot
 
-# called after each sweep point with the target, the level and the number of points
-SweepProgress = Callable[[WeightTarget, float, int], None]
+class Swept(Protocol):
+    """What a sweep point is about: a target, or with --structure a channel group."""
+
+    @property
+    def name(self) -> str: ...
+
+
+# called after each sweep point with the target (or group), the level and the number of
+# points
+SweepProgress = Callable[[Swept, float, int], None]
 
 
 class PlotUnavailable(OnnxPruneError):
@@ -89,6 +99,9 @@ class SensitivityResult:
     samples: int
     synthetic: bool
     targets: list[TargetCurve]
+    # "" for per-target curves; with `--structure S`, S: the curves are of channel groups
+    # (a curve's name is the group's, its sparsity the share of its channels removed)
+    structure: str = ""
 
     def most_sensitive(self, count: int = LABELLED) -> list[TargetCurve]:
         return sorted(self.targets, key=lambda c: -c.worst)[:count]
@@ -110,7 +123,8 @@ class SensitivityResult:
                    for t in data["targets"]]
         return cls(data.get("model", ""), data.get("method", ""), data.get("pattern", ""),
                    list(data.get("levels", [])), int(data.get("samples", 0)),
-                   bool(data.get("synthetic", False)), targets)
+                   bool(data.get("synthetic", False)), targets,
+                   str(data.get("structure", "") or ""))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> SensitivityResult:
@@ -161,7 +175,7 @@ def analyze(loaded: LoadedModel, config: PruneConfig, *,
 
         statistics = dense_statistics(loaded, targets, feeds,
                                       hessian=method.needs >= Needs.HESSIAN)
-    sweep = _Sweep(loaded, feeds)
+    sweep = OutputSweep(loaded, feeds)
     curves = []
     for target in targets:
         entry = statistics.get(target.name)
@@ -182,7 +196,7 @@ def analyze(loaded: LoadedModel, config: PruneConfig, *,
                                     shared)
                 zeros = int(pruned.size - np.count_nonzero(pruned))
                 curve.points.append(SweepPoint(level, zeros / target.numel if target.numel
-                                               else 0.0, *run(pruned)))
+                                               else 0.0, *run({target.tensor_name: pruned})))
                 if progress:
                     progress(target, level, len(targets) * len(levels))
         curves.append(curve)
@@ -204,8 +218,8 @@ def _prune_one(target: WeightTarget, dense: np.ndarray, level: float, config: Pr
     return np.where(keep_mask(job, method), dense, np.zeros((), dense.dtype))
 
 
-class _Sweep:
-    """Runs the model with one target's weight replaced, against the dense outputs."""
+class OutputSweep:
+    """Runs the model with some of its weights replaced, against the dense outputs."""
 
     def __init__(self, loaded: LoadedModel, feeds: Sequence[Feed]):
         from .runtime import session_options
@@ -233,8 +247,12 @@ class _Sweep:
 
         return [np.asarray(v) for v in run_session(session, feed).values()]
 
-    def for_target(self, target: WeightTarget) -> _TargetRuns:
-        return _TargetRuns(self, target)
+    def for_target(self, target: WeightTarget) -> _TensorRuns:
+        main = target.graph is self.loaded.proto.graph and target.source == "initializer"
+        return _TensorRuns(self, [Replaced(target.tensor_name, target.stored_tensor, main)])
+
+    def for_tensors(self, tensors: Sequence[Replaced]) -> _TensorRuns:
+        return _TensorRuns(self, tensors)
 
     def compare(self, outputs: list[list[np.ndarray]]) -> tuple[float, float, float | None]:
         """(relative L2, cosine, top-1 agreement or None) of `outputs` against the dense ones,
@@ -263,60 +281,80 @@ class _Sweep:
         return relative, cosine, (hits / rows if rows else None)
 
 
-class _TargetRuns:
-    """A context giving ``run(pruned weights) -> (relative L2, cosine, top-1)`` for one
-    target: its weight is a graph input of one session where the target is a main-graph
-    initializer, else it is written into the model and a session made per point."""
+@dataclass(frozen=True)
+class Replaced:
+    """A stored tensor a sweep point replaces; `main`: a main-graph initializer (which can
+    be fed as a graph input instead of rewritten)."""
 
-    def __init__(self, sweep: _Sweep, target: WeightTarget):
+    name: str
+    tensor: onnx.TensorProto
+    main: bool
+
+    @classmethod
+    def of(cls, stored: StoredTensor) -> Replaced:
+        return cls(stored.name, stored.tensor,
+                   stored.kind == "initializer" and stored.scope.is_main)
+
+
+class _TensorRuns:
+    """A context giving ``run({name: values}) -> (relative L2, cosine, top-1)`` for a few
+    stored tensors replaced at once: where all are main-graph initializers they are graph
+    inputs of one session, else they are written into the model and a session is made per
+    point (put back after)."""
+
+    def __init__(self, sweep: OutputSweep, tensors: Sequence[Replaced]):
         self.sweep = sweep
-        self.target = target
+        self.tensors = {stored.name: stored for stored in tensors}
         self.session = None
-        self.original = None
+        self.originals: dict[str, np.ndarray] = {}
 
     def __enter__(self):
-        graph = self.sweep.loaded.proto.graph
-        target = self.target
-        if (target.graph is graph and target.source == "initializer"
-                and self.sweep.loaded.proto.ir_version >= 4):
-            self.session = self.sweep._session(_with_weight_as_input(self.sweep.loaded.proto,
-                                                                     target))
+        proto = self.sweep.loaded.proto
+        if proto.ir_version >= 4 and all(t.main for t in self.tensors.values()):
+            self.session = self.sweep._session(_with_inputs(proto, list(self.tensors.values())))
         else:  # a Constant node or a subgraph's tensor: rewritten per point, put back after
-            self.original = read_array(target.stored_tensor,
-                                       self.sweep.loaded.base_dir).copy()
+            self.originals = {name: read_array(t.tensor, self.sweep.loaded.base_dir).copy()
+                              for name, t in self.tensors.items()}
         return self.run
 
     def __exit__(self, *exc) -> None:
-        if self.original is not None:
-            write_array(self.target.stored_tensor, self.original)
+        for name, original in self.originals.items():
+            write_array(self.tensors[name].tensor, original)
         self.session = None
 
-    def run(self, pruned: np.ndarray) -> tuple[float, float, float | None]:
-        pruned = np.ascontiguousarray(pruned)
-        extra: dict[str, np.ndarray]  # the weight fed as an input, or none
+    def run(self, values: Mapping[str, np.ndarray]) -> tuple[float, float, float | None]:
+        arrays = {name: np.ascontiguousarray(array) for name, array in values.items()}
+        extra: dict[str, np.ndarray]  # the weights fed as inputs, or none
         if self.session is not None:
-            session, extra = self.session, {self.target.tensor_name: pruned}
-        else:
-            write_array(self.target.stored_tensor, pruned)
-            session, extra = self.sweep._session(self.sweep.loaded.proto.SerializeToString()), {}
+            session, extra = self.session, arrays
+        else:  # the model holds its own values again once the session has read it
+            for name, array in arrays.items():
+                write_array(self.tensors[name].tensor, array)
+            data = self.sweep.loaded.proto.SerializeToString()
+            for name, original in self.originals.items():
+                write_array(self.tensors[name].tensor, original)
+            session, extra = self.sweep._session(data), {}
         outputs = [self.sweep._outputs(session, {**feed, **extra}) for feed in self.sweep.feeds]
         return self.sweep.compare(outputs)
 
 
-def _with_weight_as_input(proto: onnx.ModelProto, target: WeightTarget) -> bytes:
-    """The serialized model with the target's initializer also listed as a graph input: an
-    initializer that is a graph input is a default the run's feed overrides (ONNX IR >= 4).
-    The proto is left as it was (the initializer itself is not touched: targets hold it)."""
+def _with_inputs(proto: onnx.ModelProto, tensors: Sequence[Replaced]) -> bytes:
+    """The serialized model with the given main-graph initializers also listed as graph
+    inputs: an initializer that is a graph input is a default the run's feed overrides
+    (ONNX IR >= 4). The proto is left as it was (the initializers are not touched)."""
     graph = proto.graph
-    if any(i.name == target.tensor_name for i in graph.input):
-        return proto.SerializeToString()
-    tensor = target.stored_tensor
-    graph.input.append(helper.make_tensor_value_info(target.tensor_name, tensor.data_type,
-                                                     list(tensor.dims)))
+    listed = {i.name for i in graph.input}
+    added = 0
+    for stored in tensors:
+        if stored.name not in listed:
+            graph.input.append(helper.make_tensor_value_info(
+                stored.name, stored.tensor.data_type, list(stored.tensor.dims)))
+            added += 1
     try:
         return proto.SerializeToString()
     finally:
-        del graph.input[len(graph.input) - 1]
+        for _ in range(added):
+            del graph.input[len(graph.input) - 1]
 
 
 def plot(result: SensitivityResult, path: str | os.PathLike, labelled: int = LABELLED) -> None:
@@ -344,11 +382,14 @@ def plot(result: SensitivityResult, path: str | os.PathLike, labelled: int = LAB
         axes.plot(xs, ys, marker="o", markersize=3, linewidth=1.6, zorder=2,
                   label=f"{_short(curve.name)} {curve.shape}")
     axes.set_yscale("log")
-    axes.set_xlabel("sparsity of the one pruned target")
+    axes.set_xlabel("share of channels removed from the one pruned group" if result.structure
+                    else "sparsity of the one pruned target")
     axes.set_ylabel("relative L2 error of the model outputs")
     source = "synthetic inputs" if result.synthetic else "calibration data"
-    axes.set_title(f"{result.model}: {len(result.targets)} targets, {result.method} "
-                   f"{result.pattern}, {result.samples} samples ({source})", fontsize=10)
+    what = (f"groups of --structure {result.structure}, {result.method}" if result.structure
+            else f"targets, {result.method} {result.pattern}")
+    axes.set_title(f"{result.model}: {len(result.targets)} {what}, {result.samples} samples "
+                   f"({source})", fontsize=10)
     axes.grid(True, which="both", alpha=0.3)
     axes.legend(title=f"most sensitive {len(named)} (others grey)", fontsize=8,
                 title_fontsize=8, loc="upper left")

@@ -136,7 +136,7 @@ def test_cli_prune_structure_reports_groups_masks_and_provenance(models_dir, tmp
     (["--structure", "channels", "--rounds", "2"], "cannot be combined with --structure"),
     (["--structure", "channels", "--permute-channels"], "--permute-channels cannot be"),
     (["--structure", "channels", "--method", "sparsegpt"], "unknown channel score"),
-    (["--structure", "channels", "--allocation", "owl"], "choose uniform or global"),
+    (["--structure", "channels", "--allocation", "owl"], "choose uniform, global or sensitivity"),
     (["--structure", "channels", "--format", "packed"], "unknown format 'packed'"),
     (["--structure", "channels", "--update", "admm"], "unknown structured update"),
     (["--structure", "channels", "--include", "no-such-tensor"], "nothing to prune"),

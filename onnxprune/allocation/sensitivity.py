@@ -55,7 +55,7 @@ def energy_curve(curve, low: float, high: float) -> tuple[np.ndarray, np.ndarray
 
 
 def allocate(numels: np.ndarray, hulls: Sequence[tuple[np.ndarray, np.ndarray]],
-             total: int | None, energy_budget: float | None) -> np.ndarray:
+             total: float | None, energy_budget: float | None) -> np.ndarray:
     """Real-valued counts per target: hull segments taken cheapest per weight first until
     `total` weights are pruned, or until the summed energy would pass `energy_budget`."""
     counts = np.array([xs[0] * n for (xs, _), n in zip(hulls, numels, strict=True)])
@@ -150,6 +150,11 @@ class SensitivityAllocation(Allocation):
         from ..sensitivity_sweep import SensitivityResult, analyze
 
         if self.options.curves is not None:
-            return SensitivityResult.load(self.options.curves)
+            result = SensitivityResult.load(self.options.curves)
+            if result.structure:
+                raise ConfigError(f"--sensitivity {self.options.curves}: the curves are of "
+                                  f"channel groups (--structure {result.structure}); an "
+                                  "unstructured prune needs per-target curves")
+            return result
         log.info("no --sensitivity curves given: measuring them (%d targets)", len(targets))
         return analyze(context.loaded_model(self.name), config, feeds=context.feeds)

@@ -442,34 +442,58 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
     from ..io import load_model
     from ..sensitivity_sweep import DEFAULT_LEVELS, PlotUnavailable, analyze, check_levels, plot
 
+    structured = args.structure != "none"
     if args.levels is None:
-        levels = list(DEFAULT_LEVELS)
+        if structured:
+            from ..structured.sensitivity import LEVELS
+
+            levels = list(LEVELS)
+        else:
+            levels = list(DEFAULT_LEVELS)
     else:
         try:
             levels = check_levels([float(v) for v in args.levels.split(",") if v.strip()])
         except ValueError as exc:
             raise ConfigError(f"--levels must be numbers separated by commas, got "
                               f"{args.levels!r}") from exc
+    extra = dict(structure=args.structure, round_to=args.round_to,
+                 allow_norm=args.allow_norm, allow_hidden=args.allow_hidden) if structured else {}
     config = _config_from(args, method=args.method, calib=args.calib,
-                          calib_samples=args.calib_samples, seed=args.seed)
+                          calib_samples=args.calib_samples, seed=args.seed, **extra)
+    if structured and config.pattern.is_nm:
+        raise ConfigError("sensitivity --structure sweeps channel groups; --pattern does not "
+                          "apply")
     folder = Path(args.output)
     if folder.exists() and not folder.is_dir():
         raise ConfigError(f"-o {folder}: not a folder")
     loaded = load_model(args.model)
     from ..formats import densify_model
 
-    densify_model(loaded.proto, loaded.base_dir)
+    if not structured:
+        densify_model(loaded.proto, loaded.base_dir)
     with _sweep_progress(args, levels) as progress:
-        result = analyze(loaded, config, levels=levels, progress=progress)
+        if structured:
+            from ..structured.run import score_groups
+            from ..structured.sensitivity import group_curves
+
+            result = group_curves(loaded, score_groups(loaded, config), config, levels=levels,
+                                  progress=progress)
+        else:
+            result = analyze(loaded, config, levels=levels, progress=progress)
     folder.mkdir(parents=True, exist_ok=True)
     stem = Path(args.model).name.removesuffix(".onnx")
     json_path = folder / f"{stem}.sensitivity.json"
     _write_text_atomically(json_path, result.to_json() + "\n")
-    print(f"{args.model}: {len(result.targets)} targets x {len(result.levels)} levels, "
-          f"{result.method} {result.pattern}, {result.samples} samples; wrote {json_path}")
+    what = (f"{len(result.targets)} groups of --structure {result.structure}" if structured
+            else f"{len(result.targets)} targets")
+    how = result.method if structured else f"{result.method} {result.pattern}"
+    print(f"{args.model}: {what} x {len(result.levels)} levels, {how}, {result.samples} "
+          f"samples; wrote {json_path}")
     for curve in result.most_sensitive(5):
-        print(f"  {curve.name}: relative L2 {curve.worst:.4g} at sparsity "
-              f"{curve.points[-1].sparsity:g}")
+        if curve.points:
+            print(f"  {curve.name}: relative L2 {curve.worst:.4g} at "
+                  f"{'channels removed' if structured else 'sparsity'} "
+                  f"{curve.points[-1].sparsity:g}")
     png_path = folder / f"{stem}.sensitivity.png"
     try:
         temporary = folder / f".{png_path.name}.tmp.png"
@@ -490,9 +514,9 @@ def _sweep_progress(args: argparse.Namespace, levels: list[float]):
     from tqdm import tqdm
 
     with tqdm(desc="sensitivity", unit="point", file=sys.stderr, leave=False) as bar:
-        def advance(target, level, points):
+        def advance(swept, level, points):
             bar.total = points  # targets x levels, known once the targets are found
-            bar.set_postfix_str(f"{target.name[-32:]} @ {level:g}")
+            bar.set_postfix_str(f"{swept.name[-32:]} @ {level:g}")
             bar.update()
 
         yield advance

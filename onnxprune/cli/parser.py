@@ -388,7 +388,9 @@ def _add_sensitivity_parser(commands) -> None:
     sensitivity.add_argument("--method", default="magnitude", metavar="M",
                              help="how each target is pruned [magnitude]")
     sensitivity.add_argument("--levels", default=None, metavar="S1,S2,...",
-                             help="sparsity levels to sweep [0.3,0.4,0.5,0.6,0.7,0.8,0.9,0.95]")
+                             help="sparsity levels to sweep [0.3,0.4,0.5,0.6,0.7,0.8,0.9,0.95; "
+                                  "with --structure, the shares of channels removed: eighths "
+                                  "from 0.125 to 0.875]")
     sensitivity.add_argument("--calib", metavar="PATH",
                              help="inputs: .npz keyed by graph input name, or a folder of "
                                   ".npz; without it synthetic inputs, with a warning")
@@ -396,6 +398,17 @@ def _add_sensitivity_parser(commands) -> None:
                              help="use at most N samples")
     sensitivity.add_argument("--seed", type=int, default=0, help="synthetic inputs [0]")
     _add_selection_options(sensitivity)
+    structured = sensitivity.add_argument_group("structured curves (for --structure S "
+                                                "--allocation sensitivity)")
+    structured.add_argument("--structure", default="none", metavar="S",
+                            help="sweep coupled channel groups instead of targets: channels, "
+                                 "ffn, heads, comma-separated; each group alone loses the "
+                                 "--levels share of its channels, the lowest-scored by "
+                                 "--method (magnitude, random, wanda, flap, obs) [none]")
+    structured.add_argument("--round-to", type=_at_least(1), default=_default("round_to"),
+                            metavar="N", help="kept channel counts are multiples of N, as the "
+                                              f"prune will round them [{_default('round_to')}]")
+    _add_structure_permissions(structured)
     _add_logging_options(sensitivity)
 
 

@@ -94,6 +94,56 @@ def prune_structured(loaded: LoadedModel, config: PruneConfig, *, stream: bool =
     `result.shrinking.values()` gives them one at a time (for a `ModelWriter` made with
     `expect=result.shrinking.tensors`), read from `loaded`, which must not change until then.
     """
+    scored = score_groups(loaded, config)
+    selected, scores, per_channel = scored.groups, scored.scores, scored.per_channel
+    score = scored.score
+    sparsity = config.target_sparsity
+    round_to = config.round_to
+    latency = None
+    if config.latency_budget is not None:
+        counts, latency = _budget_counts(loaded, selected, scores, per_channel, config,
+                                         score.normalization)
+    elif config.allocation_name == "global":
+        counts = global_counts(selected, scores, per_channel, sparsity, round_to,
+                               score.normalization)
+    elif config.allocation_name == "sensitivity":
+        from .sensitivity import sensitivity_counts
+
+        counts = sensitivity_counts(loaded, scored, config)
+    else:
+        counts = uniform_counts(selected, sparsity, round_to)
+    keep = keep_sets(selected, scores, counts)
+    source, groups_cut = loaded.proto, selected
+    if keep and (config.update != "none" or score.compensates or score.selects):
+        source, groups_cut, keep = _refitted(loaded, selected, keep, config, score)
+    shrinking = Shrinking(source, groups_cut, keep, base_dir=loaded.base_dir)
+    if not stream:
+        shrinking.store()
+    shrunk = shrinking.model
+    reports = [_report(g, counts[g.name], per_channel[g.name]) for g in selected]
+    return StructuredResult(shrunk, reports, scored.declined, keep,
+                            _float_params(loaded.proto), _float_params(shrunk),
+                            sum(tensor_numel(t) for t in scored.stored.values()),
+                            scored.skipped, shrinking if stream else None, latency)
+
+
+@dataclass
+class ScoredGroups:
+    """The groups a structured prune selected, their channels' scores and what the rest of
+    the prune needs of them."""
+
+    groups: list[ChannelGroup]
+    scores: dict[str, np.ndarray]  # by group name: one score per channel
+    per_channel: dict[str, float]  # by group name: the parameters one channel carries
+    stored: dict[str, onnx.TensorProto]  # every member's stored tensor, by name
+    score: ChannelScore
+    declined: list[Declined]
+    skipped: list[str]  # found, not selected
+
+
+def score_groups(loaded: LoadedModel, config: PruneConfig) -> ScoredGroups:
+    """The model's groups selected by `config` (`select_groups`), each channel scored by
+    `config.method`; a ConfigError or NothingToPruneError when there is nothing to prune."""
     from ..registry import CHANNEL_SCORES
 
     if _has_sparse_initializers(loaded.proto):  # calibration and timing read them dense
@@ -119,31 +169,8 @@ def prune_structured(loaded: LoadedModel, config: PruneConfig, *, stream: bool =
     scores = {g.name: score.scores(g, _values(g, stored, loaded), config.seed, calibration)
               for g in selected}
     per_channel = {g.name: _params_per_channel(g, stored) for g in selected}
-    sparsity = config.target_sparsity
-    round_to = config.round_to
-    latency = None
-    if config.latency_budget is not None:
-        counts, latency = _budget_counts(loaded, selected, scores, per_channel, config,
-                                         score.normalization)
-    elif config.allocation_name == "global":
-        counts = global_counts(selected, scores, per_channel, sparsity, round_to,
-                               score.normalization)
-    else:
-        counts = uniform_counts(selected, sparsity, round_to)
-    keep = keep_sets(selected, scores, counts)
-    source, groups_cut = loaded.proto, selected
-    if keep and (config.update != "none" or score.compensates or score.selects):
-        source, groups_cut, keep = _refitted(loaded, selected, keep, config, score)
-    shrinking = Shrinking(source, groups_cut, keep, base_dir=loaded.base_dir)
-    if not stream:
-        shrinking.store()
-    shrunk = shrinking.model
-    reports = [_report(g, counts[g.name], per_channel[g.name]) for g in selected]
-    return StructuredResult(shrunk, reports, declined, keep, _float_params(loaded.proto),
-                            _float_params(shrunk),
-                            sum(tensor_numel(t) for t in stored.values()),
-                            [g.name for g, _ in skipped], shrinking if stream else None,
-                            latency)
+    return ScoredGroups(selected, scores, per_channel, stored, score, declined,
+                        [g.name for g, _ in skipped])
 
 
 def _budget_counts(loaded: LoadedModel, groups: Sequence[ChannelGroup],

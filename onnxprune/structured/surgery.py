@@ -200,10 +200,20 @@ def zeroed(model: onnx.ModelProto, groups: Sequence[ChannelGroup],
     """
     result = onnx.ModelProto()
     result.CopyFrom(model)
-    index = GraphIndex(result)
+    for stored, array in zeroed_values(result, groups, keep, base_dir=base_dir):
+        _write(stored.tensor, array)
+    return result
+
+
+def zeroed_values(model: onnx.ModelProto, groups: Sequence[ChannelGroup],
+                  keep: Mapping[str, np.ndarray], *, base_dir: Path | None = None
+                  ) -> list[tuple[StoredTensor, np.ndarray]]:
+    """The tensors `zeroed` changes, each with its zeroed values; `model` is only read."""
+    index = GraphIndex(model)
     sections = _sections(index, groups, keep)
     has_input = {group.name for group in groups
                  if any(m.role is MemberRole.INPUT for m in group.members)}
+    changed = []
     for stored, axis, parts in sections:
         chosen = [part for part in parts
                   if (part.member.role is MemberRole.INPUT) == (part.group.name in has_input)]
@@ -213,8 +223,8 @@ def zeroed(model: onnx.ModelProto, groups: Sequence[ChannelGroup],
         moved = np.moveaxis(array, axis, 0)  # a view: writes go to `array`
         for part in chosen:
             moved[part.positions(part.removed())] = 0
-        _write(stored.tensor, array)
-    return result
+        changed.append((stored, array))
+    return changed
 
 
 def check_shrunk(model: onnx.ModelProto) -> None:
