@@ -19,7 +19,8 @@ output, sometimes `--format compact` or `sparse`, sometimes 2:4) and `densify`; 
 scores (`--method flap|obs|wanda`, flap and obs sometimes with `--[no-]bias-compensation`),
 `--update least-squares`, an N:M second stage (`--pattern 2:4` with the drawn `--format`) and,
 rarely, `--latency-budget R` instead of `--sparsity` (tables in a file of their own beside
-the case's folder, one onnxruntime thread), calibrated on synthetic inputs (no `--calib`);
+the case's folder, one onnxruntime thread) or `--allocation sensitivity` (sometimes with
+`--max-error E` instead of `--sparsity`), calibrated on synthetic inputs (no `--calib`);
 the summary counts each drawn option. Outcomes:
 
 - ok: exit 0;
@@ -1102,8 +1103,9 @@ STRUCTURES = (("--structure", "channels"), ("--structure", "ffn"), ("--structure
               ("--structure", "channels", "--method", "random"))
 # the options of structured pruning a share of those prunes also draw (`_structured_extras`)
 STRUCTURED_METHODS = ("flap", "obs", "wanda")
+# latency budgets and sensitivity sweeps are rare: they time or run the model many times
 STRUCTURED_EXTRA_SHARES = {"method": 0.4, "bias": 0.3, "update": 0.25, "pattern": 0.2,
-                           "latency": 0.04}  # latency budgets are rare: they time the model
+                           "latency": 0.04, "sensitivity": 0.05}
 CHECK_TIMEOUT_S = 60.0
 MAX_FEED_ELEMENTS = 1 << 22
 
@@ -1285,7 +1287,8 @@ def _structured_extras(argv: list[str], output: Path, rng: random.Random) -> lis
     were): a calibrated channel score where the structure names no method, its bias
     compensation, the least-squares update, a 2:4 second stage and a latency budget in place
     of `--sparsity`, its tables in a file beside the case's folder (so neither the default
-    cache nor the output folder gets them)."""
+    cache nor the output folder gets them), or else the sensitivity allocation (sometimes
+    `--max-error` in place of `--sparsity`)."""
     shares = STRUCTURED_EXTRA_SHARES
     extras: list[str] = []
     if "--method" not in argv and rng.random() < shares["method"]:
@@ -1308,6 +1311,12 @@ def _structured_extras(argv: list[str], output: Path, rng: random.Random) -> lis
                    "--latency-threads", "1"]
         if rng.random() < 0.5:
             extras.append("--no-latency-calibration")
+    elif "--allocation" not in argv and rng.random() < shares["sensitivity"]:
+        extras += ["--allocation", "sensitivity"]
+        if rng.random() < 0.5:  # as much as keeps the predicted error under a bound
+            at = argv.index("--sparsity")
+            del argv[at:at + 2]
+            extras += ["--max-error", rng.choice(["0.05", "0.3", "2"])]
     return argv + extras
 
 
@@ -1321,12 +1330,12 @@ def _drawn_options(argv: str) -> list[str]:
     form, extras = words[at + 1], words[at + 2:]
     drawn = []
     for i, word in enumerate(extras):
-        if word in ("--method", "--update"):
+        if word in ("--method", "--update", "--allocation"):
             drawn.append(f"{word} {extras[i + 1]}")
         elif word == "--pattern":
             drawn.append(f"--pattern {extras[i + 1]} --format {form}")
         elif word in ("--bias-compensation", "--no-bias-compensation", "--latency-budget",
-                      "--least-squares-damp", "--no-latency-calibration"):
+                      "--least-squares-damp", "--no-latency-calibration", "--max-error"):
             drawn.append(word)
     return drawn
 
