@@ -15,7 +15,9 @@ Levels (issue #19's done-means):
 - `ffn50`: 50 % of the feed-forward units (`--structure ffn --sparsity 0.5`, uniform).
 
 Variants: a channel score (`obs` chooses and refits by itself), optionally `+ls` for
-`--update least-squares`; `flap` keeps its
+`--update least-squares`, and `@sens` to allocate by structured sensitivity (`onnxprune
+sensitivity --structure` on `--sweep-samples` windows, run once per level and score, its
+time printed apart); `flap` keeps its
 bias compensation (on by default), `flap-nobc` turns it off. Every prune runs as the
 command line does, in a child process (wall time and peak RSS), on `--samples` calibration
 windows of 256 tokens. Perplexity: tools/bench_lm.py's (non-overlapping windows of 256 over
@@ -49,7 +51,7 @@ DEFAULT_VARIANTS = "wanda,flap,flap-nobc,wanda+ls,flap+ls,obs"
 
 
 def variant_args(variant: str) -> list[str]:
-    method, _, update = variant.partition("+")
+    method, _, update = variant.split("@")[0].partition("+")
     args = ["--method", "flap" if method == "flap-nobc" else method]
     if method == "flap-nobc":
         args.append("--no-bias-compensation")
@@ -58,6 +60,27 @@ def variant_args(variant: str) -> list[str]:
     elif update:
         raise SystemExit(f"bench_structured_calibrated: unknown update {update!r} in {variant}")
     return args
+
+
+def sweep_args(level: str, variant: str) -> list[str] | None:
+    """The `onnxprune sensitivity` options of a variant that allocates by structured
+    sensitivity (`...@sens`), else None: the level's structure, the variant's score."""
+    base, _, allocation = variant.partition("@")
+    if not allocation:
+        return None
+    if allocation != "sens":
+        raise SystemExit(f"bench_structured_calibrated: unknown allocation {allocation!r} in "
+                         f"{variant} (only @sens)")
+    words = LEVELS[level]
+    method = variant_args(base)[1]
+    return ["--structure", words[words.index("--structure") + 1], "--method", method]
+
+
+def sweep_note(row: dict) -> str:
+    """What the prune time leaves out: the sensitivity sweep of an @sens variant."""
+    if "sweep_s" not in row:
+        return ""
+    return f" (+{row['sweep_s']} sweep)" if row["sweep_s"] else " (sweep reused)"
 
 
 def reference_perplexity(path: str | None, level: str) -> float | None:
@@ -80,6 +103,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eval-tokens", type=int, default=16384)
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--sweep-samples", type=int, default=8,
+                        help="calibration windows of the sensitivity sweep of @sens variants "
+                             "[8]")
     parser.add_argument("--no-sparsegpt", action="store_true",
                         help="skip timing unstructured sparsegpt (the time baseline)")
     parser.add_argument("--json", default=None, help="write every number here")
@@ -119,11 +145,32 @@ def main(argv: list[str] | None = None) -> int:
                                           "--exclude", "lm_head"])
         print(f"sparsegpt 50 %: {baseline}", file=sys.stderr)
     rows = []
+    def sweep(level: str, options: list[str]) -> tuple[list[str], float]:
+        """`--allocation sensitivity --sensitivity JSON` from a structured sweep (made once
+        per level and score, in workdir/sweeps), and the sweep's seconds (0 if reused)."""
+        folder = workdir / "sweeps" / f"{level}_{options[-1]}"
+        curves = folder / f"{Path(MODEL_FILE).stem}.sensitivity.json"
+        seconds = 0.0
+        if not curves.exists():
+            command = [sys.executable, "-m", "onnxprune", "sensitivity", str(model), "-o",
+                       str(folder), "-q", *options, "--calib", str(workdir / "calib.npz"),
+                       "--calib-samples", str(args.sweep_samples)]
+            code, seconds, _ = run_prune(command, log_dir / f"sweep_{level}_{options[-1]}.log")
+            if code != 0:
+                raise SystemExit(f"bench_structured_calibrated: the sweep failed (exit {code})")
+        return ["--allocation", "sensitivity", "--sensitivity", str(curves)], seconds
+
     for level in (x.strip() for x in args.levels.split(",") if x.strip()):
         for variant in (v.strip() for v in args.variants.split(",") if v.strip()):
+            allocation, sweep_s = [], 0.0
+            options = sweep_args(level, variant)
+            if options is not None:
+                allocation, sweep_s = sweep(level, options)
             row = {"level": level, "variant": variant,
-                   **prune(f"{level}_{variant.replace('+', '_')}",
-                           [*LEVELS[level], *variant_args(variant)])}
+                   **prune(f"{level}_{variant.replace('+', '_').replace('@', '_')}",
+                           [*LEVELS[level], *variant_args(variant), *allocation])}
+            if options is not None:
+                row["sweep_s"] = round(sweep_s, 1)
             rows.append(row)
             print(f"{level} {variant}: {row}", file=sys.stderr)
     lines = [f"dense perplexity {dense:.2f}; sparsegpt 50 % (unstructured) prune "
@@ -143,7 +190,8 @@ def main(argv: list[str] | None = None) -> int:
         time_ratio = ratio(baseline.get("prune_s") if baseline else None, row["prune_s"])
         lines.append(f"| {row['level']} | {row['variant']} | "
                      f"{f'{ppl:.2f}' if ppl else row.get('status', '-')} | {ratio(wanda)} | "
-                     f"{ratio(flap)} | {row['prune_s']} | {time_ratio} | {row['peak_mb']} |")
+                     f"{ratio(flap)} | {row['prune_s']}{sweep_note(row)} | {time_ratio} | "
+                     f"{row['peak_mb']} |")
     print("\n".join(lines))
     if args.json:
         Path(args.json).write_text(json.dumps({"dense": dense, "sparsegpt": baseline,
