@@ -74,3 +74,32 @@ def test_a_refused_prune_is_a_row_not_a_crash(capsys):
     rows = _table(capsys.readouterr().out)[2:]
     assert [row[2] for row in rows] == ["dense", "50%"]
     assert rows[1][3].startswith("failed: NothingToPruneError")
+
+
+def test_budget_comparison_interpolates_uniform_accuracy_in_latency():
+    compare = _tool().budget_comparison
+    uniform = [(0.8, 0.90), (0.6, 0.70)]  # (latency ratio, accuracy), any order
+    found = compare(0.7, 0.72, 0.83, uniform)
+    assert found["uniform_accuracy"] == pytest.approx(0.82)  # 0.70 + 0.20 * 0.12 / 0.2
+    assert found["at_least_uniform"] and found["within_budget"]
+    assert not found["extrapolated"]
+    assert not compare(0.7, 0.72, 0.81, uniform)["at_least_uniform"]
+    assert not compare(0.7, 0.74, 0.9, uniform)["within_budget"]  # 0.74 > 1.05 * 0.7
+    # perplexity: lower is better; beyond the rows' range, extrapolated from the nearest two
+    ppl = [(0.9, 20.0), (0.8, 30.0), (0.6, 60.0)]
+    found = compare(0.5, 0.55, 65.0, ppl, higher_is_better=False)
+    assert found["extrapolated"] and found["uniform_accuracy"] == pytest.approx(67.5)
+    assert found["at_least_uniform"]
+    assert compare(0.7, 0.85, 26.0, ppl, False)["uniform_accuracy"] == pytest.approx(25.0)
+    assert not compare(0.7, 0.85, 26.0, ppl, False)["at_least_uniform"]
+    with pytest.raises(ValueError):
+        compare(0.7, 0.7, 1.0, [(0.7, 1.0)])
+
+
+def test_budget_level_is_parsed_and_labelled():
+    bench = _tool()
+    args = bench.parse_args(["--levels", "0.7b,0.25"])
+    assert args.levels == [(0.7, True), (0.25, False)]
+    assert [bench.level_label(*level) for level in args.levels] == ["budget 0.7", "25%"]
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--levels", "1.5b"])

