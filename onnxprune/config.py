@@ -230,6 +230,9 @@ class PruneConfig:
         if self.sparsity is not None:
             raise ConfigError("--latency-budget replaces --sparsity as the target: give one "
                               "of them")
+        if self.allocation == "sensitivity":
+            raise ConfigError("--latency-budget chooses the kept counts itself; it cannot be "
+                              "combined with --allocation sensitivity")
         threads = self.latency_threads
         if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int)
                                     or threads < 1):
@@ -278,8 +281,8 @@ class PruneConfig:
         used: list[tuple[Registry[Any], str]]
         if self.structure != "none":  # structured runs take a channel score and an update
             used = [(CHANNEL_SCORES, self.method)]
-            if self.allocation_name == "sensitivity":  # its curves and --max-error
-                used.append((ALLOCATIONS, "sensitivity"))
+            if self.allocation_name == "sensitivity" and self.latency_budget is None:
+                used.append((ALLOCATIONS, "sensitivity"))  # its curves and --max-error
             if self.update != "none":
                 used.append((STRUCTURED_UPDATES, self.update))
             from .stages import has_second_stage, unstructured_method

@@ -100,8 +100,10 @@ class SensitivityResult:
     synthetic: bool
     targets: list[TargetCurve]
     # "" for per-target curves; with `--structure S`, S: the curves are of channel groups
-    # (a curve's name is the group's, its sparsity the share of its channels removed)
+    # (a curve's name is the group's, its sparsity the share of its channels removed) and
+    # `round_to` the rounding of their kept counts
     structure: str = ""
+    round_to: int | None = None
 
     def most_sensitive(self, count: int = LABELLED) -> list[TargetCurve]:
         return sorted(self.targets, key=lambda c: -c.worst)[:count]
@@ -124,7 +126,7 @@ class SensitivityResult:
         return cls(data.get("model", ""), data.get("method", ""), data.get("pattern", ""),
                    list(data.get("levels", [])), int(data.get("samples", 0)),
                    bool(data.get("synthetic", False)), targets,
-                   str(data.get("structure", "") or ""))
+                   str(data.get("structure", "") or ""), data.get("round_to"))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> SensitivityResult:
@@ -138,6 +140,20 @@ class SensitivityResult:
         except (ValueError, KeyError, TypeError) as exc:
             raise ConfigError(f"--sensitivity {path}: not a sensitivity JSON "
                               f"({type(exc).__name__}: {exc})") from exc
+
+
+def load_curves(path: str | os.PathLike, structure: str) -> SensitivityResult:
+    """Curves written by `onnxprune sensitivity` for a prune of `structure` ("none": per
+    target; else channel groups); a `ConfigError` when they are of the other kind."""
+    result = SensitivityResult.load(path)
+    if structure == "none" and result.structure:
+        raise ConfigError(f"--sensitivity {path}: the curves are of channel groups "
+                          f"(--structure {result.structure}); an unstructured prune needs "
+                          "per-target curves")
+    if structure != "none" and not result.structure:
+        raise ConfigError(f"--sensitivity {path}: the curves are per target; a structured "
+                          f"prune needs `onnxprune sensitivity --structure {structure}`")
+    return result
 
 
 def check_levels(levels: Sequence[float]) -> list[float]:
@@ -243,9 +259,21 @@ class OutputSweep:
 
     @staticmethod
     def _outputs(session, feed: Feed) -> list[np.ndarray]:
-        from .runtime import run_session
+        from .errors import CalibrationError
+        from .inputs import describe_feed
+        from .runtime import first_line, run_session
 
-        return [np.asarray(v) for v in run_session(session, feed).values()]
+        try:
+            return [np.asarray(v) for v in run_session(session, feed).values()]
+        except Exception as exc:  # onnxruntime raises its own unrelated types
+            raise CalibrationError(f"onnxruntime cannot run the model on the sweep's inputs "
+                                   f"({describe_feed(feed)}: {first_line(exc)}); give --calib, "
+                                   "or the sizes with --dim or --input-shapes") from exc
+
+    def error_of(self, model: onnx.ModelProto) -> tuple[float, float, float | None]:
+        """(relative L2, cosine, top-1) of another model (same inputs and outputs)."""
+        session = self._session(model.SerializeToString())
+        return self.compare([self._outputs(session, feed) for feed in self.feeds])
 
     def for_target(self, target: WeightTarget) -> _TensorRuns:
         main = target.graph is self.loaded.proto.graph and target.source == "initializer"

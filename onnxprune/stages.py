@@ -60,11 +60,18 @@ def second_stage(config: PruneConfig) -> PruneConfig:
         log.info("after --structure: --format %s on what is left; a shrunk model has no "
                  "zeros of its own, so the format gains only where the model had zeros",
                  config.format)
+    from .registry import METHODS
+
+    # the calibration inputs only where this stage uses them (the first stage may have:
+    # no "--calib is ignored" warning then)
+    calibrated = bool(METHODS.part_class(method).needs) or any(o.method
+                                                               for o in config.overrides)
     return PruneConfig(
         sparsity=None if config.pattern.is_nm else 0.0, pattern=config.pattern,
         method=method, format=config.format, include=config.include,
         exclude=config.exclude, min_size=config.min_size, seed=config.seed,
-        calib=config.calib, calib_samples=config.calib_samples, calib_mode=config.calib_mode,
+        calib=config.calib if calibrated else None, calib_samples=config.calib_samples,
+        calib_mode=config.calib_mode,
         synthetic_dims=config.synthetic_dims, synthetic_shapes=config.synthetic_shapes,
         overrides=config.overrides, options=config.options)
 

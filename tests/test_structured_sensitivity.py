@@ -260,3 +260,81 @@ def test_group_curves_are_refused_for_an_unstructured_prune(calib, tmp_path, cap
     err = capsys.readouterr().err
     assert code == 2 and not out.exists()
     assert "channel groups" in err and "per-target" in err and "Traceback" not in err
+
+
+def _normed() -> onnx.ModelProto:
+    """x [N, 8] → fc1 → LayerNorm over the 16 hidden channels → fc2 → y [N, 5]."""
+    rng = np.random.default_rng(3)
+    inits = [numpy_helper.from_array(rng.normal(size=(8, 16)).astype(np.float32), "W1"),
+             numpy_helper.from_array(rng.normal(size=16).astype(np.float32) + 1, "gamma"),
+             numpy_helper.from_array(rng.normal(size=16).astype(np.float32), "beta"),
+             numpy_helper.from_array(rng.normal(size=(16, 5)).astype(np.float32), "W2")]
+    nodes = [helper.make_node("MatMul", ["x", "W1"], ["h"], name="fc1"),
+             helper.make_node("LayerNormalization", ["h", "gamma", "beta"], ["n"], axis=-1,
+                              name="norm"),
+             helper.make_node("MatMul", ["n", "W2"], ["y"], name="fc2")]
+    graph = helper.make_graph(
+        nodes, "normed", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 5])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_a_group_under_a_norm_is_measured_by_its_real_cut(calib):
+    path, x = calib
+    model = _normed()
+    config = _config(path, allow_norm=True)
+    loaded = LoadedModel(model, None, path.parent, False)
+    scored = score_groups(loaded, config)
+    (group,) = [g for g in scored.groups if not g.output_preserving]
+    result = group_curves(loaded, scored, config, levels=(0.25, 0.5))
+    dense = _outputs(model, x).astype(np.float64)
+    for point in result.curve(group.name).points:
+        kept = round((1 - point.sparsity) * group.channels)
+        keep = keep_sets([group], scored.scores, {group.name: kept})
+        cut = _outputs(shrink(model, [group], keep), x).astype(np.float64)
+        expected = np.linalg.norm(cut - dense) / np.linalg.norm(dense)
+        assert point.relative_l2 == pytest.approx(expected, rel=1e-4)
+
+
+def test_a_latency_budget_cannot_be_combined_with_the_sensitivity_allocation(tmp_path, capsys):
+    model_path = tmp_path / "m.onnx"
+    onnx.save(_two_blocks(), model_path)
+    code = main(["prune", str(model_path), "-o", str(tmp_path / "o.onnx"), "--structure",
+                 "channels", "--allocation", "sensitivity", "--latency-budget", "0.8"])
+    assert code == 2
+    assert "--latency-budget" in capsys.readouterr().err
+
+
+def test_structured_options_without_structure_are_named_as_ignored(tmp_path, capsys):
+    model_path = tmp_path / "m.onnx"
+    onnx.save(_two_blocks(), model_path)
+    assert main(["sensitivity", str(model_path), "-o", str(tmp_path / "c"), "--levels", "0.5",
+                 "--round-to", "4", "--min-size", "0"]) == 0
+    assert "--round-to: ignored without --structure" in capsys.readouterr().err
+
+
+def test_a_model_that_cannot_run_on_the_synthetic_inputs_is_a_one_line_error(tmp_path,
+                                                                              capsys):
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(np.array([-1, 7], np.int64), "shape"),
+             numpy_helper.from_array(rng.normal(size=(7, 8)).astype(np.float32), "W1"),
+             numpy_helper.from_array(rng.normal(size=(8, 3)).astype(np.float32), "W2")]
+    nodes = [helper.make_node("Reshape", ["x", "shape"], ["r"]),
+             helper.make_node("MatMul", ["r", "W1"], ["h"]),
+             helper.make_node("Relu", ["h"], ["a"]),
+             helper.make_node("MatMul", ["a", "W2"], ["y"])]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, "S"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 3])], inits)
+    model_path = tmp_path / "m.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]),
+              model_path)
+    code = main(["sensitivity", str(model_path), "-o", str(tmp_path / "c"), "--structure",
+                 "channels", "--round-to", "1", "--min-size", "0", "--levels", "0.5",
+                 "--dim", "S=10", "-q"])
+    err = capsys.readouterr().err
+    assert code == 2 and "cannot run the model" in err and "Traceback" not in err
+    assert "--dim" in err
+    assert main(["sensitivity", str(model_path), "-o", str(tmp_path / "c"), "--structure",
+                 "channels", "--round-to", "1", "--min-size", "0", "--levels", "0.5",
+                 "--dim", "S=14", "-q"]) == 0

@@ -147,14 +147,9 @@ class SensitivityAllocation(Allocation):
 
     def _curves(self, targets: Sequence[WeightTarget], config: PruneConfig,
                 context: AllocationContext):
-        from ..sensitivity_sweep import SensitivityResult, analyze
+        from ..sensitivity_sweep import analyze, load_curves
 
         if self.options.curves is not None:
-            result = SensitivityResult.load(self.options.curves)
-            if result.structure:
-                raise ConfigError(f"--sensitivity {self.options.curves}: the curves are of "
-                                  f"channel groups (--structure {result.structure}); an "
-                                  "unstructured prune needs per-target curves")
-            return result
+            return load_curves(self.options.curves, "none")
         log.info("no --sensitivity curves given: measuring them (%d targets)", len(targets))
         return analyze(context.loaded_model(self.name), config, feeds=context.feeds)

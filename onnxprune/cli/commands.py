@@ -439,27 +439,34 @@ def _write_text_atomically(path: Path, text: str) -> None:
 def cmd_sensitivity(args: argparse.Namespace) -> int:
     _import_numba_without_blas_probe()
     from ..errors import ConfigError
+    from ..inputs import parse_dim_overrides, parse_input_shapes
     from ..io import load_model
-    from ..sensitivity_sweep import DEFAULT_LEVELS, PlotUnavailable, analyze, check_levels, plot
+    from ..sensitivity_sweep import DEFAULT_LEVELS, PlotUnavailable, check_levels, plot
 
     structured = args.structure != "none"
     if args.levels is None:
-        if structured:
-            from ..structured.sensitivity import LEVELS
+        from ..structured.sensitivity import LEVELS
 
-            levels = list(LEVELS)
-        else:
-            levels = list(DEFAULT_LEVELS)
+        levels = list(LEVELS if structured else DEFAULT_LEVELS)
     else:
         try:
             levels = check_levels([float(v) for v in args.levels.split(",") if v.strip()])
         except ValueError as exc:
             raise ConfigError(f"--levels must be numbers separated by commas, got "
                               f"{args.levels!r}") from exc
-    extra = dict(structure=args.structure, round_to=args.round_to,
-                 allow_norm=args.allow_norm, allow_hidden=args.allow_hidden) if structured else {}
+    extra: dict = dict(structure=args.structure, round_to=args.round_to,
+                       allow_norm=args.allow_norm, allow_hidden=args.allow_hidden)
+    if not structured:
+        ignored = [f"--{name.replace('_', '-')}" for name, unset in _STRUCTURED_OPTIONS.items()
+                   if getattr(args, name) != unset]
+        if ignored:
+            log.warning("%s: ignored without --structure", ", ".join(ignored))
+        extra = {}
     config = _config_from(args, method=args.method, calib=args.calib,
-                          calib_samples=args.calib_samples, seed=args.seed, **extra)
+                          calib_samples=args.calib_samples, seed=args.seed,
+                          synthetic_dims=parse_dim_overrides(args.dim) or None,
+                          synthetic_shapes=parse_input_shapes(args.input_shapes) or None,
+                          **extra)
     if structured and config.pattern.is_nm:
         raise ConfigError("sensitivity --structure sweeps channel groups; --pattern does not "
                           "apply")
@@ -467,19 +474,8 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
     if folder.exists() and not folder.is_dir():
         raise ConfigError(f"-o {folder}: not a folder")
     loaded = load_model(args.model)
-    from ..formats import densify_model
-
-    if not structured:
-        densify_model(loaded.proto, loaded.base_dir)
     with _sweep_progress(args, levels) as progress:
-        if structured:
-            from ..structured.run import score_groups
-            from ..structured.sensitivity import group_curves
-
-            result = group_curves(loaded, score_groups(loaded, config), config, levels=levels,
-                                  progress=progress)
-        else:
-            result = analyze(loaded, config, levels=levels, progress=progress)
+        result = _sensitivity_curves(loaded, config, levels, progress)
     folder.mkdir(parents=True, exist_ok=True)
     stem = Path(args.model).name.removesuffix(".onnx")
     json_path = folder / f"{stem}.sensitivity.json"
@@ -503,6 +499,21 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
     except PlotUnavailable as exc:
         print(f"onnxprune: warning: {exc}", file=sys.stderr)
     return 0
+
+
+def _sensitivity_curves(loaded, config, levels: list[float], progress):
+    """The curves of every target (densified first) or, with --structure, of every group."""
+    if config.structure == "none":
+        from ..formats import densify_model
+        from ..sensitivity_sweep import analyze
+
+        densify_model(loaded.proto, loaded.base_dir)
+        return analyze(loaded, config, levels=levels, progress=progress)
+    from ..structured.run import score_groups
+    from ..structured.sensitivity import group_curves
+
+    return group_curves(loaded, score_groups(loaded, config), config, levels=levels,
+                        progress=progress)
 
 
 @contextlib.contextmanager

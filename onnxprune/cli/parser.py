@@ -32,12 +32,7 @@ def _add_selection_options(parser: argparse.ArgumentParser) -> None:
                        help=f"'unstructured' or N:M such as 2:4 [{_default('pattern')}]")
 
 
-def _add_check_options(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("validation inputs and tolerances")
-    group.add_argument("--data", metavar="NPZ",
-                       help="inputs: an .npz keyed by graph input names, or a folder of .npz")
-    group.add_argument("--samples", type=_at_least(1), default=None, metavar="N",
-                       help="number of samples (synthetic inputs: default 4)")
+def _add_shape_options(group) -> None:
     group.add_argument("--dim", action="append", default=[], metavar="NAME=VALUE",
                        help="value for a named dynamic dimension of synthetic inputs "
                             "(repeatable)")
@@ -45,6 +40,15 @@ def _add_check_options(parser: argparse.ArgumentParser) -> None:
                        metavar="NAME:[d0,d1,...]",
                        help="full shape of a synthetic input, named or unnamed dynamic dims "
                             "alike (repeatable; several separated by spaces in one argument)")
+
+
+def _add_check_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("validation inputs and tolerances")
+    group.add_argument("--data", metavar="NPZ",
+                       help="inputs: an .npz keyed by graph input names, or a folder of .npz")
+    group.add_argument("--samples", type=_at_least(1), default=None, metavar="N",
+                       help="number of samples (synthetic inputs: default 4)")
+    _add_shape_options(group)
     group.add_argument("--atol", type=float, default=None,
                        help="fail if the max abs diff exceeds this")
     group.add_argument("--rtol", type=float, default=None,
@@ -397,6 +401,7 @@ def _add_sensitivity_parser(commands) -> None:
     sensitivity.add_argument("--calib-samples", type=int, metavar="N",
                              help="use at most N samples")
     sensitivity.add_argument("--seed", type=int, default=0, help="synthetic inputs [0]")
+    _add_shape_options(sensitivity)
     _add_selection_options(sensitivity)
     structured = sensitivity.add_argument_group("structured curves (for --structure S "
                                                 "--allocation sensitivity)")

@@ -37,11 +37,12 @@ from ..sensitivity_sweep import (
     SweepProgress,
     TargetCurve,
     check_levels,
+    load_curves,
 )
 from .groups import ChannelGroup
 from .run import ScoredGroups
 from .selection import allowed_widths, keep_sets, rounded_count, unit
-from .surgery import zeroed_values
+from .surgery import shrink, zeroed_values
 
 log = logging.getLogger(__name__)
 
@@ -63,40 +64,57 @@ def group_curves(loaded: LoadedModel, scored: ScoredGroups, config: PruneConfig,
     if feeds is None:
         feeds = calibration_feeds(config, loaded.proto)
     sweep = OutputSweep(loaded, feeds)
+    widths = {g.name: [k for k in sorted({rounded_count(g, (1.0 - level) * g.channels,
+                                                         config.round_to)
+                                          for level in levels}, reverse=True)
+                       if k < g.channels] for g in scored.groups}
+    points = sum(len(kept) for kept in widths.values())
     curves = []
     for group in scored.groups:
         curve = TargetCurve(group.name, group.kind.value, [group.channels],
                             round(scored.per_channel[group.name] * group.channels))
-        kept_counts = sorted({rounded_count(group, (1.0 - level) * group.channels,
-                                            config.round_to) for level in levels}, reverse=True)
-        kept_counts = [k for k in kept_counts if k < group.channels]
-        if kept_counts:
-            changed = [Replaced.of(stored) for stored, _ in
-                       _zeroed(loaded, group, scored, kept_counts[0])]
-            with sweep.for_tensors(changed) as run:
-                for kept in kept_counts:
-                    values = {stored.name: array
-                              for stored, array in _zeroed(loaded, group, scored, kept)}
-                    share = (group.channels - kept) / group.channels
-                    curve.points.append(SweepPoint(share, share, *run(values)))
-                    log.debug("%s: %d of %d channels kept, relative L2 %.4g", group.name,
-                              kept, group.channels, curve.points[-1].relative_l2)
-                    if progress:
-                        progress(group, share, len(scored.groups) * len(levels))
-        else:
+        for kept, errors in _errors(loaded, group, scored, widths[group.name], sweep):
+            share = (group.channels - kept) / group.channels
+            curve.points.append(SweepPoint(share, share, *errors))
+            if progress:
+                progress(group, share, points)
+        if not curve.points:
             curve.note = "no level removes a channel at the group's rounding"
+            log.warning("%s: no level removes one of its %d channels at --round-to %d; "
+                        "it will be kept whole", group.name, group.channels, config.round_to)
         curves.append(curve)
         log.info("sensitivity of group %d/%d %s: %s", len(curves), len(scored.groups),
                  group.name, ", ".join(f"{p.sparsity:.3g}: {p.relative_l2:.3g}"
                                        for p in curve.points) or curve.note)
     name = loaded.path.name if loaded.path is not None else (loaded.proto.graph.name or "")
     return SensitivityResult(name, config.method, "unstructured", list(levels), len(feeds),
-                             synthetic, curves, structure=config.structure)
+                             synthetic, curves, structure=config.structure,
+                             round_to=config.round_to)
 
 
-def _zeroed(loaded: LoadedModel, group: ChannelGroup, scored: ScoredGroups, kept: int):
-    keep = keep_sets([group], scored.scores, {group.name: kept})
-    return zeroed_values(loaded.proto, [group], keep, base_dir=loaded.base_dir)
+def _errors(loaded: LoadedModel, group: ChannelGroup, scored: ScoredGroups,
+            widths: Sequence[int], sweep: OutputSweep):
+    """(kept count, (relative L2, cosine, top-1)) of the group cut to each width: zeroed,
+    its changed tensors fed to one session; a group under a normalization over its axis
+    (`--allow-norm`) is shrunk for real, a session per width, as zeroing is not cutting
+    there (the norm still averages over the zeros)."""
+    def keep(kept: int) -> dict[str, np.ndarray]:
+        return keep_sets([group], scored.scores, {group.name: kept})
+
+    if not widths:
+        return
+    if not group.output_preserving:
+        for kept in widths:
+            yield kept, sweep.error_of(shrink(loaded.proto, [group], keep(kept),
+                                              base_dir=loaded.base_dir))
+        return
+    changed = [Replaced.of(stored) for stored, _ in
+               zeroed_values(loaded.proto, [group], keep(widths[0]), base_dir=loaded.base_dir)]
+    with sweep.for_tensors(changed) as run:
+        for kept in widths:
+            values = {stored.name: array for stored, array in
+                      zeroed_values(loaded.proto, [group], keep(kept), base_dir=loaded.base_dir)}
+            yield kept, run(values)
 
 
 def sensitivity_counts(loaded: LoadedModel, scored: ScoredGroups, config: PruneConfig
@@ -108,27 +126,24 @@ def sensitivity_counts(loaded: LoadedModel, scored: ScoredGroups, config: PruneC
 
     options = ALLOCATIONS.build("sensitivity", config.options).options
     if options.curves is not None:
-        result = SensitivityResult.load(options.curves)
-        if not result.structure:
-            raise ConfigError(f"--sensitivity {options.curves}: the curves are per target; a "
-                              "structured prune needs `onnxprune sensitivity --structure "
-                              f"{config.structure}`")
+        result = load_curves(options.curves, config.structure)
     else:
         log.info("no --sensitivity curves given: measuring them (%d groups)",
                  len(scored.groups))
         result = group_curves(loaded, scored, config)
-    if result.method != config.method:
-        log.warning("sensitivity curves were measured with %s; pruning uses %s",
-                    result.method, config.method)
+    if result.method != config.method or result.round_to not in (None, config.round_to):
+        log.warning("sensitivity curves were measured with %s, --round-to %s; pruning uses "
+                    "%s, --round-to %d", result.method, result.round_to, config.method,
+                    config.round_to)
     groups = scored.groups
     params = np.array([scored.per_channel[g.name] * g.channels for g in groups])
     hulls = []
     for group in groups:
         curve = result.curve(group.name)
-        if curve is None:
-            raise ConfigError(f"the sensitivity curves have no entry for group {group.name!r}; "
-                              "rerun `onnxprune sensitivity --structure` with the same "
-                              "selection")
+        if curve is None or curve.shape[:1] != [group.channels]:
+            raise ConfigError(f"the sensitivity curves have no entry for group {group.name!r} "
+                              f"of {group.channels} channels; rerun `onnxprune sensitivity "
+                              "--structure` on this model with the same selection")
         # at most all but one unit of channels, and not beyond the last swept share
         most = (group.channels - unit(group, config.round_to)) / group.channels
         top = min(most, curve.points[-1].sparsity) if curve.points else 0.0
@@ -139,7 +154,12 @@ def sensitivity_counts(loaded: LoadedModel, scored: ScoredGroups, config: PruneC
                         config.sparsity)
         removed = allocate(params, hulls, None, float(options.max_error) ** 2)
     else:
-        removed = allocate(params, hulls, float(config.target_sparsity * params.sum()), None)
+        wanted = float(config.target_sparsity * params.sum())
+        removed = allocate(params, hulls, wanted, None)
+        if removed.sum() < wanted * (1 - 1e-6):
+            log.warning("--sparsity %g: only %.4f of the groups' parameters can be removed "
+                        "within the swept shares and one unit per group (sweep higher "
+                        "--levels)", config.target_sparsity, removed.sum() / params.sum())
     counts = {}
     shares = []
     for group, gone, (xs, ys) in zip(groups, removed, hulls, strict=True):
@@ -153,7 +173,8 @@ def sensitivity_counts(loaded: LoadedModel, scored: ScoredGroups, config: PruneC
         shares.append(float(np.interp((group.channels - kept) / group.channels, xs, ys)))
     predicted = float(np.sqrt(sum(shares)))
     taken = sum(scored.per_channel[g.name] * (g.channels - counts[g.name]) for g in groups)
-    log.info("structured sensitivity allocation: %.4f of the groups' parameters removed, "
-             "predicted relative L2 %.4g%s", taken / max(1.0, float(params.sum())), predicted,
-             f" (--max-error {options.max_error:g})" if options.max_error is not None else "")
+    log.info("structured sensitivity allocation: %.4f of the groups' parameters removed "
+             "(counted per group), predicted relative L2 %.4g%s",
+             taken / max(1.0, float(params.sum())), predicted,
+             "" if options.max_error is None else f" (--max-error {options.max_error:g})")
     return counts
