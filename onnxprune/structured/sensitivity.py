@@ -6,7 +6,8 @@ target's) when that group alone loses a share of its channels: the lowest-scored
 run's channel score, counted and rounded as the prune rounds them. It is measured in the
 zeroed form (`surgery.zeroed_values`: the removed channels' reads zeroed, which computes what
 the shrunk model computes), with the group's changed tensors fed as graph inputs of one
-session per group. A curve is that of the plain cut: a refit (`--update`, bias
+session per group; a group under a normalization over its axis (`--allow-norm`) is shrunk
+for real instead. A curve is that of the plain cut: a refit (`--update`, bias
 compensation, `obs`) can only lower it. `onnxprune sensitivity --structure S` writes the
 curves; `--sensitivity JSON` reuses them.
 
