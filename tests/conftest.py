@@ -294,3 +294,19 @@ def plugin_env(folder: Path, module: str, source: str, entry_points: str) -> dic
         f"Metadata-Version: 2.1\nName: {module.replace('_', '-')}\nVersion: 0.1\n")
     (info / "entry_points.txt").write_text(entry_points)
     return {**os.environ, "PYTHONPATH": str(site)}
+
+
+def as_constant_nodes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The same model with every initializer moved into a Constant node (as Paddle exports
+    store their weights)."""
+    from onnx import helper
+
+    moved = onnx.ModelProto()
+    moved.CopyFrom(model)
+    constants = [helper.make_node("Constant", [], [t.name], value=t)
+                 for t in moved.graph.initializer]
+    del moved.graph.initializer[:]
+    nodes = list(moved.graph.node)
+    del moved.graph.node[:]
+    moved.graph.node.extend([*constants, *nodes])
+    return moved

@@ -8,6 +8,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from conftest import as_constant_nodes
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxprune.calib.stats import ActivationStats
@@ -368,20 +369,6 @@ def test_obs_chooses_channels_and_refits_no_worse_than_cutting_them(tmp_path):
     assert error_obs <= 1.05 * np.linalg.norm(_run(scored.model, x) - dense)
 
 
-def _as_constant_nodes(model: onnx.ModelProto) -> onnx.ModelProto:
-    """The same model with every initializer moved into a Constant node (as Paddle exports
-    store their weights)."""
-    moved = onnx.ModelProto()
-    moved.CopyFrom(model)
-    constants = [helper.make_node("Constant", [], [t.name], value=t)
-                 for t in moved.graph.initializer]
-    del moved.graph.initializer[:]
-    nodes = list(moved.graph.node)
-    del moved.graph.node[:]
-    moved.graph.node.extend([*constants, *nodes])
-    return moved
-
-
 def test_constant_node_weights_get_bias_slots_and_compensation(tmp_path):
     """A model whose weights are Constant nodes is compensated like one with initializers
     (it was not: no slot, and the refit still centred XᵀX, dropping the removed channels'
@@ -389,9 +376,9 @@ def test_constant_node_weights_get_bias_slots_and_compensation(tmp_path):
     calib, x = _calibration(tmp_path, seed=11)
     for method, update in (("flap", "none"), ("flap", "least-squares"), ("obs", "none")):
         results = []
-        for model in (_mlp(seed=10), _as_constant_nodes(_mlp(seed=10))):
+        for model in (_mlp(seed=10), as_constant_nodes(_mlp(seed=10))):
             pruned = _prune(model, calib, method=method, sparsity=0.5, update=update)
             results.append(_run(pruned.model, x))
         np.testing.assert_allclose(results[1], results[0], rtol=1e-5, atol=1e-5)
-    slotted = _as_constant_nodes(_mlp())
+    slotted = as_constant_nodes(_mlp())
     assert set(add_bias_slots(slotted, ["W1", "W2"])) == {"W1", "W2"}

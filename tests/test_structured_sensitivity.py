@@ -10,6 +10,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from conftest import as_constant_nodes
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxprune.allocation.sensitivity import energy_curve
@@ -43,18 +44,6 @@ def _two_blocks(scale_second: float = 1.0) -> onnx.ModelProto:
         nodes, "two_blocks", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 5])], inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-
-
-def _as_constant_nodes(model: onnx.ModelProto) -> onnx.ModelProto:
-    moved = onnx.ModelProto()
-    moved.CopyFrom(model)
-    constants = [helper.make_node("Constant", [], [t.name], value=t)
-                 for t in moved.graph.initializer]
-    del moved.graph.initializer[:]
-    nodes = list(moved.graph.node)
-    del moved.graph.node[:]
-    moved.graph.node.extend([*constants, *nodes])
-    return moved
 
 
 @pytest.fixture
@@ -106,7 +95,7 @@ def test_constant_node_weights_give_the_same_curves_and_are_put_back(calib):
     path, _ = calib
     config = _config(path)
     curves = {}
-    for label, model in (("init", _two_blocks()), ("const", _as_constant_nodes(_two_blocks()))):
+    for label, model in (("init", _two_blocks()), ("const", as_constant_nodes(_two_blocks()))):
         before = model.SerializeToString()
         loaded = LoadedModel(model, None, path.parent, False)
         result = group_curves(loaded, score_groups(loaded, config), config,

@@ -136,6 +136,12 @@ def _at_least(minimum: int):
     return check
 
 
+def _add_round_to(group) -> None:
+    group.add_argument("--round-to", type=_at_least(1), default=_default("round_to"),
+                       metavar="N", help="kept channel counts are multiples of N "
+                                         f"[{_default('round_to')}]")
+
+
 def _add_structure_permissions(group) -> None:
     group.add_argument("--allow-norm", action="store_true",
                        help="let groups run through a normalization over their channels "
@@ -259,9 +265,7 @@ def build_parser(with_parts: bool = True) -> _Parser:
                                  "--update least-squares refits the consumers. An N:M "
                                  "--pattern and --format then apply to the shrunk model (its "
                                  "N:M method: --method's unstructured namesake, else wanda)")
-    structured.add_argument("--round-to", type=_at_least(1), default=_default("round_to"),
-                            metavar="N", help="kept channel counts are multiples of N "
-                                              f"[{_default('round_to')}]")
+    _add_round_to(structured)
     structured.add_argument("--latency-budget", type=budget_fraction, default=None,
                             metavar="R",
                             help="instead of --sparsity: keep the channels so that the "
@@ -410,9 +414,7 @@ def _add_sensitivity_parser(commands) -> None:
                                  "ffn, heads, comma-separated; each group alone loses the "
                                  "--levels share of its channels, the lowest-scored by "
                                  "--method (magnitude, random, wanda, flap, obs) [none]")
-    structured.add_argument("--round-to", type=_at_least(1), default=_default("round_to"),
-                            metavar="N", help="kept channel counts are multiples of N, as the "
-                                              f"prune will round them [{_default('round_to')}]")
+    _add_round_to(structured)
     _add_structure_permissions(structured)
     _add_logging_options(sensitivity)
 
