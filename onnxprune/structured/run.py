@@ -8,7 +8,8 @@ tensor) and `--min-size` (the group's parameters; `select_groups`, which `inspec
 --structured` uses too), scores their channels with the
 registered score `config.method` (`registry.CHANNEL_SCORES`), chooses kept counts
 (`selection`; under `--latency-budget`, from latency tables measured on this machine,
-`latency`), and returns the shrunk model (`surgery.Shrinking`; the caller checks it, on
+`latency`; with `--allocation sensitivity`, from per-group output-error curves,
+`sensitivity`), and returns the shrunk model (`surgery.Shrinking`; the caller checks it, on
 its file or in memory) with one report entry per group: channels before → after,
 parameters and estimated MACs removed. With `stream`, the cut tensors' values are left
 for the caller to write one at a time (`StructuredResult.shrinking`).
