@@ -191,7 +191,8 @@ def _prune_structured(model: ModelLike, output: Path | None, config: PruneConfig
                     config=config.describe(), provenance=read_provenance(proto),
                     structured=structured_report(result) | {"macs_at": {
                         name: list(shape) for name, shape in
-                        macs_input_shapes(loaded.proto).items()}})
+                        macs_input_shapes(loaded.proto, config.synthetic_dims,
+                                          config.synthetic_shapes).items()}})
     if return_masks:
         report.masks = MaskSet.from_arrays(_group_masks(result))
     return proto, report

@@ -103,3 +103,20 @@ def test_yolov8n_macs_are_all_known():
 @pytest.mark.parametrize("declared", [["H", "W"], [None, None]], ids=["named", "unnamed"])
 def test_named_and_unnamed_dynamic_dims_are_scaled_alike(declared):
     assert macs_input_shapes(_pyramid(declared)) == {"x": (1, 3, 32, 32)}
+
+
+def test_given_input_sizes_are_the_ones_macs_are_estimated_at(tmp_path, capsys):
+    path = tmp_path / "pyramid.onnx"
+    onnx.save(_pyramid(["H", "W"]), str(path))
+    assert macs_input_shapes(_pyramid(["H", "W"]), {"H": 64, "W": 64}) == {"x": (1, 3, 64, 64)}
+    removed = {}
+    for size in (32, 64):
+        report = tmp_path / f"r{size}.json"
+        assert main(["prune", str(path), "-o", str(tmp_path / f"o{size}.onnx"), "--structure",
+                     "channels", "--min-size", "0", "--round-to", "1", "--sparsity", "0.5",
+                     "--input-shapes", f"x:[1,3,{size},{size}]", "--report", str(report)]) == 0
+        assert f"MACs estimated at x [1, 3, {size}, {size}]" in capsys.readouterr().out
+        structured = json.loads(report.read_text())["structured"]
+        assert structured["macs_at"] == {"x": [1, 3, size, size]}
+        removed[size] = structured["macs_removed"]
+    assert removed[64] == 4 * removed[32] > 0  # every Conv's MACs grow with H x W

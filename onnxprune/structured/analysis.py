@@ -26,6 +26,7 @@ sends each node to its rule and turns the spaces into results.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 
 import onnx
 
@@ -70,7 +71,9 @@ CAUSE_ORDER = (
 
 
 def find_groups(model: onnx.ModelProto, *, allow_norm: bool = False,
-                allow_hidden: bool = False) -> tuple[list[ChannelGroup], list[Declined]]:
+                allow_hidden: bool = False, dims: Mapping[str, int] | None = None,
+                input_shapes: Mapping[str, Sequence[int]] | None = None
+                ) -> tuple[list[ChannelGroup], list[Declined]]:
     """The coupled channel groups of `model`'s main graph and the declined candidates.
 
     `allow_norm` lets a normalization over the channel axis be shrunk (its scale and bias
@@ -78,18 +81,20 @@ def find_groups(model: onnx.ModelProto, *, allow_norm: bool = False,
     transformer's residual stream (its hidden size) be a group. Groups and declines are in
     the order of their first producer in the graph; each is named by that producer's output.
     Only tensor dims are read, so a lazily loaded model (`io.load_model(path, lazy=True)`)
-    is analysed without reading its weights.
+    is analysed without reading its weights. `dims` and `input_shapes` (as `--dim` and
+    `--input-shapes` give them) size dynamic inputs for the MACs estimate.
     """
-    return _Analysis(model, allow_norm, allow_hidden).run()
+    return _Analysis(model, allow_norm, allow_hidden, dims, input_shapes).run()
 
 
 class _Analysis(Walk):
     """The walk in topological order, each node to its rule, then the spaces as results."""
 
-    def __init__(self, model: onnx.ModelProto, allow_norm: bool, allow_hidden: bool):
+    def __init__(self, model: onnx.ModelProto, allow_norm: bool, allow_hidden: bool,
+                 dims: Mapping[str, int] | None, input_shapes: Mapping[str, Sequence[int]] | None):
         super().__init__(model, allow_norm, allow_hidden)
         # MACs need every dim: where inputs are dynamic, shapes at one concrete input shape
-        concrete = macs_input_shapes(model)
+        concrete = macs_input_shapes(model, dims, input_shapes)
         self.mac_shapes = infer_shapes(model, concrete) if concrete else self.shapes
 
     def run(self) -> tuple[list[ChannelGroup], list[Declined]]:

@@ -152,7 +152,9 @@ def score_groups(loaded: LoadedModel, config: PruneConfig) -> ScoredGroups:
                           "sparse ones (`onnxprune densify` writes a dense copy)")
     kinds = parse_structures(config.structure)
     groups, declined = find_groups(loaded.proto, allow_norm=config.allow_norm,
-                                   allow_hidden=config.allow_hidden)
+                                   allow_hidden=config.allow_hidden,
+                                   dims=config.synthetic_dims,
+                                   input_shapes=config.synthetic_shapes)
     selected, skipped = select_groups(groups, config, kinds)
     found = _member_tensors(loaded, selected)
     selected, misfits = _fitting(selected, found)

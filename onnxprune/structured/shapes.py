@@ -76,9 +76,12 @@ def infer_shapes(model: onnx.ModelProto,
     return shapes
 
 
-def macs_input_shapes(model: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
+def macs_input_shapes(model: onnx.ModelProto, dims: Mapping[str, int] | None = None,
+                      input_shapes: Mapping[str, Sequence[int]] | None = None
+                      ) -> dict[str, tuple[int, ...]]:
     """The concrete shapes MACs are estimated at, by input name, where some input has a
-    dynamic dim: those synthetic calibration inputs take (`inputs.resolve_shapes`), or,
+    dynamic dim: the sizes given (`--dim`, `--input-shapes`) as they are, the others as
+    synthetic calibration inputs take them (`inputs.resolve_shapes`), or,
     where the model cannot take them (YOLOv8's upsampled maps meet the next scale's only
     at multiples of 32), the same with every non-batch default scaled by the smallest power
     of two up to `MAX_MACS_SCALE` that leaves fewest node outputs of unknown shape. Empty
@@ -90,13 +93,13 @@ def macs_input_shapes(model: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
     try:
         specs = graph_inputs(model)
         defaulted: list[DefaultedDim] = []
-        shapes = resolve_shapes(specs, {}, defaulted=defaulted)
+        shapes = resolve_shapes(specs, dict(dims or {}), input_shapes, defaulted=defaulted)
     except OnnxPruneError as exc:
         log.debug("MACs at the declared shapes only: %s", exc)
         return {}
-    scaled = [d for d in defaulted if not d.batch_like]
-    if not scaled:  # static but for the batch, which MACs take as 1 anyway
-        return {}
+    scaled = [d for d in defaulted if not d.batch_like]  # only the sizes nobody gave
+    if not scaled:  # static but for the batch (MACs take it as 1 anyway), or all given
+        return shapes if dims or input_shapes else {}
     best: tuple[int, dict[str, tuple[int, ...]]] | None = None
     scale = 1
     while scale <= MAX_MACS_SCALE:
