@@ -28,6 +28,7 @@ from onnx import helper
 from .config import PruneConfig
 from .errors import ConfigError, NothingToPruneError, OnnxPruneError
 from .graph import StoredTensor
+from .graph_suffix import SuffixPlan, suffix_model
 from .inputs import Feed
 from .io import LoadedModel, read_array, write_array
 from .plan import TargetPlan
@@ -259,12 +260,21 @@ class OutputSweep:
 
     @staticmethod
     def _outputs(session, feed: Feed) -> list[np.ndarray]:
+        return [np.asarray(v) for v in OutputSweep._run(session, feed).values()]
+
+    @staticmethod
+    def outputs_named(session, feed: Feed, names: Sequence[str]) -> list[np.ndarray]:
+        values = OutputSweep._run(session, feed)
+        return [np.asarray(values[name]) for name in names]
+
+    @staticmethod
+    def _run(session, feed: Feed) -> dict:
         from .errors import CalibrationError
         from .inputs import describe_feed
         from .runtime import first_line, run_session
 
         try:
-            return [np.asarray(v) for v in run_session(session, feed).values()]
+            return run_session(session, feed)
         except Exception as exc:  # onnxruntime raises its own unrelated types
             raise CalibrationError(f"onnxruntime cannot run the model on the sweep's inputs "
                                    f"({describe_feed(feed)}: {first_line(exc)}); give --calib, "
@@ -279,8 +289,11 @@ class OutputSweep:
         main = target.graph is self.loaded.proto.graph and target.source == "initializer"
         return _TensorRuns(self, [Replaced(target.tensor_name, target.stored_tensor, main)])
 
-    def for_tensors(self, tensors: Sequence[Replaced]) -> _TensorRuns:
-        return _TensorRuns(self, tensors)
+    def for_tensors(self, tensors: Sequence[Replaced],
+                    suffix: tuple[SuffixPlan, list[Feed]] | None = None) -> _TensorRuns:
+        """Runs with `tensors` replaced; with `suffix` (a plan and its cut values per feed,
+        `graph_suffix`) only the part of the model after the cut runs."""
+        return _TensorRuns(self, tensors, suffix)
 
     def compare(self, outputs: list[list[np.ndarray]]) -> tuple[float, float, float | None]:
         """(relative L2, cosine, top-1 agreement or None) of `outputs` against the dense ones,
@@ -330,17 +343,24 @@ class _TensorRuns:
     inputs of one session, else they are written into the model and a session is made per
     point (put back after)."""
 
-    def __init__(self, sweep: OutputSweep, tensors: Sequence[Replaced]):
+    def __init__(self, sweep: OutputSweep, tensors: Sequence[Replaced],
+                 suffix: tuple[SuffixPlan, list[Feed]] | None = None):
         self.sweep = sweep
         self.tensors = {stored.name: stored for stored in tensors}
         self.session = None
         self.originals: dict[str, np.ndarray] = {}
+        self.suffix = suffix
+        self.feeds = sweep.feeds if suffix is None else suffix[1]
 
     def __enter__(self):
         proto = self.sweep.loaded.proto
         if proto.ir_version >= 4 and all(t.main for t in self.tensors.values()):
+            if self.suffix is not None:
+                plan, cut = self.suffix
+                proto = suffix_model(proto, plan, cut[0])
             self.session = self.sweep._session(_with_inputs(proto, list(self.tensors.values())))
         else:  # a Constant node or a subgraph's tensor: rewritten per point, put back after
+            self.feeds = self.sweep.feeds  # in the whole model
             self.originals = {name: read_array(t.tensor, self.sweep.loaded.base_dir).copy()
                               for name, t in self.tensors.items()}
         return self.run
@@ -362,7 +382,7 @@ class _TensorRuns:
             for name, original in self.originals.items():
                 write_array(self.tensors[name].tensor, original)
             session, extra = self.sweep._session(data), {}
-        outputs = [self.sweep._outputs(session, {**feed, **extra}) for feed in self.sweep.feeds]
+        outputs = [self.sweep._outputs(session, {**feed, **extra}) for feed in self.feeds]
         return self.sweep.compare(outputs)
 
 

@@ -28,6 +28,7 @@ import numpy as np
 
 from ..config import PruneConfig
 from ..errors import ConfigError
+from ..graph_suffix import CutValues, SuffixPlan, suffix_plan
 from ..inputs import Feed
 from ..io import LoadedModel
 from ..sensitivity_sweep import (
@@ -40,7 +41,7 @@ from ..sensitivity_sweep import (
     check_levels,
     load_curves,
 )
-from .groups import ChannelGroup
+from .groups import ChannelGroup, MemberRole
 from .run import ScoredGroups
 from .selection import allowed_widths, keep_sets, rounded_count, unit
 from .surgery import shrink, zeroed_values
@@ -70,11 +71,17 @@ def group_curves(loaded: LoadedModel, scored: ScoredGroups, config: PruneConfig,
                                           for level in levels}, reverse=True)
                        if k < g.channels] for g in scored.groups}
     points = sum(len(kept) for kept in widths.values())
+    plans = [_suffix_plan(loaded, group) if widths[group.name] else None
+             for group in scored.groups]
+    cut_values = CutValues(loaded.proto, plans, feeds, sweep._session, sweep.outputs_named)
     curves = []
-    for group in scored.groups:
+    for index, group in enumerate(scored.groups):
         curve = TargetCurve(group.name, group.kind.value, [group.channels],
                             round(scored.per_channel[group.name] * group.channels))
-        for kept, errors in _errors(loaded, group, scored, widths[group.name], sweep):
+        plan = plans[index]
+        suffix = None if plan is None else (plan, cut_values.values(index))
+        for kept, errors in _errors(loaded, group, scored, widths[group.name], sweep,
+                                    suffix):
             share = (group.channels - kept) / group.channels
             curve.points.append(SweepPoint(share, share, *errors))
             if progress:
@@ -93,12 +100,30 @@ def group_curves(loaded: LoadedModel, scored: ScoredGroups, config: PruneConfig,
                              round_to=config.round_to)
 
 
+def _suffix_plan(loaded: LoadedModel, group: ChannelGroup) -> SuffixPlan | None:
+    """Where the model can be cut before the group's zeroed tensors are first read (the
+    tensors `surgery.zeroed_values` changes: its INPUT members, else its OUTPUT and
+    PER_CHANNEL ones), when they are main-graph initializers; None for a group under a norm
+    (measured by its real cut)."""
+    if not group.output_preserving:
+        return None
+    roles = ({MemberRole.INPUT} if any(m.role is MemberRole.INPUT for m in group.members)
+             else {MemberRole.OUTPUT, MemberRole.PER_CHANNEL})
+    names = {m.tensor for m in group.members if m.role in roles}
+    initializers = {t.name for t in loaded.proto.graph.initializer}
+    if loaded.proto.ir_version < 4 or not names <= initializers:
+        return None
+    return suffix_plan(loaded.proto, names)
+
+
 def _errors(loaded: LoadedModel, group: ChannelGroup, scored: ScoredGroups,
-            widths: Sequence[int], sweep: OutputSweep):
+            widths: Sequence[int], sweep: OutputSweep,
+            suffix: tuple[SuffixPlan, list] | None):
     """(kept count, (relative L2, cosine, top-1)) of the group cut to each width: zeroed,
-    its changed tensors fed to one session; a group under a normalization over its axis
-    (`--allow-norm`) is shrunk for real, a session per width, as zeroing is not cutting
-    there (the norm still averages over the zeros)."""
+    its changed tensors fed to one session (of the model's part after them, `suffix`, where
+    there is one); a group under a normalization over its axis (`--allow-norm`) is shrunk
+    for real, a session per width, as zeroing is not cutting there (the norm still
+    averages over the zeros)."""
     def keep(kept: int) -> dict[str, np.ndarray]:
         return keep_sets([group], scored.scores, {group.name: kept})
 
@@ -111,7 +136,7 @@ def _errors(loaded: LoadedModel, group: ChannelGroup, scored: ScoredGroups,
         return
     changed = [Replaced.of(stored) for stored, _ in
                zeroed_values(loaded.proto, [group], keep(widths[0]), base_dir=loaded.base_dir)]
-    with sweep.for_tensors(changed) as run:
+    with sweep.for_tensors(changed, suffix) as run:
         for kept in widths:
             values = {stored.name: array for stored, array in
                       zeroed_values(loaded.proto, [group], keep(kept), base_dir=loaded.base_dir)}
