@@ -120,3 +120,18 @@ def test_given_input_sizes_are_the_ones_macs_are_estimated_at(tmp_path, capsys):
         assert structured["macs_at"] == {"x": [1, 3, size, size]}
         removed[size] = structured["macs_removed"]
     assert removed[64] == 4 * removed[32] > 0  # every Conv's MACs grow with H x W
+
+
+def test_inspect_structured_estimates_macs_at_given_sizes(tmp_path, capsys):
+    path = tmp_path / "pyramid.onnx"
+    onnx.save(_pyramid(["H", "W"]), str(path))
+    macs = {}
+    for size in (32, 64):
+        assert main(["inspect", str(path), "--structured", "--json", "--min-size", "0",
+                     "--dim", f"H={size}", "--dim", f"W={size}"]) == 0
+        found = json.loads(capsys.readouterr().out)
+        assert found["macs_at"] == {"x": [1, 3, size, size]}
+        macs[size] = sum(g["macs"] for g in found["groups"])
+    assert macs[64] == 4 * macs[32] > 0
+    assert main(["inspect", str(path), "--dim", "H=64"]) == 0
+    assert "ignored without --structured" in capsys.readouterr().err

@@ -56,6 +56,8 @@ def _import_numba_without_blas_probe() -> None:
 def cmd_inspect(args: argparse.Namespace) -> int:
     if getattr(args, "structured", False):
         return _inspect_structured(args)
+    if args.dim or args.input_shapes:
+        log.warning("--dim/--input-shapes: ignored without --structured")
     _import_numba_without_blas_probe()
     from ..api import inspect
     from ..report import format_skipped, format_targets
@@ -81,16 +83,20 @@ def _inspect_structured(args: argparse.Namespace) -> int:
     import dataclasses
     import enum
 
+    from ..inputs import parse_dim_overrides, parse_input_shapes
     from ..io import load_model
     from ..structured import find_groups
     from ..structured.run import select_groups
     from ..structured.shapes import describe_input_shapes, macs_input_shapes
 
     proto = load_model(args.model, lazy=True).proto
+    dims = parse_dim_overrides(args.dim) or None
+    shapes = parse_input_shapes(args.input_shapes) or None
     groups, declined = find_groups(proto, allow_norm=args.allow_norm,
-                                   allow_hidden=args.allow_hidden)
+                                   allow_hidden=args.allow_hidden, dims=dims,
+                                   input_shapes=shapes)
     groups, unselected = select_groups(groups, _config_from(args))
-    macs_at = macs_input_shapes(proto)
+    macs_at = macs_input_shapes(proto, dims, shapes)
 
     def plain(value):  # enums by their values, for JSON
         if isinstance(value, enum.Enum):

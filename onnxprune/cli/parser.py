@@ -220,6 +220,8 @@ def build_parser(with_parts: bool = True) -> _Parser:
                               "--exclude (on a group's or member's name) and --min-size (its "
                               "params) leave out, as prune --structure does, and every "
                               "declined candidate with its reason")
+    _add_shape_options(inspect.add_argument_group(
+        "input sizes (--structured: where the MACs are estimated)"))
     _add_selection_options(inspect)
     _add_logging_options(inspect)
 
