@@ -245,10 +245,12 @@ class OutputSweep:
         self.feeds = list(feeds)
         folder = loaded.base_dir if loaded.uses_external_data or loaded.lazy else None
         self.options = session_options(data_folder=folder)
-        session = self._session(loaded.proto.SerializeToString())
+        session = self.session_of(loaded.proto.SerializeToString())
         self.reference = [self._outputs(session, feed) for feed in self.feeds]
 
-    def _session(self, data: bytes):
+    def session_of(self, data: bytes):
+        """A session of a serialized model (with the sweep's options); a one-line error if
+        onnxruntime cannot load it."""
         from .errors import ModelLoadError
         from .runtime import create_session, first_line
 
@@ -282,7 +284,7 @@ class OutputSweep:
 
     def error_of(self, model: onnx.ModelProto) -> tuple[float, float, float | None]:
         """(relative L2, cosine, top-1) of another model (same inputs and outputs)."""
-        session = self._session(model.SerializeToString())
+        session = self.session_of(model.SerializeToString())
         return self.compare([self._outputs(session, feed) for feed in self.feeds])
 
     def for_target(self, target: WeightTarget) -> _TensorRuns:
@@ -358,7 +360,7 @@ class _TensorRuns:
             if self.suffix is not None:
                 plan, cut = self.suffix
                 proto = suffix_model(proto, plan, cut[0])
-            self.session = self.sweep._session(_with_inputs(proto, list(self.tensors.values())))
+            self.session = self.sweep.session_of(_with_inputs(proto, list(self.tensors.values())))
         else:  # a Constant node or a subgraph's tensor: rewritten per point, put back after
             self.feeds = self.sweep.feeds  # in the whole model
             self.originals = {name: read_array(t.tensor, self.sweep.loaded.base_dir).copy()
@@ -381,7 +383,7 @@ class _TensorRuns:
             data = self.sweep.loaded.proto.SerializeToString()
             for name, original in self.originals.items():
                 write_array(self.tensors[name].tensor, original)
-            session, extra = self.sweep._session(data), {}
+            session, extra = self.sweep.session_of(data), {}
         outputs = [self.sweep._outputs(session, {**feed, **extra}) for feed in self.feeds]
         return self.sweep.compare(outputs)
 

@@ -73,7 +73,7 @@ def group_curves(loaded: LoadedModel, scored: ScoredGroups, config: PruneConfig,
     points = sum(len(kept) for kept in widths.values())
     plans = [_suffix_plan(loaded, group) if widths[group.name] else None
              for group in scored.groups]
-    cut_values = CutValues(loaded.proto, plans, feeds, sweep._session, sweep.outputs_named)
+    cut_values = CutValues(loaded.proto, plans, feeds, sweep.session_of, sweep.outputs_named)
     curves = []
     for index, group in enumerate(scored.groups):
         curve = TargetCurve(group.name, group.kind.value, [group.channels],
