@@ -41,10 +41,10 @@ from ..sensitivity_sweep import (
     check_levels,
     load_curves,
 )
-from .groups import ChannelGroup, MemberRole
+from .groups import ChannelGroup
 from .run import ScoredGroups
 from .selection import allowed_widths, keep_sets, rounded_count, unit
-from .surgery import shrink, zeroed_values
+from .surgery import shrink, zeroed_roles, zeroed_values
 
 log = logging.getLogger(__name__)
 
@@ -101,14 +101,12 @@ def group_curves(loaded: LoadedModel, scored: ScoredGroups, config: PruneConfig,
 
 
 def _suffix_plan(loaded: LoadedModel, group: ChannelGroup) -> SuffixPlan | None:
-    """Where the model can be cut before the group's zeroed tensors are first read (the
-    tensors `surgery.zeroed_values` changes: its INPUT members, else its OUTPUT and
-    PER_CHANNEL ones), when they are main-graph initializers; None for a group under a norm
+    """Where the model can be cut before the group's zeroed tensors (`surgery.zeroed_roles`)
+    are first read, when they are main-graph initializers; None for a group under a norm
     (measured by its real cut)."""
     if not group.output_preserving:
         return None
-    roles = ({MemberRole.INPUT} if any(m.role is MemberRole.INPUT for m in group.members)
-             else {MemberRole.OUTPUT, MemberRole.PER_CHANNEL})
+    roles = zeroed_roles(group)
     names = {m.tensor for m in group.members if m.role in roles}
     initializers = {t.name for t in loaded.proto.graph.initializer}
     if loaded.proto.ir_version < 4 or not names <= initializers:
@@ -134,13 +132,14 @@ def _errors(loaded: LoadedModel, group: ChannelGroup, scored: ScoredGroups,
             yield kept, sweep.error_of(shrink(loaded.proto, [group], keep(kept),
                                               base_dir=loaded.base_dir))
         return
-    changed = [Replaced.of(stored) for stored, _ in
-               zeroed_values(loaded.proto, [group], keep(widths[0]), base_dir=loaded.base_dir)]
-    with sweep.for_tensors(changed, suffix) as run:
+    def zeroed(kept: int):
+        return zeroed_values(loaded.proto, [group], keep(kept), base_dir=loaded.base_dir)
+
+    first = zeroed(widths[0])  # names the tensors every width changes
+    with sweep.for_tensors([Replaced.of(stored) for stored, _ in first], suffix) as run:
         for kept in widths:
-            values = {stored.name: array for stored, array in
-                      zeroed_values(loaded.proto, [group], keep(kept), base_dir=loaded.base_dir)}
-            yield kept, run(values)
+            pairs = first if kept == widths[0] else zeroed(kept)
+            yield kept, run({stored.name: array for stored, array in pairs})
 
 
 def sensitivity_counts(loaded: LoadedModel, scored: ScoredGroups, config: PruneConfig

@@ -211,12 +211,10 @@ def zeroed_values(model: onnx.ModelProto, groups: Sequence[ChannelGroup],
     """The tensors `zeroed` changes, each with its zeroed values; `model` is only read."""
     index = GraphIndex(model)
     sections = _sections(index, groups, keep)
-    has_input = {group.name for group in groups
-                 if any(m.role is MemberRole.INPUT for m in group.members)}
+    roles = {group.name: zeroed_roles(group) for group in groups}
     changed = []
     for stored, axis, parts in sections:
-        chosen = [part for part in parts
-                  if (part.member.role is MemberRole.INPUT) == (part.group.name in has_input)]
+        chosen = [part for part in parts if part.member.role in roles[part.group.name]]
         if not chosen:
             continue
         array = np.array(_read(stored, base_dir), copy=True)
@@ -225,6 +223,14 @@ def zeroed_values(model: onnx.ModelProto, groups: Sequence[ChannelGroup],
             moved[part.positions(part.removed())] = 0
         changed.append((stored, array))
     return changed
+
+
+def zeroed_roles(group: ChannelGroup) -> frozenset[MemberRole]:
+    """The members `zeroed` zeroes in a group: its INPUT members (the consumers' weights),
+    or, for a group without any, its OUTPUT and PER_CHANNEL members."""
+    if any(m.role is MemberRole.INPUT for m in group.members):
+        return frozenset({MemberRole.INPUT})
+    return frozenset({MemberRole.OUTPUT, MemberRole.PER_CHANNEL})
 
 
 def check_shrunk(model: onnx.ModelProto) -> None:
