@@ -182,14 +182,19 @@ def test_the_prune_reaches_about_the_requested_share(calib):
     assert removed / total == pytest.approx(0.4, abs=0.06)
 
 
-def test_cli_sweeps_groups_then_prunes_from_the_curves(calib, tmp_path, capsys):
-    path, x = calib
+def _swept(tmp_path, calib_path, *options: str):
+    """The two-block model saved in tmp_path and its curves written by the CLI with
+    `options`: (model path, curves path)."""
     model_path = tmp_path / "m.onnx"
     onnx.save(_two_blocks(), model_path)
-    assert main(["sensitivity", str(model_path), "-o", str(tmp_path / "curves"),
-                 "--structure", "channels", "--round-to", "1", "--min-size", "0",
-                 "--calib", str(path), "-q"]) == 0
-    curves = tmp_path / "curves" / "m.sensitivity.json"
+    assert main(["sensitivity", str(model_path), "-o", str(tmp_path / "curves"), *options,
+                 "--min-size", "0", "--calib", str(calib_path), "-q"]) == 0
+    return model_path, tmp_path / "curves" / "m.sensitivity.json"
+
+
+def test_cli_sweeps_groups_then_prunes_from_the_curves(calib, tmp_path, capsys):
+    path, x = calib
+    model_path, curves = _swept(tmp_path, path, "--structure", "channels", "--round-to", "1")
     result = SensitivityResult.load(curves)
     assert result.structure == "channels" and len(result.targets) == 3
     out = tmp_path / "out.onnx"
@@ -209,16 +214,12 @@ def test_cli_sweeps_groups_then_prunes_from_the_curves(calib, tmp_path, capsys):
 
 def test_per_target_curves_are_refused_for_a_structured_prune(calib, tmp_path, capsys):
     path, _ = calib
-    model_path = tmp_path / "m.onnx"
-    onnx.save(_two_blocks(), model_path)
-    assert main(["sensitivity", str(model_path), "-o", str(tmp_path / "curves"),
-                 "--levels", "0.5", "--min-size", "0", "--calib", str(path), "-q"]) == 0
+    model_path, curves = _swept(tmp_path, path, "--levels", "0.5")
     capsys.readouterr()
     out = tmp_path / "out.onnx"
     code = main(["prune", str(model_path), "-o", str(out), "--structure", "channels",
-                 "--allocation", "sensitivity", "--sensitivity",
-                 str(tmp_path / "curves" / "m.sensitivity.json"), "--min-size", "0",
-                 "--calib", str(path), "-q"])
+                 "--allocation", "sensitivity", "--sensitivity", str(curves), "--min-size",
+                 "0", "--calib", str(path), "-q"])
     err = capsys.readouterr().err
     assert code == 2 and not out.exists()
     assert "per target" in err and "--structure" in err and "Traceback" not in err
@@ -236,16 +237,11 @@ def test_sensitivity_structure_refuses_an_nm_pattern(tmp_path, capsys):
 
 def test_group_curves_are_refused_for_an_unstructured_prune(calib, tmp_path, capsys):
     path, _ = calib
-    model_path = tmp_path / "m.onnx"
-    onnx.save(_two_blocks(), model_path)
-    assert main(["sensitivity", str(model_path), "-o", str(tmp_path / "curves"),
-                 "--structure", "channels", "--levels", "0.5", "--min-size", "0",
-                 "--calib", str(path), "-q"]) == 0
+    model_path, curves = _swept(tmp_path, path, "--structure", "channels", "--levels", "0.5")
     capsys.readouterr()
     out = tmp_path / "out.onnx"
     code = main(["prune", str(model_path), "-o", str(out), "--allocation", "sensitivity",
-                 "--sensitivity", str(tmp_path / "curves" / "m.sensitivity.json"),
-                 "--min-size", "0", "-q"])
+                 "--sensitivity", str(curves), "--min-size", "0", "-q"])
     err = capsys.readouterr().err
     assert code == 2 and not out.exists()
     assert "channel groups" in err and "per-target" in err and "Traceback" not in err
