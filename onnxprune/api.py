@@ -322,9 +322,8 @@ def inspect(model: ModelLike, *, config: PruneConfig | None = None,
             base_dir: str | os.PathLike | None = None) -> Report:
     """Report the targets (with their current sparsity) and skipped tensors; changes nothing."""
     from . import formats, kernels
-    from .io import read_array
     from .pipeline import selection_of, skip_report, target_report
-    from .targets import discover_targets
+    from .targets import discover_targets, read_weights
 
     config = config or PruneConfig()
     input_path = None if isinstance(model, onnx.ModelProto) else Path(model)
@@ -338,7 +337,7 @@ def inspect(model: ModelLike, *, config: PruneConfig | None = None,
     targets, skipped = discover_targets(loaded.proto, selection_of(config))
     reports = []
     for target in targets:
-        weights = read_array(target.stored_tensor, loaded.base_dir)
+        weights = read_weights(target, loaded.base_dir)
         info = stored.get(target.name) or stored.get(target.tensor_name)
         report = target_report(target, weights, kernels.count_zeros(weights),
                                info.format if info else "dense", str(config.pattern))

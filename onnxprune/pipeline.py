@@ -27,7 +27,7 @@ from .allocation import AllocationContext
 from .config import PruneConfig
 from .errors import ConfigError, NothingToPruneError
 from .inputs import Feed
-from .io import LoadedModel, iter_chunks, read_array, write_array
+from .io import LoadedModel, write_array
 from .mask_files import MaskSet
 from .methods import Job, Method, Needs
 from .patterns import (
@@ -52,6 +52,9 @@ from .targets import (
     SkippedTensor,
     WeightTarget,
     discover_targets,
+    iter_weight_chunks,
+    read_weights,
+    stored_values,
 )
 
 if TYPE_CHECKING:
@@ -90,6 +93,7 @@ class Sink:
         self.write_payload = write_dense if streaming else None
 
     def put(self, target: WeightTarget, weights: np.ndarray, plan: TargetPlan):
+        """Store a target's new values, given in its stored form (`stored_values`)."""
         return self.format.store(target, weights, plan.pattern, self.loaded.proto,
                                  self.write_dense, self.write_payload)
 
@@ -121,6 +125,11 @@ def run(loaded: LoadedModel, config: PruneConfig, *, sink: Sink | None = None,
     dropped = _dropped_by_selection(skipped)
     if not targets:
         causes = "; ".join(f"{count} {words}" for (_, words), count in dropped.items())
+        # a quantized model's weights in a form onnxprune cannot prune: name the op
+        unsupported = [s for s in skipped if s.cause is SkipCause.QUANTIZED_FORM]
+        if unsupported:
+            causes = "; ".join(filter(None, [causes, f"{len(unsupported)} quantized form not "
+                                                     f"supported, e.g. {unsupported[0].reason}"]))
         raise NothingToPruneError(
             f"nothing to prune: no tensor qualified as a target ({len(skipped)} skipped"
             + (f": {causes}" if causes else "") + "; run `onnxprune inspect` to see why)")
@@ -163,7 +172,7 @@ def make_plan(loaded: LoadedModel, targets: list[WeightTarget], config: PruneCon
     method = METHODS.build(config.method, config.options)
 
     def score_chunks(target: WeightTarget):
-        pieces = iter_chunks(target.stored_tensor, loaded.base_dir, patterns.CHUNK_ELEMENTS)
+        pieces = iter_weight_chunks(target, loaded.base_dir, patterns.CHUNK_ELEMENTS)
         return method.score_chunks(target, pieces, config.seed)
 
     plan = ALLOCATIONS.build(config.allocation_name, config.options).plan(
@@ -308,7 +317,7 @@ class _Loop:
         plan = self.plan[target.name]
         if method.name != plan.method:
             plan = replace(plan, method=method.name)
-        weights = read_array(target.stored_tensor, self.loaded.base_dir, writable=True)
+        weights = read_weights(target, self.loaded.base_dir, writable=True)
         zeros_before = kernels.count_zeros(weights)
         keep = self.masks.get(target.name)
         fixed_keep = keep if self.fixed_masks else None  # the mask to apply exactly, if any
@@ -318,8 +327,9 @@ class _Loop:
             original = view.to_obs(weights)
             if np.shares_memory(original, weights):  # weights are masked in place below
                 original = original.copy()
+        grid = target.quant.grid(self.loaded.base_dir) if target.quant is not None else None
         job = Job(target, weights, plan, self.config.seed, view, stats, keep, fixed,
-                  {} if shared is None else shared, self.config)
+                  {} if shared is None else shared, self.config, grid)
         calibrated = view is not None and stats is not None
         planned = (int(np.count_nonzero(~fixed_keep)) if fixed_keep is not None
                    else _planned_count(target, plan, method, view))
@@ -345,6 +355,9 @@ class _Loop:
                 zeros = kernels.count_zeros(weights)
             else:
                 zeros = kernels.apply_mask(weights, new_keep)
+        if grid is not None:  # rebuilt values onto the integer grid (kept ones stay as they are)
+            weights = grid.round(weights)
+            zeros = kernels.count_zeros(weights)
         error = None
         if original is not None and stats.hessian is not None:
             error = _relative_error(original, view.to_obs(weights), stats.hessian)
@@ -367,13 +380,14 @@ class _Loop:
         if self.want_masks:
             self.masks_out.add_packed(target.name, np.packbits(weights.reshape(-1) != 0),
                                       target.shape)
+        values = stored_values(target, weights, self.loaded.base_dir)
         if self.pruned is not None and target.graph is self.loaded.proto.graph:
-            self.pruned[target.tensor_name] = weights
-        stored = self.sink.put(target, weights, plan)
+            self.pruned[target.tensor_name] = values
+        stored = self.sink.put(target, values, plan)
         if stored is not None:
             report.format, report.bytes, report.format_reason = (stored.format, stored.bytes,
                                                                  stored.reason)
-        del weights  # before the next target is read: one target in memory at a time
+        del weights, values  # before the next target is read: one target in memory at a time
         report.seconds = round(time.perf_counter() - started, 4)
         self.reports[target.name] = report
         log.info("%s %s: %d of %d zero (%s), error %s, %.2f s", method.name, target.name, zeros,

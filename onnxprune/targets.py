@@ -26,7 +26,14 @@ from .graph import (
     axis_through_transposes,
     is_onnx_domain,
 )
-from .io import FLOAT_TYPES, tensor_nbytes
+from .io import FLOAT_TYPES, iter_chunks, read_array, tensor_nbytes
+from .quantized import (
+    QuantizedWeight,
+    StaticValues,
+    Unsupported,
+    quantized_weight,
+    weight_slot_of,
+)
 
 NORMALIZATION_OPS = {
     "BatchNormalization", "LayerNormalization", "InstanceNormalization", "GroupNormalization",
@@ -34,6 +41,7 @@ NORMALIZATION_OPS = {
     "SkipSimplifiedLayerNormalization", "LpNormalization",
 }
 RECURRENT_OPS = {"LSTM", "GRU", "RNN"}
+CONV_OPS = {"Conv", "ConvTranspose", "QLinearConv", "ConvInteger"}
 ELEMENTWISE_BIAS_OPS = {"Add", "Sub"}
 
 
@@ -64,6 +72,8 @@ class WeightTarget:
     graph: onnx.GraphProto | None = field(repr=False, compare=False, default=None)
     tensor_name: str = ""
     scope_label: str = ""  # the subgraph that stores it, as `source` names it; "" if main
+    # integer weights: how the stored integers map to the values pruned (`read_weights`)
+    quant: QuantizedWeight | None = field(repr=False, compare=False, default=None)
 
     @property
     def stored_tensor(self) -> TensorProto:
@@ -136,6 +146,8 @@ class SkipCause(enum.Enum):
     # detail: length, per_group, group, pattern
     AXIS_NOT_MULTIPLE = "axis_not_multiple"
     OVERRIDE_SKIP = "override_skip"  # skip = true in a recipe override; detail: override
+    # an integer weight of a quantization op that onnxprune cannot prune; detail: op, why
+    QUANTIZED_FORM = "quantized_form"
 
 
 # causes that the options, not the model, decide: a weight that would otherwise be a target
@@ -164,6 +176,7 @@ _REASONS = {
     SkipCause.EXCLUDED: "excluded by --exclude",
     SkipCause.BELOW_MIN_SIZE: "below --min-size ({numel} < {min_size} elements)",
     SkipCause.OVERRIDE_SKIP: "skipped by {override}",
+    SkipCause.QUANTIZED_FORM: "quantized weight of {op} not supported: {why}",
 }
 # shorter words where the reason adds particulars in parentheses (counts per kind)
 _SUMMARIES = {
@@ -171,6 +184,7 @@ _SUMMARIES = {
     SkipCause.EMBEDDING: "embedding",
     SkipCause.AXIS_DISAGREES: "consumers disagree on the reduction axis",
     SkipCause.BELOW_MIN_SIZE: "below --min-size",
+    SkipCause.QUANTIZED_FORM: "quantized form not supported",
 }
 
 
@@ -230,6 +244,9 @@ class Selection:
 # ("skip", (SkipCause, detail)).
 def _classify(node: onnx.NodeProto, slot: int, rank: int):
     op = node.op_type
+    quantized = _classify_quantized(node, slot, rank)
+    if quantized is not None:
+        return quantized
     if not is_onnx_domain(node):
         return "skip", (SkipCause.UNKNOWN_OP, {"op": f"{node.domain}.{op}"})
     if op == "MatMul":
@@ -267,6 +284,24 @@ def _classify(node: onnx.NodeProto, slot: int, rank: int):
     return "skip", (SkipCause.NOT_WEIGHT_INPUT, {"op": op})
 
 
+def _classify_quantized(node: onnx.NodeProto, slot: int, rank: int):
+    """The reduction axis of an integer weight at a quantization op's weight slot."""
+    if not weight_slot_of(node, slot) or node.op_type == "DequantizeLinear":
+        return None
+    op = node.op_type
+    if op in ("QLinearConv", "ConvInteger"):
+        if rank < 3:
+            return "skip", (SkipCause.LOW_RANK_WEIGHT, {"op": op, "rank": rank})
+        return "weight", 1
+    if op in ("QLinearMatMul", "MatMulInteger"):
+        if rank < 2:
+            return "skip", (SkipCause.MATMUL_1D, {})
+        return "weight", rank - 2
+    if op == "QGemm":
+        return "weight", 1 if attribute(node, "transB", 0) else 0
+    return "weight", 1  # MatMulNBits [N, K]; DynamicQuantizeLSTM [dirs, inputs, 4*hidden]
+
+
 # which cause a weight with several skipping consumers is reported with (else the first's)
 _SKIP_PRIORITY = (SkipCause.NORMALIZATION, SkipCause.BIAS)
 
@@ -281,6 +316,7 @@ def discover_targets(model: onnx.ModelProto, selection: Selection | None = None
     targets: list[WeightTarget] = []
     skipped: list[SkippedTensor] = []
     names = _unique_names(index.stored)
+    static = StaticValues(index.stored)
 
     for item, name in zip(index.stored, names, strict=True):
         tensor = item.tensor
@@ -288,13 +324,24 @@ def discover_targets(model: onnx.ModelProto, selection: Selection | None = None
         dtype = FLOAT_TYPES.get(tensor.data_type)
         dtype_name = str(dtype) if dtype is not None else _type_name(tensor.data_type)
         source = _source(item)
+        quant = None
+        if dtype is None and _is_integer(tensor.data_type):
+            try:
+                quant = quantized_weight(item, static)
+            except Unsupported as exc:
+                skipped.append(SkippedTensor(name, SkipCause.QUANTIZED_FORM, shape,
+                                             dtype_name, source,
+                                             {"op": exc.op, "why": exc.why}))
+                continue
+            if quant is not None:
+                shape, dtype_name = quant.shape, quant.dtype_name
 
         def skip(cause: SkipCause, detail: Mapping[str, object] | None = None, name=name,
                  shape=shape, dtype_name=dtype_name, source=source) -> None:
             skipped.append(SkippedTensor(name, cause, shape, dtype_name, source,
                                          dict(detail or {})))
 
-        if dtype is None:
+        if dtype is None and quant is None:
             if _is_integer(tensor.data_type):
                 skip(SkipCause.INTEGER)
             else:
@@ -335,7 +382,7 @@ def discover_targets(model: onnx.ModelProto, selection: Selection | None = None
             continue
         axis = axes.pop()
         first = verdicts[0][2].node
-        is_conv = first.op_type in ("Conv", "ConvTranspose")
+        is_conv = first.op_type in CONV_OPS
         group = int(attribute(first, "group", 1)) if is_conv else 1
         if selection.pattern.is_nm:
             m = selection.pattern.m
@@ -351,8 +398,40 @@ def discover_targets(model: onnx.ModelProto, selection: Selection | None = None
                           for _, _, use in verdicts)
         targets.append(WeightTarget(name, first.op_type, shape, dtype_name, axis, source,
                                     consumers, group, tensor, item.scope.graph, item.name,
-                                    "" if item.scope.is_main else item.scope.label))
+                                    "" if item.scope.is_main else item.scope.label, quant))
     return targets, skipped
+
+
+def read_weights(target: WeightTarget, base_dir, writable: bool = False) -> np.ndarray:
+    """The target's values in its shape: the stored tensor, or for a quantized weight its
+    dequantized values (float32, always a new array)."""
+    if target.quant is None:
+        return read_array(target.stored_tensor, base_dir, writable=writable)
+    quant = target.quant
+    return quant.grid(base_dir).dequantize(
+        quant.to_ints(read_array(target.stored_tensor, base_dir)))
+
+
+def iter_weight_chunks(target: WeightTarget, base_dir, max_elements: int):
+    """`read_weights`'s values flat, in read-only pieces of at most `max_elements`."""
+    if target.quant is None:
+        yield from iter_chunks(target.stored_tensor, base_dir, max_elements)
+        return
+    flat = read_weights(target, base_dir).reshape(-1)
+    flat.flags.writeable = False
+    for start in range(0, flat.size, max(1, int(max_elements))):
+        yield flat[start:start + max_elements]
+
+
+def stored_values(target: WeightTarget, weights: np.ndarray, base_dir) -> np.ndarray:
+    """What to write into the target's stored tensor for these values: themselves, or for a
+    quantized weight the grid's integers (a zero value is exactly the zero point) in the
+    stored form."""
+    if target.quant is None:
+        return weights
+    quant = target.quant
+    ints = quant.grid(base_dir).quantize(weights)
+    return quant.to_stored(ints, read_array(target.stored_tensor, base_dir))
 
 
 def _skip_cause(verdicts: Sequence, named: bool

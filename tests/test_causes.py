@@ -90,6 +90,13 @@ def _disagreeing() -> onnx.ModelProto:
                     {"W": normal((8, 8))})
 
 
+def _quantized_with_runtime_scale() -> onnx.ModelProto:
+    nodes = [helper.make_node("DequantizeLinear", ["Wq", "s"], ["W"]),
+             helper.make_node("MatMul", ["x", "W"], ["y"])]
+    return model_of(nodes, [("x", F, [2, 8]), ("s", F, [])], [("y", F, [2, 16])],
+                    {"Wq": np.ones((8, 16), np.int8)})
+
+
 CASES = [  # (id, model, selection, tensor, cause, detail, reason as reports show it)
     ("integer", lambda: matmul(normal((8, 16)), extra_nodes=[
         helper.make_node("Reshape", ["y", "shape"], ["r"])], outputs=[("r", F, [2, 4, 4])],
@@ -159,6 +166,11 @@ CASES = [  # (id, model, selection, tensor, cause, detail, reason as reports sho
      Selection(min_size=1, pattern=Pattern(4, 8)), "W", SkipCause.AXIS_NOT_MULTIPLE,
      {"length": 12, "per_group": 12, "group": 1, "pattern": Pattern(4, 8)},
      "reduction axis length 12 is not a multiple of 8 (pattern 4:8)"),
+    ("quantized_form", _quantized_with_runtime_scale,
+     ALL, "Wq", SkipCause.QUANTIZED_FORM,
+     {"op": "DequantizeLinear", "why": "its scale is computed at run time, not stored"},
+     "quantized weight of DequantizeLinear not supported: its scale is computed at run time, "
+     "not stored"),
 ]
 
 

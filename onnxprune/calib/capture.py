@@ -113,7 +113,10 @@ class ActivationCapture:
             for out in node.output:
                 if out:
                     value_stage[out] = stage
-        view_level = {id(view): max(node_level[i] for i in view.consumers)
+        # a consumer may read its input through ops that are not needed (the
+        # DynamicQuantizeLinear of a MatMulInteger): its captured input sets the level too
+        view_level = {id(view): max([node_level[i] for i in view.consumers]
+                                    + [value_stage.get(name, 0) for name, _ in view.inputs])
                       for view in self.views}
         count = max(view_level.values(), default=0) + 1
         # where each needed value is read last, so stored values can be dropped

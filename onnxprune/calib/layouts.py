@@ -16,12 +16,14 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
+from onnx import numpy_helper
 
 from ..errors import CalibrationError
-from ..graph import GraphIndex, attribute, is_onnx_domain
+from ..graph import GraphIndex, attribute, constant_tensor, is_onnx_domain
+from ..io import uses_external_data
 from ..targets import WeightTarget
 
 # Tokens per chunk when summing XᵀX: float32 products over at most this many rows, then
@@ -36,12 +38,14 @@ class MatrixInput:
 
     features: int
     transposed: bool = False
+    # a quantized activation (QLinearMatMul, MatMulInteger): its (scale, zero point)
+    dequantize: tuple[float, float] | None = None
 
     groups = 1
 
     def rows(self, activation: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
         """(group, X chunk [tokens, features] float32) pairs covering the activation."""
-        array = np.asarray(activation)
+        array = _dequantized(np.asarray(activation), self.dequantize)
         if self.transposed and array.ndim >= 2:
             array = np.swapaxes(array, -1, -2)
         if array.shape[-1:] != (self.features,):
@@ -64,6 +68,7 @@ class ConvInput:
     dilations: tuple[int, ...]
     pads: tuple[int, ...]  # begin pads, then end pads (ONNX order)
     auto_pad: str = "NOTSET"
+    dequantize: tuple[float, float] | None = None  # as MatrixInput's (QLinearConv, ConvInteger)
 
     @property
     def features(self) -> int:
@@ -92,7 +97,7 @@ class ConvInput:
 
     def rows(self, activation: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
         """(group, im2col chunk [positions, features] float32), per batch item and group."""
-        x = np.asarray(activation)
+        x = _dequantized(np.asarray(activation), self.dequantize)
         rank = len(self.kernel)
         if x.ndim != rank + 2 or x.shape[1] != self.channels * self.groups:
             raise CalibrationError(f"Conv input of shape {list(x.shape)} does not have "
@@ -129,6 +134,13 @@ class ConvInput:
 Layout = MatrixInput | ConvInput
 
 
+def _dequantized(array: np.ndarray, grid: tuple[float, float] | None) -> np.ndarray:
+    if grid is None:
+        return array
+    scale, zero = grid
+    return (array.astype(np.float32) - np.float32(zero)) * np.float32(scale)
+
+
 def layer_inputs(layout: Layout, activation: np.ndarray) -> list[np.ndarray]:
     """The whole X [tokens, features] of each group for one activation (for tests/tools)."""
     parts: list[list[np.ndarray]] = [[] for _ in range(layout.groups)]
@@ -156,7 +168,7 @@ class TargetView:
     def to_obs(self, weights: np.ndarray) -> np.ndarray:
         """The weights as float32 [groups, rows, features] (a new array)."""
         weights = np.asarray(weights)
-        if self.target.op_type == "Conv":
+        if self.target.op_type in CONV_LIKE:
             out_channels, channels = weights.shape[:2]
             grouped = weights.reshape(self.groups, out_channels // self.groups, channels,
                                       -1)
@@ -167,7 +179,7 @@ class TargetView:
 
     def from_obs(self, matrices: np.ndarray) -> np.ndarray:
         """Inverse of `to_obs`: the stored layout (dtype kept), C-contiguous."""
-        if self.target.op_type == "Conv":
+        if self.target.op_type in CONV_LIKE:
             shape = self.target.shape
             out_channels, channels = shape[:2]
             positions = math.prod(shape[2:])
@@ -206,7 +218,16 @@ def target_view(target: WeightTarget, index: GraphIndex) -> TargetView | str:
             else:
                 transposed = not attribute(node, "transB", 0)
             layout = MatrixInput(target.reduction_length, transposed=transposed)
-        elif node.op_type == "Conv" and is_onnx_domain(node) and slot == 1:
+        elif (node.op_type, slot) in QUANTIZED_MATRIX_SLOTS and is_onnx_domain(node):
+            if len(target.shape) != 2:
+                return f"{node.op_type} weight with batch dimensions"
+            quantized = _quantized_activation(node, flow)
+            if isinstance(quantized, str):
+                return quantized
+            activation, grid = quantized
+            layout = MatrixInput(target.reduction_length, dequantize=grid)
+        elif node.op_type in CONV_LIKE and is_onnx_domain(node) and \
+                slot == CONV_LIKE[node.op_type]:
             if use.perms:
                 return "Conv weight reached through a Transpose"
             groups = int(attribute(node, "group", 1))
@@ -219,6 +240,12 @@ def target_view(target: WeightTarget, index: GraphIndex) -> TargetView | str:
                 pads=tuple(attribute(node, "pads", [0] * (2 * rank))),
                 auto_pad=_text(attribute(node, "auto_pad", "NOTSET")))
             activation = node.input[0]
+            if node.op_type != "Conv":
+                quantized = _quantized_activation(node, flow)
+                if isinstance(quantized, str):
+                    return quantized
+                activation, grid = quantized
+                layout = replace(layout, dequantize=grid)
             if target.shape[0] % groups:
                 return f"Conv with {target.shape[0]} outputs and group={groups}"
         else:
@@ -232,9 +259,47 @@ def target_view(target: WeightTarget, index: GraphIndex) -> TargetView | str:
         nodes.append(node)
         consumers.append(flow.index_of(use))
     ops = {n.op_type for n in nodes}
-    if "Conv" in ops and len(ops) > 1:
+    if ops & set(CONV_LIKE) and len(ops) > 1:
         return "weight used both by Conv and by other ops"
     return TargetView(target, tuple(inputs), tuple(consumers), groups, features or 0)
+
+
+# weight slot of ops whose weights view as Conv's [O, I/g, k...]
+CONV_LIKE = {"Conv": 1, "QLinearConv": 3, "ConvInteger": 1}
+# (op, weight slot) of quantized matrix products whose activation is input 0
+QUANTIZED_MATRIX_SLOTS = {("QLinearMatMul", 3), ("MatMulInteger", 1)}
+
+
+def _quantized_activation(node, flow) -> tuple[str, tuple[float, float] | None] | str:
+    """The activation to capture for a quantized consumer and how to dequantize it: a
+    DynamicQuantizeLinear's float input as it is, else the integer input with the op's
+    stored scale (QLinear ops; the integer ops have none, and a uniform scale changes no
+    method's choice) and zero point; or why it cannot be captured."""
+    name = node.input[0]
+    producer = flow.producer.get(name)
+    if producer is not None and flow.nodes[producer].op_type == "DynamicQuantizeLinear":
+        return flow.nodes[producer].input[0], None
+    if node.op_type in ("QLinearMatMul", "QLinearConv"):
+        scale_name, zero_name = node.input[1], node.input[2]
+    else:
+        scale_name, zero_name = "", node.input[2] if len(node.input) > 2 else ""
+    scale = _stored_scalar(flow, scale_name, 1.0)
+    zero = _stored_scalar(flow, zero_name, 0.0)
+    if scale is None or zero is None:
+        return f"{node.op_type} activation scale or zero point is not a stored scalar"
+    return name, (scale, zero)
+
+
+def _stored_scalar(flow, name: str, default: float) -> float | None:
+    """A one-element initializer or Constant value, inline; None where it is not one."""
+    if not name:
+        return default
+    tensor = flow.initializers.get(name)
+    if tensor is None and name in flow.producer:
+        tensor = constant_tensor(flow.nodes[flow.producer[name]])
+    if tensor is None or math.prod(tensor.dims) != 1 or uses_external_data(tensor):
+        return None
+    return float(numpy_helper.to_array(tensor).reshape(-1)[0])
 
 
 def _text(value) -> str:

@@ -31,6 +31,11 @@ FLOAT_DATA_TYPES: dict[int, np.dtype] = {
     TensorProto.BFLOAT16: np.dtype(ml_dtypes.bfloat16),
     TensorProto.DOUBLE: np.dtype(np.float64),
 }
+# the stored types of quantized weights that storage writes as they are (whole bytes)
+INTEGER_DATA_TYPES: dict[int, np.dtype] = {
+    TensorProto.INT8: np.dtype(np.int8), TensorProto.UINT8: np.dtype(np.uint8),
+    TensorProto.INT16: np.dtype(np.int16), TensorProto.UINT16: np.dtype(np.uint16),
+}
 _DATA_TYPE_OF = {dtype: code for code, dtype in FLOAT_DATA_TYPES.items()}
 
 

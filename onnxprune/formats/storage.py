@@ -58,6 +58,7 @@ from .compact import (
 from .graphs import (
     COMPACT_MARK,
     FLOAT_DATA_TYPES,
+    INTEGER_DATA_TYPES,
     REBUILD_PREFIX,
     add_metadata_format,
     bits_of,
@@ -90,6 +91,7 @@ class DenseCause(enum.Enum):
     SPARSE_CONSTANT_NEEDS_OPSET = "sparse_constant_needs_opset"  # detail: opset, needed
     # detail: format (sparse/compact), bytes, dense_bytes, sparsity; encoding (compact form)
     NOT_SMALLER = "not_smaller"
+    PACKED = "packed"  # 4-bit integers packed two to a byte (int4, MatMulNBits)
 
 
 _DENSE_REASONS = {
@@ -104,6 +106,7 @@ _DENSE_REASONS = {
                                         "model has {ir_version}",
     DenseCause.SPARSE_CONSTANT_NEEDS_OPSET: "Constant sparse_value needs ai.onnx opset >= "
                                             "{needed}; the model has {opset}",
+    DenseCause.PACKED: "packed 4-bit integers are stored dense",
 }
 _NOT_SMALLER = {
     "sparse": "sparse ({bytes:,} bytes with int64 indices) is not smaller than dense "
@@ -176,7 +179,15 @@ def store(target: WeightTarget, weights: np.ndarray, fmt: str, pattern: Pattern 
         raise ValueError(f"format must be one of {', '.join(STORED_FORMATS)}; got {fmt!r}")
     weights = np.ascontiguousarray(weights)
     tensor = target.stored_tensor
-    dtype = FLOAT_DATA_TYPES.get(tensor.data_type)
+    if target.quant is not None and target.quant.packed:  # raw bytes of packed integers
+        if fmt != "dense":
+            log.info("%s: stays dense: %s", target.name, Blocker(DenseCause.PACKED).reason)
+            write_dense(tensor, weights)
+            return StoreResult("dense", weights.nbytes, Blocker(DenseCause.PACKED))
+        write_dense(tensor, weights)
+        return StoreResult("dense", weights.nbytes)
+    dtype = FLOAT_DATA_TYPES.get(tensor.data_type) or (
+        INTEGER_DATA_TYPES.get(tensor.data_type) if target.quant is not None else None)
     if dtype is None or weights.dtype != dtype or weights.shape != tuple(tensor.dims):
         raise ValueError(f"{target.name}: weights {weights.dtype}{weights.shape} do not match "
                          f"the stored tensor {dtype}{tuple(tensor.dims)}")

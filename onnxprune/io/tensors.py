@@ -429,7 +429,15 @@ def write_array(tensor: TensorProto, array: np.ndarray) -> None:
 
 
 def check_values(tensor: TensorProto, array: np.ndarray) -> None:
-    # floats (weights) and the byte-sized integers of compact forms
+    # floats (weights), the byte-sized integers of compact forms and quantized weights, and
+    # packed 4-bit weights given as their raw bytes
+    bits = _PACKED_BITS.get(tensor.data_type)
+    if bits is not None:
+        size = expected_nbytes(tensor.data_type, tensor_numel(tensor))
+        if array.dtype != np.uint8 or array.ndim != 1 or array.size != size:
+            raise ValueError(f"{tensor.name}: writing {array.dtype}{array.shape} over "
+                             f"{size} packed bytes")
+        return
     dtype = FLOAT_TYPES.get(tensor.data_type) or _WRITABLE_INTEGERS.get(tensor.data_type)
     if dtype is None:
         raise ValueError(f"{tensor.name}: only float and whole-byte integer tensors are "

@@ -23,6 +23,7 @@ def obs_sweep_block(
     errors: np.ndarray,
     keep_n: int = 0,
     group_m: int = 0,
+    grid: tuple[np.ndarray, np.ndarray, int, int] | None = None,
 ) -> None:
     """Prune one block of columns in place, spreading each pruned weight's error rightwards.
 
@@ -38,6 +39,11 @@ def obs_sweep_block(
     weights as updated so far) are marked in ``prune``; ties prune the lower column. NaN
     saliencies count as the smallest. Weights already marked in ``prune`` stay marked and
     go first (a mask from an earlier step is never undone).
+
+    ``grid`` = (scale, zero point, qmin, qmax), the first two float32 [rows, width]: every
+    kept weight is also rounded to its nearest grid value (z + round(w / s) clipped to
+    [qmin, qmax], times s after subtracting z) and the rounding error is spread like a
+    pruned weight's (SparseGPT's joint sparsification and quantization).
     """
     for name, array, dtype in (
         ("block", block, np.float32),
@@ -59,11 +65,22 @@ def obs_sweep_block(
     if group_m:
         if not 0 < keep_n < group_m <= MAX_M or width % group_m:
             raise ValueError(f"bad N:M {keep_n}:{group_m} for a block of width {width}")
-    _obs_sweep_kernel(block, hinv, prune, errors, int(keep_n), int(group_m))
+    if grid is None:
+        scale = zero = np.empty((0, 0), np.float32)
+        qmin = qmax = 0
+    else:
+        scale, zero, qmin, qmax = grid
+        for name, array in (("scale", scale), ("zero", zero)):
+            if array.shape != block.shape or array.dtype != np.float32 or \
+                    not array.flags.c_contiguous:
+                raise TypeError(f"grid {name} must be C-contiguous float32 {block.shape}")
+    _obs_sweep_kernel(block, hinv, prune, errors, int(keep_n), int(group_m), scale, zero,
+                      float(qmin), float(qmax), grid is not None)
 
 
 @njit(cache=NUMBA_CACHE, fastmath=NUMBA_FASTMATH, parallel=True)
-def _obs_sweep_kernel(block, hinv, prune, errors, keep_n, group_m):
+def _obs_sweep_kernel(block, hinv, prune, errors, keep_n, group_m, scale, zero, qmin, qmax,
+                      quantize):
     rows, width = block.shape
     n_prune = group_m - keep_n
     for r in prange(rows):
@@ -85,6 +102,18 @@ def _obs_sweep_kernel(block, hinv, prune, errors, keep_n, group_m):
             if prune[r, i]:
                 error = block[r, i] / hinv[i, i]
                 block[r, i] = 0.0
+                if np.isfinite(error):
+                    errors[r, i] = error
+                    for j in range(i + 1, width):
+                        block[r, j] -= error * hinv[i, j]
+                else:
+                    errors[r, i] = 0.0
+            elif quantize and scale[r, i] > 0:
+                w = block[r, i]
+                q = min(max(np.rint(w / scale[r, i]) + zero[r, i], qmin), qmax)
+                rounded = (q - zero[r, i]) * scale[r, i]
+                error = (w - rounded) / hinv[i, i]
+                block[r, i] = rounded
                 if np.isfinite(error):
                     errors[r, i] = error
                     for j in range(i + 1, width):

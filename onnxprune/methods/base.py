@@ -17,6 +17,7 @@ from ..targets import WeightTarget
 if TYPE_CHECKING:
     from ..calib import ActivationStats, TargetView
     from ..config import PruneConfig
+    from ..quantized import Grid
 
 
 class Needs(enum.IntEnum):
@@ -37,6 +38,7 @@ class Job:
     (False = pruned before, never to be revived); with `fixed` it is the exact mask to apply.
     `shared` is a scratch dict shared by targets that read the same layer input. `config`
     holds the run's settings; a part's own options are on the part (`self.options`).
+    For a quantized weight, `weights` are its dequantized values and `grid` its grid.
     """
 
     target: WeightTarget
@@ -49,6 +51,9 @@ class Job:
     fixed: bool = False
     shared: dict[Any, Any] = field(default_factory=dict)
     config: PruneConfig | None = None
+    # a quantized target's grid (stored layout): methods that rebuild weights may round
+    # onto it as they go; the pipeline rounds whatever they return
+    grid: Grid | None = None
 
     @property
     def calibration(self) -> tuple[TargetView, ActivationStats]:

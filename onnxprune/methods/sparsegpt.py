@@ -47,7 +47,8 @@ def sparsegpt_prune(weights: np.ndarray, hessian: np.ndarray, *, sparsity: float
                     keep_n: int = 0, group_m: int = 0, block_size: int = DEFAULT_BLOCK_SIZE,
                     damp: float = DEFAULT_DAMP, already_counted: int = 0,
                     upper: np.ndarray | None = None, pruned: np.ndarray | None = None,
-                    fixed: bool = False) -> np.ndarray:
+                    fixed: bool = False,
+                    grid: tuple[np.ndarray, np.ndarray, int, int] | None = None) -> np.ndarray:
     """The pruned and updated weights (float32 [rows, cols], F-order, pruned positions 0).
 
     ``weights`` is [rows, cols] (any float dtype, not modified), ``hessian`` the [cols, cols]
@@ -62,6 +63,10 @@ def sparsegpt_prune(weights: np.ndarray, hessian: np.ndarray, *, sparsity: float
     ``pruned`` [rows, cols] marks weights an earlier step removed: they are pruned first and
     never kept (the budget may then be exceeded). With ``fixed`` it is the exact mask: those
     weights and no others are pruned, and only the reconstruction runs.
+
+    ``grid`` = (scale, zero point, qmin, qmax) of a quantized weight, scale and zero point
+    float32 [rows, cols]: kept weights are rounded onto it as the sweep reaches them, their
+    rounding error spread over the later columns (joint sparsification and quantization).
 
     The work happens in Fortran order: a block of columns is contiguous, and so are the
     columns after it, which the lazy update rewrites in place with one GEMM.
@@ -84,12 +89,12 @@ def sparsegpt_prune(weights: np.ndarray, hessian: np.ndarray, *, sparsity: float
 
     with numba_single_thread():  # the sgemm updates have BLAS's threads
         _sweep_blocks(weights, upper, pruned, fixed, sparsity, keep_n, group_m, block_size,
-                      already_counted)
+                      already_counted, grid)
     return weights
 
 
 def _sweep_blocks(weights, upper, pruned, fixed, sparsity, keep_n, group_m, block_size,
-                  already_counted):
+                  already_counted, grid=None):
     """The blocked OBS sweep of `sparsegpt_prune`, in place on `weights`."""
     rows, cols = weights.shape
     for start in range(0, cols, block_size):
@@ -110,8 +115,11 @@ def _sweep_blocks(weights, upper, pruned, fixed, sparsity, keep_n, group_m, bloc
                 flat = np.argpartition(saliency.ravel(), budget - 1)[:budget]
                 prune.ravel()[flat] = True
         errors = np.empty_like(block)
+        block_grid = None if grid is None else (
+            np.ascontiguousarray(grid[0][:, start:stop]),
+            np.ascontiguousarray(grid[1][:, start:stop]), grid[2], grid[3])
         obs_sweep_block(block, hinv, prune, errors, 0 if fixed else keep_n,
-                        0 if fixed else group_m)
+                        0 if fixed else group_m, block_grid)
         weights[:, start:stop] = block
         if stop < cols and errors.any():
             later = weights[:, stop:]  # F-contiguous view: sgemm updates it in place
@@ -187,6 +195,12 @@ class SparseGPT(Method):
         pruned = None if job.keep is None else ~view.to_obs(job.keep).astype(bool)
         updated = np.empty_like(obs)
         per_group = obs.shape[1] * obs.shape[2]
+        grids: list | None = None
+        if job.grid is not None:  # the grid in the matrices' layout, to round kept weights onto
+            grid, shape = job.grid, job.weights.shape
+            scales = view.to_obs(np.broadcast_to(grid.scale, shape))
+            zeros = view.to_obs(np.broadcast_to(grid.zero_point, shape).astype(np.float32))
+            grids = [(scales[g], zeros[g], grid.qmin, grid.qmax) for g in range(obs.shape[0])]
         factors = job.shared  # targets reading the same input share H⁻¹'s factor
         for group in range(obs.shape[0]):
             hessian = job.hessians[group]
@@ -198,5 +212,6 @@ class SparseGPT(Method):
                 group_m=plan.pattern.m, block_size=self.options.block_size,
                 damp=self.options.damp,
                 already_counted=group * per_group, upper=factors[group],
-                pruned=None if pruned is None else pruned[group], fixed=job.fixed)
+                pruned=None if pruned is None else pruned[group], fixed=job.fixed,
+                grid=None if grids is None else grids[group])
         return np.ascontiguousarray(view.from_obs(updated).astype(job.weights.dtype))
