@@ -322,6 +322,7 @@ def inspect(model: ModelLike, *, config: PruneConfig | None = None,
             base_dir: str | os.PathLike | None = None) -> Report:
     """Report the targets (with their current sparsity) and skipped tensors; changes nothing."""
     from . import formats, kernels
+    from .io import read_array
     from .pipeline import selection_of, skip_report, target_report
     from .targets import discover_targets, read_weights
 
@@ -343,8 +344,16 @@ def inspect(model: ModelLike, *, config: PruneConfig | None = None,
                                info.format if info else "dense", str(config.pattern))
         if info:
             report.bytes = info.bytes
-        sizes = formats.format_bytes_table(weights, pattern=config.pattern,
-                                           reduction_axis=target.reduction_axis)
+        # sizes of what is stored: a quantized weight's integers (packed ones stay dense)
+        stored_ints = target.quant is not None and not target.quant.packed
+        sizes = formats.format_bytes_table(
+            read_array(target.stored_tensor, loaded.base_dir) if stored_ints else weights,
+            pattern=config.pattern, reduction_axis=target.reduction_axis)
+        if target.quant is not None and target.quant.packed:
+            bits = 4 if not target.quant.bits else target.quant.bits
+            nnz = int(np.count_nonzero(weights))
+            sizes.update(dense=target.nbytes, sparse=None, compact=None, compact_format=None,
+                         entropy_bound=formats.entropy_bound_bytes(weights.size, nnz, bits / 8))
         report.format_bytes = {key: sizes[key] for key in ("dense", "sparse", "compact",
                                                            "compact_format")}
         report.format_bytes["entropy_bound"] = round(sizes["entropy_bound"])

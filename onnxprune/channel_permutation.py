@@ -253,7 +253,8 @@ def permute_channels(loaded: LoadedModel, targets: Sequence[WeightTarget], plan:
         if not pattern.is_nm or target.name in masks:
             continue
         candidates += 1
-        found = find_channel_set(index, target)
+        found = ("its weights are quantized (their grid may run along the channels)"
+                 if target.quant is not None else find_channel_set(index, target))
         if isinstance(found, str):
             log.info("%s: input channels not permuted: %s", target.name, found)
         elif any(id(tensor) in masked for tensor, _ in found.moves):

@@ -32,7 +32,7 @@ from .graph_suffix import SuffixPlan, suffix_model
 from .inputs import Feed
 from .io import LoadedModel, read_array, write_array
 from .plan import TargetPlan
-from .targets import WeightTarget
+from .targets import WeightTarget, read_weights, stored_values
 
 log = logging.getLogger(__name__)
 
@@ -205,15 +205,17 @@ def analyze(loaded: LoadedModel, config: PruneConfig, *,
             log.warning("%s: cannot calibrate (%s); swept by magnitude", target.name, entry)
         curve = TargetCurve(target.name, target.op_type, list(target.shape), target.numel,
                             note=note)
-        dense = read_array(target.stored_tensor, loaded.base_dir)
+        dense = read_weights(target, loaded.base_dir)
+        grid = target.quant.grid(loaded.base_dir) if target.quant is not None else None
         shared: dict = {}
         with sweep.for_target(target) as run:
             for level in levels:
                 pruned = _prune_one(target, dense, level, config, target_method, view, stats,
-                                    shared)
+                                    shared, grid)
                 zeros = int(pruned.size - np.count_nonzero(pruned))
+                stored = stored_values(target, pruned, loaded.base_dir)
                 curve.points.append(SweepPoint(level, zeros / target.numel if target.numel
-                                               else 0.0, *run({target.tensor_name: pruned})))
+                                               else 0.0, *run({target.tensor_name: stored})))
                 if progress:
                     progress(target, level, len(targets) * len(levels))
         curves.append(curve)
@@ -223,15 +225,18 @@ def analyze(loaded: LoadedModel, config: PruneConfig, *,
 
 
 def _prune_one(target: WeightTarget, dense: np.ndarray, level: float, config: PruneConfig,
-               method, view, stats, shared: dict) -> np.ndarray:
-    """The target's weights pruned to `level` alone, as the pipeline would prune them."""
+               method, view, stats, shared: dict, grid=None) -> np.ndarray:
+    """The target's weights pruned to `level` alone, as the pipeline would prune them (on a
+    quantized weight's `grid`: rebuilt values rounded onto it)."""
     from .methods import Job
     from .pipeline import keep_mask
 
     plan = TargetPlan(target.name, level, config.pattern, method.name)
-    job = Job(target, dense, plan, config.seed, view, stats, shared=shared, config=config)
+    job = Job(target, dense, plan, config.seed, view, stats, shared=shared, config=config,
+              grid=grid)
     if method.reconstructs:
-        return method.reconstruct(job)
+        rebuilt = method.reconstruct(job)
+        return rebuilt if grid is None else grid.round(rebuilt)
     return np.where(keep_mask(job, method), dense, np.zeros((), dense.dtype))
 
 

@@ -17,6 +17,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from conftest import MODELS_DIR
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxprune.cli import main
@@ -25,8 +26,6 @@ from onnxprune.methods.sparsegpt import sparsegpt_prune
 from onnxprune.patterns import prune_count
 from onnxprune.quantized import Grid
 from onnxprune.targets import Selection, SkipCause, discover_targets, read_weights
-
-from conftest import MODELS_DIR
 
 quantization = pytest.importorskip("onnxruntime.quantization")
 DIGITS = MODELS_DIR / "digits.onnx"
@@ -285,7 +284,7 @@ def test_joint_sparse_quantized_reconstruction_beats_prune_then_quantize() -> No
                 np.zeros(weights.shape, np.float32), -8, 7))
             assert np.array_equal(grid.round(joint), joint)  # on the grid already
 
-            def error(pruned):
+            def error(pruned, weights=weights, x=x):
                 return float(np.sum(((weights - pruned) @ x.T) ** 2))
 
             assert error(joint) < error(afterwards), (trial, n, m)
@@ -363,3 +362,107 @@ def test_a_model_with_only_unsupported_quantized_weights_is_refused_in_one_line(
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "quantized form not supported" in err[0]
     assert not (tmp_path / "o.onnx").exists()
+
+
+@pytest.mark.parametrize("pattern", ["0.5", "2:4"])
+def test_compact_int8_weights_load_run_identically_and_densify_bit_exact(
+        quantized, pattern, tmp_path, capsys) -> None:
+    """values + positions of int8 weights (zero point 0), rebuilt before the
+    DequantizeLinear: same outputs as the dense pruned model, smaller file, densify restores
+    the integers exactly; the stored size is within 1.1x of the entropy bound."""
+    path = quantized["qdq-int8-channel"]
+    option = ["--pattern", pattern] if ":" in pattern else ["--sparsity", pattern]
+    dense, compact, restored = (tmp_path / f"{n}.onnx" for n in ("dense", "compact", "back"))
+    for out, fmt in ((dense, "dense"), (compact, "compact")):
+        assert main(["prune", str(path), "-o", str(out), *option, "--min-size", "100",
+                     "--format", fmt, "-q"]) == 0
+    assert compact.stat().st_size < dense.stat().st_size
+    assert np.array_equal(_run(dense)[0], _run(compact)[0])
+    assert main(["densify", str(compact), "-o", str(restored)]) == 0
+    before = {t.name: numpy_helper.to_array(t) for t in onnx.load(dense).graph.initializer}
+    after = {t.name: numpy_helper.to_array(t) for t in onnx.load(restored).graph.initializer}
+    for name, values in before.items():
+        assert values.dtype == after[name].dtype and np.array_equal(values, after[name]), name
+    capsys.readouterr()
+    assert main(["inspect", str(compact), "--min-size", "100", "--json"]) == 0
+    compacted = [t for t in json.loads(capsys.readouterr().out)["targets"]
+                 if t["format"].startswith("compact")]
+    assert compacted
+    for target in compacted:
+        # the bound of what is stored: int8 values and their positions (bytes: the stored
+        # tensors; the rebuild's nodes add a fixed ~2.5 KB per tensor)
+        nnz = target["numel"] - target["zeros"]
+        bound = nnz + target["numel"] * _entropy(nnz / target["numel"]) / 8
+        if ":" in pattern:  # positions of 2 in 4: log2(6) bits per group
+            bound = nnz + target["numel"] / 4 * np.log2(6) / 8
+        assert target["bytes"] <= 1.1 * bound, target["name"]
+
+
+def _entropy(p: float) -> float:
+    return 0.0 if p in (0.0, 1.0) else float(-(p * np.log2(p) + (1 - p) * np.log2(1 - p)))
+
+
+def test_inspect_sizes_a_quantized_weight_by_its_integers(quantized, capsys) -> None:
+    assert main(["inspect", str(quantized["qdq-int8-channel"]), "--min-size", "100",
+                 "--json"]) == 0
+    targets = json.loads(capsys.readouterr().out)["targets"]
+    for target in targets:
+        assert target["dtype"] == "int8"
+        assert target["format_bytes"]["dense"] == target["numel"]  # one byte each
+    assert main(["inspect", str(quantized["qdq-int4-channel"]), "--min-size", "100",
+                 "--json"]) == 0
+    for target in json.loads(capsys.readouterr().out)["targets"]:
+        assert target["format_bytes"]["dense"] == target["numel"] // 2
+        assert target["format_bytes"]["compact"] is None  # packed 4-bit stays dense
+
+
+def test_structured_pruning_of_a_qdq_model_declines_naming_the_quantization(
+        quantized, capsys) -> None:
+    assert main(["inspect", str(quantized["qdq-int8-channel"]), "--structured"]) == 0
+    out = capsys.readouterr().out
+    assert "is quantized (DequantizeLinear): remove channels from the float model" in out
+
+
+SURVIVAL = {  # name -> onnxruntime quantizer settings
+    "qdq per-channel symmetric int8": dict(quant_format="QDQ", per_channel=True,
+                                           weight_type="QInt8"),
+    "qoperator per-tensor int8": dict(quant_format="QOperator", per_channel=False,
+                                      weight_type="QInt8"),
+    "qdq per-tensor asymmetric uint8": dict(quant_format="QDQ", per_channel=False,
+                                            weight_type="QUInt8", activation_type="QUInt8",
+                                            extra_options={"WeightSymmetric": False}),
+    "dynamic int8": dict(dynamic=True, weight_type="QInt8"),
+}
+
+
+@pytest.mark.parametrize("pattern", ["0.6", "2:4"])
+@pytest.mark.parametrize("setting", list(SURVIVAL))
+def test_pruned_zeros_survive_onnxruntime_quantization(setting, pattern, tmp_path) -> None:
+    """Prune the float model, quantize it with onnxruntime's tools: every pruned weight is
+    stored as exactly its zero point, and every 2:4 group keeps at most 2 other values."""
+    q = quantization
+    option = ["--pattern", pattern] if ":" in pattern else ["--sparsity", pattern]
+    pruned, quantized_path = tmp_path / "p.onnx", tmp_path / "q.onnx"
+    assert main(["prune", str(DIGITS), "-o", str(pruned), *option, "-q"]) == 0
+    kwargs = dict(SURVIVAL[setting])
+    types = {k: getattr(q.QuantType, kwargs.pop(k)) for k in ("weight_type", "activation_type")
+             if k in kwargs}
+    if kwargs.pop("dynamic", False):
+        q.quantize_dynamic(str(pruned), str(quantized_path), **types)
+    else:
+        kwargs["quant_format"] = getattr(q.QuantFormat, kwargs["quant_format"])
+        q.quantize_static(str(pruned), str(quantized_path), _digits_reader(), **types, **kwargs)
+    floats = {t.name: numpy_helper.to_array(t) for t in onnx.load(pruned).graph.initializer}
+    loaded, targets = _targets(quantized_path)
+    pruned_names = {t.name for t in discover_targets(onnx.load(pruned))[0]}
+    targets = [t for t in targets if t.name.removesuffix("_quantized") in pruned_names]
+    assert len(targets) == 2  # W1 and W2; W3 is below the default --min-size
+    for target in targets:
+        original = floats[target.name.removesuffix("_quantized")]
+        grid = target.quant.grid(loaded.base_dir)
+        ints = target.quant.to_ints(read_array(target.stored_tensor, loaded.base_dir))
+        at_zero = ints == np.broadcast_to(grid.zero_point, ints.shape)
+        assert at_zero[original == 0].all()  # no pruned weight lost
+        if ":" in pattern:
+            groups = np.moveaxis(~at_zero, target.reduction_axis, -1).reshape(-1, 4)
+            assert (groups.sum(axis=1) <= 2).all()

@@ -23,11 +23,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..config import PruneConfig
-from ..io import read_array
 from ..methods.wanda import wanda_scores
 from ..parts import option
 from ..plan import PrunePlan
-from ..targets import WeightTarget
+from ..targets import WeightTarget, read_weights
 from . import Allocation, AllocationContext
 from .exact import bounds, fit_family, nm_fallback
 
@@ -86,7 +85,7 @@ def outlier_ratios(targets: Sequence[WeightTarget], config: PruneConfig,
                         target.name, entry)
             continue
         view, stats = entry
-        obs = view.to_obs(read_array(target.stored_tensor, loaded.base_dir))
+        obs = view.to_obs(read_weights(target, loaded.base_dir))
         scores_of.setdefault(key, []).append(
             wanda_scores(obs, stats.sq_norms[:, np.newaxis, :]).ravel())
     by_block = {key: outlier_ratio(np.concatenate(parts), threshold)

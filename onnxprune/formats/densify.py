@@ -29,6 +29,7 @@ from .compact import decode_chunk, parse_meta
 from .graphs import (
     COMPACT_MARK,
     FLOAT_DATA_TYPES,
+    STORED_DATA_TYPES,
     make_tensor,
     remove_metadata_format,
     walk_graphs,
@@ -166,7 +167,7 @@ def _sparse_info(sparse: onnx.SparseTensorProto, source: str, base_dir: Path,
 
 def _compact_info(meta: dict, initializers: dict[str, TensorProto], source: str,
                   base_dir: Path) -> StoredInfo:
-    dtype = FLOAT_DATA_TYPES[meta["data_type"]]
+    dtype = STORED_DATA_TYPES[meta["data_type"]]
     stem = meta["prefix"] + "/"
     stored = sum(tensor_nbytes(t) for name, t in initializers.items() if name.startswith(stem))
 
@@ -209,8 +210,8 @@ def _check_meta(meta: dict, node: onnx.NodeProto) -> None:
     for key in ("tensor", "prefix", "format"):
         if not isinstance(meta.get(key), str) or not meta[key]:
             fail(f"{key!r} is not a name")
-    if type(meta.get("data_type")) is not int or meta["data_type"] not in FLOAT_DATA_TYPES:
-        fail(f"data_type {meta.get('data_type')!r} is not a float type")
+    if type(meta.get("data_type")) is not int or meta["data_type"] not in STORED_DATA_TYPES:
+        fail(f"data_type {meta.get('data_type')!r} is not a float or 8/16-bit integer type")
     shape, chunks = meta.get("shape"), meta.get("chunks")
     if not isinstance(shape, list) or not shape or not all(_is_count(d) for d in shape) or \
             math.prod(shape) >= 2**59:

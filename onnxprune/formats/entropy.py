@@ -18,8 +18,8 @@ def binary_entropy(p: float) -> float:
     return -(p * math.log2(p) + (1.0 - p) * math.log2(1.0 - p))
 
 
-def entropy_bound_bytes(numel: int, nnz: int, itemsize: int) -> float:
-    """bits(values) * nnz + numel * H(nnz / numel), in bytes."""
+def entropy_bound_bytes(numel: int, nnz: int, itemsize: float) -> float:
+    """bits(values) * nnz + numel * H(nnz / numel), in bytes (`itemsize` 0.5: 4-bit values)."""
     if numel == 0:
         return 0.0
     bits = 8 * itemsize * nnz + numel * binary_entropy(nnz / numel)

@@ -23,7 +23,7 @@ REBUILD_PREFIX = "onnxprune/"
 METADATA_KEY = "onnxprune:storage"
 
 # Bit views: a weight is "non-zero" when any bit is set, so -0.0 and NaN payloads survive.
-_UNSIGNED = {2: np.uint16, 4: np.uint32, 8: np.uint64}
+_UNSIGNED = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
 # keyed by int: TensorProto.data_type is a plain int in the onnx stubs, not a DataType
 FLOAT_DATA_TYPES: dict[int, np.dtype] = {
     TensorProto.FLOAT: np.dtype(np.float32),
@@ -36,6 +36,8 @@ INTEGER_DATA_TYPES: dict[int, np.dtype] = {
     TensorProto.INT8: np.dtype(np.int8), TensorProto.UINT8: np.dtype(np.uint8),
     TensorProto.INT16: np.dtype(np.int16), TensorProto.UINT16: np.dtype(np.uint16),
 }
+# what compact and sparse forms may hold: float weights and whole-byte quantized ones
+STORED_DATA_TYPES: dict[int, np.dtype] = {**FLOAT_DATA_TYPES, **INTEGER_DATA_TYPES}
 _DATA_TYPE_OF = {dtype: code for code, dtype in FLOAT_DATA_TYPES.items()}
 
 

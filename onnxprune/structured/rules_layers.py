@@ -42,8 +42,13 @@ def layer(walk: Walk, index: int, node: onnx.NodeProto) -> None:
                    else DeclineCause.AXIS_MIXED)
             walk.pin(data, why, f"{op} {label} multiplies by a computed value")
         if weight_name in walk.dataflow.static:
+            producer = walk.dataflow.producer.get(weight_name)
+            quantized = producer is not None and \
+                walk.dataflow.nodes[producer].op_type == "DequantizeLinear"
             walk.not_candidates.append((index, Declined(
                 output, DeclineCause.NOT_A_CONSTANT,
+                f"the weight of {op} {label} is quantized (DequantizeLinear): remove channels "
+                "from the float model, then quantize" if quantized else
                 f"the weight of {op} {label} is computed, not stored")))
         return
     stored_dims = list(weight.dims)
