@@ -94,6 +94,13 @@ class Sink:
 
     def put(self, target: WeightTarget, weights: np.ndarray, plan: TargetPlan):
         """Store a target's new values, given in its stored form (`stored_values`)."""
+        if (target.quant is not None and self.format.name != "dense"
+                and not target.quant.packed
+                and not target.quant.grid(self.loaded.base_dir).symmetric):
+            blocker = formats.Blocker(formats.DenseCause.ZERO_POINT)
+            log.warning("%s: stays dense: %s", target.name, blocker.reason)
+            self.write_dense(target.stored_tensor, weights)
+            return formats.StoreResult("dense", weights.nbytes, blocker)
         return self.format.store(target, weights, plan.pattern, self.loaded.proto,
                                  self.write_dense, self.write_payload)
 

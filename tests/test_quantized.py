@@ -466,3 +466,16 @@ def test_pruned_zeros_survive_onnxruntime_quantization(setting, pattern, tmp_pat
         if ":" in pattern:
             groups = np.moveaxis(~at_zero, target.reduction_axis, -1).reshape(-1, 4)
             assert (groups.sum(axis=1) <= 2).all()
+
+
+def test_compact_of_an_asymmetric_int8_weight_stays_dense_with_a_warning(
+        quantized, tmp_path, capsys) -> None:
+    """Pruned weights of a grid whose zero point is not 0 are not zero bytes: compact would
+    not be smaller, and the user is told how to get the small file."""
+    report = tmp_path / "r.json"
+    assert main(["prune", str(quantized["qdq-uint8-tensor"]), "-o", str(tmp_path / "o.onnx"),
+                 "--format", "compact", "--report", str(report)]) == 0
+    targets = json.loads(report.read_text())["targets"]
+    assert targets and all(t["format"] == "dense" for t in targets)
+    assert all("quantize with symmetric weights" in t["format_reason"] for t in targets)
+    assert "zero points are not 0" in capsys.readouterr().err

@@ -21,11 +21,13 @@ from .entropy import binary_entropy, entropy_bound_bytes
 from .folding import unfolded_rebuild_nodes
 from .graphs import bits_of
 from .sparse import sparse_bytes
-from .storage import STORED_FORMATS, StoreResult, store
+from .storage import STORED_FORMATS, Blocker, DenseCause, StoreResult, store
 
 __all__ = [
     "FOLD_CAP_BYTES",
     "STORED_FORMATS",
+    "Blocker",
+    "DenseCause",
     "StoreResult",
     "StoredInfo",
     "binary_entropy",

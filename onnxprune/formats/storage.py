@@ -92,6 +92,7 @@ class DenseCause(enum.Enum):
     # detail: format (sparse/compact), bytes, dense_bytes, sparsity; encoding (compact form)
     NOT_SMALLER = "not_smaller"
     PACKED = "packed"  # 4-bit integers packed two to a byte (int4, MatMulNBits)
+    ZERO_POINT = "zero_point"  # a quantized weight whose zero points are not all 0
 
 
 _DENSE_REASONS = {
@@ -107,6 +108,8 @@ _DENSE_REASONS = {
     DenseCause.SPARSE_CONSTANT_NEEDS_OPSET: "Constant sparse_value needs ai.onnx opset >= "
                                             "{needed}; the model has {opset}",
     DenseCause.PACKED: "packed 4-bit integers are stored dense",
+    DenseCause.ZERO_POINT: "its zero points are not 0, so its pruned weights are not zero "
+                           "bytes (quantize with symmetric weights to store it compact)",
 }
 _NOT_SMALLER = {
     "sparse": "sparse ({bytes:,} bytes with int64 indices) is not smaller than dense "

@@ -1,0 +1,1 @@
+"""onnxprune inside other toolchains: `olive`, an Olive pass (`pip install 'onnxprune[olive]'`)."""
