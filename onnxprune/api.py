@@ -42,7 +42,7 @@ def prune(model: ModelLike, output: str | os.PathLike | None = None, *,
           inplace: bool = False, progress=None, durable: bool = False,
           masks: Mapping[str, np.ndarray] | str | os.PathLike | None = None,
           fixed_masks: bool = True, return_masks: bool = False,
-          **options) -> tuple[onnx.ModelProto, Report]:
+          calibration=None, **options) -> tuple[onnx.ModelProto, Report]:
     """Prune a model given as a path or a ModelProto; optionally write it to `output`.
 
     Options are PruneConfig fields (sparsity, pattern, method, scope, allocation, format,
@@ -56,7 +56,9 @@ def prune(model: ModelLike, output: str | os.PathLike | None = None, *,
     `masks`: keep-masks by target name (or a path saved by `MaskSet.save`); with
     `fixed_masks` (default) exactly those positions are pruned, otherwise they are an
     existing mask the new one never revives. `return_masks`: the report's `masks` holds the
-    keep-masks of the result (a `MaskSet`, True = non-zero).
+    keep-masks of the result (a `MaskSet`, True = non-zero). `calibration`: a
+    `calib.cache.CalibrationCache` that keeps the calibration samples and one-pass statistics
+    for further runs on the same model (unstructured pruning).
 
     The pruned model's `metadata_props` record how it was made (`provenance.py`); the
     report's `provenance` holds the same entries.
@@ -88,14 +90,14 @@ def prune(model: ModelLike, output: str | os.PathLike | None = None, *,
         return _prune_structured(model, output, config, base_dir, inplace, durable,
                                  return_masks)
     return _prune_unstructured(model, output, config, base_dir, inplace, durable, masks,
-                               fixed_masks, return_masks, progress)
+                               fixed_masks, return_masks, progress, calibration=calibration)
 
 
 def _prune_unstructured(model: ModelLike, output: Path | None, config: PruneConfig,
                         base_dir, inplace: bool, durable: bool,
                         masks: Mapping[str, np.ndarray] | None, fixed_masks: bool,
                         return_masks: bool, progress, structured_entries: Mapping[str, str]
-                        | None = None) -> tuple[onnx.ModelProto, Report]:
+                        | None = None, calibration=None) -> tuple[onnx.ModelProto, Report]:
     """`prune` without `config.structure`: the pipeline's loop (`pipeline.run`).
     `structured_entries`: the provenance of a structured stage that made `model`, kept
     beside this run's (`provenance.staged_provenance`)."""
@@ -107,7 +109,7 @@ def _prune_unstructured(model: ModelLike, output: Path | None, config: PruneConf
 
     input_path = None if isinstance(model, onnx.ModelProto) else Path(model)
     loop = dict(masks=masks, fixed_masks=fixed_masks, want_masks=return_masks,
-                progress=progress)
+                progress=progress, calibration=calibration)
     if output is not None and input_path is not None:
         loaded = load_model(input_path, lazy=True)
         # measured before anything is written: a tensor the prune never reads can still be

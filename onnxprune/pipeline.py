@@ -60,6 +60,8 @@ from .targets import (
 if TYPE_CHECKING:
     from onnx import TensorProto
 
+    from .calib.cache import CalibrationCache
+
 log = logging.getLogger(__name__)
 
 Progress = Callable[[WeightTarget], None]
@@ -112,13 +114,15 @@ def selection_of(config: PruneConfig) -> Selection:
 def run(loaded: LoadedModel, config: PruneConfig, *, sink: Sink | None = None,
         masks: Mapping[str, np.ndarray] | None = None, fixed_masks: bool = False,
         want_masks: bool = False, progress: Progress | None = None,
-        feeds: Sequence[Feed] | None = None) -> PruneResult:
+        feeds: Sequence[Feed] | None = None,
+        calibration: CalibrationCache | None = None) -> PruneResult:
     """Prune every target of `loaded` as `config` plans it.
 
     `masks` (keep-masks by target name, stored shape) are honoured: a weight they remove is
     never kept; with `fixed_masks` they are applied exactly (the method only reconstructs,
     if it does). `want_masks` returns the keep-masks of the result. `feeds`: calibration
-    samples already in memory, used instead of `config.calib`. With
+    samples already in memory, used instead of `config.calib`. `calibration` keeps the
+    samples and one-pass statistics across runs on the same model (a search's trials). With
     `config.permute_channels`, the input channels of N:M targets that allow it are permuted
     in `loaded.proto` after the plan is made and before anything is pruned
     (`channel_permutation.py`).
@@ -150,8 +154,10 @@ def run(loaded: LoadedModel, config: PruneConfig, *, sink: Sink | None = None,
         from .channel_permutation import permute_channels
 
         permutations, feeds = permute_channels(loaded, targets, plan, config, feeds, masks)
+    if feeds is None and calibration is not None and config.calib is not None:
+        feeds = calibration.feeds(config, loaded.proto)
     loop = _Loop(loaded, config, plan, sink or Sink(loaded, config), masks,
-                 fixed_masks, want_masks, progress, feeds)
+                 fixed_masks, want_masks, progress, feeds, calibration)
     reports = loop.run(targets)
     return PruneResult([reports[t.name] for t in targets], [skip_report(s) for s in skipped],
                        plan, loop.masks_out, permutations)
@@ -196,8 +202,10 @@ class _Loop:
 
     def __init__(self, loaded: LoadedModel, config: PruneConfig, plan: PrunePlan, sink: Sink,
                  masks: Mapping[str, np.ndarray], fixed_masks: bool, want_masks: bool,
-                 progress: Progress | None, feeds: Sequence[Feed] | None):
+                 progress: Progress | None, feeds: Sequence[Feed] | None,
+                 calibration: CalibrationCache | None = None):
         self.loaded = loaded
+        self.calibration = calibration
         self.config = config
         self.plan = plan
         self.sink = sink
@@ -223,8 +231,7 @@ class _Loop:
         if set_total is not None:  # a progress bar that can show how far along it is
             set_total(len(targets))
         methods = {t.name: self.method(self.plan[t.name].method) for t in targets}
-        calibrated = [t for t in targets if methods[t.name].needs > Needs.NOTHING
-                      or self.config.measure_error or self.update or self.refine]
+        calibrated = [t for t in targets if self.calibrates(methods[t.name])]
         if self.config.calib is not None and not calibrated:
             log.warning("--calib is ignored: method %s uses no calibration data",
                         self.config.method)
@@ -263,16 +270,22 @@ class _Loop:
                 views.append(view)
         if not views:
             return
-        # an update that rebuilds the weights wants later layers calibrated on them too
-        mode = config.calib_mode or max(
-            [*(methods[v.target.name].default_calib_mode for v in views),
-             getattr(self.update, "default_calib_mode", "one-pass")],
-            key=lambda m: m == "sequential")
+        mode = self.calibration_mode(views, methods)
+        hessian = self._gathers_hessians(views, methods, mode)
+        cache = self.calibration if mode == "one-pass" else None
+        if cache is not None:  # statistics of the dense model captured by an earlier run
+            kept = {id(view): cache.stats(view, hessian, config) for view in views}
+            for view in views:
+                stats = kept[id(view)]
+                if stats is not None:
+                    self._prune(view.target, methods[view.target.name], view, stats, {})
+            views = [view for view in views if kept[id(view)] is None]
+            if not views:
+                return
         feeds = self.feeds if self.feeds is not None else calibration_feeds(
             config, self.loaded.proto)
         capture = ActivationCapture(self.loaded, index, views, feeds,
-                                    sequential=mode == "sequential",
-                                    hessian=self._gathers_hessians(views, methods, mode),
+                                    sequential=mode == "sequential", hessian=hessian,
                                     weights=self.pruned)
         log.info("%d calibrated targets in %d stage(s) over %d samples (%s)", len(views),
                  capture.levels, len(feeds), mode)
@@ -284,6 +297,8 @@ class _Loop:
             shared: dict = {}  # targets reading the same input share what methods cache
             for view in stage.views:
                 stats = capture.stats_of(view)
+                if cache is not None:
+                    cache.keep(view, stats, config)
                 capture.release(view)
                 target = view.target
                 if stats.tokens == 0:
@@ -296,6 +311,19 @@ class _Loop:
                                 "out", target.name, stats.nonfinite)
                 self._prune(target, methods[target.name], view, stats,
                             shared.setdefault(view.inputs, {}))
+
+    def calibrates(self, method: Method) -> bool:
+        """Whether a target pruned by `method` gets calibration statistics."""
+        return bool(method.needs > Needs.NOTHING or self.config.measure_error or self.update
+                    or self.refine)
+
+    def calibration_mode(self, views: list, methods: dict[str, Method]) -> str:
+        """The run's calib mode: the one asked for, else sequential if any part wants it
+        (an update that rebuilds the weights wants later layers calibrated on them too)."""
+        return self.config.calib_mode or max(
+            [*(methods[v.target.name].default_calib_mode for v in views),
+             getattr(self.update, "default_calib_mode", "one-pass")],
+            key=lambda m: m == "sequential")
 
     def _gathers_hessians(self, views: list, methods: dict[str, Method], mode: str) -> bool:
         """Whether to gather XᵀX: parts that use it need it; otherwise it only serves the
@@ -402,6 +430,34 @@ class _Loop:
                  time.perf_counter() - started)
         if self.progress:
             self.progress(target)
+
+
+def gather_statistics(loaded: LoadedModel, config: PruneConfig,
+                      cache: CalibrationCache) -> int:
+    """Capture into `cache` the one-pass statistics that runs of `config` on `loaded` would
+    gather (a search does it once for all its trials); how many layer inputs were captured.
+    Nothing when the run calibrates sequentially (its statistics depend on what it prunes)."""
+    from .calib import ActivationCapture, GraphIndex, target_view
+
+    targets, _ = discover_targets(loaded.proto, selection_of(config))
+    loop = _Loop(loaded, config, {}, Sink(loaded, config), {}, False, False, None, None, cache)
+    methods = {t.name: loop.method(config.method) for t in targets}
+    index = GraphIndex(loaded.proto)
+    views = [view for t in targets if loop.calibrates(methods[t.name])
+             for view in [target_view(t, index)] if not isinstance(view, str)]
+    if not views or loop.calibration_mode(views, methods) != "one-pass":
+        return 0
+    hessian = loop._gathers_hessians(views, methods, "one-pass")
+    views = [view for view in views if cache.stats(view, hessian, config) is None]
+    if not views:
+        return 0
+    capture = ActivationCapture(loaded, index, views, cache.feeds(config, loaded.proto),
+                                sequential=False, hessian=hessian, weights={})
+    for stage in capture.stages():
+        for view in stage.views:
+            cache.keep(view, capture.stats_of(view), config)
+            capture.release(view)
+    return len(views)
 
 
 def keep_mask(job: Job, method: Method) -> np.ndarray:

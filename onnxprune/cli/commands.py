@@ -539,5 +539,69 @@ def _sweep_progress(args: argparse.Namespace, levels: list[float]):
         yield advance
 
 
+def cmd_search(args: argparse.Namespace) -> int:
+    _import_numba_without_blas_probe()
+    from ..inputs import parse_dim_overrides, parse_input_shapes
+    from ..search import Constraint, search
+    from ..search.space import load_space, merged, space_from_lists
+
+    constraint = Constraint(atol=args.atol, rtol=args.rtol, min_cosine=args.min_cosine,
+                            min_top1=args.min_top1, eval_cmd=args.eval_cmd,
+                            minimum=args.minimum, maximum=args.maximum)
+    lists = space_from_lists({"method": args.method, "pattern": args.pattern
+                              if "," in args.pattern else None,
+                              "allocation": args.allocation},
+                             args.sparsity_range, args.resolution)
+    space = merged(load_space(args.space), lists) if args.space else lists
+    if args.space and args.sparsity_range is None:  # the file's range unless one is given
+        space.sparsity_range = load_space(args.space).sparsity_range
+    if args.space and args.resolution is None:
+        space.resolution = load_space(args.space).resolution
+    if "," in args.pattern:  # a list of patterns to try: each candidate sets its own
+        args.pattern = "unstructured"
+    base = _config_from(args, seed=args.seed, calib=args.calib, calib_samples=args.calib_samples,
+                        calib_mode=args.calib_mode, structure=args.structure,
+                        format=args.format,
+                        synthetic_dims=parse_dim_overrides(args.dim) or None,
+                        synthetic_shapes=parse_input_shapes(args.input_shapes) or None)
+    candidates = space.candidates()
+    log.info("search: %d candidate(s), constraint %s, objective %s", len(candidates),
+             constraint.describe(), args.objective)
+
+    def on_trial(trial, candidate) -> None:
+        verdict = ("error: " + trial.error) if trial.error else (
+            "meets" if trial.passed else "fails")
+        metric = trial.metrics.get(constraint.metric)
+        shown = f" {constraint.metric} {metric:.4g}" if metric is not None else ""
+        print(f"trial {trial.number:3d}  {candidate.label:40s}  sparsity {trial.sparsity:.3f}"
+              f"  {verdict}{shown}  ({trial.seconds:.1f} s)", file=sys.stderr)
+
+    result = search(args.model, args.output, space=space, base=base, constraint=constraint,
+                    objective=args.objective, data=args.data, samples=args.samples,
+                    workers=args.workers, ray_address=args.ray_address,
+                    max_trials=args.trials, on_trial=None if args.quiet else on_trial)
+    summary = json.loads(result.files["json"].read_text()) if "json" in result.files else {}
+    summary.pop("trials", None)
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        for candidate in result.candidates:
+            answer = result.answers.get(candidate.number)
+            print(f"{candidate.label}: " + (f"highest passing sparsity {answer:.3f}"
+                                            if answer is not None else "no level passes"))
+        best = result.best
+        if best is None:
+            print(f"no trial meets the constraint ({constraint.describe()}); nothing written")
+        else:
+            print(f"best: {', '.join(f'{k}={v}' for k, v in best.settings.items()) or 'default'}"
+                  f" at sparsity {best.sparsity:.3f} (reached {best.achieved:.4f}, "
+                  f"{best.file_bytes:,} bytes) -> {args.output}")
+        print(f"{len(result.trials)} trials in {result.seconds:.1f} s; table: "
+              f"{result.files.get('csv')}, plot: {result.files.get('png', 'not drawn')}")
+    if result.interrupted:
+        return 130
+    return 0 if result.best is not None else 1
+
+
 COMMANDS = {"inspect": cmd_inspect, "prune": cmd_prune, "densify": cmd_densify,
-            "validate": cmd_validate, "sensitivity": cmd_sensitivity}
+            "validate": cmd_validate, "sensitivity": cmd_sensitivity, "search": cmd_search}

@@ -382,7 +382,90 @@ def build_parser(with_parts: bool = True) -> _Parser:
     _add_check_options(validate)
     _add_logging_options(validate)
     _add_sensitivity_parser(commands)
+    _add_search_parser(commands)
     return parser
+
+
+def _add_search_parser(commands) -> None:
+    search = commands.add_parser(
+        "search", help="the most compression that still meets a check",
+        description="Find the highest sparsity (or smallest file, or lowest latency) whose "
+                    "pruned model still meets a constraint: a validate tolerance against the "
+                    "dense model on --data, or the number --eval-cmd prints. Each "
+                    "combination of the listed methods, patterns and allocations gets a "
+                    "bisection over the sparsity levels; trials run in parallel. Writes OUT "
+                    "and, beside it, OUT.search.csv, OUT.search.json (every trial) and "
+                    "OUT.search.png (the Pareto plot; needs matplotlib).")
+    search.add_argument("model", help="the .onnx file to prune (never modified)")
+    search.add_argument("-o", "--output", required=True, metavar="OUT",
+                        help="where the best pruned model is written")
+    check = search.add_argument_group("constraint (one kind)")
+    check.add_argument("--data", metavar="NPZ",
+                       help="inputs the pruned model is checked on: .npz keyed by graph input "
+                            "name, or a folder of .npz; without it synthetic inputs")
+    check.add_argument("--samples", type=_at_least(1), default=None, metavar="N",
+                       help="use at most N samples of --data (synthetic: default 4)")
+    check.add_argument("--atol", type=float, help="max abs diff at most this")
+    check.add_argument("--rtol", type=float, help="relative L2 error at most this")
+    check.add_argument("--min-cosine", type=float, help="cosine similarity at least this")
+    check.add_argument("--min-top1", type=float, help="top-1 agreement at least this")
+    check.add_argument("--eval-cmd", metavar="CMD",
+                       help="shell command run on each pruned model, {model} replaced by its "
+                            "path; its last output line is the number --min/--max bound")
+    check.add_argument("--min", dest="minimum", type=float, metavar="X",
+                       help="--eval-cmd's number must be at least X")
+    check.add_argument("--max", dest="maximum", type=float, metavar="X",
+                       help="--eval-cmd's number must be at most X")
+    space = search.add_argument_group("search space")
+    space.add_argument("--method", default=None, metavar="M1,M2,...",
+                       help="methods to try, comma-separated [magnitude]")
+    space.add_argument("--allocation", default=None, metavar="A1,A2,...",
+                       help="allocations to try, comma-separated [uniform]")
+    space.add_argument("--sparsity-range", type=_sparsity_range, default=None,
+                       metavar="LOW,HIGH", help="sparsity levels searched [0.05,0.95]")
+    space.add_argument("--resolution", type=float, default=None, metavar="STEP",
+                       help="grid step of the sparsity levels [0.01]")
+    space.add_argument("--space", metavar="FILE.toml",
+                       help="choices as lists ([space]) and options of every trial ([base]); "
+                            "the command line wins")
+    space.add_argument("--structure", default="none", metavar="S",
+                       help="remove whole channels (as prune --structure); the sparsity "
+                            "searched is then the structured share [none]")
+    space.add_argument("--format", default="dense", metavar="F",
+                       help="storage of every trial (dense, sparse, compact) [dense]")
+    space.add_argument("--objective", choices=("sparsity", "size", "latency"),
+                       default="sparsity",
+                       help="what the best candidate has: the highest sparsity, the smallest "
+                            "file (with --format), or the lowest onnxruntime latency [sparsity]")
+    space.add_argument("--trials", type=_at_least(1), default=None, metavar="N",
+                       help="stop after N trials (the best so far is written)")
+    run = search.add_argument_group("where trials run")
+    run.add_argument("--workers", type=_at_least(1), default=None, metavar="N",
+                     help="trials at once, in local processes [the CPUs of this machine]")
+    run.add_argument("--ray-address", default=None, metavar="ADDR",
+                     help="run the trials on this Ray cluster ('local': start one here; "
+                          "pip install 'onnxprune[ray]')")
+    calib = search.add_argument_group("calibration (of the calibrated methods)")
+    calib.add_argument("--calib", metavar="PATH", help="as prune --calib")
+    calib.add_argument("--calib-samples", type=_at_least(1), metavar="N",
+                       help="use at most N calibration samples")
+    calib.add_argument("--calib-mode", choices=CALIB_MODES,
+                       help="as prune --calib-mode (one-pass statistics are captured once "
+                            "for every trial)")
+    search.add_argument("--seed", type=int, default=0, help="randomness [0]")
+    search.add_argument("--json", action="store_true",
+                        help="print the search summary as JSON on stdout")
+    _add_shape_options(search.add_argument_group("input sizes"))
+    _add_selection_options(search)
+    _add_logging_options(search)
+
+
+def _sparsity_range(text: str) -> tuple[float, float]:
+    try:
+        low, high = (float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected LOW,HIGH, got {text!r}") from None
+    return low, high
 
 
 def _add_sensitivity_parser(commands) -> None:

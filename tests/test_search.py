@@ -1,0 +1,226 @@
+"""`onnxprune search`: bisection that any worker count follows the same way, the answer an
+exhaustive grid gives, tables and plot, --eval-cmd, Ctrl-C, shared calibration."""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import onnxprune
+from conftest import MODELS_DIR
+from onnxprune.cli import main
+from onnxprune.config import PruneConfig
+from onnxprune.errors import ConfigError
+from onnxprune.search import Constraint, search
+from onnxprune.search.bisection import Bisection
+from onnxprune.search.space import SearchSpace, load_space
+from onnxprune.search.table import pareto_front
+from onnxprune.validate import compare_models
+
+DIGITS = MODELS_DIR / "digits.onnx"
+DATA = MODELS_DIR / "digits-test.npz"
+LABELS = MODELS_DIR / "digits-test-labels.npy"
+
+
+def _run_bisection(levels: int, passes, workers: int) -> tuple[int | None, int]:
+    """Drive a bisection with `workers` probes at a time; (answer, probes)."""
+    bisection, probes = Bisection(list(range(levels))), 0
+    while not bisection.done:
+        for index in bisection.wanted(workers):
+            bisection.record(index, passes(index))
+            probes += 1
+    return bisection.answer, probes
+
+
+@given(st.integers(1, 60), st.data())
+@settings(max_examples=200, deadline=None)
+def test_bisection_finds_the_threshold_of_a_monotone_check(levels, data) -> None:
+    threshold = data.draw(st.integers(-1, levels - 1))
+    workers = data.draw(st.integers(1, 9))
+    answer, probes = _run_bisection(levels, lambda i: i <= threshold, workers)
+    assert answer == (threshold if threshold >= 0 else None)
+    if workers == 1:
+        assert probes <= max(1, (levels + 1).bit_length())
+
+
+@given(st.lists(st.booleans(), min_size=1, max_size=40), st.integers(2, 9))
+@settings(max_examples=200, deadline=None)
+def test_bisection_answer_does_not_depend_on_the_workers(verdicts, workers) -> None:
+    """Even for a check that is not monotone, speculation never changes the path."""
+    serial, _ = _run_bisection(len(verdicts), verdicts.__getitem__, 1)
+    parallel, _ = _run_bisection(len(verdicts), verdicts.__getitem__, workers)
+    assert parallel == serial
+
+
+def test_pareto_front_keeps_the_points_nothing_beats() -> None:
+    points = [(0.5, 0.99), (0.7, 0.98), (0.6, 0.97), (0.8, 0.90), (0.8, 0.95), (0.4, 0.99)]
+    assert pareto_front(points) == [(0.5, 0.99), (0.7, 0.98), (0.8, 0.95)]
+
+
+def test_search_returns_the_level_an_exhaustive_grid_finds(tmp_path) -> None:
+    """On the trained demo model with a top-1 constraint, the bisection's answer is the
+    highest level of the same grid at which the pruned model passes (checked here level by
+    level, with the public API), and the written model is that prune."""
+    space = SearchSpace({}, {}, (0.5, 0.95), 0.01)
+    constraint = Constraint(min_top1=0.97)
+    result = search(DIGITS, tmp_path / "best.onnx", space=space, base=PruneConfig(),
+                    constraint=constraint, data=str(DATA), workers=1)
+    feeds = [{"pixels": np.load(DATA)["pixels"]}]
+    passing = []
+    for level in space.levels():
+        model, _ = onnxprune.prune(DIGITS, sparsity=level)
+        if compare_models(str(DIGITS), model, feeds, min_top1=0.97).passed:
+            passing.append(level)
+    assert passing and result.answers[0] == max(passing)
+    assert result.best is not None and result.best.sparsity == max(passing)
+    assert len(result.trials) <= 7  # a bisection of 46 levels, not the grid
+    expected, _ = onnxprune.prune(DIGITS, sparsity=max(passing))
+    written = onnxprune.inspect(tmp_path / "best.onnx")
+    assert written.summary.zeros == onnxprune.inspect(expected).summary.zeros
+
+
+def test_parallel_workers_write_the_same_model_and_table_answers(tmp_path) -> None:
+    space = SearchSpace({"method": ["magnitude", "wanda"]}, {}, (0.5, 0.95), 0.01)
+    common = dict(space=space, base=PruneConfig(calib=str(DATA), calib_samples=200),
+                  constraint=Constraint(min_top1=0.97), data=str(DATA))
+    serial = search(DIGITS, tmp_path / "a.onnx", workers=1, **common)
+    parallel = search(DIGITS, tmp_path / "b.onnx", workers=2, **common)
+    assert serial.answers == parallel.answers
+    assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "b.onnx").read_bytes()
+
+
+def test_the_trial_table_and_pareto_plot_are_written(tmp_path) -> None:
+    out = tmp_path / "best.onnx"
+    assert main(["search", str(DIGITS), "-o", str(out), "--data", str(DATA), "--min-top1",
+                 "0.97", "--method", "magnitude", "--pattern", "unstructured,2:4",
+                 "--workers", "1", "-q"]) == 0
+    rows = list(csv.DictReader((tmp_path / "best.search.csv").open()))
+    document = json.loads((tmp_path / "best.search.json").read_text())
+    assert len(rows) == len(document["trials"]) >= 2
+    assert {json.loads(r["settings"])["pattern"] for r in rows} == {"unstructured", "2:4"}
+    assert all(r["passed"] in ("True", "False") and r["top1_agreement"] for r in rows)
+    assert document["best"]["passed"] and document["best"]["sparsity"] >= 0.5
+    assert (tmp_path / "best.search.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert onnxprune.inspect(out).summary.sparsity == pytest.approx(
+        document["best"]["achieved"], abs=1e-6)
+
+
+def _accuracy_script(tmp_path: Path) -> str:
+    script = tmp_path / "accuracy.py"
+    script.write_text(
+        "import sys, numpy as np, onnxruntime as ort\n"
+        f"x = np.load({str(DATA)!r})['pixels']; y = np.load({str(LABELS)!r})\n"
+        "s = ort.InferenceSession(sys.argv[1], providers=['CPUExecutionProvider'])\n"
+        "print('evaluating'); print((s.run(None, {'pixels': x})[0].argmax(1) == y).mean())\n")
+    return f"{sys.executable} {script} {{model}}"
+
+
+def test_an_eval_command_bounds_the_search(tmp_path) -> None:
+    """The user's own accuracy script (last line: a number) is the constraint."""
+    command = _accuracy_script(tmp_path)
+    space = SearchSpace({}, {}, (0.5, 0.95), 0.05)
+    result = search(DIGITS, tmp_path / "best.onnx", space=space, base=PruneConfig(),
+                    constraint=Constraint(eval_cmd=command, minimum=0.95), workers=1)
+    assert result.best is not None
+    assert result.best.metrics["value"] >= 0.95
+    failing = [t for t in result.trials if not t.passed]
+    assert failing and all(t.metrics["value"] < 0.95 for t in failing)
+
+
+def test_an_eval_command_the_dense_model_fails_is_refused(tmp_path, capsys) -> None:
+    command = _accuracy_script(tmp_path)
+    assert main(["search", str(DIGITS), "-o", str(tmp_path / "o.onnx"), "--eval-cmd",
+                 command, "--min", "0.999"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "the dense model itself fails the constraint" in err[0]
+    assert not (tmp_path / "o.onnx").exists()
+
+
+def test_a_command_that_prints_no_number_makes_failed_trials(tmp_path) -> None:
+    space = SearchSpace({}, {}, (0.5, 0.6), 0.05)
+    script = tmp_path / "odd.py"
+    script.write_text("import sys\nprint('ok' if 'trial' in sys.argv[1] else 1.0)\n")
+    result = search(DIGITS, tmp_path / "best.onnx", space=space, base=PruneConfig(),
+                    constraint=Constraint(eval_cmd=f"{sys.executable} {script} {{model}}",
+                                          minimum=0.5), workers=1)
+    assert result.best is None and result.trials
+    assert all("last line is not a number: 'ok'" in t.error for t in result.trials)
+    assert not (tmp_path / "best.onnx").exists()
+
+
+@pytest.mark.parametrize(("args", "words"), [
+    ([], "search needs a constraint"),
+    (["--eval-cmd", "true {model}"], "--eval-cmd needs --min or --max"),
+    (["--eval-cmd", "true", "--min", "1"], "must contain {model}"),
+    (["--min-top1", "0.9", "--min", "1"], "--min/--max apply to --eval-cmd only"),
+    (["--min-top1", "0.9", "--sparsity-range", "0.9,0.5"], "sparsity range"),
+])
+def test_bad_search_options_are_one_line_errors(tmp_path, capsys, args, words) -> None:
+    assert main(["search", str(DIGITS), "-o", str(tmp_path / "o.onnx"), *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and words in err[0]
+
+
+def test_ctrl_c_keeps_the_finished_trials_and_writes_the_best_so_far(tmp_path) -> None:
+    seen = []
+
+    def interrupt_after_three(trial, candidate) -> None:
+        seen.append(trial)
+        if len(seen) == 3:
+            raise KeyboardInterrupt
+
+    out = tmp_path / "best.onnx"
+    result = search(DIGITS, out, space=SearchSpace({}, {}, (0.05, 0.95), 0.01),
+                    base=PruneConfig(), constraint=Constraint(min_top1=0.97),
+                    data=str(DATA), workers=1, on_trial=interrupt_after_three)
+    assert result.interrupted and len(result.trials) == 3
+    best = max((t for t in result.trials if t.passed), key=lambda t: t.sparsity)
+    assert result.best is best and out.exists()
+    document = json.loads((tmp_path / "best.search.json").read_text())
+    assert document["interrupted"] is True and len(document["trials"]) == 3
+
+
+def test_one_pass_statistics_are_captured_once_for_every_trial(tmp_path, monkeypatch) -> None:
+    from onnxprune.calib import capture
+
+    made = []
+    original = capture.ActivationCapture.__init__
+
+    def counting(self, *args, **kwargs):
+        made.append(1)
+        original(self, *args, **kwargs)
+
+    monkeypatch.setattr(capture.ActivationCapture, "__init__", counting)
+    result = search(DIGITS, tmp_path / "best.onnx",
+                    space=SearchSpace({"method": ["wanda"]}, {}, (0.5, 0.95), 0.01),
+                    base=PruneConfig(calib=str(DATA), calib_samples=100),
+                    constraint=Constraint(min_top1=0.97), data=str(DATA), workers=1)
+    assert len(result.trials) >= 5
+    assert len(made) == 1  # before the first trial, in the search process
+
+
+def test_a_search_file_gives_choices_and_base_options(tmp_path) -> None:
+    path = tmp_path / "space.toml"
+    path.write_text('[space]\nmethod = ["magnitude", "random"]\nsparsity = [0.4, 0.9]\n'
+                    'resolution = 0.05\n[base]\nmin_size = 100\n')
+    space = load_space(path)
+    assert [c.settings for c in space.candidates()] == [{"method": "magnitude"},
+                                                         {"method": "random"}]
+    assert space.levels()[0] == 0.4 and space.levels()[-1] == 0.9 and len(space.levels()) == 11
+    assert main(["search", str(DIGITS), "-o", str(tmp_path / "o.onnx"), "--space", str(path),
+                 "--data", str(DATA), "--min-top1", "0.97", "--workers", "1", "-q"]) == 0
+    document = json.loads((tmp_path / "o.search.json").read_text())
+    assert document["best"]["settings"] == {"method": "magnitude"}
+    report = onnxprune.inspect(tmp_path / "o.onnx", config=PruneConfig(min_size=100))
+    zeros = {t.name: t.zeros for t in report.targets}
+    assert zeros["W3"] > 0  # 1,280 weights: pruned because [base] says min_size = 100
+    with pytest.raises(ConfigError, match="unknown table"):
+        (tmp_path / "bad.toml").write_text("[spaces]\n")
+        load_space(tmp_path / "bad.toml")
