@@ -106,6 +106,9 @@ class PruneConfig:
     latency_threads: int | None = None
     # correct the tables' prediction once by timing the model at the counts they chose
     latency_calibrate: bool = True
+    # run each calibration stage's reconstructions as Ray tasks there ("local": a Ray
+    # instance started here); how, not what: the output is the serial run's
+    ray_address: str | None = None
     # structured: let groups run through a norm over their channels (not output-preserving)
     # / let a transformer's residual stream be a group
     allow_norm: bool = False

@@ -225,6 +225,12 @@ class _Loop:
         self.refine = None if config.refine == "none" else REFINES.build(config.refine,
                                                                          config.options)
         self._methods: dict[str, Method] = {}
+        # --ray-address: a stage's reconstructions run as Ray tasks
+        self.remote = None
+        if config.ray_address is not None:
+            from .remote import RemoteReconstruction
+
+            self.remote = RemoteReconstruction(config.ray_address)
 
     def run(self, targets: list[WeightTarget]) -> dict[str, TargetReport]:
         set_total = getattr(self.progress, "set_total", None)
@@ -295,8 +301,11 @@ class _Loop:
             for name in [n for n in self.pruned if last_read.get(n, -1) < stage.number]:
                 del self.pruned[name]
             shared: dict = {}  # targets reading the same input share what methods cache
+            stats_of = {id(view): capture.stats_of(view) for view in stage.views}
+            remote = (self._rebuild_remotely(stage.views, methods, stats_of, shared)
+                      if self.remote is not None else {})
             for view in stage.views:
-                stats = capture.stats_of(view)
+                stats = stats_of.pop(id(view))
                 if cache is not None:
                     cache.keep(view, stats, config)
                 capture.release(view)
@@ -310,7 +319,7 @@ class _Loop:
                     log.warning("%s: %d calibration tokens had NaN/Inf inputs and were left "
                                 "out", target.name, stats.nonfinite)
                 self._prune(target, methods[target.name], view, stats,
-                            shared.setdefault(view.inputs, {}))
+                            shared.setdefault(view.inputs, {}), rebuilt=remote.get(target.name))
 
     def calibrates(self, method: Method) -> bool:
         """Whether a target pruned by `method` gets calibration statistics."""
@@ -346,25 +355,50 @@ class _Loop:
 
     # ------------------------------------------------------------------ one target
 
-    def _prune(self, target: WeightTarget, method: Method, view=None, stats=None,
-               shared: dict | None = None, note: str = "") -> None:
-        started = time.perf_counter()
+    def _job(self, target: WeightTarget, method: Method, weights: np.ndarray, view, stats,
+             shared: dict | None) -> Job:
+        """What `method` gets for `target`: its weights, plan, statistics and masks."""
         plan = self.plan[target.name]
         if method.name != plan.method:
             plan = replace(plan, method=method.name)
+        keep = self.masks.get(target.name)
+        grid = target.quant.grid(self.loaded.base_dir) if target.quant is not None else None
+        return Job(target, weights, plan, self.config.seed, view, stats, keep,
+                   self.fixed_masks and keep is not None, {} if shared is None else shared,
+                   self.config, grid)
+
+    def _rebuild_remotely(self, stage_views, methods: dict[str, Method], stats_of,
+                          shared: dict) -> dict:
+        """Submit the reconstructions of a stage's targets as Ray tasks, all at once (they
+        are independent); handles by target name, collected in target order by `_prune`."""
+        handles: dict = {}
+        remote = self.remote
+        if remote is None:
+            return handles
+        for view in stage_views:
+            stats = stats_of[id(view)]
+            method = methods[view.target.name]
+            if stats.tokens == 0 or not method.reconstructs:
+                continue
+            weights = read_weights(view.target, self.loaded.base_dir, writable=True)
+            job = self._job(view.target, method, weights, view, stats,
+                            shared.setdefault(view.inputs, {}))
+            handles[view.target.name] = remote.submit(method, job)
+        return handles
+
+    def _prune(self, target: WeightTarget, method: Method, view=None, stats=None,
+               shared: dict | None = None, note: str = "", rebuilt=None) -> None:
+        started = time.perf_counter()
         weights = read_weights(target, self.loaded.base_dir, writable=True)
         zeros_before = kernels.count_zeros(weights)
-        keep = self.masks.get(target.name)
-        fixed_keep = keep if self.fixed_masks else None  # the mask to apply exactly, if any
-        fixed = fixed_keep is not None
         original = None
         if stats is not None and stats.hessian is not None:  # before pruning, for the error
             original = view.to_obs(weights)
             if np.shares_memory(original, weights):  # weights are masked in place below
                 original = original.copy()
-        grid = target.quant.grid(self.loaded.base_dir) if target.quant is not None else None
-        job = Job(target, weights, plan, self.config.seed, view, stats, keep, fixed,
-                  {} if shared is None else shared, self.config, grid)
+        job = self._job(target, method, weights, view, stats, shared)
+        plan, keep, fixed, grid = job.plan, job.keep, job.fixed, job.grid
+        fixed_keep = keep if fixed else None  # the mask to apply exactly, if any
         calibrated = view is not None and stats is not None
         planned = (int(np.count_nonzero(~fixed_keep)) if fixed_keep is not None
                    else _planned_count(target, plan, method, view))
@@ -372,7 +406,8 @@ class _Loop:
             if view is None and method.needs > Needs.NOTHING:
                 raise ConfigError(f"{target.name}: method {method.name} needs calibration "
                                   "statistics")
-            weights = method.reconstruct(job)
+            weights = (method.reconstruct(job) if rebuilt is None or self.remote is None
+                       else self.remote.result(rebuilt))
             zeros = kernels.count_zeros(weights)
         elif fixed_keep is not None:
             zeros = kernels.apply_mask(weights, fixed_keep)

@@ -16,7 +16,7 @@ import json
 import logging
 import math
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -167,10 +167,12 @@ def check_levels(levels: Sequence[float]) -> list[float]:
 
 def analyze(loaded: LoadedModel, config: PruneConfig, *,
             levels: Sequence[float] = DEFAULT_LEVELS, feeds: Sequence[Feed] | None = None,
-            progress: SweepProgress | None = None) -> SensitivityResult:
+            progress: SweepProgress | None = None,
+            only: Collection[str] | None = None) -> SensitivityResult:
     """The sensitivity curve of every target of `loaded` selected by `config` (its method,
     pattern, selection, calibration); the model is left as it was. With an N:M pattern each
-    target has one point, the pattern's own sparsity."""
+    target has one point, the pattern's own sparsity. `only`: the targets of these names
+    (a worker's share of a sweep spread over several)."""
     from .calib import calibration_feeds
     from .pipeline import selection_of
     from .registry import METHODS
@@ -181,6 +183,8 @@ def analyze(loaded: LoadedModel, config: PruneConfig, *,
     if not targets:
         raise NothingToPruneError(f"nothing to analyse: no tensor qualified as a target "
                                   f"({len(skipped)} skipped; run `onnxprune inspect`)")
+    if only is not None:
+        targets = [t for t in targets if t.name in only]
     synthetic = feeds is None and config.calib is None
     if feeds is None:
         feeds = calibration_feeds(config, loaded.proto)

@@ -201,6 +201,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
                           latency_table=args.latency_table,
                           latency_threads=args.latency_threads,
                           latency_calibrate=args.latency_calibrate,
+                          ray_address=args.ray_address,
                           allow_norm=args.allow_norm, allow_hidden=args.allow_hidden,
                           permute_channels=args.permute_channels,
                           min_target_sparsity=args.min_target_sparsity,
@@ -479,9 +480,17 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
     folder = Path(args.output)
     if folder.exists() and not folder.is_dir():
         raise ConfigError(f"-o {folder}: not a folder")
-    loaded = load_model(args.model)
-    with _sweep_progress(args, levels) as progress:
-        result = _sensitivity_curves(loaded, config, levels, progress)
+    if (args.workers or 1) > 1 or args.ray_address:
+        if structured:
+            raise ConfigError("sensitivity --structure runs in one process: --workers and "
+                              "--ray-address apply to per-target curves")
+        from ..search.distributed import sweep_in_workers
+
+        result = sweep_in_workers(args.model, config, levels, args.workers, args.ray_address)
+    else:
+        loaded = load_model(args.model)
+        with _sweep_progress(args, levels) as progress:
+            result = _sensitivity_curves(loaded, config, levels, progress)
     folder.mkdir(parents=True, exist_ok=True)
     stem = Path(args.model).name.removesuffix(".onnx")
     json_path = folder / f"{stem}.sensitivity.json"
@@ -579,7 +588,8 @@ def cmd_search(args: argparse.Namespace) -> int:
     result = search(args.model, args.output, space=space, base=base, constraint=constraint,
                     objective=args.objective, data=args.data, samples=args.samples,
                     workers=args.workers, ray_address=args.ray_address,
-                    max_trials=args.trials, on_trial=None if args.quiet else on_trial)
+                    max_trials=args.trials, searcher=args.searcher,
+                    on_trial=None if args.quiet else on_trial)
     summary = json.loads(result.files["json"].read_text()) if "json" in result.files else {}
     summary.pop("trials", None)
     if args.json:

@@ -345,6 +345,10 @@ def build_parser(with_parts: bool = True) -> _Parser:
                        help="sequential (default for sparsegpt and admm): each layer calibrated "
                             "on the already pruned model; one-pass: all on the dense model "
                             "(faster)")
+    calib.add_argument("--ray-address", default=None, metavar="ADDR",
+                       help="run each calibration stage's reconstructions (sparsegpt, admm) "
+                            "as tasks on this Ray cluster, 'local' to start one here; the "
+                            "output is the serial run's (pip install 'onnxprune[ray]')")
     calib.add_argument("--measure-error", action="store_true",
                        help="calibrate every target to report its reconstruction error, "
                             "also for methods that need no calibration and where one-pass "
@@ -438,7 +442,13 @@ def _add_search_parser(commands) -> None:
                        help="what the best candidate has: the highest sparsity, the smallest "
                             "file (with --format), or the lowest onnxruntime latency [sparsity]")
     space.add_argument("--trials", type=_at_least(1), default=None, metavar="N",
-                       help="stop after N trials (the best so far is written)")
+                       help="stop after N trials (the best so far is written) [bisect: "
+                            "until every bisection ends; optuna: 40]")
+    space.add_argument("--searcher", choices=("bisect", "optuna"), default="bisect",
+                       help="bisect: a bisection over the sparsity levels per candidate "
+                            "(deterministic, the same answer for any --workers); optuna: "
+                            "TPE over candidates and levels together, for large spaces "
+                            "(pip install 'onnxprune[search]') [bisect]")
     run = search.add_argument_group("where trials run")
     run.add_argument("--workers", type=_at_least(1), default=None, metavar="N",
                      help="trials at once, in local processes [the CPUs of this machine]")
@@ -490,6 +500,12 @@ def _add_sensitivity_parser(commands) -> None:
     sensitivity.add_argument("--calib-samples", type=int, metavar="N",
                              help="use at most N samples")
     sensitivity.add_argument("--seed", type=int, default=0, help="synthetic inputs [0]")
+    sensitivity.add_argument("--workers", type=_at_least(1), default=None, metavar="N",
+                             help="sweep the targets in N local processes (the curves are "
+                                  "the serial ones) [1]")
+    sensitivity.add_argument("--ray-address", default=None, metavar="ADDR",
+                             help="sweep the targets on this Ray cluster ('local': start "
+                                  "one here; pip install 'onnxprune[ray]')")
     _add_shape_options(sensitivity)
     _add_selection_options(sensitivity)
     structured = sensitivity.add_argument_group("structured curves (for --structure S "

@@ -35,7 +35,9 @@ from .trials import OBJECTIVES, Constraint, SearchJob, Trial, TrialResult, evalu
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Constraint", "SearchResult", "SearchSpace", "search"]
+__all__ = ["SEARCHERS", "Constraint", "SearchResult", "SearchSpace", "search"]
+
+SEARCHERS = ("bisect", "optuna")
 
 
 @dataclass
@@ -54,9 +56,11 @@ def search(model: str | os.PathLike, output: str | os.PathLike, *, space: Search
            base: PruneConfig, constraint: Constraint, objective: str = "sparsity",
            data: str | None = None, samples: int | None = None, workers: int | None = None,
            ray_address: str | None = None, max_trials: int | None = None,
+           searcher: str = "bisect",
            on_trial: Callable[[TrialResult, Candidate], None] | None = None) -> SearchResult:
     """Search `space` for the best model under `constraint`; write it to `output`, and the
-    trial table and Pareto plot beside it (`table.side_paths`)."""
+    trial table and Pareto plot beside it (`table.side_paths`). `searcher`: "bisect" (a
+    bisection per candidate, the default) or "optuna" (TPE over everything, `tpe.py`)."""
     from ..calib.cache import CalibrationCache
     from ..io import check_output_path, load_model
     from ..pipeline import gather_statistics
@@ -64,6 +68,8 @@ def search(model: str | os.PathLike, output: str | os.PathLike, *, space: Search
     started = time.perf_counter()
     if objective not in OBJECTIVES:
         raise ConfigError(f"--objective must be one of {', '.join(OBJECTIVES)}")
+    if searcher not in SEARCHERS:
+        raise ConfigError(f"--searcher must be one of {', '.join(SEARCHERS)}")
     if max_trials is not None and max_trials < 1:
         raise ConfigError(f"--trials must be at least 1, got {max_trials}")
     model, output = Path(model).resolve(), Path(output)
@@ -88,7 +94,17 @@ def search(model: str | os.PathLike, output: str | os.PathLike, *, space: Search
     try:
         runner = make_runner(job, workers, ray_address)
         try:
-            _run(runner, candidates, result, workdir, objective, max_trials, on_trial)
+            if searcher == "optuna":
+                from .tpe import run_tpe, tpe_answers
+
+                record = _recorder(result, workdir, candidates, on_trial)
+                try:
+                    run_tpe(runner, candidates, record, objective, max_trials, base.seed)
+                finally:
+                    result.answers = tpe_answers(candidates, result.trials)
+                    result.exhausted = True  # TPE has no end of its own: its budget ends it
+            else:
+                _run(runner, candidates, result, workdir, objective, max_trials, on_trial)
         except KeyboardInterrupt:
             result.interrupted = True
             log.warning("interrupted: keeping the %d finished trial(s)", len(result.trials))
@@ -126,11 +142,31 @@ def _check_dense(constraint: Constraint, model: Path) -> None:
     log.info("dense model: --eval-cmd gives %g", value)
 
 
+def _recorder(result: SearchResult, workdir: Path, candidates: list[Candidate], on_trial):
+    """What happens to every finished trial: its model kept (a remote worker's written
+    here), models no answer needs dropped, the caller told."""
+    by_number = {c.number: c for c in candidates}
+
+    def record(finished: TrialResult) -> None:
+        if finished.model_bytes is not None:  # a remote worker's model
+            path = workdir / f"trial-{finished.number}.onnx"
+            path.write_bytes(finished.model_bytes)
+            finished.model_bytes = None
+            finished.path = str(path)
+        result.trials.append(finished)
+        _drop_unneeded(result)
+        if on_trial is not None:
+            on_trial(finished, by_number[finished.candidate])
+
+    return record
+
+
 def _run(runner, candidates: list[Candidate], result: SearchResult, workdir: Path,
          objective: str, max_trials: int | None, on_trial) -> None:
     """Fill the workers with the levels the bisections want, until all are done."""
     bisections = {c.number: Bisection(c.levels) for c in candidates}
     by_number = {c.number: c for c in candidates}
+    record = _recorder(result, workdir, candidates, on_trial)
     pending: dict[object, Trial] = {}
     started = 0
     while True:
@@ -154,16 +190,8 @@ def _run(runner, candidates: list[Candidate], result: SearchResult, workdir: Pat
             break
         for handle, finished in runner.wait(pending):
             pending.pop(handle)
-            if finished.model_bytes is not None:  # a remote worker's model
-                path = workdir / f"trial-{finished.number}.onnx"
-                path.write_bytes(finished.model_bytes)
-                finished.model_bytes = None
-                finished.path = str(path)
-            result.trials.append(finished)
             bisections[finished.candidate].record(finished.level, finished.passed)
-            _drop_unneeded(result)
-            if on_trial is not None:
-                on_trial(finished, by_number[finished.candidate])
+            record(finished)
     result.exhausted = not all(b.done for b in bisections.values())
     for number, bisection in bisections.items():
         answer = bisection.answer if bisection.done else None
