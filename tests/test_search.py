@@ -10,11 +10,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import MODELS_DIR
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import onnxprune
-from conftest import MODELS_DIR
 from onnxprune.cli import main
 from onnxprune.config import PruneConfig
 from onnxprune.errors import ConfigError
@@ -224,3 +224,17 @@ def test_a_search_file_gives_choices_and_base_options(tmp_path) -> None:
     with pytest.raises(ConfigError, match="unknown table"):
         (tmp_path / "bad.toml").write_text("[spaces]\n")
         load_space(tmp_path / "bad.toml")
+
+
+def test_the_optuna_searcher_is_reproducible_and_keeps_to_its_budget(tmp_path) -> None:
+    pytest.importorskip("optuna")
+    space = SearchSpace({"method": ["magnitude", "wanda"]}, {}, (0.3, 0.95), 0.01)
+    runs = [search(DIGITS, tmp_path / f"{n}.onnx", space=space,
+                   base=PruneConfig(calib=str(DATA), calib_samples=100),
+                   constraint=Constraint(min_top1=0.97), data=str(DATA), workers=1,
+                   max_trials=12, searcher="optuna") for n in (1, 2)]
+    first, second = ([(t.candidate, t.sparsity, t.passed) for t in r.trials] for r in runs)
+    assert first == second and len(first) == 12
+    best = runs[0].best
+    assert best is not None and best.passed
+    assert best.sparsity == max(t.sparsity for t in runs[0].trials if t.passed)

@@ -2,16 +2,14 @@
 
 Install with ``pip install 'onnxprune[olive]'`` (Olive 0.13, which brings torch; its CPU build
 is enough). Olive finds passes through a package config, not entry points, and
-``--package-config`` replaces Olive's own list of passes instead of adding to it: the file
-shipped here, `PACKAGE_CONFIG`, is Olive 0.13's list with `OnnxPrune` added, so a workflow
-can prune and then quantize::
+``--package-config`` replaces Olive's own list of passes instead of adding to it. So the
+package config is made from the installed Olive's list with `OnnxPrune` added
+(`package_config()`), written once per Olive version into onnxprune's cache folder
+(`package_config_path()`), whose path ``python -m onnxprune.integrations.olive`` prints::
 
-    olive run --config workflow.json --package-config \\
-        "$(python -c 'import onnxprune.integrations.olive as o; print(o.PACKAGE_CONFIG)')"
+    olive run --config workflow.json --package-config "$(python -m onnxprune.integrations.olive)"
 
-In Python, ``olive.workflows.run(config, package_config=package_config())`` does the same
-with the list of whichever Olive is installed (`package_config()` is also how the shipped
-file is made).
+In Python, ``olive.workflows.run(config, package_config=package_config_path())``.
 
 The pass config takes the prune options under their Python names (the keywords of
 `onnxprune.prune`: ``sparsity``, ``method``, ``pattern``, ``structure``, ``allocation``,
@@ -30,9 +28,10 @@ import difflib
 import functools
 import json
 import logging
+import os
 import tempfile
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
 import onnx
@@ -58,7 +57,6 @@ except ModuleNotFoundError:  # Python 3.10
 log = logging.getLogger(__name__)
 
 PASS_NAME = "OnnxPrune"
-PACKAGE_CONFIG = Path(__file__).with_name("olive_config.json")
 REPORT_NAME = "onnxprune_report.json"
 # what a search tries when the workflow searches and the pass config leaves these out
 SPARSITY_SEARCH = (0.3, 0.5, 0.7)
@@ -105,16 +103,21 @@ PRUNE_OPTIONS: dict[str, tuple[Any, str]] = {
                                 "allocate once more when it misses the budget [true]"),
     "allow_norm": (bool, "structured: let groups run through a norm over their channels"),
     "allow_hidden": (bool, "structured: let a transformer's residual stream be a group"),
+    "ray_address": (str, "run each calibration stage's reconstructions as tasks on this Ray "
+                         "cluster ('local': start one); the output is the serial run's"),
 }
-SEARCHED = {"sparsity": Categorical(list(SPARSITY_SEARCH)),
-            "method": Categorical(list(METHOD_SEARCH))}
+SEARCHED = {"sparsity": SPARSITY_SEARCH, "method": METHOD_SEARCH}
 PATH_OPTIONS = ("latency_table",)
 # recipe keys that are command-line options the pass has no use for (it writes the report
-# itself and takes calibration data from data_config)
-COMMAND_LINE_ONLY = ("report", "save_masks", "apply_masks", "fsync", "schedule", "steps",
+# itself, and takes calibration data from data_config), with what to give instead
+COMMAND_LINE_ONLY = {
+    **dict.fromkeys(("report", "save_masks", "apply_masks", "fsync", "schedule", "steps",
                      "rounds", "retrain_cmd", "rewind", "keep_last_good", "validate", "data",
                      "samples", "atol", "rtol", "min_cosine", "min_top1", "timing",
-                     "input_shapes", "dim", "verbose", "quiet")
+                     "timing_runs", "verbose", "quiet"), ""),
+    "dim": " (give synthetic_dims in the pass config)",
+    "input_shapes": " (give synthetic_shapes in the pass config)",
+}
 
 
 @functools.cache
@@ -132,13 +135,12 @@ class OnnxPrune(Pass):
     """Prune the weights of an ONNX model with onnxprune: unstructured, N:M or structured,
     calibrated on the batches of `data_config`."""
 
-    _accepts_composite_model: ClassVar[bool] = False
-
     @classmethod
     def _default_config(cls, accelerator_spec) -> dict[str, PassConfigParam]:
         config = {
             name: PassConfigParam(type_=kind, default_value=None, description=text,
-                                  search_defaults=SEARCHED.get(name),
+                                  search_defaults=Categorical(list(SEARCHED[name]))
+                                  if name in SEARCHED else None,
                                   category=ParamCategory.PATH if name in PATH_OPTIONS
                                   else ParamCategory.NONE)
             for name, (kind, text) in PRUNE_OPTIONS.items()}
@@ -214,9 +216,9 @@ def _refuse_unknown(cls, data: Any) -> Any:
         known = sorted(cls.model_fields)
         for key in sorted(set(data) - set(known)):
             close = difflib.get_close_matches(key, known, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ValueError(f"{PASS_NAME}: unknown option {key!r}{hint}; the options are "
-                             f"{', '.join(known)}")
+            hint = (f"did you mean {close[0]!r}?" if close
+                    else f"the options are {', '.join(known)}")
+            raise ValueError(f"{PASS_NAME}: unknown option {key!r} ({hint})")
     return data
 
 
@@ -248,7 +250,7 @@ def recipe_settings(path: Path) -> dict[str, Any]:
             settings[key] = value
         elif key in COMMAND_LINE_ONLY:
             raise ValueError(f"{PASS_NAME}: {path}: {key!r} is a command-line option the "
-                             "Olive pass does not take")
+                             f"Olive pass does not take{COMMAND_LINE_ONLY[key]}")
         else:
             raise ValueError(f"{PASS_NAME}: {path}: unknown key {key!r} (keys are prune "
                              "options with '_' for '-', e.g. min_size)")
@@ -260,8 +262,8 @@ def write_calibration(data_config: DataConfig | dict, model: ONNXModelHandler, f
     """The batches of the data config's calibration dataloader as `.npz` files in `folder`,
     keyed by graph input name (at most `limit` of them): the calibration folder of
     `onnxprune.prune`."""
-    container = validate_config(data_config, DataConfig).to_data_container()
-    reader = container.create_calibration_dataloader(model_path=model.model_path,
+    data = validate_config(data_config, DataConfig)
+    reader = data.to_data_container().create_calibration_dataloader(model_path=model.model_path,
                                                      io_config=model.io_config)
     folder.mkdir()
     count = 0
@@ -273,15 +275,14 @@ def write_calibration(data_config: DataConfig | dict, model: ONNXModelHandler, f
         np.savez(folder / f"batch_{count:06d}.npz", **arrays)
         count += 1
     if count == 0:
-        raise ValueError(f"{PASS_NAME}: the calibration data config "
-                         f"{getattr(data_config, 'name', '')!r} gave no batch")
+        raise ValueError(f"{PASS_NAME}: the calibration data config {data.name!r} gave no "
+                         "batch")
     log.debug("%s: %d calibration batches written to %s", PASS_NAME, count, folder)
     return folder
 
 
 def package_config() -> dict[str, Any]:
-    """The installed Olive's package config with `OnnxPrune` added (what `PACKAGE_CONFIG`
-    holds for Olive 0.13)."""
+    """The installed Olive's package config with `OnnxPrune` added."""
     default = Path(OlivePackageConfig.get_default_config_path())
     config = json.loads(default.read_text(encoding="utf-8"))
     config["passes"][PASS_NAME] = {
@@ -294,3 +295,23 @@ def package_config() -> dict[str, Any]:
         "dataset": "dataset_optional",
     }
     return config
+
+
+def package_config_path() -> Path:
+    """`package_config()` as a file (written once per Olive version, atomically), for
+    ``olive run --package-config``."""
+    from importlib.metadata import version
+
+    from onnxprune.io import write_file_atomically
+
+    folder = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "onnxprune"
+    path = folder / f"olive-{version('olive-ai')}-package-config.json"
+    text = json.dumps(package_config(), indent=2)
+    if not path.is_file() or path.read_text(encoding="utf-8") != text:
+        folder.mkdir(parents=True, exist_ok=True)
+        write_file_atomically(path, lambda fh: fh.write(text), binary=False)
+    return path
+
+
+if __name__ == "__main__":
+    print(package_config_path())
