@@ -161,6 +161,10 @@ def test_a_command_that_prints_no_number_makes_failed_trials(tmp_path) -> None:
     (["--eval-cmd", "true", "--min", "1"], "must contain {model}"),
     (["--min-top1", "0.9", "--min", "1"], "--min/--max apply to --eval-cmd only"),
     (["--min-top1", "0.9", "--sparsity-range", "0.9,0.5"], "sparsity range"),
+    # refused before any worker starts, not as failed trials
+    (["--min-top1", "0.9", "--data", "missing.npz", "--workers", "2"], "no such file"),
+    (["--min-top1", "0.9", "--method", "magnitude,bogus", "--workers", "2"],
+     "unknown method 'bogus'"),
 ])
 def test_bad_search_options_are_one_line_errors(tmp_path, capsys, args, words) -> None:
     assert main(["search", str(DIGITS), "-o", str(tmp_path / "o.onnx"), *args]) == 2

@@ -78,6 +78,7 @@ def search(model: str | os.PathLike, output: str | os.PathLike, *, space: Search
     candidates = space.candidates()
     base = base.replace(**space.base) if space.base else base
     configs = [base.replace(**c.settings, sparsity=c.levels[0]) for c in candidates]
+    _check_settings(configs, loaded, data, samples)
     if constraint.eval_cmd is not None:
         _check_dense(constraint, model)
     cache = CalibrationCache()
@@ -131,6 +132,19 @@ def search(model: str | os.PathLike, output: str | os.PathLike, *, space: Search
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     return result
+
+
+def _check_settings(configs: list[PruneConfig], loaded, data: str | None,
+                    samples: int | None) -> None:
+    """Refuse up front what every trial would fail on: unknown parts, unreadable data."""
+    from ..inputs import load_npz_inputs
+    from ..registry import ALLOCATIONS, METHODS
+
+    for config in configs:
+        METHODS.build(config.method, config.options)
+        ALLOCATIONS.build(config.allocation_name, config.options)
+    if data is not None:
+        load_npz_inputs(data, loaded.proto, samples)
 
 
 def _check_dense(constraint: Constraint, model: Path) -> None:
