@@ -301,11 +301,12 @@ class _Loop:
             for name in [n for n in self.pruned if last_read.get(n, -1) < stage.number]:
                 del self.pruned[name]
             shared: dict = {}  # targets reading the same input share what methods cache
-            stats_of = {id(view): capture.stats_of(view) for view in stage.views}
-            remote = (self._rebuild_remotely(stage.views, methods, stats_of, shared)
-                      if self.remote is not None else {})
+            # remote rebuilds are submitted for the whole stage first (they run meanwhile)
+            stats_of = ({id(view): capture.stats_of(view) for view in stage.views}
+                        if self.remote is not None else {})
+            remote = self._rebuild_remotely(stage.views, methods, stats_of, shared)
             for view in stage.views:
-                stats = stats_of.pop(id(view))
+                stats = stats_of.pop(id(view), None) or capture.stats_of(view)
                 if cache is not None:
                     cache.keep(view, stats, config)
                 capture.release(view)
