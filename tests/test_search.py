@@ -242,3 +242,21 @@ def test_the_optuna_searcher_is_reproducible_and_keeps_to_its_budget(tmp_path) -
     best = runs[0].best
     assert best is not None and best.passed
     assert best.sparsity == max(t.sparsity for t in runs[0].trials if t.passed)
+
+
+def test_a_moved_calibration_cache_finds_its_statistics_under_the_new_path(tmp_path) -> None:
+    """A remote worker reads the calibration file from its own copy: the statistics the
+    search captured are found there, not captured again."""
+    from onnxprune.calib.cache import CalibrationCache
+    from onnxprune.io import load_model
+    from onnxprune.pipeline import gather_statistics
+
+    copy = tmp_path / "copy.npz"
+    copy.write_bytes(DATA.read_bytes())
+    config = PruneConfig(method="wanda", calib=str(DATA), calib_samples=50)
+    cache = CalibrationCache()
+    loaded = load_model(DIGITS)
+    assert gather_statistics(loaded, config, cache) == 2
+    moved = cache.moved(str(DATA), str(copy))
+    assert gather_statistics(loaded, config.replace(calib=str(copy)), moved) == 0
+    assert gather_statistics(loaded, config.replace(calib=str(copy)), cache) == 2

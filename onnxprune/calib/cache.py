@@ -44,6 +44,15 @@ class CalibrationCache:
     def keep(self, view: TargetView, stats: ActivationStats, config) -> None:
         self._stats[_samples_key(config), view.inputs] = stats
 
+    def moved(self, old: str, new: str) -> CalibrationCache:
+        """The cache for runs that read the same samples from `new` instead of `old` (a
+        remote worker's copy of the calibration file)."""
+        def rekey(key: tuple) -> tuple:
+            return (new, *key[1:]) if key[0] == old else key
+
+        return CalibrationCache({rekey(k): v for k, v in self._feeds.items()},
+                                {(rekey(k[0]), k[1]): v for k, v in self._stats.items()})
+
     def __len__(self) -> int:
         return len(self._stats)
 

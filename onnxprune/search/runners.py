@@ -4,8 +4,9 @@ Every runner takes trials with `submit` and hands back finished ones with `wait`
 order they finish; the search's answer does not depend on which runner or how many
 workers (`bisection.py`). Local processes are spawned, not forked (onnxruntime and numba
 threads do not survive a fork), and keep their state across trials (`trials.run_trial`).
-With Ray, the model and the check's data go into Ray's object store once and each worker
-writes them to its own temporary folder once, so a cluster needs no shared file system.
+With Ray, the model, the check's data and the calibration file go into Ray's object store
+once and each worker writes them to its own temporary folder once, so a cluster needs no
+shared file system (the one-pass statistics captured here travel with the job).
 """
 
 from __future__ import annotations
@@ -111,6 +112,11 @@ class RayCluster(Runner):
             files["model.data"] = _read(str(data_dir))
         if job.data is not None and Path(job.data).is_file():
             files["data"] = _read(job.data)
+        if job.base.calib is not None:
+            if not Path(job.base.calib).is_file():
+                raise ConfigError("--ray-address ships --calib to the workers: give one .npz "
+                                  "file")
+            files["calib"] = _read(job.base.calib)
         self._files = ray.put(files)
         self._job = ray.put(job)
         self._remote = ray.remote(num_cpus=1)(_ray_trial)
@@ -152,6 +158,12 @@ def _ray_trial(job: SearchJob, files: dict[str, bytes], trial: Trial) -> TrialRe
         workdir.mkdir()
         local = replace(job, model=str(model), data=str(data) if data else job.data,
                         workdir=str(workdir))
+        if "calib" in files and job.base.calib is not None:
+            calib = folder / "calib.npz"
+            calib.write_bytes(files["calib"])
+            cache = job.calibration.moved(job.base.calib, str(calib)) if job.calibration \
+                else None
+            local = replace(local, base=job.base.replace(calib=str(calib)), calibration=cache)
         _LOCAL_COPIES[job.key] = local
     result = run_trial(local, trial)
     if result.path is not None:  # the model travels back: the search keeps the best
