@@ -22,6 +22,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto
 
+from .errors import OnnxPruneError
 from .graph import Scope, StoredTensor, attribute, constant_tensor
 from .io import read_array
 
@@ -48,6 +49,10 @@ QUANTIZED_OPS: dict[str, tuple[tuple[str, ...], dict[int, tuple[int | None, int]
     "DynamicQuantizeLSTM": ((MS_DOMAIN,), {1: (8, 9), 2: (10, 11)}),
     "MatMulNBits": ((MS_DOMAIN,), {1: (2, 3)}),
 }
+
+
+class QuantizedValuesError(OnnxPruneError):
+    """A quantized weight's scale values make no grid (NaN, infinite, overflowing)."""
 
 
 class Unsupported(Exception):
@@ -139,6 +144,13 @@ class QuantizedWeight:
             zero = _unpack_bits(packed, self.bits)[:, :blocks]
         else:
             zero = np.asarray(read_array(self.zero_point, base_dir)).astype(np.int32)
+        if not np.isfinite(scale).all():
+            raise QuantizedValuesError(f"{self.op}: its scale holds NaN or infinite values")
+        reach = max(abs(self.qmin - int(zero.min(initial=0))),
+                    abs(self.qmax - int(zero.max(initial=0))))
+        if float(np.abs(scale).max(initial=0.0)) * reach > np.finfo(np.float32).max:
+            raise QuantizedValuesError(f"{self.op}: its scale is so large that the weights "
+                                       "overflow float32")
         return Grid(self._spread(scale), self._spread(zero), self.qmin, self.qmax)
 
     def _spread(self, values: np.ndarray) -> np.ndarray:
@@ -253,6 +265,14 @@ def _same_grid(a: QuantizedWeight, b: QuantizedWeight) -> bool:
             and a.block_size == b.block_size and a.bits == b.bits)
 
 
+def _int_attribute(node: onnx.NodeProto, name: str, default: int) -> int:
+    """An integer attribute, or `Unsupported` naming it when it holds something else."""
+    value = attribute(node, name, default)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise Unsupported(node.op_type, f"its attribute {name} is not an integer")
+    return value
+
+
 def _describe(item: StoredTensor, node: onnx.NodeProto, slot: int, scope: Scope,
               values: StaticValues) -> QuantizedWeight:
     op = node.op_type
@@ -284,6 +304,8 @@ def _describe(item: StoredTensor, node: onnx.NodeProto, slot: int, scope: Scope,
     given = scale if scale is not None else zero
     grid_shape = tuple(int(d) for d in given.dims) if given is not None else ()
     count = math.prod(grid_shape)
+    if scale is not None and zero is not None and math.prod(zero.dims) != count:
+        raise Unsupported(op, f"{math.prod(zero.dims)} zero points for {count} scales")
 
     def made(view: tuple[int, ...], block_axis: int = -1, block_size: int = 0
              ) -> QuantizedWeight:
@@ -292,9 +314,9 @@ def _describe(item: StoredTensor, node: onnx.NodeProto, slot: int, scope: Scope,
     if count == 1:
         return made((1,) * rank)
     if op == "DequantizeLinear":
-        axis = int(attribute(node, "axis", 1))
+        axis = _int_attribute(node, "axis", 1)
         axis = axis + rank if axis < 0 else axis
-        block = int(attribute(node, "block_size", 0))
+        block = _int_attribute(node, "block_size", 0)
         if not 0 <= axis < rank:
             raise Unsupported(op, f"axis {axis} is outside the weight's rank {rank}")
         if block:
@@ -308,7 +330,7 @@ def _describe(item: StoredTensor, node: onnx.NodeProto, slot: int, scope: Scope,
     if op in ("QLinearMatMul", "MatMulInteger"):
         return made(_axis_view(rank, rank - 1, count, shape, op))
     if op == "QGemm":
-        axis = 0 if attribute(node, "transB", 0) else 1
+        axis = 0 if _int_attribute(node, "transB", 0) else 1
         return made(_axis_view(rank, axis, count, shape, op))
     # DynamicQuantizeLSTM: [directions] or [directions, 4*hidden] over [dirs, in, 4*hidden]
     if len(grid_shape) == 1 and rank == 3 and count == shape[0]:
@@ -330,9 +352,9 @@ def _axis_view(rank: int, axis: int, count: int, shape: tuple[int, ...], op: str
 def _nbits(item: StoredTensor, node: onnx.NodeProto, scale: TensorProto | None,
            zero: TensorProto | None, slot: int, scope: Scope) -> QuantizedWeight:
     op = "MatMulNBits"
-    bits = int(attribute(node, "bits", 4))
-    k, n = int(attribute(node, "K", 0)), int(attribute(node, "N", 0))
-    block = int(attribute(node, "block_size", 0))
+    bits = _int_attribute(node, "bits", 4)
+    k, n = _int_attribute(node, "K", 0), _int_attribute(node, "N", 0)
+    block = _int_attribute(node, "block_size", 0)
     if len(node.input) > 4 and node.input[4]:
         raise Unsupported(op, "act-order weights (g_idx) are not supported")
     if bits not in (2, 4, 8) or k <= 0 or n <= 0 or block <= 0:
@@ -348,6 +370,9 @@ def _nbits(item: StoredTensor, node: onnx.NodeProto, scale: TensorProto | None,
         raise Unsupported(op, "its scales do not hold one value per block")
     if zero is not None and zero.data_type != TensorProto.UINT8:
         raise Unsupported(op, "float zero points put no weight exactly at zero")
+    if zero is not None and math.prod(zero.dims) != n * -(-blocks * bits // 8):
+        raise Unsupported(op, f"{math.prod(zero.dims)} packed zero points for {n} rows of "
+                              f"{blocks} blocks")
     return QuantizedWeight(op=op, stored_type=TensorProto.UINT8, shape=(n, k), scale=scale,
                            zero_point=zero, view=(n, blocks), block_axis=1, block_size=block,
                            bits=bits, default_zero=1 << (bits - 1))

@@ -298,7 +298,11 @@ def _classify_quantized(node: onnx.NodeProto, slot: int, rank: int):
             return "skip", (SkipCause.MATMUL_1D, {})
         return "weight", rank - 2
     if op == "QGemm":
+        if rank != 2:
+            return "skip", (SkipCause.GEMM_NOT_2D, {})
         return "weight", 1 if attribute(node, "transB", 0) else 0
+    if op == "DynamicQuantizeLSTM" and rank != 3:
+        return "skip", (SkipCause.LOW_RANK_WEIGHT, {"op": op, "rank": rank})
     return "weight", 1  # MatMulNBits [N, K]; DynamicQuantizeLSTM [dirs, inputs, 4*hidden]
 
 

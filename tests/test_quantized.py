@@ -479,3 +479,107 @@ def test_compact_of_an_asymmetric_int8_weight_stays_dense_with_a_warning(
     assert targets and all(t["format"] == "dense" for t in targets)
     assert all("quantize with symmetric weights" in t["format_reason"] for t in targets)
     assert "zero points are not 0" in capsys.readouterr().err
+
+
+# --- found by tools/fuzz.py --quantized: each failed before its fix -----------------------
+
+def test_sequential_calibration_of_int4_weights_writes_their_packed_bytes(
+        quantized, tmp_path) -> None:
+    """Stage sessions replace a pruned int4 weight by its packed bytes (it was an internal
+    error: the stage model wanted an int4 array)."""
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, pixels=PIXELS[:64])
+    out = tmp_path / "p.onnx"
+    assert main(["prune", str(quantized["qdq-int4-channel"]), "-o", str(out), "--method",
+                 "sparsegpt", "--min-size", "100", "--calib", str(calib), "-q"]) == 0
+    loaded, targets = _targets(out)
+    for target in targets:
+        grid = target.quant.grid(loaded.base_dir)
+        ints = target.quant.to_ints(read_array(target.stored_tensor, loaded.base_dir))
+        at_zero = ints == np.broadcast_to(grid.zero_point, ints.shape)
+        assert at_zero.sum() >= prune_count(target.numel, 0.5)
+    assert all(np.isfinite(o).all() for o in _run(out))
+
+
+def _with_scale(source: Path, folder: Path, value: float) -> Path:
+    model = onnx.load(source)
+    tensor = next(t for t in model.graph.initializer if t.name == "W1_scale")
+    scale = numpy_helper.to_array(tensor).copy()
+    scale[0] = value
+    tensor.CopyFrom(numpy_helper.from_array(scale, "W1_scale"))
+    path = folder / f"scale-{value}.onnx"
+    onnx.save(model, path)
+    return path
+
+
+@pytest.mark.parametrize(("value", "words"), [(np.inf, "NaN or infinite"),
+                                              (np.nan, "NaN or infinite"),
+                                              (3e38, "overflow float32")])
+def test_a_scale_that_makes_no_grid_is_refused_in_one_line(quantized, tmp_path, capsys,
+                                                           value, words) -> None:
+    path = _with_scale(quantized["qdq-int8-channel"], tmp_path, value)
+    out = tmp_path / "o.onnx"
+    assert main(["prune", str(path), "-o", str(out), "--min-size", "100"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and words in err[0] and "DequantizeLinear" in err[0]
+    assert not out.exists()
+
+
+def test_zero_points_that_do_not_match_the_scales_are_skipped_with_the_reason() -> None:
+    q = numpy_helper.from_array(np.ones((16, 8), np.int8), "Wq")
+    graph = helper.make_graph(
+        [helper.make_node("DequantizeLinear", ["Wq", "s", "z"], ["W"], axis=1),
+         helper.make_node("MatMul", ["x", "W"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 8])],
+        [q, numpy_helper.from_array(np.ones(8, np.float32), "s"),
+         numpy_helper.from_array(np.zeros(1, np.int8), "z")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    _, skipped = discover_targets(model, Selection(min_size=1))
+    skip = next(s for s in skipped if s.name == "Wq")
+    assert skip.cause is SkipCause.QUANTIZED_FORM
+    assert skip.detail["why"] == "1 zero points for 8 scales"
+
+
+def test_an_attribute_of_the_wrong_type_is_a_skip_not_a_crash() -> None:
+    model = _unsupported_model("float zero points")
+    node = model.graph.node[0]
+    bits = next(a for a in node.attribute if a.name == "bits")
+    node.attribute.remove(bits)
+    node.attribute.append(helper.make_attribute("bits", [4]))  # a list where an int goes
+    _, skipped = discover_targets(model, Selection(min_size=1))
+    skip = next(s for s in skipped if s.name == "Wq")
+    assert skip.detail == {"op": "MatMulNBits", "why": "its attribute bits is not an integer"}
+
+
+def test_a_compact_description_that_lies_about_the_type_is_refused(quantized, tmp_path,
+                                                                  capsys) -> None:
+    compact = tmp_path / "c.onnx"
+    assert main(["prune", str(quantized["qdq-int8-channel"]), "-o", str(compact),
+                 "--min-size", "100", "--format", "compact", "-q"]) == 0
+    model = onnx.load(compact)
+    node = next(n for n in model.graph.node if n.doc_string.startswith("onnxprune:compact"))
+    head, text = node.doc_string.split(" ", 1)
+    description = json.loads(text)
+    description["data_type"] = TensorProto.FLOAT  # the payload holds int8
+    node.doc_string = head + " " + json.dumps(description)
+    damaged = tmp_path / "damaged.onnx"
+    onnx.save(model, damaged)
+    assert main(["prune", str(damaged), "-o", str(tmp_path / "o.onnx")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "its description says float32, its values are int8" in err[0]
+
+
+def test_restoring_a_2_4_model_compact_finds_the_n_m_form(quantized, tmp_path) -> None:
+    """A model pruned 2:4 before (then quantized) and stored compact by a later run that
+    prunes nothing (--sparsity 0) gets the N:M form, not the larger bitmask."""
+    pruned, again = tmp_path / "p.onnx", tmp_path / "c.onnx"
+    report = tmp_path / "r.json"
+    assert main(["prune", str(quantized["qdq-int8-channel"]), "-o", str(pruned), "--pattern",
+                 "2:4", "--min-size", "100", "-q"]) == 0
+    assert main(["prune", str(pruned), "-o", str(again), "--sparsity", "0", "--format",
+                 "compact", "--min-size", "100", "--report", str(report), "-q"]) == 0
+    targets = json.loads(report.read_text())["targets"]
+    formats = {t["name"]: t["format"] for t in targets}
+    assert formats["W1_quantized"] == formats["W2_quantized"] == "compact-nm"
+    assert all(t["zeros"] == t["zeros_before"] for t in targets)  # nothing more pruned

@@ -28,6 +28,7 @@ from ..errors import CalibrationError
 from ..graph import GraphIndex, constant_tensor
 from ..inputs import Feed
 from ..io import LoadedModel
+from ..io.tensors import PACKED_TYPES
 from ..runtime import create_session, session_options
 from ..runtime import first_line as _first_line
 from .layouts import Layout, TargetView
@@ -272,6 +273,11 @@ class ActivationCapture:
             raise ValueError(f"weights[{name!r}] replaces no initializer or Constant of the "
                              "main graph")
         array = np.asarray(self.weights[name])
+        if stored.data_type in PACKED_TYPES and array.dtype == np.uint8 and array.ndim == 1:
+            # a quantized weight's new values as its raw packed bytes (int4, uint4)
+            packed = TensorProto(name=name, data_type=stored.data_type, dims=stored.dims)
+            packed.raw_data = array.tobytes()
+            return packed
         expected = helper.tensor_dtype_to_np_dtype(stored.data_type)
         if array.dtype != expected or array.shape != tuple(stored.dims):
             raise ValueError(f"weights[{name!r}] is {array.dtype}{list(array.shape)}; the "

@@ -292,6 +292,8 @@ def _store_compact(target: WeightTarget, weights: np.ndarray, pattern: Pattern,
                    forms: tuple[str, ...] | None = None,
                    write_payload: DenseWriter | None = None) -> StoreResult | Blocker:
     axis = target.reduction_axis
+    if not pattern.is_nm and _already_2_4(weights, axis):
+        pattern = Pattern(2, 4)  # pruned before (a re-stored model): the N:M form competes
     m = pattern.m if pattern.is_nm else 0
     rows = chunk_rows(weights.shape, axis, m)
     chunks = [weights[start:stop] for start, stop in rows]
@@ -362,6 +364,15 @@ def _store_compact(target: WeightTarget, weights: np.ndarray, pattern: Pattern,
         graph.value_info.append(value_info)
     add_metadata_format(model, "compact")
     return StoreResult(best.format, size)
+
+
+def _already_2_4(weights: np.ndarray, axis: int) -> bool:
+    """Whether every aligned group of 4 along `axis` holds at most 2 non-zeros."""
+    if weights.ndim == 0 or weights.shape[axis] % 4 or not weights.size:
+        return False
+    nonzero = (bits_of(weights) != 0).reshape(weights.shape)
+    groups = np.moveaxis(nonzero, axis, -1).reshape(-1, 4)
+    return bool((groups.sum(axis=1, dtype=np.int8) <= 2).all())
 
 
 def _unique_prefix(graph: onnx.GraphProto, stem: str) -> str:

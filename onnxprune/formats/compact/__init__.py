@@ -158,7 +158,11 @@ def decode_chunk(meta: dict, number: int, chunk: dict, dtype: np.dtype,
     shape = (stop - start, *meta["shape"][1:])
 
     def payload(key: str) -> np.ndarray:
-        return read(f"{meta['prefix']}/c{number}/{key}")
+        array = read(f"{meta['prefix']}/c{number}/{key}")
+        if key == "values" and array.dtype != dtype:  # the description must fit the payload
+            raise ValueError(f"its description says {np.dtype(dtype)}, its values are "
+                             f"{array.dtype}")
+        return array
 
     form = form_of(chunk["kind"], meta.get("codes") == "aligned")
     return form.decode(meta, chunk, shape, np.dtype(dtype), payload)
