@@ -260,3 +260,40 @@ def test_a_moved_calibration_cache_finds_its_statistics_under_the_new_path(tmp_p
     moved = cache.moved(str(DATA), str(copy))
     assert gather_statistics(loaded, config.replace(calib=str(copy)), moved) == 0
     assert gather_statistics(loaded, config.replace(calib=str(copy)), cache) == 2
+
+
+def test_the_size_objective_picks_the_smallest_passing_file(tmp_path) -> None:
+    space = SearchSpace({"pattern": ["unstructured", "2:4"]}, {}, (0.5, 0.95), 0.01)
+    result = search(DIGITS, tmp_path / "best.onnx", space=space,
+                    base=PruneConfig(format="compact"), constraint=Constraint(min_top1=0.97),
+                    data=str(DATA), workers=1, objective="size")
+    answers = [t for t in result.trials if t.passed and t.sparsity == result.answers[t.candidate]]
+    assert len(answers) == 2
+    assert result.best is min(answers, key=lambda t: t.file_bytes)
+    assert (tmp_path / "best.onnx").stat().st_size == result.best.file_bytes
+
+
+def test_the_latency_objective_measures_every_trial(tmp_path) -> None:
+    space = SearchSpace({}, {}, (0.5, 0.9), 0.1)
+    result = search(DIGITS, tmp_path / "best.onnx", space=space, base=PruneConfig(),
+                    constraint=Constraint(min_top1=0.97), data=str(DATA), workers=1,
+                    objective="latency")
+    assert result.trials and all(t.latency_ms is not None and t.latency_ms > 0
+                                 for t in result.trials)
+    assert result.best is not None and result.best.passed
+
+
+def test_recipe_overrides_are_a_search_dimension(tmp_path) -> None:
+    path = tmp_path / "space.toml"
+    path.write_text('[space]\noverrides = [[], [{match = "W1", sparsity = 0.3}]]\n'
+                    'sparsity = [0.5, 0.95]\nresolution = 0.05\n')
+    result = search(DIGITS, tmp_path / "best.onnx", space=load_space(path),
+                    base=PruneConfig(), constraint=Constraint(min_top1=0.97), data=str(DATA),
+                    workers=1)
+    overridden = [t for t in result.trials if t.candidate == 1 and t.error is None]
+    assert overridden
+    # W1 keeps 30 % whatever the level: what the trial reached is below what it asked
+    assert all(t.achieved < t.sparsity for t in overridden if t.sparsity > 0.5)
+    assert result.best is not None
+    assert result.best.achieved == max(t.achieved for t in result.trials
+                                       if t.passed and t.sparsity == result.answers[t.candidate])
