@@ -148,7 +148,7 @@ class QuantizedWeight:
             raise QuantizedValuesError(f"{self.op}: its scale holds NaN or infinite values")
         reach = max(abs(self.qmin - int(zero.min(initial=0))),
                     abs(self.qmax - int(zero.max(initial=0))))
-        if float(np.abs(scale).max(initial=0.0)) * reach > np.finfo(np.float32).max:
+        if float(np.abs(scale).max(initial=0.0)) * reach > float(np.finfo(np.float32).max):
             raise QuantizedValuesError(f"{self.op}: its scale is so large that the weights "
                                        "overflow float32")
         return Grid(self._spread(scale), self._spread(zero), self.qmin, self.qmax)

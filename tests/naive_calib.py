@@ -68,8 +68,11 @@ def sparsegpt(
     group_m: int = 0,
     block_size: int = 128,
     damp: float = 0.01,
+    grid: tuple[np.ndarray, np.ndarray, int, int] | None = None,
 ) -> np.ndarray:
-    """Textbook OBS sweep: every pruned weight updates all later columns at once."""
+    """Textbook OBS sweep: every pruned weight updates all later columns at once; with a
+    `grid` (scale, zero point [rows, cols], qmin, qmax) every kept weight is rounded to it
+    and its rounding error updates the later columns the same way."""
     w = np.array(weights, dtype=np.float64)
     h = np.array(hessian, dtype=np.float64)
     rows, cols = w.shape
@@ -99,6 +102,13 @@ def sparsegpt(
                 error = w[r, j] / u[j, j]
                 w[r, j:] -= error * u[j, j:]
                 w[r, j] = 0.0
+            elif grid is not None and grid[0][r, j] > 0:
+                scale, zero = float(grid[0][r, j]), float(grid[1][r, j])
+                q = min(max(round(w[r, j] / scale) + zero, grid[2]), grid[3])
+                rounded = (q - zero) * scale
+                error = (w[r, j] - rounded) / u[j, j]
+                w[r, j:] -= error * u[j, j:]
+                w[r, j] = rounded
     return w
 
 

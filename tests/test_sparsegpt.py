@@ -51,6 +51,25 @@ def test_matches_textbook_loop(rows, cols, keep_n, group_m, block):
     assert (fast[:, 3] == 0).all()  # a dead input's weights go
 
 
+@pytest.mark.parametrize("keep_n, group_m", [(0, 0), (2, 4)])
+def test_rounding_onto_a_grid_matches_the_textbook_loop(keep_n, group_m):
+    """Joint sparsification and quantization: the kernel's rounding of kept weights (and
+    the spread of its error) equals the plain loop's, up to float32 against float64."""
+    weights, hessian, _ = _problem(12, 48, dead=(5,))
+    scale = np.broadcast_to((np.abs(weights).max(1, keepdims=True) / 7).astype(np.float32),
+                            weights.shape).copy()
+    zero = np.zeros(weights.shape, np.float32)
+    zero[::2] = 1.0  # some rows with a zero point away from 0
+    grid = (scale, zero, -8, 7)
+    fast = sparsegpt_prune(weights, hessian, sparsity=0.5, keep_n=keep_n, group_m=group_m,
+                           block_size=16, grid=grid)
+    slow = naive.sparsegpt(weights, hessian, 0.5, keep_n, group_m, 16, grid=grid)
+    np.testing.assert_array_equal(fast == 0, slow == 0)
+    on_grid = np.clip(np.rint(fast / scale) + zero, -8, 7)
+    np.testing.assert_allclose((on_grid - zero) * scale, fast, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(fast, slow, rtol=1e-4, atol=1e-5)
+
+
 def test_inverse_cholesky_matches_explicit_inverse():
     _, hessian, _ = _problem(4, 50)
     upper = inverse_cholesky_upper(hessian, 0.01)

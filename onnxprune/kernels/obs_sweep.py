@@ -99,21 +99,14 @@ def _obs_sweep_kernel(block, hinv, prune, errors, keep_n, group_m, scale, zero, 
                         if saliency[t] < saliency[j] or (saliency[t] == saliency[j] and t < j):
                             rank += 1
                     prune[r, i + j] = prune[r, i + j] or rank < n_prune
-            if prune[r, i]:
-                error = block[r, i] / hinv[i, i]
-                block[r, i] = 0.0
-                if np.isfinite(error):
-                    errors[r, i] = error
-                    for j in range(i + 1, width):
-                        block[r, j] -= error * hinv[i, j]
-                else:
-                    errors[r, i] = 0.0
-            elif quantize and scale[r, i] > 0:
+            if prune[r, i] or (quantize and scale[r, i] > 0):
                 w = block[r, i]
-                q = min(max(np.rint(w / scale[r, i]) + zero[r, i], qmin), qmax)
-                rounded = (q - zero[r, i]) * scale[r, i]
-                error = (w - rounded) / hinv[i, i]
-                block[r, i] = rounded
+                kept = np.float32(0.0)  # pruned; a kept weight goes to its grid point
+                if not prune[r, i]:
+                    q = min(max(np.rint(w / scale[r, i]) + zero[r, i], qmin), qmax)
+                    kept = (q - zero[r, i]) * scale[r, i]
+                error = (w - kept) / hinv[i, i]
+                block[r, i] = kept
                 if np.isfinite(error):
                     errors[r, i] = error
                     for j in range(i + 1, width):
