@@ -278,13 +278,16 @@ class _Loop:
             return
         mode = self.calibration_mode(views, methods)
         hessian = self._gathers_hessians(views, methods, mode)
-        cache = self.calibration if mode == "one-pass" else None
-        if cache is not None:  # statistics of the dense model captured by an earlier run
+        # statistics of the dense model, kept across runs: only where this run's capture
+        # would see the dense model too (nothing pruned before it, no channels permuted)
+        cache = (self.calibration if mode == "one-pass" and not self.pruned
+                 and not config.permute_channels else None)
+        if cache is not None:
             kept = {id(view): cache.stats(view, hessian, config) for view in views}
             for view in views:
                 stats = kept[id(view)]
                 if stats is not None:
-                    self._prune(view.target, methods[view.target.name], view, stats, {})
+                    self._prune_view(view, stats, methods, {})
             views = [view for view in views if kept[id(view)] is None]
             if not views:
                 return
@@ -310,17 +313,23 @@ class _Loop:
                 if cache is not None:
                     cache.keep(view, stats, config)
                 capture.release(view)
-                target = view.target
-                if stats.tokens == 0:
-                    note = "no calibration tokens reached this layer"
-                    log.warning("%s: %s; pruned by magnitude", target.name, note)
-                    self._prune(target, self.method("magnitude"), note=note)
-                    continue
-                if stats.nonfinite:
-                    log.warning("%s: %d calibration tokens had NaN/Inf inputs and were left "
-                                "out", target.name, stats.nonfinite)
-                self._prune(target, methods[target.name], view, stats,
-                            shared.setdefault(view.inputs, {}), rebuilt=remote.get(target.name))
+                self._prune_view(view, stats, methods, shared.setdefault(view.inputs, {}),
+                                 remote.get(view.target.name))
+
+    def _prune_view(self, view, stats, methods: dict[str, Method], shared: dict,
+                    rebuilt=None) -> None:
+        """Prune a calibrated target with its statistics (by magnitude where no token
+        reached it)."""
+        target = view.target
+        if stats.tokens == 0:
+            note = "no calibration tokens reached this layer"
+            log.warning("%s: %s; pruned by magnitude", target.name, note)
+            self._prune(target, self.method("magnitude"), note=note)
+            return
+        if stats.nonfinite:
+            log.warning("%s: %d calibration tokens had NaN/Inf inputs and were left out",
+                        target.name, stats.nonfinite)
+        self._prune(target, methods[target.name], view, stats, shared, rebuilt=rebuilt)
 
     def calibrates(self, method: Method) -> bool:
         """Whether a target pruned by `method` gets calibration statistics."""
@@ -475,13 +484,18 @@ def gather_statistics(loaded: LoadedModel, config: PruneConfig,
     Nothing when the run calibrates sequentially (its statistics depend on what it prunes)."""
     from .calib import ActivationCapture, GraphIndex, target_view
 
+    if config.overrides or config.permute_channels:  # per-target methods, moved channels
+        return 0
     targets, _ = discover_targets(loaded.proto, selection_of(config))
     loop = _Loop(loaded, config, {}, Sink(loaded, config), {}, False, False, None, None, cache)
     methods = {t.name: loop.method(config.method) for t in targets}
     index = GraphIndex(loaded.proto)
-    views = [view for t in targets if loop.calibrates(methods[t.name])
-             for view in [target_view(t, index)] if not isinstance(view, str)]
-    if not views or loop.calibration_mode(views, methods) != "one-pass":
+    found = [target_view(t, index) for t in targets if loop.calibrates(methods[t.name])]
+    views = [view for view in found if not isinstance(view, str)]
+    # a target that cannot be calibrated is pruned before the capture: the run's
+    # statistics are then not the dense model's, and it does not use the cache
+    if not views or len(views) < len(found) or \
+            loop.calibration_mode(views, methods) != "one-pass":
         return 0
     hessian = loop._gathers_hessians(views, methods, "one-pass")
     views = [view for view in views if cache.stats(view, hessian, config) is None]

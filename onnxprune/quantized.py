@@ -134,7 +134,9 @@ class QuantizedWeight:
         return bool(self.bits) or self.stored_type in (TensorProto.INT4, TensorProto.UINT4)
 
     def grid(self, base_dir) -> Grid:
-        scale = (np.ones(1, np.float32) if self.scale is None else
+        # MatMulInteger/ConvInteger hold no scale: the weight's integers minus its zero
+        # point (their per-channel scale, in a Mul after the op, is not read)
+        scale = (np.ones(math.prod(self.view), np.float32) if self.scale is None else
                  np.asarray(read_array(self.scale, base_dir), dtype=np.float32))
         if self.zero_point is None:
             zero = np.full(scale.shape, self.default_zero, np.int32)

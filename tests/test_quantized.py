@@ -109,6 +109,9 @@ def _make(form: str, folder: Path) -> Path:
                               quant_format=q.QuantFormat.QOperator)
     elif form == "dynamic-matmul":
         q.quantize_dynamic(str(DIGITS), str(out), weight_type=q.QuantType.QInt8)
+    elif form == "dynamic-matmul-channel":  # per-channel zero points, the scale in a Mul
+        q.quantize_dynamic(str(DIGITS), str(out), weight_type=q.QuantType.QInt8,
+                           per_channel=True)
     elif form == "dynamic-lstm":
         q.quantize_dynamic(str(_lstm_model(folder / "lstm.onnx")), str(out),
                            weight_type=q.QuantType.QInt8, op_types_to_quantize=["LSTM"])
@@ -125,6 +128,7 @@ FORMS = {  # form -> the quantization op every target must be read by
     "qdq-int8-channel": "DequantizeLinear", "qdq-uint8-tensor": "DequantizeLinear",
     "qdq-int4-channel": "DequantizeLinear", "qoperator-matmul": "QLinearMatMul",
     "qoperator-conv": "QLinearConv", "dynamic-matmul": "MatMulInteger",
+    "dynamic-matmul-channel": "MatMulInteger",
     "dynamic-conv": "ConvInteger", "dynamic-lstm": "DynamicQuantizeLSTM",
     "matmul-nbits": "MatMulNBits",
 }

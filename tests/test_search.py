@@ -297,3 +297,71 @@ def test_recipe_overrides_are_a_search_dimension(tmp_path) -> None:
     assert result.best is not None
     assert result.best.achieved == max(t.achieved for t in result.trials
                                        if t.passed and t.sparsity == result.answers[t.candidate])
+
+
+def test_a_cached_run_prunes_as_an_uncached_one_with_per_target_overrides(tmp_path) -> None:
+    """Statistics kept across runs are used only where the run would capture the dense
+    model too: with an override that prunes one target by magnitude first, the later
+    targets' statistics differ, and the cache must not serve them."""
+    from onnxprune.calib.cache import CalibrationCache
+    from onnxprune.recipe import Override
+
+    config = PruneConfig(method="wanda", calib=str(DATA), calib_samples=50, min_size=100,
+                         overrides=(Override(match="W1", method="magnitude"),))
+    cache = CalibrationCache()
+    onnxprune.prune(DIGITS, sparsity=0.6, config=config.replace(overrides=()),
+                    calibration=cache)  # fills the cache with the dense statistics
+    cached, _ = onnxprune.prune(DIGITS, config=config, calibration=cache)
+    plain, _ = onnxprune.prune(DIGITS, config=config)
+    weights = {t.name: t for t in plain.graph.initializer}
+    from onnx import numpy_helper
+    for tensor in cached.graph.initializer:
+        assert np.array_equal(numpy_helper.to_array(tensor),
+                              numpy_helper.to_array(weights[tensor.name])), tensor.name
+
+
+def test_a_single_n_m_pattern_is_one_trial_at_its_sparsity(tmp_path) -> None:
+    result = search(DIGITS, tmp_path / "best.onnx", space=SearchSpace(),
+                    base=PruneConfig(pattern="2:4"), constraint=Constraint(min_top1=0.9),
+                    data=str(DATA), workers=1)
+    assert [t.sparsity for t in result.trials] == [0.5]
+    assert result.best is not None and result.best.achieved == pytest.approx(0.5)
+
+
+def test_a_worker_that_dies_fails_its_trial_and_the_search_goes_on(tmp_path) -> None:
+    """A trial whose worker is killed (for memory, say) is a failed trial; the pool starts
+    again and the search still writes its answer and tables."""
+    script = tmp_path / "check.py"
+    script.write_text(  # kills the worker process above it (above the shell, if any)
+        "import os, sys\n"
+        "if sys.argv[1].endswith('trial-1.onnx'):\n"
+        "    pid = os.getppid()\n"
+        "    while pid > 1 and b'spawn_main' not in open(f'/proc/{pid}/cmdline', 'rb').read():\n"
+        "        pid = int(open(f'/proc/{pid}/stat').read().rsplit(')', 1)[1].split()[1])\n"
+        "    os.kill(pid, 9)\n"
+        "print(1.0)\n")
+    space = SearchSpace({}, {}, (0.5, 0.9), 0.1)
+    result = search(DIGITS, tmp_path / "best.onnx", space=space, base=PruneConfig(),
+                    constraint=Constraint(eval_cmd=f"{sys.executable} {script} {{model}}",
+                                          minimum=0.5), workers=2)
+    died = [t for t in result.trials if t.error and "worker process died" in t.error]
+    assert died and result.best is not None
+    assert (tmp_path / "best.search.csv").exists()
+
+
+def test_sensitivity_in_workers_sweeps_the_targets_of_a_compact_model(tmp_path) -> None:
+    """Workers densify before they sweep; so does the split of the targets among them."""
+    from onnxprune.formats import densify_model
+    from onnxprune.io import load_model
+    from onnxprune.search.distributed import sweep_in_workers
+    from onnxprune.sensitivity_sweep import analyze
+
+    compact = tmp_path / "mlp-compact.onnx"
+    onnxprune.prune(MODELS_DIR / "mlp.onnx", compact, sparsity=0.5, format="compact")
+    config = PruneConfig(min_size=1000)
+    loaded = load_model(compact)
+    densify_model(loaded.proto, loaded.base_dir)
+    serial = analyze(loaded, config, levels=[0.6, 0.9])
+    spread = sweep_in_workers(str(compact), config, [0.6, 0.9], workers=2, ray_address=None)
+    assert len(serial.targets) == 3
+    assert spread.to_dict() == serial.to_dict()

@@ -573,9 +573,10 @@ def cmd_search(args: argparse.Namespace) -> int:
                         format=args.format,
                         synthetic_dims=parse_dim_overrides(args.dim) or None,
                         synthetic_shapes=parse_input_shapes(args.input_shapes) or None)
-    candidates = space.candidates()
-    log.info("search: %d candidate(s), constraint %s, objective %s", len(candidates),
-             constraint.describe(), args.objective)
+    log.info("search: constraint %s, objective %s", constraint.describe(), args.objective)
+    if args.objective == "latency" and (args.workers or 2) > 1:
+        log.warning("--objective latency times trials while others run: use --workers 1 "
+                    "for latencies you can compare")
 
     def on_trial(trial, candidate) -> None:
         verdict = ("error: " + trial.error) if trial.error else (

@@ -75,8 +75,8 @@ def search(model: str | os.PathLike, output: str | os.PathLike, *, space: Search
     model, output = Path(model).resolve(), Path(output)
     loaded = load_model(model, lazy=True)
     check_output_path(output, model)
-    candidates = space.candidates()
     base = base.replace(**space.base) if space.base else base
+    candidates = space.candidates(str(base.pattern), base.structure)
     configs = [base.replace(**c.settings, sparsity=c.levels[0]) for c in candidates]
     _check_settings(configs, loaded, data, samples)
     if constraint.eval_cmd is not None:
@@ -165,7 +165,9 @@ def _recorder(result: SearchResult, workdir: Path, candidates: list[Candidate], 
         if finished.model_bytes is not None:  # a remote worker's model
             path = workdir / f"trial-{finished.number}.onnx"
             path.write_bytes(finished.model_bytes)
-            finished.model_bytes = None
+            if finished.data_bytes is not None:
+                path.with_name(path.name + ".data").write_bytes(finished.data_bytes)
+            finished.model_bytes = finished.data_bytes = None
             finished.path = str(path)
         result.trials.append(finished)
         _drop_unneeded(result)
@@ -263,5 +265,6 @@ def _place(best: TrialResult, output: Path, base: PruneConfig, job: SearchJob) -
         return
     from ..api import prune
 
-    prune(job.model, output, config=base.replace(**best.settings, sparsity=best.sparsity))
+    prune(job.model, output, config=base.replace(**best.settings, sparsity=best.sparsity),
+          calibration=job.calibration)  # the statistics the trial used: the same model
     best.path = str(output)

@@ -8,6 +8,7 @@ calibration file travel through the object store (no shared file system needed).
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,12 +23,15 @@ def sweep_in_workers(model: str, config: PruneConfig, levels: Sequence[float],
                      workers: int | None, ray_address: str | None):
     """The `sensitivity_sweep.analyze` result of the whole model, its targets swept by
     `workers` local processes or on Ray."""
+    from ..formats import densify_model
     from ..io import load_model
     from ..pipeline import selection_of
     from ..targets import discover_targets
 
-    names = [t.name for t in discover_targets(load_model(Path(model), lazy=True).proto,
-                                              selection_of(config))[0]]
+    loaded = load_model(Path(model))
+    densify_model(loaded.proto, loaded.base_dir)  # as each worker does: compact targets too
+    names = [t.name for t in discover_targets(loaded.proto, selection_of(config))[0]]
+    del loaded
     count = max(1, min(len(names), workers or default_workers()))
     shares = [names[i::count] for i in range(count)]
     if ray_address is not None:
@@ -59,17 +63,9 @@ def _sweep_share(model: str, config: PruneConfig, levels: list[float],
 
 def _on_ray(model: str, config: PruneConfig, levels: Sequence[float],
             shares: list[list[str]], address: str, workers: int | None) -> list[Any]:
-    try:
-        import ray
-    except ImportError as exc:
-        raise ConfigError("--ray-address needs Ray: pip install 'onnxprune[ray]'") from exc
-    if not ray.is_initialized():
-        kwargs: dict[str, Any] = {"log_to_driver": False, "include_dashboard": False}
-        if address == "local":
-            kwargs["num_cpus"] = workers or default_workers()
-        else:
-            kwargs["address"] = address
-        ray.init(**kwargs)
+    from ..remote import connect_ray, ray_results
+
+    ray = connect_ray(address, workers or default_workers())
     calib = config.calib
     if calib is not None and not Path(calib).is_file():
         raise ConfigError("--ray-address ships --calib to the workers: give one .npz file")
@@ -77,15 +73,18 @@ def _on_ray(model: str, config: PruneConfig, levels: Sequence[float],
                      "calib": Path(calib).read_bytes() if calib else None})
     remote = ray.remote(num_cpus=1)(_ray_share)
     refs = [remote.remote(files, config, list(levels), share) for share in shares]
-    return ray.get(refs)
+    return ray_results(ray, refs)
 
 
 def _ray_share(files: dict, config: PruneConfig, levels: list[float], names: list[str]):
     folder = Path(tempfile.mkdtemp(prefix="onnxprune-sweep-"))
-    model = folder / files["name"]
-    model.write_bytes(files["model"])
-    if files["calib"] is not None:
-        calib = folder / "calib.npz"
-        calib.write_bytes(files["calib"])
-        config = config.replace(calib=str(calib))
-    return _sweep_share(str(model), config, levels, names)
+    try:
+        model = folder / files["name"]
+        model.write_bytes(files["model"])
+        if files["calib"] is not None:
+            calib = folder / "calib.npz"
+            calib.write_bytes(files["calib"])
+            config = config.replace(calib=str(calib))
+        return _sweep_share(str(model), config, levels, names)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)

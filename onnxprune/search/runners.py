@@ -14,13 +14,14 @@ from __future__ import annotations
 import concurrent.futures as futures
 import multiprocessing
 import os
+import shutil
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
-from .trials import SearchJob, Trial, TrialResult, run_trial
+from .trials import _WORKER_STATE, SearchJob, Trial, TrialResult, run_trial
 
 
 def default_workers() -> int:
@@ -59,28 +60,60 @@ class InProcess(Runner):
     def wait(self, pending):
         return [(handle, self._done.pop(handle)) for handle in list(pending)]
 
+    def close(self, cancel: bool = False) -> None:
+        forget(self.job)
 
-def _start_worker() -> None:
-    # a worker's trials run one at a time: keep each to its share of the machine
+
+_WORKER_JOB: list[SearchJob] = []  # the job of the search a spawned worker serves
+
+
+def _start_worker(job: SearchJob) -> None:
+    # a worker's trials run one at a time: keep each to its share of the machine; the job
+    # (with its calibration statistics) comes once per worker, not with every trial
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    _WORKER_JOB[:] = [job]
+
+
+def _worker_trial(trial: Trial) -> TrialResult:
+    return run_trial(_WORKER_JOB[0], trial)
 
 
 class LocalProcesses(Runner):
-    """`workers` spawned processes on this machine."""
+    """`workers` spawned processes on this machine; one that dies (killed for memory, a
+    crash in native code) fails its trial, and the pool is started again."""
 
     def __init__(self, job: SearchJob, workers: int):
         self.job = job
         self.workers = workers
-        self._pool = futures.ProcessPoolExecutor(
-            max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
-            initializer=_start_worker)
+        self._pool = self._start()
+        self._trials: dict[futures.Future, Trial] = {}
+
+    def _start(self) -> futures.ProcessPoolExecutor:
+        return futures.ProcessPoolExecutor(
+            max_workers=self.workers, mp_context=multiprocessing.get_context("spawn"),
+            initializer=_start_worker, initargs=(self.job,))
 
     def submit(self, trial: Trial) -> futures.Future:
-        return self._pool.submit(run_trial, self.job, trial)
+        try:
+            future = self._pool.submit(_worker_trial, trial)
+        except futures.process.BrokenProcessPool:
+            self._pool = self._start()
+            future = self._pool.submit(_worker_trial, trial)
+        self._trials[future] = trial
+        return future
 
     def wait(self, pending):
         done, _ = futures.wait(list(pending), return_when=futures.FIRST_COMPLETED)
-        return [(future, future.result()) for future in done]
+        finished = []
+        for future in done:
+            trial = self._trials.pop(future)
+            try:
+                finished.append((future, future.result()))
+            except futures.process.BrokenProcessPool as exc:
+                finished.append((future, TrialResult(
+                    trial.number, trial.candidate, trial.level, trial.sparsity,
+                    dict(trial.settings), error=f"its worker process died ({exc})")))
+        return finished
 
     def close(self, cancel: bool = False) -> None:
         self._pool.shutdown(wait=not cancel, cancel_futures=cancel)
@@ -90,27 +123,16 @@ class RayCluster(Runner):
     """Trials as Ray tasks, on a local Ray instance started here or at `address`."""
 
     def __init__(self, job: SearchJob, workers: int | None, address: str | None):
-        try:
-            import ray
-        except ImportError as exc:
-            raise ConfigError("--ray-address needs Ray: pip install 'onnxprune[ray]'") from exc
+        from ..remote import connect_ray
+
+        ray = connect_ray(address or "local", workers or default_workers())
         self.ray = ray
-        if not ray.is_initialized():
-            kwargs: dict[str, Any] = {"address": address, "log_to_driver": False,
-                                      "include_dashboard": False}
-            if address is None:
-                kwargs["num_cpus"] = workers or default_workers()
-            try:
-                ray.init(**kwargs)
-            except (ConnectionError, RuntimeError, ValueError) as exc:
-                raise ConfigError(f"cannot reach the Ray cluster at {address}: "
-                                  f"{str(exc).splitlines()[0]}") from exc
         self.workers = workers or int(ray.cluster_resources().get("CPU", 1))
-        files = {"model": _read(job.model)}
-        data_dir = Path(job.model).parent / (Path(job.model).name + ".data")
-        if data_dir.exists():
-            files["model.data"] = _read(str(data_dir))
-        if job.data is not None and Path(job.data).is_file():
+        files: dict[str, Any] = {"model": _read(job.model), "external": _external(job.model)}
+        if job.data is not None:
+            if not Path(job.data).is_file():
+                raise ConfigError("--ray-address ships --data to the workers: give one .npz "
+                                  "file")
             files["data"] = _read(job.data)
         if job.base.calib is not None:
             if not Path(job.base.calib).is_file():
@@ -125,8 +147,10 @@ class RayCluster(Runner):
         return self._remote.remote(self._job, self._files, trial)
 
     def wait(self, pending):
+        from ..remote import ray_results
+
         done, _ = self.ray.wait(list(pending), num_returns=1)
-        return [(ref, self.ray.get(ref)) for ref in done]
+        return [(ref, ray_results(self.ray, [ref])[0]) for ref in done]
 
     def close(self, cancel: bool = False) -> None:
         pass  # the Ray instance outlives the search (a cluster is the user's)
@@ -136,20 +160,39 @@ def _read(path: str) -> bytes:
     return Path(path).read_bytes()
 
 
-_LOCAL_COPIES: dict[str, SearchJob] = {}
+def _external(model: str) -> dict[str, bytes]:
+    """The external data files the model names (inside its folder), by location."""
+    from ..io.wire import scan_file
+
+    folder = Path(model).parent
+    return {location: (folder / location).read_bytes()
+            for location in sorted(filter(None, scan_file(Path(model)).external_locations))
+            if (folder / location).is_file()}
 
 
-def _ray_trial(job: SearchJob, files: dict[str, bytes], trial: Trial) -> TrialResult:
+def forget(job: SearchJob) -> None:
+    """Drop what this process keeps for the search (its trials ran here)."""
+    _WORKER_STATE.pop(job.key, None)
+
+
+_LOCAL_COPIES: dict[str, tuple[SearchJob, Path]] = {}
+
+
+def _ray_trial(job: SearchJob, files: dict[str, Any], trial: Trial) -> TrialResult:
     """A trial on a Ray worker: the files written once per worker, then `run_trial`."""
     from dataclasses import replace
 
-    local = _LOCAL_COPIES.get(job.key)
-    if local is None:
+    found = _LOCAL_COPIES.get(job.key)
+    if found is None:
+        for key, (_, old) in list(_LOCAL_COPIES.items()):  # a worker serves one search
+            shutil.rmtree(old, ignore_errors=True)
+            del _LOCAL_COPIES[key]
         folder = Path(tempfile.mkdtemp(prefix="onnxprune-search-"))
         model = folder / Path(job.model).name
         model.write_bytes(files["model"])
-        if "model.data" in files:
-            (folder / (model.name + ".data")).write_bytes(files["model.data"])
+        for location, data_bytes in files["external"].items():
+            (folder / location).parent.mkdir(parents=True, exist_ok=True)
+            (folder / location).write_bytes(data_bytes)
         data = None
         if "data" in files:
             data = folder / Path(job.data or "data.npz").name
@@ -164,12 +207,18 @@ def _ray_trial(job: SearchJob, files: dict[str, bytes], trial: Trial) -> TrialRe
             cache = job.calibration.moved(job.base.calib, str(calib)) if job.calibration \
                 else None
             local = replace(local, base=job.base.replace(calib=str(calib)), calibration=cache)
-        _LOCAL_COPIES[job.key] = local
+        _LOCAL_COPIES[job.key] = (local, folder)
+    else:
+        local = found[0]
     result = run_trial(local, trial)
     if result.path is not None:  # the model travels back: the search keeps the best
         path = Path(result.path)
         result.path = None
         result.model_bytes = path.read_bytes()
+        data = path.with_name(path.name + ".data")
+        if data.exists():
+            result.data_bytes = data.read_bytes()
+            data.unlink()
         path.unlink()
     return result
 

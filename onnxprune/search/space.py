@@ -78,19 +78,20 @@ class SearchSpace:
         digits = max(0, -int(math.floor(math.log10(self.resolution)))) + 2
         return tuple(round(low + i * self.resolution, digits) for i in range(count))
 
-    def candidates(self) -> list[Candidate]:
+    def candidates(self, pattern: str = "unstructured", structure: str = "none"
+                   ) -> list[Candidate]:
         """Every combination of the choices, in the order given (the first choice varies
-        slowest)."""
+        slowest); `pattern` and `structure` are the base's, where no choice sets them."""
         keys = list(self.choices)
         grid = self.levels()
         out = []
         for number, values in enumerate(itertools.product(*(self.choices[k] for k in keys))):
             settings = dict(zip(keys, values, strict=True))
-            pattern = Pattern.parse(str(settings.get("pattern", self.base.get("pattern",
-                                                                              "unstructured"))))
-            structure = settings.get("structure", self.base.get("structure", "none"))
-            fixed = pattern.is_nm and structure in (None, "none")
-            out.append(Candidate(number, settings, (pattern.sparsity,) if fixed else grid))
+            pattern_of = Pattern.parse(str(settings.get("pattern", self.base.get("pattern",
+                                                                                 pattern))))
+            structure_of = settings.get("structure", self.base.get("structure", structure))
+            fixed = pattern_of.is_nm and structure_of in (None, "none")
+            out.append(Candidate(number, settings, (pattern_of.sparsity,) if fixed else grid))
         return out
 
 

@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import shlex
+import signal
 import subprocess
 import time
 from dataclasses import asdict, dataclass, field
@@ -22,6 +23,7 @@ from typing import Any
 
 from ..config import PruneConfig
 from ..errors import ConfigError, OnnxPruneError
+from ..io import model_file_bytes
 
 OBJECTIVES = ("sparsity", "size", "latency")
 EVAL_TIMEOUT_S = 3600
@@ -121,6 +123,7 @@ class TrialResult:
     seconds: float = 0.0
     path: str | None = None  # the pruned model while the search keeps it
     model_bytes: bytes | None = None  # the pruned model itself, from a remote worker
+    data_bytes: bytes | None = None  # and its external data file, if it has one
 
     def objective(self, kind: str) -> float | None:
         """The figure the search optimizes, larger is better (size and latency negated)."""
@@ -134,6 +137,7 @@ class TrialResult:
         row = asdict(self)
         row.pop("path")
         row.pop("model_bytes")
+        row.pop("data_bytes")
         return row
 
 
@@ -147,15 +151,15 @@ def run_trial(job: SearchJob, trial: Trial) -> TrialResult:
     started = time.perf_counter()
     result = TrialResult(trial.number, trial.candidate, trial.level, trial.sparsity,
                          dict(trial.settings))
-    state = _state(job)
     output = Path(job.workdir) / f"trial-{trial.number}.onnx"
     try:
+        state = _state(job)
         config = job.base.replace(**trial.settings, sparsity=trial.sparsity)
         with _quiet():  # what one trial logs, every trial would: the search reports instead
             _, report = prune(job.model, output, config=config,
                               calibration=state["calibration"])
         result.path = str(output)
-        result.file_bytes = _file_bytes(output)
+        result.file_bytes = model_file_bytes(output)
         result.achieved = _achieved(report)
         result.passed, result.metrics = _check(job, state, output)
         if job.objective == "latency":
@@ -232,15 +236,19 @@ def evaluate_command(command: str, model: Path) -> float:
     """Run the user's command on `model`; the number on the last line of its output.
     A command that fails or prints no number is an `OnnxPruneError` naming it."""
     line = command.replace("{model}", shlex.quote(str(model)))
+    # its own process group: a timeout stops the whole pipeline, not only the shell
+    process = subprocess.Popen(line, shell=True, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
-        done = subprocess.run(line, shell=True, capture_output=True, text=True,
-                              timeout=EVAL_TIMEOUT_S)
+        stdout, stderr = process.communicate(timeout=EVAL_TIMEOUT_S)
     except subprocess.TimeoutExpired as exc:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
         raise EvalCommandError(f"--eval-cmd ran over {EVAL_TIMEOUT_S} s") from exc
-    if done.returncode != 0:
-        tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
-        raise EvalCommandError(f"--eval-cmd exited with status {done.returncode}: {tail}")
-    lines = [text for text in done.stdout.strip().splitlines() if text.strip()]
+    if process.returncode != 0:
+        tail = (stderr.strip().splitlines() or ["no output"])[-1]
+        raise EvalCommandError(f"--eval-cmd exited with status {process.returncode}: {tail}")
+    lines = [text for text in stdout.strip().splitlines() if text.strip()]
     try:
         value = float(lines[-1].strip())
     except (IndexError, ValueError) as exc:
@@ -255,16 +263,15 @@ class EvalCommandError(OnnxPruneError):
     """The user's evaluation command failed or printed no number."""
 
 
-def _latency_ms(state: dict[str, Any], output: Path) -> float:
+def _latency_ms(state: dict[str, Any], output: Path) -> float | None:
     from ..runtime import make_session, run_session
-    from ..validate.timing import TimingResult, time_inference, timed_sessions
+    from ..validate.timing import time_inference, timed_sessions
 
     reference, candidate, timing = timed_sessions(state["reference"], str(output),
                                                   LATENCY_RUNS, build=make_session)
     time_inference(reference, candidate, state["feeds"], timing, run_session)
-    assert isinstance(timing, TimingResult)
     seconds = timing.candidate.latency_seconds
-    return round(1000.0 * seconds, 4) if seconds is not None else math.nan
+    return round(1000.0 * seconds, 4) if seconds is not None else None
 
 
 def _achieved(report) -> float:
@@ -275,15 +282,6 @@ def _achieved(report) -> float:
             removed += report.summary.zeros
         return removed / structured["params_before"]
     return float(report.summary.sparsity)
-
-
-def _file_bytes(path: Path) -> int:
-    """The model file and any external data beside it that it names."""
-    total = path.stat().st_size
-    data = path.with_name(path.name + ".data")
-    if data.exists():
-        total += data.stat().st_size
-    return total
 
 
 def _remove(path: Path) -> None:
