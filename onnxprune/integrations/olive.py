@@ -47,6 +47,7 @@ from olive.search.search_parameter import Categorical
 from pydantic import model_validator
 
 import onnxprune
+from onnxprune.io import write_file_atomically
 from onnxprune.registry import all_option_specs
 
 try:
@@ -200,7 +201,8 @@ class OnnxPrune(Pass):
         output = model_proto_to_olive_model(proto, output_path, config, force_model_dir=True)
         report.output = str(output_path)
         report_path = output_path.parent / REPORT_NAME
-        report_path.write_text(report.to_json() + "\n", encoding="utf-8")
+        text = report.to_json() + "\n"
+        write_file_atomically(report_path, lambda fh: fh.write(text), binary=False)
         attributes = dict(model.model_attributes or {})
         carried = set(attributes.get("additional_files") or [])
         attributes["additional_files"] = sorted(carried | {str(report_path)})
@@ -301,8 +303,6 @@ def package_config_path() -> Path:
     """`package_config()` as a file (written once per Olive version, atomically), for
     ``olive run --package-config``."""
     from importlib.metadata import version
-
-    from onnxprune.io import write_file_atomically
 
     folder = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "onnxprune"
     path = folder / f"olive-{version('olive-ai')}-package-config.json"
