@@ -244,3 +244,21 @@ def test_structured_prune_of_an_invalid_model_refuses_cleanly(tmp_path: Path, ca
         if code == 2:
             assert len(errors) == 1 and errors[0].startswith("onnxprune: error: "), errors
             assert not list(out_dir.iterdir())
+
+
+# --- quantized mode (--quantized, issue #20) ------------------------------------------------
+
+@pytest.fixture(scope="module")
+def quantized_summary():
+    """Quantized bases (every form onnxruntime's tools write) and their mutations, through
+    inspect, prune (drawn methods, patterns, formats) and densify."""
+    pytest.importorskip("onnxruntime.quantization")
+    return fuzz.fuzz(2 * len(fuzz.QUANTIZED_MUTATIONS), seed=20261207, quantized=True)
+
+
+def test_quantized_no_internal_errors_or_breaches(quantized_summary) -> None:
+    sites = collections.Counter(o.detail for o in quantized_summary.internal)
+    assert not sites, quantized_summary.report()
+    assert not quantized_summary.breaches, quantized_summary.report()
+    ran = [o for o in quantized_summary.outcomes if o.result == "ok"]
+    assert ran  # the slice prunes some quantized models, not only refusals

@@ -352,3 +352,14 @@ def test_structured_refusal_leaving_an_output_fails(tmp_path, monkeypatch):
     steps = {step.name: step for step in result.steps}
     assert steps["channels"].outcome == "fail"
     assert "yet an output was written" in steps["channels"].detail
+
+
+@pytest.mark.parametrize("form", ["qdq-int8-channel", "qoperator", "dynamic"])
+def test_a_demo_model_quantized_in_each_form_passes_every_step(tmp_path, form):
+    """The --quantized steps on the demo MLP quantized by onnxruntime's tools: every pruned
+    integer at its zero point, scales and zero points untouched, outputs finite."""
+    pytest.importorskip("onnxruntime.quantization")
+    result = suite.run_quantized_case(_mlp_case(tmp_path), form)
+    outcomes = _outcomes(result)
+    assert outcomes["quantize"] == "pass", suite.format_line(result)
+    assert set(outcomes.values()) == {"pass"}, suite.format_line(result)

@@ -3,6 +3,7 @@
     python tools/fuzz.py --cases 10000 --seed 0      # prints counts; exit 1 on any failure
     python tools/fuzz.py --cases 200 --kind ext_ -v  # only kinds whose name starts so
     python tools/fuzz.py --structured --cases 600 --seed 3  # structured commands as well
+    python tools/fuzz.py --quantized --cases 600 --seed 7   # quantized models (below)
 
 Each case copies one base model into a fresh folder, applies one seeded mutation (bit flips,
 truncations, garbage, swapped fields, huge and negative dims, bad data types, missing or
@@ -41,6 +42,29 @@ that onnxruntime crashing or hanging on a mutated model is seen, not fatal.
 Base models are the demo models in models/, small models built here (external data, sparse
 initializers, Constant nodes, an If subgraph, a local function and a TENSORS attribute), and
 the mlp demo model stored compact (gap codes, bitmask, 2:4) and sparse by onnxprune itself.
+
+With `--quantized` the bases are quantized models instead: the digits, cnn and transformer
+demo models (and a small float LSTM) quantized by onnxruntime's own tools in each form of
+`tools/quantized_forms.py` that applies (QDQ int8 / uint8 asymmetric / int4, QOperator
+QLinearConv / QLinearMatMul / QGemm, quantize_dynamic MatMulInteger / ConvInteger /
+DynamicQuantizeLSTM, MatMulNBits and its blocked-DequantizeLinear QDQ form), the int8 QDQ
+digits model stored compact by onnxprune (bitmask, 2:4) and the uint8 one with external
+data. Every other case draws one of the quantized mutations (`q_...`: scales and zero
+points of odd values, shapes and types, dropped or computed at run time; DequantizeLinear
+axis and block_size, a per-axis weight made blocked; MatMulNBits K / N / bits / block_size
+and packing; the integer weight retyped, reshaped or read by a second node; the op's domain
+and input order; `q_none` leaves the model as it is), the others the mutations above. The
+prune draws `--min-size` (0 too), `--format`, a sparsity or N:M pattern, a method (the
+calibrated ones on synthetic inputs), sometimes `--update admm`, `--refine dsnot`, another
+allocation or calibration mode, and writes `--report`. A quantized prune that exits 0 must
+also: pass onnx's checker (the full check unless the output is sparse: onnx cannot type
+sparse initializers) wherever the input does, declare the input's graph outputs, run in
+onnxruntime wherever the input runs with outputs of the same names, dtypes and shapes and
+finite wherever the input's are (in the child process), and, when dense, keep every integer
+weight's scale and zero point, write every integer it changed as exactly its zero point
+(methods that change kept weights aside: sparsegpt, admm, l1, `--update`), change no weight
+that is not a target, and hold as many weights at value 0 as its report says and its plan
+asks (`quantized_forms.pruning_problems`, weights read apart from onnxprune).
 """
 
 from __future__ import annotations
@@ -71,6 +95,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 # the tools' shared modules (in this folder) are imported as plain modules
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import quantized_forms  # noqa: E402
 from graph_feeds import graph_feeds  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -196,6 +221,64 @@ def make_bases() -> list[Base]:
         bases.append(Base("mlp_external", {MODEL_NAME: model.SerializeToString(),
                                            DATA_NAME: data}, external=True))
         bases += _stored_forms(mlp)
+    return bases
+
+
+def _lstm_model(path: Path) -> Path:
+    """A float LSTM (for quantize_dynamic's DynamicQuantizeLSTM)."""
+    rng = np.random.default_rng(1)
+    graph = helper.make_graph(
+        [helper.make_node("LSTM", ["x", "W", "R"], ["y"], hidden_size=32)], "lstm",
+        [helper.make_tensor_value_info("x", F, [6, 1, 32])],
+        [helper.make_tensor_value_info("y", F, [6, 1, 1, 32])],
+        [numpy_helper.from_array((0.2 * _weights(rng, 1, 128, 32)), "W"),
+         numpy_helper.from_array((0.2 * _weights(rng, 1, 128, 32)), "R")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    return path
+
+
+QUANTIZED_SOURCES = ("digits", "cnn", "transformer")
+
+
+def make_quantized_bases() -> list[Base]:
+    """The demo models digits, cnn and transformer (and a float LSTM) quantized by
+    onnxruntime's tools in every form of `quantized_forms.FORMS` that applies (calibrated on
+    two samples drawn from the graph), the int8 QDQ digits model pruned by onnxprune and
+    stored compact (bitmask, 2:4 units), and the uint8 QDQ one with external data."""
+    import onnxprune
+
+    bases = []
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        sources = {p.stem: p for p in DEMO_MODELS if p.stem in QUANTIZED_SOURCES}
+        sources["lstm"] = _lstm_model(folder / "lstm.onnx")
+        for stem, path in sources.items():
+            model = onnx.load(str(path))
+            calibration = [graph_feeds(model, seed=seed) for seed in range(2)]
+            for form in quantized_forms.FORMS:
+                out = folder / f"{stem}-{form}.onnx"
+                try:
+                    quantized_forms.quantize(path, out, form, calibration)
+                except quantized_forms.NotQuantizable:
+                    continue
+                bases.append(Base(f"{stem}_{form}", {MODEL_NAME: out.read_bytes()}))
+        qdq = folder / "digits-qdq-int8-channel.onnx"
+        if qdq.is_file():
+            for name, options in {"compact_bitmask": dict(sparsity=0.5, format="compact"),
+                                  "compact_nm": dict(pattern="2:4", format="compact")}.items():
+                out = folder / f"{name}.onnx"
+                onnxprune.prune(str(qdq), str(out), min_size=0, **options)
+                bases.append(Base(f"digits_qdq-int8-channel_{name}",
+                                  {MODEL_NAME: out.read_bytes()}))
+        uint8 = folder / "digits-qdq-uint8-tensor.onnx"
+        if uint8.is_file():
+            model = onnx.load(str(uint8))
+            data = move_to_external(model)
+            bases.append(Base("digits_qdq-uint8-tensor_external",
+                              {MODEL_NAME: model.SerializeToString(), DATA_NAME: data},
+                              external=True))
     return bases
 
 
@@ -1005,9 +1088,449 @@ def m_ext_data_location_only(folder: Folder) -> None:
     folder.save(model)
 
 
+# quantized models: scales, zero points, the quantization ops' attributes ---------------
+# (drawn only with --quantized, on the quantized bases; `QUANTIZED_MUTATIONS`)
+
+
+def _quant_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
+    """The nodes of the quantization ops that read an integer weight (every graph)."""
+    return [n for n in _all_nodes(model) if n.op_type in quantized_forms.WEIGHT_SLOTS]
+
+
+def _quant_node(folder: Folder, model: onnx.ModelProto, *ops: str) -> onnx.NodeProto:
+    nodes = [n for n in _quant_nodes(model) if not ops or n.op_type in ops]
+    if not nodes:
+        raise Skip
+    return folder.rng.choice(nodes)
+
+
+def _initializer(model: onnx.ModelProto, name: str) -> TensorProto | None:
+    for graph in _all_graphs(model.graph):
+        for tensor in graph.initializer:
+            if name and tensor.name == name:
+                return tensor
+    return None
+
+
+def _slot_tensor(folder: Folder, model: onnx.ModelProto, node: onnx.NodeProto,
+                 which: int) -> TensorProto:
+    """The initializer at the weight (0), scale (1) or zero point (2) slot of one of the
+    node's weights."""
+    slots = quantized_forms.WEIGHT_SLOTS[node.op_type][1]
+    weight_slot = folder.rng.choice(sorted(slots))
+    slot = (weight_slot, *slots[weight_slot])[which]
+    if slot is None or slot >= len(node.input):
+        raise Skip
+    tensor = _initializer(model, node.input[slot])
+    if tensor is None:
+        raise Skip
+    return tensor
+
+
+def _values(tensor: TensorProto) -> np.ndarray:
+    """A tensor's values (Skip where they are external or numpy cannot read them)."""
+    if _is_external(tensor):
+        raise Skip
+    try:
+        return numpy_helper.to_array(tensor)
+    except Exception as exc:  # noqa: BLE001 (a tensor an earlier edit left unreadable)
+        raise Skip from exc
+
+
+def _replace(tensor: TensorProto, array: np.ndarray, data_type: int | None = None) -> None:
+    """`tensor` now holds `array` (keeping its name), as `data_type` where given."""
+    name = tensor.name
+    if data_type in (TensorProto.INT4, TensorProto.UINT4):
+        made = helper.make_tensor(name, data_type, array.shape,
+                                  np.asarray(array).reshape(-1).astype(np.int64).tolist())
+    else:
+        made = numpy_helper.from_array(np.asarray(array), name)
+        if data_type is not None and data_type != made.data_type:
+            made.data_type = data_type  # raw bytes of another type: a mismatch on purpose
+    tensor.CopyFrom(made)
+
+
+INTEGER_TYPES = (TensorProto.INT8, TensorProto.UINT8, TensorProto.INT16, TensorProto.UINT16,
+                 TensorProto.INT32, TensorProto.INT4, TensorProto.UINT4, TensorProto.INT64)
+
+
+WEIRD_FLOATS = (0.0, -0.0, -1.0, np.inf, -np.inf, np.nan, 1e-45, 3e38, 1e-30)
+
+
+def mq_none(folder: Folder) -> None:
+    """The quantized model as it is (the options drawn are the case)."""
+
+
+def mq_scale_values(folder: Folder) -> None:
+    """Scales of 0, negative, infinite, NaN, denormal or huge (one value or all)."""
+    model = folder.load()
+    tensor = _slot_tensor(folder, model, _quant_node(folder, model), 1)
+    array = _values(tensor).copy()
+    value = folder.rng.choice(WEIRD_FLOATS)
+    if array.size and folder.rng.random() < 0.6:
+        array.reshape(-1)[folder.rng.randrange(array.size)] = value
+    else:
+        array[...] = value
+    _replace(tensor, array)
+    folder.save(model)
+
+
+def _reshaped(folder: Folder, array: np.ndarray) -> np.ndarray:
+    flat = array.reshape(-1)
+    choice = folder.rng.randrange(7)
+    if choice == 0:
+        return flat.reshape(-1, 1)
+    if choice == 1:
+        return flat.reshape(1, -1)
+    if choice == 2:
+        return flat[:-1] if flat.size > 1 else flat[:0]
+    if choice == 3:
+        return np.concatenate([flat, flat[:1]])
+    if choice == 4:
+        return flat[:1].reshape(())
+    if choice == 5:
+        return flat[:0]
+    return np.concatenate([flat, flat]).reshape(2, -1)
+
+
+def mq_scale_shape(folder: Folder) -> None:
+    """A scale of another shape: [n, 1], [1, n], one short, one more, scalar, empty, [2, n]."""
+    model = folder.load()
+    tensor = _slot_tensor(folder, model, _quant_node(folder, model), 1)
+    _replace(tensor, _reshaped(folder, _values(tensor)))
+    folder.save(model)
+
+
+def mq_zero_point_values(folder: Folder) -> None:
+    """Zero points at the ends of their range, random, or (MatMulNBits) random bytes."""
+    model = folder.load()
+    tensor = _slot_tensor(folder, model, _quant_node(folder, model), 2)
+    array = _values(tensor).astype(np.int64)
+    ranges = {TensorProto.INT4: (-8, 7), TensorProto.UINT4: (0, 15)}
+    if tensor.data_type in ranges:
+        low, high = ranges[tensor.data_type]
+    elif array.size and tensor.data_type in INTEGER_TYPES:
+        info = np.iinfo(helper.tensor_dtype_to_np_dtype(tensor.data_type))
+        low, high = int(info.min), int(info.max)
+    else:
+        raise Skip
+    choice = folder.rng.randrange(3)
+    if choice == 0:
+        array[...] = folder.rng.choice([low, high])
+    elif choice == 1:
+        array.reshape(-1)[folder.rng.randrange(array.size)] = folder.rng.choice([low, high])
+    else:
+        array = np.random.default_rng(folder.rng.randrange(1 << 30)).integers(
+            low, high + 1, array.shape)
+    if tensor.data_type not in ranges:
+        array = array.astype(helper.tensor_dtype_to_np_dtype(tensor.data_type))
+    _replace(tensor, array, tensor.data_type)
+    folder.save(model)
+
+
+def mq_zero_point_form(folder: Folder) -> None:
+    """A zero point of another type (converted, or its bytes relabelled), another shape,
+    dropped from the node, or named but missing."""
+    model = folder.load()
+    node = _quant_node(folder, model)
+    choice = folder.rng.randrange(5)
+    if choice == 3:  # dropped: input left empty, or the trailing inputs cut
+        slots = quantized_forms.WEIGHT_SLOTS[node.op_type][1]
+        zero_slot = slots[folder.rng.choice(sorted(slots))][1]
+        if zero_slot >= len(node.input):
+            raise Skip
+        if folder.rng.random() < 0.5:
+            node.input[zero_slot] = ""
+        else:
+            del node.input[zero_slot:]
+        folder.save(model)
+        return
+    if choice == 4:  # a name nothing defines
+        slots = quantized_forms.WEIGHT_SLOTS[node.op_type][1]
+        zero_slot = slots[folder.rng.choice(sorted(slots))][1]
+        while len(node.input) <= zero_slot:
+            node.input.append("")
+        node.input[zero_slot] = "fuzz_missing_zero_point"
+        folder.save(model)
+        return
+    tensor = _slot_tensor(folder, model, node, 2)
+    array = _values(tensor)
+    if choice == 0:
+        data_type = folder.rng.choice([*INTEGER_TYPES, TensorProto.FLOAT])
+        target = array.astype(np.float32) if data_type == TensorProto.FLOAT else \
+            np.clip(array.astype(np.int64), -8, 7) if data_type == TensorProto.INT4 else \
+            np.clip(array.astype(np.int64), 0, 15) if data_type == TensorProto.UINT4 else \
+            array.astype(helper.tensor_dtype_to_np_dtype(data_type))
+        _replace(tensor, target, data_type)
+    elif choice == 1:
+        tensor.data_type = folder.rng.choice([*INTEGER_TYPES, TensorProto.FLOAT])
+    else:
+        _replace(tensor, _reshaped(folder, array), tensor.data_type)
+    folder.save(model)
+
+
+def _set_int(node: onnx.NodeProto, name: str, value: int | None) -> None:
+    for attr in list(node.attribute):
+        if attr.name == name:
+            node.attribute.remove(attr)
+    if value is not None:
+        node.attribute.append(helper.make_attribute(name, value))
+
+
+def mq_attributes(folder: Folder) -> None:
+    """The quantization op's attributes: DequantizeLinear axis and block_size, MatMulNBits
+    K / N / bits / block_size, QGemm transA / transB, Conv group, LSTM hidden_size;
+    out-of-range values, removed, or added where the op has none."""
+    model = folder.load()
+    node = _quant_node(folder, model)
+    weird = [0, 1, -1, 2, 3, -2, -3, 4, 7, 8, 16, 31, 32, 33, 64, 99, -99, 2**31, -(2**31),
+             2**62]
+    names = {"DequantizeLinear": ["axis", "block_size"],
+             "MatMulNBits": ["K", "N", "bits", "block_size", "accuracy_level"],
+             "QGemm": ["transA", "transB"], "QLinearConv": ["group"],
+             "ConvInteger": ["group"], "DynamicQuantizeLSTM": ["hidden_size"],
+             }.get(node.op_type, ["axis"])
+    name = folder.rng.choice(names)
+    _set_int(node, name, None if folder.rng.random() < 0.15 else folder.rng.choice(weird))
+    folder.save(model)
+
+
+def mq_axis(folder: Folder) -> None:
+    """DequantizeLinear's axis anywhere in [-4, 4], or removed (default 1)."""
+    model = folder.load()
+    node = _quant_node(folder, model, "DequantizeLinear")
+    _set_int(node, "axis", None if folder.rng.random() < 0.2 else folder.rng.randint(-4, 4))
+    folder.save(model)
+
+
+def mq_blocked(folder: Folder) -> None:
+    """A per-tensor or per-axis DequantizeLinear made blocked (block_size along an axis, with
+    scales and zero points of the block shape, taken from the old ones block by block), the
+    opset raised to 21 where onnxruntime needs it; sometimes one block short or too many."""
+    model = folder.load()
+    nodes = [n for n in _quant_nodes(model) if n.op_type == "DequantizeLinear"
+             and _initializer(model, n.input[0]) is not None
+             and len(_initializer(model, n.input[0]).dims) >= 1
+             and len(n.input) > 1 and _initializer(model, n.input[1]) is not None]
+    if not nodes:
+        raise Skip
+    node = folder.rng.choice(nodes)
+    weight = _initializer(model, node.input[0])
+    shape = tuple(int(d) for d in weight.dims)
+    rank = len(shape)
+    axis = folder.rng.randrange(rank)
+    block = folder.rng.choice([1, 2, 3, 4, 8, 16, 32, 64, 128])
+    blocks = -(-shape[axis] // block) + folder.rng.choice([0, 0, 0, 0, -1, 1])
+    old_axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
+    old_axis = old_axis + rank if old_axis < 0 else old_axis
+
+    def blocked(tensor: TensorProto) -> np.ndarray:
+        values = _values(tensor)
+        if values.size == 1:
+            spread = np.broadcast_to(values.reshape(()), shape)
+        elif values.ndim == 1 and 0 <= old_axis < rank and values.size == shape[old_axis]:
+            view = [1] * rank
+            view[old_axis] = values.size
+            spread = np.broadcast_to(values.reshape(view), shape)
+        else:
+            raise Skip
+        picks = np.minimum(np.arange(max(blocks, 0)) * block, shape[axis] - 1)
+        return np.take(spread, picks, axis=axis).copy()
+
+    scale = _initializer(model, node.input[1])
+    _replace(scale, blocked(scale))
+    zero = _initializer(model, node.input[2]) if len(node.input) > 2 else None
+    if zero is not None:
+        _replace(zero, blocked(zero), zero.data_type)
+    _set_int(node, "axis", axis)
+    _set_int(node, "block_size", block)
+    if folder.rng.random() < 0.7:
+        for opset in model.opset_import:
+            if opset.domain in ("", "ai.onnx") and opset.version < 21:
+                opset.version = 21
+                model.ir_version = max(model.ir_version, 10)
+    folder.save(model)
+
+
+def mq_weight_dtype(folder: Folder) -> None:
+    """The integer weight of another type: converted (values clipped to it) or only its
+    data_type changed over the same bytes."""
+    model = folder.load()
+    tensor = _slot_tensor(folder, model, _quant_node(folder, model), 0)
+    data_type = folder.rng.choice([*INTEGER_TYPES, TensorProto.FLOAT, TensorProto.BOOL,
+                                   TensorProto.FLOAT16])
+    if folder.rng.random() < 0.5:
+        tensor.data_type = data_type
+    else:
+        array = _values(tensor).astype(np.int64)
+        if data_type in (TensorProto.INT4, TensorProto.UINT4):
+            low, high = (-8, 7) if data_type == TensorProto.INT4 else (0, 15)
+            _replace(tensor, np.clip(array, low, high), data_type)
+        else:
+            _replace(tensor, array.astype(helper.tensor_dtype_to_np_dtype(data_type)))
+    folder.save(model)
+
+
+def mq_weight_shape(folder: Folder) -> None:
+    """The integer weight reshaped (same values): its dims reversed, flattened, a leading 1,
+    or its last axis split."""
+    model = folder.load()
+    tensor = _slot_tensor(folder, model, _quant_node(folder, model), 0)
+    dims = [int(d) for d in tensor.dims]
+    choice = folder.rng.randrange(4)
+    if choice == 0:
+        dims = dims[::-1]
+    elif choice == 1:
+        dims = [int(np.prod(dims, dtype=np.int64))]
+    elif choice == 2:
+        dims = [1, *dims]
+    elif dims and dims[-1] % 2 == 0:
+        dims = [*dims[:-1], 2, dims[-1] // 2]
+    else:
+        raise Skip
+    del tensor.dims[:]
+    tensor.dims.extend(dims)
+    folder.save(model)
+
+
+def mq_shared_weight(folder: Folder) -> None:
+    """The integer weight read by a second node: an Identity whose output is a graph output,
+    a Cast to float, a copy of its quantization node (same grid), or a second
+    DequantizeLinear with another scale."""
+    model = folder.load()
+    node = _quant_node(folder, model)
+    slots = quantized_forms.WEIGHT_SLOTS[node.op_type][1]
+    slot = folder.rng.choice(sorted(slots))
+    if slot >= len(node.input) or _initializer(model, node.input[slot]) is None:
+        raise Skip
+    name = node.input[slot]
+    graph = model.graph
+    choice = folder.rng.randrange(4)
+    if choice == 0:
+        graph.node.append(helper.make_node("Identity", [name], ["fuzz_shared"]))
+        graph.output.append(helper.make_tensor_value_info("fuzz_shared", TensorProto.UNDEFINED,
+                                                          None))
+    elif choice == 1:
+        graph.node.append(helper.make_node("Cast", [name], ["fuzz_cast"], to=F))
+        graph.output.append(helper.make_tensor_value_info("fuzz_cast", F, None))
+    elif choice == 2:
+        copy = onnx.NodeProto()
+        copy.CopyFrom(node)
+        copy.name = (node.name or "node") + "_fuzz_copy"
+        del copy.output[:]
+        copy.output.extend(f"{out}_fuzz_copy" for out in node.output)
+        graph.node.append(copy)
+        if node.output:
+            graph.output.append(helper.make_tensor_value_info(copy.output[0],
+                                                              TensorProto.UNDEFINED, None))
+    else:
+        graph.initializer.append(numpy_helper.from_array(np.array(0.5, np.float32),
+                                                         "fuzz_other_scale"))
+        graph.node.append(helper.make_node("DequantizeLinear", [name, "fuzz_other_scale"],
+                                           ["fuzz_other"]))
+        graph.output.append(helper.make_tensor_value_info("fuzz_other", F, None))
+    folder.save(model)
+
+
+def mq_runtime_grid(folder: Folder) -> None:
+    """A scale or zero point that is computed (through Identity), fed as a graph input, or
+    held by a Constant node instead of an initializer."""
+    model = folder.load()
+    node = _quant_node(folder, model)
+    tensor = _slot_tensor(folder, model, node, folder.rng.choice([1, 2]))
+    graph = model.graph
+    if tensor not in list(graph.initializer):
+        raise Skip
+    choice = folder.rng.randrange(3)
+    renamed = f"{tensor.name}_fuzz"
+    if choice == 0:
+        graph.node.insert(0, helper.make_node("Identity", [tensor.name], [renamed]))
+    elif choice == 1:
+        graph.input.append(helper.make_tensor_value_info(
+            renamed, tensor.data_type, [int(d) for d in tensor.dims]))
+    else:
+        value = TensorProto()
+        value.CopyFrom(tensor)
+        value.name = renamed
+        graph.node.insert(0, helper.make_node("Constant", [], [renamed], value=value))
+    for other in _all_nodes(model):
+        if other is node or folder.rng.random() < 0.5:
+            for index, name in enumerate(other.input):
+                if name == tensor.name and other.op_type != "Identity":
+                    other.input[index] = renamed
+    folder.save(model)
+
+
+def mq_domain(folder: Folder) -> None:
+    """The quantization op in another domain (the default one, com.microsoft, an unknown)."""
+    model = folder.load()
+    node = _quant_node(folder, model)
+    node.domain = folder.rng.choice(["", "ai.onnx", "com.microsoft", "custom", "com.other"])
+    if not any(o.domain == node.domain for o in model.opset_import) and \
+            node.domain not in ("", "ai.onnx"):
+        model.opset_import.append(helper.make_opsetid(node.domain, 1))
+    folder.save(model)
+
+
+def mq_swap_inputs(folder: Folder) -> None:
+    """The quantization node's inputs in another order, or fewer of them."""
+    model = folder.load()
+    node = _quant_node(folder, model)
+    names = list(node.input)
+    if folder.rng.random() < 0.5 and len(names) > 1:
+        i, j = folder.rng.sample(range(len(names)), 2)
+        names[i], names[j] = names[j], names[i]
+    else:
+        names = names[:folder.rng.randrange(len(names) + 1)]
+    del node.input[:]
+    node.input.extend(names)
+    folder.save(model)
+
+
+def mq_nbits_packing(folder: Folder) -> None:
+    """MatMulNBits storage that disagrees with its attributes: packed weights of another
+    shape, zero points packed short or long or as floats, scales one short, act-order
+    g_idx added."""
+    model = folder.load()
+    node = _quant_node(folder, model, "MatMulNBits")
+    choice = folder.rng.randrange(5)
+    if choice == 0:
+        tensor = _initializer(model, node.input[1])
+        if tensor is None:
+            raise Skip
+        array = _values(tensor)
+        _replace(tensor, _reshaped(folder, array) if folder.rng.random() < 0.5
+                 else array.reshape(array.shape[0], -1))
+    elif choice == 1 or choice == 2:
+        if len(node.input) < 4 or _initializer(model, node.input[3]) is None:
+            raise Skip
+        tensor = _initializer(model, node.input[3])
+        array = _values(tensor)
+        _replace(tensor, array.astype(np.float32) if choice == 2 else _reshaped(folder, array))
+    elif choice == 3:
+        tensor = _initializer(model, node.input[2])
+        if tensor is None:
+            raise Skip
+        _replace(tensor, _reshaped(folder, _values(tensor)))
+    else:
+        k = next((a.i for a in node.attribute if a.name == "K"), 1)
+        model.graph.initializer.append(numpy_helper.from_array(
+            np.zeros(max(min(k, 1 << 16), 0), np.int32), "fuzz_g_idx"))
+        while len(node.input) < 4:
+            node.input.append("")
+        del node.input[4:]
+        node.input.append("fuzz_g_idx")
+    folder.save(model)
+
+
 MUTATIONS: dict[str, Callable[[Folder], None]] = {
     name.removeprefix("m_"): function for name, function in globals().items()
     if name.startswith("m_") and callable(function)
+}
+# with --quantized also these (kinds "q_..."), on the quantized bases only
+QUANTIZED_MUTATIONS: dict[str, Callable[[Folder], None]] = {
+    name.removeprefix("m"): function for name, function in globals().items()
+    if name.startswith("mq_") and callable(function)
 }
 
 
@@ -1115,9 +1638,10 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0][:300] if text else type(exc).__name__
 
 
-def _run_in_ort(path: str, feeds_from: str) -> list[list]:
+def _run_in_ort(path: str, feeds_from: str, finite: bool = False) -> list[list]:
     """The outputs' [name, dtype, shape] of `path` in onnxruntime on inputs drawn from the
-    graph of `feeds_from` (an exception when it does not run)."""
+    graph of `feeds_from` (an exception when it does not run); with `finite`, each also says
+    whether the output holds only finite numbers."""
     import onnxruntime as ort
 
     feeds = graph_feeds(onnx.load(feeds_from, load_external_data=False), MAX_FEED_ELEMENTS)
@@ -1129,8 +1653,13 @@ def _run_in_ort(path: str, feeds_from: str) -> list[list]:
     session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
     names = [o.name for o in session.get_outputs()]
     outputs = session.run(None, feeds)
-    return [[name, o.dtype.str, list(o.shape)] if isinstance(o, np.ndarray)
-            else [name, type(o).__name__, None] for name, o in zip(names, outputs, strict=True)]
+    found = [[name, o.dtype.str, list(o.shape)] if isinstance(o, np.ndarray)
+             else [name, type(o).__name__, None] for name, o in zip(names, outputs, strict=True)]
+    if finite:
+        for entry, output in zip(found, outputs, strict=True):
+            entry.append(not isinstance(output, np.ndarray) or output.dtype.kind != "f"
+                         or bool(np.isfinite(output).all()))
+    return found
 
 
 def _declared_outputs(path: str) -> list[tuple[str, bytes]]:
@@ -1138,9 +1667,9 @@ def _declared_outputs(path: str) -> list[tuple[str, bytes]]:
     return [(v.name, v.type.SerializeToString(deterministic=True)) for v in graph.output]
 
 
-def _checker_error(path: str) -> str | None:
+def _checker_error(path: str, full_check: bool = True) -> str | None:
     try:
-        onnx.checker.check_model(path, full_check=True)
+        onnx.checker.check_model(path, full_check=full_check)
     except Exception as exc:  # noqa: BLE001 (onnx raises ValidationError and others)
         return _first_line(exc)
     return None
@@ -1152,11 +1681,14 @@ def check_request(request: dict) -> dict:
     checker's error unless the original has one too, changed graph outputs)."""
     try:
         if request["op"] == "run":
-            return {"outputs": _run_in_ort(request["model"], request["feeds_from"])}
+            return {"outputs": _run_in_ort(request["model"], request["feeds_from"],
+                                           bool(request.get("finite")))}
         problems = []
-        error = _checker_error(request["output"])
-        if error and not _checker_error(request["original"]):
-            problems.append(f"bad output: onnx.checker (full_check): {error}")
+        full = request.get("full_check", True)
+        error = _checker_error(request["output"], full)
+        if error and not _checker_error(request["original"], full):
+            problems.append(f"bad output: onnx.checker{' (full_check)' if full else ''}: "
+                            f"{error}")
         try:
             original_outputs = _declared_outputs(request["original"])
         except Exception:  # noqa: BLE001 (a mutated input onnx cannot load: nothing to compare)
@@ -1230,22 +1762,34 @@ class OutputChecker:
         return {"crash": f"the check process died (exit {status})" if status is not None
                 else f"no answer in {CHECK_TIMEOUT_S:.0f} s"}
 
-    def problems(self, original: Path, output: Path) -> list[str]:
-        """What is wrong with the structured `output` of `original` (empty: nothing)."""
-        answer = self._ask({"op": "check", "output": str(output), "original": str(original)})
+    def problems(self, original: Path, output: Path, finite: bool = False,
+                 full_check: bool = True) -> list[str]:
+        """What is wrong with the `output` of `original` (empty: nothing); with `finite`,
+        also outputs holding NaN or infinity where the original's do not; without
+        `full_check`, onnx's checker runs without shape inference."""
+        answer = self._ask({"op": "check", "output": str(output), "original": str(original),
+                            "full_check": full_check})
         if "problems" not in answer:
             return [f"bad output: checking it: {answer.get('crash') or answer.get('error')}"]
         problems = list(answer["problems"])
-        ran = self._ask({"op": "run", "model": str(original), "feeds_from": str(original)})
+        ran = self._ask({"op": "run", "model": str(original), "feeds_from": str(original),
+                         "finite": finite})
         if "outputs" not in ran:  # the original does not run (or crashes) in onnxruntime
             return problems
-        again = self._ask({"op": "run", "model": str(output), "feeds_from": str(original)})
+        again = self._ask({"op": "run", "model": str(output), "feeds_from": str(original),
+                           "finite": finite})
         if "outputs" not in again:
             problems.append(f"bad output: onnxruntime runs the input, not the output: "
                             f"{again.get('crash') or again.get('error')}")
-        elif again["outputs"] != ran["outputs"]:
-            problems.append(f"bad output: outputs {again['outputs']} != the input's "
-                            f"{ran['outputs']}")
+            return problems
+        kinds, original_kinds = ([entry[:3] for entry in found["outputs"]]
+                                 for found in (again, ran))
+        if kinds != original_kinds:
+            problems.append(f"bad output: outputs {kinds} != the input's {original_kinds}")
+        elif finite and any(was[3] and not now[3] for was, now in
+                            zip(ran["outputs"], again["outputs"], strict=True)):
+            problems.append("bad output: outputs hold NaN or infinity where the input's do "
+                            "not")
         return problems
 
     def close(self) -> None:
@@ -1270,6 +1814,8 @@ def command_argv(command: str, model: Path, output: Path, rng: random.Random) ->
                 "--min-size", str(rng.choice([0, 16, 256, 4096])), *rng.choice(STRUCTURES),
                 "--format", rng.choice(["dense", "dense", "dense", "sparse", "compact"])]
         return _structured_extras(argv, output, rng)
+    if command == "prune-quantized":
+        return _quantized_prune_argv(model, output, rng)
     argv = [command, str(model)]
     if command in ("prune", "densify"):
         argv += ["-o", str(output)]
@@ -1279,6 +1825,87 @@ def command_argv(command: str, model: Path, output: Path, rng: random.Random) ->
         if rng.random() < 0.2:
             argv += ["--pattern", "2:4"]
     return argv
+
+
+# --quantized: the prune of each case draws a method (calibrated ones on synthetic inputs)
+QUANTIZED_METHODS = ("magnitude", "magnitude", "random", "l1", "wanda", "obd", "sparsegpt",
+                     "ria", "admm")
+CALIBRATED_METHODS = ("wanda", "obd", "sparsegpt", "ria", "admm")
+# kept weights may change (onto the grid): rebuilt (sparsegpt, admm) or shrunk (l1)
+REBUILDING_METHODS = ("sparsegpt", "admm", "l1")
+
+
+def _report_of(output: Path) -> Path:
+    return output.parent / f"{output.name}.report.json"
+
+
+def _quantized_prune_argv(model: Path, output: Path, rng: random.Random) -> list[str]:
+    """A prune of a quantized model: any --min-size (0 too), format, a sparsity or an N:M
+    pattern, a method, sometimes an ADMM update, a DSnoT refinement, another allocation or
+    calibration mode; the report beside the output."""
+    argv = ["prune", str(model), "-o", str(output),
+            "--min-size", str(rng.choice([0, 16, 256, 4096])),
+            "--format", rng.choice(["dense", "dense", "dense", "sparse", "compact"]),
+            "--report", str(_report_of(output))]
+    if rng.random() < 0.25:
+        argv += ["--pattern", rng.choice(["2:4", "2:4", "1:4", "4:8"])]
+    elif rng.random() < 0.5:
+        argv += ["--sparsity", rng.choice(["0", "0.3", "0.7", "0.9", "0.99"])]
+    method = rng.choice(QUANTIZED_METHODS)
+    argv += ["--method", method]
+    if method not in REBUILDING_METHODS and method != "random" and rng.random() < 0.15:
+        argv += ["--update", "admm"]
+    if method in ("magnitude", "wanda", "ria") and rng.random() < 0.15:
+        argv += ["--refine", "dsnot"]
+    if rng.random() < 0.25:
+        argv += ["--allocation", rng.choice(["global", "erk", "owl"])]
+    if method in CALIBRATED_METHODS and rng.random() < 0.3:
+        argv += ["--calib-mode", rng.choice(["one-pass", "sequential"])]
+    return argv
+
+
+def _quantized_problems(model: Path, output: Path, argv: list[str]) -> list[str]:
+    """What is wrong with the integer weights of a dense prune's `output` of the quantized
+    `model` (`quantized_forms.pruning_problems`, weights the reading cannot follow left out,
+    inputs stored compact not checked), as breaches."""
+    words = argv
+    if words[words.index("--format") + 1] != "dense":
+        return []
+    report_path = _report_of(output)
+    if not report_path.is_file():
+        return ["bad output: exit 0 but no report written"]
+    report = json.loads(report_path.read_text())
+
+    def load(path: Path) -> onnx.ModelProto:
+        try:
+            return onnx.load(str(path))
+        except Exception:  # noqa: BLE001 (external data the checks cannot read: without it)
+            return onnx.load(str(path), load_external_data=False)
+
+    original = load(model)
+    if any(n.doc_string.startswith("onnxprune:compact") for n in _all_nodes(original)):
+        return []  # weights rebuilt by nodes: not read here
+    unread: set[str] = set()
+    before = quantized_forms.integer_weights(original, strict=False, unread=unread)
+    after = quantized_forms.integer_weights(load(output), strict=False)
+    rebuilds = words[words.index("--method") + 1] in REBUILDING_METHODS or "--update" in words
+    return [f"bad output: integer weights: {problem}" for problem in
+            quantized_forms.pruning_problems(before, after, report, rebuilds, unread)]
+
+
+def _drawn_quantized(argv: str) -> list[str]:
+    """The options a quantized prune drew, as the summary counts them."""
+    words = argv.split()
+    if "--report" not in words:
+        return []
+    drawn = []
+    for i, word in enumerate(words[:-1]):
+        if word in ("--method", "--update", "--refine", "--allocation", "--calib-mode",
+                    "--pattern", "--format", "--sparsity"):
+            drawn.append(f"{word} {words[i + 1]}")
+        elif word == "--min-size" and words[i + 1] == "0":
+            drawn.append("--min-size 0")
+    return drawn
 
 
 def _structured_extras(argv: list[str], output: Path, rng: random.Random) -> list[str]:
@@ -1348,6 +1975,8 @@ def _describe(command: str, argv: list[str]) -> str:
         return " ".join(["prune", *chosen])
     if command == "inspect-structured":
         return "inspect --structured"
+    if command == "prune-quantized":
+        return "prune (quantized)"
     return command
 
 
@@ -1382,7 +2011,7 @@ def run_case(number: int, seed: int, base: Base, kind: str, work: Path,
         (model_dir / name).write_bytes(data)
     folder = Folder(root, model_dir, rng)
     try:
-        MUTATIONS[kind](folder)
+        (MUTATIONS | QUANTIZED_MUTATIONS)[kind](folder)
     except Skip:
         shutil.rmtree(root)
         return [Outcome(kind, base.name, "-", "skipped")]
@@ -1424,6 +2053,24 @@ def run_case(number: int, seed: int, base: Base, kind: str, work: Path,
         for path in out_dir.iterdir():
             if path.is_file() and CANARY_MARKER in path.read_bytes():
                 outcome.breaches.append(f"canary bytes in {path.name}")
+        if command == "prune-quantized" and code == 0 and exc is None:
+            if not output.is_file():
+                outcome.breaches.append("bad output: exit 0 but no output file")
+            else:
+                try:
+                    outcome.breaches += _quantized_problems(folder.model_path, output, argv)
+                except Exception as error:  # noqa: BLE001 (the check broke: say so, go on)
+                    outcome.breaches.append(f"bad output: checking integer weights: "
+                                            f"{type(error).__name__}: {_first_line(error)}")
+                owned = checker is None
+                checker = checker or OutputChecker()
+                # onnx's full check cannot type sparse initializers (float ones neither)
+                full = argv[argv.index("--format") + 1] != "sparse"
+                outcome.breaches += checker.problems(folder.model_path, output, finite=True,
+                                                     full_check=full)
+                if owned:
+                    checker.close()
+                    checker = None
         if command == "prune-structured" and code == 0 and exc is None:
             if not output.is_file():
                 outcome.breaches.append("bad output: exit 0 but no output file")
@@ -1493,11 +2140,11 @@ class Summary:
             collections.Counter)
         for outcome in self.outcomes:
             if outcome.result != "skipped":
-                for option in _drawn_options(outcome.argv):
+                for option in _drawn_options(outcome.argv) + _drawn_quantized(outcome.argv):
                     per_option[option][outcome.result] += 1
                     per_option[option]["breaches"] += bool(outcome.breaches)
         if per_option:
-            lines.append(f"{'structured prune drawing':<64}{'ok':>7}{'refused':>9}"
+            lines.append(f"{'prune drawing':<64}{'ok':>7}{'refused':>9}"
                          f"{'internal':>10}{'breaches':>10}")
             for option in sorted(per_option):
                 counts = per_option[option]
@@ -1510,11 +2157,26 @@ class Summary:
             lines.append("structured prune refusals (most common):")
             lines += [f"  {count:>5} x {command}: {reason}"
                       for (command, reason), count in refusals.most_common(12)]
+        if any(o.command == "prune (quantized)" for o in self.outcomes):
+            per_base: dict[str, collections.Counter] = collections.defaultdict(
+                collections.Counter)
+            for outcome in self.outcomes:
+                if outcome.result != "skipped":
+                    per_base[outcome.base][outcome.result] += 1
+                    per_base[outcome.base]["breaches"] += bool(outcome.breaches)
+            lines.append(f"{'base (quantized form)':<64}{'ok':>7}{'refused':>9}"
+                         f"{'internal':>10}{'breaches':>10}")
+            for base in sorted(per_base):
+                counts = per_base[base]
+                lines.append(f"{base:<64}{counts['ok']:>7}{counts['refused']:>9}"
+                             f"{counts['internal']:>10}{counts['breaches']:>10}")
         sites = collections.Counter(o.detail for o in self.internal)
         if sites:
             lines.append("internal-error sites:")
             lines += [f"  {count:>5} x {site}" for site, count in sites.most_common()]
-        breaches = collections.Counter(b.split(":")[0] for o in self.breaches for b in o.breaches)
+        breaches = collections.Counter(
+            ": ".join(b.split(": ")[:2]) if b.startswith("bad output: integer weights")
+            else b.split(":")[0] for o in self.breaches for b in o.breaches)
         if breaches:
             lines.append("invariant breaches:")
             lines += [f"  {count:>5} x {what}" for what, count in breaches.most_common()]
@@ -1538,25 +2200,40 @@ def _quiet_logs():
 
 def fuzz(cases: int, seed: int = 0, kinds: list[str] | None = None,
          commands: tuple[str, ...] = ("inspect", "prune", "densify"),
-         verbose: bool = False, structured: bool = False) -> Summary:
+         verbose: bool = False, structured: bool = False, quantized: bool = False) -> Summary:
     """Run `cases` mutated models through the commands (and `STRUCTURED_COMMANDS` as well
-    with `structured`); the outcomes, counted."""
+    with `structured`); the outcomes, counted. With `quantized` the bases are the quantized
+    ones (`make_quantized_bases`), every other case draws one of `QUANTIZED_MUTATIONS`, and
+    `prune` is a quantized prune (`_quantized_prune_argv`), its output checked."""
+    if quantized:
+        commands = tuple("prune-quantized" if c == "prune" else c for c in commands)
     if structured:
         commands = (*commands, *(c for c in STRUCTURED_COMMANDS if c not in commands))
-    names = sorted(k for k in MUTATIONS if not kinds or any(k.startswith(p) for p in kinds))
-    if not names:
+
+    def matching(table: dict) -> list[str]:
+        return sorted(k for k in table if not kinds or any(k.startswith(p) for p in kinds))
+
+    names = matching(MUTATIONS)
+    quantized_names = matching(QUANTIZED_MUTATIONS) if quantized else []
+    if not names and not quantized_names:
         raise SystemExit(f"no mutation kind matches {kinds}")
-    bases = make_bases()
+    bases = make_quantized_bases() if quantized else make_bases()
     rng = random.Random(seed)
     summary = Summary()
     checker = OutputChecker()
     with tempfile.TemporaryDirectory(prefix="onnxprune-fuzz-") as work, _quiet_logs(), \
             contextlib.closing(checker):
         for number in range(cases):
-            kind = names[number % len(names)]
-            # compact descriptions and payloads exist only in the compact bases
+            if quantized_names and (not names or number % 2 == 0):
+                kind = quantized_names[(number // (2 if names else 1)) % len(quantized_names)]
+            else:
+                kind = names[(number // (2 if quantized_names else 1)) % len(names)]
+            # compact descriptions and payloads exist only in the compact bases, MatMulNBits
+            # nodes in the nbits ones
             base = rng.choice([b for b in bases if "compact" in b.name]
-                              if kind.startswith("compact") else bases)
+                              if kind.startswith("compact") else
+                              [b for b in bases if b.name.endswith("_nbits")]
+                              if kind == "q_nbits_packing" else bases)
             for outcome in run_case(number, seed, base, kind, Path(work), open_watch(),
                                     list(commands), checker):
                 summary.outcomes.append(outcome)
@@ -1574,6 +2251,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--structured", action="store_true",
                         help="also run inspect --structured and prune --structure ... on each "
                              "case, checking the output in the checker and onnxruntime")
+    parser.add_argument("--quantized", action="store_true",
+                        help="quantized bases (demo models quantized by onnxruntime's tools), "
+                             "the quantized mutation kinds (q_...) in every other case, and "
+                             "prunes that draw a method, their integer weights and outputs "
+                             "checked")
     parser.add_argument("-v", "--verbose", action="store_true", help="print each failure")
     parser.add_argument("--check-worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -1581,7 +2263,7 @@ def main(argv: list[str] | None = None) -> int:
         return check_worker()
     start = time.perf_counter()
     summary = fuzz(args.cases, args.seed, args.kind, verbose=args.verbose,
-                   structured=args.structured)
+                   structured=args.structured, quantized=args.quantized)
     print(summary.report())
     print(f"{args.cases} cases, {len(summary.outcomes)} runs in "
           f"{time.perf_counter() - start:.1f} s")

@@ -2,7 +2,7 @@
 
 Usage: python tools/peer_suite.py [--filter REGEX] [--no-backend] [--no-real] [--list]
                                   [--calibrated] [--structured [--all-structures]]
-                                  [--keep DIR] [-v]
+                                  [--quantized [--forms F,F,...]] [--keep DIR] [-v]
 
 Models:
 - every ``model.onnx`` of the onnx package's backend test data (its inputs come from the
@@ -38,6 +38,29 @@ With ``--structured`` the steps are those of structured pruning instead (issue #
   random     ``prune --structure channels --sparsity 0.5 --method random``
   validate-s ``validate MODEL CHANNELS --data INPUTS`` of the channels output: exit 0
 
+With ``--quantized`` every real model (the onnx backend models are left out) is first
+quantized by onnxruntime's own tools in each form of ``tools/quantized_forms.py`` (QDQ int8
+per channel, uint8 per tensor asymmetric and int4 per channel by ``quantize_static``,
+calibrated on the suite's inputs; QOperator per channel; ``quantize_dynamic``; MatMulNBits
+4-bit blocks and its QDQ variant, blocked int4 DequantizeLinear; ``--forms`` picks some;
+where the tool fails on the model as shipped it is tried again after onnxruntime's own
+``quant_pre_process``, then also at opset 13). A model the tool cannot quantize in a form,
+where it quantizes no weight, or whose quantized model onnxruntime cannot load or run on the
+suite's inputs, is counted as not quantizable (n/q), apart from onnxprune's outcomes. The
+quantized model then takes the unstructured steps above, plus
+
+  global70   ``prune --sparsity 0.7 --allocation global`` (one threshold over dequantized
+             values of weights on different scales)
+
+(and wanda and sparsegpt with ``--calibrated``), each prune with ``--report``, and on top
+of the checks above: the outputs are finite wherever the quantized model's are; the integer
+weights, read apart from onnxprune (``quantized_forms.integer_weights``), keep their scales
+and zero points; every integer a non-rebuilding prune changed is now exactly its zero point
+(the densified compact model's as well); a weight that is not a target is unchanged; each
+target has as many weights at value 0 as its report says, at least as many as planned, and
+2:4 groups along the axis its op sums over. Every step checks that the input model's bytes
+are unchanged (in every mode).
+
 A structured output must pass ``onnx.checker.check_model(full_check=True)`` (unless the
 original fails it as well; the detail says so), declare the graph outputs of the original
 (names and types: graph outputs are never pruned) and, wherever the original runs in
@@ -61,6 +84,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import glob
+import hashlib
 import importlib.metadata
 import io
 import json
@@ -82,6 +106,7 @@ from onnx import numpy_helper
 
 # the tools' shared modules (in this folder) are imported as plain modules
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import quantized_forms  # noqa: E402
 from graph_feeds import graph_feeds  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -163,10 +188,11 @@ REAL_INPUTS: dict[str, FeedMaker] = {
 class Case:
     """One model of the suite and how to feed it."""
 
-    source: str  # "onnx-backend" or the distribution name
+    source: str  # "onnx-backend", the distribution name, or the quantized form
     name: str
     path: Path
     feeds: Callable[[onnx.ModelProto], Feeds | None]
+    form: str | None = None  # the quantized form (`quantized_forms.FORMS`), None: as shipped
 
 
 def backend_cases() -> list[Case]:
@@ -235,7 +261,7 @@ def _runtime_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
 @dataclass
 class Step:
     name: str
-    outcome: str  # "pass", "refused", "fail", "n/a"
+    outcome: str  # "pass", "refused", "fail", "n/a", "n/q" (not quantizable)
     detail: str = ""
 
 
@@ -250,8 +276,10 @@ class Result:
         outcomes = [s.outcome for s in self.steps]
         if "fail" in outcomes:
             return "fail"
+        if "n/q" in outcomes:
+            return "not quantizable"
         prunes = [s.outcome for s in self.steps
-                  if s.name in PRUNES | CALIBRATED | STRUCTURED_PRUNES]
+                  if s.name in PRUNES | QUANTIZED_PRUNES | CALIBRATED | STRUCTURED_PRUNES]
         return "pass" if "pass" in prunes else "refused"
 
 
@@ -261,6 +289,12 @@ PRUNES: dict[str, list[str]] = {
     "2:4": ["--pattern", "2:4"],
     "compact": ["--sparsity", "0.5", "--format", "compact"],
 }
+# with --quantized, after PRUNES
+QUANTIZED_PRUNES: dict[str, list[str]] = {
+    "global70": ["--sparsity", "0.7", "--allocation", "global"],
+}
+# methods that change the kept weights (a kept integer may change)
+REBUILDING = {"sparsegpt", "admm", "l1"}
 # calibrated on the suite's inputs (--calib is added)
 CALIBRATED: dict[str, list[str]] = {
     "wanda": ["--sparsity", "0.5", "--method", "wanda"],
@@ -364,6 +398,27 @@ def _signature(outputs: list) -> list:
             for o in outputs]
 
 
+def _not_finite(outputs: list, reference: list) -> list[int]:
+    """Indices of the float outputs that hold NaN or infinity where the reference's do not."""
+    found = []
+    for index, (out, ref) in enumerate(zip(outputs, reference, strict=True)):
+        if isinstance(out, np.ndarray) and out.dtype.kind == "f" and \
+                isinstance(ref, np.ndarray) and np.isfinite(ref).all() and \
+                not np.isfinite(out).all():
+            found.append(index)
+    return found
+
+
+def _input_digest(case: Case) -> str:
+    """sha256 over the model file, and for a quantized case every file of its own folder."""
+    files = sorted(p for p in case.path.parent.iterdir() if p.is_file()) if case.form \
+        else [case.path]
+    digest = hashlib.sha256()
+    for file in files:
+        digest.update(file.name.encode() + b"\0" + file.read_bytes())
+    return digest.hexdigest()
+
+
 def _declared_outputs(path: Path) -> list[tuple[str, bytes]]:
     """The graph outputs' names and types as the model declares them."""
     graph = onnx.load(str(path), load_external_data=False).graph
@@ -390,6 +445,11 @@ class ModelRun:
         self.original_checker_error = _checker_error(case.path)
         self.data: Path | None = None
         self.outputs: dict[str, list] = {}  # onnxruntime outputs of each pruned model
+        self.quantized = case.form is not None
+        self.digest = _input_digest(case)
+        # the integer weights of a quantized model, read apart from onnxprune
+        self.integer_weights = quantized_forms.integer_weights(onnx.load(str(case.path))) \
+            if self.quantized else {}
 
     def run(self) -> list[Step]:
         self._prepare_inputs()
@@ -400,7 +460,8 @@ class ModelRun:
             self.step("validate-s", lambda: self._validate("channels"))
             return self.steps
         self.step("inspect", self._inspect)
-        for name, options in PRUNES.items():
+        prunes = PRUNES | QUANTIZED_PRUNES if self.quantized else PRUNES
+        for name, options in prunes.items():
             self.step(name, lambda n=name, o=options: self._prune(n, o))
         for name, options in CALIBRATED.items() if self.calibrated else ():
             self.step(name, lambda n=name, o=options: self._calibrated_prune(n, o))
@@ -414,6 +475,10 @@ class ModelRun:
         except Exception as exc:  # a check of the suite itself broke: report, go on
             step = Step(name, "fail", f"suite: {type(exc).__name__}: {_first_line(exc)}")
         step.name = name
+        if _input_digest(self.case) != self.digest:
+            step = Step(name, "fail", f"the input model's files changed ({step.outcome}: "
+                                      f"{step.detail})")
+            self.digest = _input_digest(self.case)  # (blame only the step that changed it)
         self.steps.append(step)
 
     def _prepare_inputs(self) -> None:
@@ -508,19 +573,31 @@ class ModelRun:
         if _signature(outputs) != _signature(self.reference):
             return None, Step("", "fail", f"outputs {_signature(outputs)} != original's "
                                           f"{_signature(self.reference)}")
+        if self.quantized and _not_finite(outputs, self.reference):
+            return None, Step("", "fail", f"outputs {_not_finite(outputs, self.reference)} "
+                                          f"hold NaN or infinity (the original's do not)")
         return outputs, None
 
     def _prune(self, name: str, options: list[str]) -> Step:
         out = self.workdir / f"{name.replace(':', 'of')}.onnx"
+        if self.quantized:
+            options = [*options, "--report", str(self._report_path(name))]
         run = run_cli("prune", self.case.path, "-o", out, "--min-size", "0", *options)
         failed = cli_outcome(run)
         if failed:
+            if out.exists():
+                failed = Step("", "fail", f"{failed.outcome} ({failed.detail}), yet an "
+                                          f"output was written")
             return failed
         if not out.is_file():
             return Step("", "fail", "exit 0 but no output file")
         error = _checker_error(out)
         if error and not self.original_checker_error:
             return Step("", "fail", f"onnx.checker: {error}")
+        if self.quantized and name != "compact":
+            failed = self._integer_weight_problems(out, name, rebuilds=name in REBUILDING)
+            if failed:
+                return failed
         outputs, failed = self._run_like_the_original(out)
         if failed:
             return failed
@@ -537,6 +614,25 @@ class ModelRun:
                 return Step("", "fail", "sparsity 0: outputs differ from the original's")
             return self._validate_identical(out)
         return Step("", "pass")
+
+    def _report_path(self, name: str) -> Path:
+        return self.workdir / f"{name.replace(':', 'of')}-report.json"
+
+    def _integer_weight_problems(self, out: Path, name: str, rebuilds: bool = False
+                                 ) -> Step | None:
+        """A failing step where the integer weights of `out` (pruned by the prune `name`)
+        break `quantized_forms.pruning_problems`, else None."""
+        report = json.loads(self._report_path(name).read_text())
+        try:
+            after = quantized_forms.integer_weights(onnx.load(str(out)))
+        except quantized_forms.Unreadable as exc:
+            return Step("", "fail", f"integer weights of the output unreadable: {exc}")
+        problems = quantized_forms.pruning_problems(self.integer_weights, after, report,
+                                                    rebuilds)
+        if problems:
+            more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+            return Step("", "fail", f"{problems[0]}{more}")
+        return None
 
     def _calibrated_prune(self, name: str, options: list[str]) -> Step:
         if self.data is None:
@@ -564,6 +660,10 @@ class ModelRun:
         error = _checker_error(out)
         if error and not self.original_checker_error:
             return Step("", "fail", f"onnx.checker: {error}")
+        if self.quantized:
+            failed = self._integer_weight_problems(out, "compact")
+            if failed:
+                return Step("", "fail", f"densified compact model: {failed.detail}")
         if "s50" not in self.outputs or "compact" not in self.outputs:
             return Step("", "pass", "outputs not compared (no onnxruntime outputs of s50)")
         try:
@@ -603,50 +703,107 @@ def run_case(case: Case, keep: Path | None = None, calibrated: bool = False,
     return Result(case, steps, time.perf_counter() - start)
 
 
+def run_quantized_case(case: Case, form: str, keep: Path | None = None,
+                       calibrated: bool = False) -> Result:
+    """`case` quantized in `form` by onnxruntime's tools (the "quantize" step: n/q where the
+    tool cannot), then the unstructured steps on the quantized model."""
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="peer-q-") as tmp:
+        workdir = Path(tmp)
+        (workdir / "quantized").mkdir()
+        quantized = Case(form, f"{case.source}:{case.name}",
+                         workdir / "quantized" / "model.onnx", case.feeds, form=form)
+        try:
+            feeds = case.feeds(onnx.load(str(case.path), load_external_data=False))
+        except Exception:  # noqa: BLE001 (no inputs: the static forms cannot calibrate)
+            feeds = None
+        try:
+            how = quantized_forms.quantize(case.path, quantized.path, form,
+                                           [feeds] if feeds is not None else None)
+        except quantized_forms.NotQuantizable as exc:
+            steps = [Step("quantize", "n/q", str(exc))]
+        else:
+            found = quantized_forms.integer_weights(onnx.load(str(quantized.path)))
+            ops = Counter(w.op for w in found.values())
+            detail = ", ".join(f"{n} {op}" for op, n in sorted(ops.items()))
+            steps = [Step("quantize", "pass", f"{detail} ({how})" if how else detail)]
+            steps += ModelRun(quantized, workdir, calibrated).run()
+        if keep:
+            target = keep / re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{form}_{case.source}_{case.name}")
+            shutil.copytree(workdir, target, dirs_exist_ok=True)
+    return Result(quantized, steps, time.perf_counter() - start)
+
+
 # --- reporting ------------------------------------------------------------------------------
 
-STEP_NAMES = ["inspect", *PRUNES, *CALIBRATED, "densify", "validate", "inspect-s",
-              *STRUCTURED_PRUNES, "validate-s"]
-_MARK = {"pass": "ok", "refused": "ref", "fail": "FAIL", "n/a": "-"}
+STEP_NAMES = ["quantize", "inspect", *PRUNES, *QUANTIZED_PRUNES, *CALIBRATED, "densify",
+              "validate", "inspect-s", *STRUCTURED_PRUNES, "validate-s"]
+_MARK = {"pass": "ok", "refused": "ref", "fail": "FAIL", "n/a": "-", "n/q": "n/q"}
+_SHORT = {"not quantizable": "NOT-Q"}
 
 
 def format_line(result: Result) -> str:
     marks = " ".join(f"{s.name}={_MARK[s.outcome]}" for s in result.steps)
-    line = (f"{result.outcome.upper():7} {result.case.source}:{result.case.name}  {marks}  "
+    outcome = _SHORT.get(result.outcome, result.outcome.upper())
+    line = (f"{outcome:7} {result.case.source}:{result.case.name}  {marks}  "
             f"({result.seconds:.1f} s)")
     for step in result.steps:
-        if step.outcome == "fail":
+        if step.outcome in ("fail", "n/q"):
             line += f"\n          {step.name}: {step.detail}"
     return line
 
 
 def format_summary(results: list[Result], missing: list[str]) -> str:
-    lines = ["", "summary by source (models):",
-             f"  {'source':24} {'models':>6} {'pass':>6} {'refused':>8} {'fail':>6}"]
+    quantized = any(r.case.form for r in results)
+    by = "form" if quantized else "source"
+    lines = ["", f"summary by {by} (models):",
+             f"  {by:24} {'models':>6} {'pass':>6} {'refused':>8} {'fail':>6}"
+             + (f" {'not quantizable':>16}" if quantized else "")]
     sources = sorted({r.case.source for r in results})
     for source in [*sources, "total"]:
         chosen = [r for r in results if source in ("total", r.case.source)]
         counts = Counter(r.outcome for r in chosen)
         lines.append(f"  {source:24} {len(chosen):6} {counts['pass']:6} "
-                     f"{counts['refused']:8} {counts['fail']:6}")
+                     f"{counts['refused']:8} {counts['fail']:6}"
+                     + (f" {counts['not quantizable']:16}" if quantized else ""))
     lines += ["", "summary by step:",
-              f"  {'step':10} {'pass':>6} {'refused':>8} {'fail':>6} {'n/a':>6}"]
+              f"  {'step':10} {'pass':>6} {'refused':>8} {'fail':>6} {'n/a':>6}"
+              + (f" {'n/q':>6}" if quantized else "")]
     for name in STEP_NAMES:
         if not any(s.name == name for r in results for s in r.steps):
             continue
         counts = Counter(s.outcome for r in results for s in r.steps if s.name == name)
         lines.append(f"  {name:10} {counts['pass']:6} {counts['refused']:8} "
-                     f"{counts['fail']:6} {counts['n/a']:6}")
+                     f"{counts['fail']:6} {counts['n/a']:6}"
+                     + (f" {counts['n/q']:6}" if quantized else ""))
     reasons = Counter(_refusal_kind(s.detail) for r in results for s in r.steps
                       if s.outcome == "refused")
     if reasons:
         lines += ["", "refusals by reason:"]
         lines += [f"  {n:5}  {reason}" for reason, n in reasons.most_common()]
+    quantized_ops: dict[str, Counter] = {}
+    for result in results:
+        for step in result.steps:
+            if step.name == "quantize" and step.outcome == "pass":
+                counts = quantized_ops.setdefault(result.case.source, Counter())
+                for number, op in re.findall(r"(\d+) (\w+)", step.detail):
+                    counts[op] += int(number)
+    if quantized_ops:
+        lines += ["", "integer weights the tools wrote, by form and op:"]
+        lines += [f"  {form:24} " + ", ".join(f"{n} {op}" for op, n in sorted(ops.items()))
+                  for form, ops in sorted(quantized_ops.items())]
+    unquantized = Counter((r.case.source, _refusal_kind(s.detail)) for r in results
+                          for s in r.steps if s.outcome == "n/q")
+    if unquantized:
+        lines += ["", "not quantizable, by form and reason:"]
+        lines += [f"  {n:5}  {form}: {reason}"
+                  for (form, reason), n in sorted(unquantized.items())]
     if missing:
         lines += ["", "not installed (skipped): " + ", ".join(missing)]
     counts = Counter(r.outcome for r in results)
     lines += ["", f"{len(results)} models: {counts['pass']} pass, {counts['refused']} clean "
-                  f"refusal, {counts['fail']} fail"]
+                  f"refusal, {counts['fail']} fail"
+                  + (f", {counts['not quantizable']} not quantizable" if quantized else "")]
     return "\n".join(lines)
 
 
@@ -685,27 +842,46 @@ def main(argv: list[str] | None = None) -> int:
                              "in rotation")
     parser.add_argument("--all-structures", action="store_true",
                         help="with --structured: every structured prune on every model")
+    parser.add_argument("--quantized", action="store_true",
+                        help="the real models quantized by onnxruntime's tools in each form "
+                             "first, then the unstructured steps with the integer-weight checks")
+    parser.add_argument("--forms", metavar="F,F,...",
+                        help="with --quantized: only these forms (of "
+                             + ", ".join(quantized_forms.FORMS) + ")")
     parser.add_argument("--keep", type=Path, metavar="DIR",
                         help="keep every model's outputs and inputs under DIR")
     parser.add_argument("-v", "--verbose", action="store_true",
                         help="print every step's detail, not only failures")
     args = parser.parse_args(argv)
+    forms = args.forms.split(",") if args.forms else list(quantized_forms.FORMS)
+    if args.quantized:
+        if args.structured:
+            parser.error("--quantized runs the unstructured steps: not with --structured")
+        unknown = [f for f in forms if f not in quantized_forms.FORMS]
+        if unknown:
+            parser.error(f"unknown forms {unknown}; known: {list(quantized_forms.FORMS)}")
+        args.no_backend = True  # the real models only
     cases, missing = select_cases(args)
     if args.list:
         for case in cases:
             print(f"{case.source}:{case.name}  {case.path}")
         return 0
+    runs: list[tuple[Case, str | None]] = [(case, form) for case in cases for form in forms] \
+        if args.quantized else [(case, None) for case in cases]
     results = []
     start = time.perf_counter()
-    for case in cases:
-        structured = structured_prunes(case, args.all_structures) if args.structured \
-            else None
-        result = run_case(case, args.keep, args.calibrated, structured)
+    for case, form in runs:
+        if form is not None:
+            result = run_quantized_case(case, form, args.keep, args.calibrated)
+        else:
+            structured = structured_prunes(case, args.all_structures) if args.structured \
+                else None
+            result = run_case(case, args.keep, args.calibrated, structured)
         results.append(result)
         print(format_line(result), flush=True)
         if args.verbose:
             for step in result.steps:
-                if step.detail and step.outcome != "fail":
+                if step.detail and step.outcome not in ("fail", "n/q"):
                     print(f"          {step.name}: {step.outcome}: {step.detail}")
     print(format_summary(results, missing))
     print(f"({time.perf_counter() - start:.0f} s)")
