@@ -61,6 +61,7 @@ if TYPE_CHECKING:
     from onnx import TensorProto
 
     from .calib.cache import CalibrationCache
+    from .quantized import Grid
 
 log = logging.getLogger(__name__)
 
@@ -94,11 +95,12 @@ class Sink:
         # a streaming writer also takes the new tensors of compact forms at once
         self.write_payload = write_dense if streaming else None
 
-    def put(self, target: WeightTarget, weights: np.ndarray, plan: TargetPlan):
-        """Store a target's new values, given in its stored form (`stored_values`)."""
-        if (target.quant is not None and self.format.name != "dense"
-                and not target.quant.packed
-                and not target.quant.grid(self.loaded.base_dir).symmetric):
+    def put(self, target: WeightTarget, weights: np.ndarray, plan: TargetPlan,
+            grid: Grid | None = None):
+        """Store a target's new values, given in its stored form (`stored_values`);
+        `grid`: a quantized target's grid."""
+        if (grid is not None and self.format.name != "dense" and not grid.symmetric
+                and target.quant is not None and not target.quant.packed):
             blocker = formats.Blocker(formats.DenseCause.ZERO_POINT)
             log.warning("%s: stays dense: %s", target.name, blocker.reason)
             self.write_dense(target.stored_tensor, weights)
@@ -365,14 +367,17 @@ class _Loop:
 
     # ------------------------------------------------------------------ one target
 
+    def _grid(self, target: WeightTarget) -> Grid | None:
+        """A quantized target's grid (read once per target), else None."""
+        return target.quant.grid(self.loaded.base_dir) if target.quant is not None else None
+
     def _job(self, target: WeightTarget, method: Method, weights: np.ndarray, view, stats,
-             shared: dict | None) -> Job:
+             shared: dict | None, grid: Grid | None) -> Job:
         """What `method` gets for `target`: its weights, plan, statistics and masks."""
         plan = self.plan[target.name]
         if method.name != plan.method:
             plan = replace(plan, method=method.name)
         keep = self.masks.get(target.name)
-        grid = target.quant.grid(self.loaded.base_dir) if target.quant is not None else None
         return Job(target, weights, plan, self.config.seed, view, stats, keep,
                    self.fixed_masks and keep is not None, {} if shared is None else shared,
                    self.config, grid)
@@ -390,24 +395,26 @@ class _Loop:
             method = methods[view.target.name]
             if stats.tokens == 0 or not method.reconstructs:
                 continue
-            weights = read_weights(view.target, self.loaded.base_dir, writable=True)
+            grid = self._grid(view.target)
+            weights = read_weights(view.target, self.loaded.base_dir, writable=True, grid=grid)
             job = self._job(view.target, method, weights, view, stats,
-                            shared.setdefault(view.inputs, {}))
+                            shared.setdefault(view.inputs, {}), grid)
             handles[view.target.name] = remote.submit(method, job)
         return handles
 
     def _prune(self, target: WeightTarget, method: Method, view=None, stats=None,
                shared: dict | None = None, note: str = "", rebuilt=None) -> None:
         started = time.perf_counter()
-        weights = read_weights(target, self.loaded.base_dir, writable=True)
+        grid = self._grid(target)
+        weights = read_weights(target, self.loaded.base_dir, writable=True, grid=grid)
         zeros_before = kernels.count_zeros(weights)
         original = None
         if stats is not None and stats.hessian is not None:  # before pruning, for the error
             original = view.to_obs(weights)
             if np.shares_memory(original, weights):  # weights are masked in place below
                 original = original.copy()
-        job = self._job(target, method, weights, view, stats, shared)
-        plan, keep, fixed, grid = job.plan, job.keep, job.fixed, job.grid
+        job = self._job(target, method, weights, view, stats, shared, grid)
+        plan, keep, fixed = job.plan, job.keep, job.fixed
         fixed_keep = keep if fixed else None  # the mask to apply exactly, if any
         calibrated = view is not None and stats is not None
         planned = (int(np.count_nonzero(~fixed_keep)) if fixed_keep is not None
@@ -460,10 +467,10 @@ class _Loop:
         if self.want_masks:
             self.masks_out.add_packed(target.name, np.packbits(weights.reshape(-1) != 0),
                                       target.shape)
-        values = stored_values(target, weights, self.loaded.base_dir)
+        values = stored_values(target, weights, self.loaded.base_dir, grid)
         if self.pruned is not None and target.graph is self.loaded.proto.graph:
             self.pruned[target.tensor_name] = values
-        stored = self.sink.put(target, values, plan)
+        stored = self.sink.put(target, values, plan, grid)
         if stored is not None:
             report.format, report.bytes, report.format_reason = (stored.format, stored.bytes,
                                                                  stored.reason)

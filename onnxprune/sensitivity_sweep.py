@@ -209,15 +209,15 @@ def analyze(loaded: LoadedModel, config: PruneConfig, *,
             log.warning("%s: cannot calibrate (%s); swept by magnitude", target.name, entry)
         curve = TargetCurve(target.name, target.op_type, list(target.shape), target.numel,
                             note=note)
-        dense = read_weights(target, loaded.base_dir)
         grid = target.quant.grid(loaded.base_dir) if target.quant is not None else None
+        dense = read_weights(target, loaded.base_dir, grid=grid)
         shared: dict = {}
         with sweep.for_target(target) as run:
             for level in levels:
                 pruned = _prune_one(target, dense, level, config, target_method, view, stats,
                                     shared, grid)
                 zeros = int(pruned.size - np.count_nonzero(pruned))
-                stored = stored_values(target, pruned, loaded.base_dir)
+                stored = stored_values(target, pruned, loaded.base_dir, grid)
                 curve.points.append(SweepPoint(level, zeros / target.numel if target.numel
                                                else 0.0, *run({target.tensor_name: stored})))
                 if progress:

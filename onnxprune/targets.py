@@ -28,6 +28,7 @@ from .graph import (
 )
 from .io import FLOAT_TYPES, iter_chunks, read_array, tensor_nbytes
 from .quantized import (
+    Grid,
     QuantizedWeight,
     StaticValues,
     Unsupported,
@@ -406,13 +407,14 @@ def discover_targets(model: onnx.ModelProto, selection: Selection | None = None
     return targets, skipped
 
 
-def read_weights(target: WeightTarget, base_dir, writable: bool = False) -> np.ndarray:
+def read_weights(target: WeightTarget, base_dir, writable: bool = False,
+                 grid: Grid | None = None) -> np.ndarray:
     """The target's values in its shape: the stored tensor, or for a quantized weight its
-    dequantized values (float32, always a new array)."""
+    dequantized values (float32, always a new array; `grid`: its grid, if already read)."""
     if target.quant is None:
         return read_array(target.stored_tensor, base_dir, writable=writable)
     quant = target.quant
-    return quant.grid(base_dir).dequantize(
+    return (grid or quant.grid(base_dir)).dequantize(
         quant.to_ints(read_array(target.stored_tensor, base_dir)))
 
 
@@ -427,14 +429,15 @@ def iter_weight_chunks(target: WeightTarget, base_dir, max_elements: int):
         yield flat[start:start + max_elements]
 
 
-def stored_values(target: WeightTarget, weights: np.ndarray, base_dir) -> np.ndarray:
+def stored_values(target: WeightTarget, weights: np.ndarray, base_dir,
+                  grid: Grid | None = None) -> np.ndarray:
     """What to write into the target's stored tensor for these values: themselves, or for a
     quantized weight the grid's integers (a zero value is exactly the zero point) in the
-    stored form."""
+    stored form (`grid`: its grid, if already read)."""
     if target.quant is None:
         return weights
     quant = target.quant
-    ints = quant.grid(base_dir).quantize(weights)
+    ints = (grid or quant.grid(base_dir)).quantize(weights)
     return quant.to_stored(ints, read_array(target.stored_tensor, base_dir))
 
 
