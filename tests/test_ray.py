@@ -73,3 +73,16 @@ def test_a_stage_rebuilt_on_ray_is_bit_identical_to_the_serial_run(cluster, tmp_
     assert serial.keys() == spread.keys()
     assert all(np.array_equal(serial[name], spread[name]) for name in serial)
     assert sum(t.zeros for t in report.targets) > 0
+
+
+def test_sensitivity_on_ray_ships_external_data_and_calibration(cluster, tmp_path) -> None:
+    """Workers get the model's external data file and the calibration file through the
+    object store (the sweep used to send the model file alone)."""
+    model = onnx.load(MODELS_DIR / "digits.onnx")
+    path = tmp_path / "digits-ext.onnx"
+    onnx.save(model, path, save_as_external_data=True, location="weights.bin",
+              size_threshold=0)
+    config = PruneConfig(method="wanda", min_size=1000, calib=str(DATA), calib_samples=50)
+    serial = analyze(load_model(path), config, levels=[0.5, 0.9])
+    spread = sweep_in_workers(str(path), config, [0.5, 0.9], workers=2, ray_address="local")
+    assert spread.to_dict() == serial.to_dict()

@@ -15,8 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import PruneConfig
-from ..errors import ConfigError
-from .runners import default_workers
+from .runners import default_workers, shipment, unpack
 
 
 def sweep_in_workers(model: str, config: PruneConfig, levels: Sequence[float],
@@ -66,11 +65,7 @@ def _on_ray(model: str, config: PruneConfig, levels: Sequence[float],
     from ..remote import connect_ray, ray_results
 
     ray = connect_ray(address, workers or default_workers())
-    calib = config.calib
-    if calib is not None and not Path(calib).is_file():
-        raise ConfigError("--ray-address ships --calib to the workers: give one .npz file")
-    files = ray.put({"model": Path(model).read_bytes(), "name": Path(model).name,
-                     "calib": Path(calib).read_bytes() if calib else None})
+    files = ray.put(shipment(model, {"--calib": config.calib}))
     remote = ray.remote(num_cpus=1)(_ray_share)
     refs = [remote.remote(files, config, list(levels), share) for share in shares]
     return ray_results(ray, refs)
@@ -79,12 +74,9 @@ def _on_ray(model: str, config: PruneConfig, levels: Sequence[float],
 def _ray_share(files: dict, config: PruneConfig, levels: list[float], names: list[str]):
     folder = Path(tempfile.mkdtemp(prefix="onnxprune-sweep-"))
     try:
-        model = folder / files["name"]
-        model.write_bytes(files["model"])
-        if files["calib"] is not None:
-            calib = folder / "calib.npz"
-            calib.write_bytes(files["calib"])
-            config = config.replace(calib=str(calib))
+        model, given = unpack(files, folder)
+        if "--calib" in given:
+            config = config.replace(calib=str(given["--calib"]))
         return _sweep_share(str(model), config, levels, names)
     finally:
         shutil.rmtree(folder, ignore_errors=True)

@@ -128,18 +128,8 @@ class RayCluster(Runner):
         ray = connect_ray(address or "local", workers or default_workers())
         self.ray = ray
         self.workers = workers or int(ray.cluster_resources().get("CPU", 1))
-        files: dict[str, Any] = {"model": _read(job.model), "external": _external(job.model)}
-        if job.data is not None:
-            if not Path(job.data).is_file():
-                raise ConfigError("--ray-address ships --data to the workers: give one .npz "
-                                  "file")
-            files["data"] = _read(job.data)
-        if job.base.calib is not None:
-            if not Path(job.base.calib).is_file():
-                raise ConfigError("--ray-address ships --calib to the workers: give one .npz "
-                                  "file")
-            files["calib"] = _read(job.base.calib)
-        self._files = ray.put(files)
+        self._files = ray.put(shipment(job.model, {"--data": job.data,
+                                                   "--calib": job.base.calib}))
         self._job = ray.put(job)
         self._remote = ray.remote(num_cpus=1)(_ray_trial)
 
@@ -156,18 +146,43 @@ class RayCluster(Runner):
         pass  # the Ray instance outlives the search (a cluster is the user's)
 
 
-def _read(path: str) -> bytes:
-    return Path(path).read_bytes()
-
-
-def _external(model: str) -> dict[str, bytes]:
-    """The external data files the model names (inside its folder), by location."""
+def shipment(model: str, files: dict[str, str | None]) -> dict[str, Any]:
+    """The model, the external data files it names, and the single files given (by the
+    option that names them), as bytes for Ray's object store: workers need no shared file
+    system. A folder where one file is needed is a one-line `ConfigError`."""
     from ..io.wire import scan_file
 
     folder = Path(model).parent
-    return {location: (folder / location).read_bytes()
-            for location in sorted(filter(None, scan_file(Path(model)).external_locations))
-            if (folder / location).is_file()}
+    external = {location: (folder / location).read_bytes()
+                for location in sorted(filter(None, scan_file(Path(model)).external_locations))
+                if (folder / location).is_file()}
+    given = {}
+    for option, path in files.items():
+        if path is None:
+            continue
+        if not Path(path).is_file():
+            raise ConfigError(f"--ray-address ships {option} to the workers: give one .npz "
+                              "file")
+        given[option] = (Path(path).name, Path(path).read_bytes())
+    return {"model": (Path(model).name, Path(model).read_bytes()), "external": external,
+            "files": given}
+
+
+def unpack(shipped: dict[str, Any], folder: Path) -> tuple[Path, dict[str, Path]]:
+    """Write a `shipment` into `folder`: the model's path, and the given files' by option."""
+    name, data = shipped["model"]
+    model = folder / name
+    model.write_bytes(data)
+    for location, data_bytes in shipped["external"].items():
+        (folder / location).parent.mkdir(parents=True, exist_ok=True)
+        (folder / location).write_bytes(data_bytes)
+    paths = {}
+    for option, (name, data) in shipped["files"].items():
+        path = folder / "given" / option.lstrip("-") / name  # apart from the model's files
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+        paths[option] = path
+    return model, paths
 
 
 def forget(job: SearchJob) -> None:
@@ -188,22 +203,14 @@ def _ray_trial(job: SearchJob, files: dict[str, Any], trial: Trial) -> TrialResu
             shutil.rmtree(old, ignore_errors=True)
             del _LOCAL_COPIES[key]
         folder = Path(tempfile.mkdtemp(prefix="onnxprune-search-"))
-        model = folder / Path(job.model).name
-        model.write_bytes(files["model"])
-        for location, data_bytes in files["external"].items():
-            (folder / location).parent.mkdir(parents=True, exist_ok=True)
-            (folder / location).write_bytes(data_bytes)
-        data = None
-        if "data" in files:
-            data = folder / Path(job.data or "data.npz").name
-            data.write_bytes(files["data"])
+        model, given = unpack(files, folder)
         workdir = folder / "trials"
         workdir.mkdir()
+        data = given.get("--data")
         local = replace(job, model=str(model), data=str(data) if data else job.data,
                         workdir=str(workdir))
-        if "calib" in files and job.base.calib is not None:
-            calib = folder / "calib.npz"
-            calib.write_bytes(files["calib"])
+        calib = given.get("--calib")
+        if calib is not None and job.base.calib is not None:
             cache = job.calibration.moved(job.base.calib, str(calib)) if job.calibration \
                 else None
             local = replace(local, base=job.base.replace(calib=str(calib)), calibration=cache)
