@@ -59,10 +59,7 @@ def _conv_model(path: Path) -> Path:
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 12, 12])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 16, 12, 12])],
         [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.save(model, path)
-    return path
+    return _saved(graph, path)
 
 
 def _lstm_model(path: Path) -> Path:
@@ -74,6 +71,11 @@ def _lstm_model(path: Path) -> Path:
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [6, 1, 32])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [6, 1, 1, 32])],
         [numpy_helper.from_array(w, "W"), numpy_helper.from_array(r, "R")])
+    return _saved(graph, path)
+
+
+def _saved(graph: onnx.GraphProto, path: Path) -> Path:
+    """The graph as an opset-17 model file at `path`."""
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     onnx.save(model, path)

@@ -450,11 +450,7 @@ def _add_search_parser(commands) -> None:
                             "TPE over candidates and levels together, for large spaces "
                             "(pip install 'onnxprune[search]') [bisect]")
     run = search.add_argument_group("where trials run")
-    run.add_argument("--workers", type=_at_least(1), default=None, metavar="N",
-                     help="trials at once, in local processes [the CPUs of this machine]")
-    run.add_argument("--ray-address", default=None, metavar="ADDR",
-                     help="run the trials on this Ray cluster ('local': start one here; "
-                          "pip install 'onnxprune[ray]')")
+    _add_worker_options(run, "run the trials", "the CPUs of this machine")
     calib = search.add_argument_group("calibration (of the calibrated methods)")
     calib.add_argument("--calib", metavar="PATH", help="as prune --calib")
     calib.add_argument("--calib-samples", type=_at_least(1), metavar="N",
@@ -468,6 +464,15 @@ def _add_search_parser(commands) -> None:
     _add_shape_options(search.add_argument_group("input sizes"))
     _add_selection_options(search)
     _add_logging_options(search)
+
+
+def _add_worker_options(group, work: str, default: str, note: str = "") -> None:
+    """--workers and --ray-address: where `work` runs."""
+    group.add_argument("--workers", type=_at_least(1), default=None, metavar="N",
+                       help=f"{work} in N local processes{note} [{default}]")
+    group.add_argument("--ray-address", default=None, metavar="ADDR",
+                       help=f"{work} on this Ray cluster ('local': start one here; pip "
+                            "install 'onnxprune[ray]')")
 
 
 def _sparsity_range(text: str) -> tuple[float, float]:
@@ -500,12 +505,8 @@ def _add_sensitivity_parser(commands) -> None:
     sensitivity.add_argument("--calib-samples", type=int, metavar="N",
                              help="use at most N samples")
     sensitivity.add_argument("--seed", type=int, default=0, help="synthetic inputs [0]")
-    sensitivity.add_argument("--workers", type=_at_least(1), default=None, metavar="N",
-                             help="sweep the targets in N local processes (the curves are "
-                                  "the serial ones) [1]")
-    sensitivity.add_argument("--ray-address", default=None, metavar="ADDR",
-                             help="sweep the targets on this Ray cluster ('local': start "
-                                  "one here; pip install 'onnxprune[ray]')")
+    _add_worker_options(sensitivity, "sweep the targets", "1",
+                        " (the curves are the serial ones)")
     _add_shape_options(sensitivity)
     _add_selection_options(sensitivity)
     structured = sensitivity.add_argument_group("structured curves (for --structure S "
