@@ -2111,6 +2111,24 @@ class Summary:
     def breaches(self) -> list[Outcome]:
         return [o for o in self.outcomes if o.breaches]
 
+    def _counts(self, title: str, keys_of, always: bool = False) -> list[str]:
+        """A table of ok / refused / internal / breaches per key of the runs that ran
+        (`keys_of(outcome)`: the keys it counts under); none without rows unless `always`."""
+        per_key: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+        for outcome in self.outcomes:
+            if outcome.result != "skipped":
+                for key in keys_of(outcome):
+                    per_key[key][outcome.result] += 1
+                    per_key[key]["breaches"] += bool(outcome.breaches)
+        if not per_key and not always:
+            return []
+        lines = [f"{title:<64}{'ok':>7}{'refused':>9}{'internal':>10}{'breaches':>10}"]
+        for key in sorted(per_key):
+            counts = per_key[key]
+            lines.append(f"{key:<64}{counts['ok']:>7}{counts['refused']:>9}"
+                         f"{counts['internal']:>10}{counts['breaches']:>10}")
+        return lines
+
     def report(self) -> str:
         by_result = collections.Counter(o.result for o in self.outcomes)
         lines = ["outcomes: " + ", ".join(f"{name} {by_result.get(name, 0)}" for name in
@@ -2124,32 +2142,9 @@ class Summary:
             counts = per_kind[kind]
             lines.append(f"{kind:<26}{counts['ok']:>7}{counts['refused']:>9}"
                          f"{counts['internal']:>10}{counts['skipped']:>9}")
-        per_command: dict[str, collections.Counter] = collections.defaultdict(
-            collections.Counter)
-        for outcome in self.outcomes:
-            if outcome.result != "skipped":
-                per_command[outcome.command][outcome.result] += 1
-                per_command[outcome.command]["breaches"] += bool(outcome.breaches)
-        lines.append(f"{'command':<64}{'ok':>7}{'refused':>9}{'internal':>10}"
-                     f"{'breaches':>10}")
-        for command in sorted(per_command):
-            counts = per_command[command]
-            lines.append(f"{command:<64}{counts['ok']:>7}{counts['refused']:>9}"
-                         f"{counts['internal']:>10}{counts['breaches']:>10}")
-        per_option: dict[str, collections.Counter] = collections.defaultdict(
-            collections.Counter)
-        for outcome in self.outcomes:
-            if outcome.result != "skipped":
-                for option in _drawn_options(outcome.argv) + _drawn_quantized(outcome.argv):
-                    per_option[option][outcome.result] += 1
-                    per_option[option]["breaches"] += bool(outcome.breaches)
-        if per_option:
-            lines.append(f"{'prune drawing':<64}{'ok':>7}{'refused':>9}"
-                         f"{'internal':>10}{'breaches':>10}")
-            for option in sorted(per_option):
-                counts = per_option[option]
-                lines.append(f"{option:<64}{counts['ok']:>7}{counts['refused']:>9}"
-                             f"{counts['internal']:>10}{counts['breaches']:>10}")
+        lines += self._counts("command", lambda o: [o.command], always=True)
+        lines += self._counts("prune drawing",
+                              lambda o: _drawn_options(o.argv) + _drawn_quantized(o.argv))
         refusals = collections.Counter(
             (o.command, _refusal_kind(o.detail)) for o in self.outcomes
             if o.result == "refused" and o.command.startswith("prune --structure"))
@@ -2158,18 +2153,7 @@ class Summary:
             lines += [f"  {count:>5} x {command}: {reason}"
                       for (command, reason), count in refusals.most_common(12)]
         if any(o.command == "prune (quantized)" for o in self.outcomes):
-            per_base: dict[str, collections.Counter] = collections.defaultdict(
-                collections.Counter)
-            for outcome in self.outcomes:
-                if outcome.result != "skipped":
-                    per_base[outcome.base][outcome.result] += 1
-                    per_base[outcome.base]["breaches"] += bool(outcome.breaches)
-            lines.append(f"{'base (quantized form)':<64}{'ok':>7}{'refused':>9}"
-                         f"{'internal':>10}{'breaches':>10}")
-            for base in sorted(per_base):
-                counts = per_base[base]
-                lines.append(f"{base:<64}{counts['ok']:>7}{counts['refused']:>9}"
-                             f"{counts['internal']:>10}{counts['breaches']:>10}")
+            lines += self._counts("base (quantized form)", lambda o: [o.base], always=True)
         sites = collections.Counter(o.detail for o in self.internal)
         if sites:
             lines.append("internal-error sites:")
