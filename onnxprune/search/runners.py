@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
-from .trials import _WORKER_STATE, SearchJob, Trial, TrialResult, run_trial
+from .trials import SearchJob, Trial, TrialResult, forget, run_trial
 
 
 def default_workers() -> int:
@@ -183,11 +183,6 @@ def unpack(shipped: dict[str, Any], folder: Path) -> tuple[Path, dict[str, Path]
         path.write_bytes(data)
         paths[option] = path
     return model, paths
-
-
-def forget(job: SearchJob) -> None:
-    """Drop what this process keeps for the search (its trials ran here)."""
-    _WORKER_STATE.pop(job.key, None)
 
 
 _LOCAL_COPIES: dict[str, tuple[SearchJob, Path]] = {}

@@ -176,6 +176,11 @@ def run_trial(job: SearchJob, trial: Trial) -> TrialResult:
     return result
 
 
+def forget(job: SearchJob) -> None:
+    """Drop what this process keeps for the search (its trials ran here)."""
+    _WORKER_STATE.pop(job.key, None)
+
+
 @contextlib.contextmanager
 def _quiet():
     logger = logging.getLogger("onnxprune")
