@@ -106,6 +106,9 @@ class PruneConfig:
     latency_threads: int | None = None
     # correct the tables' prediction once by timing the model at the counts they chose
     latency_calibrate: bool = True
+    # a quantized model's float original: quantized targets that are rebuilt (sparsegpt,
+    # admm, --update) start from its float weights, matched to them by value
+    float_reference: str | None = None
     # run each calibration stage's reconstructions as Ray tasks there ("local": a Ray
     # instance started here); how, not what: the output is the serial run's
     ray_address: str | None = None
@@ -265,6 +268,8 @@ class PruneConfig:
         values["sparsity"] = self.target_sparsity if self.latency_budget is None else None
         values["include"], values["exclude"] = list(self.include), list(self.exclude)
         values["calib"] = None if self.calib is None else str(self.calib)
+        if self.float_reference is not None:
+            values["float_reference"] = str(self.float_reference)
         del values["options"]
         values.update(self.effective_options())
         return values

@@ -227,6 +227,13 @@ class _Loop:
         self.refine = None if config.refine == "none" else REFINES.build(config.refine,
                                                                          config.options)
         self._methods: dict[str, Method] = {}
+        # --float-reference: quantized targets that are rebuilt start from the float weights
+        # they were rounded from
+        self.reference = None
+        if config.float_reference is not None:
+            from .float_reference import FloatReference
+
+            self.reference = FloatReference(config.float_reference)
         # --ray-address: a stage's reconstructions run as Ray tasks
         self.remote = None
         if config.ray_address is not None:
@@ -246,8 +253,10 @@ class _Loop:
         if not calibrated:
             for target in targets:
                 self._prune(target, methods[target.name])
-            return self.reports
-        self._prune_calibrated(targets, calibrated, methods)
+        else:
+            self._prune_calibrated(targets, calibrated, methods)
+        if self.reference is not None:
+            self.reference.summary()
         return self.reports
 
     def method(self, name: str) -> Method:
@@ -371,6 +380,15 @@ class _Loop:
         """A quantized target's grid (read once per target), else None."""
         return target.quant.grid(self.loaded.base_dir) if target.quant is not None else None
 
+    def _read(self, target: WeightTarget, grid: Grid | None, rebuilds: bool) -> np.ndarray:
+        """The values the method starts from (writable): `read_weights`', or where a
+        quantized target is rebuilt and the float reference holds its float weights, those."""
+        weights = read_weights(target, self.loaded.base_dir, writable=True, grid=grid)
+        if self.reference is None or grid is None or not rebuilds:
+            return weights
+        floats = self.reference.weights(target, grid, grid.quantize(weights))
+        return weights if floats is None else floats
+
     def _job(self, target: WeightTarget, method: Method, weights: np.ndarray, view, stats,
              shared: dict | None, grid: Grid | None) -> Job:
         """What `method` gets for `target`: its weights, plan, statistics and masks."""
@@ -396,7 +414,7 @@ class _Loop:
             if stats.tokens == 0 or not method.reconstructs:
                 continue
             grid = self._grid(view.target)
-            weights = read_weights(view.target, self.loaded.base_dir, writable=True, grid=grid)
+            weights = self._read(view.target, grid, rebuilds=True)
             job = self._job(view.target, method, weights, view, stats,
                             shared.setdefault(view.inputs, {}), grid)
             handles[view.target.name] = remote.submit(method, job)
@@ -406,7 +424,9 @@ class _Loop:
                shared: dict | None = None, note: str = "", rebuilt=None) -> None:
         started = time.perf_counter()
         grid = self._grid(target)
-        weights = read_weights(target, self.loaded.base_dir, writable=True, grid=grid)
+        calibrated = view is not None and stats is not None
+        weights = self._read(target, grid, method.reconstructs or (calibrated and
+                                                                   self.update is not None))
         zeros_before = kernels.count_zeros(weights)
         original = None
         if stats is not None and stats.hessian is not None:  # before pruning, for the error
@@ -416,7 +436,6 @@ class _Loop:
         job = self._job(target, method, weights, view, stats, shared, grid)
         plan, keep, fixed = job.plan, job.keep, job.fixed
         fixed_keep = keep if fixed else None  # the mask to apply exactly, if any
-        calibrated = view is not None and stats is not None
         planned = (int(np.count_nonzero(~fixed_keep)) if fixed_keep is not None
                    else _planned_count(target, plan, method, view))
         if method.reconstructs:

@@ -202,6 +202,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
                           latency_threads=args.latency_threads,
                           latency_calibrate=args.latency_calibrate,
                           ray_address=args.ray_address,
+                          float_reference=args.float_reference,
                           allow_norm=args.allow_norm, allow_hidden=args.allow_hidden,
                           permute_channels=args.permute_channels,
                           min_target_sparsity=args.min_target_sparsity,

@@ -345,6 +345,11 @@ def build_parser(with_parts: bool = True) -> _Parser:
                        help="sequential (default for sparsegpt and admm): each layer calibrated "
                             "on the already pruned model; one-pass: all on the dense model "
                             "(faster)")
+    calib.add_argument("--float-reference", metavar="FLOAT.onnx",
+                       help="for a quantized MODEL: the float model it was quantized from; "
+                            "methods that rebuild weights (sparsegpt, admm, --update) start "
+                            "from its float weights, found by value, and round them onto "
+                            "MODEL's grid (joint sparsification and quantization)")
     calib.add_argument("--ray-address", default=None, metavar="ADDR",
                        help="run each calibration stage's reconstructions (sparsegpt, admm) "
                             "as tasks on this Ray cluster, 'local' to start one here; the "

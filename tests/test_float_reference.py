@@ -1,0 +1,180 @@
+"""--float-reference: a quantized model's weights rebuilt from the float weights they were
+rounded from (joint sparsification and quantization from the float values).
+
+The quantized models are written by onnxruntime's own quantizer from the trained demo
+model; the reference is that demo model. Checked: every target finds its own float tensor
+(also transposed, for MatMulNBits), the rebuilt weights fit the float layer better than
+pruning the float model and rounding afterwards, and a reference that does not match, or a
+method that rebuilds nothing, changes nothing but a warning.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import helper, numpy_helper
+from test_quantized import DIGITS, PIXELS, _make, _targets
+
+from onnxprune.cli import main
+from onnxprune.float_reference import FloatReference
+from onnxprune.io import load_model
+from onnxprune.targets import read_weights
+
+pytest.importorskip("onnxruntime.quantization")
+FLOATS = {t.name: numpy_helper.to_array(t) for t in onnx.load(DIGITS).graph.initializer}
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("float-reference")
+    calib = folder / "calib.npz"
+    np.savez(calib, pixels=PIXELS[:128])
+    forms = ("qdq-int8-channel", "qdq-int4-channel", "qdq-uint8-tensor", "qoperator-matmul",
+             "matmul-nbits", "dynamic-matmul")
+    return {form: _make(form, folder) for form in forms}, calib
+
+
+def _float_of(target_name: str) -> np.ndarray:
+    (name,) = [n for n in FLOATS if target_name.startswith(n + "_")]
+    return FLOATS[name]
+
+
+@pytest.mark.parametrize("form", ["qdq-int8-channel", "qdq-int4-channel", "qdq-uint8-tensor",
+                                  "qoperator-matmul", "matmul-nbits"])
+def test_every_quantized_target_finds_the_float_tensor_it_was_rounded_from(models,
+                                                                           form) -> None:
+    loaded, targets = _targets(models[0][form])
+    reference = FloatReference(DIGITS)
+    for target in targets:
+        grid = target.quant.grid(loaded.base_dir)
+        ints = grid.quantize(read_weights(target, loaded.base_dir, grid=grid))
+        found = reference.weights(target, grid, ints)
+        expected = _float_of(target.name)
+        if form == "matmul-nbits":  # stored [N, K], the float weight is [K, N]
+            expected = expected.T
+        assert found is not None and np.array_equal(found, expected), target.name
+
+
+def test_a_scale_outside_the_weights_grid_finds_no_float_counterpart(models) -> None:
+    """MatMulInteger's per-channel scale sits in a Mul after it: its integers are not
+    the float weights on any grid onnxprune reads, so nothing may match them."""
+    loaded, targets = _targets(models[0]["dynamic-matmul"])
+    reference = FloatReference(DIGITS)
+    for target in targets:
+        grid = target.quant.grid(loaded.base_dir)
+        ints = grid.quantize(read_weights(target, loaded.base_dir, grid=grid))
+        assert reference.weights(target, grid, ints) is None
+
+
+def _layer_inputs() -> dict[str, np.ndarray]:
+    """Each float MatMul weight's layer input on the calibration pixels (dense model)."""
+    model = onnx.load(DIGITS)
+    matmuls = [n for n in model.graph.node if n.op_type == "MatMul"]
+    for node in matmuls:
+        model.graph.output.append(helper.make_tensor_value_info(node.input[0], 1, None))
+    session = ort.InferenceSession(model.SerializeToString(),
+                                   providers=["CPUExecutionProvider"])
+    values = session.run([n.input[0] for n in matmuls], {"pixels": PIXELS[:128]})
+    return {n.input[1]: v.reshape(-1, v.shape[-1]).astype(np.float64)
+            for n, v in zip(matmuls, values, strict=True)}
+
+
+@pytest.mark.parametrize("form", ["qdq-int8-channel", "qdq-int4-channel"])
+@pytest.mark.parametrize("pattern", [["--sparsity", "0.5"], ["--pattern", "2:4"]])
+def test_joint_reconstruction_from_float_weights_fits_the_float_layers_best(
+        models, form, pattern, tmp_path) -> None:
+    """Layer error ‖X(W_float - W)‖² on the calibration data (one-pass: every run sees
+    the dense model's inputs): the quantized model pruned with the float reference is
+    below the float model pruned by the same method and then rounded onto the same grid
+    (prune, then quantize), and, for the coarse int4 grid in every layer, below the same
+    prune started from the integers."""
+    paths, calib = models
+    common = [*pattern, "--method", "sparsegpt", "--calib", str(calib), "--calib-mode",
+              "one-pass", "--min-size", "100", "-q"]
+    runs = {"joint": (paths[form], ["--float-reference", str(DIGITS)]),
+            "from ints": (paths[form], []), "float": (DIGITS, [])}
+    pruned = {}
+    for name, (source, extra) in runs.items():
+        out = tmp_path / f"{name}.onnx"
+        assert main(["prune", str(source), "-o", str(out), *common, *extra]) == 0
+        pruned[name] = load_model(out)
+    inputs = _layer_inputs()
+    quantized, targets = _targets(paths[form])
+    float_pruned = {t.name: numpy_helper.to_array(t)
+                    for t in pruned["float"].proto.graph.initializer}
+    totals = {"joint": 0.0, "afterwards": 0.0}
+    for target in targets:
+        name = next(n for n in FLOATS if target.name.startswith(n + "_"))
+        x, dense = inputs[name], FLOATS[name]
+        grid = target.quant.grid(quantized.base_dir)
+
+        def error(weights, x=x, dense=dense):
+            return float(np.sum((x @ (dense - weights)) ** 2))
+
+        weights = {}
+        for run in ("joint", "from ints"):
+            loaded = pruned[run]
+            (found,) = [t for t in _targets(loaded.path)[1] if t.name == target.name]
+            weights[run] = read_weights(found, loaded.base_dir)
+        afterwards = grid.round(float_pruned[name])
+        assert np.count_nonzero(weights["joint"] == 0) >= target.numel // 2
+        totals["joint"] += error(weights["joint"])
+        totals["afterwards"] += error(afterwards)
+        if form == "qdq-int4-channel":
+            assert error(weights["joint"]) < error(afterwards), target.name
+            assert error(weights["joint"]) < error(weights["from ints"]), target.name
+    assert totals["joint"] < totals["afterwards"], totals
+
+
+def test_a_reference_that_does_not_match_changes_nothing_but_warns(models, tmp_path,
+                                                                    capsys) -> None:
+    paths, calib = models
+    other = onnx.load(DIGITS)
+    for tensor in other.graph.initializer:  # other weights of the same shapes
+        values = numpy_helper.to_array(tensor)
+        tensor.CopyFrom(numpy_helper.from_array(values[::-1].copy(), tensor.name))
+    wrong = tmp_path / "wrong.onnx"
+    onnx.save(other, wrong)
+    common = [str(paths["qdq-int8-channel"]), "--method", "sparsegpt", "--calib", str(calib),
+              "--min-size", "100"]
+    assert main(["prune", *common, "-o", str(tmp_path / "plain.onnx")]) == 0
+    capsys.readouterr()
+    assert main(["prune", *common, "-o", str(tmp_path / "ref.onnx"),
+                 "--float-reference", str(wrong)]) == 0
+    assert "have no float counterpart" in capsys.readouterr().err
+    plain, ref = onnx.load(tmp_path / "plain.onnx"), onnx.load(tmp_path / "ref.onnx")
+    for a, b in zip(plain.graph.initializer, ref.graph.initializer, strict=True):
+        assert a.raw_data == b.raw_data, a.name
+
+
+def test_a_method_that_rebuilds_nothing_leaves_the_reference_unused(models, tmp_path,
+                                                                    capsys) -> None:
+    paths, calib = models
+    common = [str(paths["qdq-int8-channel"]), "--method", "wanda", "--calib", str(calib),
+              "--min-size", "100"]
+    assert main(["prune", *common, "-o", str(tmp_path / "plain.onnx")]) == 0
+    capsys.readouterr()
+    assert main(["prune", *common, "-o", str(tmp_path / "ref.onnx"),
+                 "--float-reference", str(DIGITS)]) == 0
+    assert "--float-reference is unused" in capsys.readouterr().err
+    plain, ref = onnx.load(tmp_path / "plain.onnx"), onnx.load(tmp_path / "ref.onnx")
+    assert [t.raw_data for t in plain.graph.initializer] == \
+        [t.raw_data for t in ref.graph.initializer]
+
+
+@pytest.mark.parametrize("bad", ["missing", "not onnx"])
+def test_a_bad_reference_is_a_one_line_error_and_writes_nothing(models, tmp_path, capsys,
+                                                                bad) -> None:
+    paths, calib = models
+    reference = tmp_path / "ref.onnx"
+    if bad == "not onnx":
+        reference.write_bytes(b"not a model at all")
+    out = tmp_path / "out.onnx"
+    code = main(["prune", str(paths["qdq-int8-channel"]), "-o", str(out), "--method",
+                 "sparsegpt", "--calib", str(calib), "--min-size", "100", "-q",
+                 "--float-reference", str(reference)])
+    err = capsys.readouterr().err.strip()
+    assert code != 0 and not out.exists()
+    assert len(err.splitlines()) == 1 and "ref.onnx" in err and "Traceback" not in err
