@@ -346,16 +346,25 @@ def inspect(model: ModelLike, *, config: PruneConfig | None = None,
                                info.format if info else "dense", str(config.pattern))
         if info:
             report.bytes = info.bytes
-        # sizes of what is stored: a quantized weight's integers (packed ones stay dense)
-        stored_ints = target.quant is not None and not target.quant.packed
-        sizes = formats.format_bytes_table(
-            read_array(target.stored_tensor, loaded.base_dir) if stored_ints else weights,
-            pattern=config.pattern, reduction_axis=target.reduction_axis)
-        if target.quant is not None and target.quant.packed:
-            bits = 4 if not target.quant.bits else target.quant.bits
+        # sizes of what is stored: a quantized weight's integers (int4/uint4 ones with
+        # 4-bit values; MatMulNBits blocks stay dense)
+        quant = target.quant
+        stored_ints = quant is not None and not quant.bits
+        ints = read_array(target.stored_tensor, loaded.base_dir) if stored_ints else weights
+        value_bits = 0
+        if quant is not None and quant.packed and not quant.bits:
+            # ml_dtypes int4/uint4, one value per byte: as the int8/uint8 compact rebuilds
+            ints = ints.astype(np.int8 if quant.stored_type == onnx.TensorProto.INT4 else
+                               np.uint8)
+            value_bits = 4
+        sizes = formats.format_bytes_table(ints, pattern=config.pattern,
+                                           reduction_axis=target.reduction_axis,
+                                           value_bits=value_bits)
+        if quant is not None and quant.bits:
             nnz = int(np.count_nonzero(weights))
             sizes.update(dense=target.nbytes, sparse=None, compact=None, compact_format=None,
-                         entropy_bound=formats.entropy_bound_bytes(weights.size, nnz, bits / 8))
+                         entropy_bound=formats.entropy_bound_bytes(weights.size, nnz,
+                                                                   quant.bits / 8))
         report.format_bytes = {key: sizes[key] for key in ("dense", "sparse", "compact",
                                                            "compact_format")}
         report.format_bytes["entropy_bound"] = round(sizes["entropy_bound"])

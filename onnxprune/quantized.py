@@ -186,6 +186,21 @@ class QuantizedWeight:
         return ints.astype(_NP_TYPES[self.stored_type])
 
 
+def unpack_nibbles(raw: np.ndarray, count: int, signed: bool) -> np.ndarray:
+    """The first `count` 4-bit values of ONNX int4/uint4 raw bytes (low nibble first), flat:
+    int8 sign-extended when `signed` (int4), else uint8 (uint4)."""
+    values = _unpack_bits(np.asarray(raw, np.uint8).reshape(-1), 4)[:count]
+    if signed:
+        values = values - ((values & 8) << 1)
+    return values.astype(np.int8 if signed else np.uint8)
+
+
+def pack_nibbles(values: np.ndarray) -> np.ndarray:
+    """Integers in [-8, 15] as ONNX int4/uint4 raw bytes: two to a byte, low nibble first,
+    the last byte's high nibble 0 for an odd count (uint8, flat)."""
+    return _pack_bits(values, 4)
+
+
 def _unpack_bits(packed: np.ndarray, bits: int) -> np.ndarray:
     """Values packed low bits first, `8 // bits` to a byte, as int32 (unsigned)."""
     raw = np.ascontiguousarray(packed).view(np.uint8).reshape(-1)

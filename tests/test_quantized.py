@@ -418,8 +418,13 @@ def test_inspect_sizes_a_quantized_weight_by_its_integers(quantized, capsys) -> 
     assert main(["inspect", str(quantized["qdq-int4-channel"]), "--min-size", "100",
                  "--json"]) == 0
     for target in json.loads(capsys.readouterr().out)["targets"]:
-        assert target["format_bytes"]["dense"] == target["numel"] // 2
-        assert target["format_bytes"]["compact"] is None  # packed 4-bit stays dense
+        sizes = target["format_bytes"]
+        assert sizes["dense"] == target["numel"] // 2  # two to a byte
+        assert sizes["sparse"] is None  # onnxruntime loads no int4 sparse tensor
+        # compact and the bound: 4-bit values (tests/test_compact_int4.py)
+        assert sizes["compact_format"].startswith("compact-")
+        numel, nnz = target["numel"], target["numel"] - target["zeros"]
+        assert sizes["entropy_bound"] == round(nnz / 2 + numel * _entropy(nnz / numel) / 8)
 
 
 def test_structured_pruning_of_a_qdq_model_declines_naming_the_quantization(

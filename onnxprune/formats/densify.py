@@ -29,6 +29,8 @@ from .compact import decode_chunk, parse_meta
 from .graphs import (
     COMPACT_MARK,
     FLOAT_DATA_TYPES,
+    FOUR_BIT_DATA_TYPES,
+    REBUILT_AS,
     STORED_DATA_TYPES,
     make_tensor,
     remove_metadata_format,
@@ -168,6 +170,8 @@ def _sparse_info(sparse: onnx.SparseTensorProto, source: str, base_dir: Path,
 def _compact_info(meta: dict, initializers: dict[str, TensorProto], source: str,
                   base_dir: Path) -> StoredInfo:
     dtype = STORED_DATA_TYPES[meta["data_type"]]
+    # int4/uint4: decoded as the int8/uint8 the rebuild writes, then given their own type
+    rebuilt = STORED_DATA_TYPES[REBUILT_AS.get(meta["data_type"], meta["data_type"])]
     stem = meta["prefix"] + "/"
     stored = sum(tensor_nbytes(t) for name, t in initializers.items() if name.startswith(stem))
 
@@ -181,10 +185,10 @@ def _compact_info(meta: dict, initializers: dict[str, TensorProto], source: str,
             return read_array(initializers[name], base_dir)
 
         try:
-            chunks = [decode_chunk(meta, number, chunk, dtype, read)
+            chunks = [decode_chunk(meta, number, chunk, rebuilt, read)
                       for number, chunk in enumerate(meta["chunks"])]
             dense = chunks[0] if len(chunks) == 1 else np.concatenate(chunks, axis=0)
-            return dense.reshape(meta["shape"])
+            return dense.reshape(meta["shape"]).astype(dtype, copy=False)
         except (KeyError, IndexError, ValueError, TypeError, OverflowError) as exc:
             # the description and payload come from the file: what does not fit is corrupt
             text = str(exc).strip().splitlines()
@@ -194,8 +198,11 @@ def _compact_info(meta: dict, initializers: dict[str, TensorProto], source: str,
 
     shape = tuple(meta["shape"])
     nnz = sum(chunk.get("nnz", 0) for chunk in meta["chunks"])
-    return StoredInfo(meta["tensor"], meta["format"], stored, math.prod(shape) * dtype.itemsize,
-                      nnz, shape, str(dtype), source, load)
+    numel = math.prod(shape)
+    dense_bytes = -(-numel // 2) if meta["data_type"] in FOUR_BIT_DATA_TYPES else \
+        numel * dtype.itemsize
+    return StoredInfo(meta["tensor"], meta["format"], stored, dense_bytes, nnz, shape,
+                      str(dtype), source, load)
 
 
 def _check_meta(meta: dict, node: onnx.NodeProto) -> None:
@@ -211,7 +218,8 @@ def _check_meta(meta: dict, node: onnx.NodeProto) -> None:
         if not isinstance(meta.get(key), str) or not meta[key]:
             fail(f"{key!r} is not a name")
     if type(meta.get("data_type")) is not int or meta["data_type"] not in STORED_DATA_TYPES:
-        fail(f"data_type {meta.get('data_type')!r} is not a float or 8/16-bit integer type")
+        fail(f"data_type {meta.get('data_type')!r} is not a float or 4/8/16-bit integer "
+             "type")
     shape, chunks = meta.get("shape"), meta.get("chunks")
     if not isinstance(shape, list) or not shape or not all(_is_count(d) for d in shape) or \
             math.prod(shape) >= 2**59:
@@ -220,6 +228,12 @@ def _check_meta(meta: dict, node: onnx.NodeProto) -> None:
         fail(f"stored_as {_short(str(meta.get('stored_as')))}")
     if not isinstance(meta.get("node_name", ""), str):
         fail("node_name is not a name")
+    # int4/uint4 values are stored 4 bits each, and each chunk says how many it holds
+    four_bit = meta["data_type"] in FOUR_BIT_DATA_TYPES
+    if meta.get("value_bits", 0) != (4 if four_bit else 0) or \
+            type(meta.get("value_bits", 0)) is not int:
+        fail(f"value_bits {_short(str(meta.get('value_bits')))} for data_type "
+             f"{meta['data_type']}")
     if not isinstance(chunks, list) or not chunks:
         fail("no chunks")
     for chunk in chunks:
@@ -227,6 +241,10 @@ def _check_meta(meta: dict, node: onnx.NodeProto) -> None:
         if not (isinstance(rows, list) and len(rows) == 2 and all(_is_count(r) for r in rows)
                 and rows[0] <= rows[1] <= shape[0] and isinstance(chunk.get("kind"), str)
                 and _is_count(chunk.get("nnz", 0))):
+            fail(f"chunk {_short(str(chunk))}")
+        values_shape = chunk.get("values_shape", [])
+        if not (isinstance(values_shape, list) and all(_is_count(d) for d in values_shape)
+                and math.prod(values_shape) < 2**59):
             fail(f"chunk {_short(str(chunk))}")
 
 
@@ -250,12 +268,12 @@ def _densify_graph(graph: onnx.GraphProto, items: list[_Found]) -> None:
             node = next(n for n in graph.node if constant_sparse_value(n) is not None
                         and n.output[0] == item.info.name)
             set_constant_attribute(node, helper.make_attribute(
-                "value", make_tensor(item.info.name, dense[id(item)], doc="")))
+                "value", make_tensor(item.info.name, dense[id(item)], doc=None)))
 
     if graph.sparse_initializer:
         for item in items:
             if item.kind == "sparse_initializer":
-                graph.initializer.append(make_tensor(item.info.name, dense[id(item)], doc=""))
+                graph.initializer.append(make_tensor(item.info.name, dense[id(item)], doc=None))
         del graph.sparse_initializer[:]
 
     compact = [item for item in items if item.kind == "compact"]
@@ -279,7 +297,7 @@ def _densify_graph(graph: onnx.GraphProto, items: list[_Found]) -> None:
             name = owner.info.name
             graph.node[index].CopyFrom(helper.make_node(
                 "Constant", [], [name], name=owner.compact_meta.get("node_name", ""),
-                value=make_tensor(name, dense[id(owner)], doc="")))
+                value=make_tensor(name, dense[id(owner)], doc=None)))
         else:
             del graph.node[index]
     prefixes = tuple(stems)
@@ -293,4 +311,4 @@ def _densify_graph(graph: onnx.GraphProto, items: list[_Found]) -> None:
             del graph.value_info[index]
     for item in compact:
         if item.compact_meta["stored_as"] == "initializer":
-            graph.initializer.append(make_tensor(item.info.name, dense[id(item)], doc=""))
+            graph.initializer.append(make_tensor(item.info.name, dense[id(item)], doc=None))

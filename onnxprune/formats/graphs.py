@@ -13,6 +13,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from ..graph import walk_graphs as walk_graphs
+from ..quantized import pack_nibbles
 
 # Every node, initializer and value_info a compact tensor adds carries this doc_string
 # (the node that produces the tensor carries it followed by the JSON description).
@@ -36,9 +37,19 @@ INTEGER_DATA_TYPES: dict[int, np.dtype] = {
     TensorProto.INT8: np.dtype(np.int8), TensorProto.UINT8: np.dtype(np.uint8),
     TensorProto.INT16: np.dtype(np.int16), TensorProto.UINT16: np.dtype(np.uint16),
 }
-# what compact and sparse forms may hold: float weights and whole-byte quantized ones
-STORED_DATA_TYPES: dict[int, np.dtype] = {**FLOAT_DATA_TYPES, **INTEGER_DATA_TYPES}
-_DATA_TYPE_OF = {dtype: code for code, dtype in FLOAT_DATA_TYPES.items()}
+# packed 4-bit quantized weights (their ml_dtypes type, one value per byte in numpy), and the
+# whole-byte type a compact form rebuilds them in before one conversion to the packed type
+FOUR_BIT_DATA_TYPES: dict[int, np.dtype] = {
+    TensorProto.INT4: np.dtype(ml_dtypes.int4), TensorProto.UINT4: np.dtype(ml_dtypes.uint4),
+}
+REBUILT_AS: dict[int, int] = {TensorProto.INT4: TensorProto.INT8,
+                              TensorProto.UINT4: TensorProto.UINT8}
+# what compact and sparse forms may hold: float weights and quantized ones (compact only for
+# the packed 4-bit types)
+STORED_DATA_TYPES: dict[int, np.dtype] = {**FLOAT_DATA_TYPES, **INTEGER_DATA_TYPES,
+                                          **FOUR_BIT_DATA_TYPES}
+_DATA_TYPE_OF = {dtype: code for code, dtype in {**FLOAT_DATA_TYPES,
+                                                  **FOUR_BIT_DATA_TYPES}.items()}
 
 
 def bits_of(array: np.ndarray) -> np.ndarray:
@@ -54,12 +65,19 @@ def data_type_of(dtype: np.dtype) -> int:
     return helper.np_dtype_to_tensor_dtype(dtype)
 
 
-def make_tensor(name: str, array: np.ndarray, doc: str = COMPACT_MARK) -> TensorProto:
-    """A TensorProto holding `array` as little-endian raw bytes (any dtype, bfloat16 too)."""
+def make_tensor(name: str, array: np.ndarray, doc: str | None = COMPACT_MARK) -> TensorProto:
+    """A TensorProto holding `array` as little-endian raw bytes (any dtype, bfloat16 too;
+    int4/uint4 packed two to a byte as ONNX stores them). `doc` None sets no doc_string (an
+    empty one set is still serialized): densify's tensors, byte for byte as they were."""
     array = np.asarray(array, order="C")  # (ascontiguousarray would make a scalar 1-D)
-    tensor = TensorProto(name=name, data_type=data_type_of(array.dtype), doc_string=doc)
+    tensor = TensorProto(name=name, data_type=data_type_of(array.dtype))
+    if doc is not None:
+        tensor.doc_string = doc
     tensor.dims.extend(array.shape)
-    tensor.raw_data = array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes()
+    if tensor.data_type in FOUR_BIT_DATA_TYPES:
+        tensor.raw_data = pack_nibbles(array.astype(np.int8)).tobytes()
+    else:
+        tensor.raw_data = array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes()
     return tensor
 
 

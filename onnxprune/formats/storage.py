@@ -18,6 +18,17 @@ Where each kind of stored weight goes (decided here, tested in tests/test_format
   rebuild ops), a sparse_initializer below IR version 6 or a sparse Constant below opset
   11, any form not smaller than dense, and compact for a tensor of 1 GiB or more dense
   (onnxruntime would not fold its rebuild; logged as a warning).
+- Quantized weights are stored as their integers. Packed int4/uint4 weights (ONNX INT4 and
+  UINT4 tensors, read by DequantizeLinear) are rebuilt as int8/uint8 by the usual forms, from
+  values stored two to a byte, then converted to the packed type under the tensor's own
+  name: a Cast from opset 21 on, below it onnxruntime's com.microsoft QuantizeLinear (scale
+  1, zero point 0: exact on integers; the models that read int4 there use that domain's
+  DequantizeLinear already). The DequantizeLinear, its scale and its zero point are left as
+  they are, so a zero point shared with other weights is no obstacle. They stay dense as
+  sparse tensors (onnxruntime 1.32 cannot load int4 sparse tensors), and with zero points
+  that are not 0 (as int8 ones do: their pruned weights are not zero bits; logged as a
+  warning). MatMulNBits stays dense: its 4-bit blocks are read by the op itself, with no
+  DequantizeLinear in front where a rebuild could go.
 
 Limits of the formats themselves (ONNX and onnxruntime, not this code): ONNX shape
 inference types sparse initializers as sparse tensors, so `onnx.checker` with
@@ -33,8 +44,10 @@ from __future__ import annotations
 
 import enum
 import logging
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -42,7 +55,8 @@ from onnx import TensorProto, helper
 
 from ..config import Pattern
 from ..graph import defined_names
-from ..io import write_array
+from ..io import read_array, uses_external_data, write_array
+from ..quantized import MS_DOMAIN, unpack_nibbles
 from ..targets import WeightTarget
 from .compact import (
     FOLD_CAP_BYTES,
@@ -58,8 +72,10 @@ from .compact import (
 from .graphs import (
     COMPACT_MARK,
     FLOAT_DATA_TYPES,
+    FOUR_BIT_DATA_TYPES,
     INTEGER_DATA_TYPES,
     REBUILD_PREFIX,
+    REBUILT_AS,
     add_metadata_format,
     bits_of,
     constant_node_index,
@@ -91,7 +107,8 @@ class DenseCause(enum.Enum):
     SPARSE_CONSTANT_NEEDS_OPSET = "sparse_constant_needs_opset"  # detail: opset, needed
     # detail: format (sparse/compact), bytes, dense_bytes, sparsity; encoding (compact form)
     NOT_SMALLER = "not_smaller"
-    PACKED = "packed"  # 4-bit integers packed two to a byte (int4, MatMulNBits)
+    PACKED = "packed"  # MatMulNBits: packed 4-bit blocks read by the op itself
+    SPARSE_FOUR_BIT = "sparse_four_bit"  # int4/uint4 as an ONNX sparse tensor
     ZERO_POINT = "zero_point"  # a quantized weight whose zero points are not all 0
 
 
@@ -107,7 +124,11 @@ _DENSE_REASONS = {
                                         "model has {ir_version}",
     DenseCause.SPARSE_CONSTANT_NEEDS_OPSET: "Constant sparse_value needs ai.onnx opset >= "
                                             "{needed}; the model has {opset}",
-    DenseCause.PACKED: "packed 4-bit integers are stored dense",
+    DenseCause.PACKED: "MatMulNBits reads its packed 4-bit blocks itself, with no "
+                       "DequantizeLinear before it where a compact or sparse form could be "
+                       "rebuilt, so they are stored dense",
+    DenseCause.SPARSE_FOUR_BIT: "onnxruntime cannot load int4/uint4 sparse tensors (use "
+                                "--format compact)",
     DenseCause.ZERO_POINT: "its zero points are not 0, so its pruned weights are not zero "
                            "bytes (quantize with symmetric weights to store it compact)",
 }
@@ -119,6 +140,7 @@ _NOT_SMALLER = {
 }
 SPARSE_MIN_IR_VERSION = 6  # sparse_initializer
 SPARSE_CONSTANT_MIN_OPSET = 11  # Constant's sparse_value
+CAST_FOUR_BIT_MIN_OPSET = 21  # Cast to int4/uint4; below, com.microsoft QuantizeLinear
 
 
 @dataclass(frozen=True)
@@ -183,12 +205,8 @@ def store(target: WeightTarget, weights: np.ndarray, fmt: str, pattern: Pattern 
     weights = np.ascontiguousarray(weights)
     tensor = target.stored_tensor
     if target.quant is not None and target.quant.packed:  # raw bytes of packed integers
-        if fmt != "dense":
-            log.info("%s: stays dense: %s", target.name, Blocker(DenseCause.PACKED).reason)
-            write_dense(tensor, weights)
-            return StoreResult("dense", weights.nbytes, Blocker(DenseCause.PACKED))
-        write_dense(tensor, weights)
-        return StoreResult("dense", weights.nbytes)
+        return _store_packed(target, weights, fmt, pattern, model, write_dense, forms,
+                             write_payload)
     dtype = FLOAT_DATA_TYPES.get(tensor.data_type) or (
         INTEGER_DATA_TYPES.get(tensor.data_type) if target.quant is not None else None)
     if dtype is None or weights.dtype != dtype or weights.shape != tuple(tensor.dims):
@@ -263,11 +281,69 @@ def _blocker(target: WeightTarget, weights: np.ndarray, fmt: str,
     return None
 
 
-def _not_smaller(fmt: str, size: int, weights: np.ndarray, nnz: int,
+def _not_smaller(fmt: str, size: int, weights: np.ndarray, nnz: int, dense_bytes: int,
                  **detail: object) -> Blocker:
     return Blocker(DenseCause.NOT_SMALLER, {"format": fmt, "bytes": size,
-                                            "dense_bytes": weights.nbytes,
+                                            "dense_bytes": dense_bytes,
                                             "sparsity": 1 - nnz / weights.size, **detail})
+
+
+def _store_packed(target: WeightTarget, weights: np.ndarray, fmt: str, pattern: Pattern | None,
+                  model: onnx.ModelProto | None, write_dense: DenseWriter,
+                  forms: tuple[str, ...] | None,
+                  write_payload: DenseWriter | None) -> StoreResult:
+    """A weight of packed 4-bit integers, given as its raw bytes: int4/uint4 compact where it
+    can be, dense otherwise (MatMulNBits always)."""
+    quant = target.quant
+    assert quant is not None  # (store checked)
+    blocker = None
+    if fmt != "dense":
+        if quant.bits:
+            blocker = Blocker(DenseCause.PACKED)
+        elif fmt == "sparse":
+            blocker = Blocker(DenseCause.SPARSE_FOUR_BIT)
+        else:
+            ints = _four_bit_ints(target, weights)
+            blocker = _blocker(target, ints, fmt, model) or _four_bit_blocker(target, model)
+            if blocker is None:
+                result = _store_compact(target, ints, pattern or Pattern(), model, forms,
+                                        write_payload)
+                if isinstance(result, StoreResult):
+                    return result
+                blocker = result
+        (log.warning if blocker.cause is DenseCause.ZERO_POINT else log.info)(
+            "%s: stays dense: %s", target.name, blocker.reason)
+    write_dense(target.stored_tensor, weights)
+    return StoreResult("dense", weights.nbytes, blocker)
+
+
+def _four_bit_ints(target: WeightTarget, raw: np.ndarray) -> np.ndarray:
+    """The integers of an int4/uint4 weight's raw bytes, int8/uint8 in its shape."""
+    tensor = target.stored_tensor
+    shape = tuple(int(d) for d in tensor.dims)
+    numel = math.prod(shape)
+    if raw.dtype != np.uint8 or raw.ndim != 1 or raw.size != -(-numel // 2):
+        raise ValueError(f"{target.name}: weights {raw.dtype}{raw.shape} are not the "
+                         f"{-(-numel // 2)} packed bytes of {shape}")
+    return unpack_nibbles(raw, numel, tensor.data_type == TensorProto.INT4).reshape(shape)
+
+
+def _four_bit_blocker(target: WeightTarget, model: onnx.ModelProto | None) -> Blocker | None:
+    """Why an int4/uint4 weight cannot be compact beyond what `_blocker` checks, or None."""
+    quant = target.quant
+    assert quant is not None
+    # an external zero point is not read here: where it is not 0, the pruned weights are
+    # not zero bits and compact is not smaller, which `_store_compact` finds
+    zero = quant.zero_point
+    if zero is not None and not uses_external_data(zero) and \
+            np.any(read_array(zero, Path(".")).astype(np.int8)):
+        return Blocker(DenseCause.ZERO_POINT)
+    opset = default_opset(model) if model is not None else None
+    if model is not None and (opset is None or opset < CAST_FOUR_BIT_MIN_OPSET) and \
+            not any(entry.domain == MS_DOMAIN for entry in model.opset_import):
+        return Blocker(DenseCause.COMPACT_NEEDS_OPSET,
+                       {"opset": opset, "needed": CAST_FOUR_BIT_MIN_OPSET})
+    return None
 
 
 def _store_sparse(target: WeightTarget, weights: np.ndarray,
@@ -275,7 +351,7 @@ def _store_sparse(target: WeightTarget, weights: np.ndarray,
     nnz = int(np.count_nonzero(bits_of(weights)))
     size = sparse_bytes(nnz, weights.dtype.itemsize)
     if size >= weights.nbytes:
-        return _not_smaller("sparse", size, weights, nnz)
+        return _not_smaller("sparse", size, weights, nnz, weights.nbytes)
     graph, kind, index = _stored_at(target)
     sparse = make_sparse(target.tensor_name, weights)
     if kind == "initializer":
@@ -291,43 +367,57 @@ def _store_compact(target: WeightTarget, weights: np.ndarray, pattern: Pattern,
                    model: onnx.ModelProto | None,
                    forms: tuple[str, ...] | None = None,
                    write_payload: DenseWriter | None = None) -> StoreResult | Blocker:
+    """`weights` in the smallest compact form, or why not; int4/uint4 weights come as their
+    int8/uint8 integers and are rebuilt in that type, then converted (`_to_four_bit`)."""
     axis = target.reduction_axis
+    data_type = target.stored_tensor.data_type
+    four_bit = data_type in FOUR_BIT_DATA_TYPES
+    value_bits = 4 if four_bit else 0
+    dense_bytes = -(-weights.size // 2) if four_bit else weights.nbytes
     if not pattern.is_nm and _already_2_4(weights, axis):
         pattern = Pattern(2, 4)  # pruned before (a re-stored model): the N:M form competes
     m = pattern.m if pattern.is_nm else 0
     rows = chunk_rows(weights.shape, axis, m)
     chunks = [weights[start:stop] for start, stop in rows]
-    plans = tensor_plans(chunks, axis, (pattern.n, pattern.m) if pattern.is_nm else None)
+    plans = tensor_plans(chunks, axis, (pattern.n, pattern.m) if pattern.is_nm else None,
+                         value_bits)
     if forms is not None:
         plans = [p for p in plans if p.kind in forms] or plans
     best = choose_plan(plans)
-    if forms is None and best.bytes >= weights.nbytes:
+    if forms is None and best.bytes >= dense_bytes:
         nnz = int(np.count_nonzero(bits_of(weights)))
-        return _not_smaller("compact", best.bytes, weights, nnz, encoding=best.format)
+        return _not_smaller("compact", best.bytes, weights, nnz, dense_bytes,
+                            encoding=best.format)
 
     graph, kind, index = _stored_at(target)
     label = target.scope_label
     prefix = _unique_prefix(graph, REBUILD_PREFIX + (f"{label}/" if label else ""))
     opset = default_opset(model) if model is not None else None
-    data_type = target.stored_tensor.data_type
-    builder = TensorBuilder(prefix, best, data_type, axis, opset)
+    builder = TensorBuilder(prefix, best, REBUILT_AS.get(data_type, data_type), axis, opset,
+                            value_bits)
+    rebuilt = f"{prefix}/rebuilt" if four_bit else target.tensor_name
     chunk_metas, outputs = [], []
     for number, ((start, stop), chunk) in enumerate(zip(rows, chunks, strict=True)):
         payload = encode_chunk(chunk, best, axis)
-        output = target.tensor_name if len(chunks) == 1 else f"{prefix}/c{number}/dense"
+        output = rebuilt if len(chunks) == 1 else f"{prefix}/c{number}/dense"
         builder.chunk(number, payload, output)
         chunk_meta = {"kind": payload.kind, "rows": [start, stop], "nnz": payload.params["nnz"]}
-        if "layout" in payload.params:
-            chunk_meta["layout"] = payload.params["layout"]
+        for key in ("layout", "values_shape"):
+            if key in payload.params:
+                chunk_meta[key] = payload.params[key]
         chunk_metas.append(chunk_meta)
         outputs.append(output)
     if len(chunks) > 1:
-        builder.op("Concat", outputs, target.tensor_name, axis=0)
+        builder.op("Concat", outputs, rebuilt, axis=0)
+    if four_bit:
+        _to_four_bit(builder, rebuilt, target.tensor_name, data_type, opset)
 
     meta = {"version": 1, "tensor": target.tensor_name, "prefix": prefix,
             "format": best.format, "data_type": data_type,
             "shape": list(weights.shape), "stored_as": kind, **plan_meta(best, axis),
             "chunks": chunk_metas}
+    if four_bit:
+        meta["value_bits"] = value_bits
     if kind == "constant":
         meta["node_name"] = graph.node[index].name
     final = builder.nodes[-1]
@@ -364,6 +454,19 @@ def _store_compact(target: WeightTarget, weights: np.ndarray, pattern: Pattern,
         graph.value_info.append(value_info)
     add_metadata_format(model, "compact")
     return StoreResult(best.format, size)
+
+
+def _to_four_bit(builder: TensorBuilder, rebuilt: str, output: str, data_type: int,
+                 opset: int | None) -> None:
+    """`rebuilt` (int8/uint8) converted to `data_type` (int4/uint4) as `output`: Cast from
+    opset 21 on, onnxruntime's QuantizeLinear with scale 1 and zero point 0 below it."""
+    if opset is None or opset >= CAST_FOUR_BIT_MIN_OPSET:
+        builder.op("Cast", [rebuilt], output, to=data_type)
+        return
+    floats = builder.op("Cast", [rebuilt], to=TensorProto.FLOAT)
+    zero = builder.const(np.zeros((), FOUR_BIT_DATA_TYPES[data_type]))
+    builder.op("QuantizeLinear", [floats, builder.const(np.float32(1)), zero], output,
+               domain=MS_DOMAIN)
 
 
 def _already_2_4(weights: np.ndarray, axis: int) -> bool:

@@ -38,6 +38,11 @@ per form, each with its size estimate, encoder, rebuild graph and numpy decoder:
 - ``compact-nm`` (`nm.py`): N values per group of M + packed combination indices.
 - ``compact-zeros`` (`zeros.py`): an all-zero tensor (or chunk) is one ConstantOfShape.
 
+int4/uint4 weights go through the same forms as their int8/uint8 integers, with each
+chunk's values stored two to a byte and unpacked first (`TensorBuilder`), and one
+conversion to the packed type at the end (`storage.py`); their plans count 4 bits a value
+and the unpacking's graph bytes.
+
 `base.py` holds the plan, the payload and the form interface, `builder.py` the graph
 builder the forms share; this module plans a tensor, picks the form and dispatches
 (importing it registers every form in `FORMS`).
@@ -49,12 +54,14 @@ dense (see `storage.py`): its rebuild would otherwise run at every inference.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from collections.abc import Callable
 
 import numpy as np
 
+from ...quantized import unpack_nibbles
 from ..graphs import COMPACT_MARK, bits_of
 from .base import FORMS, Chunked, CompactForm, EncodingPlan, Payload, form_of
 from .bitmask import Bitmask
@@ -99,6 +106,11 @@ CHUNK_ELEMENTS = 1 << 26
 # fewer bytes at session start (aligned gap codes: ~5 % larger at 90 % sparsity, about
 # 0.8x the bytes written, session creation 2.1x -> 1.8x dense on a 4096x2048 tensor).
 LOAD_SLACK = 1 / 16
+# Graph bytes that 4-bit values add to every form (measured on int4 [K, N] weights at opset
+# 21 and 17): per tensor the byte and nibble tables and the conversion to int4, per chunk the
+# lookups that unpack its values.
+FOUR_BIT_TENSOR_OVERHEAD = 600
+FOUR_BIT_CHUNK_OVERHEAD = 300
 # The order forms offer their plans in; among plans of equal cost the earlier wins.
 UNSTRUCTURED_FORMS = ("zeros", "gaps", "aligned-gaps", "bitmask")
 PLANNING_ORDER = UNSTRUCTURED_FORMS + ("nm",)
@@ -118,23 +130,35 @@ def chunk_rows(shape: tuple[int, ...], reduction_axis: int | None, m: int = 0
 
 
 def tensor_plans(chunks: list[np.ndarray], reduction_axis: int | None = None,
-                 nm: tuple[int, int] | None = None) -> list[EncodingPlan]:
+                 nm: tuple[int, int] | None = None, value_bits: int = 0) -> list[EncodingPlan]:
     """Every form's candidate plans for a tensor split into `chunks` (N:M ones where
-    `nm` = (N, M) is given and the tensor fits it)."""
-    tensor = Chunked(chunks, reduction_axis, nm)
-    return [plan for name in PLANNING_ORDER for plan in FORMS[name].plans(tensor)]
+    `nm` = (N, M) is given and the tensor fits it); `value_bits` 4 sizes the values of
+    int4/uint4 weights (given as int8/uint8 chunks) packed two to a byte."""
+    tensor = Chunked(chunks, reduction_axis, nm, value_bits)
+    return _with_unpacking([plan for name in PLANNING_ORDER for plan in FORMS[name].plans(tensor)],
+                           value_bits)
 
 
-def unstructured_plans(chunks: list[np.ndarray]) -> list[EncodingPlan]:
+def unstructured_plans(chunks: list[np.ndarray], value_bits: int = 0) -> list[EncodingPlan]:
     """The zeros, best packed gaps, aligned gaps and bitmask plans for these chunks."""
-    tensor = Chunked(chunks)
-    return [plan for name in UNSTRUCTURED_FORMS for plan in FORMS[name].plans(tensor)]
+    tensor = Chunked(chunks, value_bits=value_bits)
+    return _with_unpacking([plan for name in UNSTRUCTURED_FORMS
+                            for plan in FORMS[name].plans(tensor)], value_bits)
 
 
-def nm_plan(chunks: list[np.ndarray], reduction_axis: int, n: int, m: int) -> EncodingPlan | None:
+def nm_plan(chunks: list[np.ndarray], reduction_axis: int, n: int, m: int,
+            value_bits: int = 0) -> EncodingPlan | None:
     """The N:M plan, or None when a group holds more than n non-zeros or M is too large."""
-    plans = FORMS["nm"].plans(Chunked(chunks, reduction_axis, (n, m)))
-    return plans[0] if plans else None
+    plans = FORMS["nm"].plans(Chunked(chunks, reduction_axis, (n, m), value_bits))
+    return _with_unpacking(plans, value_bits)[0] if plans else None
+
+
+def _with_unpacking(plans: list[EncodingPlan], value_bits: int) -> list[EncodingPlan]:
+    """The plans with the graph bytes of unpacking 4-bit values counted."""
+    if value_bits != 4:
+        return plans
+    return [dataclasses.replace(plan, extra_bytes=FOUR_BIT_TENSOR_OVERHEAD +
+                                FOUR_BIT_CHUNK_OVERHEAD * plan.chunks) for plan in plans]
 
 
 def choose_plan(plans: list[EncodingPlan]) -> EncodingPlan:
@@ -153,12 +177,23 @@ def encode_chunk(chunk: np.ndarray, plan: EncodingPlan, reduction_axis: int | No
 
 def decode_chunk(meta: dict, number: int, chunk: dict, dtype: np.dtype,
                  read: Callable[[str], np.ndarray]) -> np.ndarray:
-    """Rebuild chunk `number` of a compact tensor; `read(name)` gives payload arrays."""
+    """Rebuild chunk `number` of a compact tensor; `read(name)` gives payload arrays.
+
+    `dtype` is the type the chunk is rebuilt in: int8/uint8 for int4/uint4 weights, whose
+    values are stored packed (``"value_bits": 4``) and unpacked here.
+    """
     start, stop = chunk["rows"]
     shape = (stop - start, *meta["shape"][1:])
 
     def payload(key: str) -> np.ndarray:
         array = read(f"{meta['prefix']}/c{number}/{key}")
+        if key == "values" and meta.get("value_bits") == 4:
+            if array.dtype != np.uint8:
+                raise ValueError(f"its description says packed 4-bit values, its values are "
+                                 f"{array.dtype}")
+            values_shape = chunk["values_shape"]
+            array = unpack_nibbles(array, math.prod(values_shape), dtype == np.int8)
+            array = array.reshape(values_shape)
         if key == "values" and array.dtype != dtype:  # the description must fit the payload
             raise ValueError(f"its description says {np.dtype(dtype)}, its values are "
                              f"{array.dtype}")

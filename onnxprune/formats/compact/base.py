@@ -36,6 +36,7 @@ class EncodingPlan:
     per_unit: int = 0  # nm: combination indices per unit
     aligned: bool = False  # gaps: codes are whole uint8/uint16 (gap + 1), not packed planes
     load_bytes: int = 0  # estimated bytes the folded rebuild nodes write at session start
+    extra_bytes: int = 0  # graph bytes beyond the form's (4-bit values: their unpacking)
 
     @property
     def format(self) -> str:
@@ -49,7 +50,8 @@ class EncodingPlan:
     def bytes(self) -> int:
         """Estimated bytes in the model: payload plus rebuild graph."""
         form = self.form
-        return self.payload_bytes + form.tensor_overhead + form.chunk_overhead * self.chunks
+        return self.payload_bytes + form.tensor_overhead + form.chunk_overhead * self.chunks + \
+            self.extra_bytes
 
 
 @dataclass
@@ -93,6 +95,7 @@ class Chunked:
     chunks: list[np.ndarray]
     reduction_axis: int | None = None
     nm: tuple[int, int] | None = None  # (N, M) when the pattern is N:M
+    value_bits: int = 0  # bits a stored value takes (4: packed int4/uint4); 0: the itemsize's
 
     @cached_property
     def stats(self) -> list[ChunkStats]:
@@ -105,6 +108,11 @@ class Chunked:
     @property
     def numel(self) -> int:
         return sum(chunk.size for chunk in self.chunks)
+
+    def value_bytes(self, count: int) -> int:
+        """Bytes `count` stored values take (4-bit values two to a byte)."""
+        bits = self.value_bits or 8 * self.itemsize
+        return -(-count * bits // 8)
 
     @property
     def nnz(self) -> int:

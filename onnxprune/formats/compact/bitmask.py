@@ -21,7 +21,8 @@ class Bitmask(CompactForm):
         if not tensor.nnz:
             return []
         itemsize, numel = tensor.itemsize, tensor.numel
-        size = tensor.nnz * itemsize + sum(-(-s.numel // 8) + itemsize for s in tensor.stats)
+        # per chunk: its values after a leading zero, and one bit per weight
+        size = sum(tensor.value_bytes(s.nnz + 1) + -(-s.numel // 8) for s in tensor.stats)
         # unpacked bits, their reshape, cumulative sum and product (int32), gather and reshape
         return [EncodingPlan("bitmask", size, len(tensor.chunks),
                      load_bytes=16 * numel + 2 * numel * itemsize)]

@@ -11,6 +11,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
+from ...quantized import pack_nibbles
 from ..graphs import make_tensor, zero_value
 from .base import EncodingPlan, Payload, form_of
 
@@ -25,15 +26,21 @@ class TensorBuilder:
     what some node reads: a constant made for a chunk and read by none (the chunk's shape,
     which an N:M rebuild may never need) is left out, so that onnxruntime does not warn
     about it at every load.
+
+    `data_type` is the type the rebuild writes. With `value_bits` 4 (int4/uint4 weights
+    rebuilt as int8/uint8) each chunk's values are stored two to a byte, as ONNX packs
+    int4, and unpacked by a byte-table lookup and a 16-entry table of the signed or unsigned
+    nibble values before the form's rebuild reads them.
     """
 
     def __init__(self, prefix: str, plan: EncodingPlan, data_type: int, reduction_axis: int | None,
-                 opset: int | None = None):
+                 opset: int | None = None, value_bits: int = 0):
         self.prefix = prefix
         self.plan = plan
         self.data_type = data_type
         self.reduction_axis = reduction_axis
         self.opset = opset
+        self.value_bits = value_bits
         self.nodes: list[onnx.NodeProto] = []
         self._initializers: list[TensorProto] = []
         self.arrays: dict[str, np.ndarray] = {}  # the values of each initializer, by name
@@ -120,10 +127,30 @@ class TensorBuilder:
                                  self.const(np.array([count], np.int64))])
 
     def chunk(self, number: int, payload: Payload, output: str) -> None:
-        """Add the rebuild of one chunk, writing `output`."""
-        names = {key: self.payload(f"c{number}/{key}", array)
+        """Add the rebuild of one chunk, writing `output` (4-bit values: their shape goes
+        to `payload.params["values_shape"]`, for the description)."""
+        names = {key: self.payload(f"c{number}/{key}", pack_nibbles(array)
+                                   if key == "values" and self.value_bits == 4 else array)
                  for key, array in payload.arrays.items()}
+        if self.value_bits == 4 and "values" in names:
+            values = payload.arrays["values"]
+            payload.params["values_shape"] = list(values.shape)
+            names["values"] = self._unpacked_values(names["values"], values.shape)
         shape = self.const(np.array(payload.shape, np.int64))
         # an all-zero chunk is stored as zeros whatever the tensor's plan
         form = form_of("zeros") if payload.kind == "zeros" else self.plan.form
         form.build(self, payload, names, shape, output)
+
+    def _unpacked_values(self, packed: str, shape: tuple[int, ...]) -> str:
+        """The 4-bit values of `packed` as the rebuild's type, in `shape`."""
+        count = math.prod(shape)
+        codes = self.unpack(packed, self.byte_table(4, 0, 0), count, -(-count // 2) * 2)
+        nibbles = np.arange(16)
+        if self.data_type == TensorProto.INT8:  # two's complement: codes 8..15 are -8..-1
+            nibbles = np.where(nibbles < 8, nibbles, nibbles - 16)
+        table = self.table(("nibbles",), lambda: self.const(nibbles.astype(
+            helper.tensor_dtype_to_np_dtype(self.data_type))))
+        values = self.op("Gather", [table, codes])
+        if len(shape) == 1:
+            return values
+        return self.op("Reshape", [values, self.const(np.array(shape, np.int64))])

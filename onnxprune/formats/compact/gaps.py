@@ -99,7 +99,7 @@ class PackedGaps(_Gaps):
         nnz, stats = tensor.nnz, tensor.stats
         if not nnz:
             return []
-        values = nnz * tensor.itemsize
+        values = sum(tensor.value_bytes(s.nnz) for s in stats)
         gaps_load = _gaps_load(tensor)
         best = None
         for width in range(1, MAX_GAP_WIDTH + 1):
@@ -179,7 +179,7 @@ class AlignedGaps(_Gaps):
         nnz, stats = tensor.nnz, tensor.stats
         if not nnz:
             return []
-        values = nnz * tensor.itemsize
+        values = sum(tensor.value_bytes(s.nnz) for s in stats)
         gaps_load = _gaps_load(tensor)
         plans = []
         for width in ALIGNED_WIDTHS:

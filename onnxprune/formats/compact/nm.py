@@ -103,7 +103,7 @@ class NMForm(CompactForm):
             if mask.sum(axis=1).max(initial=0) > n:
                 return []
             groups = mask.shape[0]
-            payload += groups * n * chunk.dtype.itemsize + -(-groups // per_unit) * unit_bytes
+            payload += tensor.value_bytes(groups * n) + -(-groups // per_unit) * unit_bytes
         numel = tensor.numel
         # the spread digits and value-row indices (int32), then the gathered weights
         return [EncodingPlan("nm", payload, len(chunks), n=n, m=m, unit_bytes=unit_bytes,
