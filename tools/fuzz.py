@@ -47,13 +47,14 @@ With `--quantized` the bases are quantized models instead: the digits, cnn and t
 demo models (and a small float LSTM) quantized by onnxruntime's own tools in each form of
 `tools/quantized_forms.py` that applies (QDQ int8 / uint8 asymmetric / int4, QOperator
 QLinearConv / QLinearMatMul / QGemm, quantize_dynamic MatMulInteger / ConvInteger /
-DynamicQuantizeLSTM, MatMulNBits and its blocked-DequantizeLinear QDQ form), the int8 QDQ
-digits model stored compact by onnxprune (bitmask, 2:4) and the uint8 one with external
-data. Every other case draws one of the quantized mutations (`q_...`: scales and zero
-points of odd values, shapes and types, dropped or computed at run time; DequantizeLinear
-axis and block_size, a per-axis weight made blocked; MatMulNBits K / N / bits / block_size
-and packing; the integer weight retyped, reshaped or read by a second node; the op's domain
-and input order; `q_none` leaves the model as it is), the others the mutations above. The
+DynamicQuantizeLSTM, MatMulNBits and its blocked-DequantizeLinear QDQ form), the int8 and
+int4 QDQ digits models stored compact by onnxprune (bitmask, 2:4; int4 with 4-bit values)
+and the uint8 one with external data. Every other case draws one of the quantized
+mutations (`q_...`: scales and zero points of odd values, shapes and types, dropped or
+computed at run time; DequantizeLinear axis and block_size, a per-axis weight made blocked;
+MatMulNBits K / N / bits / block_size and packing; the integer weight retyped, reshaped or
+read by a second node; the op's domain and input order; `q_none` leaves the model as it
+is), the others the mutations above. The
 prune draws `--min-size` (0 too), `--format`, a sparsity or N:M pattern, a method (the
 calibrated ones on synthetic inputs), sometimes `--update admm`, `--refine dsnot`, another
 allocation or calibration mode, and writes `--report`. A quantized prune that exits 0 must
@@ -89,6 +90,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import ml_dtypes
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
@@ -245,8 +247,9 @@ QUANTIZED_SOURCES = ("digits", "cnn", "transformer")
 def make_quantized_bases() -> list[Base]:
     """The demo models digits, cnn and transformer (and a float LSTM) quantized by
     onnxruntime's tools in every form of `quantized_forms.FORMS` that applies (calibrated on
-    two samples drawn from the graph), the int8 QDQ digits model pruned by onnxprune and
-    stored compact (bitmask, 2:4 units), and the uint8 QDQ one with external data."""
+    two samples drawn from the graph), the int8 and int4 QDQ digits models pruned by
+    onnxprune and stored compact (bitmask, 2:4 units), and the uint8 QDQ one with external
+    data."""
     import onnxprune
 
     bases = []
@@ -264,14 +267,15 @@ def make_quantized_bases() -> list[Base]:
                 except quantized_forms.NotQuantizable:
                     continue
                 bases.append(Base(f"{stem}_{form}", {MODEL_NAME: out.read_bytes()}))
-        qdq = folder / "digits-qdq-int8-channel.onnx"
-        if qdq.is_file():
+        for form in ("qdq-int8-channel", "qdq-int4-channel"):
+            qdq = folder / f"digits-{form}.onnx"
+            if not qdq.is_file():
+                continue
             for name, options in {"compact_bitmask": dict(sparsity=0.5, format="compact"),
                                   "compact_nm": dict(pattern="2:4", format="compact")}.items():
-                out = folder / f"{name}.onnx"
+                out = folder / f"{form}-{name}.onnx"
                 onnxprune.prune(str(qdq), str(out), min_size=0, **options)
-                bases.append(Base(f"digits_qdq-int8-channel_{name}",
-                                  {MODEL_NAME: out.read_bytes()}))
+                bases.append(Base(f"digits_{form}_{name}", {MODEL_NAME: out.read_bytes()}))
         uint8 = folder / "digits-qdq-uint8-tensor.onnx"
         if uint8.is_file():
             model = onnx.load(str(uint8))
@@ -895,8 +899,12 @@ def m_compact_payload(folder: Folder) -> None:
     else:
         flat = array.reshape(-1).copy()
         if flat.size:
-            info = np.iinfo(flat.dtype) if flat.dtype.kind in "iu" else None
-            flat[folder.rng.randrange(flat.size)] = info.max if info else np.inf
+            # the largest value: of the integer type, infinity for floats (ml_dtypes' int4
+            # and uint4, numpy kind "V", have their own iinfo)
+            flat[folder.rng.randrange(flat.size)] = (
+                np.iinfo(flat.dtype).max if flat.dtype.kind in "iu" else
+                ml_dtypes.iinfo(flat.dtype).max if flat.dtype.name in ("int4", "uint4") else
+                np.inf)
         array = flat.reshape(array.shape)
     tensor.CopyFrom(numpy_helper.from_array(array, tensor.name))
     folder.save(model)
