@@ -594,3 +594,44 @@ def test_restoring_a_2_4_model_compact_finds_the_n_m_form(quantized, tmp_path) -
     formats = {t["name"]: t["format"] for t in targets}
     assert formats["W1_quantized"] == formats["W2_quantized"] == "compact-nm"
     assert all(t["zeros"] == t["zeros_before"] for t in targets)  # nothing more pruned
+
+
+def _integers(path: Path) -> dict[str, np.ndarray]:
+    """Every integer initializer of the model at `path`, by name."""
+    model = onnx.load(str(path))
+    return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer
+            if t.data_type not in (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE)}
+
+
+@pytest.mark.parametrize("allocation", ["uniform", "erk"])
+def test_sparsegpt_at_sparsity_0_changes_no_integer(allocation, tmp_path) -> None:
+    """tools/fuzz.py --quantized --seed 21, case 932: a target planned at sparsity 0 (here
+    every one, or the small last layer under erk) came out of sparsegpt with the weights of
+    the inputs that never fired on the synthetic calibration samples set to their zero point
+    (72 integers of W3_quantized), though nothing was to be pruned there."""
+    path = _make("qdq-int4-channel", tmp_path)
+    out, report = tmp_path / "p.onnx", tmp_path / "r.json"
+    sparsity = "0" if allocation == "uniform" else "0.3"
+    assert main(["prune", str(path), "-o", str(out), "--sparsity", sparsity, "--method",
+                 "sparsegpt", "--allocation", allocation, "--min-size", "16", "--report",
+                 str(report), "-q"]) == 0
+    before, after = _integers(path), _integers(out)
+    untouched = [t["name"] for t in json.loads(report.read_text())["targets"]
+                 if t["requested_sparsity"] == 0]
+    assert untouched  # the case this is about: some target planned at 0
+    for name in untouched:
+        np.testing.assert_array_equal(after[name], before[name], err_msg=name)
+    for name in set(before) - {t["name"] for t in json.loads(report.read_text())["targets"]}:
+        np.testing.assert_array_equal(after[name], before[name], err_msg=name)
+
+
+def test_sparsegpt_prunes_no_dead_input_when_it_prunes_nothing() -> None:
+    """The kernel: a dead input (H_jj = 0) is zeroed only when the matrix loses weights."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((200, 16))
+    x[:, 3] = 0.0
+    weights = rng.standard_normal((8, 16)).astype(np.float32)
+    kept = sparsegpt_prune(weights, x.T @ x, sparsity=0.0)
+    np.testing.assert_array_equal(kept, weights)
+    assert (sparsegpt_prune(weights, x.T @ x, sparsity=0.25)[:, 3] == 0).all()
+

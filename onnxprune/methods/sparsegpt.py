@@ -16,7 +16,9 @@ row). N:M — when the sweep reaches a group of M columns, each row keeps the N 
 largest w² / U[j, j]² among them (on the weights as updated so far).
 
 Numerics: H is damped by λ = damp · mean(diag H); inputs that never fire (H_jj = 0) get
-H_jj = 1 and their weights are zeroed first (they do nothing on this data). The Cholesky
+H_jj = 1 and their weights are zeroed first (they do nothing on this data), beyond the
+budget, but only in a matrix that loses weights: at sparsity 0 (no pattern, no earlier
+mask) the weights stay exactly as they are. The Cholesky
 factorizations are float64; when H is not positive definite even after damping, λ grows
 tenfold until it is. The sweep itself runs in float32.
 """
@@ -83,7 +85,10 @@ def sparsegpt_prune(weights: np.ndarray, hessian: np.ndarray, *, sparsity: float
         return weights
 
     dead = dead_inputs(hessian)
-    weights[:, dead] = 0.0
+    if _prunes_something(rows, cols, sparsity, group_m, already_counted, pruned, fixed):
+        weights[:, dead] = 0.0  # not when nothing is to go: sparsity 0 leaves the matrix
+    elif grid is None:
+        return weights  # nothing pruned, nothing to round: the sweep would change nothing
     if upper is None:
         upper = inverse_cholesky_upper(hessian, damp, dead).astype(np.float32, order="F")
 
@@ -91,6 +96,18 @@ def sparsegpt_prune(weights: np.ndarray, hessian: np.ndarray, *, sparsity: float
         _sweep_blocks(weights, upper, pruned, fixed, sparsity, keep_n, group_m, block_size,
                       already_counted, grid)
     return weights
+
+
+def _prunes_something(rows: int, cols: int, sparsity: float, group_m: int,
+                      already_counted: int, pruned: np.ndarray | None, fixed: bool) -> bool:
+    """Whether `sparsegpt_prune` removes any weight of the matrix: an N:M pattern, weights
+    an earlier step removed, or an unstructured budget of at least one weight."""
+    if pruned is not None and pruned.any():
+        return True
+    if fixed:
+        return False
+    return bool(group_m) or (prune_count(already_counted + rows * cols, sparsity)
+                             > prune_count(already_counted, sparsity))
 
 
 def _sweep_blocks(weights, upper, pruned, fixed, sparsity, keep_n, group_m, block_size,
