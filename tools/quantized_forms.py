@@ -269,23 +269,59 @@ def _graphs(graph: onnx.GraphProto, parents: tuple = ()) -> Iterator[tuple]:
 
 
 def _stored(chain: tuple, name: str) -> TensorProto | None:
-    """The initializer or Constant value `name` seen from the innermost graph of `chain`."""
+    """The initializer or Constant value `name` seen from the innermost graph of `chain`,
+    sparse ones (sparse_initializer, a Constant's sparse_value) as the dense tensor they
+    hold."""
     if not name:
         return None
     for graph in chain:
         for tensor in graph.initializer:
             if tensor.name == name:
                 return tensor
+        for sparse in graph.sparse_initializer:
+            if sparse.values.name == name:
+                return _dense(sparse, name)
         for node in graph.node:
             if node.op_type == "Constant" and list(node.output[:1]) == [name]:
                 for attr in node.attribute:
                     if attr.name == "value" and attr.type == onnx.AttributeProto.TENSOR:
                         return attr.t
+                    if attr.name == "sparse_value" and \
+                            attr.type == onnx.AttributeProto.SPARSE_TENSOR:
+                        return _dense(attr.sparse_tensor, name)
                 return None
         if any(name in node.output for node in graph.node) or \
                 any(value.name == name for value in graph.input):
             return None  # computed or fed in this scope
     return None
+
+
+def _dense(sparse: onnx.SparseTensorProto, name: str) -> TensorProto:
+    """The dense tensor a sparse one holds, read as the ONNX IR defines it: integer indices,
+    linear [NNZ] or coordinates [NNZ, rank], in range, ascending without repeats (others,
+    whose meaning depends on the reader, are Unreadable)."""
+    shape = tuple(int(d) for d in sparse.dims)
+    if any(d < 0 for d in shape):
+        raise Unreadable(f"sparse {name}: dims {list(shape)}")
+    values = _array(sparse.values).reshape(-1)
+    indices = _array(sparse.indices) if values.size else np.zeros(0, np.int64)
+    if indices.dtype.kind not in "iu":
+        raise Unreadable(f"sparse {name}: {indices.dtype} indices")
+    if indices.ndim == 2 and indices.shape == (values.size, len(shape)):
+        if indices.size and (indices.min() < 0 or np.any(indices.max(axis=0) >= shape)):
+            raise Unreadable(f"sparse {name}: an index outside {list(shape)}")
+        indices = np.ravel_multi_index(tuple(indices.astype(np.int64).T), shape)
+    elif indices.ndim != 1 or indices.size != values.size:
+        raise Unreadable(f"sparse {name}: indices {list(indices.shape)} for "
+                         f"{values.size} values")
+    indices = indices.astype(np.int64)
+    size = math.prod(shape)
+    if indices.size and (indices.min() < 0 or indices.max() >= size or
+                         np.any(np.diff(indices) <= 0)):
+        raise Unreadable(f"sparse {name}: indices out of range, order or repeated")
+    dense = np.zeros(size, values.dtype)
+    dense[indices] = values
+    return numpy_helper.from_array(dense.reshape(shape), name)
 
 
 def _attribute(node: onnx.NodeProto, name: str, default: int) -> int:
