@@ -380,10 +380,11 @@ class _Loop:
         """A quantized target's grid (read once per target), else None."""
         return target.quant.grid(self.loaded.base_dir) if target.quant is not None else None
 
-    def _read(self, target: WeightTarget, grid: Grid | None, rebuilds: bool) -> np.ndarray:
-        """The values the method starts from (writable): `read_weights`', or where a
-        quantized target is rebuilt and the float reference holds its float weights, those."""
-        weights = read_weights(target, self.loaded.base_dir, writable=True, grid=grid)
+    def _starting_point(self, target: WeightTarget, weights: np.ndarray, grid: Grid | None,
+                        rebuilds: bool) -> np.ndarray:
+        """The values a method starts from: the target's `weights` as read, or where a
+        quantized target is rebuilt and the float reference holds the float weights its
+        integers were rounded from, those (writable)."""
         if self.reference is None or grid is None or not rebuilds:
             return weights
         floats = self.reference.weights(target, grid, grid.quantize(weights))
@@ -414,7 +415,8 @@ class _Loop:
             if stats.tokens == 0 or not method.reconstructs:
                 continue
             grid = self._grid(view.target)
-            weights = self._read(view.target, grid, rebuilds=True)
+            weights = self._starting_point(view.target, read_weights(
+                view.target, self.loaded.base_dir, writable=True, grid=grid), grid, True)
             job = self._job(view.target, method, weights, view, stats,
                             shared.setdefault(view.inputs, {}), grid)
             handles[view.target.name] = remote.submit(method, job)
@@ -424,10 +426,11 @@ class _Loop:
                shared: dict | None = None, note: str = "", rebuilt=None) -> None:
         started = time.perf_counter()
         grid = self._grid(target)
-        calibrated = view is not None and stats is not None
-        weights = self._read(target, grid, method.reconstructs or (calibrated and
-                                                                   self.update is not None))
+        weights = read_weights(target, self.loaded.base_dir, writable=True, grid=grid)
         zeros_before = kernels.count_zeros(weights)
+        calibrated = view is not None and stats is not None
+        weights = self._starting_point(target, weights, grid, method.reconstructs or (
+            calibrated and self.update is not None))
         original = None
         if stats is not None and stats.hessian is not None:  # before pruning, for the error
             original = view.to_obs(weights)

@@ -10,6 +10,8 @@ method that rebuilds nothing, changes nothing but a warning.
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -178,3 +180,20 @@ def test_a_bad_reference_is_a_one_line_error_and_writes_nothing(models, tmp_path
     err = capsys.readouterr().err.strip()
     assert code != 0 and not out.exists()
     assert len(err.splitlines()) == 1 and "ref.onnx" in err and "Traceback" not in err
+
+
+def test_the_report_counts_the_quantized_models_zeros_before_pruning(models,
+                                                                    tmp_path) -> None:
+    """zeros_before is the quantized weights' count (their rounding made zeros), not that
+    of the float weights the rebuild started from."""
+    paths, calib = models
+    reports = []
+    for extra in ([], ["--float-reference", str(DIGITS)]):
+        report = tmp_path / f"r{len(extra)}.json"
+        assert main(["prune", str(paths["qdq-int8-channel"]), "-o",
+                     str(tmp_path / f"o{len(extra)}.onnx"), "--method", "sparsegpt",
+                     "--calib", str(calib), "--min-size", "100", "--report", str(report),
+                     "-q", *extra]) == 0
+        reports.append({t["name"]: t["zeros_before"]
+                        for t in json.loads(report.read_text())["targets"]})
+    assert reports[0] == reports[1] and sum(reports[0].values()) > 0
