@@ -134,8 +134,8 @@ class QuantizedWeight:
         return bool(self.bits) or self.stored_type in (TensorProto.INT4, TensorProto.UINT4)
 
     def grid(self, base_dir) -> Grid:
-        # MatMulInteger/ConvInteger hold no scale: the weight's integers minus its zero
-        # point (their per-channel scale, in a Mul after the op, is not read)
+        # a MatMulInteger/ConvInteger whose weight scale was not found after it (see
+        # `_scale_after`): the weight's integers minus its zero point
         scale = (np.ones(math.prod(self.view), np.float32) if self.scale is None else
                  np.asarray(read_array(self.scale, base_dir), dtype=np.float32))
         if self.zero_point is None:
@@ -307,6 +307,8 @@ def _describe(item: StoredTensor, node: onnx.NodeProto, slot: int, scope: Scope,
 
     scale = static(scale_slot, "scale")
     zero = static(zero_slot, "zero point")
+    if scale_slot is None:  # MatMulInteger, ConvInteger: the scale is applied after the op
+        scale = _scale_after(node, scope, values, zero)
     if op == "MatMulNBits":
         return _nbits(item, node, scale, zero, slot, scope)
     if data_type not in _RANGES:
@@ -356,6 +358,36 @@ def _describe(item: StoredTensor, node: onnx.NodeProto, slot: int, scope: Scope,
         return made((shape[0], 1, shape[2]))
     raise Unsupported(op, f"scale of shape {list(grid_shape)} does not match the weight "
                           f"{list(shape)}")
+
+
+def _scale_after(node: onnx.NodeProto, scope: Scope, values: StaticValues,
+                 zero: TensorProto | None) -> TensorProto | None:
+    """The weight scale a MatMulInteger/ConvInteger output is multiplied by, as onnxruntime's
+    dynamic quantizer writes it: op -> Cast -> Mul(., Mul(activation scale, weight scale)).
+    None where the graph is otherwise, or where the scales are not as many as the zero
+    points: the weight is then read as its integers minus the zero point."""
+    def only_consumer(name: str, op_type: str) -> onnx.NodeProto | None:
+        uses = scope.consumers.get(name, [])
+        if len(uses) != 1 or uses[0].node.op_type != op_type:
+            return None
+        return uses[0].node
+
+    cast = only_consumer(node.output[0], "Cast") if node.output else None
+    mul = only_consumer(cast.output[0], "Mul") if cast is not None and cast.output else None
+    if cast is None or mul is None or len(mul.input) != 2:
+        return None
+    other = mul.input[1] if mul.input[0] == cast.output[0] else mul.input[0]
+    product = next((n for n in scope.graph.node if other in n.output), None)
+    if product is None or product.op_type != "Mul":
+        return None
+    stored = [tensor for tensor in (values.find(scope, name) for name in product.input)
+              if tensor is not None]
+    if len(stored) != 1 or stored[0].data_type not in (TensorProto.FLOAT, TensorProto.FLOAT16,
+                                                        TensorProto.DOUBLE):
+        return None
+    if zero is not None and math.prod(zero.dims) != math.prod(stored[0].dims):
+        return None
+    return stored[0]
 
 
 def _axis_view(rank: int, axis: int, count: int, shape: tuple[int, ...], op: str

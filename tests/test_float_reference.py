@@ -34,7 +34,7 @@ def models(tmp_path_factory):
     calib = folder / "calib.npz"
     np.savez(calib, pixels=PIXELS[:128])
     forms = ("qdq-int8-channel", "qdq-int4-channel", "qdq-uint8-tensor", "qoperator-matmul",
-             "matmul-nbits", "dynamic-matmul")
+             "matmul-nbits", "dynamic-matmul", "dynamic-matmul-channel")
     return {form: _make(form, folder) for form in forms}, calib
 
 
@@ -44,7 +44,8 @@ def _float_of(target_name: str) -> np.ndarray:
 
 
 @pytest.mark.parametrize("form", ["qdq-int8-channel", "qdq-int4-channel", "qdq-uint8-tensor",
-                                  "qoperator-matmul", "matmul-nbits"])
+                                  "qoperator-matmul", "matmul-nbits", "dynamic-matmul",
+                                  "dynamic-matmul-channel"])
 def test_every_quantized_target_finds_the_float_tensor_it_was_rounded_from(models,
                                                                            form) -> None:
     loaded, targets = _targets(models[0][form])
@@ -59,13 +60,27 @@ def test_every_quantized_target_finds_the_float_tensor_it_was_rounded_from(model
         assert found is not None and np.array_equal(found, expected), target.name
 
 
-def test_a_scale_outside_the_weights_grid_finds_no_float_counterpart(models) -> None:
-    """MatMulInteger's per-channel scale sits in a Mul after it: its integers are not
-    the float weights on any grid onnxprune reads, so nothing may match them."""
-    loaded, targets = _targets(models[0]["dynamic-matmul"])
+def test_a_weight_whose_scale_is_not_found_finds_no_float_counterpart(models,
+                                                                      tmp_path) -> None:
+    """A MatMulInteger whose output reaches its scale by another path than onnxruntime's
+    Cast -> Mul is read as integers minus the zero point: they are not the float weights
+    on that grid, so nothing may match them."""
+    model = onnx.load(models[0]["dynamic-matmul-channel"])
+    for node in list(model.graph.node):
+        if node.op_type == "Cast":  # Cast -> Identity -> Mul
+            model.graph.node.append(helper.make_node("Identity", [node.output[0]],
+                                                     [node.output[0] + "_id"]))
+            for user in model.graph.node:
+                if user.op_type == "Mul" and node.output[0] in user.input:
+                    user.input[list(user.input).index(node.output[0])] = node.output[0] + "_id"
+    path = tmp_path / "indirect.onnx"
+    onnx.save(model, path)
+    loaded, targets = _targets(path)
     reference = FloatReference(DIGITS)
+    assert targets
     for target in targets:
         grid = target.quant.grid(loaded.base_dir)
+        assert np.all(grid.scale == 1)
         ints = grid.quantize(read_weights(target, loaded.base_dir, grid=grid))
         assert reference.weights(target, grid, ints) is None
 

@@ -635,3 +635,30 @@ def test_sparsegpt_prunes_no_dead_input_when_it_prunes_nothing() -> None:
     np.testing.assert_array_equal(kept, weights)
     assert (sparsegpt_prune(weights, x.T @ x, sparsity=0.25)[:, 3] == 0).all()
 
+
+
+def test_a_dynamic_per_channel_weight_is_scored_with_its_scale_after_the_op(
+        quantized, tmp_path) -> None:
+    """quantize_dynamic per channel: MatMulInteger's weight scale sits in the Mul after it
+    (op -> Cast -> Mul(., Mul(activation scale, weight scale))). The grid carries that
+    scale, so magnitude compares (q - zero point) * scale, the float weights, across the
+    output channels: nothing kept is smaller than what was pruned on that scale."""
+    path = quantized["dynamic-matmul-channel"]
+    before, targets = _targets(path)
+    inits = {t.name: numpy_helper.to_array(t) for t in onnx.load(path).graph.initializer}
+    out = tmp_path / "p.onnx"
+    assert main(["prune", str(path), "-o", str(out), "--sparsity", "0.7", "--min-size", "100",
+                 "-q"]) == 0
+    after, pruned = _targets(out)
+    by_name = {t.name: t for t in pruned}
+    for target in targets:
+        scale = inits[target.name.replace("_quantized", "_scale")]
+        zero = inits[target.name.replace("_quantized", "_zero_point")].astype(np.int32)
+        assert scale.size > 1  # per channel: the case this test is for
+        old = inits[target.name].astype(np.int32)
+        values = np.abs((old - zero) * scale)  # computed here, not by onnxprune
+        new = by_name[target.name].quant.to_ints(
+            read_array(by_name[target.name].stored_tensor, after.base_dir))
+        at_zero = new == zero
+        assert int(at_zero.sum()) == prune_count(target.numel, 0.7)
+        assert values[at_zero].max() <= values[~at_zero].min()
