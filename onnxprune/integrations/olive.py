@@ -106,9 +106,12 @@ PRUNE_OPTIONS: dict[str, tuple[Any, str]] = {
     "allow_hidden": (bool, "structured: let a transformer's residual stream be a group"),
     "ray_address": (str, "run each calibration stage's reconstructions as tasks on this Ray "
                          "cluster ('local': start one); the output is the serial run's"),
+    "float_reference": (str, "for a quantized input model: the float model it was quantized "
+                             "from; methods that rebuild weights start from its float "
+                             "weights (joint sparsification and quantization)"),
 }
 SEARCHED = {"sparsity": SPARSITY_SEARCH, "method": METHOD_SEARCH}
-PATH_OPTIONS = ("latency_table",)
+PATH_OPTIONS = ("latency_table", "float_reference")
 # recipe keys that are command-line options the pass has no use for (it writes the report
 # itself, and takes calibration data from data_config), with what to give instead
 COMMAND_LINE_ONLY = {
