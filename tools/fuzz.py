@@ -104,6 +104,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 DEMO_MODELS = sorted((REPO_ROOT / "models").glob("*.onnx"))
 MODEL_NAME = "model.onnx"
 DATA_NAME = "model.onnx.data"
+FLOAT_NAME = "float.onnx"  # a quantized base's float original (--float-reference)
 CANARY_NAME = "canary.bin"
 # the canary's bytes: one marker repeated, so that any piece of it copied into an output
 # (even after pruning zeroed some values) still holds a whole marker
@@ -266,7 +267,9 @@ def make_quantized_bases() -> list[Base]:
                     quantized_forms.quantize(path, out, form, calibration)
                 except quantized_forms.NotQuantizable:
                     continue
-                bases.append(Base(f"{stem}_{form}", {MODEL_NAME: out.read_bytes()}))
+                # the float original beside it, for --float-reference
+                bases.append(Base(f"{stem}_{form}", {MODEL_NAME: out.read_bytes(),
+                                                     FLOAT_NAME: path.read_bytes()}))
         for form in ("qdq-int8-channel", "qdq-int4-channel"):
             qdq = folder / f"digits-{form}.onnx"
             if not qdq.is_file():
@@ -1849,8 +1852,9 @@ def _report_of(output: Path) -> Path:
 
 def _quantized_prune_argv(model: Path, output: Path, rng: random.Random) -> list[str]:
     """A prune of a quantized model: any --min-size (0 too), format, a sparsity or an N:M
-    pattern, a method, sometimes an ADMM update, a DSnoT refinement, another allocation or
-    calibration mode; the report beside the output."""
+    pattern, a method, sometimes the float original as --float-reference, an ADMM update, a
+    DSnoT refinement, another allocation or calibration mode; the report beside the
+    output."""
     argv = ["prune", str(model), "-o", str(output),
             "--min-size", str(rng.choice([0, 16, 256, 4096])),
             "--format", rng.choice(["dense", "dense", "dense", "sparse", "compact"]),
@@ -1861,6 +1865,9 @@ def _quantized_prune_argv(model: Path, output: Path, rng: random.Random) -> list
         argv += ["--sparsity", rng.choice(["0", "0.3", "0.7", "0.9", "0.99"])]
     method = rng.choice(QUANTIZED_METHODS)
     argv += ["--method", method]
+    reference = model.parent / FLOAT_NAME
+    if reference.is_file() and rng.random() < 0.3:
+        argv += ["--float-reference", str(reference)]
     if method not in REBUILDING_METHODS and method != "random" and rng.random() < 0.15:
         argv += ["--update", "admm"]
     if method in ("magnitude", "wanda", "ria") and rng.random() < 0.15:
