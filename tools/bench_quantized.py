@@ -28,7 +28,12 @@ Rows per model:
   sweep, starting from the int8 weights);
   Q->P, float ref (methods that rebuild weights): the same with `--float-reference` the fp32
   model: the sweep starts from the float weights the int8 ones were rounded from (joint
-  sparsification and quantization, as in SparseGPT's paper).
+  sparsification and quantization, as in SparseGPT's paper);
+  P->Q, joint refit (methods that rebuild weights): P->Q's quantized model pruned again by
+  the same method with `--float-reference` P->Q's pruned fp32 model: its zeros stay (they
+  score lowest), and the kept weights are rebuilt onto the grid P->Q's quantizer chose,
+  each rounding error spread over the later columns instead of rounding them all at once
+  (the joint reconstruction with P->Q's mask, grid and activation scales).
 
 Columns: the file's bytes and its ratio to the fp32 file; "targets x fp32": the stored bytes
 of the pruned tensors alone against their fp32 bytes (what pruning and quantization can
@@ -71,8 +76,8 @@ MiniLM, the first `--calib-samples` documents of the Lee background corpus of at
 rendered texts of other words and another seed than the evaluation's
 (tools/bench_structured.py's). Targets (issue #20): int8 + 50 % compact <= 0.17 x the
 fp32 file, int8 + 2:4 compact <= 0.15 x, each within 1.1 x its entropy bound; joint
-sparse + quantized reconstruction (Q->P sparsegpt with the float reference) above P->Q
-sparsegpt in the metric.
+sparse + quantized reconstruction (Q->P with the float reference, and the P->Q joint
+refit) above P->Q sparsegpt in the metric.
 Each is printed as met / not met with its figures. Outputs stay in `--workdir`.
 """
 
@@ -101,6 +106,7 @@ BOUND_TARGET = 1.1
 NM_POSITION_BITS = math.log2(6) / 4  # 2 kept of 4: log2(C(4,2)) bits per group
 REBUILDING = ("sparsegpt", "admm")  # methods --float-reference serves
 JOINT = "Q->P, float ref"
+REFIT = "P->Q, joint refit"
 
 Feeds = dict[str, np.ndarray]
 
@@ -405,9 +411,22 @@ def bench_model(model: Model, workdir: Path, methods: list[str], patterns: list[
                      and t["zeros"] != t["zeros_before"]]
             note = (f"compact step pruned more in {len(extra)} targets: {extra[:3]}" if extra
                     else "")
+            pq_row = measure(compact, {**label, "order": "P->Q", "seconds": seconds,
+                                       "note": note}, family)
+            if method in REBUILDING:
+                # P->Q, then a joint refit: the quantized model's kept weights rebuilt onto
+                # its grid from the pruned float weights they were rounded from (its zeros
+                # are the lowest scores, so the mask stays)
+                refit = folder / f"refit-{stem}.onnx"
+                seconds += onnxprune(["prune", str(quantized), "-o", str(refit), "-q",
+                                      *pattern_options(pattern), "--method", method, *calib,
+                                      "--float-reference", str(pruned), "--format", "compact",
+                                      *model.select], logs / f"refit-{stem}.log")
+                row = measure(refit, {**label, "order": REFIT, "seconds": seconds}, family)
+                if row["zeros"] != pq_row["zeros"]:
+                    row["note"] = (f"the refit has {row['zeros']:,} zeros, P->Q "
+                                   f"{pq_row['zeros']:,}")
             pruned.unlink()  # the fp32 intermediate (as big as the model)
-            measure(compact, {**label, "order": "P->Q", "seconds": seconds, "note": note},
-                    family)
             # Q->P: prune the int8 model, compact
             compact = folder / f"qp-{stem}.onnx"
             seconds = onnxprune(["prune", str(int8), "-o", str(compact), "-q",
@@ -483,13 +502,13 @@ def verdicts(rows: list[dict]) -> list[str]:
                   if r.get("note")]
     keyed = {(r["model"], r["weights"], r["method"], r["order"]): r for r in rows}
     for (model, weights, method, order), joint in keyed.items():
-        if order not in ("Q->P", JOINT):
+        if order not in ("Q->P", JOINT, REFIT):
             continue
         before = keyed.get((model, weights, method, "P->Q"))
         if before is None:
             continue
         a, b = joint["scores"]["metric"], before["scores"]["metric"]
-        if order == JOINT:  # the joint sparse + quantized reconstruction, from float weights
+        if order in (JOINT, REFIT):  # joint sparse + quantized reconstruction, from floats
             verdict = "met" if a > b else ("NOT met (tie)" if a == b else "NOT met")
             what = "joint reconstruction beats prune-then-quantize"
         else:
