@@ -221,6 +221,8 @@ class _Loop:
         # after them: the sink may have written them to a file or into another format
         self.pruned: dict[str, np.ndarray] | None = None
         self.reports: dict[str, TargetReport] = {}
+        # rebuilt targets whose XᵀX is singular by count: (name, tokens, inputs)
+        self.underdetermined: list[tuple[str, int, int]] = []
         # a weight update / mask refinement after the scores (they need calibration)
         self.update = None if config.update == "none" else UPDATES.build(config.update,
                                                                          config.options)
@@ -257,6 +259,13 @@ class _Loop:
             self._prune_calibrated(targets, calibrated, methods)
         if self.reference is not None:
             self.reference.summary()
+        if self.underdetermined:
+            name, tokens, inputs = self.underdetermined[0]
+            log.warning("%d rebuilt target(s) saw fewer calibration tokens than they have "
+                        "inputs (e.g. %s: %d tokens for %d inputs): their reconstruction can "
+                        "fit the calibration data exactly yet generalize worse; more samples "
+                        "(--calib-samples) help", len(self.underdetermined), name, tokens,
+                        inputs)
         return self.reports
 
     def method(self, name: str) -> Method:
@@ -429,8 +438,8 @@ class _Loop:
         weights = read_weights(target, self.loaded.base_dir, writable=True, grid=grid)
         zeros_before = kernels.count_zeros(weights)
         calibrated = view is not None and stats is not None
-        weights = self._starting_point(target, weights, grid, method.reconstructs or (
-            calibrated and self.update is not None))
+        rebuilds = method.reconstructs or (calibrated and self.update is not None)
+        weights = self._starting_point(target, weights, grid, rebuilds)
         original = None
         if stats is not None and stats.hessian is not None:  # before pruning, for the error
             original = view.to_obs(weights)
@@ -482,6 +491,8 @@ class _Loop:
             report.method = method.name
             report.reconstruction_error = error
             report.calibration_tokens = stats.tokens if stats is not None else 0
+        if rebuilds and stats is not None and 0 < stats.tokens < target.reduction_length:
+            self.underdetermined.append((target.name, stats.tokens, target.reduction_length))
         if note:
             report.note = note
         if plan.origin is PlanOrigin.OVERRIDE:  # an override may have chosen the method

@@ -177,3 +177,26 @@ def test_grouped_conv_nm_runs_along_input_channels(models_dir):
     )
     assert np.isfinite(session.run(None, feeds[0])[0]).all()
     assert onnx.checker.check_model(loaded.proto) is None
+
+
+@pytest.mark.parametrize("method, rows, warned", [("sparsegpt", 128, True),
+                                                  ("sparsegpt", 300, False),
+                                                  ("wanda", 128, False)])
+def test_a_rebuild_from_fewer_tokens_than_inputs_is_warned(tmp_path, caplog, method, rows,
+                                                           warned):
+    """digits' W2 reads 256 inputs: rebuilt from 128 calibration rows its XᵀX is singular
+    and the refit can fit them exactly; the run says so, naming it. Wanda rebuilds
+    nothing, and 300 rows are enough."""
+    from conftest import MODELS_DIR
+
+    from onnxprune import prune
+
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, pixels=np.load(MODELS_DIR / "digits-test.npz")["pixels"][:rows])
+    with caplog.at_level(logging.WARNING, logger="onnxprune"):
+        prune(str(MODELS_DIR / "digits.onnx"), str(tmp_path / "out.onnx"), method=method,
+              calib=str(calib), min_size=100)
+    said = "fewer calibration tokens than they have inputs (e.g. W2: 128 tokens for 256"
+    assert (said in caplog.text) is warned
+    if not warned:
+        assert "fewer calibration tokens" not in caplog.text
