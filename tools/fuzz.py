@@ -1920,6 +1920,8 @@ def _drawn_quantized(argv: str) -> list[str]:
             drawn.append(f"{word} {words[i + 1]}")
         elif word == "--min-size" and words[i + 1] == "0":
             drawn.append("--min-size 0")
+        elif word == "--float-reference":
+            drawn.append(word)
     return drawn
 
 
