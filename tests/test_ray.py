@@ -86,3 +86,22 @@ def test_sensitivity_on_ray_ships_external_data_and_calibration(cluster, tmp_pat
     serial = analyze(load_model(path), config, levels=[0.5, 0.9])
     spread = sweep_in_workers(str(path), config, [0.5, 0.9], workers=2, ray_address="local")
     assert spread.to_dict() == serial.to_dict()
+
+
+def test_a_quantized_stage_rebuilt_on_ray_from_its_float_reference_is_the_serial_run(
+        cluster, tmp_path) -> None:
+    """The Ray path starts each quantized target from the same float weights as the serial
+    run (--float-reference), and writes the same integers."""
+    from test_quantized import _make
+
+    source = _make("qdq-int8-channel", tmp_path)
+    options = dict(method="sparsegpt", min_size=100, sparsity=0.6, calib=str(DATA),
+                   calib_samples=100, float_reference=str(DIGITS))
+    onnxprune.prune(source, tmp_path / "serial.onnx", **options)
+    onnxprune.prune(source, tmp_path / "ray.onnx", ray_address="local", **options)
+    plain = dict(options, float_reference=None)
+    onnxprune.prune(source, tmp_path / "plain.onnx", **plain)
+    serial, spread = _weights(tmp_path / "serial.onnx"), _weights(tmp_path / "ray.onnx")
+    assert all(np.array_equal(serial[name], spread[name]) for name in serial)
+    plain_weights = _weights(tmp_path / "plain.onnx")  # the reference made a difference
+    assert any(not np.array_equal(serial[n], plain_weights[n]) for n in serial)
