@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 # share of a target's integers the float tensor must round onto exactly; the rest may be
 # one step off (quantizers round halves and clip in their own ways)
 MATCHING_SHARE = 0.999
+HEAD_ROWS = 4  # rows compared before a candidate is read whole
 
 
 class FloatReference:
@@ -54,27 +55,33 @@ class FloatReference:
         transposed = bool(target.quant is not None and target.quant.bits) and len(shape) == 2
         if target.name in self._found:  # asked again (a Ray stage reads its targets twice)
             found = self._found[target.name]
-            return None if found is None else self._as_target(found, shape, transposed)
+            view = None if found is None else self._view(found, shape, transposed)
+            return None if view is None else np.array(view, dtype=np.float32, order="C")
         candidates = sorted(self._by_numel.get(ints.size, ()),
                             key=lambda t: -len(commonprefix([t.name, target.tensor_name])))
+        head = _head(grid, shape)
         for tensor in candidates:
-            values = self._as_target(tensor, shape, transposed)
-            if values is not None and _rounds_onto(values, grid, ints):
+            view = self._view(tensor, shape, transposed)
+            # the first rows first: a model has many tensors of one shape, read whole once
+            if view is None or not _rounds_onto(view[:HEAD_ROWS], head, ints[:HEAD_ROWS], 1.0):
+                continue
+            values = np.array(view, dtype=np.float32, order="C")
+            if _rounds_onto(values, grid, ints, 1.0 - MATCHING_SHARE):
                 self._found[target.name] = tensor
                 return values
         self._found[target.name] = None
         return None
 
-    def _as_target(self, tensor: TensorProto, shape: tuple[int, ...], transposed: bool
-                   ) -> np.ndarray | None:
+    def _view(self, tensor: TensorProto, shape: tuple[int, ...], transposed: bool
+              ) -> np.ndarray | None:
+        """The tensor's values in the target's shape, as read (a memory map where stored
+        outside the model), or None where its shape is not the target's."""
         dims = tuple(tensor.dims)
         if dims == shape:
-            array = read_array(tensor, self.loaded.base_dir)
-        elif transposed and dims == shape[::-1]:
-            array = read_array(tensor, self.loaded.base_dir).T
-        else:
-            return None
-        return np.array(array, dtype=np.float32, order="C")
+            return read_array(tensor, self.loaded.base_dir)
+        if transposed and dims == shape[::-1]:
+            return read_array(tensor, self.loaded.base_dir).T
+        return None
 
     def summary(self) -> None:
         """Say how many targets were rebuilt from float weights, and which were not."""
@@ -94,10 +101,18 @@ class FloatReference:
                         "and --update, on a quantized model)")
 
 
-def _rounds_onto(values: np.ndarray, grid: Grid, ints: np.ndarray) -> bool:
+def _head(grid: Grid, shape: tuple[int, ...]) -> Grid:
+    """The grid of the weight's first `HEAD_ROWS` rows."""
+    def rows(array: np.ndarray) -> np.ndarray:
+        return np.broadcast_to(array, shape)[:HEAD_ROWS] if shape else np.asarray(array)
+    return Grid(rows(grid.scale), rows(grid.zero_point), grid.qmin, grid.qmax)
+
+
+def _rounds_onto(values: np.ndarray, grid: Grid, ints: np.ndarray, off_share: float) -> bool:
+    """Whether `values` round onto `ints` with `grid`: each within one step, and at most
+    `off_share` of them not exactly."""
+    values = np.asarray(values, dtype=np.float32)
     if not np.isfinite(values).all():
         return False
-    rounded = grid.quantize(values)
-    off = np.abs(rounded - ints)
-    return bool(int(off.max(initial=0)) <= 1 and
-                np.count_nonzero(off) <= (1.0 - MATCHING_SHARE) * ints.size)
+    off = np.abs(grid.quantize(values) - ints)
+    return bool(int(off.max(initial=0)) <= 1 and np.count_nonzero(off) <= off_share * ints.size)

@@ -212,3 +212,39 @@ def test_the_report_counts_the_quantized_models_zeros_before_pruning(models,
         reports.append({t["name"]: t["zeros_before"]
                         for t in json.loads(report.read_text())["targets"]})
     assert reports[0] == reports[1] and sum(reports[0].values()) > 0
+
+
+def test_same_shaped_weights_are_told_apart_by_value_whatever_their_names(tmp_path) -> None:
+    """Two 64x64 weights; in the reference their names are swapped, so the name order tries
+    the wrong one first: each target still gets its own values."""
+    from test_quantized import Reader, quantization
+
+    rng = np.random.default_rng(3)
+    a, b = (rng.standard_normal((64, 64)).astype(np.float32) * 0.1 for _ in range(2))
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "A"], ["h"]), helper.make_node("Relu", ["h"], ["r"]),
+         helper.make_node("MatMul", ["r", "B"], ["y"])], "two",
+        [helper.make_tensor_value_info("x", 1, [8, 64])],
+        [helper.make_tensor_value_info("y", 1, [8, 64])],
+        [numpy_helper.from_array(a, "A"), numpy_helper.from_array(b, "B")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    source, quantized = tmp_path / "float.onnx", tmp_path / "int8.onnx"
+    onnx.save(model, source)
+    quantization.quantize_static(
+        str(source), str(quantized),
+        Reader("x", [rng.standard_normal((8, 64)).astype(np.float32) for _ in range(4)]),
+        quant_format=quantization.QuantFormat.QDQ, per_channel=True,
+        weight_type=quantization.QuantType.QInt8)
+    swapped = onnx.load(source)
+    swapped.graph.initializer[0].name, swapped.graph.initializer[1].name = "B", "A"
+    reference_path = tmp_path / "swapped.onnx"
+    onnx.save(swapped, reference_path)
+    loaded, targets = _targets(quantized)
+    reference = FloatReference(reference_path)
+    assert len(targets) == 2
+    for target in targets:
+        grid = target.quant.grid(loaded.base_dir)
+        ints = grid.quantize(read_weights(target, loaded.base_dir, grid=grid))
+        expected = a if target.name.startswith("A") else b
+        assert np.array_equal(reference.weights(target, grid, ints), expected), target.name
