@@ -263,8 +263,8 @@ class _Loop:
             name, tokens, inputs = self.underdetermined[0]
             log.warning("%d rebuilt target(s) saw fewer calibration tokens than they have "
                         "inputs (e.g. %s: %d tokens for %d inputs): their reconstruction can "
-                        "fit the calibration data exactly yet generalize worse; more samples "
-                        "(--calib-samples) help", len(self.underdetermined), name, tokens,
+                        "fit the calibration data exactly yet generalize worse; more calibration "
+                        "samples help", len(self.underdetermined), name, tokens,
                         inputs)
         return self.reports
 
