@@ -396,6 +396,10 @@ class _Loop:
         integers were rounded from, those (writable)."""
         if self.reference is None or grid is None or not rebuilds:
             return weights
+        plan = self.plan[target.name]
+        if not (plan.pattern.is_nm or plan.prune_count(target.numel) or
+                target.name in self.masks):
+            return weights  # loses nothing: its integers stay as they are
         floats = self.reference.weights(target, grid, grid.quantize(weights))
         return weights if floats is None else floats
 

@@ -248,3 +248,19 @@ def test_same_shaped_weights_are_told_apart_by_value_whatever_their_names(tmp_pa
         ints = grid.quantize(read_weights(target, loaded.base_dir, grid=grid))
         expected = a if target.name.startswith("A") else b
         assert np.array_equal(reference.weights(target, grid, ints), expected), target.name
+
+
+def test_a_target_that_loses_nothing_keeps_its_integers_with_a_reference(models,
+                                                                         tmp_path) -> None:
+    """tools/fuzz.py --quantized --seed 41, case 432: at --sparsity 0 sparsegpt started from
+    the float reference and re-rounded every weight onto the grid, changing integers where
+    nothing was to be pruned. A target that loses nothing keeps its integers."""
+    paths, calib = models
+    source = paths["qdq-int4-channel"]
+    out = tmp_path / "out.onnx"
+    assert main(["prune", str(source), "-o", str(out), "--sparsity", "0", "--method",
+                 "sparsegpt", "--calib", str(calib), "--min-size", "100", "-q",
+                 "--float-reference", str(DIGITS)]) == 0
+    before = {t.name: t.raw_data for t in onnx.load(source).graph.initializer}
+    after = {t.name: t.raw_data for t in onnx.load(out).graph.initializer}
+    assert all(after[name] == data for name, data in before.items())
