@@ -662,3 +662,32 @@ def test_a_dynamic_per_channel_weight_is_scored_with_its_scale_after_the_op(
         at_zero = new == zero
         assert int(at_zero.sum()) == prune_count(target.numel, 0.7)
         assert values[at_zero].max() <= values[~at_zero].min()
+
+
+@pytest.mark.parametrize("attribute, value", [("strides", [1]), ("pads", [0, 0]),
+                                              ("dilations", [1, 1, 1]), ("strides", [0, 0]),
+                                              ("dilations", [0, 1]), ("pads", [-1, 0, 0, 0])])
+def test_conv_attributes_that_do_not_fit_the_kernel_are_a_fallback_not_a_crash(
+        quantized, tmp_path, capsys, attribute, value) -> None:
+    """tools/fuzz.py --quantized --seed 47, case 87: onnxruntime runs a QLinearConv whose
+    strides, pads or dilations do not fit its kernel (it checks them for Conv only), and
+    the im2col of calibration raised. Such a layer is now pruned without calibration, with
+    the reason, or the run stops in one line where onnxruntime refuses the graph of a
+    calibration stage; never an internal error."""
+    model = onnx.load(quantized["qoperator-conv"])
+    node = next(n for n in model.graph.node if n.op_type == "QLinearConv")
+    for old in [a for a in node.attribute if a.name == attribute]:
+        node.attribute.remove(old)
+    node.attribute.append(helper.make_attribute(attribute, value))
+    path, out = tmp_path / "bad.onnx", tmp_path / "out.onnx"
+    onnx.save(model, path)
+    code = main(["prune", str(path), "-o", str(out), "--method", "sparsegpt", "--min-size",
+                 "16"])
+    err = capsys.readouterr().err
+    assert "internal error" not in err
+    assert f"its {attribute} do not fit" in err
+    if code == 0:
+        assert out.is_file()
+    else:
+        assert code == 2 and not out.exists()
+        assert err.strip().splitlines()[-1].startswith("onnxprune: error: ")

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -134,6 +134,18 @@ class ConvInput:
 Layout = MatrixInput | ConvInput
 
 
+def _unfit_geometry(geometry: Mapping[str, tuple], rank: int) -> str:
+    """The first of strides, dilations, pads whose length or values do not fit a `rank`-D
+    kernel ('' when all fit)."""
+    for name, values in geometry.items():
+        length = 2 * rank if name == "pads" else rank
+        least = 0 if name == "pads" else 1
+        if len(values) != length or not all(isinstance(v, int) and not isinstance(v, bool)
+                                            and v >= least for v in values):
+            return name
+    return ""
+
+
 def _dequantized(array: np.ndarray, grid: tuple[float, float] | None) -> np.ndarray:
     if grid is None:
         return array
@@ -233,12 +245,16 @@ def target_view(target: WeightTarget, index: GraphIndex) -> TargetView | str:
             groups = int(attribute(node, "group", 1))
             rank = len(target.shape) - 2
             kernel = tuple(int(k) for k in target.shape[2:])
+            geometry = {name: tuple(attribute(node, name, [default] * (rank * count)))
+                        for name, default, count in (("strides", 1, 1), ("dilations", 1, 1),
+                                                     ("pads", 0, 2))}
+            unfit = _unfit_geometry(geometry, rank)
+            if unfit:  # onnxruntime checks these for Conv, not for QLinearConv/ConvInteger
+                return f"its {unfit} do not fit its {rank}-D kernel"
             layout = ConvInput(
                 channels=int(target.shape[1]), groups=groups, kernel=kernel,
-                strides=tuple(attribute(node, "strides", [1] * rank)),
-                dilations=tuple(attribute(node, "dilations", [1] * rank)),
-                pads=tuple(attribute(node, "pads", [0] * (2 * rank))),
-                auto_pad=_text(attribute(node, "auto_pad", "NOTSET")))
+                strides=geometry["strides"], dilations=geometry["dilations"],
+                pads=geometry["pads"], auto_pad=_text(attribute(node, "auto_pad", "NOTSET")))
             activation = node.input[0]
             if node.op_type != "Conv":
                 quantized = _quantized_activation(node, flow)
