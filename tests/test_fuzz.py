@@ -65,6 +65,18 @@ def test_the_canary_check_would_see_a_leak(tmp_path: Path) -> None:
     assert not fuzz._allowed_open(str(tmp_path / fuzz.CANARY_NAME), tmp_path / "model", out)
 
 
+def test_a_file_beside_the_case_folder_is_not_case_data(tmp_path: Path) -> None:
+    """A latency table the fuzzer names beside the case folder (`case7-latency.json`, and
+    its `.partial` while written) is the run's own output, not a read outside the model
+    folder: the name only starts like the case folder's (a string prefix is no parent)."""
+    case = tmp_path / "case7"
+    (case / "model").mkdir(parents=True)
+    (case / "out").mkdir()
+    assert fuzz._allowed_open(str(tmp_path / "case7-latency.json.partial"), case / "model",
+                              case / "out")
+    assert not fuzz._allowed_open(str(case / "secret.bin"), case / "model", case / "out")
+
+
 def test_arity_mutations_leave_a_node_short(tmp_path: Path) -> None:
     """constant_no_output and node_arity really take outputs or trailing inputs away."""
     import random

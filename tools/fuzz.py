@@ -2007,8 +2007,7 @@ def _allowed_open(path: str, model_dir: Path, out_dir: Path) -> bool:
     """Files under the model folder or output folder, and anything that is not case data."""
     resolved = Path(os.path.realpath(path))
     case_root = model_dir.parent
-    if not str(resolved).startswith(str(case_root.resolve())) and \
-            resolved != Path("/etc/passwd"):
+    if not resolved.is_relative_to(case_root.resolve()) and resolved != Path("/etc/passwd"):
         return True  # python modules, numba caches, ...
     return resolved.is_relative_to(model_dir.resolve()) or \
         resolved.is_relative_to(out_dir.resolve())
