@@ -229,8 +229,14 @@ class Scope:
         self.defined: set[str] = {i.name for i in graph.input}
         self.defined.update(t.name for t in graph.initializer)
         self.defined.update(t.values.name for t in graph.sparse_initializer if t.values.name)
+        # the node of this graph that makes each value (the first, in a graph that makes a
+        # name twice)
+        self.producers: dict[str, onnx.NodeProto] = {}
         for node in graph.node:
-            self.defined.update(o for o in node.output if o)
+            for out in node.output:
+                if out:
+                    self.producers.setdefault(out, node)
+        self.defined.update(self.producers)
         self.consumers: dict[str, list[Use]] = {}
         self.escaping: set[str] = set()
 

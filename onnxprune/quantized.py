@@ -377,7 +377,7 @@ def _scale_after(node: onnx.NodeProto, scope: Scope, values: StaticValues,
     if cast is None or mul is None or len(mul.input) != 2:
         return None
     other = mul.input[1] if mul.input[0] == cast.output[0] else mul.input[0]
-    product = next((n for n in scope.graph.node if other in n.output), None)
+    product = scope.producers.get(other)
     if product is None or product.op_type != "Mul":
         return None
     stored = [tensor for tensor in (values.find(scope, name) for name in product.input)
