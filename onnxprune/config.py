@@ -236,9 +236,9 @@ class PruneConfig:
         if self.sparsity is not None:
             raise ConfigError("--latency-budget replaces --sparsity as the target: give one "
                               "of them")
-        if self.allocation == "sensitivity":
-            raise ConfigError("--latency-budget chooses the kept counts itself; it cannot be "
-                              "combined with --allocation sensitivity")
+        if (self.options or {}).get("max_error") is not None:
+            raise ConfigError("--max-error and --latency-budget are both targets: give one "
+                              "of them")
         threads = self.latency_threads
         if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int)
                                     or threads < 1):
@@ -289,7 +289,7 @@ class PruneConfig:
         used: list[tuple[Registry[Any], str]]
         if self.structure != "none":  # structured runs take a channel score and an update
             used = [(CHANNEL_SCORES, self.method)]
-            if self.allocation_name == "sensitivity" and self.latency_budget is None:
+            if self.allocation_name == "sensitivity":
                 used.append((ALLOCATIONS, "sensitivity"))  # its curves and --max-error
             if self.update != "none":
                 used.append((STRUCTURED_UPDATES, self.update))

@@ -247,6 +247,56 @@ def test_budget_counts_properties(seed):
     assert all(previous[g.name] == g.channels for g in groups)  # budget 1: nothing removed
 
 
+def _error_costs(groups, slopes, limits=None):
+    """Convex predicted errors: slope × share², infinite past a group's limit share."""
+    limits = limits or {}
+
+    def cost_of(group, slope):
+        def cost(kept: int) -> float:
+            share = (group.channels - kept) / group.channels
+            return np.inf if share > limits.get(group.name, 1.0) + 1e-9 else slope * share ** 2
+        return cost
+
+    return {g.name: cost_of(g, slopes[g.name]) for g in groups}
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_budget_counts_with_error_costs_match_exhaustive_search(seed):
+    # convex errors and equal savings per unit: the greedy on error per saving is optimal
+    rng = np.random.default_rng(300 + seed)
+    groups = [_group(f"g{i}", int(rng.integers(2, 6)) * 8) for i in range(3)]
+    slopes = {g.name: float(rng.uniform(0.1, 10)) for g in groups}
+    costs = _error_costs(groups, slopes)
+    tables = {g.name: LatencyTable(allowed_widths(g, 8)[::-1],
+                                   [0.5 * w / 8 for w in allowed_widths(g, 8)[::-1]])
+              for g in groups}
+    dense = 10.0 + sum(tables[g.name](g.channels) for g in groups)
+    floor = predicted_latency(groups, tables, dense,
+                              {g.name: allowed_widths(g, 8)[-1] for g in groups}) / dense
+    budget = float(rng.uniform(floor, 0.98))
+    scores = {g.name: rng.random(g.channels) for g in groups}  # not used with costs
+    params = {g.name: 1.0 for g in groups}
+    counts = budget_counts(groups, scores, params, tables, dense, budget, 8, costs=costs)
+    assert predicted_latency(groups, tables, dense, counts) <= budget * dense + 1e-9
+    best = min(sum(costs[g.name](w) for g, w in zip(groups, widths, strict=True))
+               for widths in itertools.product(*(allowed_widths(g, 8) for g in groups))
+               if predicted_latency(groups, tables, dense,
+                                    dict(zip([g.name for g in groups], widths, strict=True)))
+               <= budget * dense + 1e-9)
+    assert sum(costs[g.name](counts[g.name]) for g in groups) == pytest.approx(best)
+
+
+def test_budget_counts_never_pass_a_groups_swept_shares():
+    groups = [_group("a", 32), _group("b", 32)]
+    costs = _error_costs(groups, {"a": 0.01, "b": 100.0}, limits={"a": 0.5})
+    tables = {g.name: LatencyTable([8, 16, 24, 32], [1.0, 2.0, 3.0, 4.0]) for g in groups}
+    scores = {g.name: np.arange(32.0) for g in groups}
+    counts = budget_counts(groups, scores, {"a": 1.0, "b": 1.0}, tables, 10.0, 0.6, 8,
+                           costs=costs)
+    assert counts["a"] == 16  # the cheap group stops at its last swept share
+    assert counts["b"] < 32  # the rest of the budget comes from the dear one
+
+
 def test_budget_counts_skip_groups_without_table():
     groups = [_group("a", 32), _group("b", 32)]
     scores = {"a": np.arange(32.0), "b": np.arange(32.0)}

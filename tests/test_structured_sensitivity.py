@@ -18,6 +18,8 @@ from onnxprune.cli import main
 from onnxprune.config import PruneConfig
 from onnxprune.io import LoadedModel
 from onnxprune.sensitivity_sweep import SensitivityResult
+from onnxprune.structured import latency
+from onnxprune.structured.latency import LatencyTable, LatencyTables
 from onnxprune.structured.run import prune_structured, score_groups
 from onnxprune.structured.selection import keep_sets
 from onnxprune.structured.sensitivity import group_curves, sensitivity_counts
@@ -281,13 +283,43 @@ def test_a_group_under_a_norm_is_measured_by_its_real_cut(calib):
         assert point.relative_l2 == pytest.approx(expected, rel=1e-4)
 
 
-def test_a_latency_budget_cannot_be_combined_with_the_sensitivity_allocation(tmp_path, capsys):
+def test_a_latency_budget_spends_where_the_curves_predict_least_error(calib, tmp_path,
+                                                                       monkeypatch):
+    """With --allocation sensitivity, --latency-budget removes the channels of the group
+    whose curve is flat, whichever group it is; the latency tables are the same for both
+    (given, not timed), so only the curves can decide."""
+    path, _ = calib
+    loaded = LoadedModel(_two_blocks(), None, path.parent, False)
+    scored = score_groups(loaded, _config(path))
+    names = [g.name for g in scored.groups]
+    channels = {g.name: g.channels for g in scored.groups}
+    params = {g.name: int(scored.per_channel[g.name] * g.channels) for g in scored.groups}
+    tables = {n: LatencyTable([1, 4, 8, 12, 16], [0.1, 0.4, 0.8, 1.2, 1.6]) for n in names}
+    monkeypatch.setattr(latency, "measure_tables", lambda *a, **k: LatencyTables(tables, 4.0))
+    for flat in names:
+        errors = {n: ([0.001, 0.002, 0.003] if n == flat else [0.5, 0.9, 1.2]) for n in names}
+        curves = tmp_path / f"curves-{len(flat)}.json"
+        _write_curves(curves, errors, channels, params)
+        config = _config(path, allocation="sensitivity", sensitivity=str(curves),
+                         latency_budget=0.9, latency_calibrate=False)
+        result = prune_structured(loaded, config)
+        kept = {name: len(keep) for name, keep in result.keep.items()}
+        assert kept[flat] < channels[flat] and kept[flat] >= channels[flat] // 4
+        assert all(kept.get(n, channels[n]) == channels[n] for n in names if n != flat)
+        assert result.latency["predicted_ratio"] <= 0.9 + 1e-9
+
+
+def test_a_latency_budget_and_max_error_are_refused_together(calib, tmp_path, capsys):
+    path, _ = calib
     model_path = tmp_path / "m.onnx"
     onnx.save(_two_blocks(), model_path)
     code = main(["prune", str(model_path), "-o", str(tmp_path / "o.onnx"), "--structure",
-                 "channels", "--allocation", "sensitivity", "--latency-budget", "0.8"])
+                 "channels", "--allocation", "sensitivity", "--latency-budget", "0.8",
+                 "--max-error", "0.1", "--calib", str(path), "--min-size", "0"])
     assert code == 2
-    assert "--latency-budget" in capsys.readouterr().err
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and "--max-error" in error[0] and "--latency-budget" in error[0]
+    assert not (tmp_path / "o.onnx").exists()
 
 
 def test_structured_options_without_structure_are_named_as_ignored(tmp_path, capsys):

@@ -69,7 +69,10 @@ uniform rows' accuracy (yolov8n class-score cosine, ppocr_rec exact match, minil
 Lee ρ, smollm2 perplexity, digits accuracy, cnn cosine) interpolated linearly in the
 measured batch-1 latency ratio at the budget row's ratio (extrapolated from the two
 nearest rows, and said so, outside their range), whether the budget row's accuracy is at
-least that, and whether its measured ratio is <= 1.05 x the budget.
+least that, and whether its measured ratio is <= 1.05 x the budget. `--budget-allocation
+sensitivity` gives the budget rows alone the sensitivity allocation (the prune sweeps its
+groups' output-error curves on its calibration and spends the budget where they predict
+least error per millisecond), the uniform rows keeping `--allocation`.
 
 A model whose wheel or file is missing is reported as skipped, a prune that fails as
 failed (with its error); neither stops the run. `--quick`: 1 warm-up, 5 rounds, short
@@ -922,8 +925,10 @@ def _prune(path: Path, out: Path, structure: str, level: float, args,
         del options["sparsity"]
         options.update(latency_budget=level, latency_threads=args.threads,
                        synthetic_shapes={k: list(v) for k, v in budget_shapes.items()})
-    if args.allocation:
-        options["allocation"] = args.allocation
+    allocation = (args.budget_allocation or args.allocation if budget_shapes is not None
+                  else args.allocation)
+    if allocation:
+        options["allocation"] = allocation
     if args.round_to is not None:
         options["round_to"] = args.round_to
     if args.update:
@@ -1150,6 +1155,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--calib-samples", type=int, default=64,
                         help="samples of --calib-source bench [64]")
     parser.add_argument("--allocation", default=None, help="uniform or global [uniform]")
+    parser.add_argument("--budget-allocation", default=None,
+                        help="the allocation of the budget rows only (sensitivity: the "
+                             "groups' output-error curves, swept by the prune on its "
+                             "calibration, spent per millisecond saved) [--allocation]")
     parser.add_argument("--round-to", type=int, default=None,
                         help="kept channel multiple [onnxprune's default]")
     parser.add_argument("--threads", type=int, default=2, help="intra-op threads [2]")

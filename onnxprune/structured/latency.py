@@ -567,7 +567,8 @@ def allocate(loaded: LoadedModel, groups: Sequence[ChannelGroup],
              scores: Mapping[str, np.ndarray], params_per_channel: Mapping[str, float],
              feed: Feed, *, budget: float, round_to: int,
              normalization: str = "mean", threads: int | None = None,
-             table_file: str | os.PathLike | None = None, calibrate: bool = True
+             table_file: str | os.PathLike | None = None, calibrate: bool = True,
+             costs: Mapping[str, Callable[[int], float]] | None = None
              ) -> tuple[dict[str, int], dict]:
     """Kept counts under a latency budget, and what the report says of them.
 
@@ -577,7 +578,8 @@ def allocate(loaded: LoadedModel, groups: Sequence[ChannelGroup],
     model is shrunk at the counts the tables chose and timed against dense (interleaved,
     fastest runs, as the tables are timed); where that misses the budget by more than
     `CALIBRATION_TOLERANCE`, the tables' savings are scaled by measured / predicted saving
-    and the counts chosen once more for the budget those scaled savings must meet."""
+    and the counts chosen once more for the budget those scaled savings must meet. `costs`
+    as `budget_counts` takes them (the sensitivity allocation's predicted errors)."""
     from .selection import budget_counts, keep_sets, predicted_latency
     from .surgery import shrink
 
@@ -585,7 +587,7 @@ def allocate(loaded: LoadedModel, groups: Sequence[ChannelGroup],
                               table_file=table_file)
     dense_ms = measured.dense_ms
     counts = budget_counts(groups, scores, params_per_channel, measured.tables, dense_ms,
-                           budget, round_to, normalization)
+                           budget, round_to, normalization, costs)
     predicted = predicted_latency(groups, measured.tables, dense_ms, counts) / dense_ms
     info: dict = {
         "budget": budget, "dense_ms": dense_ms, "table_seconds": measured.seconds,
@@ -606,7 +608,7 @@ def allocate(loaded: LoadedModel, groups: Sequence[ChannelGroup],
             # predicted savings × factor must reach (1 - budget) of dense
             target = max(0.0, 1.0 - (1.0 - budget) / factor)
             counts = budget_counts(groups, scores, params_per_channel, measured.tables,
-                                   dense_ms, target, round_to, normalization)
+                                   dense_ms, target, round_to, normalization, costs)
             calibration["table_budget"] = target
         calibration["seconds"] = time.perf_counter() - started
         info["calibration"] = calibration

@@ -102,8 +102,7 @@ def prune_structured(loaded: LoadedModel, config: PruneConfig, *, stream: bool =
     round_to = config.round_to
     latency = None
     if config.latency_budget is not None:
-        counts, latency = _budget_counts(loaded, selected, scores, per_channel, config,
-                                         score.normalization)
+        counts, latency = _budget_counts(loaded, scored, config)
     elif config.allocation_name == "global":
         counts = global_counts(selected, scores, per_channel, sparsity, round_to,
                                score.normalization)
@@ -176,20 +175,26 @@ def score_groups(loaded: LoadedModel, config: PruneConfig) -> ScoredGroups:
                         [g.name for g, _ in skipped])
 
 
-def _budget_counts(loaded: LoadedModel, groups: Sequence[ChannelGroup],
-                   scores: dict[str, np.ndarray], per_channel: dict[str, float],
-                   config: PruneConfig, normalization: str) -> tuple[dict[str, int], dict]:
+def _budget_counts(loaded: LoadedModel, scored: ScoredGroups, config: PruneConfig
+                   ) -> tuple[dict[str, int], dict]:
     """Kept counts under `--latency-budget` (`latency.allocate`: measured latency tables,
     `selection.budget_counts`, one calibration by a timed trial), and what the report says
-    of it."""
+    of it. With `--allocation sensitivity` a move costs the groups' measured error
+    (`sensitivity.error_costs`), else their normalized channel scores."""
     from .latency import allocate, timing_feeds
 
+    costs = None
+    if config.allocation_name == "sensitivity":
+        from .sensitivity import error_costs
+
+        costs = error_costs(loaded, scored, config)
     feed = timing_feeds(loaded.proto, config.synthetic_dims, config.synthetic_shapes,
                         config.seed)
-    return allocate(loaded, groups, scores, per_channel, feed,
+    return allocate(loaded, scored.groups, scored.scores, scored.per_channel, feed,
                     budget=float(config.latency_budget or 1.0), round_to=config.round_to,
-                    normalization=normalization, threads=config.latency_threads,
-                    table_file=config.latency_table, calibrate=config.latency_calibrate)
+                    normalization=scored.score.normalization, threads=config.latency_threads,
+                    table_file=config.latency_table, calibrate=config.latency_calibrate,
+                    costs=costs)
 
 
 def _refitted(loaded: LoadedModel, groups: Sequence[ChannelGroup], keep: dict[str, np.ndarray],

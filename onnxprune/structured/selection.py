@@ -129,10 +129,12 @@ def predicted_latency(groups: Sequence[ChannelGroup],
 def budget_counts(groups: Sequence[ChannelGroup], scores: Mapping[str, np.ndarray],
                   params_per_channel: Mapping[str, float],
                   tables: Mapping[str, Callable[[float], float]], dense_latency: float,
-                  budget: float, round_to: int, normalization: str = "mean"
+                  budget: float, round_to: int, normalization: str = "mean",
+                  costs: Mapping[str, Callable[[int], float]] | None = None
                   ) -> dict[str, int]:
     """Kept channels per group so that the predicted latency (`predicted_latency`) is at
-    most `budget` × `dense_latency`, removing the least score per latency saved.
+    most `budget` × `dense_latency`, removing the least score per latency saved (or, with
+    `costs`, the least predicted error per latency saved).
 
     From every channel kept, each step removes channels of the group whose next move has
     the lowest cost / predicted saving: a move goes to the next allowed width
@@ -148,6 +150,11 @@ def budget_counts(groups: Sequence[ChannelGroup], scores: Mapping[str, np.ndarra
     the least latency the greedy found). No group falls below one unit; groups without a
     table keep every channel. The sequence of moves does not depend on `budget`, so a
     larger budget never keeps fewer channels in any group.
+
+    `costs` (`--allocation sensitivity`): per group, the predicted squared output error at
+    a kept count (0 at every channel, infinite where its curve was not swept); a move then
+    costs the rise in that error, so the budget goes where the measured curves say the
+    model loses least per millisecond.
     """
     counts = {g.name: g.channels for g in groups}
     timed = [g for g in groups if g.name in tables]
@@ -170,6 +177,10 @@ def budget_counts(groups: Sequence[ChannelGroup], scores: Mapping[str, np.ndarra
         for after in range(here + 1, len(options)):
             saving = now - table(options[after])
             if saving > 0:
+                if costs is not None:
+                    error = costs[group.name]
+                    cost = error(options[after]) - error(options[here])
+                    return (cost / saving, saving, after) if math.isfinite(cost) else None
                 removed = group.channels - options[here], group.channels - options[after]
                 cost = prefix[group.name][removed[1]] - prefix[group.name][removed[0]]
                 return cost / saving, saving, after

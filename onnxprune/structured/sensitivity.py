@@ -17,12 +17,14 @@ parameters: `--sparsity F` removes that share of the selected groups' parameters
 least predicted error, each count then rounded to the nearest allowed width; `--max-error E`
 removes the most whose predicted error sqrt(Σ e_g²) stays under E, each count rounded up
 to an allowed width (a hull is convex from 0, so keeping more never predicts more error).
+Under `--latency-budget` the hulls price the budget's moves instead (`error_costs`).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -142,11 +144,12 @@ def _errors(loaded: LoadedModel, group: ChannelGroup, scored: ScoredGroups,
             yield kept, run({stored.name: array for stored, array in pairs})
 
 
-def sensitivity_counts(loaded: LoadedModel, scored: ScoredGroups, config: PruneConfig
-                       ) -> dict[str, int]:
-    """Kept channels per group with the least predicted output error for `--sparsity` (or
-    the most removed under `--max-error`), from the groups' curves (see the module doc)."""
-    from ..allocation.sensitivity import allocate, energy_curve
+def _hulls(loaded: LoadedModel, scored: ScoredGroups, config: PruneConfig
+           ) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Each group's squared output error against the share of its channels removed (lower
+    convex hull, from 0 to the last swept share or all but one unit), from `--sensitivity`
+    curves or a sweep made now."""
+    from ..allocation.sensitivity import energy_curve
     from ..registry import ALLOCATIONS
 
     options = ALLOCATIONS.build("sensitivity", config.options).options
@@ -160,10 +163,8 @@ def sensitivity_counts(loaded: LoadedModel, scored: ScoredGroups, config: PruneC
         log.warning("sensitivity curves were measured with %s, --round-to %s; pruning uses "
                     "%s, --round-to %d", result.method, result.round_to, config.method,
                     config.round_to)
-    groups = scored.groups
-    params = np.array([scored.per_channel[g.name] * g.channels for g in groups])
     hulls = []
-    for group in groups:
+    for group in scored.groups:
         curve = result.curve(group.name)
         if curve is None or curve.shape[:1] != [group.channels]:
             raise ConfigError(f"the sensitivity curves have no entry for group {group.name!r} "
@@ -173,6 +174,33 @@ def sensitivity_counts(loaded: LoadedModel, scored: ScoredGroups, config: PruneC
         most = (group.channels - unit(group, config.round_to)) / group.channels
         top = min(most, curve.points[-1].sparsity) if curve.points else 0.0
         hulls.append(energy_curve(curve, 0.0, max(0.0, top)))
+    return hulls
+
+
+def error_costs(loaded: LoadedModel, scored: ScoredGroups, config: PruneConfig
+                ) -> dict[str, Callable[[int], float]]:
+    """Per group, its predicted squared output error at a kept count (infinite below the
+    swept shares): what `--latency-budget` with `--allocation sensitivity` spends."""
+    costs: dict[str, Callable[[int], float]] = {}
+    for group, (xs, ys) in zip(scored.groups, _hulls(loaded, scored, config), strict=True):
+        def cost(kept: int, group=group, xs=xs, ys=ys) -> float:
+            share = (group.channels - kept) / group.channels
+            return float(np.interp(share, xs, ys)) if share <= xs[-1] + 1e-9 else math.inf
+        costs[group.name] = cost
+    return costs
+
+
+def sensitivity_counts(loaded: LoadedModel, scored: ScoredGroups, config: PruneConfig
+                       ) -> dict[str, int]:
+    """Kept channels per group with the least predicted output error for `--sparsity` (or
+    the most removed under `--max-error`), from the groups' curves (see the module doc)."""
+    from ..allocation.sensitivity import allocate
+    from ..registry import ALLOCATIONS
+
+    options = ALLOCATIONS.build("sensitivity", config.options).options
+    groups = scored.groups
+    params = np.array([scored.per_channel[g.name] * g.channels for g in groups])
+    hulls = _hulls(loaded, scored, config)
     if options.max_error is not None:
         if config.sparsity is not None:
             log.warning("--sparsity %g is ignored: --max-error sets how much is removed",
