@@ -899,6 +899,8 @@ def _error_line(exc: BaseException) -> str:
 def _calibration(bench: Bench, args, path: Path, workdir: Path) -> tuple[Path | None, str]:
     """The .npz `--calib-source bench` asks for, written to `workdir`, and what it holds;
     (None, why) where the prune gets onnxprune's synthetic inputs."""
+    if "calib" in args.prune_options:  # given by the user: every prune reads it
+        return None, f"{args.prune_options['calib']} (--prune-option calib=)"
     if args.calib_source == "synthetic":
         return None, "onnxprune's synthetic random inputs (--calib-source synthetic)"
     if bench.calibration is None:

@@ -20,9 +20,10 @@ output, sometimes `--format compact` or `sparse`, sometimes 2:4) and `densify`; 
 scores (`--method flap|obs|wanda`, flap and obs sometimes with `--[no-]bias-compensation`),
 `--update least-squares`, an N:M second stage (`--pattern 2:4` with the drawn `--format`) and,
 rarely, `--latency-budget R` instead of `--sparsity` (tables in a file of their own beside
-the case's folder, one onnxruntime thread) or `--allocation sensitivity` (sometimes with
-`--max-error E` instead of `--sparsity`), calibrated on synthetic inputs (no `--calib`);
-the summary counts each drawn option. Outcomes:
+the case's folder, one onnxruntime thread; sometimes with `--allocation sensitivity`) or
+`--allocation sensitivity` (sometimes with `--max-error E` instead of `--sparsity`),
+calibrated on synthetic inputs (no `--calib`); the summary counts each drawn option.
+Outcomes:
 
 - ok: exit 0;
 - refused: exit 2 with exactly one `onnxprune: error:` line and no traceback before it
@@ -1931,8 +1932,8 @@ def _structured_extras(argv: list[str], output: Path, rng: random.Random) -> lis
     were): a calibrated channel score where the structure names no method, its bias
     compensation, the least-squares update, a 2:4 second stage and a latency budget in place
     of `--sparsity`, its tables in a file beside the case's folder (so neither the default
-    cache nor the output folder gets them), or else the sensitivity allocation (sometimes
-    `--max-error` in place of `--sparsity`)."""
+    cache nor the output folder gets them; sometimes priced by the sensitivity allocation),
+    or else the sensitivity allocation (sometimes `--max-error` in place of `--sparsity`)."""
     shares = STRUCTURED_EXTRA_SHARES
     extras: list[str] = []
     if "--method" not in argv and rng.random() < shares["method"]:
@@ -1955,6 +1956,8 @@ def _structured_extras(argv: list[str], output: Path, rng: random.Random) -> lis
                    "--latency-threads", "1"]
         if rng.random() < 0.5:
             extras.append("--no-latency-calibration")
+        if "--allocation" not in argv and rng.random() < 0.3:  # priced by swept curves
+            extras += ["--allocation", "sensitivity"]
     elif "--allocation" not in argv and rng.random() < shares["sensitivity"]:
         extras += ["--allocation", "sensitivity"]
         if rng.random() < 0.5:  # as much as keeps the predicted error under a bound
